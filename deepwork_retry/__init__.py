@@ -1,0 +1,136 @@
+"""deepwork_retry: a task-retry core with manual retries, outbox dispatch and adapters.
+
+Importing this package imports no web framework, database driver or queue
+client; those live in the adapter modules and their extras.
+"""
+
+from __future__ import annotations
+
+from deepwork_retry._async.services import (
+    AsyncExecutorService,
+    AsyncOutboxRelay,
+    AsyncReaper,
+    AsyncRetryService,
+)
+from deepwork_retry._core.machine import PROJECT_RULES, TRANSITIONS, RetryCheck, can_retry
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.policy import (
+    Block,
+    ExponentialBackoff,
+    FixedBackoff,
+    NoBackoff,
+    RetryAt,
+    RetryPolicy,
+    TaskError,
+)
+from deepwork_retry._core.results import (
+    BulkItem,
+    BulkResult,
+    ChangeResult,
+    DispatchOutcome,
+    RetryResult,
+)
+from deepwork_retry._core.states import (
+    BlockedReason,
+    DispatchState,
+    Outcome,
+    ProjectStatus,
+    RetryBudget,
+    TaskEvent,
+    TaskStatus,
+    Trigger,
+)
+from deepwork_retry._sync.services import ExecutorService, OutboxRelay, Reaper, RetryService
+from deepwork_retry.exceptions import (
+    DeepworkError,
+    InvalidTransition,
+    ProjectNotFound,
+    ProjectNotRunnable,
+    StaleAttempt,
+    StorageUnavailable,
+    TaskNotBlocked,
+    TaskNotFound,
+)
+from deepwork_retry.ports import (
+    AsyncDispatcher,
+    AsyncStorage,
+    Clock,
+    Dispatcher,
+    Storage,
+    SystemClock,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # services
+    "RetryService",
+    "AsyncRetryService",
+    "ExecutorService",
+    "AsyncExecutorService",
+    "OutboxRelay",
+    "AsyncOutboxRelay",
+    "Reaper",
+    "AsyncReaper",
+    # values
+    "Project",
+    "Task",
+    "Attempt",
+    "DispatchEntry",
+    "Progress",
+    "IdempotencyRecord",
+    "Plan",
+    "ProjectPlan",
+    "Applied",
+    "RetryResult",
+    "ChangeResult",
+    "DispatchOutcome",
+    "BulkItem",
+    "BulkResult",
+    "RetryCheck",
+    # vocabularies
+    "TaskStatus",
+    "ProjectStatus",
+    "TaskEvent",
+    "Trigger",
+    "RetryBudget",
+    "Outcome",
+    "BlockedReason",
+    "DispatchState",
+    # rules
+    "TRANSITIONS",
+    "PROJECT_RULES",
+    "can_retry",
+    "RetryPolicy",
+    "ExponentialBackoff",
+    "FixedBackoff",
+    "NoBackoff",
+    "RetryAt",
+    "Block",
+    "TaskError",
+    # ports
+    "Storage",
+    "AsyncStorage",
+    "Dispatcher",
+    "AsyncDispatcher",
+    "Clock",
+    "SystemClock",
+    # errors
+    "DeepworkError",
+    "InvalidTransition",
+    "TaskNotBlocked",
+    "ProjectNotFound",
+    "TaskNotFound",
+    "ProjectNotRunnable",
+    "StaleAttempt",
+    "StorageUnavailable",
+    "__version__",
+]

@@ -1,0 +1,16 @@
+"""The few places where async and sync code differ by more than ``await``."""
+
+from __future__ import annotations
+
+import asyncio
+
+Event = asyncio.Event
+
+
+async def wait_or_stop(stop: Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds; True when ``stop`` was set."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True

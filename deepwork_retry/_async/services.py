@@ -1,0 +1,535 @@
+"""The services: load -> decide (core) -> apply (storage) -> dispatch.
+
+This file is the hand-written source; ``deepwork_retry/_sync/services.py`` is
+generated from it by ``scripts/unasync.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+
+from deepwork_retry._async._compat import Event, wait_or_stop
+from deepwork_retry._core import decide
+from deepwork_retry._core.machine import RetryCheck, can_retry
+from deepwork_retry._core.model import Attempt, DispatchEntry, Progress, Project, Task
+from deepwork_retry._core.plans import Applied, Plan
+from deepwork_retry._core.policy import ExponentialBackoff, RandomSource, RetryPolicy, TaskError
+from deepwork_retry._core.results import (
+    BulkItem,
+    BulkResult,
+    ChangeResult,
+    DispatchOutcome,
+    DispatchStatus,
+    RetryResult,
+)
+from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
+from deepwork_retry.exceptions import (
+    DeepworkError,
+    InvalidInput,
+    ProjectNotFound,
+    StorageError,
+    TaskNotFound,
+    VersionConflict,
+)
+from deepwork_retry.ports import AsyncDispatcher, AsyncStorage, Clock, SystemClock
+from deepwork_retry.storage._validate import check_id
+
+log = logging.getLogger("deepwork_retry")
+
+_Build = Callable[[Project, Task, datetime], Awaitable[Plan]]
+
+REDELIVERY = ExponentialBackoff(wait_initial=1.0, wait_max=60.0, wait_jitter=1.0)
+"""Backoff between deliveries of an outbox entry whose dispatcher failed."""
+
+
+def _lookup_ids(project_id: str, task_id: str | None = None) -> None:
+    """Ids that no storage could hold are "not found" without a round trip."""
+    try:
+        check_id("project", project_id)
+        project_id.encode("utf-8")
+    except (InvalidInput, UnicodeEncodeError, AttributeError):
+        raise ProjectNotFound(str(project_id)[:255]) from None
+    if task_id is not None:
+        try:
+            check_id("task", task_id)
+            task_id.encode("utf-8")
+        except (InvalidInput, UnicodeEncodeError, AttributeError):
+            raise TaskNotFound(project_id, str(task_id)[:255]) from None
+
+
+def _outcome(
+    results: Mapping[tuple[str, int], str | None], task_id: str, attempt: int
+) -> DispatchOutcome:
+    """Delivered (no error) is dispatched; failed (error) or not tried is pending."""
+    if (task_id, attempt) in results and results[(task_id, attempt)] is None:
+        return DispatchOutcome(status="dispatched", task_id=task_id, attempt=attempt)
+    error = results.get((task_id, attempt))
+    return DispatchOutcome(status="pending", task_id=task_id, attempt=attempt, error=error)
+
+
+class _AsyncShell:
+    """What both services share: the commit loop and the delivery step."""
+
+    def __init__(
+        self,
+        storage: AsyncStorage,
+        dispatcher: AsyncDispatcher | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        claim_timeout: float = 30.0,
+        max_conflicts: int = 64,
+    ) -> None:
+        self.storage = storage
+        self.dispatcher = dispatcher
+        self.policy = policy or RetryPolicy()
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.claim_timeout = claim_timeout
+        self.max_conflicts = max_conflicts
+
+    def _claim(self, now: datetime) -> datetime | None:
+        # Without a dispatcher nothing is delivered here: leave entries unclaimed
+        # so a relay takes them at once.
+        if self.dispatcher is None:
+            return None
+        return now + timedelta(seconds=self.claim_timeout)
+
+    async def _commit(self, project_id: str, task_id: str, build: _Build) -> tuple[Plan, Applied]:
+        """Load, decide and apply, deciding afresh after each lost race."""
+        _lookup_ids(project_id, task_id)
+        conflict: VersionConflict | None = None
+        for _ in range(self.max_conflicts):
+            project, task = await self.storage.load(project_id, task_id)
+            plan = await build(project, task, self.clock.now())
+            try:
+                return plan, await self.storage.apply(plan)
+            except VersionConflict as exc:
+                conflict = exc
+        assert conflict is not None
+        raise conflict
+
+    async def _deliver(self, entries: Sequence[DispatchEntry]) -> dict[tuple[str, int], str | None]:
+        """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``."""
+        results: dict[tuple[str, int], str | None] = {}
+        if self.dispatcher is None or not entries:
+            return results
+        delivered: list[DispatchEntry] = []
+        for entry in entries:
+            try:
+                await self.dispatcher.dispatch(entry)
+            except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
+                error = f"{type(exc).__name__}: {exc}"
+                results[(entry.task_id, entry.attempt)] = error
+                retry_at = self.clock.now() + timedelta(
+                    seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
+                )
+                try:
+                    await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
+                except StorageError:
+                    log.warning("could not record failed delivery of %s", entry.key, exc_info=True)
+            else:
+                results[(entry.task_id, entry.attempt)] = None
+                delivered.append(entry)
+        if delivered:
+            try:
+                await self.storage.mark_delivered(delivered, now=self.clock.now())
+            except StorageError:
+                # The entries stay claimed; once the claim lapses a relay delivers
+                # them again under the same (task, attempt) key, which executors
+                # deduplicate with the fencing token.
+                log.warning(
+                    "could not record delivery of %d entries", len(delivered), exc_info=True
+                )
+        return results
+
+    async def _dispatch_outcomes(self, plan: Plan, applied: Applied) -> tuple[DispatchOutcome, ...]:
+        """Deliver what ``applied`` made pending; the plan's own dispatch comes first."""
+        results = await self._deliver(applied.dispatches)
+        outcomes = [_outcome(results, e.task_id, e.attempt) for e in applied.dispatches]
+        own = plan.dispatch
+        if own is not None and (own.task_id, own.attempt) not in results:
+            status: DispatchStatus = "deferred" if applied.deferred else "pending"
+            outcomes.insert(
+                0, DispatchOutcome(status=status, task_id=own.task_id, attempt=own.attempt)
+            )
+        return tuple(outcomes)
+
+    async def _blockers(self, project_id: str, task: Task) -> dict[str, Task]:
+        if not task.blocked_by:
+            return {}
+        return await self.storage.get_tasks(project_id, task.blocked_by)
+
+    async def _dependants(
+        self, project_id: str, task_id: str
+    ) -> tuple[list[Task], dict[str, Task]]:
+        dependants = await self.storage.dependants(project_id, task_id)
+        ids = sorted({b for d in dependants for b in d.blocked_by if b != task_id})
+        blockers = await self.storage.get_tasks(project_id, ids) if ids else {}
+        return dependants, blockers
+
+
+class AsyncRetryService(_AsyncShell):
+    """Manual retries and the reads a person or a UI needs around them."""
+
+    async def retry(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget | str = RetryBudget.ONE_MORE,
+        idempotency_key: str | None = None,
+    ) -> RetryResult:
+        """Retry a blocked task: ``blocked -> assigned``, ``retry_count + 1``, error cleared.
+
+        Raises ``ProjectNotFound``, ``TaskNotFound``, ``TaskNotBlocked`` (with
+        the status found), ``ProjectNotRunnable``, ``IdempotencyConflict``.
+        """
+        try:
+            budget = RetryBudget(budget)
+        except ValueError:
+            raise InvalidInput("budget must be 'one_more' or 'full'") from None
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.manual_retry(
+                task,
+                project,
+                now=now,
+                blockers=await self._blockers(project_id, task),
+                actor=actor,
+                reason=reason,
+                budget=budget,
+                claimed_until=self._claim(now),
+                idempotency_key=idempotency_key,
+            )
+
+        plan, applied = await self._commit(project_id, task_id, build)
+        outcomes = await self._dispatch_outcomes(plan, applied)
+        return RetryResult(task=applied.task, progress=applied.progress, dispatch=outcomes[0])
+
+    async def can_retry(self, project_id: str, task_id: str) -> RetryCheck:
+        """Whether :meth:`retry` would be accepted now, and if not why."""
+        _lookup_ids(project_id, task_id)
+        project, task = await self.storage.load(project_id, task_id)
+        return can_retry(task, project)
+
+    async def bulk_retry(
+        self,
+        project_id: str,
+        *,
+        dry_run: bool = False,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget | str = RetryBudget.ONE_MORE,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> BulkResult:
+        """Retry (or with ``dry_run`` check) one page of the project's blocked tasks."""
+        project = await self.get_project(project_id)
+        tasks = await self.storage.list_tasks(
+            project_id, status=TaskStatus.BLOCKED, after=after, limit=limit
+        )
+        items = []
+        for task in tasks:
+            if dry_run:
+                check = can_retry(task, project)
+                items.append(BulkItem(task_id=task.id, retried=check.allowed, detail=check.reason))
+                continue
+            try:
+                result = await self.retry(
+                    project_id, task.id, actor=actor, reason=reason, budget=budget
+                )
+            except DeepworkError as exc:
+                items.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
+            else:
+                items.append(
+                    BulkItem(task_id=task.id, retried=True, dispatch=result.dispatch.status)
+                )
+        next_after = tasks[-1].id if len(tasks) == limit else None
+        return BulkResult(dry_run=dry_run, items=tuple(items), next_after=next_after)
+
+    # -- reads -------------------------------------------------------------
+    async def get_project(self, project_id: str) -> Project:
+        _lookup_ids(project_id)
+        return await self.storage.get_project(project_id)
+
+    async def get_task(self, project_id: str, task_id: str) -> Task:
+        _lookup_ids(project_id, task_id)
+        _, task = await self.storage.load(project_id, task_id)
+        return task
+
+    async def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
+        _lookup_ids(project_id, task_id)
+        await self.storage.load(project_id, task_id)
+        return await self.storage.attempts(project_id, task_id)
+
+    async def progress(self, project_id: str) -> Progress:
+        _lookup_ids(project_id)
+        return await self.storage.progress(project_id)
+
+    async def blocked(
+        self, project_id: str, *, after: str | None = None, limit: int = 50
+    ) -> tuple[list[Task], str | None]:
+        """One page of blocked tasks and the ``after`` for the next page."""
+        await self.get_project(project_id)
+        tasks = await self.storage.list_tasks(
+            project_id, status=TaskStatus.BLOCKED, after=after, limit=limit
+        )
+        return tasks, (tasks[-1].id if len(tasks) == limit else None)
+
+
+class AsyncExecutorService(_AsyncShell):
+    """Creating work and the executor's reports: assign, start, heartbeat, succeed, fail."""
+
+    async def create_project(
+        self,
+        project_id: str,
+        *,
+        status: ProjectStatus | str = ProjectStatus.EXECUTING,
+        name: str = "",
+    ) -> Project:
+        check_id("project", project_id)
+        now = self.clock.now()
+        project = Project(
+            id=project_id, status=ProjectStatus(status), name=name, created_at=now, updated_at=now
+        )
+        await self.storage.create_project(project)
+        return project
+
+    async def add_task(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        title: str = "",
+        max_retries: int = 3,
+        blocked_by: Sequence[str] = (),
+        metadata: Mapping[str, object] | None = None,
+    ) -> Task:
+        now = self.clock.now()
+        task = Task(
+            id=task_id,
+            project_id=project_id,
+            title=title,
+            max_retries=max_retries,
+            blocked_by=tuple(blocked_by),
+            metadata=dict(metadata or {}),
+            created_at=now,
+            updated_at=now,
+        )
+        await self.storage.add_tasks([task])
+        return task
+
+    async def set_project_status(
+        self, project_id: str, status: ProjectStatus | str
+    ) -> tuple[Project, tuple[DispatchOutcome, ...]]:
+        """Change the project's status; resuming releases its deferred work."""
+        _lookup_ids(project_id)
+        conflict: VersionConflict | None = None
+        for _ in range(self.max_conflicts):
+            project = await self.storage.get_project(project_id)
+            deferred = await self.storage.deferred(project_id)
+            ids = {e.task_id for e in deferred}
+            tasks = await self.storage.get_tasks(project_id, sorted(ids)) if ids else {}
+            blocker_ids = {b for t in tasks.values() for b in t.blocked_by} - set(tasks)
+            if blocker_ids:
+                tasks.update(await self.storage.get_tasks(project_id, sorted(blocker_ids)))
+            now = self.clock.now()
+            plan = decide.change_project(
+                project, ProjectStatus(status), now=now, deferred=deferred, tasks=tasks,
+                claimed_until=self._claim(now),
+            )  # fmt: skip
+            try:
+                project, released = await self.storage.apply_project(plan)
+            except VersionConflict as exc:
+                conflict = exc
+                continue
+            results = await self._deliver(released)
+            return project, tuple(_outcome(results, e.task_id, e.attempt) for e in released)
+        assert conflict is not None
+        raise conflict
+
+    async def _change(self, project_id: str, task_id: str, build: _Build) -> ChangeResult:
+        plan, applied = await self._commit(project_id, task_id, build)
+        return ChangeResult(
+            task=applied.task,
+            progress=applied.progress,
+            decision=plan.decision,
+            dispatches=await self._dispatch_outcomes(plan, applied),
+        )
+
+    async def assign(self, project_id: str, task_id: str) -> ChangeResult:
+        """``inbox -> assigned``: create attempt 1 and dispatch it (or defer it)."""
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            blockers = await self._blockers(project_id, task)
+            return decide.assign(
+                task, project, now=now, blockers=blockers, claimed_until=self._claim(now)
+            )
+
+        return await self._change(project_id, task_id, build)
+
+    async def start(self, project_id: str, task_id: str, token: int) -> ChangeResult:
+        """The executor begins attempt ``token``; raises ``StaleAttempt`` if it is not current."""
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.start(task, token, now=now, policy=self.policy)
+
+        return await self._change(project_id, task_id, build)
+
+    async def heartbeat(self, project_id: str, task_id: str, token: int) -> ChangeResult:
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.heartbeat(task, token, now=now, policy=self.policy)
+
+        return await self._change(project_id, task_id, build)
+
+    async def succeed(
+        self, project_id: str, task_id: str, token: int, *, review: bool = False
+    ) -> ChangeResult:
+        """Attempt ``token`` succeeded; dependants that became ready are dispatched."""
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            dependants, blockers = await self._dependants(project_id, task_id)
+            return decide.succeed(
+                task, token, project, now=now, dependants=dependants, blockers=blockers,
+                review=review, claimed_until=self._claim(now),
+            )  # fmt: skip
+
+        return await self._change(project_id, task_id, build)
+
+    async def approve(self, project_id: str, task_id: str) -> ChangeResult:
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            dependants, blockers = await self._dependants(project_id, task_id)
+            return decide.approve(
+                task, project, now=now, dependants=dependants, blockers=blockers,
+                claimed_until=self._claim(now),
+            )  # fmt: skip
+
+        return await self._change(project_id, task_id, build)
+
+    async def skip(self, project_id: str, task_id: str) -> ChangeResult:
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            dependants, blockers = await self._dependants(project_id, task_id)
+            return decide.skip(
+                task, project, now=now, dependants=dependants, blockers=blockers,
+                claimed_until=self._claim(now),
+            )  # fmt: skip
+
+        return await self._change(project_id, task_id, build)
+
+    async def block(self, project_id: str, task_id: str, *, message: str) -> ChangeResult:
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.block(task, now=now, message=message)
+
+        return await self._change(project_id, task_id, build)
+
+    async def fail(
+        self, project_id: str, task_id: str, token: int, error: TaskError | BaseException
+    ) -> ChangeResult:
+        """Attempt ``token`` failed: retried per the policy (with backoff) or blocked."""
+        if isinstance(error, BaseException):
+            error = TaskError.from_exception(error)
+        report = error
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.fail(
+                task, token, report, project, now=now, rng=self.rng, policy=self.policy,
+                blockers=await self._blockers(project_id, task), claimed_until=self._claim(now),
+            )  # fmt: skip
+
+        return await self._change(project_id, task_id, build)
+
+    async def lose(self, project_id: str, task_id: str) -> ChangeResult:
+        """Fail the running attempt as lost (its lease must have expired)."""
+
+        async def build(project: Project, task: Task, now: datetime) -> Plan:
+            return decide.lose(
+                task, project, now=now, rng=self.rng, policy=self.policy,
+                blockers=await self._blockers(project_id, task), claimed_until=self._claim(now),
+            )  # fmt: skip
+
+        return await self._change(project_id, task_id, build)
+
+    async def reap(self, *, limit: int = 100) -> list[ChangeResult]:
+        """Fail every attempt whose lease expired (at most ``limit``)."""
+        results = []
+        for task in await self.storage.expired_leases(now=self.clock.now(), limit=limit):
+            try:
+                results.append(await self.lose(task.project_id, task.id))
+            except DeepworkError:
+                # It heartbeated, finished or was reaped by someone else meanwhile.
+                log.debug("lease of %s/%s no longer expired", task.project_id, task.id)
+        return results
+
+
+class AsyncOutboxRelay:
+    """Delivers pending outbox entries: those whose first delivery failed or
+    never happened (a crash between commit and dispatch), and delayed retries.
+
+    Run one or more per deployment; claims keep two relays from delivering the
+    same entry at once.
+    """
+
+    def __init__(
+        self,
+        storage: AsyncStorage,
+        dispatcher: AsyncDispatcher,
+        *,
+        clock: Clock | None = None,
+        rng: RandomSource | None = None,
+        batch: int = 100,
+        claim_timeout: float = 30.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._shell = _AsyncShell(storage, dispatcher, clock=clock, rng=rng)
+        self.storage = storage
+        self.clock = self._shell.clock
+        self.batch = batch
+        self.claim_timeout = claim_timeout
+        self.poll_interval = poll_interval
+
+    async def run_once(self) -> int:
+        """Claim and deliver one batch; returns how many were delivered."""
+        now = self.clock.now()
+        entries = await self.storage.claim_due(
+            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
+        )
+        results = await self._shell._deliver(entries)
+        return sum(1 for error in results.values() if error is None)
+
+    async def run(self, stop: Event) -> None:
+        """Deliver until ``stop`` is set, polling when there is nothing to do."""
+        while not stop.is_set():
+            try:
+                busy = await self.run_once() > 0
+            except StorageError:
+                log.warning("outbox relay: storage unavailable", exc_info=True)
+                busy = False
+            if not busy and await wait_or_stop(stop, self.poll_interval):
+                return
+
+
+class AsyncReaper:
+    """Fails attempts whose executor stopped heartbeating, on an interval."""
+
+    def __init__(self, service: AsyncExecutorService, *, interval: float = 5.0) -> None:
+        self.service = service
+        self.interval = interval
+
+    async def run_once(self) -> int:
+        return len(await self.service.reap())
+
+    async def run(self, stop: Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except StorageError:
+                log.warning("reaper: storage unavailable", exc_info=True)
+            if await wait_or_stop(stop, self.interval):
+                return

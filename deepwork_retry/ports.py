@@ -1,0 +1,200 @@
+"""The ports: what the services need from storage, dispatch and time.
+
+Each is a :class:`typing.Protocol`; the adapters under ``storage/`` and
+``dispatch/`` implement them, and so can a host application. The shipped
+conformance suite (:mod:`deepwork_retry.testing`) checks a Storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Protocol, runtime_checkable
+
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.states import TaskStatus
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+
+class SystemClock:
+    """The wall clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Durable state. Every method is atomic; :meth:`apply` is all-or-nothing.
+
+    Lookups raise :class:`~deepwork_retry.exceptions.ProjectNotFound` /
+    :class:`~deepwork_retry.exceptions.TaskNotFound`; a task id that exists in
+    another project is "not found" too. Connection failures and timeouts raise
+    :class:`~deepwork_retry.exceptions.StorageUnavailable` and change nothing.
+    """
+
+    # -- setup -------------------------------------------------------------
+    def create_project(self, project: Project) -> None:
+        """Store a new project (``AlreadyExists`` if the id is taken)."""
+        ...
+
+    def add_tasks(self, tasks: Sequence[Task]) -> None:
+        """Store new tasks of existing projects and count them in progress."""
+        ...
+
+    # -- reads ---------------------------------------------------------------
+    def get_project(self, project_id: str) -> Project: ...
+
+    def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
+        """The project and one of its tasks, read together."""
+        ...
+
+    def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
+        """The tasks of ``project_id`` among ``task_ids`` (missing ids are left out)."""
+        ...
+
+    def dependants(self, project_id: str, task_id: str) -> list[Task]:
+        """The tasks whose ``blocked_by`` names ``task_id``."""
+        ...
+
+    def list_tasks(
+        self,
+        project_id: str,
+        *,
+        status: TaskStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Tasks ordered by id, those with ``id > after``, at most ``limit``."""
+        ...
+
+    def progress(self, project_id: str) -> Progress: ...
+
+    def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
+        """The task's attempt history, oldest first."""
+        ...
+
+    def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
+        """The task's outbox entries, oldest first."""
+        ...
+
+    def deferred(self, project_id: str) -> list[DispatchEntry]:
+        """The project's deferred outbox entries."""
+        ...
+
+    # -- writes ----------------------------------------------------------------
+    def apply(self, plan: Plan) -> Applied:
+        """Apply ``plan`` in one transaction.
+
+        Compare-and-set: the task must still be at ``plan.before.version``,
+        each guard at its version, the project at ``plan.project_version``
+        (when set), else :class:`~deepwork_retry.exceptions.VersionConflict`
+        and nothing changes. Writes the task, the attempt record(s), the
+        outbox entry, the releases, the progress counters and the
+        idempotency reservation, and returns the task, the progress after the
+        change and the entries made pending.
+        """
+        ...
+
+    def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
+        """Apply a project status change and its releases in one transaction."""
+        ...
+
+    # -- outbox ------------------------------------------------------------------
+    def claim_due(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[DispatchEntry]:
+        """Claim up to ``limit`` pending entries that are due and not claimed.
+
+        Two concurrent callers never receive the same entry.
+        """
+        ...
+
+    def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None: ...
+
+    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+        """Release the claim; the entry stays pending, due again at ``retry_at``."""
+        ...
+
+    # -- leases --------------------------------------------------------------------
+    def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
+        """Tasks ``in_progress`` whose lease expired before ``now``."""
+        ...
+
+    # -- idempotency -----------------------------------------------------------------
+    def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+
+    def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        """Insert ``record``, or complete a reserved one with its response.
+
+        An existing completed record is kept and returned unchanged.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncStorage(Protocol):
+    """:class:`Storage` with every method a coroutine."""
+
+    async def create_project(self, project: Project) -> None: ...
+    async def add_tasks(self, tasks: Sequence[Task]) -> None: ...
+    async def get_project(self, project_id: str) -> Project: ...
+    async def load(self, project_id: str, task_id: str) -> tuple[Project, Task]: ...
+    async def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]: ...
+    async def dependants(self, project_id: str, task_id: str) -> list[Task]: ...
+    async def list_tasks(
+        self,
+        project_id: str,
+        *,
+        status: TaskStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]: ...
+    async def progress(self, project_id: str) -> Progress: ...
+    async def attempts(self, project_id: str, task_id: str) -> list[Attempt]: ...
+    async def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]: ...
+    async def deferred(self, project_id: str) -> list[DispatchEntry]: ...
+    async def apply(self, plan: Plan) -> Applied: ...
+    async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]: ...
+    async def claim_due(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[DispatchEntry]: ...
+    async def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None: ...
+    async def mark_failed(
+        self, entry: DispatchEntry, *, error: str, retry_at: datetime
+    ) -> None: ...
+    async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]: ...
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+    async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord: ...
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Hands an attempt to whatever executes it.
+
+    Returning means the executor side accepted it (delivery); raising means it
+    did not, and the outbox keeps the entry pending for the relay.
+    """
+
+    def dispatch(self, entry: DispatchEntry) -> None: ...
+
+
+@runtime_checkable
+class AsyncDispatcher(Protocol):
+    async def dispatch(self, entry: DispatchEntry) -> None: ...

@@ -1,0 +1,342 @@
+"""In-memory storage: thread-safe, public, held to the same suite as SQLite.
+
+Good for tests and for a single process that may lose its state on exit.
+One lock guards everything, so every method is atomic.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
+from deepwork_retry._core.states import DispatchState, TaskStatus
+from deepwork_retry.exceptions import (
+    AlreadyExists,
+    IdempotencyConflict,
+    InvalidInput,
+    ProjectNotFound,
+    TaskNotFound,
+    VersionConflict,
+)
+from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage._validate import check_limit, check_new_tasks
+
+_Key = tuple[str, str]
+_EntryKey = tuple[str, str, int]
+
+
+class MemoryStorage:
+    """A :class:`~deepwork_retry.ports.Storage` kept in dictionaries."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._projects: dict[str, Project] = {}
+        self._progress: dict[str, Progress] = {}
+        self._tasks: dict[str, dict[str, Task]] = {}
+        self._dependants: dict[_Key, set[str]] = {}
+        self._attempts: dict[_Key, list[Attempt]] = {}
+        self._outbox: dict[_EntryKey, DispatchEntry] = {}
+        self._pending: dict[_EntryKey, None] = {}
+        self._in_progress: dict[_Key, None] = {}
+        self._idempotency: dict[str, IdempotencyRecord] = {}
+
+    # -- setup -------------------------------------------------------------
+    def create_project(self, project: Project) -> None:
+        with self._lock:
+            if project.id in self._projects:
+                raise AlreadyExists(f"Project {project.id!r} exists already")
+            self._projects[project.id] = project
+            self._progress[project.id] = Progress(project_id=project.id)
+            self._tasks[project.id] = {}
+
+    def add_tasks(self, tasks: Sequence[Task]) -> None:
+        with self._lock:
+            check_new_tasks(tasks)
+            for task in tasks:
+                if task.project_id not in self._projects:
+                    raise ProjectNotFound(task.project_id)
+                if task.id in self._tasks[task.project_id]:
+                    raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
+            for task in tasks:
+                self._tasks[task.project_id][task.id] = task
+                self._index(task)
+                self._progress[task.project_id] = self._progress[task.project_id].shifted(
+                    None, task.status
+                )
+
+    def _index(self, task: Task) -> None:
+        for dep in task.blocked_by:
+            self._dependants.setdefault((task.project_id, dep), set()).add(task.id)
+        key = (task.project_id, task.id)
+        if task.status is TaskStatus.IN_PROGRESS:
+            self._in_progress[key] = None
+        else:
+            self._in_progress.pop(key, None)
+
+    # -- reads ---------------------------------------------------------------
+    def get_project(self, project_id: str) -> Project:
+        with self._lock:
+            try:
+                return self._projects[project_id]
+            except KeyError:
+                raise ProjectNotFound(project_id) from None
+
+    def _task(self, project_id: str, task_id: str) -> Task:
+        try:
+            return self._tasks[project_id][task_id]
+        except KeyError:
+            raise TaskNotFound(project_id, task_id) from None
+
+    def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
+        with self._lock:
+            return self.get_project(project_id), self._task(project_id, task_id)
+
+    def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
+        with self._lock:
+            tasks = self._tasks.get(project_id, {})
+            return {tid: tasks[tid] for tid in task_ids if tid in tasks}
+
+    def dependants(self, project_id: str, task_id: str) -> list[Task]:
+        with self._lock:
+            ids = sorted(self._dependants.get((project_id, task_id), ()))
+            return [self._tasks[project_id][tid] for tid in ids]
+
+    def list_tasks(
+        self,
+        project_id: str,
+        *,
+        status: TaskStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        check_limit(limit)
+        with self._lock:
+            tasks = self._tasks.get(project_id)
+            if tasks is None:
+                raise ProjectNotFound(project_id)
+            ids = sorted(tid for tid in tasks if after is None or tid > after)
+            selected = (tasks[tid] for tid in ids)
+            out = [t for t in selected if status is None or t.status is status]
+            return out[:limit]
+
+    def progress(self, project_id: str) -> Progress:
+        with self._lock:
+            try:
+                return self._progress[project_id]
+            except KeyError:
+                raise ProjectNotFound(project_id) from None
+
+    def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
+        with self._lock:
+            self._task(project_id, task_id)
+            return list(self._attempts.get((project_id, task_id), ()))
+
+    def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
+        with self._lock:
+            task = self._task(project_id, task_id)
+            found = (self._outbox.get((project_id, task_id, n)) for n in range(1, task.attempt + 1))
+            return [e for e in found if e is not None]
+
+    def deferred(self, project_id: str) -> list[DispatchEntry]:
+        with self._lock:
+            return [
+                e
+                for e in self._outbox.values()
+                if e.project_id == project_id and e.state is DispatchState.DEFERRED
+            ]
+
+    # -- writes ----------------------------------------------------------------
+    def apply(self, plan: Plan) -> Applied:
+        before, after = plan.before, plan.after
+        pid = before.project_id
+        with self._lock:
+            current = self._task(pid, before.id)
+            if current.version != before.version:
+                raise VersionConflict(before.id, before.version, current.version)
+            for guard in plan.guards:
+                found = self._tasks[pid].get(guard.task_id)
+                if found is None or found.version != guard.version:
+                    raise VersionConflict(
+                        guard.task_id, guard.version, None if found is None else found.version
+                    )
+            project = self._projects[pid]
+            if plan.project_version is not None and project.version != plan.project_version:
+                raise VersionConflict(before.id, before.version, current.version)
+            if plan.idempotency is not None and plan.idempotency.key in self._idempotency:
+                raise IdempotencyConflict(self._idempotency[plan.idempotency.key])
+            if plan.dispatch is not None and plan.dispatch.key in self._outbox:
+                raise VersionConflict(before.id, before.version, current.version)
+            if (
+                plan.new_attempt is not None
+                and plan.new_attempt.number != len(self._attempts.get((pid, before.id), ())) + 1
+            ):
+                raise InvalidInput(
+                    f"Task {before.id!r}: attempt {plan.new_attempt.number} is not next"
+                )
+            # Every check passed: from here on nothing raises.
+            self._tasks[pid][after.id] = after
+            self._index(after)
+            self._progress[pid] = self._progress[pid].shifted(before.status, after.status)
+            history = self._attempts.setdefault((pid, before.id), [])
+            update = plan.attempt_update
+            if update is not None and 0 < update.number <= len(history):
+                old = history[update.number - 1]
+                history[update.number - 1] = attrs.evolve(
+                    old,
+                    started_at=update.started_at or old.started_at,
+                    finished_at=update.finished_at or old.finished_at,
+                    outcome=update.outcome or old.outcome,
+                    error_type=update.error_type or old.error_type,
+                    error_message=update.error_message or old.error_message,
+                )
+            if plan.new_attempt is not None:
+                history.append(plan.new_attempt)
+            made: list[DispatchEntry] = []
+            if plan.dispatch is not None:
+                self._put_entry(plan.dispatch)
+                if plan.dispatch.state is DispatchState.PENDING and plan.dispatch.claimed_until:
+                    made.append(plan.dispatch)
+            made.extend(self._release(pid, plan.releases, plan.claimed_until))
+            if plan.idempotency is not None:
+                self._idempotency[plan.idempotency.key] = plan.idempotency
+            return Applied(
+                task=after,
+                progress=self._progress[pid],
+                dispatches=tuple(made),
+                deferred=plan.dispatch is not None
+                and plan.dispatch.state is DispatchState.DEFERRED,
+            )
+
+    def _put_entry(self, entry: DispatchEntry) -> None:
+        self._outbox[entry.key] = entry
+        if entry.state is DispatchState.PENDING:
+            self._pending[entry.key] = None
+        else:
+            self._pending.pop(entry.key, None)
+
+    def _release(
+        self, pid: str, releases: Sequence[Release], claimed_until: datetime | None
+    ) -> list[DispatchEntry]:
+        made = []
+        for rel in releases:
+            entry = self._outbox.get((pid, rel.task_id, rel.attempt))
+            if entry is None or entry.state is not DispatchState.DEFERRED:
+                continue
+            entry = attrs.evolve(entry, state=DispatchState.PENDING, claimed_until=claimed_until)
+            self._put_entry(entry)
+            if claimed_until is not None:
+                made.append(entry)
+        return made
+
+    def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
+        pid = plan.before.id
+        with self._lock:
+            current = self.get_project(pid)
+            if current.version != plan.before.version:
+                raise VersionConflict(pid, plan.before.version, current.version)
+            for guard in plan.guards:
+                found = self._tasks[pid].get(guard.task_id)
+                if found is None or found.version != guard.version:
+                    raise VersionConflict(
+                        guard.task_id, guard.version, None if found is None else found.version
+                    )
+            self._projects[pid] = plan.after
+            return plan.after, self._release(pid, plan.releases, plan.claimed_until)
+
+    # -- outbox ------------------------------------------------------------------
+    def claim_due(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        with self._lock:
+            claimed: list[DispatchEntry] = []
+            for key in self._pending:
+                if len(claimed) >= limit:
+                    break
+                entry = self._outbox[key]
+                if entry.available_at <= now and (
+                    entry.claimed_until is None or entry.claimed_until <= now
+                ):
+                    claimed.append(attrs.evolve(entry, claimed_until=claimed_until))
+            for entry in claimed:
+                self._outbox[entry.key] = entry
+            return claimed
+
+    def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
+        with self._lock:
+            for entry in entries:
+                stored = self._outbox.get(entry.key)
+                if stored is None or stored.state is not DispatchState.PENDING:
+                    continue
+                self._put_entry(
+                    attrs.evolve(
+                        stored,
+                        state=DispatchState.DELIVERED,
+                        delivered_at=now,
+                        tries=stored.tries + 1,
+                        claimed_until=None,
+                    )
+                )
+
+    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+        with self._lock:
+            stored = self._outbox.get(entry.key)
+            if stored is None or stored.state is not DispatchState.PENDING:
+                return
+            self._outbox[entry.key] = attrs.evolve(
+                stored,
+                tries=stored.tries + 1,
+                last_error=error,
+                available_at=retry_at,
+                claimed_until=None,
+            )
+
+    # -- leases --------------------------------------------------------------------
+    def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
+        check_limit(limit)
+        with self._lock:
+            found = []
+            for pid, tid in self._in_progress:
+                task = self._tasks[pid][tid]
+                if task.lease_expires_at is not None and task.lease_expires_at <= now:
+                    found.append(task)
+            found.sort(key=lambda t: (t.lease_expires_at, t.project_id, t.id))
+            return found[:limit]
+
+    # -- idempotency -----------------------------------------------------------------
+    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        with self._lock:
+            return self._idempotency.get(key)
+
+    def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        with self._lock:
+            existing = self._idempotency.get(record.key)
+            if existing is not None and existing.status_code is not None:
+                return existing
+            self._idempotency[record.key] = record
+            return record
+
+    def close(self) -> None:
+        return None
+
+
+class AsyncMemoryStorage(AsyncFromSync[MemoryStorage]):
+    """:class:`MemoryStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
+
+    Dictionary operations never block, so they run on the event loop itself.
+    """
+
+    def __init__(self, sync: MemoryStorage | None = None) -> None:
+        super().__init__(sync or MemoryStorage(), offload=False)
