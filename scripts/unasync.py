@@ -19,12 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FILES = [
     ("deepwork_retry/_async/services.py", "deepwork_retry/_sync/services.py"),
+    ("deepwork_retry/_async/api.py", "deepwork_retry/_sync/api.py"),
+    ("deepwork_retry/_async/postgres.py", "deepwork_retry/_sync/postgres.py"),
 ]
 
 RULES: list[tuple[str, str]] = [
     (r"\basync def\b", "def"),
     (r"\basync with\b", "with"),
     (r"\basync for\b", "for"),
+    (r"\basynccontextmanager\b", "contextmanager"),
     (r"\bawait ", ""),
     (r"\bAwaitable\[([^\[\]]*)\]", r"\1"),
     (r"\b_async\b", "_sync"),

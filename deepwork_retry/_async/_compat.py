@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 Event = asyncio.Event
 
@@ -14,3 +15,8 @@ async def wait_or_stop(stop: Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+def open_now(opener: Callable[[], Awaitable[None]]) -> None:
+    """Nothing to do at construction: async resources open inside the running loop
+    (``await resource.open()`` or ``async with``)."""

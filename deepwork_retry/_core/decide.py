@@ -247,6 +247,7 @@ def _finish(
         completed_at=now,
         lease_expires_at=None,
         error_message=None if target is TaskStatus.DONE else task.error_message,
+        error_type=None if target is TaskStatus.DONE else task.error_type,
     )
     statuses = _statuses(blockers)
     statuses[task.id] = target

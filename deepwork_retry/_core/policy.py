@@ -6,7 +6,7 @@ same inputs always give the same decision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -18,6 +18,11 @@ from deepwork_retry.exceptions import InvalidInput
 
 MAX_DELAY = 366 * 24 * 3600.0
 """No backoff waits longer than a year, whatever the inputs."""
+
+
+def _str_set(value: Iterable[str]) -> frozenset[str]:
+    # A named converter: mypy cannot infer the item type through ``frozenset`` itself.
+    return frozenset(value)
 
 
 class RandomSource(Protocol):
@@ -67,7 +72,8 @@ class ExponentialBackoff:
 
     def delay(self, retry_number: int, rng: RandomSource) -> float:
         try:
-            base = self.wait_initial * self.wait_exp_base ** max(retry_number - 1, 0)
+            # In floats: integer settings would otherwise build huge exact integers.
+            base = float(self.wait_initial) * float(self.wait_exp_base) ** max(retry_number - 1, 0)
         except OverflowError:
             base = self.wait_max
         return min(self.wait_max, base + rng.random() * self.wait_jitter)
@@ -121,7 +127,7 @@ class RetryPolicy:
     """
 
     backoff: Backoff = attrs.field(factory=ExponentialBackoff)
-    non_retryable: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    non_retryable: frozenset[str] = attrs.field(default=frozenset(), converter=_str_set)
     """Error types that block at once."""
     classifier: Callable[[TaskError], bool] | None = None
     """Custom ``error -> retryable``; runs after ``error.retryable`` and ``non_retryable``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 Event = threading.Event
 
@@ -10,3 +11,8 @@ Event = threading.Event
 def wait_or_stop(stop: Event, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds; True when ``stop`` was set."""
     return stop.wait(timeout)
+
+
+def open_now(opener: Callable[[], None]) -> None:
+    """Open a resource at construction, so it is ready without ``open()`` or ``with``."""
+    opener()

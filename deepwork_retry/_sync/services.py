@@ -501,15 +501,32 @@ class OutboxRelay:
         return sum(1 for error in results.values() if error is None)
 
     def run(self, stop: Event) -> None:
-        """Deliver until ``stop`` is set, polling when there is nothing to do."""
+        """Deliver until ``stop`` is set, polling when there is nothing to do.
+
+        A storage with ``wait_for_work(timeout)`` (PostgreSQL's LISTEN/NOTIFY)
+        wakes the relay as soon as a write leaves work for it; ``stop`` is then
+        noticed at the latest after ``poll_interval``.
+        """
         while not stop.is_set():
             try:
                 busy = self.run_once() > 0
             except StorageError:
                 log.warning("outbox relay: storage unavailable", exc_info=True)
                 busy = False
-            if not busy and wait_or_stop(stop, self.poll_interval):
+            if not busy and self._idle(stop):
                 return
+
+    def _idle(self, stop: Event) -> bool:
+        """Wait for work or ``poll_interval``; True when ``stop`` was set."""
+        wait_for_work = getattr(self.storage, "wait_for_work", None)
+        if wait_for_work is None:
+            return wait_or_stop(stop, self.poll_interval)
+        try:
+            wait_for_work(self.poll_interval)
+        except StorageError:
+            log.warning("outbox relay: cannot listen for work", exc_info=True)
+            return wait_or_stop(stop, self.poll_interval)
+        return stop.is_set()
 
 
 class Reaper:

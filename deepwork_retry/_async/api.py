@@ -1,0 +1,245 @@
+"""The web API over a retry service, with no framework: request data in, response data out.
+
+This file is the hand-written source; ``deepwork_retry/_sync/api.py`` is
+generated from it by ``scripts/unasync.py``. The adapters under
+``deepwork_retry/web/`` only translate their framework's request and response
+to and from :class:`~deepwork_retry.web._http.ApiRequest` and
+:class:`~deepwork_retry.web._http.ApiResponse`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry._core.machine import can_retry
+from deepwork_retry._core.model import IdempotencyRecord
+from deepwork_retry._core.results import (
+    attempt_json,
+    bulk_json,
+    check_json,
+    progress_json,
+    retry_json,
+    task_json,
+    tasks_page_json,
+)
+from deepwork_retry.auth import Authenticator, Authorizer, Principal, may_retry
+from deepwork_retry.exceptions import (
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+    InvalidToken,
+    NotFound,
+    ProjectNotFound,
+    ProjectNotRunnable,
+    StorageError,
+    TaskNotBlocked,
+)
+from deepwork_retry.web._http import (
+    ApiRequest,
+    ApiResponse,
+    IdempotencyInProgress,
+    bearer_token,
+    bulk_options,
+    error_response,
+    idempotency_key,
+    match,
+    page_options,
+    respond,
+    retry_options,
+    scoped_key,
+    storable_ids,
+)
+
+log = logging.getLogger("deepwork_retry.web")
+
+_REPLAYABLE = (NotFound, TaskNotBlocked, ProjectNotRunnable)
+"""Refusals that depend on stored state, so a repeat with the same key replays them."""
+
+
+def _replay(record: IdempotencyRecord) -> ApiResponse:
+    if record.status_code is None or record.body is None:
+        raise IdempotencyInProgress
+    return ApiResponse(
+        status=record.status_code,
+        body=record.body.encode("utf-8"),
+        headers=(("Idempotent-Replayed", "true"),),
+    )
+
+
+class AsyncRetryAPI:
+    """Every route of the API: authenticate, authorise, call the service, render.
+
+    ``authorizer`` decides whether a principal may act in a project; a
+    refusal is reported as ``404 Project not found`` so that it does not
+    reveal which projects exist.
+    """
+
+    def __init__(
+        self,
+        service: AsyncRetryService,
+        authenticator: Authenticator,
+        authorizer: Authorizer = may_retry,
+    ) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+
+    async def handle(self, request: ApiRequest) -> ApiResponse:
+        """The response to ``request``; never raises, never answers 500."""
+        try:
+            route, params = match(request.method, request.path)
+            principal = self._principal(request.headers)
+            project_id = params["project_id"]
+            if not self.authorizer(principal, project_id):
+                raise ProjectNotFound(project_id[:255])
+            if route == "retry":
+                return await self._retry(principal, project_id, params["task_id"], request)
+            if route == "retry_blocked":
+                return await self._retry_blocked(principal, project_id, request)
+            return await self._read(route, project_id, params.get("task_id"), request)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+            return error_response(exc)
+
+    def _principal(self, headers: Mapping[str, str]) -> Principal:
+        principal = self.authenticator.authenticate(bearer_token(headers))
+        if principal is None:
+            raise InvalidToken
+        return principal
+
+    # -- the retry endpoint ---------------------------------------------------------
+    async def _retry(
+        self, principal: Principal, project_id: str, task_id: str, request: ApiRequest
+    ) -> ApiResponse:
+        key = idempotency_key(request.headers)
+        options = retry_options(request.body)
+        if key is None:
+            result = await self.service.retry(
+                project_id,
+                task_id,
+                actor=principal.id,
+                reason=options.reason,
+                budget=options.budget,
+            )
+            return respond(200, retry_json(result))
+        stored_key = scoped_key(principal.id, key)
+        found = await self.service.storage.get_idempotency(stored_key)
+        if found is not None:
+            return await self._replay_for(found, project_id, task_id)
+        try:
+            result = await self.service.retry(
+                project_id,
+                task_id,
+                actor=principal.id,
+                reason=options.reason,
+                budget=options.budget,
+                idempotency_key=stored_key,
+            )
+        except IdempotencyConflict as exc:
+            return await self._replay_for(exc.record, project_id, task_id)
+        except _REPLAYABLE as exc:
+            # Someone may have reserved the key meanwhile: their answer wins.
+            found = await self.service.storage.get_idempotency(stored_key)
+            if found is not None:
+                return await self._replay_for(found, project_id, task_id)
+            return await self._record(stored_key, project_id, task_id, error_response(exc))
+        return await self._record(stored_key, project_id, task_id, respond(200, retry_json(result)))
+
+    async def _replay_for(
+        self, record: IdempotencyRecord, project_id: str, task_id: str
+    ) -> ApiResponse:
+        """The first response for this key, or 422 when the key was for another task.
+
+        The contract's earlier checks (404, 400, 409) still come first for the
+        task named now, so a reused key never hides them.
+        """
+        if (record.project_id, record.task_id) == (project_id, task_id):
+            return _replay(record)
+        project = await self.service.get_project(project_id)
+        task = await self.service.get_task(project_id, task_id)
+        check = can_retry(task, project)
+        if check.code == "not_blocked":
+            raise TaskNotBlocked(task.id, task.status.value)
+        if check.code == "project_not_runnable":
+            raise ProjectNotRunnable(project.id, project.status.value)
+        raise IdempotencyKeyReused(record.key)
+
+    async def _record(
+        self, key: str, project_id: str, task_id: str, response: ApiResponse
+    ) -> ApiResponse:
+        """Complete the key's record with ``response`` so that repeats replay it."""
+        if not storable_ids(project_id, task_id):
+            return response
+        record = IdempotencyRecord(
+            key=key,
+            project_id=project_id,
+            task_id=task_id,
+            created_at=self.service.clock.now(),
+            status_code=response.status,
+            body=response.body.decode("utf-8"),
+        )
+        try:
+            saved = await self.service.storage.save_idempotency(record)
+        except StorageError:
+            # The retry itself is committed; the key stays reserved, and a repeat
+            # is told to try again rather than retrying a second time.
+            log.warning("could not record the response for an idempotency key", exc_info=True)
+            return response
+        if (saved.status_code, saved.body) != (record.status_code, record.body):
+            return _replay(saved)
+        return response
+
+    # -- bulk retry -------------------------------------------------------------------
+    async def _retry_blocked(
+        self, principal: Principal, project_id: str, request: ApiRequest
+    ) -> ApiResponse:
+        options = bulk_options(request.body)
+        result = await self.service.bulk_retry(
+            project_id,
+            dry_run=options.dry_run,
+            actor=principal.id,
+            reason=options.reason,
+            budget=options.budget,
+            after=options.after,
+            limit=options.limit,
+        )
+        return respond(200, bulk_json(result))
+
+    # -- reads --------------------------------------------------------------------------
+    async def _read(
+        self, route: str, project_id: str, task_id: str | None, request: ApiRequest
+    ) -> ApiResponse:
+        if route == "progress":
+            project = await self.service.get_project(project_id)
+            progress = await self.service.progress(project_id)
+            return respond(
+                200,
+                {
+                    "project": {
+                        "id": project.id,
+                        "status": project.status.value,
+                        "name": project.name,
+                    },
+                    "progress": progress_json(progress),
+                },
+            )
+        if route == "tasks":
+            page = page_options(request.query)
+            tasks, next_after = await self.service.blocked(
+                project_id, after=page.after, limit=page.limit
+            )
+            return respond(200, tasks_page_json(tasks, next_after))
+        assert task_id is not None
+        if route == "attempts":
+            attempts = await self.service.attempts(project_id, task_id)
+            return respond(
+                200, {"task_id": task_id, "attempts": [attempt_json(a) for a in attempts]}
+            )
+        project = await self.service.get_project(project_id)
+        task = await self.service.get_task(project_id, task_id)
+        return respond(
+            200, {"task": task_json(task), "can_retry": check_json(can_retry(task, project))}
+        )
+
+
+__all__ = ["AsyncRetryAPI"]

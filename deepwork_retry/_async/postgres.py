@@ -1,0 +1,451 @@
+"""PostgreSQL storage on psycopg 3 and its connection pool.
+
+This file is the hand-written source; ``deepwork_retry/_sync/postgres.py`` is
+generated from it by ``scripts/unasync.py``. Import the public names from
+:mod:`deepwork_retry.storage.postgres`.
+
+Every method is one statement (or one transaction) on an autocommit
+connection from the pool. :meth:`AsyncPostgresStorage.apply` is a single
+statement, so a manual retry costs one round trip: its common table
+expressions lock and check the task, the guards and the project, then write
+the task, the attempt records, the outbox entry, the releases, the progress
+counters and the idempotency key, and return the task and the progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from deepwork_retry._async._compat import open_now
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.states import TaskStatus
+from deepwork_retry.exceptions import (
+    AlreadyExists,
+    IdempotencyConflict,
+    ProjectNotFound,
+    TaskNotFound,
+    VersionConflict,
+)
+from deepwork_retry.storage import _postgres_sql as q
+from deepwork_retry.storage._validate import check_limit, check_new_tasks
+
+_Conn = AsyncConnection[TupleRow]
+_Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
+
+
+async def migrate(conninfo: str, *, schema: str = q.DEFAULT_SCHEMA) -> list[int]:
+    """Apply the pending migrations to ``schema``; returns the numbers applied.
+
+    Safe to run from several processes at once: an advisory lock serialises
+    them, and each applies what the previous ones left pending.
+    """
+    queries = q.Queries(schema)
+    async with q.DriverErrors(), await AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        return await _migrate(conn, queries)
+
+
+async def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute(queries.lock, (q.LOCK_CLASS, queries.schema))
+        await conn.execute(queries.bootstrap)
+        cur = await conn.execute(queries.applied_migrations)
+        done = {row[0] for row in await cur.fetchall()}
+        for migration in q.migrations():
+            if migration.number in done:
+                continue
+            await conn.execute(queries.search_path)
+            await conn.execute(migration.text.encode("utf-8"))
+            await conn.execute(queries.record_migration, (migration.number, migration.name))
+            applied.append(migration.number)
+    return applied
+
+
+class AsyncPostgresStorage:
+    """A :class:`~deepwork_retry.ports.AsyncStorage` in one PostgreSQL schema.
+
+    Open it inside the event loop that will use it (``await storage.open()``
+    or ``async with``): the pool's connections belong to that loop.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = q.DEFAULT_SCHEMA,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        statement_timeout_ms: int | None = 10_000,
+        migrate: bool = True,
+    ) -> None:
+        self._statement_timeout = "0" if statement_timeout_ms is None else str(statement_timeout_ms)
+        pool: _Pool = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"autocommit": True, "connect_timeout": max(2, round(timeout))},
+            configure=self._configure,
+            name=f"deepwork_retry.{schema}",
+        )
+        self._setup(pool, schema, owns_pool=True, migrate=migrate)
+        open_now(self.open)
+
+    @classmethod
+    def from_pool(cls, pool: _Pool, *, schema: str = q.DEFAULT_SCHEMA) -> AsyncPostgresStorage:
+        """A storage over a pool the host opens, configures and closes.
+
+        The pool's connections must be in autocommit mode; the schema must be
+        migrated (:func:`migrate`).
+        """
+        storage = cls.__new__(cls)
+        storage._setup(pool, schema, owns_pool=False, migrate=False)
+        return storage
+
+    def _setup(self, pool: _Pool, schema: str, *, owns_pool: bool, migrate: bool) -> None:
+        self._q = q.Queries(schema)
+        self.schema = schema
+        self.pool = pool
+        self._owns_pool = owns_pool
+        self._migrate = migrate
+        self._opened = not owns_pool
+        self._listener: _Conn | None = None
+
+    async def _configure(self, conn: _Conn) -> None:
+        await conn.execute(self._q.configure, (self._statement_timeout,))
+
+    # -- lifecycle -----------------------------------------------------------
+    async def open(self) -> None:
+        """Open the pool and, unless told not to, migrate the schema."""
+        if self._opened:
+            return
+        async with q.DriverErrors():
+            await self.pool.open(wait=False)
+        try:
+            if self._migrate:
+                async with self._connection() as conn:
+                    await _migrate(conn, self._q)
+        except BaseException:
+            await self.pool.close()
+            raise
+        self._opened = True
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+        if self._owns_pool:
+            await self.pool.close()
+            self._opened = False
+
+    async def __aenter__(self) -> AsyncPostgresStorage:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _connection(self, conflict: VersionConflict | None = None) -> AsyncIterator[_Conn]:
+        errors = q.DriverErrors(None if conflict is None else lambda: conflict)
+        async with errors, self.pool.connection() as conn:
+            yield conn
+
+    async def _one(
+        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+    ) -> tuple[Any, ...] | None:
+        async with self._connection(conflict) as conn:
+            cur = await _execute(conn, query, params)
+            return await cur.fetchone()
+
+    async def _all(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        async with self._connection() as conn:
+            cur = await _execute(conn, query, params)
+            return await cur.fetchall()
+
+    # -- setup ---------------------------------------------------------------
+    async def create_project(self, project: Project) -> None:
+        row = await self._one(self._q.create_project, q.project_params(project))
+        if row is None:
+            raise AlreadyExists(f"Project {project.id!r} exists already")
+
+    async def add_tasks(self, tasks: Sequence[Task]) -> None:
+        check_new_tasks(tasks)
+        if not tasks:
+            return
+        params = [q.task_params(task) for task in tasks]
+        project_ids = sorted({task.project_id for task in tasks})
+        deltas = _progress_deltas(tasks)
+        async with self._connection() as conn, conn.transaction():
+            cur = await conn.execute(self._q.existing_projects, (project_ids,))
+            projects = {row[0] for row in await cur.fetchall()}
+            cur = await conn.execute(
+                self._q.existing_tasks,
+                ([t.project_id for t in tasks], [t.id for t in tasks]),
+            )
+            existing = {(row[0], row[1]) for row in await cur.fetchall()}
+            for task in tasks:
+                if task.project_id not in projects:
+                    raise ProjectNotFound(task.project_id)
+                if (task.project_id, task.id) in existing:
+                    raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
+            async with conn.cursor() as cur:
+                await cur.executemany(self._q.insert_task, params)
+            await conn.execute(self._q.add_progress, deltas)
+
+    # -- reads ---------------------------------------------------------------
+    async def get_project(self, project_id: str) -> Project:
+        if not q.findable(project_id):
+            raise ProjectNotFound(project_id)
+        row = await self._one(self._q.get_project, (project_id,))
+        if row is None:
+            raise ProjectNotFound(project_id)
+        return q.decode_project(row)
+
+    async def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
+        if not q.findable(project_id):
+            raise ProjectNotFound(project_id)
+        if not q.findable(task_id):
+            await self.get_project(project_id)
+            raise TaskNotFound(project_id, task_id)
+        row = await self._one(self._q.load, {"pid": project_id, "tid": task_id})
+        if row is None:
+            raise ProjectNotFound(project_id)
+        if row[len(q.PROJECT_COLS)] is None:
+            raise TaskNotFound(project_id, task_id)
+        return q.decode_project(row), q.decode_task(row, len(q.PROJECT_COLS))
+
+    async def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
+        wanted = [tid for tid in dict.fromkeys(task_ids) if q.findable(tid)]
+        if not wanted or not q.findable(project_id):
+            return {}
+        rows = await self._all(self._q.get_tasks, (project_id, wanted))
+        found = {task.id: task for task in map(q.decode_task, rows)}
+        return {tid: found[tid] for tid in wanted if tid in found}
+
+    async def dependants(self, project_id: str, task_id: str) -> list[Task]:
+        if not (q.findable(project_id) and q.findable(task_id)):
+            return []
+        rows = await self._all(self._q.dependants, (project_id, task_id))
+        return [q.decode_task(row) for row in rows]
+
+    async def list_tasks(
+        self,
+        project_id: str,
+        *,
+        status: TaskStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        check_limit(limit)
+        if not q.findable(project_id):
+            raise ProjectNotFound(project_id)
+        known = status if isinstance(status, TaskStatus) else None
+        query, params = self._q.list_tasks(project_id, known, after, limit)
+        rows = await self._all(query, params)
+        if not rows:
+            raise ProjectNotFound(project_id)
+        if status is not known:
+            return []  # not a TaskStatus: no task has it
+        return [q.decode_task(row) for row in rows if row[0] is not None]
+
+    async def progress(self, project_id: str) -> Progress:
+        if not q.findable(project_id):
+            raise ProjectNotFound(project_id)
+        row = await self._one(self._q.progress, (project_id,))
+        if row is None:
+            raise ProjectNotFound(project_id)
+        return q.decode_progress(row)
+
+    async def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
+        if not (q.findable(project_id) and q.findable(task_id)):
+            raise TaskNotFound(project_id, task_id)
+        rows = await self._all(self._q.attempts, (project_id, task_id))
+        if not rows:
+            raise TaskNotFound(project_id, task_id)
+        return [q.decode_attempt(row, 1) for row in rows if row[1] is not None]
+
+    async def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
+        if not (q.findable(project_id) and q.findable(task_id)):
+            raise TaskNotFound(project_id, task_id)
+        rows = await self._all(self._q.dispatches, (project_id, task_id))
+        if not rows:
+            raise TaskNotFound(project_id, task_id)
+        return [q.decode_entry(row, 1) for row in rows if row[1] is not None]
+
+    async def deferred(self, project_id: str) -> list[DispatchEntry]:
+        if not q.findable(project_id):
+            return []
+        rows = await self._all(self._q.deferred, (project_id,))
+        return [q.decode_entry(row) for row in rows]
+
+    # -- writes --------------------------------------------------------------
+    async def apply(self, plan: Plan) -> Applied:
+        """Apply ``plan`` in one statement (one round trip when it succeeds)."""
+        before = plan.before
+        query, params = self._q.apply(plan)
+        conflict = VersionConflict(before.id, before.version, None)
+        row = await self._one(query, params, conflict)
+        assert row is not None  # the statement always returns one row
+        outcome = q.apply_outcome(plan, row)
+        if outcome.applied is not None:
+            return outcome.applied
+        if outcome.reread_idempotency and plan.idempotency is not None:
+            record = await self.get_idempotency(plan.idempotency.key)
+            if record is not None:
+                raise IdempotencyConflict(record)
+        assert outcome.error is not None
+        raise outcome.error
+
+    async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
+        query, params = self._q.apply_project(plan)
+        conflict = VersionConflict(plan.before.id, plan.before.version, None)
+        row = await self._one(query, params, conflict)
+        assert row is not None
+        outcome = q.apply_project_outcome(plan, row)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    # -- outbox --------------------------------------------------------------
+    async def claim_due(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        rows = await self._all(
+            self._q.claim_due, {"now": now, "limit": limit, "until": claimed_until}
+        )
+        rows.sort(key=lambda row: row[0])
+        return [q.decode_entry(row, 1) for row in rows]
+
+    async def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
+        keys = [e.key for e in entries if q.findable(e.project_id) and q.findable(e.task_id)]
+        if not keys:
+            return
+        project_ids, task_ids, attempts = (list(column) for column in zip(*keys, strict=True))
+        async with self._connection() as conn:
+            await conn.execute(self._q.mark_delivered, (now, project_ids, task_ids, attempts))
+
+    async def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+        if not (q.findable(entry.project_id) and q.findable(entry.task_id)):
+            return
+        async with self._connection() as conn:
+            await conn.execute(
+                self._q.mark_failed,
+                (q.diagnostic(error), retry_at, entry.project_id, entry.task_id, entry.attempt),
+            )
+
+    # -- leases --------------------------------------------------------------
+    async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
+        check_limit(limit)
+        rows = await self._all(self._q.expired_leases, (now, limit))
+        return [q.decode_task(row) for row in rows]
+
+    # -- idempotency ---------------------------------------------------------
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        if not q.findable(key):
+            return None
+        row = await self._one(self._q.get_idempotency, (key,))
+        return None if row is None else q.decode_idem(row)
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        row = await self._one(self._q.save_idempotency, q.idem_params(record))
+        if row is None:
+            # Completed by a transaction that committed after this statement began.
+            row = await self._one(self._q.get_idempotency, (record.key,))
+            assert row is not None
+            return q.decode_idem(row)
+        return record if row[0] else q.decode_idem(row, 1)
+
+    # -- notifications -------------------------------------------------------
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a write to announce pending work.
+
+        True when announced. Listens on a connection of its own; announcements
+        made while nobody waits are kept until the next call, so a relay that
+        calls this between batches never sleeps through one.
+        """
+        async with q.DriverErrors():
+            listener = self._listener
+            if listener is None or listener.closed:
+                listener = await AsyncConnection.connect(
+                    _conninfo(self.pool), autocommit=True, **_connect_kwargs(self.pool)
+                )
+                await listener.execute(self._q.listen)
+                self._listener = listener
+            notified = False
+            try:
+                # Let each generator run out (rather than leave it early): it
+                # holds the connection's lock until it finishes.
+                async for _ in listener.notifies(timeout=timeout, stop_after=1):
+                    notified = True
+                if notified:
+                    async for _ in listener.notifies(timeout=0):
+                        pass  # one wake-up covers the whole backlog
+            except BaseException:
+                self._listener = None
+                await listener.close()
+                raise
+            return notified
+
+
+async def _execute(conn: _Conn, query: bytes, params: Any) -> AsyncCursor[TupleRow]:
+    """Run one statement in one round trip.
+
+    In pipeline mode the driver sends the statement's preparation (after it
+    has run a few times) together with its execution, instead of waiting
+    for the server between the two.
+    """
+    if not q.PIPELINE:
+        return await conn.execute(query, params)
+    async with conn.pipeline():
+        return await conn.execute(query, params)
+
+
+def _conninfo(pool: _Pool) -> str:
+    conninfo = pool.conninfo
+    if not isinstance(conninfo, str):
+        raise TypeError("wait_for_work needs a pool built from a conninfo string")
+    return conninfo
+
+
+def _connect_kwargs(pool: _Pool) -> dict[str, Any]:
+    kwargs = pool.kwargs
+    extra = dict(kwargs) if isinstance(kwargs, dict) else {}
+    extra.pop("autocommit", None)
+    return extra
+
+
+def _progress_deltas(tasks: Sequence[Task]) -> tuple[list[Any], ...]:
+    """Per project, how many new tasks of each status (the ``add_progress`` arrays)."""
+    counts: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        row = counts.setdefault(task.project_id, dict.fromkeys(q.PROGRESS_COLS[1:], 0))
+        row[task.status.value] += 1
+        row["total"] += 1
+    project_ids = sorted(counts)
+    columns = [[counts[pid][col] for pid in project_ids] for col in q.PROGRESS_COLS[1:]]
+    return (project_ids, *columns)

@@ -1,0 +1,201 @@
+"""What every queue's worker does with one delivery, whatever the queue.
+
+A delivery carries ``(project_id, task_id, attempt)``. The worker starts that
+attempt through the executor service, runs the host's code with a heartbeat
+thread extending the lease, and reports success or failure. The attempt number
+is the fencing token: a second delivery of the same attempt finds the task
+already started (or finished, or moved on) and runs nothing, so the queue's
+at-least-once delivery becomes at-most-once execution per attempt.
+
+The queue adapters (``dispatch/celery.py``, ``dispatch/dramatiq.py``) wrap
+:func:`run_attempt`; this module imports no queue client.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from deepwork_retry._core.model import Task
+from deepwork_retry._core.policy import TaskError
+from deepwork_retry._sync.services import ExecutorService
+from deepwork_retry.exceptions import (
+    InvalidTransition,
+    NotFound,
+    StaleAttempt,
+    StorageError,
+)
+
+log = logging.getLogger("deepwork_retry.worker")
+
+HostFunction = Callable[[Task, int], object]
+"""The host's code for one attempt: ``fn(task, token)``; raising fails the attempt."""
+
+ExecutorFactory = Callable[[], ExecutorService]
+"""Builds the executor service a worker process reports through."""
+
+DEFAULT_TASK_NAME = "deepwork_retry.execute"
+"""The queue-side name of the task (Celery) or actor (Dramatiq) by default."""
+
+REPORT_DEADLINE = 30.0
+"""Seconds a worker keeps trying to report an outcome while storage is unavailable."""
+
+
+class DeliveryOutcome(str, enum.Enum):
+    """What a worker did with one delivery."""
+
+    SUCCEEDED = "succeeded"
+    """The host's code returned and success was recorded."""
+    FAILED = "failed"
+    """The host's code raised and the failure was recorded (the policy retried or blocked)."""
+    SKIPPED = "skipped"
+    """The attempt is not startable (duplicate or stale delivery); nothing ran."""
+    STALE = "stale"
+    """The host's code ran but the attempt stopped being current meanwhile (lost, reaped)."""
+    UNREPORTED = "unreported"
+    """The host's code ran but storage stayed unavailable; the lease will expire."""
+    RETRY_LATER = "retry_later"
+    """Storage was unavailable before the start: deliver the message again later."""
+    MALFORMED = "malformed"
+    """The message did not carry ``(project_id, task_id, attempt)``; dropped."""
+
+
+class ExecutorSource:
+    """Builds the executor service lazily, once per process.
+
+    Queue workers fork; connection pools must not cross a fork, so the
+    factory runs in the process that executes tasks, on its first delivery.
+    """
+
+    def __init__(self, factory: ExecutorFactory) -> None:
+        self._factory = factory
+        self._service: ExecutorService | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> ExecutorService:
+        with self._lock:
+            if self._service is None or self._pid != os.getpid():
+                self._service = self._factory()
+                self._pid = os.getpid()
+            return self._service
+
+
+def valid_message(project_id: object, task_id: object, attempt: object) -> bool:
+    return (
+        isinstance(project_id, str)
+        and isinstance(task_id, str)
+        and isinstance(attempt, int)
+        and not isinstance(attempt, bool)
+        and attempt > 0
+    )
+
+
+def heartbeat_every(service: ExecutorService, interval: float | None) -> float:
+    """The heartbeat interval: as given, else a third of the policy's lease."""
+    if interval is not None:
+        if interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        return interval
+    return max(service.policy.lease / 3, 0.05)
+
+
+class _Heartbeat(threading.Thread):
+    """Extends the attempt's lease every ``interval`` seconds until stopped."""
+
+    def __init__(
+        self, service: ExecutorService, project_id: str, task_id: str, token: int, interval: float
+    ) -> None:
+        super().__init__(name=f"deepwork-heartbeat-{task_id}", daemon=True)
+        self.service = service
+        self.ids = (project_id, task_id, token)
+        self.interval = interval
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.service.heartbeat(*self.ids)
+            except (StaleAttempt, InvalidTransition, NotFound):
+                # The attempt was reaped or finished elsewhere: nothing to extend.
+                self.lost.set()
+                return
+            except StorageError:
+                log.warning("heartbeat of %s/%s attempt %d failed", *self.ids, exc_info=True)
+
+
+def _report(
+    report: Callable[[], object], ids: tuple[str, str, int], deadline: float
+) -> DeliveryOutcome:
+    """Record the outcome, retrying while storage is unavailable (until ``deadline``)."""
+    delay = 0.2
+    while True:
+        try:
+            report()
+        except (StaleAttempt, InvalidTransition, NotFound):
+            log.warning("attempt %s/%s #%d is no longer current; outcome dropped", *ids)
+            return DeliveryOutcome.STALE
+        except StorageError:
+            if time.monotonic() + delay > deadline:
+                log.error("could not report attempt %s/%s #%d; its lease will lapse", *ids)
+                return DeliveryOutcome.UNREPORTED
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        else:
+            return DeliveryOutcome.SUCCEEDED
+
+
+def run_attempt(
+    service: ExecutorService,
+    fn: HostFunction,
+    project_id: object,
+    task_id: object,
+    attempt: object,
+    *,
+    heartbeat_interval: float | None = None,
+) -> DeliveryOutcome:
+    """Start attempt ``attempt``, run ``fn(task, attempt)`` while heartbeating, report.
+
+    Never raises for a delivery problem; the returned :class:`DeliveryOutcome` says what
+    happened. Only ``BaseException`` from the host's code (a worker shutting
+    down) escapes, leaving the attempt to the reaper.
+    """
+    if not valid_message(project_id, task_id, attempt):
+        log.error("dropping malformed delivery %r", (project_id, task_id, attempt))
+        return DeliveryOutcome.MALFORMED
+    assert isinstance(project_id, str)
+    assert isinstance(task_id, str)
+    assert isinstance(attempt, int)
+    ids = (project_id, task_id, attempt)
+    try:
+        started = service.start(project_id, task_id, attempt)
+    except (StaleAttempt, InvalidTransition, NotFound) as exc:
+        log.info("skipping delivery of %s/%s #%d: %s", *ids, exc)
+        return DeliveryOutcome.SKIPPED
+    except StorageError:
+        log.warning("storage unavailable at start of %s/%s #%d", *ids, exc_info=True)
+        return DeliveryOutcome.RETRY_LATER
+
+    beat = _Heartbeat(service, *ids, heartbeat_every(service, heartbeat_interval))
+    beat.start()
+    error: TaskError | None = None
+    try:
+        fn(started.task, attempt)
+    except Exception as exc:  # noqa: BLE001 - any error of the host's code fails the attempt
+        log.info("attempt %s/%s #%d failed: %r", *ids, exc)
+        error = TaskError.from_exception(exc)
+    finally:
+        beat.stop.set()
+        beat.join()
+
+    deadline = time.monotonic() + REPORT_DEADLINE
+    if error is None:
+        return _report(lambda: service.succeed(*ids), ids, deadline)
+    failed = error
+    outcome = _report(lambda: service.fail(*ids, failed), ids, deadline)
+    return DeliveryOutcome.FAILED if outcome is DeliveryOutcome.SUCCEEDED else outcome

@@ -1,0 +1,66 @@
+"""Dispatch as asyncio tasks: each entry runs ``await fn(entry)`` in its own task.
+
+Delivery means the task was scheduled on the running loop. The dispatcher
+keeps a reference to every task until it finishes (the loop holds only weak
+ones), and :meth:`AsyncioDispatcher.aclose` waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry.exceptions import DispatchError
+
+__all__ = ["AsyncioDispatcher"]
+
+log = logging.getLogger("deepwork_retry.dispatch")
+
+
+class AsyncioDispatcher:
+    """A :class:`~deepwork_retry.ports.AsyncDispatcher` that schedules one task per entry.
+
+    ``on_error`` sees every exception ``fn`` raises; by default they are logged.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[DispatchEntry], Awaitable[object]],
+        *,
+        on_error: Callable[[DispatchEntry, BaseException], None] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.on_error = on_error
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def running(self) -> int:
+        """How many dispatched tasks have not finished yet."""
+        return len(self._tasks)
+
+    async def dispatch(self, entry: DispatchEntry) -> None:
+        if self._closed:
+            raise DispatchError("asyncio dispatcher is closed")
+        task = asyncio.get_running_loop().create_task(
+            self._run(entry), name=f"deepwork-dispatch-{entry.task_id}-{entry.attempt}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, entry: DispatchEntry) -> None:
+        try:
+            await self.fn(entry)
+        except Exception as exc:  # reported here: the task must not die unobserved
+            if self.on_error is not None:
+                self.on_error(entry, exc)
+            else:
+                log.error("dispatched work for %s raised", entry.key, exc_info=exc)
+
+    async def aclose(self) -> None:
+        """Refuse new work and wait for every dispatched task to finish."""
+        self._closed = True
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

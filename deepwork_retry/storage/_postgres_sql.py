@@ -1,0 +1,1073 @@
+"""What the sync and async PostgreSQL storages share: SQL, codecs, error translation.
+
+The storages themselves (``deepwork_retry._async.postgres`` and its generated
+sync twin) only move these statements and values over a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from importlib import resources
+from types import TracebackType
+from typing import Any
+
+import attrs
+import psycopg
+from psycopg import errors, sql
+
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, Guard, Plan, ProjectPlan, Release
+from deepwork_retry._core.states import (
+    BlockedReason,
+    DispatchState,
+    Outcome,
+    ProjectStatus,
+    RetryBudget,
+    TaskStatus,
+    Trigger,
+)
+from deepwork_retry.exceptions import (
+    AlreadyExists,
+    DeepworkError,
+    IdempotencyConflict,
+    InvalidInput,
+    ProjectNotFound,
+    StorageCorrupt,
+    StorageUnavailable,
+    TaskNotFound,
+    VersionConflict,
+)
+
+DEFAULT_SCHEMA = "deepwork"
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,49}")
+LOCK_CLASS = 0x6477
+"""First key of the advisory lock that serialises migrations (the second is the schema's hash)."""
+
+
+PIPELINE = psycopg.capabilities.has_pipeline()
+"""Whether libpq can pipeline (version 14 or later)."""
+
+
+def check_schema(schema: object) -> str:
+    """A schema name the storage accepts: lowercase letters, digits, ``_``; at most 50."""
+    if not isinstance(schema, str) or not _SCHEMA_RE.fullmatch(schema):
+        raise InvalidInput(
+            "schema must be 1-50 characters of a-z, 0-9 and '_', not starting with a digit"
+        )
+    return schema
+
+
+def channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel on which writes announce pending outbox entries."""
+    return f"{schema}_outbox"
+
+
+# -- migrations ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Migration:
+    number: int
+    name: str
+    text: str
+
+
+def _sql_dir() -> Any:
+    return resources.files("deepwork_retry.storage").joinpath("sql").joinpath("postgres")
+
+
+def migrations() -> list[Migration]:
+    """The numbered migrations shipped with the package, in order."""
+    found = []
+    for entry in _sql_dir().iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.number)
+
+
+def schema_sql() -> str:
+    """``schema.sql``: the schema as it stands after every migration."""
+    text: str = _sql_dir().joinpath("schema.sql").read_text(encoding="utf-8")
+    return text
+
+
+# -- error translation -------------------------------------------------------------
+
+
+class DriverErrors:
+    """The one place where driver errors become library errors (``__cause__`` kept).
+
+    A context manager for both ``with`` and ``async with``, so that the async
+    storage and its generated sync twin hold it in the same ``with`` line as
+    the connection. ``conflict`` builds the error for a transaction PostgreSQL
+    aborted to resolve a deadlock or a serialisation failure: for a write the
+    caller can decide again (the services do, on :class:`VersionConflict`),
+    so it is a conflict there; elsewhere it is :class:`StorageUnavailable`.
+    """
+
+    def __init__(self, conflict: Callable[[], VersionConflict] | None = None) -> None:
+        self._conflict = conflict
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, Exception) and not isinstance(exc, DeepworkError):
+            error = self.translate(exc)
+            if error is not None:
+                raise error from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def translate(self, exc: Exception) -> DeepworkError | None:
+        """The library error for ``exc``, or ``None`` to let it through."""
+        if isinstance(exc, (errors.SerializationFailure, errors.DeadlockDetected)):
+            if self._conflict is not None:
+                return self._conflict()
+            return StorageUnavailable(
+                "PostgreSQL aborted the transaction to resolve a conflict; try again",
+                retry_after=1,
+            )
+        if isinstance(exc, errors.QueryCanceled):
+            return StorageUnavailable("PostgreSQL did not answer in time", retry_after=1)
+        if isinstance(exc, (errors.UndefinedTable, errors.InvalidSchemaName)):
+            return StorageCorrupt(
+                f"The PostgreSQL schema is missing or out of date ({_first_line(exc)}); "
+                "run: deepwork-retry migrate"
+            )
+        if isinstance(exc, errors.UniqueViolation):
+            return AlreadyExists("A row with this key exists already")
+        if isinstance(exc, (errors.IntegrityError, errors.DataError)):
+            return InvalidInput(f"PostgreSQL cannot store this value: {_first_line(exc)}")
+        if isinstance(exc, UnicodeEncodeError):
+            return InvalidInput("text must be valid Unicode (no lone surrogates)")
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return StorageUnavailable(
+                f"PostgreSQL is unavailable: {_first_line(exc)}", retry_after=1
+            )
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- values in and out -------------------------------------------------------------
+
+
+def findable(value: object) -> bool:
+    """Whether ``value`` could be a stored id (anything else is simply not found)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def diagnostic(value: str | None) -> str | None:
+    """Error text as PostgreSQL can hold it: NUL and lone surrogates become U+FFFD.
+
+    Error messages come from executors and dispatchers the library does not
+    control; losing one unprintable character beats losing the report.
+    """
+    if value is None:
+        return None
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+def after_bound(after: str) -> tuple[str, str]:
+    """``(operator, value)`` selecting ids ``> after`` where ``after`` is not storable.
+
+    Stored ids hold neither NUL nor surrogates, so the first such character of
+    ``after`` decides: ids greater than a prefix ending before a NUL, or at
+    least the prefix followed by U+E000 (the first character above the
+    surrogates).
+    """
+    match = _UNSTORABLE.search(after)
+    if match is None:
+        return ">", after
+    prefix = after[: match.start()]
+    if match.group() == "\x00":
+        return ">", prefix
+    return ">=", prefix + "\ue000"
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(timezone.utc)
+
+
+def _req_utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc)
+
+
+def metadata_json(metadata: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"task metadata must be JSON-serialisable: {exc}") from exc
+
+
+def _value(enum_value: Any) -> Any:
+    return None if enum_value is None else enum_value.value
+
+
+TASK_COLS = (
+    "project_id", "id", "title", "status", "retry_count", "max_retries", "retries_left",
+    "error_message", "error_type", "blocked_reason", "blocked_by", "attempt",
+    "lease_expires_at", "created_at", "updated_at", "started_at", "completed_at", "version",
+    "metadata",
+)  # fmt: skip
+PROJECT_COLS = ("id", "status", "name", "created_at", "updated_at", "version")
+PROGRESS_COLS = ("project_id", *(s.value for s in TaskStatus), "total")
+ATTEMPT_COLS = (
+    "project_id", "task_id", "number", "trigger", "dispatched_at", "available_at", "actor",
+    "reason", "budget", "started_at", "finished_at", "outcome", "error_type", "error_message",
+)  # fmt: skip
+OUTBOX_COLS = (
+    "project_id", "task_id", "attempt", "state", "available_at", "created_at", "claimed_until",
+    "tries", "last_error", "delivered_at",
+)  # fmt: skip
+IDEM_COLS = ("key", "project_id", "task_id", "created_at", "status_code", "body")
+
+Row = Sequence[Any]
+
+
+def task_params(task: Task) -> dict[str, Any]:
+    return {
+        "t_project_id": task.project_id,
+        "t_id": task.id,
+        "t_title": task.title,
+        "t_status": task.status.value,
+        "t_retry_count": task.retry_count,
+        "t_max_retries": task.max_retries,
+        "t_retries_left": task.retries_left,
+        "t_error_message": diagnostic(task.error_message),
+        "t_error_type": diagnostic(task.error_type),
+        "t_blocked_reason": _value(task.blocked_reason),
+        "t_blocked_by": list(task.blocked_by),
+        "t_attempt": task.attempt,
+        "t_lease_expires_at": task.lease_expires_at,
+        "t_created_at": task.created_at,
+        "t_updated_at": task.updated_at,
+        "t_started_at": task.started_at,
+        "t_completed_at": task.completed_at,
+        "t_version": task.version,
+        "t_metadata": metadata_json(task.metadata),
+    }
+
+
+def decode_task(row: Row, at: int = 0) -> Task:
+    r = row[at : at + len(TASK_COLS)]
+    return Task(
+        project_id=r[0],
+        id=r[1],
+        title=r[2],
+        status=TaskStatus(r[3]),
+        retry_count=r[4],
+        max_retries=r[5],
+        retries_left=r[6],
+        error_message=r[7],
+        error_type=r[8],
+        blocked_reason=None if r[9] is None else BlockedReason(r[9]),
+        blocked_by=tuple(r[10]),
+        attempt=r[11],
+        lease_expires_at=_utc(r[12]),
+        created_at=_req_utc(r[13]),
+        updated_at=_req_utc(r[14]),
+        started_at=_utc(r[15]),
+        completed_at=_utc(r[16]),
+        version=r[17],
+        metadata=r[18],
+    )
+
+
+def project_params(project: Project) -> dict[str, Any]:
+    return {
+        "p_id": project.id,
+        "p_status": project.status.value,
+        "p_name": project.name,
+        "p_created_at": project.created_at,
+        "p_updated_at": project.updated_at,
+        "p_version": project.version,
+    }
+
+
+def decode_project(row: Row, at: int = 0) -> Project:
+    r = row[at : at + len(PROJECT_COLS)]
+    return Project(
+        id=r[0],
+        status=ProjectStatus(r[1]),
+        name=r[2],
+        created_at=_req_utc(r[3]),
+        updated_at=_req_utc(r[4]),
+        version=r[5],
+    )
+
+
+def decode_progress(row: Row, at: int = 0) -> Progress:
+    r = row[at : at + len(PROGRESS_COLS)]
+    return Progress(**dict(zip(PROGRESS_COLS, r, strict=True)))
+
+
+def attempt_params(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "n_number": attempt.number,
+        "n_trigger": attempt.trigger.value,
+        "n_dispatched_at": attempt.dispatched_at,
+        "n_available_at": attempt.available_at,
+        "n_actor": attempt.actor,
+        "n_reason": attempt.reason,
+        "n_budget": _value(attempt.budget),
+        "n_started_at": attempt.started_at,
+        "n_finished_at": attempt.finished_at,
+        "n_outcome": _value(attempt.outcome),
+        "n_error_type": diagnostic(attempt.error_type),
+        "n_error_message": diagnostic(attempt.error_message),
+    }
+
+
+def decode_attempt(row: Row, at: int = 0) -> Attempt:
+    r = row[at : at + len(ATTEMPT_COLS)]
+    return Attempt(
+        project_id=r[0],
+        task_id=r[1],
+        number=r[2],
+        trigger=Trigger(r[3]),
+        dispatched_at=_req_utc(r[4]),
+        available_at=_req_utc(r[5]),
+        actor=r[6],
+        reason=r[7],
+        budget=None if r[8] is None else RetryBudget(r[8]),
+        started_at=_utc(r[9]),
+        finished_at=_utc(r[10]),
+        outcome=None if r[11] is None else Outcome(r[11]),
+        error_type=r[12],
+        error_message=r[13],
+    )
+
+
+def entry_params(entry: DispatchEntry) -> dict[str, Any]:
+    return {
+        "d_project_id": entry.project_id,
+        "d_task_id": entry.task_id,
+        "d_attempt": entry.attempt,
+        "d_state": entry.state.value,
+        "d_available_at": entry.available_at,
+        "d_created_at": entry.created_at,
+        "d_claimed_until": entry.claimed_until,
+        "d_tries": entry.tries,
+        "d_last_error": diagnostic(entry.last_error),
+        "d_delivered_at": entry.delivered_at,
+    }
+
+
+def decode_entry(row: Row, at: int = 0) -> DispatchEntry:
+    r = row[at : at + len(OUTBOX_COLS)]
+    return DispatchEntry(
+        project_id=r[0],
+        task_id=r[1],
+        attempt=r[2],
+        state=DispatchState(r[3]),
+        available_at=_req_utc(r[4]),
+        created_at=_req_utc(r[5]),
+        claimed_until=_utc(r[6]),
+        tries=r[7],
+        last_error=r[8],
+        delivered_at=_utc(r[9]),
+    )
+
+
+def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
+    return {
+        "i_key": record.key,
+        "i_project_id": record.project_id,
+        "i_task_id": record.task_id,
+        "i_created_at": record.created_at,
+        "i_status_code": record.status_code,
+        "i_body": record.body,
+    }
+
+
+def decode_idem(row: Row, at: int = 0) -> IdempotencyRecord:
+    r = row[at : at + len(IDEM_COLS)]
+    return IdempotencyRecord(
+        key=r[0],
+        project_id=r[1],
+        task_id=r[2],
+        created_at=_req_utc(r[3]),
+        status_code=r[4],
+        body=r[5],
+    )
+
+
+def _released(project_id: str, row: Row, at: int) -> list[DispatchEntry]:
+    """Entries from the parallel arrays ``task_id, attempt, available_at, created_at,
+    claimed_until, tries, last_error, delivered_at`` (``None`` when nothing was released)."""
+    if row[at] is None:
+        return []
+    columns = row[at : at + 8]
+    return [
+        DispatchEntry(
+            project_id=project_id,
+            task_id=task_id,
+            attempt=attempt,
+            state=DispatchState.PENDING,
+            available_at=_req_utc(available_at),
+            created_at=_req_utc(created_at),
+            claimed_until=_utc(claimed_until),
+            tries=tries,
+            last_error=last_error,
+            delivered_at=_utc(delivered_at),
+        )
+        for task_id, attempt, available_at, created_at, claimed_until, tries, last_error,
+        delivered_at in zip(*columns, strict=True)
+    ]  # fmt: skip
+
+
+# -- statements --------------------------------------------------------------------
+
+
+def _cols(names: Sequence[str], prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{name}" for name in names)
+
+
+_GUARD_CTES = """
+gl AS (
+    SELECT id, version FROM {s}.tasks
+    WHERE project_id = %(pid)s AND id = ANY(%(g_ids)s::text[])
+    ORDER BY id
+    FOR SHARE
+),
+gbad AS (
+    SELECT g.id, g.version AS expected, gl.version AS found
+    FROM unnest(%(g_ids)s::text[], %(g_versions)s::bigint[]) WITH ORDINALITY AS g(id, version, ord)
+    LEFT JOIN gl ON gl.id = g.id
+    WHERE gl.version IS DISTINCT FROM g.version
+    ORDER BY g.ord
+    LIMIT 1
+),"""
+
+_RELEASE_CTE = """
+rel AS (
+    UPDATE {s}.outbox AS o
+    SET state = 'pending', claimed_until = %(claimed_until)s::timestamptz,
+        pending_seq = nextval({order})
+    FROM unnest(%(r_task_ids)s::text[], %(r_attempts)s::bigint[]) WITH ORDINALITY
+        AS r(task_id, attempt, ord)
+    WHERE o.project_id = %(pid)s AND o.task_id = r.task_id AND o.attempt = r.attempt
+      AND o.state = 'deferred' AND EXISTS (SELECT 1 FROM upd)
+    RETURNING r.ord, o.task_id, o.attempt, o.available_at, o.created_at, o.claimed_until,
+              o.tries, o.last_error, o.delivered_at
+),"""
+
+_RELEASED_ARRAYS = """
+    (SELECT array_agg(task_id ORDER BY ord) FROM rel),
+    (SELECT array_agg(attempt ORDER BY ord) FROM rel),
+    (SELECT array_agg(available_at ORDER BY ord) FROM rel),
+    (SELECT array_agg(created_at ORDER BY ord) FROM rel),
+    (SELECT array_agg(claimed_until ORDER BY ord) FROM rel),
+    (SELECT array_agg(tries ORDER BY ord) FROM rel),
+    (SELECT array_agg(last_error ORDER BY ord) FROM rel),
+    (SELECT array_agg(delivered_at ORDER BY ord) FROM rel)"""
+
+_NO_RELEASES = ", ".join(["NULL"] * 8)
+
+
+@attrs.frozen
+class _Shape:
+    """What one apply statement has to do; one statement text per shape."""
+
+    guards: bool
+    project: bool
+    idempotency: bool
+    new_attempt: bool
+    dispatch: bool
+    attempt_update: bool
+    releases: bool
+    status: tuple[str, str] | None
+    notify_own: bool
+    notify_released: bool
+
+
+# Column offsets in the apply statement's result row.
+_A_FOUND, _A_GBAD, _A_GID, _A_GEXP, _A_GFOUND, _A_PVER = range(6)
+_A_IDEM = 6
+_A_DUP = _A_IDEM + len(IDEM_COLS)
+_A_NEXT = _A_DUP + 1
+_A_TASK = _A_NEXT + 1
+_A_PROGRESS = _A_TASK + len(TASK_COLS)
+_A_RELEASED = _A_PROGRESS + len(PROGRESS_COLS)
+
+
+@attrs.frozen
+class ApplyOutcome:
+    """The result of the apply statement: what happened, or why nothing did."""
+
+    applied: Applied | None
+    error: DeepworkError | None
+    reread_idempotency: bool = False
+    """The key was taken by a transaction that committed during the statement."""
+
+
+class Queries:
+    """Every statement of the storage, rendered once for one schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = check_schema(schema)
+        self.channel = channel(schema)
+        self._apply_cache: dict[_Shape, bytes] = {}
+        self._project_cache: dict[tuple[bool, bool, bool], bytes] = {}
+        self._list_cache: dict[tuple[bool, str | None], bytes] = {}
+        q = self.render
+        self.lock = q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))")
+        self.bootstrap = q(
+            "CREATE SCHEMA IF NOT EXISTS {s};"
+            " CREATE TABLE IF NOT EXISTS {s}.schema_migrations ("
+            " number integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        self.applied_migrations = q("SELECT number FROM {s}.schema_migrations ORDER BY number")
+        self.search_path = q("SET LOCAL search_path TO {s}")
+        self.record_migration = q(
+            "INSERT INTO {s}.schema_migrations (number, name) VALUES (%s, %s)"
+        )
+        self.configure = q(
+            "SELECT set_config('TimeZone', 'UTC', false),"
+            " set_config('statement_timeout', %s, false)"
+        )
+        project_values = ", ".join(f"%(p_{c})s" for c in PROJECT_COLS)
+        self.create_project = q(
+            f"WITH p AS (INSERT INTO {{s}}.projects ({_cols(PROJECT_COLS)})"
+            f" VALUES ({project_values}) ON CONFLICT (id) DO NOTHING RETURNING id)"
+            " INSERT INTO {s}.progress (project_id) SELECT id FROM p RETURNING project_id"
+        )
+        self.get_project = q(f"SELECT {_cols(PROJECT_COLS)} FROM {{s}}.projects WHERE id = %s")
+        self.load = q(
+            f"SELECT {_cols(PROJECT_COLS, 'p.')}, {_cols(TASK_COLS, 't.')}"
+            " FROM {s}.projects AS p LEFT JOIN {s}.tasks AS t"
+            " ON t.project_id = p.id AND t.id = %(tid)s WHERE p.id = %(pid)s"
+        )
+        self.get_tasks = q(
+            f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
+            " WHERE project_id = %s AND id = ANY(%s::text[])"
+        )
+        self.dependants = q(
+            f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
+            " WHERE project_id = %s AND blocked_by @> ARRAY[%s::text] ORDER BY id"
+        )
+        self.progress = q(
+            f"SELECT {_cols(PROGRESS_COLS)} FROM {{s}}.progress WHERE project_id = %s"
+        )
+        self.attempts = q(
+            f"SELECT t.id, {_cols(ATTEMPT_COLS, 'a.')} FROM {{s}}.tasks AS t"
+            " LEFT JOIN {s}.attempts AS a ON a.project_id = t.project_id AND a.task_id = t.id"
+            " WHERE t.project_id = %s AND t.id = %s ORDER BY a.number"
+        )
+        self.dispatches = q(
+            f"SELECT t.id, {_cols(OUTBOX_COLS, 'o.')} FROM {{s}}.tasks AS t"
+            " LEFT JOIN {s}.outbox AS o ON o.project_id = t.project_id AND o.task_id = t.id"
+            " AND o.attempt BETWEEN 1 AND t.attempt"
+            " WHERE t.project_id = %s AND t.id = %s ORDER BY o.attempt"
+        )
+        self.deferred = q(
+            f"SELECT {_cols(OUTBOX_COLS)} FROM {{s}}.outbox"
+            " WHERE project_id = %s AND state = 'deferred' ORDER BY seq"
+        )
+        self.existing_projects = q(
+            "SELECT id FROM {s}.projects WHERE id = ANY(%s::text[]) FOR KEY SHARE"
+        )
+        self.existing_tasks = q(
+            "SELECT t.project_id, t.id FROM {s}.tasks AS t"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(project_id, id)"
+            " ON t.project_id = k.project_id AND t.id = k.id"
+        )
+        task_values = ", ".join(f"%(t_{c})s" for c in TASK_COLS)
+        self.insert_task = q(
+            f"INSERT INTO {{s}}.tasks ({_cols(TASK_COLS)}) VALUES ({task_values})"
+        ).replace(b"%(t_metadata)s", b"%(t_metadata)s::jsonb")
+        counters = ", ".join(f"{c} = p.{c} + d.{c}" for c in PROGRESS_COLS[1:])
+        self.add_progress = q(
+            f"UPDATE {{s}}.progress AS p SET {counters}"
+            f" FROM unnest(%s::text[], {', '.join(['%s::bigint[]'] * 8)})"
+            f" AS d({_cols(PROGRESS_COLS)}) WHERE p.project_id = d.project_id"
+        )
+        self.claim_due = q(
+            "WITH c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
+            " WHERE state = 'pending' AND available_at <= %(now)s"
+            " AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
+            " ORDER BY pending_seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+            " UPDATE {s}.outbox AS o SET claimed_until = %(until)s FROM c"
+            " WHERE o.project_id = c.project_id AND o.task_id = c.task_id"
+            f" AND o.attempt = c.attempt RETURNING o.pending_seq, {_cols(OUTBOX_COLS, 'o.')}"
+        )
+        self.mark_delivered = q(
+            "UPDATE {s}.outbox AS o SET state = 'delivered', delivered_at = %s,"
+            " tries = o.tries + 1, claimed_until = NULL, pending_seq = NULL"
+            " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(project_id, task_id, attempt)"
+            " WHERE o.project_id = k.project_id AND o.task_id = k.task_id"
+            " AND o.attempt = k.attempt AND o.state = 'pending'"
+        )
+        self.mark_failed = q(
+            "UPDATE {s}.outbox SET tries = tries + 1, last_error = %s, available_at = %s,"
+            " claimed_until = NULL"
+            " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = 'pending'"
+        )
+        self.expired_leases = q(
+            f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
+            " WHERE status = 'in_progress' AND lease_expires_at <= %s"
+            " ORDER BY lease_expires_at, project_id, id LIMIT %s"
+        )
+        self.get_idempotency = q(f"SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %s")
+        idem_values = ", ".join(f"%(i_{c})s" for c in IDEM_COLS)
+        idem_set = ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEM_COLS[1:])
+        self.save_idempotency = q(
+            f"WITH ins AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})"
+            f" VALUES ({idem_values}) ON CONFLICT (key) DO UPDATE SET {idem_set}"
+            f" WHERE idempotency.status_code IS NULL RETURNING {_cols(IDEM_COLS)})"
+            f" SELECT true, {_cols(IDEM_COLS)} FROM ins UNION ALL"
+            f" SELECT false, {_cols(IDEM_COLS)} FROM {{s}}.idempotency"
+            " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"
+        )
+        self.listen = q("LISTEN {c}")
+
+    def render(self, text: str) -> bytes:
+        order = sql.Literal(f'"{self.schema}".outbox_order')
+        composed = sql.SQL(text).format(
+            s=sql.Identifier(self.schema),
+            c=sql.Identifier(self.channel),
+            order=sql.SQL("{}::regclass").format(order),
+        )
+        return composed.as_bytes(None)
+
+    # -- list_tasks ----------------------------------------------------------------
+    def list_tasks(
+        self,
+        project_id: str,
+        status: TaskStatus | None,
+        after: str | None,
+        limit: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        op = None
+        params: dict[str, Any] = {"pid": project_id, "limit": limit}
+        if after is not None:
+            op, params["after"] = after_bound(after)
+        if status is not None:
+            params["status"] = status.value
+        key = (status is not None, op)
+        query = self._list_cache.get(key)
+        if query is None:
+            where = ["t.project_id = p.id"]
+            if status is not None:
+                where.append("t.status = %(status)s")
+            if op is not None:
+                where.append(f"t.id {op} %(after)s")
+            query = self.render(
+                f"SELECT {_cols(TASK_COLS, 'l.')} FROM {{s}}.projects AS p LEFT JOIN LATERAL"
+                f" (SELECT {_cols(TASK_COLS, 't.')} FROM {{s}}.tasks AS t"
+                f" WHERE {' AND '.join(where)} ORDER BY t.id LIMIT %(limit)s) AS l ON true"
+                " WHERE p.id = %(pid)s"
+            )
+            self._list_cache[key] = query
+        return query, params
+
+    # -- apply -----------------------------------------------------------------------
+    def apply(self, plan: Plan) -> tuple[bytes, dict[str, Any]]:
+        before, after = plan.before, plan.after
+        dispatch = plan.dispatch
+        own_due = (
+            dispatch is not None
+            and dispatch.state is DispatchState.PENDING
+            and dispatch.claimed_until is None
+            and dispatch.available_at <= dispatch.created_at
+        )
+        shape = _Shape(
+            guards=bool(plan.guards),
+            project=plan.project_version is not None,
+            idempotency=plan.idempotency is not None,
+            new_attempt=plan.new_attempt is not None,
+            dispatch=dispatch is not None,
+            attempt_update=plan.attempt_update is not None,
+            releases=bool(plan.releases),
+            status=None
+            if before.status is after.status
+            else (before.status.value, after.status.value),
+            notify_own=own_due,
+            notify_released=bool(plan.releases) and plan.claimed_until is None,
+        )
+        query = self._apply_cache.get(shape)
+        if query is None:
+            query = self._apply_cache[shape] = self.render(_apply_text(shape))
+        params: dict[str, Any] = {
+            "pid": before.project_id,
+            "tid": before.id,
+            "expected": before.version,
+            "claimed_until": plan.claimed_until,
+            "channel": self.channel,
+        }
+        params.update(task_params(after))
+        params.update(_guard_params(plan.guards))
+        params["pver"] = plan.project_version
+        if plan.idempotency is not None:
+            params.update(idem_params(plan.idempotency))
+        if plan.new_attempt is not None:
+            params.update(attempt_params(plan.new_attempt))
+        if dispatch is not None:
+            params.update(entry_params(dispatch))
+        update = plan.attempt_update
+        if update is not None:
+            params.update(
+                u_number=update.number,
+                u_started_at=update.started_at or None,
+                u_finished_at=update.finished_at or None,
+                u_outcome=_value(update.outcome or None),
+                u_error_type=diagnostic(update.error_type or None),
+                u_error_message=diagnostic(update.error_message or None),
+            )
+        params.update(_release_params(plan.releases))
+        return query, params
+
+    def apply_project(self, plan: ProjectPlan) -> tuple[bytes, dict[str, Any]]:
+        key = (
+            bool(plan.guards),
+            bool(plan.releases),
+            bool(plan.releases) and plan.claimed_until is None,
+        )
+        query = self._project_cache.get(key)
+        if query is None:
+            query = self._project_cache[key] = self.render(_apply_project_text(*key))
+        params: dict[str, Any] = {
+            "pid": plan.before.id,
+            "expected": plan.before.version,
+            "claimed_until": plan.claimed_until,
+            "channel": self.channel,
+        }
+        params.update(project_params(plan.after))
+        params.update(_guard_params(plan.guards))
+        params.update(_release_params(plan.releases))
+        return query, params
+
+
+def _guard_params(guards: Sequence[Guard]) -> dict[str, Any]:
+    return {"g_ids": [g.task_id for g in guards], "g_versions": [g.version for g in guards]}
+
+
+def _release_params(releases: Sequence[Release]) -> dict[str, Any]:
+    return {
+        "r_task_ids": [r.task_id for r in releases],
+        "r_attempts": [r.attempt for r in releases],
+    }
+
+
+def _apply_text(shape: _Shape) -> str:
+    """The one statement that applies a plan: every check, every write, and the result.
+
+    Data-modifying CTEs all run, so each write is gated: the task update runs
+    only when every check passed (and the idempotency key was inserted), and
+    every other write only when the task update returned its row.
+    """
+    ctes = [
+        """cur AS (
+    SELECT version FROM {s}.tasks WHERE project_id = %(pid)s AND id = %(tid)s
+    FOR NO KEY UPDATE
+),"""
+    ]
+    ok = ["(SELECT version FROM cur) = %(expected)s"]
+    if shape.guards:
+        ctes.append(_GUARD_CTES)
+        ok.append("NOT EXISTS (SELECT 1 FROM gbad)")
+        guard_cols = (
+            "EXISTS (SELECT 1 FROM gbad), (SELECT id FROM gbad),"
+            " (SELECT expected FROM gbad), (SELECT found FROM gbad)"
+        )
+    else:
+        guard_cols = "false, NULL, NULL, NULL"
+    if shape.project:
+        ctes.append(
+            """
+pv AS (SELECT version FROM {s}.projects WHERE id = %(pid)s FOR KEY SHARE),"""
+        )
+        ok.append("(SELECT version FROM pv) = %(pver)s")
+        project_col = "(SELECT version FROM pv)"
+    else:
+        project_col = "NULL"
+    if shape.idempotency:
+        ctes.append(
+            f"""
+idem AS (SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %(i_key)s),"""
+        )
+        ok.append("NOT EXISTS (SELECT 1 FROM idem)")
+        idem_cols = ", ".join(f"idem.{c}" for c in IDEM_COLS)
+    else:
+        idem_cols = ", ".join(["NULL"] * len(IDEM_COLS))
+    if shape.dispatch:
+        ctes.append(
+            """
+dup AS (SELECT EXISTS (SELECT 1 FROM {s}.outbox WHERE project_id = %(d_project_id)s
+        AND task_id = %(d_task_id)s AND attempt = %(d_attempt)s) AS v),"""
+        )
+        ok.append("NOT (SELECT v FROM dup)")
+        dup_col = "(SELECT v FROM dup)"
+    else:
+        dup_col = "false"
+    if shape.new_attempt:
+        ctes.append(
+            """
+nxt AS (SELECT NOT EXISTS (SELECT 1 FROM {s}.attempts WHERE project_id = %(pid)s
+            AND task_id = %(tid)s AND number = %(n_number)s::bigint)
+        AND (%(n_number)s::bigint = 1 OR EXISTS (SELECT 1 FROM {s}.attempts
+            WHERE project_id = %(pid)s AND task_id = %(tid)s
+            AND number = %(n_number)s::bigint - 1)) AS v),"""
+        )
+        ok.append("(SELECT v FROM nxt)")
+        next_col = "(SELECT v FROM nxt)"
+    else:
+        next_col = "true"
+    ctes.append(
+        f"""
+ok AS (SELECT COALESCE({" AND ".join(ok)}, false) AS v),"""
+    )
+    gate = "(SELECT v FROM ok)"
+    if shape.idempotency:
+        ctes.append(
+            f"""
+ins_idem AS (
+    INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
+    SELECT %(i_key)s::text, %(i_project_id)s::text, %(i_task_id)s::text,
+           %(i_created_at)s::timestamptz, %(i_status_code)s::bigint, %(i_body)s::text
+    WHERE {gate}
+    ON CONFLICT (key) DO NOTHING
+    RETURNING 1
+),"""
+        )
+        gate += " AND EXISTS (SELECT 1 FROM ins_idem)"
+    sets = ",\n        ".join(
+        f"{c} = %(t_{c})s" + _CASTS.get(c, "") for c in TASK_COLS if c not in ("project_id", "id")
+    )
+    ctes.append(
+        f"""
+upd AS (
+    UPDATE {{s}}.tasks SET
+        {sets}
+    WHERE project_id = %(pid)s AND id = %(tid)s AND version = %(expected)s AND {gate}
+    RETURNING {_cols(TASK_COLS)}
+),"""
+    )
+    done = "EXISTS (SELECT 1 FROM upd)"
+    if shape.attempt_update:
+        ctes.append(
+            f"""
+att_upd AS (
+    UPDATE {{s}}.attempts SET
+        started_at = COALESCE(%(u_started_at)s::timestamptz, started_at),
+        finished_at = COALESCE(%(u_finished_at)s::timestamptz, finished_at),
+        outcome = COALESCE(%(u_outcome)s::text, outcome),
+        error_type = COALESCE(%(u_error_type)s::text, error_type),
+        error_message = COALESCE(%(u_error_message)s::text, error_message)
+    WHERE project_id = %(pid)s AND task_id = %(tid)s AND number = %(u_number)s::bigint
+      AND {done}
+),"""
+        )
+    if shape.new_attempt:
+        ctes.append(
+            f"""
+att_ins AS (
+    INSERT INTO {{s}}.attempts ({_cols(ATTEMPT_COLS)})
+    SELECT %(pid)s::text, %(tid)s::text, %(n_number)s::bigint, %(n_trigger)s::text,
+           %(n_dispatched_at)s::timestamptz, %(n_available_at)s::timestamptz,
+           %(n_actor)s::text, %(n_reason)s::text, %(n_budget)s::text,
+           %(n_started_at)s::timestamptz, %(n_finished_at)s::timestamptz,
+           %(n_outcome)s::text, %(n_error_type)s::text, %(n_error_message)s::text
+    WHERE {done}
+),"""
+        )
+    if shape.dispatch:
+        ctes.append(
+            f"""
+disp AS (
+    INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
+    SELECT %(d_project_id)s::text, %(d_task_id)s::text, %(d_attempt)s::bigint,
+           %(d_state)s::text, %(d_available_at)s::timestamptz, %(d_created_at)s::timestamptz,
+           %(d_claimed_until)s::timestamptz, %(d_tries)s::bigint, %(d_last_error)s::text,
+           %(d_delivered_at)s::timestamptz, n.v,
+           CASE WHEN %(d_state)s::text = 'pending' THEN n.v END
+    FROM (SELECT nextval({{order}}) AS v) AS n
+    WHERE {done}
+),"""
+        )
+    if shape.releases:
+        ctes.append(_RELEASE_CTE)
+        released = _RELEASED_ARRAYS
+    else:
+        released = _NO_RELEASES
+    if shape.status is None:
+        ctes.append(
+            f"""
+prog AS (SELECT {_cols(PROGRESS_COLS)} FROM {{s}}.progress WHERE project_id = %(pid)s)"""
+        )
+    else:
+        was, now = shape.status
+        ctes.append(
+            f"""
+prog AS (
+    UPDATE {{s}}.progress SET {was} = {was} - 1, {now} = {now} + 1
+    WHERE project_id = %(pid)s AND {done}
+    RETURNING {_cols(PROGRESS_COLS)}
+)"""
+        )
+    notify = []
+    if shape.notify_own:
+        notify.append("true")
+    if shape.notify_released:
+        notify.append("EXISTS (SELECT 1 FROM rel)")
+    notify_col = (
+        f"CASE WHEN {done} AND ({' OR '.join(notify)}) THEN pg_notify(%(channel)s, '') IS NULL END"
+        if notify
+        else "NULL"
+    )
+    return f"""WITH {"".join(ctes)}
+SELECT (SELECT version FROM cur), {guard_cols}, {project_col},
+    {idem_cols}, {dup_col}, {next_col},
+    {_cols(TASK_COLS, "upd.")},
+    {_cols(PROGRESS_COLS, "prog.")},
+    {released},
+    {notify_col}
+FROM (SELECT 1) AS one
+    LEFT JOIN upd ON true
+    LEFT JOIN prog ON true
+{"LEFT JOIN idem ON true" if shape.idempotency else ""}"""
+
+
+_CASTS = {
+    "blocked_by": "::text[]",
+    "metadata": "::jsonb",
+    "lease_expires_at": "::timestamptz",
+    "started_at": "::timestamptz",
+    "completed_at": "::timestamptz",
+    "error_message": "::text",
+    "error_type": "::text",
+    "blocked_reason": "::text",
+}
+
+
+def _apply_project_text(guards: bool, releases: bool, notify: bool) -> str:
+    ctes = ["""cur AS (SELECT version FROM {s}.projects WHERE id = %(pid)s FOR UPDATE),"""]
+    ok = ["(SELECT version FROM cur) = %(expected)s"]
+    if guards:
+        ctes.append(_GUARD_CTES)
+        ok.append("NOT EXISTS (SELECT 1 FROM gbad)")
+        guard_cols = (
+            "EXISTS (SELECT 1 FROM gbad), (SELECT id FROM gbad),"
+            " (SELECT expected FROM gbad), (SELECT found FROM gbad)"
+        )
+    else:
+        guard_cols = "false, NULL, NULL, NULL"
+    sets = ", ".join(f"{c} = %(p_{c})s" for c in PROJECT_COLS if c != "id")
+    ctes.append(
+        f"""
+upd AS (
+    UPDATE {{s}}.projects SET {sets}
+    WHERE id = %(pid)s AND version = %(expected)s AND COALESCE({" AND ".join(ok)}, false)
+    RETURNING {_cols(PROJECT_COLS)}
+)"""
+    )
+    if releases:
+        ctes[-1] += ","
+        ctes.append(_RELEASE_CTE.rstrip(","))
+    notify_col = (
+        "CASE WHEN EXISTS (SELECT 1 FROM upd) AND EXISTS (SELECT 1 FROM rel)"
+        " THEN pg_notify(%(channel)s, '') IS NULL END"
+        if notify
+        else "NULL"
+    )
+    return f"""WITH {"".join(ctes)}
+SELECT (SELECT version FROM cur), {guard_cols},
+    {_cols(PROJECT_COLS, "upd.")},
+    {_RELEASED_ARRAYS if releases else _NO_RELEASES},
+    {notify_col}
+FROM (SELECT 1) AS one LEFT JOIN upd ON true"""
+
+
+def apply_outcome(plan: Plan, row: Row) -> ApplyOutcome:
+    """Read the apply statement's row: the result, or the error memory storage would raise."""
+    before = plan.before
+    found = row[_A_FOUND]
+    if row[_A_TASK] is not None:
+        made: list[DispatchEntry] = []
+        own = plan.dispatch
+        if own is not None and own.state is DispatchState.PENDING and own.claimed_until:
+            made.append(own)
+        if plan.claimed_until is not None:
+            made.extend(_released(before.project_id, row, _A_RELEASED))
+        applied = Applied(
+            task=decode_task(row, _A_TASK),
+            progress=decode_progress(row, _A_PROGRESS),
+            dispatches=tuple(made),
+            deferred=own is not None and own.state is DispatchState.DEFERRED,
+        )
+        return ApplyOutcome(applied=applied, error=None)
+    conflict = VersionConflict(before.id, before.version, found)
+    if found is None:
+        return ApplyOutcome(None, TaskNotFound(before.project_id, before.id))
+    if found != before.version:
+        return ApplyOutcome(None, conflict)
+    if row[_A_GBAD]:
+        return ApplyOutcome(None, VersionConflict(row[_A_GID], row[_A_GEXP], row[_A_GFOUND]))
+    if plan.project_version is not None and row[_A_PVER] != plan.project_version:
+        return ApplyOutcome(None, conflict)
+    if row[_A_IDEM] is not None:
+        return ApplyOutcome(None, IdempotencyConflict(decode_idem(row, _A_IDEM)))
+    if row[_A_DUP]:
+        return ApplyOutcome(None, conflict)
+    if not row[_A_NEXT]:
+        number = plan.new_attempt.number if plan.new_attempt else 0
+        return ApplyOutcome(None, InvalidInput(f"Task {before.id!r}: attempt {number} is not next"))
+    # Every check passed on the statement's snapshot, yet nothing was written:
+    # the idempotency key was taken by a transaction that committed meanwhile.
+    return ApplyOutcome(None, conflict, reread_idempotency=plan.idempotency is not None)
+
+
+def apply_project_outcome(
+    plan: ProjectPlan, row: Row
+) -> tuple[Project, list[DispatchEntry]] | DeepworkError:
+    """Read the apply_project statement's row, as :func:`apply_outcome` does."""
+    found, guard_bad = row[0], row[1]
+    at = 5
+    if row[at] is not None:
+        released = _released(plan.before.id, row, at + len(PROJECT_COLS))
+        return decode_project(row, at), released if plan.claimed_until is not None else []
+    if found is None:
+        return ProjectNotFound(plan.before.id)
+    if found == plan.before.version and guard_bad:
+        return VersionConflict(row[2], row[3], row[4])
+    return VersionConflict(plan.before.id, plan.before.version, found)

@@ -1,0 +1,64 @@
+"""PostgreSQL storage (extra ``postgres``: psycopg 3 and its pool).
+
+- :class:`PostgresStorage` / :class:`AsyncPostgresStorage`: the storages.
+  The sync one opens its pool when constructed; the async one opens inside
+  the event loop that uses it (``await storage.open()`` or ``async with``).
+- :func:`migrate` / :func:`amigrate`: apply the schema's pending migrations
+  (``deepwork_retry/storage/sql/postgres/*.sql``); safe to run from several
+  processes at once.
+
+From a shell::
+
+    python -m deepwork_retry.storage.postgres migrate --dsn postgresql://... --schema deepwork
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from deepwork_retry.exceptions import missing_extra
+
+try:
+    import psycopg  # noqa: F401 - imported to name the extra when it is missing
+    import psycopg_pool  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise missing_extra("postgres", __name__, exc) from exc
+
+from deepwork_retry._async.postgres import AsyncPostgresStorage
+from deepwork_retry._async.postgres import migrate as amigrate
+from deepwork_retry._sync.postgres import PostgresStorage, migrate
+from deepwork_retry.exceptions import DeepworkError
+from deepwork_retry.storage._postgres_sql import DEFAULT_SCHEMA, channel
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "AsyncPostgresStorage",
+    "PostgresStorage",
+    "amigrate",
+    "channel",
+    "main",
+    "migrate",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``migrate --dsn DSN [--schema NAME]``: apply pending migrations, print their numbers."""
+    parser = argparse.ArgumentParser(prog="python -m deepwork_retry.storage.postgres")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("migrate", help="apply pending migrations")
+    run.add_argument("--dsn", required=True, help="libpq connection string or URL")
+    run.add_argument("--schema", default=DEFAULT_SCHEMA, help="schema to migrate")
+    args = parser.parse_args(argv)
+    try:
+        applied = migrate(args.dsn, schema=args.schema)
+    except DeepworkError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    print("applied:", ", ".join(f"{n:04d}" for n in applied) if applied else "nothing pending")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+-- Migration 0001: the initial schema of the PostgreSQL storage.
+--
+-- Run with search_path set to the target schema, so names stay unqualified
+-- and one database can hold several independent deployments side by side.
+-- Ids use the "C" collation: they sort by code point, as Python sorts str.
+
+CREATE TABLE projects (
+    id          text COLLATE "C" NOT NULL PRIMARY KEY,
+    status      text        NOT NULL,
+    name        text        NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL,
+    version     bigint      NOT NULL,
+    CONSTRAINT projects_status CHECK (status IN (
+        'draft', 'planning', 'awaiting_approval', 'approved', 'executing',
+        'paused', 'completed', 'failed', 'cancelled'))
+);
+
+-- One row per project, changed in the same statement as every task change,
+-- so reading progress never counts tasks.
+CREATE TABLE progress (
+    project_id  text COLLATE "C" NOT NULL PRIMARY KEY REFERENCES projects (id),
+    total       bigint NOT NULL DEFAULT 0,
+    inbox       bigint NOT NULL DEFAULT 0,
+    assigned    bigint NOT NULL DEFAULT 0,
+    in_progress bigint NOT NULL DEFAULT 0,
+    review      bigint NOT NULL DEFAULT 0,
+    done        bigint NOT NULL DEFAULT 0,
+    blocked     bigint NOT NULL DEFAULT 0,
+    skipped     bigint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE tasks (
+    project_id       text COLLATE "C" NOT NULL REFERENCES projects (id),
+    id               text COLLATE "C" NOT NULL,
+    title            text        NOT NULL,
+    status           text        NOT NULL,
+    retry_count      bigint      NOT NULL,
+    max_retries      bigint      NOT NULL,
+    retries_left     bigint      NOT NULL,
+    error_message    text,
+    error_type       text,
+    blocked_reason   text,
+    blocked_by       text[] COLLATE "C" NOT NULL,
+    attempt          bigint      NOT NULL,
+    lease_expires_at timestamptz,
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    started_at       timestamptz,
+    completed_at     timestamptz,
+    version          bigint      NOT NULL,
+    metadata         jsonb       NOT NULL,
+    PRIMARY KEY (project_id, id),
+    CONSTRAINT tasks_status CHECK (status IN (
+        'inbox', 'assigned', 'in_progress', 'review', 'done', 'blocked', 'skipped'))
+);
+
+-- list_tasks(status=...) pages by id within one status.
+CREATE INDEX tasks_by_status ON tasks (project_id, status, id);
+-- dependants(): the tasks whose blocked_by names a task.
+CREATE INDEX tasks_by_blocker ON tasks USING gin (blocked_by);
+-- expired_leases(): only running tasks have a lease worth looking at.
+CREATE INDEX tasks_by_lease ON tasks (lease_expires_at, project_id, id)
+    WHERE status = 'in_progress';
+
+CREATE TABLE attempts (
+    project_id    text COLLATE "C" NOT NULL,
+    task_id       text COLLATE "C" NOT NULL,
+    number        bigint      NOT NULL,
+    trigger       text        NOT NULL,
+    dispatched_at timestamptz NOT NULL,
+    available_at  timestamptz NOT NULL,
+    actor         text,
+    reason        text,
+    budget        text,
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    outcome       text,
+    error_type    text,
+    error_message text,
+    PRIMARY KEY (project_id, task_id, number),
+    FOREIGN KEY (project_id, task_id) REFERENCES tasks (project_id, id)
+);
+
+-- Orders outbox rows: "seq" by creation, "pending_seq" by the moment a row
+-- last became pending (the order in which relays claim).
+CREATE SEQUENCE outbox_order;
+
+CREATE TABLE outbox (
+    project_id    text COLLATE "C" NOT NULL,
+    task_id       text COLLATE "C" NOT NULL,
+    attempt       bigint      NOT NULL,
+    state         text        NOT NULL,
+    available_at  timestamptz NOT NULL,
+    created_at    timestamptz NOT NULL,
+    claimed_until timestamptz,
+    tries         bigint      NOT NULL,
+    last_error    text,
+    delivered_at  timestamptz,
+    seq           bigint      NOT NULL,
+    pending_seq   bigint,
+    PRIMARY KEY (project_id, task_id, attempt),
+    FOREIGN KEY (project_id, task_id) REFERENCES tasks (project_id, id),
+    CONSTRAINT outbox_state CHECK (state IN ('deferred', 'pending', 'delivered', 'cancelled'))
+);
+
+-- claim_due(): pending rows in the order they became pending.
+CREATE INDEX outbox_pending ON outbox (pending_seq) WHERE state = 'pending';
+-- deferred(): a project's deferred rows in creation order.
+CREATE INDEX outbox_deferred ON outbox (project_id, seq) WHERE state = 'deferred';
+
+CREATE TABLE idempotency (
+    key         text COLLATE "C" NOT NULL PRIMARY KEY,
+    project_id  text        NOT NULL,
+    task_id     text        NOT NULL,
+    created_at  timestamptz NOT NULL,
+    status_code bigint,
+    body        text
+);

@@ -1,0 +1,1147 @@
+"""SQLite storage: the stdlib ``sqlite3`` driver, one file, many threads and processes.
+
+- WAL journal, so readers never wait for the writer.
+- One transaction per operation. Writes start with ``BEGIN IMMEDIATE``: the
+  write lock is taken before anything is read, so a compare-and-set, its
+  guards and the progress counters are checked and changed atomically against
+  every other thread and process using the file. Waiting for the lock is
+  bounded by ``timeout`` (SQLite's busy timeout); past it the operation raises
+  :class:`~deepwork_retry.exceptions.StorageUnavailable` and changes nothing.
+- The schema lives in ``sql/sqlite/NNNN_*.sql`` migrations, applied in order
+  when a file is opened and tracked with ``PRAGMA user_version``;
+  ``PRAGMA application_id`` marks the file as ours, so a database of another
+  application is refused instead of altered.
+- Driver errors become library errors in one place (:meth:`SQLiteStorage._translating`).
+
+The semantics of every method are those of
+:class:`~deepwork_retry.storage.memory.MemoryStorage`; both pass the same
+conformance suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
+from deepwork_retry._core.plans import Applied, AttemptUpdate, Plan, ProjectPlan, Release
+from deepwork_retry._core.states import (
+    BlockedReason,
+    DispatchState,
+    Outcome,
+    ProjectStatus,
+    RetryBudget,
+    TaskStatus,
+    Trigger,
+)
+from deepwork_retry.exceptions import (
+    AlreadyExists,
+    IdempotencyConflict,
+    InvalidInput,
+    ProjectNotFound,
+    StorageCorrupt,
+    StorageError,
+    StorageReadOnly,
+    StorageUnavailable,
+    TaskNotFound,
+    VersionConflict,
+)
+from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage._validate import check_limit, check_new_tasks
+
+__all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteStorage", "migrations"]
+
+APPLICATION_ID = 0x64777274
+"""``PRAGMA application_id`` of a deepwork_retry database ("dwrt")."""
+
+_TABLES = frozenset({"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency"})
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_IN_CHUNK = 500
+"""Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
+_KEEP_IDLE = 8
+"""Idle connections kept open for reuse; more are closed when returned."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The shipped migrations as ``(number, file name, SQL)``, in order."""
+    folder = resources.files("deepwork_retry.storage").joinpath("sql").joinpath("sqlite")
+    found = []
+    for item in folder.iterdir():
+        match = _MIGRATION_NAME.match(item.name)
+        if match:
+            found.append((int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
+    found.sort()
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into complete statements (executescript would commit first)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in pending.splitlines()
+    ):
+        raise StorageCorrupt(f"incomplete SQL statement in a migration: {pending.strip()!r}")
+    return out
+
+
+# -- value conversions ------------------------------------------------------------
+
+
+def _ts(value: datetime) -> int:
+    """Microseconds since the epoch: exact, and ordered like the datetimes."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(f"timestamps must be timezone-aware, got {value!r}")
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _ots(value: datetime | None) -> int | None:
+    return None if value is None else _ts(value)
+
+
+def _dt(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _odt(value: int | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def _text(value: str) -> str | bytes:
+    """A str as sqlite3 can bind it: lone surrogates survive as a BLOB."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def _otext(value: str | None) -> str | bytes | None:
+    return None if value is None else _text(value)
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
+def _ostr(value: str | bytes | None) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _valid_id(kind: str, value: str) -> str:
+    """An id to store: SQLite keeps ids as UTF-8 TEXT, so they must encode."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{kind} id must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{kind} id must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _after_bound(after: str) -> tuple[str, str | bytes]:
+    """``id > after`` as a comparison SQLite can make on stored (encodable) ids.
+
+    An ``after`` holding a lone surrogate cannot be bound as TEXT; no stored id
+    holds one, so ``id > P + surrogate + ...`` is ``id >= P + U+E000``, where P
+    is the part before the first surrogate (code point order, as in Python).
+    """
+    if isinstance(after, str):
+        for i, char in enumerate(after):
+            if "\ud800" <= char <= "\udfff":
+                return ">=", after[:i] + "\ue000"
+    return ">", after
+
+
+def _json(kind: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{kind} must be JSON-serialisable: {exc}") from None
+
+
+_TASK_COLUMNS = (
+    "project_id, id, title, status, retry_count, max_retries, retries_left, error_message, "
+    "error_type, blocked_reason, blocked_by, attempt, lease_expires_at, created_at, "
+    "updated_at, started_at, completed_at, version, metadata"
+)
+_TASK_SET = ", ".join(f"{c.strip()} = ?" for c in _TASK_COLUMNS.split(",")[2:])
+_PROJECT_COLUMNS = "id, status, name, created_at, updated_at, version"
+_COUNTERS = ("total", *(status.value for status in TaskStatus))
+_ATTEMPT_COLUMNS = (
+    "project_id, task_id, number, triggered_by, dispatched_at, available_at, actor, reason, "
+    "budget, started_at, finished_at, outcome, error_type, error_message"
+)
+_ENTRY_COLUMNS = (
+    "project_id, task_id, attempt, state, available_at, created_at, claimed_until, tries, "
+    "last_error, delivered_at"
+)
+_IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body"
+
+
+def _marks(columns: str) -> str:
+    return ", ".join("?" for _ in columns.split(","))
+
+
+def _task_params(task: Task) -> tuple[Any, ...]:
+    return (
+        task.project_id,
+        task.id,
+        _text(task.title),
+        TaskStatus(task.status).value,
+        task.retry_count,
+        task.max_retries,
+        task.retries_left,
+        _otext(task.error_message),
+        _otext(task.error_type),
+        None if task.blocked_reason is None else BlockedReason(task.blocked_reason).value,
+        _json("blocked_by", list(task.blocked_by)),
+        task.attempt,
+        _ots(task.lease_expires_at),
+        _ts(task.created_at),
+        _ts(task.updated_at),
+        _ots(task.started_at),
+        _ots(task.completed_at),
+        task.version,
+        _json("metadata", dict(task.metadata)),
+    )
+
+
+def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
+    return Task(
+        project_id=row[0],
+        id=row[1],
+        title=_str(row[2]),
+        status=TaskStatus(row[3]),
+        retry_count=row[4],
+        max_retries=row[5],
+        retries_left=row[6],
+        error_message=_ostr(row[7]),
+        error_type=_ostr(row[8]),
+        blocked_reason=None if row[9] is None else BlockedReason(row[9]),
+        blocked_by=json.loads(row[10]),
+        attempt=row[11],
+        lease_expires_at=_odt(row[12]),
+        created_at=_dt(row[13]),
+        updated_at=_dt(row[14]),
+        started_at=_odt(row[15]),
+        completed_at=_odt(row[16]),
+        version=row[17],
+        metadata=json.loads(row[18]),
+    )
+
+
+def _project_params(project: Project) -> tuple[Any, ...]:
+    return (
+        project.id,
+        ProjectStatus(project.status).value,
+        _text(project.name),
+        _ts(project.created_at),
+        _ts(project.updated_at),
+        project.version,
+    )
+
+
+def _project(row: tuple[Any, ...]) -> Project:
+    return Project(
+        id=row[0],
+        status=ProjectStatus(row[1]),
+        name=_str(row[2]),
+        created_at=_dt(row[3]),
+        updated_at=_dt(row[4]),
+        version=row[5],
+    )
+
+
+def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
+    return (
+        attempt.project_id,
+        attempt.task_id,
+        attempt.number,
+        Trigger(attempt.trigger).value,
+        _ts(attempt.dispatched_at),
+        _ts(attempt.available_at),
+        _otext(attempt.actor),
+        _otext(attempt.reason),
+        None if attempt.budget is None else RetryBudget(attempt.budget).value,
+        _ots(attempt.started_at),
+        _ots(attempt.finished_at),
+        None if attempt.outcome is None else Outcome(attempt.outcome).value,
+        _otext(attempt.error_type),
+        _otext(attempt.error_message),
+    )
+
+
+def _attempt(row: tuple[Any, ...]) -> Attempt:
+    return Attempt(
+        project_id=row[0],
+        task_id=row[1],
+        number=row[2],
+        trigger=Trigger(row[3]),
+        dispatched_at=_dt(row[4]),
+        available_at=_dt(row[5]),
+        actor=_ostr(row[6]),
+        reason=_ostr(row[7]),
+        budget=None if row[8] is None else RetryBudget(row[8]),
+        started_at=_odt(row[9]),
+        finished_at=_odt(row[10]),
+        outcome=None if row[11] is None else Outcome(row[11]),
+        error_type=_ostr(row[12]),
+        error_message=_ostr(row[13]),
+    )
+
+
+def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
+    return (
+        entry.project_id,
+        entry.task_id,
+        entry.attempt,
+        DispatchState(entry.state).value,
+        _ts(entry.available_at),
+        _ts(entry.created_at),
+        _ots(entry.claimed_until),
+        entry.tries,
+        _otext(entry.last_error),
+        _ots(entry.delivered_at),
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> DispatchEntry:
+    return DispatchEntry(
+        project_id=_str(row[0]),
+        task_id=_str(row[1]),
+        attempt=row[2],
+        state=DispatchState(row[3]),
+        available_at=_dt(row[4]),
+        created_at=_dt(row[5]),
+        claimed_until=_odt(row[6]),
+        tries=row[7],
+        last_error=_ostr(row[8]),
+        delivered_at=_odt(row[9]),
+    )
+
+
+def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
+    return (
+        _text(record.key),
+        _text(record.project_id),
+        _text(record.task_id),
+        _ts(record.created_at),
+        record.status_code,
+        _otext(record.body),
+    )
+
+
+def _idem(row: tuple[Any, ...]) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=_str(row[0]),
+        project_id=_str(row[1]),
+        task_id=_str(row[2]),
+        created_at=_dt(row[3]),
+        status_code=row[4],
+        body=_ostr(row[5]),
+    )
+
+
+# -- error translation ----------------------------------------------------------------
+
+# Primary result codes (https://sqlite.org/rescode.html).
+_BUSY = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
+_CORRUPT = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_READONLY = {8}  # SQLITE_READONLY
+_CANTOPEN = {14}  # SQLITE_CANTOPEN
+_UNAVAILABLE = {3, 10, 13, 15}  # SQLITE_PERM, SQLITE_IOERR, SQLITE_FULL, SQLITE_PROTOCOL
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc).lower()  # Python 3.10: only the message tells
+    for fragment, guessed in (
+        ("locked", 5),
+        ("busy", 5),
+        ("not a database", 26),
+        ("malformed", 11),
+        ("readonly", 8),
+        ("read-only", 8),
+        ("unable to open", 14),
+        ("disk i/o", 10),
+        ("disk is full", 13),
+    ):
+        if fragment in text:
+            return guessed
+    return None
+
+
+class SQLiteStorage:
+    """A :class:`~deepwork_retry.ports.Storage` in one SQLite file.
+
+    ``timeout`` bounds the wait for another writer (seconds); ``synchronous``
+    ``"FULL"`` makes every commit durable across power loss, ``"NORMAL"``
+    only across process crashes (faster). ``read_only=True`` opens the file
+    for reading: reads work, every write raises
+    :class:`~deepwork_retry.exceptions.StorageReadOnly`.
+
+    Safe to share between threads and to open from several processes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        synchronous: Synchronous = "FULL",
+        read_only: bool = False,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise InvalidInput("synchronous must be 'NORMAL' or 'FULL'")
+        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InvalidInput("timeout must be a number of seconds >= 0")
+        self.path = Path(path)
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise InvalidInput(
+                "SQLiteStorage needs a file path; use MemoryStorage for in-memory storage"
+            )
+        self.timeout = float(timeout)
+        self.synchronous: Synchronous = synchronous
+        self.read_only = read_only
+        # A pool of connections rather than one per thread: any thread (the
+        # event loop's worker threads included) borrows one for one
+        # operation, so their number is bounded by the real concurrency, and
+        # close() can reach every one of them. sqlite3 connections are not
+        # safe to use from two threads at once; the pool never lends one
+        # connection twice.
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        self._pid = os.getpid()
+        self._open()
+
+    # -- connections -----------------------------------------------------------
+    def _uri(self) -> str:
+        mode = "ro" if self.read_only else "rwc"
+        return f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={mode}"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._uri(),
+            uri=True,
+            timeout=self.timeout,
+            isolation_level=None,  # transactions are explicit: BEGIN ... COMMIT
+            check_same_thread=False,  # the pool hands a connection to one thread at a time
+        )
+        try:
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if self.read_only:
+                conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise StorageUnavailable(
+                f"Cannot open SQLite database {str(self.path)!r}: "
+                f"directory {str(self.path.parent)!r} does not exist"
+            )
+        if self.path.is_dir():
+            raise StorageUnavailable(
+                f"Cannot open SQLite database {str(self.path)!r}: it is a directory"
+            )
+        if self.read_only and not self.path.exists():
+            raise StorageUnavailable(
+                f"Cannot open SQLite database {str(self.path)!r} read-only: it does not exist"
+            )
+        with self._translating():
+            conn = self._connect()
+            try:
+                if not self.read_only:
+                    self._use_wal(conn)
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        self._idle.append(conn)
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (once; it persists), waiting out concurrent openers.
+
+        Changing the journal mode does not wait on SQLite's busy handler, so
+        several processes opening one new file at once retry here, within
+        ``timeout``.
+        """
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if _code(exc) not in _BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema up to date in one transaction, or refuse the file.
+
+        ``BEGIN IMMEDIATE`` serialises processes opening a new file at once:
+        the first applies the migrations, the others find them applied.
+        """
+        shipped = migrations()
+        latest = shipped[-1][0] if shipped else 0
+        conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%'"
+                )
+            }
+            if app_id != APPLICATION_ID and (app_id != 0 or tables or version != 0):
+                listed = ", ".join(sorted(tables)) or "none"
+                raise StorageCorrupt(
+                    f"{str(self.path)!r} is an SQLite database of another application "
+                    f"(application_id {app_id}, tables: {listed}); "
+                    "deepwork_retry will not use or change it"
+                )
+            if version > latest:
+                raise StorageCorrupt(
+                    f"{str(self.path)!r} has schema version {version}, newer than this "
+                    f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
+                )
+            pending = [m for m in shipped if m[0] > version]
+            if pending and self.read_only:
+                raise StorageReadOnly(
+                    f"{str(self.path)!r} needs schema migrations "
+                    f"({', '.join(m[1] for m in pending)}) but is opened read-only"
+                )
+            for number, _name, sql in pending:
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {int(number)}")
+            if pending:
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                tables = {
+                    row[0] for row in conn.execute("SELECT name FROM sqlite_master")
+                } & _TABLES
+            missing = _TABLES - tables
+            if missing:
+                raise StorageCorrupt(
+                    f"{str(self.path)!r} is damaged: tables {', '.join(sorted(missing))} "
+                    "are missing"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _checkout(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._closed:
+                raise StorageUnavailable(f"SQLite storage {str(self.path)!r} is closed")
+            if self._pid != os.getpid():
+                # A forked child must not use its parent's connections; they are
+                # dropped unclosed (closing could disturb the parent's locks).
+                _ABANDONED.extend(self._idle)
+                self._idle = []
+                self._pid = os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _checkin(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == os.getpid():
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    @contextmanager
+    def _translating(self) -> Iterator[None]:
+        """The one place driver errors become library errors (``__cause__`` kept)."""
+        where = repr(str(self.path))
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = _code(exc)
+            if code in _BUSY:
+                raise StorageUnavailable(
+                    f"SQLite database {where} is locked by another writer "
+                    f"(waited {self.timeout:g}s): {exc}"
+                ) from exc
+            if code in _CORRUPT:
+                raise StorageCorrupt(
+                    f"SQLite database {where} is damaged or not a deepwork_retry database: {exc}"
+                ) from exc
+            if code in _READONLY:
+                raise StorageReadOnly(
+                    f"SQLite database {where} is read-only; nothing was changed: {exc}"
+                ) from exc
+            if code in _CANTOPEN:
+                raise StorageUnavailable(f"Cannot open SQLite database {where}: {exc}") from exc
+            if code in _UNAVAILABLE or isinstance(exc, sqlite3.ProgrammingError):
+                raise StorageUnavailable(f"SQLite database {where} failed: {exc}") from exc
+            if "no such table" in str(exc) or "no such column" in str(exc):
+                raise StorageCorrupt(
+                    f"SQLite database {where} does not have the expected schema: {exc}"
+                ) from exc
+            raise StorageError(f"SQLite database {where} failed: {exc}") from exc
+        except OverflowError as exc:
+            raise InvalidInput(f"a number is out of SQLite's 64-bit range: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"text SQLite cannot store (lone surrogates): {exc}") from exc
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction on a borrowed connection; rolled back on any error."""
+        with self._translating():
+            conn = self._checkout()
+            reusable = True
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        reusable = False  # in an unknown state: never lend it again
+                if reusable:
+                    self._checkin(conn)
+                else:
+                    conn.close()
+
+    # -- setup -------------------------------------------------------------
+    def create_project(self, project: Project) -> None:
+        _valid_id("project", project.id)
+        params = _project_params(project)
+        with self._tx(write=True) as c:
+            if c.execute("SELECT 1 FROM projects WHERE id = ?", (project.id,)).fetchone():
+                raise AlreadyExists(f"Project {project.id!r} exists already")
+            c.execute(
+                f"INSERT INTO projects ({_PROJECT_COLUMNS}) VALUES ({_marks(_PROJECT_COLUMNS)})",
+                params,
+            )
+
+    def add_tasks(self, tasks: Sequence[Task]) -> None:
+        check_new_tasks(tasks)
+        for task in tasks:
+            _valid_id("project", task.project_id)
+            _valid_id("task", task.id)
+        rows = [_task_params(task) for task in tasks]
+        with self._tx(write=True) as c:
+            known: set[str] = set()
+            for task in tasks:
+                if task.project_id not in known:
+                    if not c.execute(
+                        "SELECT 1 FROM projects WHERE id = ?", (task.project_id,)
+                    ).fetchone():
+                        raise ProjectNotFound(task.project_id)
+                    known.add(task.project_id)
+                if c.execute(
+                    "SELECT 1 FROM tasks WHERE project_id = ? AND id = ?",
+                    (task.project_id, task.id),
+                ).fetchone():
+                    raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
+            c.executemany(
+                f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({_marks(_TASK_COLUMNS)})", rows
+            )
+            c.executemany(
+                "INSERT OR IGNORE INTO task_deps (project_id, blocker_id, task_id) "
+                "VALUES (?, ?, ?)",
+                [(t.project_id, _text(dep), t.id) for t in tasks for dep in t.blocked_by],
+            )
+            added: dict[str, dict[str, int]] = {}
+            for task in tasks:
+                counts = added.setdefault(task.project_id, {})
+                status = TaskStatus(task.status).value
+                counts[status] = counts.get(status, 0) + 1
+            for pid, counts in added.items():
+                sets = ", ".join(f"{s} = {s} + ?" for s in counts)
+                c.execute(
+                    f"UPDATE projects SET total = total + ?, {sets} WHERE id = ?",
+                    (sum(counts.values()), *counts.values(), pid),
+                )
+
+    # -- reads ---------------------------------------------------------------
+    def _get_project(self, c: sqlite3.Connection, project_id: str) -> Project:
+        if not isinstance(project_id, str):
+            raise ProjectNotFound(project_id)
+        row = c.execute(
+            f"SELECT {_PROJECT_COLUMNS} FROM projects WHERE id = ?", (_text(project_id),)
+        ).fetchone()
+        if row is None:
+            raise ProjectNotFound(project_id)
+        return _project(row)
+
+    def _get_task(self, c: sqlite3.Connection, project_id: str, task_id: str) -> Task:
+        if not isinstance(project_id, str) or not isinstance(task_id, str):
+            raise TaskNotFound(project_id, task_id)
+        row = c.execute(
+            f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? AND id = ?",
+            (_text(project_id), _text(task_id)),
+        ).fetchone()
+        if row is None:
+            raise TaskNotFound(project_id, task_id)
+        return _task(row)
+
+    def get_project(self, project_id: str) -> Project:
+        with self._tx(write=False) as c:
+            return self._get_project(c, project_id)
+
+    def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
+        with self._tx(write=False) as c:
+            return self._get_project(c, project_id), self._get_task(c, project_id, task_id)
+
+    def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
+        ids = [_text(tid) for tid in dict.fromkeys(task_ids)]
+        found: dict[str, Task] = {}
+        with self._tx(write=False) as c:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                rows = c.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? "
+                    f"AND id IN ({', '.join('?' for _ in chunk)})",
+                    (_text(project_id), *chunk),
+                )
+                for row in rows:
+                    found[row[1]] = _task(row)
+        return {tid: found[tid] for tid in dict.fromkeys(task_ids) if tid in found}
+
+    def dependants(self, project_id: str, task_id: str) -> list[Task]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                f"SELECT {', '.join('t.' + col.strip() for col in _TASK_COLUMNS.split(','))} "
+                "FROM task_deps AS d JOIN tasks AS t "
+                "ON t.project_id = d.project_id AND t.id = d.task_id "
+                "WHERE d.project_id = ? AND d.blocker_id = ? ORDER BY d.task_id",
+                (_text(project_id), _text(task_id)),
+            )
+            return [_task(row) for row in rows]
+
+    def list_tasks(
+        self,
+        project_id: str,
+        *,
+        status: TaskStatus | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        check_limit(limit)
+        where = "project_id = ?"
+        params: list[Any] = [_text(project_id)]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(TaskStatus(status).value)
+        if after is not None:
+            op, bound = _after_bound(after)
+            where += f" AND id {op} ?"
+            params.append(bound)
+        with self._tx(write=False) as c:
+            self._get_project(c, project_id)
+            rows = c.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE {where} ORDER BY id LIMIT ?",
+                (*params, limit),
+            )
+            return [_task(row) for row in rows]
+
+    def progress(self, project_id: str) -> Progress:
+        with self._tx(write=False) as c:
+            return self._progress(c, project_id)
+
+    def _progress(self, c: sqlite3.Connection, project_id: str) -> Progress:
+        row = c.execute(
+            f"SELECT {', '.join(_COUNTERS)} FROM projects WHERE id = ?", (_text(project_id),)
+        ).fetchone()
+        if row is None:
+            raise ProjectNotFound(project_id)
+        return Progress(project_id=project_id, **dict(zip(_COUNTERS, row, strict=True)))
+
+    def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
+        with self._tx(write=False) as c:
+            self._get_task(c, project_id, task_id)
+            rows = c.execute(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE project_id = ? AND task_id = ? "
+                "ORDER BY number",
+                (project_id, task_id),
+            )
+            return [_attempt(row) for row in rows]
+
+    def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
+        with self._tx(write=False) as c:
+            task = self._get_task(c, project_id, task_id)
+            rows = c.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE project_id = ? AND task_id = ? "
+                "AND attempt BETWEEN 1 AND ? ORDER BY attempt",
+                (project_id, task_id, task.attempt),
+            )
+            return [_entry(row) for row in rows]
+
+    def deferred(self, project_id: str) -> list[DispatchEntry]:
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE project_id = ? "
+                "AND state = 'deferred' ORDER BY seq",
+                (_text(project_id),),
+            )
+            return [_entry(row) for row in rows]
+
+    # -- writes ----------------------------------------------------------------
+    def _version(self, c: sqlite3.Connection, project_id: str, task_id: str) -> int | None:
+        row = c.execute(
+            "SELECT version FROM tasks WHERE project_id = ? AND id = ?",
+            (_text(project_id), _text(task_id)),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _check_guards(
+        self, c: sqlite3.Connection, project_id: str, plan: Plan | ProjectPlan
+    ) -> None:
+        for guard in plan.guards:
+            found = self._version(c, project_id, guard.task_id)
+            if found != guard.version:
+                raise VersionConflict(guard.task_id, guard.version, found)
+
+    def apply(self, plan: Plan) -> Applied:
+        before, after = plan.before, plan.after
+        pid, tid = before.project_id, before.id
+        if (after.project_id, after.id) != (pid, tid):
+            raise InvalidInput("a plan cannot change a task's id or project")
+        # Serialise everything first: a value SQLite cannot hold fails before
+        # the transaction starts.
+        task_row = _task_params(after)
+        new_attempt = None if plan.new_attempt is None else _attempt_params(plan.new_attempt)
+        entry = None if plan.dispatch is None else _entry_params(plan.dispatch)
+        idem = None if plan.idempotency is None else _idem_params(plan.idempotency)
+        claimed_until = _ots(plan.claimed_until)
+        with self._tx(write=True) as c:
+            current = self._version(c, pid, tid)
+            if current is None:
+                raise TaskNotFound(pid, tid)
+            if current != before.version:
+                raise VersionConflict(tid, before.version, current)
+            self._check_guards(c, pid, plan)
+            if plan.project_version is not None:
+                row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
+                if row[0] != plan.project_version:
+                    raise VersionConflict(tid, before.version, current)
+            if plan.idempotency is not None:
+                existing = self._get_idempotency(c, plan.idempotency.key)
+                if existing is not None:
+                    raise IdempotencyConflict(existing)
+            if (
+                plan.dispatch is not None
+                and c.execute(
+                    "SELECT 1 FROM outbox WHERE project_id = ? AND task_id = ? AND attempt = ?",
+                    (
+                        _text(plan.dispatch.project_id),
+                        _text(plan.dispatch.task_id),
+                        plan.dispatch.attempt,
+                    ),
+                ).fetchone()
+            ):
+                raise VersionConflict(tid, before.version, current)
+            if plan.new_attempt is not None:
+                count = c.execute(
+                    "SELECT COUNT(*) FROM attempts WHERE project_id = ? AND task_id = ?",
+                    (pid, tid),
+                ).fetchone()[0]
+                if plan.new_attempt.number != count + 1:
+                    raise InvalidInput(
+                        f"Task {tid!r}: attempt {plan.new_attempt.number} is not next"
+                    )
+            # Every check passed: write.
+            written = c.execute(
+                f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?",
+                (*task_row[2:], pid, tid, before.version),
+            ).rowcount
+            if written != 1:  # cannot happen under the write lock; never write blind
+                raise VersionConflict(tid, before.version, self._version(c, pid, tid))
+            new_deps = [d for d in dict.fromkeys(after.blocked_by) if d not in before.blocked_by]
+            if new_deps:
+                c.executemany(
+                    "INSERT OR IGNORE INTO task_deps (project_id, blocker_id, task_id) "
+                    "VALUES (?, ?, ?)",
+                    [(pid, _text(dep), tid) for dep in new_deps],
+                )
+            if before.status != after.status:
+                old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
+                c.execute(
+                    f"UPDATE projects SET {old} = {old} - 1, {new} = {new} + 1 WHERE id = ?",
+                    (pid,),
+                )
+            if plan.attempt_update is not None:
+                self._update_attempt(c, pid, tid, plan.attempt_update)
+            if new_attempt is not None:
+                c.execute(
+                    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
+                    f"VALUES ({_marks(_ATTEMPT_COLUMNS)})",
+                    new_attempt,
+                )
+            made: list[DispatchEntry] = []
+            if plan.dispatch is not None and entry is not None:
+                pending = plan.dispatch.state is DispatchState.PENDING
+                c.execute(
+                    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
+                    f"VALUES ({_marks(_ENTRY_COLUMNS)}, ?)",
+                    (*entry, self._next_pending(c) if pending else None),
+                )
+                if pending and plan.dispatch.claimed_until:
+                    made.append(plan.dispatch)
+            made.extend(self._release(c, pid, plan.releases, claimed_until))
+            if idem is not None:
+                c.execute(
+                    f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)})",
+                    idem,
+                )
+            return Applied(
+                task=after,
+                progress=self._progress(c, pid),
+                dispatches=tuple(made),
+                deferred=plan.dispatch is not None
+                and plan.dispatch.state is DispatchState.DEFERRED,
+            )
+
+    def _update_attempt(
+        self, c: sqlite3.Connection, pid: str, tid: str, update: AttemptUpdate
+    ) -> None:
+        if update.number <= 0:
+            return
+        row = c.execute(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts "
+            "WHERE project_id = ? AND task_id = ? AND number = ?",
+            (pid, tid, update.number),
+        ).fetchone()
+        if row is None:
+            return
+        old = _attempt(row)
+        # A falsy field of the update keeps the stored value, as in MemoryStorage.
+        c.execute(
+            "UPDATE attempts SET started_at = ?, finished_at = ?, outcome = ?, error_type = ?, "
+            "error_message = ? WHERE project_id = ? AND task_id = ? AND number = ?",
+            (
+                _ots(update.started_at or old.started_at),
+                _ots(update.finished_at or old.finished_at),
+                None
+                if not (update.outcome or old.outcome)
+                else Outcome(update.outcome or old.outcome).value,
+                _otext(update.error_type or old.error_type),
+                _otext(update.error_message or old.error_message),
+                pid,
+                tid,
+                update.number,
+            ),
+        )
+
+    def _next_pending(self, c: sqlite3.Connection) -> int:
+        """A pending_seq after every pending entry: claim order is the order made pending."""
+        row = c.execute(
+            "SELECT pending_seq FROM outbox WHERE state = 'pending' "
+            "ORDER BY pending_seq DESC LIMIT 1"
+        ).fetchone()
+        return 1 if row is None or row[0] is None else int(row[0]) + 1
+
+    def _release(
+        self,
+        c: sqlite3.Connection,
+        pid: str,
+        releases: Sequence[Release],
+        claimed_until: int | None,
+    ) -> list[DispatchEntry]:
+        made = []
+        for rel in releases:
+            row = c.execute(
+                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox "
+                "WHERE project_id = ? AND task_id = ? AND attempt = ?",
+                (pid, _text(rel.task_id), rel.attempt),
+            ).fetchone()
+            if row is None or row[4] != DispatchState.DEFERRED.value:
+                continue
+            c.execute(
+                "UPDATE outbox SET state = 'pending', claimed_until = ?, pending_seq = ? "
+                "WHERE seq = ?",
+                (claimed_until, self._next_pending(c), row[0]),
+            )
+            if claimed_until is not None:
+                made.append(
+                    attrs.evolve(
+                        _entry(row[1:]),
+                        state=DispatchState.PENDING,
+                        claimed_until=_dt(claimed_until),
+                    )
+                )
+        return made
+
+    def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
+        pid = plan.before.id
+        if plan.after.id != pid:
+            raise InvalidInput("a plan cannot change a project's id")
+        row = _project_params(plan.after)
+        claimed_until = _ots(plan.claimed_until)
+        with self._tx(write=True) as c:
+            current = self._get_project(c, pid)
+            if current.version != plan.before.version:
+                raise VersionConflict(pid, plan.before.version, current.version)
+            self._check_guards(c, pid, plan)
+            c.execute(
+                "UPDATE projects SET status = ?, name = ?, created_at = ?, updated_at = ?, "
+                "version = ? WHERE id = ?",
+                (*row[1:], pid),
+            )
+            return plan.after, self._release(c, pid, plan.releases, claimed_until)
+
+    # -- outbox ------------------------------------------------------------------
+    def claim_due(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        at, until = _ts(now), _ts(claimed_until)
+        with self._tx(write=True) as c:
+            rows = c.execute(
+                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox WHERE state = 'pending' "
+                "AND available_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?) "
+                "ORDER BY pending_seq LIMIT ?",
+                (at, at, limit),
+            ).fetchall()
+            c.executemany(
+                "UPDATE outbox SET claimed_until = ? WHERE seq = ?", [(until, r[0]) for r in rows]
+            )
+            return [attrs.evolve(_entry(r[1:]), claimed_until=claimed_until) for r in rows]
+
+    def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
+        at = _ts(now)
+        keys = [(_text(e.project_id), _text(e.task_id), e.attempt) for e in entries]
+        with self._tx(write=True) as c:
+            c.executemany(
+                "UPDATE outbox SET state = 'delivered', delivered_at = ?, tries = tries + 1, "
+                "claimed_until = NULL, pending_seq = NULL "
+                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                [(at, *key) for key in keys],
+            )
+
+    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+        params = (_text(error), _ts(retry_at), _text(entry.project_id), _text(entry.task_id))
+        with self._tx(write=True) as c:
+            c.execute(
+                "UPDATE outbox SET tries = tries + 1, last_error = ?, available_at = ?, "
+                "claimed_until = NULL "
+                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                (*params, entry.attempt),
+            )
+
+    # -- leases --------------------------------------------------------------------
+    def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
+        check_limit(limit)
+        at = _ts(now)
+        with self._tx(write=False) as c:
+            rows = c.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'in_progress' "
+                "AND lease_expires_at <= ? ORDER BY lease_expires_at, project_id, id LIMIT ?",
+                (at, limit),
+            )
+            return [_task(row) for row in rows]
+
+    # -- idempotency -----------------------------------------------------------------
+    def _get_idempotency(self, c: sqlite3.Connection, key: str) -> IdempotencyRecord | None:
+        row = c.execute(
+            f"SELECT {_IDEM_COLUMNS} FROM idempotency WHERE key = ?", (_text(key),)
+        ).fetchone()
+        return None if row is None else _idem(row)
+
+    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        with self._tx(write=False) as c:
+            return self._get_idempotency(c, key)
+
+    def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        params = _idem_params(record)
+        with self._tx(write=True) as c:
+            existing = self._get_idempotency(c, record.key)
+            if existing is not None and existing.status_code is not None:
+                return existing
+            c.execute(
+                f"INSERT OR REPLACE INTO idempotency ({_IDEM_COLUMNS}) "
+                f"VALUES ({_marks(_IDEM_COLUMNS)})",
+                params,
+            )
+            return record
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every idle connection; later calls raise ``StorageUnavailable``."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def __enter__(self) -> SQLiteStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStorage({str(self.path)!r})"
+
+
+_ABANDONED: list[sqlite3.Connection] = []
+"""Connections inherited through fork: kept referenced so they are never closed in the child."""
+
+
+class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
+    """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
+
+    ``sqlite3`` blocks, so every call runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        synchronous: Synchronous = "FULL",
+        read_only: bool = False,
+    ) -> None:
+        super().__init__(
+            SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only),
+            offload=True,
+        )

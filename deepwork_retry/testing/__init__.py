@@ -1,0 +1,36 @@
+"""The conformance kit for storage adapters, and test doubles for host applications.
+
+Needs the ``test`` extra (``pip install 'deepwork-retry[test]'``): it imports
+pytest and Hypothesis. ``import deepwork_retry`` never imports this package.
+
+- :class:`StorageContract` / :class:`AsyncStorageContract`: pytest test classes
+  to subclass with a ``storage`` / ``async_storage_factory`` fixture.
+- :func:`storage_machine` / :func:`async_storage_machine`: Hypothesis state
+  machines that drive the services over a storage and check it against a
+  reference model.
+- :mod:`deepwork_retry.testing.strategies`: Hypothesis strategies for ids,
+  projects, tasks, errors, retry policies and event sequences.
+- :class:`FakeClock`, :class:`RecordingDispatcher`,
+  :class:`AsyncRecordingDispatcher`: a settable clock and dispatchers that
+  remember what they were handed.
+
+See ``docs/testing.md``.
+"""
+
+from __future__ import annotations
+
+from deepwork_retry.testing import strategies
+from deepwork_retry.testing.contract import AsyncStorageContract, StorageContract
+from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher
+from deepwork_retry.testing.machine import async_storage_machine, storage_machine
+
+__all__ = [
+    "AsyncRecordingDispatcher",
+    "AsyncStorageContract",
+    "FakeClock",
+    "RecordingDispatcher",
+    "StorageContract",
+    "async_storage_machine",
+    "storage_machine",
+    "strategies",
+]

@@ -1,0 +1,447 @@
+"""The HTTP side of the API with no framework: requests and responses as plain data.
+
+Every web adapter turns its framework's request into an :class:`ApiRequest`,
+hands it to :class:`~deepwork_retry.web._api.RetryAPI` (or the async twin) and
+writes the :class:`ApiResponse` back. Routing, header and body parsing, and the
+one table from errors to statuses live here, so the adapters cannot drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from deepwork_retry._core.states import RetryBudget
+from deepwork_retry.auth import MAX_TOKEN_LENGTH
+from deepwork_retry.exceptions import (
+    DeepworkError,
+    IdempotencyKeyReused,
+    InvalidInput,
+    InvalidToken,
+    InvalidTransition,
+    NotAuthenticated,
+    NotFound,
+    ProjectNotRunnable,
+    StorageError,
+    StorageUnavailable,
+    TaskNotBlocked,
+    VersionConflict,
+)
+from deepwork_retry.storage._validate import MAX_LIMIT, check_id
+
+log = logging.getLogger("deepwork_retry.web")
+
+DEFAULT_PREFIX = "/api/deep-work"
+MAX_BODY_BYTES = 64 * 1024
+MAX_REASON_LENGTH = 2000
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+DEFAULT_PAGE = 50
+JSON = "application/json"
+
+
+def normalise_prefix(prefix: str) -> str:
+    """``"api/x/"`` -> ``"/api/x"``; ``""`` and ``"/"`` mount at the root."""
+    prefix = "/" + prefix.strip("/")
+    return "" if prefix == "/" else prefix
+
+
+# -- plain requests and responses ---------------------------------------------------
+
+
+def _headers(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    found: dict[str, str] = {}
+    for name, value in items:
+        found.setdefault(name.lower(), value)
+    return found
+
+
+def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    found: dict[str, str] = {}
+    for name, value in items:
+        found.setdefault(name, value)
+    return found
+
+
+def _upper(method: str) -> str:
+    return method.upper()
+
+
+@attrs.frozen(kw_only=True)
+class ApiRequest:
+    """One HTTP request below the API's prefix.
+
+    ``path`` is the decoded path relative to the prefix (``/projects/p/...``);
+    header names are matched case-insensitively and the first of repeated
+    headers or query parameters wins.
+    """
+
+    method: str = attrs.field(converter=_upper)
+    path: str
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_headers)
+    query: Mapping[str, str] = attrs.field(factory=dict, converter=_query)
+    body: bytes = b""
+
+
+@attrs.frozen(kw_only=True)
+class ApiResponse:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def all_headers(self) -> list[tuple[str, str]]:
+        """``Content-Type`` first, then the response's own headers."""
+        return [("Content-Type", JSON), *self.headers]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def respond(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
+    return ApiResponse(status=status, body=json_bytes(payload), headers=tuple(headers))
+
+
+# -- routes ---------------------------------------------------------------------------
+
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("POST", "/projects/{project_id}/tasks/{task_id}/retry", "retry"),
+    ("GET", "/projects/{project_id}/tasks/{task_id}", "task"),
+    ("GET", "/projects/{project_id}/tasks/{task_id}/attempts", "attempts"),
+    ("GET", "/projects/{project_id}/progress", "progress"),
+    ("GET", "/projects/{project_id}/tasks", "tasks"),
+    ("POST", "/projects/{project_id}/retry-blocked", "retry_blocked"),
+)
+"""``(method, path template, route name)`` for every operation, below the prefix."""
+
+
+class RouteNotFound(DeepworkError, LookupError):
+    def __init__(self) -> None:
+        super().__init__("Not Found")
+
+
+class MethodNotAllowed(DeepworkError):
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = tuple(sorted(set(allowed)))
+        super().__init__("Method Not Allowed")
+
+
+class BadRequestBody(InvalidInput):
+    """The request's body, query or headers do not have the documented form (422)."""
+
+
+class BodyTooLarge(DeepworkError):
+    def __init__(self) -> None:
+        super().__init__(f"Request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class IdempotencyInProgress(DeepworkError):
+    """A request with this Idempotency-Key has not finished yet (409, try again)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A request with this Idempotency-Key is still being processed; try again shortly"
+        )
+
+
+def _template_parts(template: str) -> tuple[str, ...]:
+    return tuple(template.strip("/").split("/"))
+
+
+_COMPILED = tuple((m, _template_parts(t), name) for m, t, name in ROUTES)
+
+
+def match(method: str, path: str) -> tuple[str, dict[str, str]]:
+    """The route name and path parameters for ``method path``.
+
+    Raises :class:`RouteNotFound` or :class:`MethodNotAllowed`. A parameter
+    matches any one segment, including an empty one.
+    """
+    parts = tuple(path[1:].split("/")) if path.startswith("/") else tuple(path.split("/"))
+    method = "GET" if method == "HEAD" else method
+    allowed: list[str] = []
+    for route_method, template, name in _COMPILED:
+        if len(template) != len(parts):
+            continue
+        params: dict[str, str] = {}
+        for want, got in zip(template, parts, strict=True):
+            if want.startswith("{"):
+                params[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
+            if route_method == method:
+                return name, params
+            allowed.append(route_method)
+    if allowed:
+        raise MethodNotAllowed(allowed)
+    raise RouteNotFound
+
+
+# -- authentication header ------------------------------------------------------------
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of ``Authorization: Bearer <token>``.
+
+    Raises :class:`NotAuthenticated` when the header is missing or not of that
+    form, and :class:`InvalidToken` for a token too long to be one of ours.
+    """
+    value = headers.get("authorization")
+    if value is None:
+        raise NotAuthenticated
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise NotAuthenticated
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidToken
+    return token
+
+
+# -- bodies and parameters --------------------------------------------------------------
+
+
+def _json_object(body: bytes, fields: Iterable[str]) -> dict[str, Any]:
+    """The request's JSON object; an empty body (or ``null``) is an empty object."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BodyTooLarge
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BadRequestBody("Request body must be a JSON object") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadRequestBody("Request body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BadRequestBody(f"Unknown field in request body: {unknown[0]!r}"[:300])
+    return data
+
+
+def _budget(data: Mapping[str, Any]) -> RetryBudget:
+    value = data.get("budget")
+    if value is None:
+        return RetryBudget.ONE_MORE
+    if isinstance(value, str) and value in {b.value for b in RetryBudget}:
+        return RetryBudget(value)
+    raise BadRequestBody("budget must be 'one_more' or 'full'")
+
+
+def _reason(data: Mapping[str, Any]) -> str | None:
+    value = data.get("reason")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REASON_LENGTH:
+        raise BadRequestBody(f"reason must be a string of at most {MAX_REASON_LENGTH} characters")
+    if "\x00" in value:
+        raise BadRequestBody("reason must not contain NUL characters")
+    return value
+
+
+def _limit(value: object, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.strip().isdigit() and len(value) < 8 else -1
+        except ValueError:
+            value = -1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise BadRequestBody(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return value
+
+
+def _after(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequestBody("after must be a task id")
+    try:
+        check_id("task", value)
+    except InvalidInput:
+        raise BadRequestBody("after must be a task id") from None
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class RetryOptions:
+    budget: RetryBudget = RetryBudget.ONE_MORE
+    reason: str | None = None
+
+
+def retry_options(body: bytes) -> RetryOptions:
+    data = _json_object(body, ("budget", "reason"))
+    return RetryOptions(budget=_budget(data), reason=_reason(data))
+
+
+@attrs.frozen(kw_only=True)
+class BulkOptions:
+    dry_run: bool = False
+    budget: RetryBudget = RetryBudget.ONE_MORE
+    reason: str | None = None
+    after: str | None = None
+    limit: int = 100
+
+
+def bulk_options(body: bytes) -> BulkOptions:
+    data = _json_object(body, ("dry_run", "budget", "reason", "after", "limit"))
+    dry_run = data.get("dry_run", False)
+    if dry_run is None:
+        dry_run = False
+    if not isinstance(dry_run, bool):
+        raise BadRequestBody("dry_run must be true or false")
+    return BulkOptions(
+        dry_run=dry_run,
+        budget=_budget(data),
+        reason=_reason(data),
+        after=_after(data.get("after")),
+        limit=_limit(data.get("limit"), 100),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class PageOptions:
+    after: str | None = None
+    limit: int = DEFAULT_PAGE
+
+
+def page_options(query: Mapping[str, str]) -> PageOptions:
+    unknown = sorted(set(query) - {"status", "after", "limit"})
+    if unknown:
+        raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
+    status = query.get("status", "blocked")
+    if status != "blocked":
+        raise BadRequestBody("status must be 'blocked' (the only listing offered)")
+    return PageOptions(after=_after(query.get("after")), limit=_limit(query.get("limit"), 50))
+
+
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
+    """The ``Idempotency-Key`` header, checked: 1 to 255 visible ASCII characters."""
+    value = headers.get("idempotency-key")
+    if value is None:
+        return None
+    value = value.strip()
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(
+        "!" <= ch <= "~" for ch in value
+    ):
+        raise BadRequestBody(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters"
+        )
+    return value
+
+
+def scoped_key(principal_id: str, key: str) -> str:
+    """The stored form of a client's key: one namespace per principal, fixed length."""
+    raw = f"{principal_id}\x00{key}".encode("utf-8", "surrogatepass")
+    return "idem:" + hashlib.sha256(raw).hexdigest()
+
+
+def storable_ids(project_id: str, task_id: str) -> bool:
+    """Whether an idempotency record may name these ids (every storage accepts them)."""
+    try:
+        check_id("project", project_id)
+        check_id("task", task_id)
+        project_id.encode("utf-8")
+        task_id.encode("utf-8")
+    except (InvalidInput, UnicodeEncodeError):
+        return False
+    return True
+
+
+# -- the one error table ------------------------------------------------------------------
+
+STORAGE_DOWN = "Storage is unavailable; try again later"
+UNEXPECTED = "The service could not handle this request; try again later"
+
+
+def _no_headers(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    return ()
+
+
+def _bearer(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    return (("WWW-Authenticate", "Bearer"),)
+
+
+def _invalid_token(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    return (("WWW-Authenticate", 'Bearer error="invalid_token"'),)
+
+
+def _retry_after(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    seconds = getattr(exc, "retry_after", 1)
+    if not isinstance(seconds, int) or seconds < 0:
+        seconds = 1
+    return (("Retry-After", str(seconds)),)
+
+
+def _allow(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    allowed = getattr(exc, "allowed", ())
+    return (("Allow", ", ".join(allowed)),)
+
+
+def _own_detail(exc: BaseException) -> str:
+    return exc.detail if isinstance(exc, DeepworkError) else str(exc)
+
+
+def _fixed(text: str) -> Any:
+    return lambda exc: text
+
+
+ERRORS: Mapping[type[BaseException], tuple[int, Any, Any]] = {
+    # class: (status, detail(exc), headers(exc)); the most specific class wins.
+    InvalidToken: (401, _own_detail, _invalid_token),
+    NotAuthenticated: (401, _own_detail, _bearer),
+    RouteNotFound: (404, _own_detail, _no_headers),
+    NotFound: (404, _own_detail, _no_headers),
+    MethodNotAllowed: (405, _own_detail, _allow),
+    TaskNotBlocked: (400, _own_detail, _no_headers),
+    ProjectNotRunnable: (409, _own_detail, _no_headers),
+    InvalidTransition: (409, _own_detail, _no_headers),
+    IdempotencyInProgress: (409, _own_detail, _retry_after),
+    BodyTooLarge: (413, _own_detail, _no_headers),
+    IdempotencyKeyReused: (422, _own_detail, _no_headers),
+    InvalidInput: (422, _own_detail, _no_headers),
+    VersionConflict: (503, _fixed("The task is busy; try again shortly"), _retry_after),
+    StorageUnavailable: (503, _fixed(STORAGE_DOWN), _retry_after),
+    StorageError: (503, _fixed(STORAGE_DOWN), _retry_after),
+    DeepworkError: (400, _own_detail, _no_headers),
+}
+"""Every error the API reports, by class: the one place statuses are chosen."""
+
+
+def error_response(exc: BaseException) -> ApiResponse:
+    """The response for ``exc``; anything not in :data:`ERRORS` is logged and answered 503."""
+    for cls in type(exc).__mro__:
+        row = ERRORS.get(cls)
+        if row is not None:
+            status, detail, headers = row
+            return respond(status, {"detail": detail(exc)}, headers(exc))
+    log.error("unexpected error in the web API", exc_info=exc)
+    return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))
+
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "ERRORS",
+    "ROUTES",
+    "ApiRequest",
+    "ApiResponse",
+    "BadRequestBody",
+    "IdempotencyInProgress",
+    "error_response",
+    "match",
+    "normalise_prefix",
+]

@@ -1,0 +1,71 @@
+"""The retry API for Starlette (ASGI), over the async services.
+
+from deepwork_retry.web.starlette import create_app, routes
+
+app = create_app(service, StaticTokens.from_env())     # a whole app, or
+app = Starlette(routes=[*routes(service, tokens), ...])  # mounted in yours
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepwork_retry._async.api import AsyncRetryAPI
+from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry.auth import Authenticator, Authorizer, may_retry
+from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
+
+try:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute, Route
+
+    from deepwork_retry.web._asgi import ANY_PATH, METHODS, api_request, response
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise missing_extra("starlette", __name__, exc) from exc
+
+
+def routes(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+) -> list[BaseRoute]:
+    """The API's routes under ``prefix``, to list in your own application."""
+    api = _api(service, authenticator, authorizer)
+
+    async def endpoint(request: Request) -> Response:
+        path = "/" + str(request.path_params["rest"])
+        return response(await api.handle(await api_request(request, path)))
+
+    return [Route(normalise_prefix(prefix) + "/{rest:" + ANY_PATH + "}", endpoint, methods=METHODS)]
+
+
+def create_app(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    **starlette: Any,
+) -> Starlette:
+    """A Starlette application serving only the API (extra keywords go to ``Starlette``)."""
+    return Starlette(routes=routes(service, authenticator, authorizer, prefix=prefix), **starlette)
+
+
+def _api(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None,
+    authorizer: Authorizer,
+) -> AsyncRetryAPI:
+    if isinstance(service, AsyncRetryAPI):
+        return service
+    if authenticator is None:
+        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
+    return AsyncRetryAPI(service, authenticator, authorizer)
+
+
+__all__ = ["create_app", "routes"]

@@ -1,0 +1,630 @@
+"""The HTTP contract (CONTRACT.md sections 1 and 4), run against every web adapter.
+
+The same requests and the same assertions go to Starlette, FastAPI, Flask,
+Django and aiohttp, each served by a real server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from web_harness import ALICE, BOB, PREFIX, World, auth, seg, task_url, url
+
+JSON = "application/json"
+
+
+def assert_error(
+    response: httpx.Response, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    assert (status, {"detail": detail}) == (response.status_code, response.json())
+    assert JSON == response.headers["content-type"]
+    for name, value in (headers or {}).items():
+        assert value == response.headers.get(name)
+
+
+def retry(http: httpx.Client, project_id: str, task_id: str, **kwargs: Any) -> httpx.Response:
+    kwargs.setdefault("headers", auth())
+    return http.post(task_url(project_id, task_id, "/retry"), **kwargs)
+
+
+# -- CONTRACT §1, row by row ------------------------------------------------------------
+
+
+def test_missing_authorization_header_is_401_not_authenticated(
+    http: httpx.Client, world: World
+) -> None:
+    """No Authorization header: 401, WWW-Authenticate: Bearer, nothing changes."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    response = retry(http, pid, tid, headers={})
+    assert_error(response, 401, "Not authenticated", {"www-authenticate": "Bearer"})
+    assert before == world.snapshot(pid)
+
+
+@pytest.mark.parametrize(
+    "header", ["Basic YWxpY2U6cHc=", "Bearer", "Bearer" + ALICE, ALICE, "Token x"]
+)
+def test_authorization_not_bearer_token_is_401_not_authenticated(
+    http: httpx.Client, world: World, header: str
+) -> None:
+    """An Authorization header that is not ``Bearer <token>`` is 401 Not authenticated."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    response = retry(http, pid, tid, headers={"Authorization": header})
+    assert_error(response, 401, "Not authenticated", {"www-authenticate": "Bearer"})
+    assert before == world.snapshot(pid)
+
+
+def test_unknown_token_is_401_invalid_token(http: httpx.Client, world: World) -> None:
+    """A token the authenticator does not know: 401 with error="invalid_token"."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    response = retry(http, pid, tid, headers=auth("not-a-known-token"))
+    assert_error(
+        response, 401, "Invalid token", {"www-authenticate": 'Bearer error="invalid_token"'}
+    )
+    assert before == world.snapshot(pid)
+
+
+def test_principal_without_access_gets_404_project_not_found(
+    http: httpx.Client, world: World
+) -> None:
+    """A valid token for a principal that may not act in the project sees 404, not 403."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    assert_error(retry(http, pid, tid, headers=auth(BOB)), 404, "Project not found")
+    assert before == world.snapshot(pid)
+
+
+def test_unknown_project_is_404(http: httpx.Client, world: World) -> None:
+    """A project that does not exist: 404 Project not found."""
+    assert_error(retry(http, "no-such-project", "t1"), 404, "Project not found")
+
+
+def test_unknown_task_is_404(http: httpx.Client, world: World) -> None:
+    """A task that does not exist in the project: 404 Task not found."""
+    pid = world.project()
+    world.blocked(pid)
+    before = world.snapshot(pid)
+    assert_error(retry(http, pid, "no-such-task"), 404, "Task not found")
+    assert before == world.snapshot(pid)
+
+
+def test_task_of_another_project_is_404(http: httpx.Client, world: World) -> None:
+    """A task id that exists only in another project is "Task not found" here."""
+    pid, other = world.project(), world.project()
+    tid = world.blocked(other, "elsewhere")
+    world.blocked(pid)
+    before = world.snapshot(pid), world.snapshot(other)
+    assert_error(retry(http, pid, tid), 404, "Task not found")
+    assert before == (world.snapshot(pid), world.snapshot(other))
+
+
+@pytest.mark.parametrize("status", ["done", "inbox", "assigned"])
+def test_task_not_blocked_is_400_naming_its_status(
+    http: httpx.Client, world: World, status: str
+) -> None:
+    """Retrying a task that is not blocked is 400 with the status found."""
+    pid = world.project()
+    if status == "done":
+        world.done(pid, "t1")
+    else:
+        world.executor.add_task(pid, "t1")
+        if status == "assigned":
+            world.executor.assign(pid, "t1")
+    before = world.snapshot(pid)
+    assert_error(
+        retry(http, pid, "t1"), 400, f"Can only retry tasks with status 'blocked', got '{status}'"
+    )
+    assert before == world.snapshot(pid)
+
+
+@pytest.mark.parametrize("status", ["cancelled", "completed", "failed", "draft"])
+def test_project_that_cannot_take_work_is_409(
+    http: httpx.Client, world: World, status: str
+) -> None:
+    """A blocked task in a project that takes no work is 409 naming the project status."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    world.executor.set_project_status(pid, status)
+    before = world.snapshot(pid)
+    assert_error(retry(http, pid, tid), 409, f"Cannot retry tasks in a '{status}' project")
+    assert before == world.snapshot(pid)
+
+
+def test_not_blocked_is_reported_before_project_status(http: httpx.Client, world: World) -> None:
+    """The 400 check runs before the 409 check, as the contract orders them."""
+    pid = world.project()
+    world.done(pid, "t1")
+    world.executor.set_project_status(pid, "cancelled")
+    assert_error(
+        retry(http, pid, "t1"), 400, "Can only retry tasks with status 'blocked', got 'done'"
+    )
+
+
+def test_storage_unavailable_is_503_with_retry_after(http: httpx.Client, world: World) -> None:
+    """Storage down: 503 with Retry-After and a plain detail, and nothing changes."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    world.storage.down = True
+    try:
+        response = retry(http, pid, tid)
+    finally:
+        world.storage.down = False
+    assert_error(response, 503, "Storage is unavailable; try again later", {"retry-after": "7"})
+    assert before == world.snapshot(pid)
+
+
+def test_storage_unavailable_on_reads_is_503(http: httpx.Client, world: World) -> None:
+    """Read endpoints report an unreachable storage the same way."""
+    pid = world.project()
+    world.storage.down = True
+    try:
+        response = http.get(url("projects", seg(pid), "progress"), headers=auth())
+    finally:
+        world.storage.down = False
+    assert_error(response, 503, "Storage is unavailable; try again later", {"retry-after": "7"})
+
+
+# -- success ----------------------------------------------------------------------------
+
+
+def seed_project(world: World) -> tuple[str, str]:
+    """The seed's example: 8 tasks, 4 done, 1 in progress, task-3 blocked."""
+    pid = world.project()
+    ex = world.executor
+    for n in (1, 2, 4, 5):
+        world.done(pid, f"task-{n}")
+    tid = world.blocked(pid, "task-3", title="Implement user authentication")
+    ex.add_task(pid, "task-6")
+    ex.assign(pid, "task-6")
+    ex.start(pid, "task-6", 1)
+    ex.add_task(pid, "task-7")
+    ex.add_task(pid, "task-8")
+    return pid, tid
+
+
+def test_retry_succeeds_with_the_seed_response(http: httpx.Client, world: World) -> None:
+    """200: task assigned, retry_count + 1, error cleared, max_retries kept, progress after."""
+    pid, tid = seed_project(world)
+    response = retry(http, pid, tid, headers={**auth(), "Content-Type": JSON})
+    assert 200 == response.status_code
+    assert JSON == response.headers["content-type"]
+    body = response.json()
+    assert True is body["success"]
+    task = body["task"]
+    expected_task = {
+        "id": "task-3",
+        "project_id": pid,
+        "title": "Implement user authentication",
+        "status": "assigned",
+        "retry_count": 2,
+        "max_retries": 1,
+        "error_message": None,
+    }
+    assert expected_task == {k: task[k] for k in expected_task}
+    stored = world.memory.load(pid, tid)[1]
+    assert stored.updated_at.isoformat() == task["updated_at"]
+    expected_progress = {"total": 8, "completed": 4, "in_progress": 1, "percent": 50}
+    assert expected_progress == {k: body["progress"][k] for k in expected_progress}
+    assert {"status": "dispatched", "task_id": tid, "attempt": 3, "error": None} == body["dispatch"]
+    assert 1 == world.recorder.count(pid)
+
+
+def test_retry_keeps_the_cleared_error_in_the_attempt_history(
+    http: httpx.Client, world: World
+) -> None:
+    """The error the retry cleared stays in the attempts endpoint's history."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    assert 200 == retry(http, pid, tid).status_code
+    attempts = http.get(task_url(pid, tid, "/attempts"), headers=auth()).json()["attempts"]
+    assert [1, 2, 3] == [a["number"] for a in attempts]
+    assert "second failure" == attempts[1]["error_message"]
+    assert ("manual_retry", "alice") == (attempts[2]["trigger"], attempts[2]["actor"])
+
+
+def test_dispatch_pending_when_the_dispatcher_fails(http: httpx.Client, world: World) -> None:
+    """A dispatcher failure still commits the retry: 200 with dispatch status pending."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    world.recorder.failing.add(tid)
+    response = retry(http, pid, tid)
+    assert 200 == response.status_code
+    dispatch = response.json()["dispatch"]
+    assert "pending" == dispatch["status"]
+    assert "ConnectionError: executor unreachable" == dispatch["error"]
+    assert "assigned" == world.memory.load(pid, tid)[1].status
+
+
+def test_dispatch_deferred_in_a_paused_project(http: httpx.Client, world: World) -> None:
+    """A paused project accepts the retry and defers its dispatch."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    world.executor.set_project_status(pid, "paused")
+    response = retry(http, pid, tid)
+    assert (200, "deferred") == (response.status_code, response.json()["dispatch"]["status"])
+    assert 0 == world.recorder.count(pid)
+
+
+def test_second_retry_is_400_with_the_status_found(http: httpx.Client, world: World) -> None:
+    """After one retry the task is assigned, so a second is 400 and changes nothing."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    assert 200 == retry(http, pid, tid).status_code
+    before = world.snapshot(pid)
+    assert_error(
+        retry(http, pid, tid), 400, "Can only retry tasks with status 'blocked', got 'assigned'"
+    )
+    assert before == world.snapshot(pid)
+
+
+# -- §4: the optional body ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("budget", "retries_left"), [("one_more", 0), ("full", 1)])
+def test_budget_is_applied_and_recorded(
+    http: httpx.Client, world: World, budget: str, retries_left: int
+) -> None:
+    """The body's budget sets the automatic budget and is recorded on the attempt."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    response = retry(http, pid, tid, json={"budget": budget, "reason": "fixed the API key"})
+    assert 200 == response.status_code
+    assert retries_left == response.json()["task"]["retries_left"]
+    attempt = world.memory.attempts(pid, tid)[-1]
+    assert (budget, "fixed the API key", "alice") == (
+        attempt.budget,
+        attempt.reason,
+        attempt.actor,
+    )
+
+
+def test_no_body_means_one_more(http: httpx.Client, world: World) -> None:
+    """Without a body the retry gives exactly one more execution (budget one_more)."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    assert 200 == retry(http, pid, tid).status_code
+    attempt = world.memory.attempts(pid, tid)[-1]
+    assert ("one_more", None) == (attempt.budget, attempt.reason)
+
+
+@pytest.mark.parametrize("body", [b"null", b"{}", b"  ", b'{"budget": null, "reason": null}'])
+def test_empty_bodies_are_accepted(http: httpx.Client, world: World, body: bytes) -> None:
+    """Empty, whitespace, ``null`` and all-null bodies mean "no options"."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    headers = {**auth(), "Content-Type": JSON}
+    assert 200 == retry(http, pid, tid, content=body, headers=headers).status_code
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"{not json", "Request body must be a JSON object"),
+        (b"[1, 2]", "Request body must be a JSON object"),
+        (b"\xff\xfe", "Request body must be a JSON object"),
+        (b'"one_more"', "Request body must be a JSON object"),
+        (b'{"budget": "twice"}', "budget must be 'one_more' or 'full'"),
+        (b'{"budget": 1}', "budget must be 'one_more' or 'full'"),
+        (b'{"reason": 42}', "reason must be a string of at most 2000 characters"),
+        (
+            b'{"reason": "' + b"x" * 2001 + b'"}',
+            "reason must be a string of at most 2000 characters",
+        ),
+        (b'{"budgett": "full"}', "Unknown field in request body: 'budgett'"),
+        (b"[" * 50000 + b"]" * 50000, "Request body is larger than 65536 bytes"),
+        (b"[" * 30000 + b"]" * 30000, "Request body must be a JSON object"),
+    ],
+)
+def test_bad_bodies_are_422_and_change_nothing(
+    http: httpx.Client, world: World, body: bytes, detail: str
+) -> None:
+    """A body that is not the documented JSON object is refused with a clear detail."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    response = retry(http, pid, tid, content=body, headers={**auth(), "Content-Type": JSON})
+    status = 413 if "larger" in detail else 422
+    assert_error(response, status, detail)
+    assert before == world.snapshot(pid)
+
+
+# -- §4: Idempotency-Key --------------------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_first_response(http: httpx.Client, world: World) -> None:
+    """A repeat with the same key gets the first status and body, without a second retry."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    headers = {**auth(), "Idempotency-Key": f"retry-once-{pid}"}
+    first = retry(http, pid, tid, headers=headers)
+    after_first = world.snapshot(pid)
+    second = retry(http, pid, tid, headers=headers)
+    assert (200, first.content) == (second.status_code, second.content)
+    assert "true" == second.headers.get("idempotent-replayed")
+    assert after_first == world.snapshot(pid)
+    assert 1 == world.recorder.count(pid)
+
+
+def test_idempotency_key_replays_a_refusal(http: httpx.Client, world: World) -> None:
+    """A 400 answered under a key is replayed even after the task became retryable."""
+    pid = world.project()
+    world.executor.add_task(pid, "t1", max_retries=0)
+    headers = {**auth(), "Idempotency-Key": f"k-400-{pid}"}
+    first = retry(http, pid, "t1", headers=headers)
+    assert 400 == first.status_code
+    world.executor.assign(pid, "t1")
+    world.executor.start(pid, "t1", 1)
+    world.executor.fail(pid, "t1", 1, RuntimeError("now blocked"))
+    before = world.snapshot(pid)
+    second = retry(http, pid, "t1", headers=headers)
+    assert (400, first.content) == (second.status_code, second.content)
+    assert before == world.snapshot(pid)
+
+
+def test_idempotency_key_reused_for_another_task_is_422(http: httpx.Client, world: World) -> None:
+    """The same key sent for a different task is refused and that task is not retried."""
+    pid = world.project()
+    t1, t2 = world.blocked(pid, "t1"), world.blocked(pid, "t2")
+    headers = {**auth(), "Idempotency-Key": f"shared-{pid}"}
+    assert 200 == retry(http, pid, t1, headers=headers).status_code
+    before = world.snapshot(pid)
+    assert_error(
+        retry(http, pid, t2, headers=headers),
+        422,
+        "Idempotency-Key was already used for a different request; "
+        "send a new key for a new request",
+    )
+    assert before == world.snapshot(pid)
+
+
+def test_idempotency_key_reuse_keeps_the_earlier_checks_first(
+    http: httpx.Client, world: World
+) -> None:
+    """A reused key for a missing task is still 404, as the contract orders the checks."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    headers = {**auth(), "Idempotency-Key": f"order-{pid}"}
+    assert 200 == retry(http, pid, tid, headers=headers).status_code
+    assert_error(retry(http, pid, "missing", headers=headers), 404, "Task not found")
+
+
+def test_idempotency_keys_are_scoped_per_principal(http: httpx.Client, world: World) -> None:
+    """Two principals using the same key do not see each other's responses."""
+    pid = world.project(prefix="bob-")
+    t1, t2 = world.blocked(pid, "t1"), world.blocked(pid, "t2")
+    key = {"Idempotency-Key": f"same-{pid}"}
+    assert 200 == retry(http, pid, t1, headers={**auth(ALICE), **key}).status_code
+    response = retry(http, pid, t2, headers={**auth(BOB), **key})
+    assert (200, "bob") == (response.status_code, world.memory.attempts(pid, t2)[-1].actor)
+
+
+@pytest.mark.parametrize("key", ["", "a b", "k" * 256, "caf\u00e9"])
+def test_malformed_idempotency_key_is_422(http: httpx.Client, world: World, key: str) -> None:
+    """An Idempotency-Key that is empty, too long or not visible ASCII is refused."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    before = world.snapshot(pid)
+    headers = [(b"Authorization", f"Bearer {ALICE}".encode()), (b"Idempotency-Key", key.encode())]
+    assert_error(
+        retry(http, pid, tid, headers=headers),
+        422,
+        "Idempotency-Key must be 1 to 255 visible ASCII characters",
+    )
+    assert before == world.snapshot(pid)
+
+
+# -- §4: read endpoints ------------------------------------------------------------------------
+
+
+def test_task_endpoint_explains_whether_it_can_be_retried(http: httpx.Client, world: World) -> None:
+    """GET task: the stored task and the can_retry answer a UI needs for its button."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    world.done(pid, "t2")
+    blocked = http.get(task_url(pid, tid), headers=auth())
+    assert 200 == blocked.status_code
+    assert ("blocked", "second failure") == (
+        blocked.json()["task"]["status"],
+        blocked.json()["task"]["error_message"],
+    )
+    assert {"allowed": True, "code": None, "reason": None} == blocked.json()["can_retry"]
+    done = http.get(task_url(pid, "t2"), headers=auth()).json()["can_retry"]
+    expected = {
+        "allowed": False,
+        "code": "not_blocked",
+        "reason": "Can only retry tasks with status 'blocked', got 'done'",
+    }
+    assert expected == done
+
+
+def test_progress_endpoint(http: httpx.Client, world: World) -> None:
+    """GET progress: the project's counters and percent."""
+    pid, _ = seed_project(world)
+    body = http.get(url("projects", seg(pid), "progress"), headers=auth()).json()
+    assert {"id": pid, "status": "executing", "name": ""} == body["project"]
+    expected = {"total": 8, "completed": 4, "in_progress": 1, "percent": 50, "blocked": 1}
+    assert expected == {k: body["progress"][k] for k in expected}
+
+
+def test_blocked_tasks_are_paged(http: httpx.Client, world: World) -> None:
+    """GET tasks?status=blocked pages through the blocked tasks in id order."""
+    pid = world.project()
+    for tid in ("a", "b", "c"):
+        world.blocked(pid, tid)
+    world.done(pid, "d")
+    path = url("projects", seg(pid), "tasks")
+    first = http.get(path, params={"status": "blocked", "limit": "2"}, headers=auth()).json()
+    assert (["a", "b"], "b") == ([t["id"] for t in first["tasks"]], first["next_after"])
+    rest = http.get(path, params={"limit": "2", "after": "b"}, headers=auth()).json()
+    assert (["c"], None) == ([t["id"] for t in rest["tasks"]], rest["next_after"])
+
+
+@pytest.mark.parametrize(
+    ("params", "detail"),
+    [
+        ({"status": "done"}, "status must be 'blocked' (the only listing offered)"),
+        ({"limit": "0"}, "limit must be an integer from 1 to 1000"),
+        ({"limit": "1001"}, "limit must be an integer from 1 to 1000"),
+        ({"limit": "ten"}, "limit must be an integer from 1 to 1000"),
+        ({"after": "x" * 300}, "after must be a task id"),
+        ({"colour": "blue"}, "Unknown query parameter: 'colour'"),
+    ],
+)
+def test_bad_listing_parameters_are_422(
+    http: httpx.Client, world: World, params: dict[str, str], detail: str
+) -> None:
+    """Listing parameters outside their documented form are refused with 422."""
+    pid = world.project()
+    response = http.get(url("projects", seg(pid), "tasks"), params=params, headers=auth())
+    assert_error(response, 422, detail)
+
+
+@pytest.mark.parametrize("suffix", ["", "/attempts"])
+def test_reads_need_authentication_and_access(
+    http: httpx.Client, world: World, suffix: str
+) -> None:
+    """Read endpoints refuse missing tokens (401) and hide other projects (404)."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    path = task_url(pid, tid, suffix)
+    assert_error(http.get(path), 401, "Not authenticated", {"www-authenticate": "Bearer"})
+    assert_error(http.get(path, headers=auth(BOB)), 404, "Project not found")
+    assert_error(http.get(task_url(pid, "nope", suffix), headers=auth()), 404, "Task not found")
+    progress = url("projects", seg(pid), "progress")
+    assert_error(http.get(progress, headers=auth(BOB)), 404, "Project not found")
+
+
+# -- §4: bulk retry ---------------------------------------------------------------------------
+
+
+def test_bulk_dry_run_reports_per_task_and_changes_nothing(
+    http: httpx.Client, world: World
+) -> None:
+    """A dry run says for each blocked task whether it would be retried, and retries none."""
+    pid = world.project()
+    for tid in ("a", "b"):
+        world.blocked(pid, tid)
+    world.executor.set_project_status(pid, "cancelled")
+    before = world.snapshot(pid)
+    response = http.post(
+        url("projects", seg(pid), "retry-blocked"), json={"dry_run": True}, headers=auth()
+    )
+    assert 200 == response.status_code
+    body = response.json()
+    detail = "Cannot retry tasks in a 'cancelled' project"
+    assert (True, 0, None) == (body["dry_run"], body["retried"], body["next_after"])
+    assert [("a", False, detail), ("b", False, detail)] == [
+        (i["task_id"], i["would_retry"], i["detail"]) for i in body["items"]
+    ]
+    assert before == world.snapshot(pid)
+
+
+def test_bulk_retry_retries_every_blocked_task(http: httpx.Client, world: World) -> None:
+    """The bulk retry retries each blocked task once, recording budget, reason and actor."""
+    pid = world.project()
+    for tid in ("a", "b", "c"):
+        world.blocked(pid, tid)
+    world.done(pid, "d")
+    dry = http.post(
+        url("projects", seg(pid), "retry-blocked"), json={"dry_run": True}, headers=auth()
+    ).json()
+    assert [True, True, True] == [i["would_retry"] for i in dry["items"]]
+    response = http.post(
+        url("projects", seg(pid), "retry-blocked"),
+        json={"budget": "full", "reason": "upstream fixed", "limit": 2},
+        headers=auth(),
+    )
+    body = response.json()
+    assert (200, 2, "b") == (response.status_code, body["retried"], body["next_after"])
+    assert [("a", True, "dispatched"), ("b", True, "dispatched")] == [
+        (i["task_id"], i["retried"], i["dispatch"]) for i in body["items"]
+    ]
+    attempt = world.memory.attempts(pid, "a")[-1]
+    assert ("full", "upstream fixed", "alice") == (attempt.budget, attempt.reason, attempt.actor)
+    rest = http.post(url("projects", seg(pid), "retry-blocked"), headers=auth()).json()
+    assert (["c"], None) == ([i["task_id"] for i in rest["items"]], rest["next_after"])
+    assert 3 == world.recorder.count(pid)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"dry_run": "yes"}, "dry_run must be true or false"),
+        ({"limit": 0}, "limit must be an integer from 1 to 1000"),
+        ({"limit": True}, "limit must be an integer from 1 to 1000"),
+        ({"after": 5}, "after must be a task id"),
+        ({"budget": "all"}, "budget must be 'one_more' or 'full'"),
+    ],
+)
+def test_bad_bulk_bodies_are_422(
+    http: httpx.Client, world: World, body: dict[str, Any], detail: str
+) -> None:
+    """A bulk body outside its documented form is refused and retries nothing."""
+    pid = world.project()
+    world.blocked(pid)
+    before = world.snapshot(pid)
+    response = http.post(url("projects", seg(pid), "retry-blocked"), json=body, headers=auth())
+    assert_error(response, 422, detail)
+    assert before == world.snapshot(pid)
+
+
+# -- routing and odd ids ------------------------------------------------------------------------
+
+
+def test_unknown_route_under_the_prefix_is_json_404(http: httpx.Client) -> None:
+    """Paths under the prefix that name no operation get a JSON 404."""
+    assert_error(http.get(PREFIX + "/projects", headers=auth()), 404, "Not Found")
+
+
+def test_wrong_method_is_405_with_allow(http: httpx.Client, world: World) -> None:
+    """A GET on the retry endpoint is 405 and names the allowed method."""
+    pid = world.project()
+    response = http.get(task_url(pid, "t1", "/retry"), headers=auth())
+    assert_error(response, 405, "Method Not Allowed", {"allow": "POST"})
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["", "a/b", "line\nbreak", "..", ".", "\u00e9\u4e2d\U0001f600", "x" * 300, "%", "?#&", " "],
+)
+def test_odd_task_ids_are_json_404(http: httpx.Client, world: World, task_id: str) -> None:
+    """Ids of any alphabet and length are looked up (or refused) without a 500."""
+    pid = world.project()
+    world.blocked(pid)
+    before = world.snapshot(pid)
+    response = retry(http, pid, task_id)
+    assert response.status_code == 404, response.text
+    assert JSON == response.headers["content-type"]
+    assert response.json()["detail"] in {"Task not found", "Not Found"}
+    assert before == world.snapshot(pid)
+
+
+def test_odd_ids_are_found_when_they_exist(http: httpx.Client, world: World) -> None:
+    """A task whose id has spaces, unicode and punctuation is reachable and retried."""
+    pid = world.project()
+    tid = world.blocked(pid, "t 1 \u00e9\u4e2d?#&.%")
+    response = retry(http, pid, tid)
+    assert (200, tid) == (response.status_code, response.json()["task"]["id"])
+
+
+def test_error_bodies_are_exactly_one_detail_string(http: httpx.Client, world: World) -> None:
+    """Every error body is a JSON object with the single key ``detail``, a string."""
+    pid = world.project()
+    for response in (
+        retry(http, pid, "t", headers={}),
+        retry(http, pid, "t", headers=auth("nope")),
+        retry(http, pid, "t"),
+        retry(http, pid, "t", content=b"{"),
+    ):
+        body = json.loads(response.content)
+        assert (["detail"], str) == (list(body), type(body["detail"]))

@@ -1,0 +1,319 @@
+"""The web tests' harness: a real HTTP server on 127.0.0.1 per web adapter, one shared world.
+
+Every adapter is served once per session on an ephemeral loopback port:
+Starlette and FastAPI by uvicorn, Flask by werkzeug's threaded server, Django
+by its threaded WSGI server, aiohttp by its own runner. All five serve the same
+storage, dispatcher and token table, so a test creates its own project (with a
+fresh id) and then talks to whichever adapter it is parametrised with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from deepwork_retry import (
+    AsyncRetryService,
+    ExecutorService,
+    NoBackoff,
+    RetryPolicy,
+    RetryService,
+)
+from deepwork_retry.auth import Principal, StaticTokens
+from deepwork_retry.exceptions import StorageUnavailable
+from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage.memory import MemoryStorage
+
+ADAPTERS = ["starlette", "fastapi", "flask", "django", "aiohttp"]
+PREFIX = "/api/deep-work"
+
+ALICE = "alice-token-0123456789"
+"""May act in every project."""
+BOB = "bob-token-0123456789"
+"""May act only in projects whose id starts with ``bob-`` (see :func:`authorize`)."""
+
+
+def authorize(principal: Principal, project_id: str) -> bool:
+    return principal.id == "alice" or project_id.startswith("bob-")
+
+
+class FaultyStorage:
+    """A storage adapter that reports itself unreachable while ``down`` is set."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StorageUnavailable("connection refused", retry_after=7)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class Recorder:
+    """A dispatcher that records what it was handed, failing for chosen tasks."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, str, int]] = []
+        self.failing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def dispatch(self, entry: Any) -> None:
+        if entry.task_id in self.failing:
+            raise ConnectionError("executor unreachable")
+        with self._lock:
+            self.keys.append((entry.project_id, entry.task_id, entry.attempt))
+
+    def count(self, project_id: str) -> int:
+        with self._lock:
+            return sum(1 for key in self.keys if key[0] == project_id)
+
+
+class AsyncRecorder:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    async def dispatch(self, entry: Any) -> None:
+        self.recorder.dispatch(entry)
+
+
+class World:
+    """The state all five servers share, and helpers to arrange it."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryStorage()
+        self.storage = FaultyStorage(self.memory)
+        self.async_storage = AsyncFromSync(self.storage, offload=False)  # type: ignore[type-var]
+        self.recorder = Recorder()
+        self.tokens = StaticTokens({ALICE: Principal(id="alice"), BOB: Principal(id="bob")})
+        self.executor = ExecutorService(self.memory, policy=RetryPolicy(backoff=NoBackoff()))
+
+    def sync_service(self) -> RetryService:
+        return RetryService(self.storage, self.recorder)  # type: ignore[arg-type]
+
+    def async_service(self) -> AsyncRetryService:
+        return AsyncRetryService(self.async_storage, AsyncRecorder(self.recorder))
+
+    # -- arranging -------------------------------------------------------------------
+    def project(self, status: str = "executing", *, prefix: str = "p-") -> str:
+        project_id = prefix + uuid.uuid4().hex[:12]
+        self.executor.create_project(project_id, status=status)
+        return project_id
+
+    def blocked(self, project_id: str, task_id: str = "t1", *, title: str = "") -> str:
+        """A task that failed twice with ``max_retries=1`` (so ``retry_count`` is 1)."""
+        ex = self.executor
+        ex.add_task(project_id, task_id, title=title or f"Task {task_id}", max_retries=1)
+        ex.assign(project_id, task_id)
+        ex.start(project_id, task_id, 1)
+        ex.fail(project_id, task_id, 1, RuntimeError("first failure"))
+        ex.start(project_id, task_id, 2)
+        ex.fail(project_id, task_id, 2, RuntimeError("second failure"))
+        return task_id
+
+    def done(self, project_id: str, task_id: str) -> str:
+        self.executor.add_task(project_id, task_id)
+        self.executor.assign(project_id, task_id)
+        self.executor.start(project_id, task_id, 1)
+        self.executor.succeed(project_id, task_id, 1)
+        return task_id
+
+    def snapshot(self, project_id: str) -> Any:
+        """Everything stored about the project, for "nothing changed" checks."""
+        m = self.memory
+        tasks = m.list_tasks(project_id, limit=1000)
+        return (
+            m.get_project(project_id),
+            tasks,
+            m.progress(project_id),
+            {t.id: (m.attempts(project_id, t.id), m.dispatches(project_id, t.id)) for t in tasks},
+            self.recorder.count(project_id),
+        )
+
+
+# -- the servers -----------------------------------------------------------------------
+
+
+def _no_delay(sock: socket.socket) -> None:
+    # Accepted connections inherit this: responses written in two parts (head, then
+    # body) are not held back by Nagle's algorithm waiting for a delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    _no_delay(sock)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
+    """Run ``app`` under uvicorn in a thread; returns its URL and a stop function."""
+    import uvicorn
+
+    sock = _socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        thread.join(0.01)
+    assert server.started, "uvicorn did not start"
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    _no_delay(server.socket)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+    return f"http://127.0.0.1:{server.socket.getsockname()[1]}", stop
+
+
+def configure_django() -> None:
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="tests-only-not-a-secret",
+            ALLOWED_HOSTS=["127.0.0.1", "localhost", "testserver"],
+            ROOT_URLCONF="deepwork_retry.web.django.urls",
+            INSTALLED_APPS=["deepwork_retry.web.django"],
+            MIDDLEWARE=[
+                "django.middleware.common.CommonMiddleware",
+                "django.middleware.csrf.CsrfViewMiddleware",
+            ],
+            DATABASES={},
+            USE_TZ=True,
+            DEEPWORK_RETRY={"PREFIX": PREFIX},
+        )
+        django.setup()
+
+
+def serve_django() -> tuple[str, Callable[[], None]]:
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadedWSGIServer(("127.0.0.1", 0), Quiet, allow_reuse_address=True)
+    server.set_app(WSGIHandler())
+    _no_delay(server.socket)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+    return f"http://127.0.0.1:{server.server_address[1]}", stop
+
+
+def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sock = _socket()
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+
+
+def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
+    """Serve ``world`` with ``adapter`` on a loopback port."""
+    if adapter == "starlette":
+        from deepwork_retry.web.starlette import create_app
+
+        return serve_asgi(create_app(world.async_service(), world.tokens, authorize))
+    if adapter == "fastapi":
+        from deepwork_retry.web.fastapi import create_app as create_fastapi
+
+        return serve_asgi(create_fastapi(world.async_service(), world.tokens, authorize))
+    if adapter == "flask":
+        from flask import Flask
+
+        from deepwork_retry.web.flask import blueprint
+
+        app = Flask("deepwork_retry_tests")
+        app.register_blueprint(blueprint(world.sync_service(), world.tokens, authorize))
+        return serve_wsgi_werkzeug(app)
+    if adapter == "django":
+        configure_django()
+        from deepwork_retry.web.django import configure
+
+        configure(world.sync_service(), world.tokens, authorize)
+        return serve_django()
+    if adapter == "aiohttp":
+        from deepwork_retry.web.aiohttp import create_app as create_aiohttp
+
+        return serve_aiohttp(create_aiohttp(world.async_service(), world.tokens, authorize))
+    raise AssertionError(adapter)
+
+
+def seg(value: str) -> str:
+    """One path segment, every byte percent-encoded (so dots and slashes stay data)."""
+    return "".join(f"%{b:02X}" for b in value.encode("utf-8", "surrogatepass"))
+
+
+def url(*parts: str) -> str:
+    """``/api/deep-work/projects/<p>/tasks/<t>/retry`` style paths; ids are encoded."""
+    return PREFIX + "/" + "/".join(parts)
+
+
+def task_url(project_id: str, task_id: str, suffix: str = "") -> str:
+    return url("projects", seg(project_id), "tasks", seg(task_id)) + suffix
+
+
+def auth(token: str = ALICE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
