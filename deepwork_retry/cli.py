@@ -1,10 +1,10 @@
 """The ``deepwork-retry`` command (also ``python -m deepwork_retry``).
 
-    deepwork-retry serve                  the demo API on 127.0.0.1:8000 (SQLite)
-    deepwork-retry retry PROJECT TASK     retry a blocked task in a database
-    deepwork-retry blocked PROJECT        list a project's blocked tasks
-    deepwork-retry migrate                create or upgrade a database's schema
-    deepwork-retry reap                   fail attempts whose lease expired
+deepwork-retry serve                  the demo API on 127.0.0.1:8000 (SQLite)
+deepwork-retry retry PROJECT TASK     retry a blocked task in a database
+deepwork-retry blocked PROJECT        list a project's blocked tasks
+deepwork-retry migrate                create or upgrade a database's schema
+deepwork-retry reap                   fail attempts whose lease expired
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
 
 
 def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
-    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::1") else host  # noqa: S104 - display only
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::1") else host
     base = f"http://{shown}:{port}{DEFAULT_PREFIX}"
     lines = [
         "",

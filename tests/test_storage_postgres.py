@@ -809,6 +809,7 @@ def test_relay_woken_by_notification_before_its_poll(
     try:
         assert store.wait_for_work(0) is False  # the relay's listener is up before the write
         runner.start()
+        time.sleep(0.3)  # ordering aid only: let the relay find nothing and go idle first
         ex = ExecutorService(writer)  # no dispatcher: the entry is left for the relay
         ex.create_project("p")
         ex.add_task("p", "t")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -630,6 +632,67 @@ def test_read_only_database_reads_but_never_writes(db: Path) -> None:
     finally:
         reader.close()
     assert before == dump(db)
+
+
+def _as_unprivileged(fn: Callable[[], list[str]]) -> list[str]:
+    """Run ``fn`` in a forked child as user nobody (root is never refused a write)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child, which always exits here
+        code = 0
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            os.write(write_end, json.dumps(fn()).encode())
+        except BaseException:  # noqa: BLE001 - the parent sees the exit code
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert 0 == os.waitstatus_to_exitcode(status)
+    result: list[str] = json.loads(data)
+    return result
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork() to drop privileges")
+@pytest.mark.parametrize("directory_mode", [0o555, 0o777], ids=["read-only-dir", "writable-dir"])
+def test_file_without_write_permission_reads_but_refuses_writes(directory_mode: int) -> None:
+    """A 0444 file opened by a user who may not write it: reads work, writes are StorageReadOnly."""
+    folder = Path(tempfile.mkdtemp(prefix="dw-ro-"))
+    try:
+        db = folder / "ro.db"
+        writer = SQLiteStorage(db)
+        writer.create_project(Project(id="p", name="kept", created_at=T0, updated_at=T0))
+        writer.close()
+        before = dump(db)
+        db.chmod(0o444)
+        folder.chmod(directory_mode)
+
+        def attempt() -> list[str]:
+            out = []
+            store = SQLiteStorage(db)
+            out.append(store.get_project("p").name)
+            try:
+                store.create_project(Project(id="q", created_at=T0, updated_at=T0))
+            except StorageReadOnly as exc:
+                out.append(f"{type(exc).__name__}: {exc}")
+            store.close()
+            return out
+
+        name, error = _as_unprivileged(attempt)
+        assert "kept" == name
+        assert error.startswith(f"StorageReadOnly: SQLite database {str(db)!r} is read-only")
+        folder.chmod(0o755)
+        db.chmod(0o644)
+        assert before == dump(db)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_read_only_open_of_a_missing_file(db: Path) -> None:

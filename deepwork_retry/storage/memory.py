@@ -128,7 +128,7 @@ class MemoryStorage:
                 raise ProjectNotFound(project_id)
             ids = sorted(tid for tid in tasks if after is None or tid > after)
             selected = (tasks[tid] for tid in ids)
-            out = [t for t in selected if status is None or t.status is status]
+            out = [t for t in selected if status is None or t.status == status]
             return out[:limit]
 
     def progress(self, project_id: str) -> Progress:

@@ -20,6 +20,7 @@ conformance suite.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -87,8 +88,9 @@ _MICROSECOND = timedelta(microseconds=1)
 Synchronous = Literal["NORMAL", "FULL"]
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """The shipped migrations as ``(number, file name, SQL)``, in order."""
+@functools.cache
+def migrations() -> tuple[tuple[int, str, str], ...]:
+    """The shipped migrations as ``(number, file name, SQL)``, in order (read once)."""
     folder = resources.files("deepwork_retry.storage").joinpath("sql").joinpath("sqlite")
     found = []
     for item in folder.iterdir():
@@ -96,7 +98,7 @@ def migrations() -> list[tuple[int, str, str]]:
         if match:
             found.append((int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
     found.sort()
-    return found
+    return tuple(found)
 
 
 def _statements(script: str) -> list[str]:
@@ -446,11 +448,14 @@ class SQLiteStorage:
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
         self._pid = os.getpid()
+        self._immutable = False
         self._open()
 
     # -- connections -----------------------------------------------------------
     def _uri(self) -> str:
         mode = "ro" if self.read_only else "rwc"
+        if self._immutable:
+            mode += "&immutable=1"
         return f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={mode}"
 
     def _connect(self) -> sqlite3.Connection:
@@ -485,15 +490,33 @@ class SQLiteStorage:
                 f"Cannot open SQLite database {str(self.path)!r} read-only: it does not exist"
             )
         with self._translating():
-            conn = self._connect()
             try:
-                if not self.read_only:
-                    self._use_wal(conn)
-                self._migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
+                conn = self._prepared()
+            except sqlite3.OperationalError as exc:
+                if _code(exc) not in _READONLY | _CANTOPEN or self._writable():
+                    raise
+                # A WAL file needs its -shm index to be read; where neither the
+                # file nor its directory may be written, it cannot be created,
+                # so the file is read as immutable: reads work, writes raise
+                # StorageReadOnly. (No writer can be using it from here either.)
+                self.read_only = True
+                self._immutable = True
+                conn = self._prepared()
         self._idle.append(conn)
+
+    def _writable(self) -> bool:
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
+    def _prepared(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            if not self.read_only:
+                self._use_wal(conn)
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL (once; it persists), waiting out concurrent openers.

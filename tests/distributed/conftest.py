@@ -44,6 +44,7 @@ def storage_spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dic
     if has_module("deepwork_retry.storage.postgres"):
         dsn: str = request.getfixturevalue("postgres_dsn")
         import psycopg
+
         from deepwork_retry.storage.postgres import migrate
 
         schema = f"dwdist_{uuid.uuid4().hex[:12]}"
@@ -182,7 +183,21 @@ class Workers:
 
 
 @pytest.fixture
-def workers(tmp_path: Path, storage_spec: dict[str, Any], runs_path: Path) -> Iterator[Workers]:
+def queue_cleanup() -> Iterator[list[tuple[str, list[str]]]]:
+    """``(broker_url, queue_names)`` to drop at teardown, after every worker has stopped."""
+    pending: list[tuple[str, list[str]]] = []
+    yield pending
+    for url, names in pending:
+        drop_queues(url, names)
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path,
+    storage_spec: dict[str, Any],
+    runs_path: Path,
+    queue_cleanup: list[tuple[str, list[str]]],
+) -> Iterator[Workers]:
     pool = Workers(tmp_path, storage_spec, runs_path)
     try:
         yield pool
@@ -211,7 +226,9 @@ def drop_queues(broker: str, names: list[str]) -> None:
             import redis
 
             client = redis.Redis.from_url(broker, socket_timeout=5)
-            client.delete(*names)
+            # Celery's Redis transport also keeps a binding table per queue.
+            bindings = [f"_kombu.binding{kind}.{n}" for n in names for kind in ("", "_permanent")]
+            client.delete(*names, *bindings)
             client.close()
         else:
             import pika

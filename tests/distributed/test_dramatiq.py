@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LEASE, Workers, drop_queues, free_port, pika_url
+from conftest import LEASE, Workers, free_port, pika_url
 from dist_support import (
     TASK_NAME,
     check_retry_flow,
@@ -54,12 +53,12 @@ def queues(url: str, queue: str) -> list[str]:
 
 
 @pytest.fixture(params=["rabbitmq", "redis"])
-def broker_url(request: pytest.FixtureRequest, queue_name: str) -> Iterator[str]:
+def broker_url(
+    request: pytest.FixtureRequest, queue_name: str, queue_cleanup: list[tuple[str, list[str]]]
+) -> str:
     url = pika_url(request.getfixturevalue(f"{request.param}_url"))
-    try:
-        yield url
-    finally:
-        drop_queues(url, queues(url, queue_name))
+    queue_cleanup.append((url, queues(url, queue_name)))
+    return url
 
 
 def dispatcher_for(url: str, queue: str) -> tuple[Any, DramatiqDispatcher]:
@@ -81,10 +80,16 @@ def test_retry_flow(
 
 
 def test_killed_worker_attempt_is_reaped_and_retried(
-    rabbitmq_url: str, queue_name: str, storage: Any, workers: Workers, runs_path: Path
+    rabbitmq_url: str,
+    queue_name: str,
+    storage: Any,
+    workers: Workers,
+    runs_path: Path,
+    queue_cleanup: list[tuple[str, list[str]]],
 ) -> None:
     """Killed mid-attempt: the reaper fails it as lost, the policy retries, a new worker ends it."""
     rabbitmq_url = pika_url(rabbitmq_url)
+    queue_cleanup.append((rabbitmq_url, queues(rabbitmq_url, queue_name)))
     broker, dispatcher = dispatcher_for(rabbitmq_url, queue_name)
     try:
         worker = workers.dramatiq(rabbitmq_url, queue_name)
@@ -108,7 +113,6 @@ def test_killed_worker_attempt_is_reaped_and_retried(
         assert {("long", 1): 1, ("long", 2): 1} == dict(runs(runs_path))
     finally:
         broker.close()
-        drop_queues(rabbitmq_url, queues(rabbitmq_url, queue_name))
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])
