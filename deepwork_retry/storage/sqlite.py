@@ -640,7 +640,7 @@ class SQLiteStorage:
                 ) from exc
             if code in _CANTOPEN:
                 raise StorageUnavailable(f"Cannot open SQLite database {where}: {exc}") from exc
-            if code in _UNAVAILABLE or isinstance(exc, sqlite3.ProgrammingError):
+            if code in _UNAVAILABLE:
                 raise StorageUnavailable(f"SQLite database {where} failed: {exc}") from exc
             if "no such table" in str(exc) or "no such column" in str(exc):
                 raise StorageCorrupt(
