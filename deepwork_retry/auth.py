@@ -99,7 +99,7 @@ class StaticTokens:
     ``=``.
     """
 
-    def __init__(self, entries: Mapping[str, Principal] | None = None) -> None:
+    def __init__(self, entries: Mapping[str, Principal | str] | None = None) -> None:
         self._table: list[tuple[bytes, Principal]] = []
         for token, principal in (entries or {}).items():
             self.add(token, principal)

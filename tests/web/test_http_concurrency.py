@@ -7,9 +7,9 @@ SQLite (whose calls run in worker threads, so the requests truly overlap).
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +65,21 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         sync.close()
 
 
-async def post_all(base_url: str, paths: list[str]) -> list[httpx.Response]:
+def post_all(base_url: str, paths: list[str]) -> list[httpx.Response]:
+    """POST every path, ``CONNECTIONS`` at a time, from as many client threads."""
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
-        return await asyncio.gather(*(client.post(path, headers=auth()) for path in paths))
+    with (
+        httpx.Client(base_url=base_url, limits=limits, timeout=60) as client,
+        ThreadPoolExecutor(CONNECTIONS) as pool,
+    ):
+        return list(pool.map(lambda path: client.post(path, headers=auth()), paths))
 
 
 def test_200_concurrent_retries_of_one_task(setup: Setup) -> None:
     """200 concurrent retries of one blocked task: one 200, 199 400s, one dispatch."""
     setup.executor.create_project("p")
     setup.blocked("p", "t")
-    responses = asyncio.run(post_all(setup.url, [task_url("p", "t", "/retry")] * 200))
+    responses = post_all(setup.url, [task_url("p", "t", "/retry")] * 200)
     assert {200: 1, 400: 199} == dict(Counter(r.status_code for r in responses))
     refusals = {r.json()["detail"] for r in responses if r.status_code == 400}
     assert {"Can only retry tasks with status 'blocked', got 'assigned'"} == refusals
@@ -91,7 +95,7 @@ def test_100_tasks_with_5_concurrent_retries_each(setup: Setup) -> None:
     for tid in ids:
         setup.blocked("p", tid)
     paths = [task_url("p", tid, "/retry") for tid in ids for _ in range(5)]
-    responses = asyncio.run(post_all(setup.url, paths))
+    responses = post_all(setup.url, paths)
     assert {200: 100, 400: 400} == dict(Counter(r.status_code for r in responses))
     winners = sorted(r.json()["task"]["id"] for r in responses if r.status_code == 200)
     assert ids == winners

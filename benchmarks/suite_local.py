@@ -1,0 +1,399 @@
+"""In-process benchmarks: in-memory and SQLite manual retry against their floors.
+
+- memory: ``RetryService(MemoryStorage()).retry`` against a bare dict
+  compare-and-set plus a counter update under a lock.
+- sqlite: ``RetryService(SQLiteStorage(synchronous=S)).retry`` against the bare
+  retry transaction written with ``sqlite3`` directly (``BEGIN IMMEDIATE``, one
+  ``UPDATE ... RETURNING``, one counters update, one outbox insert,
+  ``COMMIT``) on a twin file of the same schema and content, WAL, same
+  ``synchronous``.
+- sqlite scale: the library's retry in projects of 10 .. 1,000,000 tasks,
+  each size alternated with the 10-task project.
+- sqlite / memory concurrency: retries per second from 1..16 threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from _fixtures import NOW, add_blocked, chunks, fill_sqlite
+from _harness import Figure, Row, alternate
+
+from deepwork_retry import RetryService
+from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry.storage.sqlite import SQLiteStorage
+
+MEMORY_BATCH = 20
+"""In-memory operations are timed in batches: one call is too short for the clock alone."""
+
+
+# -- in-memory -------------------------------------------------------------------------------
+class DictFloor:
+    """The least an in-memory retry can do: compare-and-set one record, move two counters."""
+
+    def __init__(self, ids: Iterable[str]) -> None:
+        self.lock = threading.Lock()
+        self.tasks: dict[str, tuple[int, str, int]] = {tid: (1, "blocked", 0) for tid in ids}
+        self.counters = {"blocked": len(self.tasks), "assigned": 0}
+
+    def retry(self, tid: str, version: int) -> tuple[int, str, int]:
+        with self.lock:
+            current = self.tasks[tid]
+            if current[0] != version or current[1] != "blocked":
+                raise RuntimeError("conflict")
+            new = (version + 1, "assigned", current[2] + 1)
+            self.tasks[tid] = new
+            counters = self.counters
+            counters["blocked"] -= 1
+            counters["assigned"] += 1
+            return new
+
+
+def _batched(op: Callable[[str], object], ids: list[str]) -> list[float]:
+    samples = []
+    clock = time.perf_counter_ns
+    for start in range(0, len(ids) - MEMORY_BATCH + 1, MEMORY_BATCH):
+        batch = ids[start : start + MEMORY_BATCH]
+        t0 = clock()
+        for tid in batch:
+            op(tid)
+        samples.append((clock() - t0) / 1000 / MEMORY_BATCH)
+    return samples
+
+
+def memory(rounds: int, per_round: int) -> list[Row]:
+    total = rounds * per_round
+    storage = MemoryStorage()
+    ids = add_blocked(storage, "p", total)
+    service = RetryService(storage)
+    floor = DictFloor(ids)
+    slices = [ids[r * per_round : (r + 1) * per_round] for r in range(rounds)]
+    lib = Figure("RetryService(MemoryStorage).retry", "us")
+    ref = Figure("dict CAS + counters under a lock", "us")
+    alternate(
+        [
+            (lib, lambda r: _batched(lambda tid: service.retry("p", tid), slices[r])),
+            (ref, lambda r: _batched(lambda tid: floor.retry(tid, 1), slices[r])),
+        ],
+        rounds,
+    )
+    lib.extra["batch"] = ref.extra["batch"] = MEMORY_BATCH
+    return [
+        Row(
+            "memory",
+            "manual retry vs dict floor",
+            lib,
+            ref,
+            target="≤ 3×",
+            bound=3.0,
+            note=f"{total} retries each side, timed in batches of {MEMORY_BATCH}",
+        )
+    ]
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+FLOOR_UPDATE = (
+    "UPDATE tasks SET status = 'assigned', retry_count = retry_count + 1, "
+    "retries_left = retries_left + 1, error_message = NULL, error_type = NULL, "
+    "blocked_reason = NULL, attempt = attempt + 1, updated_at = ?, version = version + 1 "
+    "WHERE project_id = ? AND id = ? AND version = ? AND status = 'blocked' "
+    "RETURNING attempt, version"
+)
+FLOOR_COUNTERS = "UPDATE projects SET blocked = blocked - 1, assigned = assigned + 1 WHERE id = ?"
+FLOOR_OUTBOX = (
+    "INSERT INTO outbox (project_id, task_id, attempt, state, available_at, created_at, tries, "
+    "pending_seq) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?)"
+)
+
+
+class SQLiteFloor:
+    """The bare retry transaction with ``sqlite3`` on a file of the library's schema."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {synchronous}")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.seq = 1_000_000
+
+    def retry(self, pid: str, tid: str) -> None:
+        conn = self.conn
+        now = int(time.time() * 1e6)
+        self.seq += 1
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(FLOOR_UPDATE, (now, pid, tid, 1)).fetchone()
+            if row is None:
+                raise RuntimeError(f"task {tid} not blocked")
+            conn.execute(FLOOR_COUNTERS, (pid,))
+            conn.execute(FLOOR_OUTBOX, (pid, tid, row[0], now, now, self.seq))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _per_op(op: Callable[[str, str], object], items: list[tuple[str, str]]) -> list[float]:
+    samples = []
+    clock = time.perf_counter_ns
+    for pid, tid in items:
+        t0 = clock()
+        op(pid, tid)
+        samples.append((clock() - t0) / 1000)
+    return samples
+
+
+def _sqlite_twins(
+    tmp: Path, name: str, synchronous: str, projects: int, per_project: int, filler: int = 0
+) -> tuple[SQLiteStorage, Path, list[tuple[str, str]]]:
+    """Two files of identical content: one for the library, one for the floor."""
+    items: list[tuple[str, str]] = []
+    storage: SQLiteStorage | None = None
+    for side in ("lib", "floor"):
+        path = tmp / f"{name}-{side}.db"
+        st = SQLiteStorage(path, synchronous=synchronous)  # type: ignore[arg-type]
+        items = []
+        for p in range(projects):
+            pid = f"p{p:05d}"
+            items.extend((pid, tid) for tid in add_blocked(st, pid, per_project))
+            fill_sqlite(path, pid, filler)
+        if side == "lib":
+            storage = st
+        else:
+            st.close()
+    assert storage is not None
+    return storage, tmp / f"{name}-floor.db", items
+
+
+def sqlite(rounds: int, per_round: int, tmp: Path) -> list[Row]:
+    rows = []
+    for synchronous in ("NORMAL", "FULL"):
+        count = per_round if synchronous == "NORMAL" else max(50, per_round // 4)
+        storage, floor_path, items = _sqlite_twins(
+            tmp, f"tx-{synchronous}", synchronous, 1, rounds * count
+        )
+        service = RetryService(storage)
+        floor = SQLiteFloor(floor_path, synchronous)
+        slices = chunks(items, rounds)
+        lib = Figure(f"RetryService(SQLiteStorage({synchronous})).retry", "us")
+        ref = Figure(f"bare sqlite3 retry transaction ({synchronous})", "us")
+        alternate(
+            [
+                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
+                (ref, lambda r: _per_op(floor.retry, slices[r])),
+            ],
+            rounds,
+        )
+        statements = _count_statements(storage)
+        lib.extra["statements_per_retry"] = statements
+        ref.extra["statements_per_retry"] = 5
+        rows.append(
+            Row(
+                "sqlite",
+                f"manual retry, synchronous={synchronous}",
+                lib,
+                ref,
+                target="≤ 1.5×",
+                bound=1.5,
+                note=f"WAL; library runs {statements} SQL statements per retry, floor 5",
+            )
+        )
+        storage.close()
+        floor.close()
+    return rows
+
+
+def _count_statements(storage: SQLiteStorage) -> int:
+    """SQL statements one library retry executes (sqlite3's trace callback)."""
+    pid, ids = "count", None
+    ids = add_blocked(storage, pid, 1)
+    seen: list[str] = []
+    conn = storage._checkout()  # noqa: SLF001 - the pool has one idle connection here
+    conn.set_trace_callback(seen.append)
+    storage._checkin(conn)  # noqa: SLF001
+    try:
+        RetryService(storage).retry(pid, ids[0])
+    finally:
+        conn.set_trace_callback(None)
+    return len(seen)
+
+
+def sqlite_scale(rounds: int, per_round: int, sizes: list[int], tmp: Path) -> list[Row]:
+    """Retry cost by project size (NORMAL), each size alternated with the 10-task baseline."""
+    rows = []
+    small_projects = max(1, (rounds * per_round) // 10)
+    base = SQLiteStorage(tmp / "scale-10.db", synchronous="NORMAL")
+    base_items: list[tuple[str, str]] = []
+    for p in range(small_projects * max(1, len([s for s in sizes if s != 10]))):
+        pid = f"s{p:06d}"
+        base_items.extend((pid, tid) for tid in add_blocked(base, pid, 10))
+    base_service = RetryService(base)
+    used = 0
+    for size in sizes:
+        if size == 10:
+            continue
+        path = tmp / f"scale-{size}.db"
+        st = SQLiteStorage(path, synchronous="NORMAL")
+        t0 = time.perf_counter()
+        ids = add_blocked(st, "big", rounds * per_round)
+        fill_sqlite(path, "big", size - len(ids))
+        built = time.perf_counter() - t0
+        service = RetryService(st)
+        big = chunks([("big", tid) for tid in ids], rounds)
+        small = chunks(base_items[used : used + rounds * per_round], rounds)
+        used += rounds * per_round
+        lib = Figure(f"SQLite retry, {size:,} tasks/project", "us", extra={"build_s": built})
+        ref = Figure("SQLite retry, 10 tasks/project", "us")
+        alternate(
+            [
+                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), big[r])),
+                (ref, lambda r: _per_op(lambda p, t: base_service.retry(p, t), small[r])),
+            ],
+            rounds,
+        )
+        rows.append(
+            Row(
+                "scale",
+                f"sqlite {size:,} vs 10 tasks/project",
+                lib,
+                ref,
+                target="≤ 1.2×" if size >= 1_000_000 else "flat",
+                bound=1.2,
+                note="synchronous=NORMAL",
+            )
+        )
+        st.close()
+    base.close()
+    return rows
+
+
+def _threaded_rate(
+    work: list[list[tuple[str, str]]], ops: list[Callable[[str, str], object]]
+) -> float:
+    """Retries per second with one thread per list of ``work``, thread ``i`` calling ``ops[i]``."""
+    start = threading.Barrier(len(work) + 1)
+    errors: list[BaseException] = []
+
+    def run(items: list[tuple[str, str]], op: Callable[[str, str], object]) -> None:
+        start.wait()
+        try:
+            for pid, tid in items:
+                op(pid, tid)
+        except BaseException as exc:  # noqa: BLE001 - reported after the run
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(w, op)) for w, op in zip(work, ops, strict=True)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(len(w) for w in work) / elapsed
+
+
+def _split(
+    items: list[tuple[str, str]], projects: int, n: int, rounds: int, per_client: int
+) -> list[list[list[tuple[str, str]]]]:
+    """``[round][client]`` slices: one shared project, or one project per client."""
+    if projects == 1:
+        return [
+            [items[(r * n + c) * per_client : (r * n + c + 1) * per_client] for c in range(n)]
+            for r in range(rounds)
+        ]
+    size = len(items) // projects
+    own = [items[c * size : (c + 1) * size] for c in range(n)]
+    return [[own[c][r * per_client : (r + 1) * per_client] for c in range(n)] for r in range(rounds)]
+
+
+def sqlite_concurrency(
+    rounds: int, per_client: int, clients: list[int], tmp: Path
+) -> list[Row]:
+    """Retries/s from N threads, library against the bare transaction, NORMAL."""
+    rows = []
+    for layout in ("same project", "separate projects"):
+        for n in clients:
+            projects = 1 if layout == "same project" else n
+            storage, floor_path, items = _sqlite_twins(
+                tmp, f"conc-{layout[:4]}-{n}", "NORMAL", projects, rounds * per_client * n // projects
+            )
+            service = RetryService(storage)
+            floors = [SQLiteFloor(floor_path, "NORMAL") for _ in range(n)]
+            work = _split(items, projects, n, rounds, per_client)
+            lib = Figure(f"SQLite library, {n} threads, {layout}", "ops/s")
+            ref = Figure(f"bare sqlite3 transaction, {n} threads, {layout}", "ops/s")
+            lib_ops: list[Callable[[str, str], object]] = [service.retry] * n
+            floor_ops: list[Callable[[str, str], object]] = [f.retry for f in floors]
+            alternate(
+                [
+                    (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
+                    (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+                ],
+                rounds,
+            )
+            rows.append(
+                Row(
+                    "concurrency",
+                    f"sqlite NORMAL, {n} clients, {layout}",
+                    lib,
+                    ref,
+                    target="report",
+                    sense="min",
+                    note="threads of one process; SQLite admits one writer at a time",
+                )
+            )
+            storage.close()
+            for f in floors:
+                f.close()
+    return rows
+
+
+def memory_concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
+    rows = []
+    for n in clients:
+        storage = MemoryStorage()
+        ids = add_blocked(storage, "p", rounds * n * per_client)
+        floor = DictFloor(ids)
+        service = RetryService(storage)
+        work = _split([("p", tid) for tid in ids], 1, n, rounds, per_client)
+        lib = Figure(f"memory library, {n} threads", "ops/s")
+        ref = Figure(f"dict floor, {n} threads", "ops/s")
+        lib_ops: list[Callable[[str, str], object]] = [service.retry] * n
+        floor_ops: list[Callable[[str, str], object]] = [lambda p, t: floor.retry(t, 1)] * n
+        alternate(
+            [
+                (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
+                (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+            ],
+            rounds,
+        )
+        rows.append(
+            Row(
+                "concurrency",
+                f"memory, {n} clients, same project",
+                lib,
+                ref,
+                target="report",
+                sense="min",
+                note="threads share one interpreter lock",
+            )
+        )
+    return rows
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="deepwork-bench-")
+
+
+_ = NOW
