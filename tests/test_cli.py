@@ -79,3 +79,28 @@ def test_reap_with_nothing_expired(db: str, capsys: pytest.CaptureFixture[str]) 
     """`reap` on a database with no expired lease reports zero."""
     assert 0 == main(["reap", "--db", db])
     assert "reaped 0 attempt(s)\n" == capsys.readouterr().out
+
+
+def test_migrate_and_retry_on_postgres(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`migrate --dsn` creates the schema once; `retry --dsn` then works on that database."""
+    from pg_support import schema_dropped_after
+
+    from deepwork_retry.storage.postgres import PostgresStorage
+
+    with schema_dropped_after(postgres_dsn, "cli") as schema:
+        assert 0 == main(["migrate", "--dsn", postgres_dsn, "--schema", schema])
+        assert "applied migrations: [1]\n" == capsys.readouterr().out
+        assert 0 == main(["migrate", "--dsn", postgres_dsn, "--schema", schema])
+        assert "applied migrations: none (up to date)\n" == capsys.readouterr().out
+        storage = PostgresStorage(postgres_dsn, schema=schema)
+        try:
+            create_demo_project(storage, "proj-pg")
+        finally:
+            storage.close()
+        assert 0 == main(["retry", "proj-pg", "task-3", "--dsn", postgres_dsn, "--schema", schema])
+        data = json.loads(capsys.readouterr().out)
+        assert ("assigned", 2, 1) == (
+            data["task"]["status"], data["task"]["retry_count"], data["task"]["max_retries"]
+        )  # fmt: skip
