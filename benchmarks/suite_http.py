@@ -1,0 +1,238 @@
+"""HTTP benchmarks with wrk: the adapters against bare endpoints, and against pocketpaw.
+
+Each server runs in its own process on 127.0.0.1 (one uvicorn worker); wrk
+runs with one thread and a fixed number of connections, so on two cores the
+server has one core and the load generator the other. Rounds alternate
+between the two servers of a comparison; every request retries a different,
+still-blocked task (``retry.lua``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import Figure, Row, percentile, unavailable
+
+HERE = Path(__file__).resolve().parent
+LUA = HERE / "retry.lua"
+TOKEN = "bench-token-0123456789abcdef"
+TEMPLATE = "/api/deep-work/projects/p/tasks/%s/retry"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} not up after {timeout:g}s")
+
+
+class Server:
+    """A server process of ``http_server.py`` (or any command) on a fresh port."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.port = port
+        self.log = log
+        self.handle = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=HERE,
+            start_new_session=True,
+        )
+        try:
+            wait_port(port, self.proc, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.handle.close()
+
+
+def lib_server(kind: str, tasks: int, logs: Path, db: Path | None = None) -> Server:
+    port = free_port()
+    argv = [sys.executable, str(HERE / "http_server.py"), kind, str(port), str(tasks), TOKEN]
+    if db is not None:
+        argv.append(str(db))
+    return Server(argv, port, logs / f"{kind}.log")
+
+
+def ensure_wrk() -> str | None:
+    """The wrk binary, installed with apt-get when missing; ``None`` if it cannot be had."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+            subprocess.run(cmd, capture_output=True, timeout=600, check=False)
+    return shutil.which("wrk")
+
+
+def run_wrk(
+    wrk: str,
+    server: Server,
+    *,
+    first: int,
+    count: int,
+    duration: float,
+    connections: int,
+    token: str = TOKEN,
+    template: str = TEMPLATE,
+    ids_file: Path | None = None,
+) -> dict[str, Any]:
+    argv = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        server.base,
+        "--",
+        template,
+        str(first),
+        str(count),
+        token,
+    ]
+    if ids_file is not None:
+        argv.append(str(ids_file))
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    result: dict[str, Any] = json.loads(line)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["exhausted"] = result["requests"] >= count
+    return result
+
+
+class Side:
+    """One server of a comparison, with the next unused task number."""
+
+    def __init__(self, figure: Figure, server: Server, **wrk_args: Any) -> None:
+        self.figure = figure
+        self.server = server
+        self.next = 0
+        self.wrk_args = wrk_args
+        self.rounds: list[dict[str, Any]] = []
+        figure.extra["rounds"] = self.rounds
+
+    def round(self, wrk: str, duration: float, connections: int, budget: int) -> None:
+        result = run_wrk(
+            wrk,
+            self.server,
+            first=self.next,
+            count=budget,
+            duration=duration,
+            connections=connections,
+            **self.wrk_args,
+        )
+        self.next += result["requests"] + connections
+        self.rounds.append(result)
+        self.figure.samples.append(result["rps"])
+
+
+def finish(figure: Figure) -> None:
+    rounds = figure.extra["rounds"]
+    figure.extra["p99_us_median"] = percentile([r["p99_us"] for r in rounds], 50)
+    figure.extra["p50_us_median"] = percentile([r["p50_us"] for r in rounds], 50)
+    figure.extra["non2xx"] = sum(r["non2xx"] for r in rounds)
+    figure.extra["socket_errors"] = sum(r["errors"] for r in rounds)
+    figure.extra["exhausted_rounds"] = sum(1 for r in rounds if r["exhausted"])
+
+
+def alternate_http(
+    wrk: str, a: Side, b: Side, rounds: int, duration: float, connections: int, budget: int
+) -> None:
+    for r in range(rounds):
+        for side in (a, b) if r % 2 == 0 else (b, a):
+            side.round(wrk, duration, connections, budget)
+    finish(a.figure)
+    finish(b.figure)
+
+
+def adapters(rounds: int, duration: float, connections: int, logs: Path) -> list[Row]:
+    wrk = ensure_wrk()
+    if wrk is None:
+        reason = "wrk could not be installed"
+        return [
+            unavailable("http", "starlette adapter vs bare starlette", reason, "≥ 0.6×"),
+            unavailable("http", "fastapi adapter vs bare fastapi", reason, "≥ 1.0×"),
+        ]
+    rows = []
+    # Enough blocked tasks for every round at well above the expected rate.
+    budget = int(20_000 * duration)
+    tasks = budget * rounds
+    for framework, bound in (("starlette", 0.6), ("fastapi", 1.0)):
+        lib_srv = lib_server(f"{framework}-lib", tasks, logs)
+        bare_srv = lib_server(f"{framework}-bare", 0, logs)
+        try:
+            lib = Figure(f"{framework} adapter, in-memory storage", "req/s")
+            ref = Figure(f"bare {framework} endpoint (Bearer check, ~300-byte JSON)", "req/s")
+            alternate_http(
+                wrk,
+                Side(lib, lib_srv),
+                Side(ref, bare_srv),
+                rounds,
+                duration,
+                connections,
+                budget,
+            )
+        finally:
+            lib_srv.stop()
+            bare_srv.stop()
+        rows.append(
+            Row(
+                "http",
+                f"{framework} adapter vs bare {framework} (uvicorn)",
+                lib,
+                ref,
+                target=f"≥ {bound:g}×",
+                bound=bound,
+                sense="min",
+                note=f"wrk -t1 -c{connections}, {duration:g}s rounds; p99 "
+                f"{lib.extra['p99_us_median'] / 1000:.1f} vs {ref.extra['p99_us_median'] / 1000:.1f} ms",
+            )
+        )
+    return rows
