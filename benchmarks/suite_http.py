@@ -236,3 +236,139 @@ def adapters(rounds: int, duration: float, connections: int, logs: Path) -> list
             )
         )
     return rows
+
+
+# -- pocketpaw -------------------------------------------------------------------------------
+PP_TEMPLATE = "/api/deep-work/projects/{project}/tasks/%s/retry"
+
+
+def _pp_block(client: Any, ids: list[str]) -> None:
+    for tid in ids:
+        reply = client.post(f"/api/mission-control/tasks/{tid}/status", json={"status": "blocked"})
+        reply.raise_for_status()
+
+
+def pocketpaw(
+    rounds: int,
+    duration: float,
+    connections: int,
+    tasks: int,
+    python: Path | str,
+    logs: Path,
+    scratch: Path,
+) -> list[Row]:
+    """The demo-like server (Starlette adapter, SQLite) against pocketpaw's ``/retry``."""
+    name = "demo-like server vs pocketpaw 0.4.18 /retry"
+    target = "≥ 10× req/s, p99 ≤"
+    if isinstance(python, str):
+        return [unavailable("peers", name, python, target)]
+    wrk = ensure_wrk()
+    if wrk is None:
+        return [unavailable("peers", name, "wrk could not be installed", target)]
+    import httpx
+
+    home = scratch / "pocketpaw-home"
+    (home / ".pocketpaw").mkdir(parents=True, exist_ok=True)
+    # A fresh update-check cache: pocketpaw then has no reason to call out.
+    (home / ".pocketpaw" / ".update_check").write_text(
+        json.dumps({"ts": time.time(), "latest": "0.4.18"})
+    )
+    env = {**os.environ, "HOME": str(home)}
+    # Its access token, made the way pocketpaw makes it on first use.
+    token = subprocess.run(
+        [str(python), "-c", "from pocketpaw.config import get_access_token as t; print(t())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout.strip()
+    if not token:
+        return [unavailable("peers", name, "pocketpaw made no access token", target)]
+    port = free_port()
+    try:
+        peer = Server(
+            [str(python), str(HERE / "peers" / "pocketpaw_serve.py"), str(port)],
+            port,
+            logs / "pocketpaw.log",
+            env=env,
+        )
+    except RuntimeError as exc:
+        return [unavailable("peers", name, f"pocketpaw did not start: {exc}", target)]
+    ours: Server | None = None
+    try:
+        client = httpx.Client(
+            base_url=peer.base, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        mc = "/api/mission-control"
+        project = client.post(f"{mc}/projects", json={"title": "bench"}).json()["project"]["id"]
+        client.post(f"{mc}/agents", json={"name": "bench-agent", "role": "worker"})
+        ids = []
+        t0 = time.perf_counter()
+        for i in range(tasks):
+            reply = client.post(f"{mc}/tasks", json={"title": f"task {i}", "project_id": project})
+            reply.raise_for_status()
+            ids.append(reply.json()["task"]["id"])
+        _pp_block(client, ids)
+        built = time.perf_counter() - t0
+        template = PP_TEMPLATE.format(project=project)
+        probe = client.post(template % ids[0])
+        if probe.status_code != 200:
+            return [
+                unavailable(
+                    "peers",
+                    name,
+                    f"pocketpaw /retry answered {probe.status_code}: {probe.text[:80]}",
+                    target,
+                )
+            ]
+        _pp_block(client, ids[:1])
+        ids_file = scratch / "pocketpaw-ids.txt"
+        ids_file.write_text("\n".join(ids) + "\n")
+        ours = lib_server("demo-sqlite", int(4000 * duration) * rounds, logs, scratch / "demo.db")
+        lib = Figure("demo-like server: Starlette adapter, SQLite FULL", "req/s")
+        ref = Figure(f"pocketpaw serve /retry ({tasks} tasks)", "req/s", extra={"build_s": built})
+        ours_side = Side(lib, ours)
+        peer_side = Side(ref, peer, token=token, template=template, ids_file=ids_file)
+        # Its cost per retry grows with its task file: keep each round within its tasks.
+        calib = run_wrk(
+            wrk, peer, first=0, count=tasks, duration=1, connections=connections,
+            token=token, template=template, ids_file=ids_file,
+        )  # fmt: skip
+        _pp_block(client, ids[: calib["requests"] + connections])
+        peer_duration = max(1.0, min(duration, 0.7 * tasks / max(calib["rps"], 1.0)))
+        for r in range(rounds):
+            for side in (ours_side, peer_side) if r % 2 == 0 else (peer_side, ours_side):
+                if side is peer_side:
+                    side.next = 0
+                    side.round(wrk, peer_duration, connections, tasks)
+                    used = side.rounds[-1]["requests"] + connections
+                    _pp_block(client, ids[:used])
+                else:
+                    side.round(wrk, duration, connections, int(4000 * duration))
+        finish(lib)
+        finish(ref)
+        ref.extra["round_seconds"] = peer_duration
+    except (httpx.HTTPError, KeyError, ValueError, OSError, subprocess.SubprocessError) as exc:
+        return [unavailable("peers", name, f"{type(exc).__name__}: {exc}"[:120], target)]
+    finally:
+        peer.stop()
+        if ours is not None:
+            ours.stop()
+    rps_ok = lib.median >= 10 * ref.median
+    p99_ok = lib.extra["p99_us_median"] <= ref.extra["p99_us_median"]
+    row = Row(
+        "peers",
+        name,
+        lib,
+        ref,
+        target=target,
+        bound=10.0,
+        sense="min",
+        note=f"p99 {lib.extra['p99_us_median'] / 1000:.1f} ms vs "
+        f"{ref.extra['p99_us_median'] / 1000:.1f} ms (p99 {'met' if p99_ok else 'missed'}); "
+        f"wrk -t1 -c{connections}",
+    )
+    if rps_ok and not p99_ok:
+        row.bound = float("inf")  # the p99 half of the target decides
+    return [row]

@@ -138,9 +138,12 @@ class Storage(Protocol):
     def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
-        """Insert ``record``, or complete a reserved one with its response.
+        """Insert ``record`` if the key is free, or complete the reservation it came from.
 
-        An existing completed record is kept and returned unchanged.
+        A reservation (``status_code is None``) is completed only by a record
+        with the same ``created_at`` (the reserving request's own answer); any
+        other existing record is kept and returned unchanged, so a concurrent
+        request's refusal never displaces the retry that reserved the key.
         """
         ...
 

@@ -51,7 +51,7 @@ def main() -> int:
                         if row is None or row[0] is None:
                             break
                         conn.execute(
-                            "SELECT procrastinate_finish_job_v2(%s::bigint, 'failed', false)", (row[0],)
+                            "SELECT procrastinate_finish_job_v1(%s, 'failed', false)", (row[0],)
                         )
                         failed.append(row[0])
                     conn.commit()

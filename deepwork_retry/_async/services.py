@@ -211,7 +211,12 @@ class AsyncRetryService(_AsyncShell):
 
         plan, applied = await self._commit(project_id, task_id, build)
         outcomes = await self._dispatch_outcomes(plan, applied)
-        return RetryResult(task=applied.task, progress=applied.progress, dispatch=outcomes[0])
+        return RetryResult(
+            task=applied.task,
+            progress=applied.progress,
+            dispatch=outcomes[0],
+            idempotency=plan.idempotency,
+        )
 
     async def can_retry(self, project_id: str, task_id: str) -> RetryCheck:
         """Whether :meth:`retry` would be accepted now, and if not why."""

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import attrs
 
 from deepwork_retry._core.machine import RetryCheck
-from deepwork_retry._core.model import Attempt, DispatchEntry, Progress, Task
+from deepwork_retry._core.model import Attempt, DispatchEntry, IdempotencyRecord, Progress, Task
 from deepwork_retry._core.policy import Block, RetryAt, RetryDecision
 
 DispatchStatus = Literal["dispatched", "pending", "deferred"]
@@ -33,6 +33,8 @@ class RetryResult:
     task: Task
     progress: Progress
     dispatch: DispatchOutcome
+    idempotency: IdempotencyRecord | None = None
+    """The idempotency key reserved with the retry, when one was given."""
 
     @property
     def success(self) -> bool:

@@ -13,9 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+import attrs
+
 from deepwork_retry._core.machine import can_retry
 from deepwork_retry._core.model import IdempotencyRecord
 from deepwork_retry._core.results import (
+    DispatchOutcome,
+    DispatchStatus,
+    RetryResult,
     attempt_json,
     bulk_json,
     check_json,
@@ -24,6 +29,7 @@ from deepwork_retry._core.results import (
     task_json,
     tasks_page_json,
 )
+from deepwork_retry._core.states import DispatchState, Trigger
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, Principal, may_retry
 from deepwork_retry.exceptions import (
@@ -57,6 +63,12 @@ log = logging.getLogger("deepwork_retry.web")
 _REPLAYABLE = (NotFound, TaskNotBlocked, ProjectNotRunnable)
 """Refusals that depend on stored state, so a repeat with the same key replays them."""
 
+_RECOVERED_STATUS: dict[DispatchState | None, DispatchStatus] = {
+    DispatchState.DELIVERED: "dispatched",
+    DispatchState.DEFERRED: "deferred",
+}
+"""What a recovered answer reports for the outbox entry's state (else ``pending``)."""
+
 
 def _replay(record: IdempotencyRecord) -> ApiResponse:
     if record.status_code is None or record.body is None:
@@ -81,10 +93,13 @@ class RetryAPI:
         service: RetryService,
         authenticator: Authenticator,
         authorizer: Authorizer = may_retry,
+        *,
+        abandoned_after: float = 60.0,
     ) -> None:
         self.service = service
         self.authenticator = authenticator
         self.authorizer = authorizer
+        self.abandoned_after = abandoned_after
 
     def handle(self, request: ApiRequest) -> ApiResponse:
         """The response to ``request``; never raises, never answers 500."""
@@ -143,8 +158,17 @@ class RetryAPI:
             found = self.service.storage.get_idempotency(stored_key)
             if found is not None:
                 return self._replay_for(found, project_id, task_id)
-            return self._record(stored_key, project_id, task_id, error_response(exc))
-        return self._record(stored_key, project_id, task_id, respond(200, retry_json(result)))
+            if not storable_ids(project_id, task_id):
+                return error_response(exc)
+            fresh = IdempotencyRecord(
+                key=stored_key,
+                project_id=project_id,
+                task_id=task_id,
+                created_at=self.service.clock.now(),
+            )
+            return self._record(fresh, error_response(exc))
+        assert result.idempotency is not None
+        return self._record(result.idempotency, respond(200, retry_json(result)))
 
     def _replay_for(self, record: IdempotencyRecord, project_id: str, task_id: str) -> ApiResponse:
         """The first response for this key, or 422 when the key was for another task.
@@ -153,6 +177,8 @@ class RetryAPI:
         task named now, so a reused key never hides them.
         """
         if (record.project_id, record.task_id) == (project_id, task_id):
+            if record.status_code is None and self._abandoned(record):
+                return self._recover(record)
             return _replay(record)
         project = self.service.get_project(project_id)
         task = self.service.get_task(project_id, task_id)
@@ -163,20 +189,41 @@ class RetryAPI:
             raise ProjectNotRunnable(project.id, project.status.value)
         raise IdempotencyKeyReused(record.key)
 
-    def _record(
-        self, key: str, project_id: str, task_id: str, response: ApiResponse
-    ) -> ApiResponse:
-        """Complete the key's record with ``response`` so that repeats replay it."""
-        if not storable_ids(project_id, task_id):
-            return response
-        record = IdempotencyRecord(
-            key=key,
-            project_id=project_id,
-            task_id=task_id,
-            created_at=self.service.clock.now(),
-            status_code=response.status,
-            body=response.body.decode("utf-8"),
+    def _abandoned(self, record: IdempotencyRecord) -> bool:
+        """A reservation older than any request can take: its request died after committing."""
+        age = (self.service.clock.now() - record.created_at).total_seconds()
+        return age > self.abandoned_after
+
+    def _recover(self, reserved: IdempotencyRecord) -> ApiResponse:
+        """Answer for a retry whose request died after the commit, from the stored state.
+
+        The retry is committed (the reservation commits with it), so the answer
+        is a 200 showing the task, the progress and the dispatch of the attempt
+        that retry created, as they stand now; it is recorded, so later repeats
+        replay this same answer.
+        """
+        project_id, task_id = reserved.project_id, reserved.task_id
+        task = self.service.get_task(project_id, task_id)
+        progress = self.service.progress(project_id)
+        attempts = self.service.attempts(project_id, task_id)
+        number = next(
+            (
+                a.number
+                for a in reversed(attempts)
+                if a.trigger is Trigger.MANUAL_RETRY and a.dispatched_at == reserved.created_at
+            ),
+            task.attempt,
         )
+        entries = self.service.storage.dispatches(project_id, task_id)
+        state = next((e.state for e in entries if e.attempt == number), None)
+        status: DispatchStatus = _RECOVERED_STATUS.get(state, "pending")
+        outcome = DispatchOutcome(status=status, task_id=task_id, attempt=number)
+        result = RetryResult(task=task, progress=progress, dispatch=outcome)
+        return self._record(reserved, respond(200, retry_json(result)))
+
+    def _record(self, base: IdempotencyRecord, response: ApiResponse) -> ApiResponse:
+        """Complete ``base`` with ``response`` so that repeats with its key replay it."""
+        record = attrs.evolve(base, status_code=response.status, body=response.body.decode("utf-8"))
         try:
             saved = self.service.storage.save_idempotency(record)
         except StorageError:

@@ -210,7 +210,12 @@ class RetryService(_Shell):
 
         plan, applied = self._commit(project_id, task_id, build)
         outcomes = self._dispatch_outcomes(plan, applied)
-        return RetryResult(task=applied.task, progress=applied.progress, dispatch=outcomes[0])
+        return RetryResult(
+            task=applied.task,
+            progress=applied.progress,
+            dispatch=outcomes[0],
+            idempotency=plan.idempotency,
+        )
 
     def can_retry(self, project_id: str, task_id: str) -> RetryCheck:
         """Whether :meth:`retry` would be accepted now, and if not why."""

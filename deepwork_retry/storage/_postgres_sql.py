@@ -654,7 +654,9 @@ class Queries:
         self.save_idempotency = q(
             f"WITH ins AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})"
             f" VALUES ({idem_values}) ON CONFLICT (key) DO UPDATE SET {idem_set}"
-            f" WHERE idempotency.status_code IS NULL RETURNING {_cols(IDEM_COLS)})"
+            f" WHERE idempotency.status_code IS NULL"
+            " AND idempotency.created_at = EXCLUDED.created_at"
+            f" RETURNING {_cols(IDEM_COLS)})"
             f" SELECT true, {_cols(IDEM_COLS)} FROM ins UNION ALL"
             f" SELECT false, {_cols(IDEM_COLS)} FROM {{s}}.idempotency"
             " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"

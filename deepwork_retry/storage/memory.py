@@ -323,7 +323,9 @@ class MemoryStorage:
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and existing.status_code is not None:
+            if existing is not None and (
+                existing.status_code is not None or existing.created_at != record.created_at
+            ):
                 return existing
             self._idempotency[record.key] = record
             return record

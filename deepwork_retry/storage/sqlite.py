@@ -1118,7 +1118,9 @@ class SQLiteStorage:
         params = _idem_params(record)
         with self._tx(write=True) as c:
             existing = self._get_idempotency(c, record.key)
-            if existing is not None and existing.status_code is not None:
+            if existing is not None and (
+                existing.status_code is not None or existing.created_at != record.created_at
+            ):
                 return existing
             c.execute(
                 f"INSERT OR REPLACE INTO idempotency ({_IDEM_COLUMNS}) "

@@ -913,6 +913,13 @@ async def _save_idempotency_semantics(h: Harness) -> None:
     other = attrs.evolve(reserved, task_id="u", status_code=400, body="{}")
     assert done == await h.s.save_idempotency(other)
     assert done == await h.s.get_idempotency("k")
+    # A response from another request (another created_at) never displaces a reservation.
+    held = IdempotencyRecord(key="k3", project_id="p", task_id="t", created_at=h.now())
+    await h.s.save_idempotency(held)
+    later = held.created_at + timedelta(seconds=1)
+    intruder = attrs.evolve(held, created_at=later, status_code=400, body="{}")
+    assert held == await h.s.save_idempotency(intruder)
+    assert held == await h.s.get_idempotency("k3")
     fresh = IdempotencyRecord(
         key="k2", project_id="p", task_id="t", created_at=h.now(), status_code=404, body="{}"
     )

@@ -1,0 +1,435 @@
+"""PostgreSQL benchmarks: the library's manual retry against psycopg floors and procrastinate.
+
+- floors: a bare ``SELECT 1`` round trip and the bare single-statement retry
+  (one CTE: task update, counters update, outbox insert, returning the task
+  and the progress) with psycopg on an autocommit connection, durable
+  (``synchronous_commit`` as the server has it, ``on`` by default);
+- library: ``RetryService(PostgresStorage(...)).retry`` on a twin schema of the
+  same content;
+- peer: procrastinate's ``JobManager.retry_job_by_id`` on failed jobs, in its
+  own database on the same server, driven from its own virtualenv;
+- scale and concurrency curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _fixtures import add_blocked, chunks, fill_postgres
+from _harness import Figure, Row, alternate, unavailable
+
+from deepwork_retry import RetryService
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def dsn() -> str:
+    return os.environ.get("DEEPWORK_BENCH_DSN", DEFAULT_DSN)
+
+
+def reachable() -> str | None:
+    """``None`` when PostgreSQL answers, else why not."""
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn(), connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any failure makes the group unavailable
+        return f"PostgreSQL at {dsn()} unreachable: {type(exc).__name__}"
+    try:
+        import deepwork_retry.storage.postgres  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL storage not importable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def pg_storage(schema: str, max_size: int = 4) -> Any:
+    from deepwork_retry.storage.postgres import PostgresStorage
+
+    drop_schema(schema)
+    return PostgresStorage(dsn(), schema=schema, max_size=max_size)
+
+
+def floor_cte(schema: str) -> str:
+    s = f'"{schema}"'
+    return (
+        f"WITH t AS (UPDATE {s}.tasks SET status = 'assigned', retry_count = retry_count + 1, "
+        "retries_left = retries_left + 1, error_message = NULL, error_type = NULL, "
+        "blocked_reason = NULL, attempt = attempt + 1, updated_at = now(), "
+        "version = version + 1 "
+        "WHERE project_id = %(pid)s AND id = %(tid)s AND version = %(version)s "
+        "AND status = 'blocked' RETURNING project_id, id, attempt, version, status), "
+        f"p AS (UPDATE {s}.progress SET blocked = blocked - 1, assigned = assigned + 1 "
+        "WHERE project_id = (SELECT project_id FROM t) RETURNING *), "
+        f"o AS (INSERT INTO {s}.outbox (project_id, task_id, attempt, state, available_at, "
+        "created_at, tries, seq, pending_seq) "
+        f"SELECT project_id, id, attempt, 'pending', now(), now(), 0, "
+        f"nextval('{s}.outbox_order'), currval('{s}.outbox_order') FROM t RETURNING 1) "
+        "SELECT t.*, p.*, (SELECT count(*) FROM o) FROM t, p"
+    )
+
+
+class PgFloor:
+    """psycopg directly, one autocommit connection."""
+
+    def __init__(self, schema: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(dsn(), autocommit=True)
+        self.query = floor_cte(schema).encode()
+        self.conn.execute("SELECT 1")
+
+    def select1(self, _pid: str = "", _tid: str = "") -> None:
+        self.conn.execute(b"SELECT 1").fetchone()
+
+    def retry(self, pid: str, tid: str) -> None:
+        row = self.conn.execute(self.query, {"pid": pid, "tid": tid, "version": 1}).fetchone()
+        if row is None:
+            raise RuntimeError(f"task {tid} not blocked")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _per_op(op: Callable[[str, str], object], items: list[tuple[str, str]]) -> list[float]:
+    samples = []
+    clock = time.perf_counter_ns
+    for pid, tid in items:
+        t0 = clock()
+        op(pid, tid)
+        samples.append((clock() - t0) / 1000)
+    return samples
+
+
+def _twins(
+    name: str, projects: int, per_project: int, max_size: int = 4, filler: int = 0
+) -> tuple[Any, str, list[tuple[str, str]]]:
+    lib_schema, floor_schema = f"bench_{name}_lib", f"bench_{name}_floor"
+    items: list[tuple[str, str]] = []
+    storage = None
+    for schema in (lib_schema, floor_schema):
+        st = pg_storage(schema, max_size=max_size)
+        items = []
+        for p in range(projects):
+            pid = f"p{p:05d}"
+            items.extend((pid, tid) for tid in add_blocked(st, pid, per_project))
+            fill_postgres(dsn(), schema, pid, filler)
+        if schema == lib_schema:
+            storage = st
+        else:
+            st.close()
+    return storage, floor_schema, items
+
+
+def round_trips(storage: Any, pid: str, tid: str) -> int:
+    """Statements sent to the server by one library retry (psycopg cursor executes)."""
+    import psycopg
+
+    count = 0
+    originals = {cls: cls.execute for cls in (psycopg.Cursor, psycopg.ClientCursor)}
+
+    def counting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            return original(self, *args, **kwargs)
+
+        return execute
+
+    for cls, original in originals.items():
+        cls.execute = counting(original)  # type: ignore[method-assign]
+    try:
+        RetryService(storage).retry(pid, tid)
+    finally:
+        for cls, original in originals.items():
+            cls.execute = original  # type: ignore[method-assign]
+    return count
+
+
+def postgres(rounds: int, per_round: int) -> list[Row]:
+    reason = reachable()
+    targets = ["≤ 1.3×, 1 round trip", "≥ 0.9× throughput"]
+    if reason:
+        return [unavailable("postgres", "manual retry vs bare CTE", reason, targets[0])]
+    storage, floor_schema, items = _twins("tx", 1, rounds * per_round + 1)
+    probe = items.pop()
+    service = RetryService(storage)
+    floor = PgFloor(floor_schema)
+    slices = chunks(items, rounds)
+    lib = Figure("RetryService(PostgresStorage).retry", "us")
+    cte = Figure("bare retry CTE, psycopg", "us")
+    sel = Figure("bare SELECT 1, psycopg", "us")
+    alternate(
+        [
+            (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
+            (cte, lambda r: _per_op(floor.retry, slices[r])),
+            (sel, lambda r: _per_op(floor.select1, slices[r])),
+        ],
+        rounds,
+    )
+    trips = round_trips(storage, *probe)
+    lib.extra["round_trips"] = trips
+    storage.close()
+    floor.close()
+    return [
+        Row(
+            "postgres",
+            "manual retry vs bare retry CTE",
+            lib,
+            cte,
+            target="≤ 1.3×",
+            bound=1.3,
+            note=f"library: {trips} round trips per retry (target 1)",
+        ),
+        Row(
+            "postgres",
+            "manual retry vs bare SELECT 1",
+            lib,
+            sel,
+            target="report",
+            note="the round-trip floor",
+        ),
+    ]
+
+
+def _threaded_rate(
+    work: list[list[tuple[str, str]]], ops: list[Callable[[str, str], object]]
+) -> float:
+    start = threading.Barrier(len(work) + 1)
+    errors: list[BaseException] = []
+
+    def run(items: list[tuple[str, str]], op: Callable[[str, str], object]) -> None:
+        start.wait()
+        try:
+            for pid, tid in items:
+                op(pid, tid)
+        except BaseException as exc:  # noqa: BLE001 - reported after the run
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(w, op)) for w, op in zip(work, ops, strict=True)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(len(w) for w in work) / elapsed
+
+
+def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
+    reason = reachable()
+    if reason:
+        return [unavailable("concurrency", "postgres clients", reason)]
+    rows = []
+    for layout in ("same project", "separate projects"):
+        for n in clients:
+            projects = 1 if layout == "same project" else n
+            storage, floor_schema, items = _twins(
+                "conc", projects, rounds * per_client * n // projects, max_size=max(4, n)
+            )
+            service = RetryService(storage)
+            floors = [PgFloor(floor_schema) for _ in range(n)]
+            size = len(items) // projects
+            if projects == 1:
+                work = [
+                    [
+                        items[(r * n + c) * per_client : (r * n + c + 1) * per_client]
+                        for c in range(n)
+                    ]
+                    for r in range(rounds)
+                ]
+            else:
+                own = [items[c * size : (c + 1) * size] for c in range(n)]
+                work = [
+                    [own[c][r * per_client : (r + 1) * per_client] for c in range(n)]
+                    for r in range(rounds)
+                ]
+            lib = Figure(f"PostgreSQL library, {n} threads, {layout}", "ops/s")
+            ref = Figure(f"bare retry CTE, {n} threads, {layout}", "ops/s")
+            lib_ops: list[Callable[[str, str], object]] = [service.retry] * n
+            floor_ops: list[Callable[[str, str], object]] = [f.retry for f in floors]
+            alternate(
+                [
+                    (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
+                    (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+                ],
+                rounds,
+            )
+            key = n == 8 and layout == "same project"
+            rows.append(
+                Row(
+                    "concurrency",
+                    f"postgres, {n} clients, {layout}",
+                    lib,
+                    ref,
+                    target="≥ 0.9×" if key else "report",
+                    bound=0.9 if key else None,
+                    sense="min",
+                    note="threads of one process, one connection each",
+                )
+            )
+            storage.close()
+            for f in floors:
+                f.close()
+            drop_schema(f"bench_conc_lib")
+            drop_schema(floor_schema)
+    return rows
+
+
+def scale(rounds: int, per_round: int, sizes: list[int]) -> list[Row]:
+    reason = reachable()
+    if reason:
+        return [unavailable("scale", "postgres project sizes", reason)]
+    rows = []
+    need = rounds * per_round
+    small_count = max(1, need // 10) * max(1, len([s for s in sizes if s != 10]))
+    base = pg_storage("bench_scale_10")
+    base_items: list[tuple[str, str]] = []
+    for p in range(small_count):
+        pid = f"s{p:06d}"
+        base_items.extend((pid, tid) for tid in add_blocked(base, pid, 10))
+    base_service = RetryService(base)
+    used = 0
+    for size in sizes:
+        if size == 10:
+            continue
+        schema = f"bench_scale_{size}"
+        st = pg_storage(schema)
+        t0 = time.perf_counter()
+        ids = add_blocked(st, "big", need)
+        fill_postgres(dsn(), schema, "big", size - len(ids))
+        built = time.perf_counter() - t0
+        service = RetryService(st)
+        big = chunks([("big", tid) for tid in ids], rounds)
+        small = chunks(base_items[used : used + need], rounds)
+        used += need
+        lib = Figure(f"PostgreSQL retry, {size:,} tasks/project", "us", extra={"build_s": built})
+        ref = Figure("PostgreSQL retry, 10 tasks/project", "us")
+        alternate(
+            [
+                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), big[r])),
+                (ref, lambda r: _per_op(lambda p, t: base_service.retry(p, t), small[r])),
+            ],
+            rounds,
+        )
+        rows.append(
+            Row(
+                "scale",
+                f"postgres {size:,} vs 10 tasks/project",
+                lib,
+                ref,
+                target="≤ 1.2×" if size >= 1_000_000 else "flat",
+                bound=1.2,
+            )
+        )
+        st.close()
+        drop_schema(schema)
+    base.close()
+    drop_schema("bench_scale_10")
+    return rows
+
+
+# -- procrastinate ---------------------------------------------------------------------------
+class Driver:
+    """The procrastinate driver process, spoken to over pipes."""
+
+    def __init__(self, python: Path, conninfo: str, log: Path) -> None:
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [str(python), str(HERE / "peers" / "procrastinate_driver.py"), conninfo],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("procrastinate driver exited; see " + self.log.name)
+        result: dict[str, Any] = json.loads(answer)
+        return result
+
+    def close(self) -> None:
+        try:
+            self.ask("quit")
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def procrastinate(rounds: int, per_round: int, python: Path | str, logs: Path) -> list[Row]:
+    target = "≤ 1.0× latency"
+    name = "manual retry vs procrastinate retry_job_by_id"
+    if isinstance(python, str):
+        return [unavailable("peers", name, python, target)]
+    reason = reachable()
+    if reason:
+        return [unavailable("peers", name, reason, target)]
+    import psycopg
+
+    database = "bench_procrastinate"
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {database}")
+        conn.execute(f"CREATE DATABASE {database}")
+    info = psycopg.conninfo.conninfo_to_dict(dsn())
+    info["dbname"] = database
+    peer_dsn = psycopg.conninfo.make_conninfo(**info)
+    driver = Driver(Path(python), peer_dsn, logs / "procrastinate.log")
+    try:
+        total = rounds * per_round
+        driver.ask(f"setup {total}")
+        storage = pg_storage("bench_peer_lib")
+        items = [("p", tid) for tid in add_blocked(storage, "p", total)]
+        service = RetryService(storage)
+        slices = chunks(items, rounds)
+        lib = Figure("RetryService(PostgresStorage).retry", "us")
+        ref = Figure("procrastinate JobManager.retry_job_by_id", "us")
+        alternate(
+            [
+                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
+                (ref, lambda r: driver.ask(f"run {per_round}")["us"]),
+            ],
+            rounds,
+        )
+        storage.close()
+        drop_schema("bench_peer_lib")
+    finally:
+        driver.close()
+    return [
+        Row(
+            "peers",
+            name,
+            lib,
+            ref,
+            target=target,
+            bound=1.0,
+            note="library also returns progress and records attempt + outbox entry",
+        )
+    ]
