@@ -22,6 +22,9 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.states import TaskStatus
 
+REDELIVERED = "not started within the start timeout; redelivered"
+"""The ``last_error`` of an entry that :meth:`Storage.redeliver_stale` turned back."""
+
 
 class Clock(Protocol):
     def now(self) -> datetime:
@@ -129,6 +132,20 @@ class Storage(Protocol):
         """Release the claim; the entry stays pending, due again at ``retry_at``."""
         ...
 
+    def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        """Turn delivered entries whose attempt never started back to pending.
+
+        Every ``delivered`` entry with ``delivered_at <= delivered_before``
+        whose task is still ``assigned`` at that entry's attempt (at most
+        ``limit``, earliest delivery first) becomes ``pending``, unclaimed,
+        due at ``now``, with ``last_error`` :data:`REDELIVERED` and ``tries``
+        unchanged, in one transaction; returns the entries as updated. Two
+        concurrent callers never both turn back the same entry.
+        """
+        ...
+
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         """Tasks ``in_progress`` whose lease expired before ``now``."""
@@ -181,6 +198,9 @@ class AsyncStorage(Protocol):
     async def mark_failed(
         self, entry: DispatchEntry, *, error: str, retry_at: datetime
     ) -> None: ...
+    async def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]: ...
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]: ...
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord: ...

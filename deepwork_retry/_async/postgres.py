@@ -42,6 +42,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage import _postgres_sql as q
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
@@ -357,6 +358,21 @@ class AsyncPostgresStorage:
                 self._q.mark_failed,
                 (q.diagnostic(error), retry_at, entry.project_id, entry.task_id, entry.attempt),
             )
+
+    async def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        params = {
+            "now": now,
+            "before": delivered_before,
+            "limit": limit,
+            "error": REDELIVERED,
+            "channel": self._q.channel,
+        }
+        entries = [q.decode_entry(row) for row in await self._all(self._q.redeliver_stale, params)]
+        entries.sort(key=lambda e: (e.delivered_at, e.key))
+        return entries
 
     # -- leases --------------------------------------------------------------
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:

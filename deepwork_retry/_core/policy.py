@@ -137,9 +137,20 @@ class RetryPolicy:
     """Seconds after the first attempt's dispatch past which no automatic retry starts."""
     lease: float = attrs.field(default=300.0, validator=_non_negative)
     """Seconds an attempt stays alive without a heartbeat before it is lost."""
+    start_timeout: float | None = attrs.field(default=600.0)
+    """Seconds a delivered attempt may wait to be started before its dispatch is
+    handed out again (the message may have been lost on its way); ``None`` never
+    hands it out again."""
 
     @timeout.validator
     def _check_timeout(self, attribute: attrs.Attribute[float | None], value: float | None) -> None:
+        if value is not None:
+            _non_negative(self, attribute, value)  # type: ignore[arg-type]
+
+    @start_timeout.validator
+    def _check_start_timeout(
+        self, attribute: attrs.Attribute[float | None], value: float | None
+    ) -> None:
         if value is not None:
             _non_negative(self, attribute, value)  # type: ignore[arg-type]
 

@@ -459,7 +459,11 @@ class ExecutorService(_Shell):
         return self._change(project_id, task_id, build)
 
     def reap(self, *, limit: int = 100) -> list[ChangeResult]:
-        """Fail every attempt whose lease expired (at most ``limit``)."""
+        """Fail every attempt whose lease expired (at most ``limit``) and hand out
+        again the dispatches delivered but never started (:meth:`redeliver`).
+
+        Returns the attempts failed as lost.
+        """
         results = []
         for task in self.storage.expired_leases(now=self.clock.now(), limit=limit):
             try:
@@ -467,7 +471,37 @@ class ExecutorService(_Shell):
             except DeepworkError:
                 # It heartbeated, finished or was reaped by someone else meanwhile.
                 log.debug("lease of %s/%s no longer expired", task.project_id, task.id)
+        self.redeliver(limit=limit)
         return results
+
+    def redeliver(self, *, limit: int = 100) -> list[DispatchEntry]:
+        """Make pending again the dispatches delivered more than ``policy.start_timeout``
+        seconds ago whose attempt was never started (at most ``limit``).
+
+        The message is presumed lost (a broker that forgot it, a worker that
+        took it and died before starting); an outbox relay delivers the
+        entries again, under the same attempt number, so if the first message
+        turns up after all only one of the two starts is accepted. Returns the
+        entries made pending; nothing when ``start_timeout`` is ``None``.
+        """
+        timeout = self.policy.start_timeout
+        if timeout is None:
+            return []
+        now = self.clock.now()
+        try:
+            before = now - timedelta(seconds=timeout)
+        except OverflowError:
+            return []  # further back than any delivery
+        entries = self.storage.redeliver_stale(now=now, delivered_before=before, limit=limit)
+        for entry in entries:
+            log.warning(
+                "attempt %s/%s #%d not started %gs after its delivery; dispatching it again",
+                entry.project_id,
+                entry.task_id,
+                entry.attempt,
+                timeout,
+            )
+        return entries
 
 
 class OutboxRelay:

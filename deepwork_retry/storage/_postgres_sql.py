@@ -643,6 +643,24 @@ class Queries:
             " claimed_until = NULL"
             " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = 'pending'"
         )
+        # Driven by the assigned tasks; the entry row is locked (skipped when
+        # another reaper holds it) and so is the task's, so a start committing
+        # meanwhile is seen and its entry left alone. Every turned-back entry is
+        # due at once: relays are woken.
+        self.redeliver_stale = q(
+            "WITH s AS (SELECT o.project_id, o.task_id, o.attempt FROM {s}.tasks AS t"
+            " JOIN {s}.outbox AS o ON o.project_id = t.project_id AND o.task_id = t.id"
+            " AND o.attempt = t.attempt"
+            " WHERE t.status = 'assigned' AND o.state = 'delivered'"
+            " AND o.delivered_at <= %(before)s"
+            " ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT %(limit)s"
+            " FOR NO KEY UPDATE OF o SKIP LOCKED FOR SHARE OF t SKIP LOCKED)"
+            " UPDATE {s}.outbox AS o SET state = 'pending', available_at = %(now)s,"
+            " claimed_until = NULL, last_error = %(error)s, pending_seq = nextval({order})"
+            " FROM s WHERE o.project_id = s.project_id AND o.task_id = s.task_id"
+            f" AND o.attempt = s.attempt RETURNING {_cols(OUTBOX_COLS, 'o.')},"
+            " pg_notify(%(channel)s, '') IS NULL"
+        )
         self.expired_leases = q(
             f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
             " WHERE status = 'in_progress' AND lease_expires_at <= %s"

@@ -105,6 +105,13 @@ class AsyncFromSync(Generic[S]):
     async def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
         await self._call(self.sync.mark_failed, entry, error=error, retry_at=retry_at)
 
+    async def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        return await self._call(
+            self.sync.redeliver_stale, now=now, delivered_before=delivered_before, limit=limit
+        )
+
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         return await self._call(self.sync.expired_leases, now=now, limit=limit)
 

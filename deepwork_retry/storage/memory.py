@@ -30,6 +30,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
@@ -50,6 +51,7 @@ class MemoryStorage:
         self._outbox: dict[_EntryKey, DispatchEntry] = {}
         self._pending: dict[_EntryKey, None] = {}
         self._in_progress: dict[_Key, None] = {}
+        self._assigned: dict[_Key, None] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
 
     # -- setup -------------------------------------------------------------
@@ -84,6 +86,10 @@ class MemoryStorage:
             self._in_progress[key] = None
         else:
             self._in_progress.pop(key, None)
+        if task.status is TaskStatus.ASSIGNED:
+            self._assigned[key] = None
+        else:
+            self._assigned.pop(key, None)
 
     # -- reads ---------------------------------------------------------------
     def get_project(self, project_id: str) -> Project:
@@ -302,6 +308,36 @@ class MemoryStorage:
                 available_at=retry_at,
                 claimed_until=None,
             )
+
+    def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        with self._lock:
+            stale = []
+            for pid, tid in self._assigned:
+                entry = self._outbox.get((pid, tid, self._tasks[pid][tid].attempt))
+                if (
+                    entry is not None
+                    and entry.state is DispatchState.DELIVERED
+                    and entry.delivered_at is not None
+                    and entry.delivered_at <= delivered_before
+                ):
+                    stale.append(entry)
+            stale.sort(key=lambda e: (e.delivered_at, e.key))
+            turned = [
+                attrs.evolve(
+                    entry,
+                    state=DispatchState.PENDING,
+                    available_at=now,
+                    claimed_until=None,
+                    last_error=REDELIVERED,
+                )
+                for entry in stale[:limit]
+            ]
+            for entry in turned:
+                self._put_entry(entry)
+            return turned
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:

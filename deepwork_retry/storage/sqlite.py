@@ -67,6 +67,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
@@ -209,10 +210,40 @@ _ENTRY_COLUMNS = (
     "last_error, delivered_at"
 )
 _IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body"
+_O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
+
+
+def _all_text(*values: object) -> bool:
+    return all(isinstance(v, str) for v in values)
 
 
 def _marks(columns: str) -> str:
     return ", ".join("?" for _ in columns.split(","))
+
+
+_PROJECT_WIDTH = len(_PROJECT_COLUMNS.split(","))
+_LOAD = (
+    f"SELECT {', '.join('p.' + c.strip() for c in _PROJECT_COLUMNS.split(','))}, "
+    f"{', '.join('t.' + c.strip() for c in _TASK_COLUMNS.split(','))} "
+    "FROM projects AS p LEFT JOIN tasks AS t ON t.project_id = p.id AND t.id = ? WHERE p.id = ?"
+)
+"""The project and one of its tasks in one statement (task columns NULL when it is missing)."""
+_NEXT_PENDING_SEQ = (
+    "COALESCE((SELECT pending_seq FROM outbox WHERE state = 'pending' "
+    "ORDER BY pending_seq DESC LIMIT 1), 0) + 1"
+)
+_INSERT_PENDING = (
+    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
+    f"VALUES ({_marks(_ENTRY_COLUMNS)}, {_NEXT_PENDING_SEQ})"
+)
+_INSERT_ENTRY = (
+    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) VALUES ({_marks(_ENTRY_COLUMNS)}, NULL)"
+)
+_INSERT_NEXT_ATTEMPT = (
+    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) SELECT {_marks(_ATTEMPT_COLUMNS)} "
+    "WHERE (SELECT COUNT(*) FROM attempts WHERE project_id = ? AND task_id = ?) = ?"
+)
+"""Insert an attempt only if it is the next one (the count of earlier attempts matches)."""
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
@@ -752,8 +783,22 @@ class SQLiteStorage:
             return self._get_project(c, project_id)
 
     def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
-        with self._tx(write=False) as c:
-            return self._get_project(c, project_id), self._get_task(c, project_id, task_id)
+        if not _all_text(project_id, task_id):  # odd ids: the step-by-step lookups report them
+            with self._tx(write=False) as c:
+                return self._get_project(c, project_id), self._get_task(c, project_id, task_id)
+        # One statement, so one implicit read transaction: no BEGIN/COMMIT round.
+        with self._translating():
+            conn = self._checkout()
+            try:
+                rows = conn.execute(_LOAD, (_text(task_id), _text(project_id))).fetchall()
+            finally:
+                self._checkin(conn)
+        if not rows:
+            raise ProjectNotFound(project_id)
+        row = rows[0]
+        if row[_PROJECT_WIDTH] is None:
+            raise TaskNotFound(project_id, task_id)
+        return _project(row[:_PROJECT_WIDTH]), _task(row[_PROJECT_WIDTH:])
 
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         ids = [_text(tid) for tid in dict.fromkeys(task_ids)]
@@ -877,48 +922,60 @@ class SQLiteStorage:
         idem = None if plan.idempotency is None else _idem_params(plan.idempotency)
         claimed_until = _ots(plan.claimed_until)
         with self._tx(write=True) as c:
-            current = self._version(c, pid, tid)
-            if current is None:
-                raise TaskNotFound(pid, tid)
-            if current != before.version:
-                raise VersionConflict(tid, before.version, current)
-            self._check_guards(c, pid, plan)
-            if plan.project_version is not None:
-                row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
-                if row[0] != plan.project_version:
-                    raise VersionConflict(tid, before.version, current)
-            if plan.idempotency is not None:
-                existing = self._get_idempotency(c, plan.idempotency.key)
-                if existing is not None:
-                    raise IdempotencyConflict(existing)
-            if (
-                plan.dispatch is not None
-                and c.execute(
-                    "SELECT 1 FROM outbox WHERE project_id = ? AND task_id = ? AND attempt = ?",
-                    (
-                        _text(plan.dispatch.project_id),
-                        _text(plan.dispatch.task_id),
-                        plan.dispatch.attempt,
-                    ),
-                ).fetchone()
-            ):
-                raise VersionConflict(tid, before.version, current)
-            if plan.new_attempt is not None:
-                count = c.execute(
-                    "SELECT COUNT(*) FROM attempts WHERE project_id = ? AND task_id = ?",
-                    (pid, tid),
-                ).fetchone()[0]
-                if plan.new_attempt.number != count + 1:
-                    raise InvalidInput(
-                        f"Task {tid!r}: attempt {plan.new_attempt.number} is not next"
-                    )
-            # Every check passed: write.
+            # The compare-and-set is the write itself; any refusal below rolls
+            # the whole transaction back, so checks and writes may interleave.
             written = c.execute(
                 f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?",
                 (*task_row[2:], pid, tid, before.version),
             ).rowcount
-            if written != 1:  # cannot happen under the write lock; never write blind
-                raise VersionConflict(tid, before.version, self._version(c, pid, tid))
+            if written != 1:
+                current = self._version(c, pid, tid)
+                if current is None:
+                    raise TaskNotFound(pid, tid)
+                raise VersionConflict(tid, before.version, current)
+            self._check_guards(c, pid, plan)
+            moved = before.status != after.status
+            counters: tuple[Any, ...] | None = None
+            if plan.idempotency is not None or not moved:
+                # The project's version is checked before the idempotency key.
+                if plan.project_version is not None:
+                    row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
+                    if row[0] != plan.project_version:
+                        raise VersionConflict(tid, before.version, before.version)
+                if plan.idempotency is not None:
+                    existing = self._get_idempotency(c, plan.idempotency.key)
+                    if existing is not None:
+                        raise IdempotencyConflict(existing)
+            if moved:
+                old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
+                row = c.execute(
+                    f"UPDATE projects SET {old} = {old} - 1, {new} = {new} + 1 WHERE id = ? "
+                    f"RETURNING version, {', '.join(_COUNTERS)}",
+                    (pid,),
+                ).fetchall()[0]
+                if (
+                    plan.idempotency is None
+                    and plan.project_version is not None
+                    and row[0] != plan.project_version
+                ):
+                    raise VersionConflict(tid, before.version, before.version)
+                counters = row[1:]
+            made: list[DispatchEntry] = []
+            if plan.dispatch is not None and entry is not None:
+                pending = plan.dispatch.state is DispatchState.PENDING
+                try:
+                    c.execute(_INSERT_PENDING if pending else _INSERT_ENTRY, entry)
+                except sqlite3.IntegrityError:
+                    # The (task, attempt) entry exists already: the plan is stale.
+                    raise VersionConflict(tid, before.version, before.version) from None
+                if pending and plan.dispatch.claimed_until:
+                    made.append(plan.dispatch)
+            if plan.new_attempt is not None and new_attempt is not None:
+                number = plan.new_attempt.number
+                if not c.execute(
+                    _INSERT_NEXT_ATTEMPT, (*new_attempt, pid, tid, number - 1)
+                ).rowcount:
+                    raise InvalidInput(f"Task {tid!r}: attempt {number} is not next")
             new_deps = [d for d in dict.fromkeys(after.blocked_by) if d not in before.blocked_by]
             if new_deps:
                 c.executemany(
@@ -926,39 +983,22 @@ class SQLiteStorage:
                     "VALUES (?, ?, ?)",
                     [(pid, _text(dep), tid) for dep in new_deps],
                 )
-            if before.status != after.status:
-                old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
-                c.execute(
-                    f"UPDATE projects SET {old} = {old} - 1, {new} = {new} + 1 WHERE id = ?",
-                    (pid,),
-                )
             if plan.attempt_update is not None:
                 self._update_attempt(c, pid, tid, plan.attempt_update)
-            if new_attempt is not None:
-                c.execute(
-                    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) "
-                    f"VALUES ({_marks(_ATTEMPT_COLUMNS)})",
-                    new_attempt,
-                )
-            made: list[DispatchEntry] = []
-            if plan.dispatch is not None and entry is not None:
-                pending = plan.dispatch.state is DispatchState.PENDING
-                c.execute(
-                    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
-                    f"VALUES ({_marks(_ENTRY_COLUMNS)}, ?)",
-                    (*entry, self._next_pending(c) if pending else None),
-                )
-                if pending and plan.dispatch.claimed_until:
-                    made.append(plan.dispatch)
             made.extend(self._release(c, pid, plan.releases, claimed_until))
             if idem is not None:
                 c.execute(
                     f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)})",
                     idem,
                 )
+            progress = (
+                self._progress(c, pid)
+                if counters is None
+                else Progress(project_id=pid, **dict(zip(_COUNTERS, counters, strict=True)))
+            )
             return Applied(
                 task=after,
-                progress=self._progress(c, pid),
+                progress=progress,
                 dispatches=tuple(made),
                 deferred=plan.dispatch is not None
                 and plan.dispatch.state is DispatchState.DEFERRED,
@@ -1090,6 +1130,37 @@ class SQLiteStorage:
                 "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
                 (*params, entry.attempt),
             )
+
+    def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        check_limit(limit)
+        at, error = _ts(now), _text(REDELIVERED)
+        with self._tx(write=True) as c:
+            # Driven by the assigned tasks (few), not by the delivered entries (all history).
+            rows = c.execute(
+                f"SELECT o.seq, {_O_ENTRY_COLUMNS} FROM tasks AS t JOIN outbox AS o "
+                "ON o.project_id = t.project_id AND o.task_id = t.id AND o.attempt = t.attempt "
+                "WHERE t.status = 'assigned' AND o.state = 'delivered' AND o.delivered_at <= ? "
+                "ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT ?",
+                (_ts(delivered_before), limit),
+            ).fetchall()
+            first = self._next_pending(c)
+            c.executemany(
+                "UPDATE outbox SET state = 'pending', available_at = ?, claimed_until = NULL, "
+                "last_error = ?, pending_seq = ? WHERE seq = ?",
+                [(at, error, first + n, row[0]) for n, row in enumerate(rows)],
+            )
+        return [
+            attrs.evolve(
+                _entry(row[1:]),
+                state=DispatchState.PENDING,
+                available_at=now,
+                claimed_until=None,
+                last_error=REDELIVERED,
+            )
+            for row in rows
+        ]
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:

@@ -22,7 +22,11 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 
-from deepwork_retry._async.services import AsyncExecutorService, AsyncRetryService
+from deepwork_retry._async.services import (
+    AsyncExecutorService,
+    AsyncOutboxRelay,
+    AsyncRetryService,
+)
 from deepwork_retry._core import decide
 from deepwork_retry._core.model import (
     Attempt,
@@ -47,12 +51,13 @@ from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
     InvalidInput,
+    InvalidTransition,
     ProjectNotFound,
     TaskNotBlocked,
     TaskNotFound,
     VersionConflict,
 )
-from deepwork_retry.ports import AsyncStorage, Storage
+from deepwork_retry.ports import REDELIVERED, AsyncStorage, Storage
 from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock
 
@@ -62,6 +67,7 @@ T = TypeVar("T")
 
 LEASE = 60.0
 BACKOFF = 10.0
+START = 120.0
 PAGE = 1000
 
 
@@ -157,6 +163,13 @@ class _Checked:
     async def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
         await self._write(self.inner.mark_failed(entry, error=error, retry_at=retry_at))
 
+    async def redeliver_stale(
+        self, *, now: datetime, delivered_before: datetime, limit: int
+    ) -> list[DispatchEntry]:
+        return await self._write(
+            self.inner.redeliver_stale(now=now, delivered_before=delivered_before, limit=limit)
+        )
+
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         return await self.inner.expired_leases(now=now, limit=limit)
 
@@ -190,7 +203,9 @@ class Harness:
         self.checked = _Checked(storage)
         self.s: AsyncStorage = self.checked
         self.clock = FakeClock()
-        self.policy = RetryPolicy(backoff=FixedBackoff(wait=BACKOFF), lease=LEASE)
+        self.policy = RetryPolicy(
+            backoff=FixedBackoff(wait=BACKOFF), lease=LEASE, start_timeout=START
+        )
         self.dispatcher = AsyncRecordingDispatcher()
         # Without a dispatcher the services leave pending entries unclaimed in
         # the outbox, so scenarios can inspect and claim them.
@@ -854,6 +869,136 @@ async def _failed_dispatch_left_for_relay(h: Harness) -> None:
     entries = await h.s.dispatches("p", "t")
     assert (DispatchState.PENDING, 1) == (entries[-1].state, entries[-1].tries)
     assert entries[-1].last_error is not None
+
+
+# -- lost messages -------------------------------------------------------------------
+
+
+async def _stale(h: Harness, *, limit: int = 10) -> list[DispatchEntry]:
+    """Turn back what was delivered START seconds ago or earlier."""
+    before = h.now() - timedelta(seconds=START)
+    return await h.s.redeliver_stale(now=h.now(), delivered_before=before, limit=limit)
+
+
+async def _claim_all(h: Harness) -> list[DispatchEntry]:
+    until = h.now() + timedelta(seconds=30)
+    return await h.s.claim_due(now=h.now(), limit=100, claimed_until=until)
+
+
+@scenario
+async def _redeliver_stale_only_unstarted(h: Harness) -> None:
+    """Only a delivered entry of a still-assigned task's current attempt, delivered at or before
+    the cutoff, turns pending (unclaimed, due now, tries kept) and is claimable at once."""
+    await h.project("p")
+    await h.project("q")
+    for tid in ("lost", "started", "late", "skipped", "retried", "waiting"):
+        await h.task("p", tid)
+    await h.task("p", "child", blocked_by=["waiting"])
+    await h.task("q", "lost")
+    t0 = h.now()
+    await h.live.assign("q", "lost")
+    h.clock.advance(1)
+    for tid in ("lost", "started", "skipped", "retried"):
+        await h.live.assign("p", tid)
+    await h.ex.start("p", "started", 1)
+    await h.ex.skip("p", "skipped")
+    await h.ex.start("p", "retried", 1)
+    await h.ex.fail("p", "retried", 1, TaskError(type="Flaky"))  # attempt 2, not delivered
+    await h.ex.assign("p", "waiting")  # pending, never delivered
+    await h.ex.assign("p", "child")  # deferred behind "waiting"
+    h.clock.advance(START - 1)
+    await h.live.assign("p", "late")
+    ignored = ("started", "skipped", "retried", "waiting", "child")
+    before = [await h.s.dispatches("p", tid) for tid in ignored]
+
+    (first,) = await _stale(h)  # the cutoff is exactly t0
+    expected = DispatchEntry(
+        project_id="q",
+        task_id="lost",
+        attempt=1,
+        state=DispatchState.PENDING,
+        available_at=h.now(),
+        created_at=t0,
+        claimed_until=None,
+        tries=1,
+        last_error=REDELIVERED,
+        delivered_at=t0,
+    )
+    assert expected == first
+    assert [expected] == await h.s.dispatches("q", "lost")
+    assert [] == await _stale(h)
+    h.clock.advance(1)
+    assert [("p", "lost", 1)] == [e.key for e in await _stale(h)]
+    assert before == [await h.s.dispatches("p", tid) for tid in ignored]
+    h.clock.advance(START)
+    assert [("p", "late", 1)] == [e.key for e in await _stale(h)]
+    assert before == [await h.s.dispatches("p", tid) for tid in ignored]
+
+    claimed = await _claim_all(h)
+    due = [("p", "late", 1), ("p", "lost", 1), ("p", "retried", 2), ("p", "waiting", 1)]
+    assert [*due, ("q", "lost", 1)] == sorted(e.key for e in claimed)
+    await h.s.mark_delivered(claimed, now=h.now())
+    (entry,) = await h.s.dispatches("q", "lost")
+    assert (DispatchState.DELIVERED, 2, h.now()) == (entry.state, entry.tries, entry.delivered_at)
+    assert [] == await _stale(h)
+
+
+@scenario
+async def _redeliver_stale_limit(h: Harness) -> None:
+    """redeliver_stale turns back at most limit entries, earliest delivery first, and rejects
+    a limit outside 1..1000."""
+    await h.project("p")
+    for tid in ("c", "a", "b"):
+        await h.task("p", tid)
+        await h.live.assign("p", tid)
+        h.clock.advance(1)
+    h.clock.advance(START)
+    for limit in (0, -1, 1001):
+        with pytest.raises(InvalidInput):
+            await _stale(h, limit=limit)
+    assert [("p", "c", 1), ("p", "a", 1)] == [e.key for e in await _stale(h, limit=2)]
+    assert [("p", "b", 1)] == [e.key for e in await _stale(h, limit=2)]
+    assert [] == await _stale(h, limit=2)
+
+
+@scenario
+async def _reap_redelivers_lost_message(h: Harness) -> None:
+    """Reaping after the start timeout hands a lost delivery to the relay again, and of the two
+    messages for the attempt only the first start is accepted."""
+    await h.project("p")
+    await h.task("p", "t")
+    await h.live.assign("p", "t")
+    h.clock.advance(START - 1)
+    assert ([], []) == (await h.live.reap(), await h.live.redeliver())
+    h.clock.advance(1)
+    assert [] == await h.live.reap()
+    (entry,) = await h.s.dispatches("p", "t")
+    assert (DispatchState.PENDING, REDELIVERED) == (entry.state, entry.last_error)
+    relay = AsyncOutboxRelay(h.s, h.dispatcher, clock=h.clock)
+    assert 1 == await relay.run_once()
+    assert [("p", "t", 1), ("p", "t", 1)] == h.dispatcher.keys
+    started = await h.live.start("p", "t", 1)
+    assert TaskStatus.IN_PROGRESS == started.task.status
+    before = await h.snapshot("p")
+    with pytest.raises(InvalidTransition):
+        await h.live.start("p", "t", 1)
+    assert before == await h.snapshot("p")
+    h.clock.advance(START)
+    assert [] == await h.live.redeliver()
+
+
+@scenario
+async def _no_start_timeout_never_redelivers(h: Harness) -> None:
+    """With start_timeout None, a delivered attempt that never starts stays delivered."""
+    await h.project("p")
+    await h.task("p", "t")
+    policy = attrs.evolve(h.policy, start_timeout=None)
+    service = AsyncExecutorService(h.s, h.dispatcher, policy=policy, clock=h.clock)
+    await service.assign("p", "t")
+    h.clock.advance(100 * START)
+    assert ([], []) == (await service.reap(), await service.redeliver())
+    (entry,) = await h.s.dispatches("p", "t")
+    assert DispatchState.DELIVERED == entry.state
 
 
 # -- services end to end -------------------------------------------------------------

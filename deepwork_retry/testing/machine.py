@@ -5,7 +5,7 @@
 happens to a project in production: tasks are created (with dependencies),
 assigned, started, heartbeated, finished, failed, lost, retried by hand,
 skipped and blocked; executors send stale reports; the dispatcher goes down
-and comes back; the outbox relay runs. Each rule runs through the real
+and comes back; messages are lost; the outbox relay runs. Each rule runs through the real
 services over the storage under test and through a small reference model
 written here, and after every step the machine checks that they agree and
 that the invariants hold:
@@ -15,14 +15,16 @@ that the invariants hold:
 - ``blocked -> assigned`` happens only through a manual retry;
 - attempt numbers run 1..n with only the last one open, and only while the
   task is assigned or running;
-- exactly one outbox entry per (task, attempt), and no (task, attempt) is
-  delivered twice;
+- exactly one outbox entry per (task, attempt); a (task, attempt) is
+  delivered a second time only after the reaper found its first message
+  lost (not started within the start timeout), and is still started once;
 - a stale or illegal report raises and changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,6 +67,7 @@ __all__ = ["async_storage_machine", "storage_machine"]
 PROJECT = "proj"
 LEASE = 60.0
 BACKOFF = 5.0
+START = 120.0
 CLAIM = 30.0
 MAX_TASKS = 8
 NON_RETRYABLE = "Fatal"
@@ -97,6 +100,9 @@ class _Entry:
     available_at: datetime
     tries: int = 0
     claimed_until: datetime | None = None
+    delivered_at: datetime | None = None
+    deliveries: int = 0
+    redeliveries: int = 0
 
 
 @attrs.define
@@ -135,6 +141,8 @@ class Model:
         entry.claimed_until = None
         if self.dispatcher_up:
             entry.state = DispatchState.DELIVERED
+            entry.delivered_at = now
+            entry.deliveries += 1
         else:
             delay = REDELIVERY.delay(entry.tries + 1, _ZeroRandom())
             entry.available_at = now + timedelta(seconds=delay)
@@ -268,6 +276,24 @@ class Model:
         for key in self.due():
             self._deliver(key)
 
+    def redeliver(self) -> None:
+        """Delivered, never started within START seconds: pending again, due now."""
+        now = self.clock.now()
+        cutoff = now - timedelta(seconds=START)
+        for (task_id, number), entry in self.entries.items():
+            task = self.tasks[task_id]
+            if (
+                entry.state is DispatchState.DELIVERED
+                and entry.delivered_at is not None
+                and entry.delivered_at <= cutoff
+                and task.status is TaskStatus.ASSIGNED
+                and task.attempt == number
+            ):
+                entry.state = DispatchState.PENDING
+                entry.available_at = now
+                entry.claimed_until = None
+                entry.redeliveries += 1
+
     def claim(self) -> list[tuple[str, int]]:
         until = self.clock.now() + timedelta(seconds=CLAIM)
         keys = self.due()
@@ -298,6 +324,7 @@ class _ServiceMachine(RuleBasedStateMachine):
         self.policy = RetryPolicy(
             backoff=FixedBackoff(wait=BACKOFF),
             lease=LEASE,
+            start_timeout=START,
             non_retryable=_NON_RETRYABLE,
         )
         self._open()
@@ -419,6 +446,36 @@ class _ServiceMachine(RuleBasedStateMachine):
         assert task.lease_expires_at is not None
         wait = (task.lease_expires_at - self.clock.now()).total_seconds()
         self.clock.advance(max(wait, 0.0) + 1.0)
+        self._reap()
+
+    @precondition(lambda self: self._startable())
+    @rule(wait=st.sampled_from([START - 1.0, START]))
+    def message_lost(self, wait: float) -> None:
+        """Delivered messages never reach a worker; the reaper runs ``wait`` seconds later."""
+        self.clock.advance(wait)
+        self._reap()
+
+    @precondition(lambda self: self._started_twice_delivered())
+    @rule(data=st.data())
+    def duplicate_start(self, data: st.DataObject) -> None:
+        """The first message of a redelivered attempt turns up after the attempt started."""
+        task = self._pick(data, self._started_twice_delivered())
+        start = self.executor.start
+        self._rejected(
+            task.id, InvalidTransition, lambda: self._do(start, PROJECT, task.id, task.attempt)
+        )
+
+    def _started_twice_delivered(self) -> list[str]:
+        return sorted(
+            t.id
+            for t in self.model.tasks.values()
+            if t.status is not TaskStatus.ASSIGNED
+            and t.attempt > 0
+            and self.model.entries[(t.id, t.attempt)].deliveries > 1
+        )
+
+    def _reap(self) -> None:
+        """Run the reaper: expired leases are lost, unstarted deliveries handed out again."""
         expired = self.model.expired()
         results = self._do(self.executor.reap)
         assert sorted(t.id for t in expired) == sorted(r.task.id for r in results)
@@ -427,6 +484,7 @@ class _ServiceMachine(RuleBasedStateMachine):
             self.model.fail(lost, error, Outcome.LOST)
             # The message names the expiry time; take it from storage.
             lost.error_message = next(r.task.error_message for r in results if r.task.id == lost.id)
+        self.model.redeliver()
 
     @precondition(lambda self: self._ids(TaskStatus.BLOCKED))
     @rule(data=st.data(), budget=st.sampled_from(RetryBudget))
@@ -541,8 +599,13 @@ class _ServiceMachine(RuleBasedStateMachine):
                 if e.state is DispatchState.DELIVERED
             ]
         keys = self.dispatcher.keys
-        assert len(set(keys)) == len(keys), "an attempt was delivered twice"
-        assert sorted(delivered) == sorted(keys)
+        for entry in self.model.entries.values():
+            assert entry.deliveries <= 1 + entry.redeliveries, "delivered twice, never lost"
+        expected = Counter(
+            {(PROJECT, tid, n): e.deliveries for (tid, n), e in self.model.entries.items()}
+        )
+        assert +expected == Counter(keys), "deliveries differ from the model"
+        assert set(delivered) <= set(keys)
         self._check_history(tasks)
         self._manual = set()
         self._prev = {t.id: t for t in tasks}
@@ -586,9 +649,10 @@ class _ServiceMachine(RuleBasedStateMachine):
         entries = self._do(self.storage.dispatches, PROJECT, task.id)
         assert list(range(1, task.attempt + 1)) == [e.attempt for e in entries]
         model_entries = [self.model.entries[(task.id, n)] for n in range(1, task.attempt + 1)]
-        assert [(e.state, e.available_at, e.tries, e.claimed_until) for e in model_entries] == [
-            (e.state, e.available_at, e.tries, e.claimed_until) for e in entries
-        ]
+        assert [
+            (e.state, e.available_at, e.tries, e.claimed_until, e.delivered_at)
+            for e in model_entries
+        ] == [(e.state, e.available_at, e.tries, e.claimed_until, e.delivered_at) for e in entries]
 
     def _check_history(self, tasks: list[Task]) -> None:
         for task in tasks:
