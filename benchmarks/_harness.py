@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,3 +151,57 @@ def fmt_value(value: float | None, unit: Unit) -> str:
     if unit == "us":
         return f"{value:,.1f} µs" if value < 1000 else f"{value / 1000:,.2f} ms"
     return f"{value:,.0f} {unit}"
+
+
+Op = Callable[[str, str], object]
+
+
+def per_op(op: Op, items: Sequence[tuple[str, str]]) -> list[float]:
+    """Microseconds of each ``op(project_id, task_id)`` over ``items``."""
+    samples = []
+    clock = time.perf_counter_ns
+    for pid, tid in items:
+        t0 = clock()
+        op(pid, tid)
+        samples.append((clock() - t0) / 1000)
+    return samples
+
+
+def per_op_rounds(
+    op: Op, slices: Sequence[Sequence[tuple[str, str]]]
+) -> Callable[[int], list[float]]:
+    """A side for :func:`alternate`: round ``r`` times ``op`` on ``slices[r]``."""
+    return lambda r: per_op(op, slices[r])
+
+
+def threaded_rate(work: Sequence[Sequence[tuple[str, str]]], ops: Sequence[Op]) -> float:
+    """Operations per second, one thread per list of ``work``, thread ``i`` calling ``ops[i]``."""
+    start = threading.Barrier(len(work) + 1)
+    errors: list[BaseException] = []
+
+    def run(items: Sequence[tuple[str, str]], op: Op) -> None:
+        start.wait()
+        try:
+            for pid, tid in items:
+                op(pid, tid)
+        except BaseException as exc:  # noqa: BLE001 - reported after the run
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(w, op)) for w, op in zip(work, ops, strict=True)]
+    for t in pool:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(len(w) for w in work) / elapsed
+
+
+def rate_rounds(
+    work: Sequence[Sequence[Sequence[tuple[str, str]]]], ops: Sequence[Op]
+) -> Callable[[int], list[float]]:
+    """A side for :func:`alternate`: round ``r`` measures ``work[r]`` on threads."""
+    return lambda r: [threaded_rate(work[r], ops)]

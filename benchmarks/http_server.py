@@ -26,8 +26,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import uvicorn  # noqa: E402
-from _fixtures import add_blocked  # noqa: E402
+import uvicorn
+from _fixtures import add_blocked
 
 PREFIX = "/api/deep-work"
 RETRY_PATH = PREFIX + "/projects/{project_id}/tasks/{task_id}/retry"
@@ -72,15 +72,17 @@ def fastapi_bare(token: str) -> Any:
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
     app = FastAPI()
-    bearer = HTTPBearer()
+    bearer = Depends(HTTPBearer())
 
-    def principal(credentials: HTTPAuthorizationCredentials = Depends(bearer)) -> str:
+    def principal(credentials: HTTPAuthorizationCredentials = bearer) -> str:
         if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(status_code=401, detail="Invalid token")
         return "bench"
 
+    authenticated = Depends(principal)
+
     @app.post(RETRY_PATH)
-    async def retry(project_id: str, task_id: str, who: str = Depends(principal)) -> Any:
+    async def retry(project_id: str, task_id: str, who: str = authenticated) -> Any:
         return FIXED
 
     return app

@@ -83,9 +83,7 @@ class Plan:
             self.procrastinate = (20, 200)
 
 
-def build_steps(
-    plan: Plan, scratch: Path, logs: Path
-) -> list[tuple[str, Callable[[], list[Row]]]]:
+def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callable[[], list[Row]]]]:
     p = plan
     return [
         ("memory", lambda: suite_local.memory(*p.memory)),
@@ -104,15 +102,11 @@ def build_steps(
         ("http", lambda: suite_http.adapters(*p.http, logs)),
         (
             "pocketpaw",
-            lambda: suite_http.pocketpaw(
-                *p.pocketpaw, _peers.ensure("pocketpaw"), logs, scratch
-            ),
+            lambda: suite_http.pocketpaw(*p.pocketpaw, _peers.ensure("pocketpaw"), logs, scratch),
         ),
         (
             "procrastinate",
-            lambda: suite_pg.procrastinate(
-                *p.procrastinate, _peers.ensure("procrastinate"), logs
-            ),
+            lambda: suite_pg.procrastinate(*p.procrastinate, _peers.ensure("procrastinate"), logs),
         ),
     ]
 
@@ -134,7 +128,15 @@ def table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row.unavailable:
-            cells = [row.group, row.name, "-", "-", "-", row.target, f"unavailable: {row.unavailable}"]
+            cells = [
+                row.group,
+                row.name,
+                "-",
+                "-",
+                "-",
+                row.target,
+                f"unavailable: {row.unavailable}",
+            ]
         else:
             ratio = row.ratio
             met = row.met
@@ -143,7 +145,7 @@ def table(rows: list[Row]) -> str:
                 row.name,
                 cell(row, "library"),
                 cell(row, "reference"),
-                "-" if ratio is None else f"{ratio:.2f}×",
+                "-" if ratio is None else f"{ratio:.2f}x",
                 row.target,
                 "-" if met is None else ("yes" if met else "no"),
             ]
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, step in build_steps(plan, scratch, logs):
             if only and name not in only:
                 continue
-            print(f"[{time.perf_counter() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - started:6.0f}s] {name} ...", file=sys.stderr, flush=True
+            )
             t0 = time.perf_counter()
             try:
                 rows.extend(step())

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from _fixtures import NOW, add_blocked, chunks, fill_sqlite
-from _harness import Figure, Row, alternate
+from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds
 
 from deepwork_retry import RetryService
 from deepwork_retry.storage.memory import MemoryStorage
@@ -40,6 +40,9 @@ class DictFloor:
         self.lock = threading.Lock()
         self.tasks: dict[str, tuple[int, str, int]] = {tid: (1, "blocked", 0) for tid in ids}
         self.counters = {"blocked": len(self.tasks), "assigned": 0}
+
+    def retry_task(self, _pid: str, tid: str) -> object:
+        return self.retry(tid, 1)
 
     def retry(self, tid: str, version: int) -> tuple[int, str, int]:
         with self.lock:
@@ -89,7 +92,7 @@ def memory(rounds: int, per_round: int) -> list[Row]:
             "manual retry vs dict floor",
             lib,
             ref,
-            target="≤ 3×",
+            target="≤ 3x",
             bound=3.0,
             note=f"{total} retries each side, timed in batches of {MEMORY_BATCH}",
         )
@@ -141,16 +144,6 @@ class SQLiteFloor:
         self.conn.close()
 
 
-def _per_op(op: Callable[[str, str], object], items: list[tuple[str, str]]) -> list[float]:
-    samples = []
-    clock = time.perf_counter_ns
-    for pid, tid in items:
-        t0 = clock()
-        op(pid, tid)
-        samples.append((clock() - t0) / 1000)
-    return samples
-
-
 def _sqlite_twins(
     tmp: Path, name: str, synchronous: str, projects: int, per_project: int, filler: int = 0
 ) -> tuple[SQLiteStorage, Path, list[tuple[str, str]]]:
@@ -187,8 +180,8 @@ def sqlite(rounds: int, per_round: int, tmp: Path) -> list[Row]:
         ref = Figure(f"bare sqlite3 retry transaction ({synchronous})", "us")
         alternate(
             [
-                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
-                (ref, lambda r: _per_op(floor.retry, slices[r])),
+                (lib, per_op_rounds(service.retry, slices)),
+                (ref, per_op_rounds(floor.retry, slices)),
             ],
             rounds,
         )
@@ -201,7 +194,7 @@ def sqlite(rounds: int, per_round: int, tmp: Path) -> list[Row]:
                 f"manual retry, synchronous={synchronous}",
                 lib,
                 ref,
-                target="≤ 1.5×",
+                target="≤ 1.5x",
                 bound=1.5,
                 note=f"WAL; library runs {statements} SQL statements per retry, floor 5",
             )
@@ -216,9 +209,9 @@ def _count_statements(storage: SQLiteStorage) -> int:
     pid, ids = "count", None
     ids = add_blocked(storage, pid, 1)
     seen: list[str] = []
-    conn = storage._checkout()  # noqa: SLF001 - the pool has one idle connection here
+    conn = storage._checkout()
     conn.set_trace_callback(seen.append)
-    storage._checkin(conn)  # noqa: SLF001
+    storage._checkin(conn)
     try:
         RetryService(storage).retry(pid, ids[0])
     finally:
@@ -254,8 +247,8 @@ def sqlite_scale(rounds: int, per_round: int, sizes: list[int], tmp: Path) -> li
         ref = Figure("SQLite retry, 10 tasks/project", "us")
         alternate(
             [
-                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), big[r])),
-                (ref, lambda r: _per_op(lambda p, t: base_service.retry(p, t), small[r])),
+                (lib, per_op_rounds(service.retry, big)),
+                (ref, per_op_rounds(base_service.retry, small)),
             ],
             rounds,
         )
@@ -265,7 +258,7 @@ def sqlite_scale(rounds: int, per_round: int, sizes: list[int], tmp: Path) -> li
                 f"sqlite {size:,} vs 10 tasks/project",
                 lib,
                 ref,
-                target="≤ 1.2×" if size >= 1_000_000 else "flat",
+                target="≤ 1.2x" if size >= 1_000_000 else "flat",
                 bound=1.2,
                 note="synchronous=NORMAL",
             )
@@ -273,34 +266,6 @@ def sqlite_scale(rounds: int, per_round: int, sizes: list[int], tmp: Path) -> li
         st.close()
     base.close()
     return rows
-
-
-def _threaded_rate(
-    work: list[list[tuple[str, str]]], ops: list[Callable[[str, str], object]]
-) -> float:
-    """Retries per second with one thread per list of ``work``, thread ``i`` calling ``ops[i]``."""
-    start = threading.Barrier(len(work) + 1)
-    errors: list[BaseException] = []
-
-    def run(items: list[tuple[str, str]], op: Callable[[str, str], object]) -> None:
-        start.wait()
-        try:
-            for pid, tid in items:
-                op(pid, tid)
-        except BaseException as exc:  # noqa: BLE001 - reported after the run
-            errors.append(exc)
-
-    pool = [threading.Thread(target=run, args=(w, op)) for w, op in zip(work, ops, strict=True)]
-    for t in pool:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return sum(len(w) for w in work) / elapsed
 
 
 def _split(
@@ -314,19 +279,23 @@ def _split(
         ]
     size = len(items) // projects
     own = [items[c * size : (c + 1) * size] for c in range(n)]
-    return [[own[c][r * per_client : (r + 1) * per_client] for c in range(n)] for r in range(rounds)]
+    return [
+        [own[c][r * per_client : (r + 1) * per_client] for c in range(n)] for r in range(rounds)
+    ]
 
 
-def sqlite_concurrency(
-    rounds: int, per_client: int, clients: list[int], tmp: Path
-) -> list[Row]:
+def sqlite_concurrency(rounds: int, per_client: int, clients: list[int], tmp: Path) -> list[Row]:
     """Retries/s from N threads, library against the bare transaction, NORMAL."""
     rows = []
     for layout in ("same project", "separate projects"):
         for n in clients:
             projects = 1 if layout == "same project" else n
             storage, floor_path, items = _sqlite_twins(
-                tmp, f"conc-{layout[:4]}-{n}", "NORMAL", projects, rounds * per_client * n // projects
+                tmp,
+                f"conc-{layout[:4]}-{n}",
+                "NORMAL",
+                projects,
+                rounds * per_client * n // projects,
             )
             service = RetryService(storage)
             floors = [SQLiteFloor(floor_path, "NORMAL") for _ in range(n)]
@@ -337,8 +306,8 @@ def sqlite_concurrency(
             floor_ops: list[Callable[[str, str], object]] = [f.retry for f in floors]
             alternate(
                 [
-                    (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
-                    (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+                    (lib, rate_rounds(work, lib_ops)),
+                    (ref, rate_rounds(work, floor_ops)),
                 ],
                 rounds,
             )
@@ -370,11 +339,11 @@ def memory_concurrency(rounds: int, per_client: int, clients: list[int]) -> list
         lib = Figure(f"memory library, {n} threads", "ops/s")
         ref = Figure(f"dict floor, {n} threads", "ops/s")
         lib_ops: list[Callable[[str, str], object]] = [service.retry] * n
-        floor_ops: list[Callable[[str, str], object]] = [lambda p, t: floor.retry(t, 1)] * n
+        floor_ops: list[Callable[[str, str], object]] = [floor.retry_task] * n
         alternate(
             [
-                (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
-                (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+                (lib, rate_rounds(work, lib_ops)),
+                (ref, rate_rounds(work, floor_ops)),
             ],
             rounds,
         )

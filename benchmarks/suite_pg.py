@@ -13,17 +13,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _fixtures import add_blocked, chunks, fill_postgres
-from _harness import Figure, Row, alternate, unavailable
+from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds, unavailable
 
 from deepwork_retry import RetryService
 
@@ -106,16 +106,6 @@ class PgFloor:
         self.conn.close()
 
 
-def _per_op(op: Callable[[str, str], object], items: list[tuple[str, str]]) -> list[float]:
-    samples = []
-    clock = time.perf_counter_ns
-    for pid, tid in items:
-        t0 = clock()
-        op(pid, tid)
-        samples.append((clock() - t0) / 1000)
-    return samples
-
-
 def _twins(
     name: str, projects: int, per_project: int, max_size: int = 4, filler: int = 0
 ) -> tuple[Any, str, list[tuple[str, str]]]:
@@ -163,7 +153,7 @@ def round_trips(storage: Any, pid: str, tid: str) -> int:
 
 def postgres(rounds: int, per_round: int) -> list[Row]:
     reason = reachable()
-    targets = ["≤ 1.3×, 1 round trip", "≥ 0.9× throughput"]
+    targets = ["≤ 1.3x, 1 round trip", "≥ 0.9x throughput"]
     if reason:
         return [unavailable("postgres", "manual retry vs bare CTE", reason, targets[0])]
     storage, floor_schema, items = _twins("tx", 1, rounds * per_round + 1)
@@ -176,9 +166,9 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
     sel = Figure("bare SELECT 1, psycopg", "us")
     alternate(
         [
-            (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
-            (cte, lambda r: _per_op(floor.retry, slices[r])),
-            (sel, lambda r: _per_op(floor.select1, slices[r])),
+            (lib, per_op_rounds(service.retry, slices)),
+            (cte, per_op_rounds(floor.retry, slices)),
+            (sel, per_op_rounds(floor.select1, slices)),
         ],
         rounds,
     )
@@ -192,7 +182,7 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
             "manual retry vs bare retry CTE",
             lib,
             cte,
-            target="≤ 1.3×",
+            target="≤ 1.3x",
             bound=1.3,
             note=f"library: {trips} round trips per retry (target 1)",
         ),
@@ -205,33 +195,6 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
             note="the round-trip floor",
         ),
     ]
-
-
-def _threaded_rate(
-    work: list[list[tuple[str, str]]], ops: list[Callable[[str, str], object]]
-) -> float:
-    start = threading.Barrier(len(work) + 1)
-    errors: list[BaseException] = []
-
-    def run(items: list[tuple[str, str]], op: Callable[[str, str], object]) -> None:
-        start.wait()
-        try:
-            for pid, tid in items:
-                op(pid, tid)
-        except BaseException as exc:  # noqa: BLE001 - reported after the run
-            errors.append(exc)
-
-    pool = [threading.Thread(target=run, args=(w, op)) for w, op in zip(work, ops, strict=True)]
-    for t in pool:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return sum(len(w) for w in work) / elapsed
 
 
 def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
@@ -268,8 +231,8 @@ def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
             floor_ops: list[Callable[[str, str], object]] = [f.retry for f in floors]
             alternate(
                 [
-                    (lib, lambda r: [_threaded_rate(work[r], lib_ops)]),
-                    (ref, lambda r: [_threaded_rate(work[r], floor_ops)]),
+                    (lib, rate_rounds(work, lib_ops)),
+                    (ref, rate_rounds(work, floor_ops)),
                 ],
                 rounds,
             )
@@ -280,7 +243,7 @@ def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
                     f"postgres, {n} clients, {layout}",
                     lib,
                     ref,
-                    target="≥ 0.9×" if key else "report",
+                    target="≥ 0.9x" if key else "report",
                     bound=0.9 if key else None,
                     sense="min",
                     note="threads of one process, one connection each",
@@ -289,7 +252,7 @@ def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
             storage.close()
             for f in floors:
                 f.close()
-            drop_schema(f"bench_conc_lib")
+            drop_schema("bench_conc_lib")
             drop_schema(floor_schema)
     return rows
 
@@ -325,8 +288,8 @@ def scale(rounds: int, per_round: int, sizes: list[int]) -> list[Row]:
         ref = Figure("PostgreSQL retry, 10 tasks/project", "us")
         alternate(
             [
-                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), big[r])),
-                (ref, lambda r: _per_op(lambda p, t: base_service.retry(p, t), small[r])),
+                (lib, per_op_rounds(service.retry, big)),
+                (ref, per_op_rounds(base_service.retry, small)),
             ],
             rounds,
         )
@@ -336,7 +299,7 @@ def scale(rounds: int, per_round: int, sizes: list[int]) -> list[Row]:
                 f"postgres {size:,} vs 10 tasks/project",
                 lib,
                 ref,
-                target="≤ 1.2×" if size >= 1_000_000 else "flat",
+                target="≤ 1.2x" if size >= 1_000_000 else "flat",
                 bound=1.2,
             )
         )
@@ -362,7 +325,8 @@ class Driver:
         )
 
     def ask(self, line: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -372,10 +336,8 @@ class Driver:
         return result
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, BrokenPipeError, ValueError):
             self.ask("quit")
-        except (RuntimeError, BrokenPipeError, ValueError):
-            pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -385,7 +347,7 @@ class Driver:
 
 
 def procrastinate(rounds: int, per_round: int, python: Path | str, logs: Path) -> list[Row]:
-    target = "≤ 1.0× latency"
+    target = "≤ 1.0x latency"
     name = "manual retry vs procrastinate retry_job_by_id"
     if isinstance(python, str):
         return [unavailable("peers", name, python, target)]
@@ -398,9 +360,7 @@ def procrastinate(rounds: int, per_round: int, python: Path | str, logs: Path) -
     with psycopg.connect(dsn(), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {database}")
         conn.execute(f"CREATE DATABASE {database}")
-    info = psycopg.conninfo.conninfo_to_dict(dsn())
-    info["dbname"] = database
-    peer_dsn = psycopg.conninfo.make_conninfo(**info)
+    peer_dsn = psycopg.conninfo.make_conninfo(dsn(), dbname=database)
     driver = Driver(Path(python), peer_dsn, logs / "procrastinate.log")
     try:
         total = rounds * per_round
@@ -413,7 +373,7 @@ def procrastinate(rounds: int, per_round: int, python: Path | str, logs: Path) -
         ref = Figure("procrastinate JobManager.retry_job_by_id", "us")
         alternate(
             [
-                (lib, lambda r: _per_op(lambda p, t: service.retry(p, t), slices[r])),
+                (lib, per_op_rounds(service.retry, slices)),
                 (ref, lambda r: driver.ask(f"run {per_round}")["us"]),
             ],
             rounds,

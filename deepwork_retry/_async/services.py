@@ -119,7 +119,12 @@ class _AsyncShell:
         if self.dispatcher is None or not entries:
             return results
         delivered: list[DispatchEntry] = []
+        now = self.clock.now()
         for entry in entries:
+            if entry.available_at > now:
+                # A released entry still inside its backoff: the relay takes it
+                # once both the backoff and this claim have passed.
+                continue
             try:
                 await self.dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending

@@ -120,7 +120,12 @@ class _Shell:
         if self.dispatcher is None or not entries:
             return results
         delivered: list[DispatchEntry] = []
+        now = self.clock.now()
         for entry in entries:
+            if entry.available_at > now:
+                # A released entry still inside its backoff: the relay takes it
+                # once both the backoff and this claim have passed.
+                continue
             try:
                 self.dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
