@@ -61,6 +61,9 @@ CREATE INDEX tasks_by_blocker ON tasks USING gin (blocked_by);
 -- expired_leases(): only running tasks have a lease worth looking at.
 CREATE INDEX tasks_by_lease ON tasks (lease_expires_at, project_id, id)
     WHERE status = 'in_progress';
+-- redeliver_stale(): the few tasks waiting to be started.
+CREATE INDEX tasks_assigned ON tasks (project_id, id, attempt)
+    WHERE status = 'assigned';
 
 CREATE TABLE attempts (
     project_id    text COLLATE "C" NOT NULL,

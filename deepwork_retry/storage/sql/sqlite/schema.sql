@@ -53,6 +53,9 @@ CREATE INDEX tasks_by_status ON tasks (project_id, status, id);
 -- Expired leases: only running tasks are indexed.
 CREATE INDEX tasks_by_lease ON tasks (lease_expires_at, project_id, id)
     WHERE status = 'in_progress';
+-- redeliver_stale(): the few tasks waiting to be started.
+CREATE INDEX tasks_assigned ON tasks (project_id, id, attempt)
+    WHERE status = 'assigned';
 
 -- One row per (task, task it waits for): dependants() is a key lookup.
 CREATE TABLE task_deps (
