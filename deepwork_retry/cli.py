@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from deepwork_retry._core.policy import RetryPolicy
 from deepwork_retry._core.results import retry_json, task_json
 from deepwork_retry._sync.services import ExecutorService, RetryService
 from deepwork_retry.exceptions import DeepworkError
@@ -100,8 +101,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_reap(args: argparse.Namespace) -> int:
     storage = open_storage(args)
+    policy = RetryPolicy(lease=args.lease, start_timeout=args.start_timeout)
     try:
-        reaped = ExecutorService(storage).reap(limit=args.limit)
+        reaped = ExecutorService(storage, policy=policy).reap(limit=args.limit)
     finally:
         storage.close()
     for change in reaped:
@@ -161,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     reap = sub.add_parser("reap", help="fail attempts whose lease expired, once")
     reap.add_argument("--limit", type=int, default=100)
+    reap.add_argument(
+        "--lease", type=float, default=300.0, help="the workers' lease in seconds (default 300)"
+    )
+    reap.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        help="redeliver dispatches not started within this many seconds (default 600)",
+    )
     _add_storage_args(reap)
     reap.set_defaults(func=cmd_reap)
     return parser

@@ -6,9 +6,15 @@ like any failure (retry after the backoff, or block). Several reapers may run
 at once: the compare-and-set in storage lets exactly one of them fail a given
 attempt.
 
+Each pass also hands out again the dispatches that were delivered but never
+started within ``RetryPolicy.start_timeout`` (a message lost by the queue, or
+a worker that died before starting it); they become pending and an outbox
+relay delivers them, where the fencing token keeps a late original from
+running the attempt twice.
+
 Give the reaper the same :class:`~deepwork_retry.RetryPolicy` as the workers,
-and a dispatcher to send the retries at once (without one, an outbox relay
-delivers them).
+and a dispatcher to send the retries of lost attempts at once (without one, an
+outbox relay delivers them).
 """
 
 from __future__ import annotations
