@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,3 +165,36 @@ def test_ctrl_c_stops_the_server_cleanly(demo: Demo) -> None:
     """SIGINT (Ctrl-C) shuts the server down with exit status 0."""
     demo.proc.send_signal(signal.SIGINT)
     assert 0 == demo.proc.wait(timeout=20)
+
+
+SEED_FETCH = """
+const res = await fetch(
+'http://localhost:8000/api/deep-work/projects/PROJECT_ID/tasks/TASK_ID/retry',
+{
+method: 'POST',
+headers: { 'Authorization': 'Bearer YOUR_TOKEN' },
+}
+);
+const data = await res.json();
+console.log(JSON.stringify({ status: res.status, data }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_seed_fetch_snippet_with_node(demo: Demo, tmp_path: Path) -> None:
+    """The seed's JavaScript `fetch` snippet, run by Node.js, retries the blocked task."""
+    script = (
+        SEED_FETCH.replace("localhost:8000", f"localhost:{demo.port}")
+        .replace("PROJECT_ID", demo.project_id)
+        .replace("TASK_ID", demo.task_id)
+        .replace("YOUR_TOKEN", demo.token)
+    )
+    path = tmp_path / "retry.mjs"
+    path.write_text(script)
+    out = subprocess.run(
+        ["node", str(path)], capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout)
+    assert (200, True, "assigned") == (
+        result["status"], result["data"]["success"], result["data"]["task"]["status"]
+    )  # fmt: skip
