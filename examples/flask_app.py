@@ -9,41 +9,11 @@ token is made and printed. Storage is in memory, with one blocked task.
 
 from __future__ import annotations
 
-import os
-import secrets
-
+from example_setup import PrintDispatcher, blocked_demo, port, print_curl, tokens
 from flask import Flask
 
-from deepwork_retry import ExecutorService, RetryService
-from deepwork_retry.auth import StaticTokens
-from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry import RetryService
 from deepwork_retry.web.flask import blueprint
-
-
-class PrintDispatcher:
-    """Stands in for your executor: prints each attempt handed to it."""
-
-    def dispatch(self, entry: object) -> None:
-        print("dispatched", entry)
-
-
-def blocked_demo() -> MemoryStorage:
-    storage = MemoryStorage()
-    executor = ExecutorService(storage)
-    executor.create_project("demo")
-    executor.add_task("demo", "task-3", title="Implement user authentication", max_retries=0)
-    executor.assign("demo", "task-3")
-    executor.start("demo", "task-3", 1)
-    executor.fail("demo", "task-3", 1, RuntimeError("upstream API timed out"))
-    return storage
-
-
-def tokens() -> tuple[StaticTokens, str | None]:
-    if os.environ.get("DEEPWORK_TOKENS"):
-        return StaticTokens.from_env(), None
-    token = secrets.token_urlsafe(24)
-    return StaticTokens({token: "example-user"}), token
-
 
 table, TOKEN = tokens()
 service = RetryService(blocked_demo(), PrintDispatcher())
@@ -52,10 +22,5 @@ app = Flask(__name__)
 app.register_blueprint(blueprint(service, table))
 
 if __name__ == "__main__":
-    port = int(os.environ.get("PORT", "8000"))
-    print(
-        f"curl -X POST http://127.0.0.1:{port}/api/deep-work/projects/demo/tasks/task-3/retry "
-        f'-H "Authorization: Bearer {TOKEN or "<your token>"}"',
-        flush=True,
-    )
-    app.run(host="127.0.0.1", port=port)
+    print_curl(TOKEN)
+    app.run(host="127.0.0.1", port=port())
