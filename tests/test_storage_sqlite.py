@@ -174,7 +174,7 @@ def test_reopening_applies_nothing_twice(db: Path) -> None:
 
 
 def test_sql_files_ship_in_the_wheel(tmp_path: Path) -> None:
-    """The built wheel contains the SQLite migrations and schema.sql next to the adapter."""
+    """The built wheel contains every SQL migration and schema.sql (SQLite and PostgreSQL)."""
     subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path)],
         cwd=ROOT,
@@ -184,7 +184,10 @@ def test_sql_files_ship_in_the_wheel(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"deepwork_retry/storage/sql/sqlite/{p.name}" for p in SQL_DIR.glob("*.sql")}
+    expected = {
+        f"deepwork_retry/storage/sql/{p.parent.name}/{p.name}"
+        for p in SQL_DIR.parent.glob("*/*.sql")
+    }
     assert expected == expected & names
     assert "deepwork_retry/storage/sql/sqlite/schema.sql" in names
 
