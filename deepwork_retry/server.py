@@ -68,8 +68,11 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
             yield
         finally:
             stop.set()
-            await relay_task
-            await asyncio.to_thread(demo.shutdown)
+            # A second Ctrl-C makes uvicorn cancel every task, the relay's too:
+            # shut down quietly either way.
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay_task
+            demo.shutdown()
             await storage.close()
 
     return Starlette(routes=routes(service, tokens), lifespan=lifespan)
