@@ -2,11 +2,15 @@
 
 - memory: ``RetryService(MemoryStorage()).retry`` against a bare dict
   compare-and-set plus a counter update under a lock.
+  Two report rows show what bounds it: the pure decision alone
+  (``decide.manual_retry``, no storage) and the creation of one frozen ``Task``.
 - sqlite: ``RetryService(SQLiteStorage(synchronous=S)).retry`` against the bare
   retry transaction written with ``sqlite3`` directly (``BEGIN IMMEDIATE``, one
   ``UPDATE ... RETURNING``, one counters update, one outbox insert,
   ``COMMIT``) on a twin file of the same schema and content, WAL, same
-  ``synchronous``.
+  ``synchronous``. A report row runs the library's own statements alone (same
+  texts, parameters computed beforehand, no decision and no row decoding), on
+  a third twin file: the SQL part of the library's cost.
 - sqlite scale: the library's retry in projects of 10 .. 1,000,000 tasks,
   each size alternated with the 10-task project.
 - sqlite / memory concurrency: retries per second from 1..16 threads.
@@ -24,7 +28,9 @@ from pathlib import Path
 from _fixtures import NOW, add_blocked, chunks, fill_sqlite
 from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds
 
-from deepwork_retry import RetryService
+from deepwork_retry import RetryService, Task, TaskStatus
+from deepwork_retry._core import decide
+from deepwork_retry.storage import sqlite as sqlite_storage
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.storage.sqlite import SQLiteStorage
 
@@ -76,16 +82,36 @@ def memory(rounds: int, per_round: int) -> list[Row]:
     service = RetryService(storage)
     floor = DictFloor(ids)
     slices = [ids[r * per_round : (r + 1) * per_round] for r in range(rounds)]
+    # What bounds it: the decision alone on a blocked task (pure, so it can be
+    # repeated on the same value), and one frozen Task built with the fields a
+    # retry sets.
+    spare = MemoryStorage()
+    project, task = spare.load("q", add_blocked(spare, "q", 1)[0])
+
+    def decision(_tid: str) -> object:
+        return decide.manual_retry(task, project, now=NOW, blockers={})
+
+    def one_task(tid: str) -> object:
+        return Task(
+            id=tid, project_id="p", status=TaskStatus.ASSIGNED, retry_count=2, max_retries=1,
+            retries_left=0, attempt=1, created_at=NOW, updated_at=NOW, version=2,
+        )  # fmt: skip
+
     lib = Figure("RetryService(MemoryStorage).retry", "us")
     ref = Figure("dict CAS + counters under a lock", "us")
+    pure = Figure("decide.manual_retry alone (no storage, no service)", "us")
+    value = Figure("one frozen Task(...)", "us")
     alternate(
         [
             (lib, lambda r: _batched(lambda tid: service.retry("p", tid), slices[r])),
             (ref, lambda r: _batched(lambda tid: floor.retry(tid, 1), slices[r])),
+            (pure, lambda r: _batched(decision, slices[r])),
+            (value, lambda r: _batched(one_task, slices[r])),
         ],
         rounds,
     )
-    lib.extra["batch"] = ref.extra["batch"] = MEMORY_BATCH
+    for fig in (lib, ref, pure, value):
+        fig.extra["batch"] = MEMORY_BATCH
     return [
         Row(
             "memory",
@@ -95,7 +121,23 @@ def memory(rounds: int, per_round: int) -> list[Row]:
             target="≤ 3x",
             bound=3.0,
             note=f"{total} retries each side, timed in batches of {MEMORY_BATCH}",
-        )
+        ),
+        Row(
+            "memory",
+            "pure decision alone vs dict floor",
+            pure,
+            ref,
+            target="report",
+            note="decide.manual_retry on a blocked task: new task, attempt, outbox entry, plan",
+        ),
+        Row(
+            "memory",
+            "one frozen Task instance vs dict floor",
+            value,
+            ref,
+            target="report",
+            note="attrs frozen slotted class, 10 keyword arguments",
+        ),
     ]
 
 
@@ -112,6 +154,48 @@ FLOOR_OUTBOX = (
     "INSERT INTO outbox (project_id, task_id, attempt, state, available_at, created_at, tries, "
     "pending_seq) VALUES (?, ?, ?, 'pending', ?, ?, 0, ?)"
 )
+
+
+class LibraryStatements:
+    """The library's one-step retry statements alone, parameters computed beforehand.
+
+    The same texts the SQLite storage runs (``BEGIN IMMEDIATE``, the load with
+    counters, the task compare-and-set, the counters update, the outbox and
+    attempt inserts, ``COMMIT``) without the decision, the encoding and the
+    decoding: the SQL share of the library's retry.
+    """
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {synchronous}")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.created = int(NOW.timestamp() * 1_000_000)
+
+    def retry(self, pid: str, tid: str) -> None:
+        s = sqlite_storage
+        conn = self.conn
+        now = int(time.time() * 1e6)
+        task = ("", "assigned", 2, 1, 0, None, None, None, "[]", 1, None, self.created, now,
+                None, None, 2, "{}", pid, tid, 1)  # fmt: skip
+        entry = (pid, tid, 1, "pending", now, now, None, 0, None, None)
+        attempt = (pid, tid, 1, "manual_retry", now, now, None, None, "one_more",
+                   None, None, None, None, None, pid, tid, 0)  # fmt: skip
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(s._LOAD_COUNTED, (tid, pid)).fetchall()
+            if conn.execute(s._UPDATE_TASK, task).rowcount != 1:
+                raise RuntimeError(f"task {tid} not at version 1")
+            conn.execute(s._SHIFT[("blocked", "assigned")], (pid,))
+            conn.execute(s._INSERT_PENDING, entry)
+            conn.execute(s._INSERT_NEXT_ATTEMPT, attempt)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class SQLiteFloor:
@@ -145,12 +229,18 @@ class SQLiteFloor:
 
 
 def _sqlite_twins(
-    tmp: Path, name: str, synchronous: str, projects: int, per_project: int, filler: int = 0
+    tmp: Path,
+    name: str,
+    synchronous: str,
+    projects: int,
+    per_project: int,
+    filler: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[SQLiteStorage, Path, list[tuple[str, str]]]:
-    """Two files of identical content: one for the library, one for the floor."""
+    """Files of identical content: one for the library, one for the floor (and ``extra``)."""
     items: list[tuple[str, str]] = []
     storage: SQLiteStorage | None = None
-    for side in ("lib", "floor"):
+    for side in ("lib", "floor", *extra):
         path = tmp / f"{name}-{side}.db"
         st = SQLiteStorage(path, synchronous=synchronous)  # type: ignore[arg-type]
         items = []
@@ -171,17 +261,20 @@ def sqlite(rounds: int, per_round: int, tmp: Path) -> list[Row]:
     for synchronous in ("NORMAL", "FULL"):
         count = per_round if synchronous == "NORMAL" else max(50, per_round // 4)
         storage, floor_path, items = _sqlite_twins(
-            tmp, f"tx-{synchronous}", synchronous, 1, rounds * count
+            tmp, f"tx-{synchronous}", synchronous, 1, rounds * count, extra=("sql",)
         )
         service = RetryService(storage)
         floor = SQLiteFloor(floor_path, synchronous)
+        bare = LibraryStatements(tmp / f"tx-{synchronous}-sql.db", synchronous)
         slices = chunks(items, rounds)
         lib = Figure(f"RetryService(SQLiteStorage({synchronous})).retry", "us")
         ref = Figure(f"bare sqlite3 retry transaction ({synchronous})", "us")
+        sql = Figure(f"the library's statements alone ({synchronous})", "us")
         alternate(
             [
                 (lib, per_op_rounds(service.retry, slices)),
                 (ref, per_op_rounds(floor.retry, slices)),
+                (sql, per_op_rounds(bare.retry, slices)),
             ],
             rounds,
         )
@@ -199,8 +292,19 @@ def sqlite(rounds: int, per_round: int, tmp: Path) -> list[Row]:
                 note=f"WAL; library runs {statements} SQL statements per retry, floor 5",
             )
         )
+        rows.append(
+            Row(
+                "sqlite",
+                f"library's SQL alone, synchronous={synchronous}",
+                sql,
+                ref,
+                target="report",
+                note=f"the library's {statements} statements with precomputed parameters",
+            )
+        )
         storage.close()
         floor.close()
+        bare.close()
     return rows
 
 

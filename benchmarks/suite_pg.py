@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from _fixtures import add_blocked, chunks, fill_postgres
-from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds, unavailable
+from _harness import Figure, Row, alternate, per_op_rounds, unavailable
 
 from deepwork_retry import RetryService
 
@@ -197,63 +197,174 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
     ]
 
 
+# -- concurrent clients, each an OS process -------------------------------------------------
+def _client(pipe: Any, conninfo: str) -> None:
+    """One client process: opens a library or floor client, runs the items it is sent.
+
+    Messages: ``("open", "lib" | "floor", schema)``, ``("run", items)`` (answers
+    ``"ready"``, waits for ``"go"``, runs, answers the monotonic end time),
+    ``("close",)`` and ``None`` (exit). Errors are answered as ``("error", text)``.
+    """
+    os.environ["DEEPWORK_BENCH_DSN"] = conninfo
+    client: Any = None
+    op: Callable[[str, str], object] | None = None
+    while True:
+        msg = pipe.recv()
+        if msg is None:
+            break
+        try:
+            if msg[0] == "open":
+                if msg[1] == "lib":
+                    from deepwork_retry.storage.postgres import PostgresStorage
+
+                    client = PostgresStorage(
+                        conninfo, schema=msg[2], min_size=1, max_size=1, migrate=False
+                    )
+                    op = RetryService(client).retry
+                else:
+                    client = PgFloor(msg[2])
+                    op = client.retry
+                pipe.send("ok")
+            elif msg[0] == "run":
+                assert op is not None
+                items = msg[1]
+                pipe.send("ready")
+                assert pipe.recv() == "go"
+                for pid, tid in items:
+                    op(pid, tid)
+                pipe.send(time.monotonic())
+            elif msg[0] == "close":
+                if client is not None:
+                    client.close()
+                client = op = None
+                pipe.send("ok")
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Clients:
+    """``size`` client processes (spawned, so none inherits a connection)."""
+
+    def __init__(self, size: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        for _ in range(size):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_client, args=(there, dsn()), daemon=True)
+            proc.start()
+            self.pipes.append(here)
+            self.procs.append(proc)
+
+    def _ask(self, pipes: list[Any], msg: Any) -> list[Any]:
+        for pipe in pipes:
+            pipe.send(msg)
+        answers = [pipe.recv() for pipe in pipes]
+        for answer in answers:
+            if isinstance(answer, tuple) and answer[0] == "error":
+                raise RuntimeError(f"client process: {answer[1]}")
+        return answers
+
+    def open(self, n: int, kind: str, schema: str) -> list[Any]:
+        """``n`` clients of ``kind`` on ``schema`` (from the free processes)."""
+        busy = getattr(self, "_busy", 0)
+        pipes = self.pipes[busy : busy + n]
+        if len(pipes) < n:
+            raise RuntimeError("not enough client processes")
+        self._busy = busy + n
+        self._ask(pipes, ("open", kind, schema))
+        return pipes
+
+    def rate(self, pipes: list[Any], work: list[list[tuple[str, str]]]) -> float:
+        """Operations per second of ``pipes[i]`` running ``work[i]``, all started together."""
+        for pipe, items in zip(pipes, work, strict=True):
+            pipe.send(("run", items))
+        for pipe in pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError("client process not ready")
+        t0 = time.monotonic()
+        ends = self._ask(pipes, "go")
+        return sum(len(w) for w in work) / (max(ends) - t0)
+
+    def close_all(self) -> None:
+        self._ask(self.pipes[: getattr(self, "_busy", 0)], ("close",))
+        self._busy = 0
+
+    def shutdown(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                pipe.send(None)
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
 def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
+    """Retries per second from n client processes, library against the bare CTE.
+
+    Every client, on both sides, is an OS process of its own with one
+    connection, so neither side shares an interpreter lock between clients.
+    """
     reason = reachable()
     if reason:
         return [unavailable("concurrency", "postgres clients", reason)]
     rows = []
-    for layout in ("same project", "separate projects"):
-        for n in clients:
-            projects = 1 if layout == "same project" else n
-            storage, floor_schema, items = _twins(
-                "conc", projects, rounds * per_client * n // projects, max_size=max(4, n)
-            )
-            service = RetryService(storage)
-            floors = [PgFloor(floor_schema) for _ in range(n)]
-            size = len(items) // projects
-            if projects == 1:
-                work = [
-                    [
-                        items[(r * n + c) * per_client : (r * n + c + 1) * per_client]
-                        for c in range(n)
-                    ]
-                    for r in range(rounds)
-                ]
-            else:
-                own = [items[c * size : (c + 1) * size] for c in range(n)]
-                work = [
-                    [own[c][r * per_client : (r + 1) * per_client] for c in range(n)]
-                    for r in range(rounds)
-                ]
-            lib = Figure(f"PostgreSQL library, {n} threads, {layout}", "ops/s")
-            ref = Figure(f"bare retry CTE, {n} threads, {layout}", "ops/s")
-            lib_ops: list[Callable[[str, str], object]] = [service.retry] * n
-            floor_ops: list[Callable[[str, str], object]] = [f.retry for f in floors]
-            alternate(
-                [
-                    (lib, rate_rounds(work, lib_ops)),
-                    (ref, rate_rounds(work, floor_ops)),
-                ],
-                rounds,
-            )
-            key = n == 8 and layout == "same project"
-            rows.append(
-                Row(
-                    "concurrency",
-                    f"postgres, {n} clients, {layout}",
-                    lib,
-                    ref,
-                    target="≥ 0.9x" if key else "report",
-                    bound=0.9 if key else None,
-                    sense="min",
-                    note="threads of one process, one connection each",
+    pool = Clients(2 * max(clients))
+    try:
+        for layout in ("same project", "separate projects"):
+            for n in clients:
+                projects = 1 if layout == "same project" else n
+                storage, floor_schema, items = _twins(
+                    "conc", projects, rounds * per_client * n // projects, max_size=2
                 )
-            )
-            storage.close()
-            for f in floors:
-                f.close()
-            drop_schema("bench_conc_lib")
-            drop_schema(floor_schema)
+                storage.close()
+                size = len(items) // projects
+                if projects == 1:
+                    work = [
+                        [
+                            items[(r * n + c) * per_client : (r * n + c + 1) * per_client]
+                            for c in range(n)
+                        ]
+                        for r in range(rounds)
+                    ]
+                else:
+                    own = [items[c * size : (c + 1) * size] for c in range(n)]
+                    work = [
+                        [own[c][r * per_client : (r + 1) * per_client] for c in range(n)]
+                        for r in range(rounds)
+                    ]
+                lib_clients = pool.open(n, "lib", "bench_conc_lib")
+                floor_clients = pool.open(n, "floor", floor_schema)
+                lib = Figure(f"PostgreSQL library, {n} processes, {layout}", "ops/s")
+                ref = Figure(f"bare retry CTE, {n} processes, {layout}", "ops/s")
+                alternate(
+                    [
+                        (lib, lambda r, p=lib_clients, w=work: [pool.rate(p, w[r])]),
+                        (ref, lambda r, p=floor_clients, w=work: [pool.rate(p, w[r])]),
+                    ],
+                    rounds,
+                )
+                pool.close_all()
+                key = n == 8 and layout == "same project"
+                rows.append(
+                    Row(
+                        "concurrency",
+                        f"postgres, {n} clients, {layout}",
+                        lib,
+                        ref,
+                        target="≥ 0.9x" if key else "report",
+                        bound=0.9 if key else None,
+                        sense="min",
+                        note="each client an OS process with one connection, on both sides",
+                    )
+                )
+                drop_schema("bench_conc_lib")
+                drop_schema(floor_schema)
+    finally:
+        pool.shutdown()
     return rows
 
 

@@ -20,7 +20,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
-from deepwork_retry._core.states import TaskStatus
+from deepwork_retry._core.states import RetryBudget, TaskStatus
 
 REDELIVERED = "not started within the start timeout; redelivered"
 """The ``last_error`` of an entry that :meth:`Storage.redeliver_stale` turned back."""
@@ -205,6 +205,57 @@ class AsyncStorage(Protocol):
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord: ...
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RetryInOneStep(Protocol):
+    """Optional storage capability: the manual retry loaded, decided and applied at once.
+
+    A storage that has it saves the service's load and apply round trips:
+    :meth:`~deepwork_retry.RetryService.retry` calls :meth:`retry_blocked`
+    first. It must do exactly what applying
+    :func:`~deepwork_retry._core.decide.manual_retry`'s plan for the current
+    state does (same task, attempt record, outbox entry, progress,
+    idempotency reservation; blockers that do not exist count as
+    unfinished), in one transaction, and return what :meth:`Storage.apply`
+    returns. When it cannot (the task is missing or not blocked, the project
+    refuses retries, the key is taken, a conflict), it changes nothing and
+    returns ``None``; the service then takes the load, decide and apply
+    path, which raises the core's own error. A storage that renders the
+    decision into its own language should be checked against the core, as
+    the PostgreSQL storage's differential test does.
+    """
+
+    def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied | None: ...
+
+
+@runtime_checkable
+class AsyncRetryInOneStep(Protocol):
+    """:class:`RetryInOneStep` with a coroutine."""
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied | None: ...
 
 
 @runtime_checkable

@@ -14,7 +14,14 @@ from datetime import datetime, timedelta
 from deepwork_retry._async._compat import Event, wait_or_stop
 from deepwork_retry._core import decide
 from deepwork_retry._core.machine import RetryCheck, can_retry
-from deepwork_retry._core.model import Attempt, DispatchEntry, Progress, Project, Task
+from deepwork_retry._core.model import (
+    Attempt,
+    DispatchEntry,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    Task,
+)
 from deepwork_retry._core.plans import Applied, Plan
 from deepwork_retry._core.policy import ExponentialBackoff, RandomSource, RetryPolicy, TaskError
 from deepwork_retry._core.results import (
@@ -34,8 +41,14 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
-from deepwork_retry.ports import AsyncDispatcher, AsyncStorage, Clock, SystemClock
-from deepwork_retry.storage._validate import check_id
+from deepwork_retry.ports import (
+    AsyncDispatcher,
+    AsyncRetryInOneStep,
+    AsyncStorage,
+    Clock,
+    SystemClock,
+)
+from deepwork_retry.storage._validate import MAX_ID_LENGTH, check_id
 
 log = logging.getLogger("deepwork_retry")
 
@@ -45,8 +58,20 @@ REDELIVERY = ExponentialBackoff(wait_initial=1.0, wait_max=60.0, wait_jitter=1.0
 """Backoff between deliveries of an outbox entry whose dispatcher failed."""
 
 
+def _plain_id(value: object) -> bool:
+    """A short ASCII id without NUL: valid everywhere, known without the full checks."""
+    return (
+        value.__class__ is str
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isascii()
+        and "\x00" not in value
+    )
+
+
 def _lookup_ids(project_id: str, task_id: str | None = None) -> None:
     """Ids that no storage could hold are "not found" without a round trip."""
+    if _plain_id(project_id) and (task_id is None or _plain_id(task_id)):
+        return
     try:
         check_id("project", project_id)
         project_id.encode("utf-8")
@@ -91,6 +116,16 @@ class _AsyncShell:
         self.rng = rng or random.Random()
         self.claim_timeout = claim_timeout
         self.max_conflicts = max_conflicts
+        self._one_step: tuple[object, AsyncRetryInOneStep | None] = (None, None)
+
+    def _one_step_storage(self) -> AsyncRetryInOneStep | None:
+        """``storage`` when it retries in one step; the (slow) protocol check runs once."""
+        seen, capable = self._one_step
+        if seen is not self.storage:
+            storage = self.storage
+            capable = storage if isinstance(storage, AsyncRetryInOneStep) else None
+            self._one_step = (storage, capable)
+        return capable
 
     def _claim(self, now: datetime) -> datetime | None:
         # Without a dispatcher nothing is delivered here: leave entries unclaimed
@@ -154,9 +189,14 @@ class _AsyncShell:
 
     async def _dispatch_outcomes(self, plan: Plan, applied: Applied) -> tuple[DispatchOutcome, ...]:
         """Deliver what ``applied`` made pending; the plan's own dispatch comes first."""
+        own = plan.dispatch
+        if not applied.dispatches:  # nothing to deliver: only the plan's own entry to report
+            if own is None:
+                return ()
+            status0: DispatchStatus = "deferred" if applied.deferred else "pending"
+            return (DispatchOutcome(status=status0, task_id=own.task_id, attempt=own.attempt),)
         results = await self._deliver(applied.dispatches)
         outcomes = [_outcome(results, e.task_id, e.attempt) for e in applied.dispatches]
-        own = plan.dispatch
         if own is not None and (own.task_id, own.attempt) not in results:
             status: DispatchStatus = "deferred" if applied.deferred else "pending"
             outcomes.insert(
@@ -196,10 +236,18 @@ class AsyncRetryService(_AsyncShell):
         Raises ``ProjectNotFound``, ``TaskNotFound``, ``TaskNotBlocked`` (with
         the status found), ``ProjectNotRunnable``, ``IdempotencyConflict``.
         """
-        try:
-            budget = RetryBudget(budget)
-        except ValueError:
-            raise InvalidInput("budget must be 'one_more' or 'full'") from None
+        if budget.__class__ is not RetryBudget:
+            try:
+                budget = RetryBudget(budget)
+            except ValueError:
+                raise InvalidInput("budget must be 'one_more' or 'full'") from None
+        one_step = self._one_step_storage()
+        if one_step is not None:
+            done = await self._retry_in_one_step(
+                one_step, project_id, task_id, actor, reason, budget, idempotency_key
+            )
+            if done is not None:
+                return done
 
         async def build(project: Project, task: Task, now: datetime) -> Plan:
             return decide.manual_retry(
@@ -221,6 +269,49 @@ class AsyncRetryService(_AsyncShell):
             progress=applied.progress,
             dispatch=outcomes[0],
             idempotency=plan.idempotency,
+        )
+
+    async def _retry_in_one_step(
+        self,
+        storage: AsyncRetryInOneStep,
+        project_id: str,
+        task_id: str,
+        actor: str | None,
+        reason: str | None,
+        budget: RetryBudget,
+        idempotency_key: str | None,
+    ) -> RetryResult | None:
+        """The retry by a storage that decides it in one step; ``None`` if it changed nothing.
+
+        The storage renders :func:`decide.manual_retry` into its own statement
+        (see :class:`~deepwork_retry.ports.RetryInOneStep`); whenever it
+        declines, the caller's load, decide and apply path runs and raises
+        the core's own error.
+        """
+        _lookup_ids(project_id, task_id)
+        now = self.clock.now()
+        applied = await storage.retry_blocked(
+            project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+            claimed_until=self._claim(now), idempotency_key=idempotency_key,
+        )  # fmt: skip
+        if applied is None:
+            return None
+        results = await self._deliver(applied.dispatches)
+        attempt = applied.task.attempt
+        if (task_id, attempt) in results:
+            dispatch = _outcome(results, task_id, attempt)
+        else:
+            status: DispatchStatus = "deferred" if applied.deferred else "pending"
+            dispatch = DispatchOutcome(status=status, task_id=task_id, attempt=attempt)
+        idempotency = (
+            None
+            if idempotency_key is None
+            else IdempotencyRecord(
+                key=idempotency_key, project_id=project_id, task_id=task_id, created_at=now
+            )
+        )
+        return RetryResult(
+            task=applied.task, progress=applied.progress, dispatch=dispatch, idempotency=idempotency
         )
 
     async def can_retry(self, project_id: str, task_id: str) -> RetryCheck:

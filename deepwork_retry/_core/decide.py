@@ -7,7 +7,7 @@ its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 import attrs
@@ -19,6 +19,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Project,
     Task,
+    evolve_task,
 )
 from deepwork_retry._core.plans import AttemptUpdate, Guard, Plan, ProjectPlan, Release
 from deepwork_retry._core.policy import Block, RandomSource, RetryAt, RetryPolicy, TaskError
@@ -44,7 +45,7 @@ _OPEN_ATTEMPT = frozenset({TaskStatus.ASSIGNED, TaskStatus.IN_PROGRESS, TaskStat
 
 
 def _bump(task: Task, now: datetime, **changes: object) -> Task:
-    return attrs.evolve(task, updated_at=now, version=task.version + 1, **changes)  # type: ignore[arg-type]
+    return evolve_task(task, updated_at=now, version=task.version + 1, **changes)
 
 
 def _check_token(task: Task, token: int) -> None:
@@ -52,7 +53,9 @@ def _check_token(task: Task, token: int) -> None:
         raise StaleAttempt(task.id, token, task.attempt)
 
 
-def _unfinished_guards(ids: Iterable[str], tasks: Mapping[str, Task]) -> tuple[Guard, ...]:
+def _unfinished_guards(ids: Collection[str], tasks: Mapping[str, Task]) -> tuple[Guard, ...]:
+    if not ids or not tasks:
+        return ()
     return tuple(
         Guard(task_id=tid, version=tasks[tid].version)
         for tid in ids
@@ -89,8 +92,8 @@ def _new_attempt(
         reason=reason,
         budget=budget,
     )
-    ready = machine.PROJECT_RULES[project.status].dispatches and machine.dependencies_met(
-        after, _statuses(blockers)
+    ready = machine.PROJECT_RULES[project.status].dispatches and (
+        not after.blocked_by or machine.dependencies_met(after, _statuses(blockers))
     )
     entry = DispatchEntry(
         project_id=after.project_id,
@@ -158,10 +161,12 @@ def manual_retry(
     machine.check(task, TaskEvent.MANUAL_RETRY, TaskStatus.ASSIGNED)
     if not machine.PROJECT_RULES[project.status].accepts_retry:
         raise ProjectNotRunnable(project.id, project.status.value)
-    budget = RetryBudget(budget)
-    after = _bump(
+    if budget.__class__ is not RetryBudget:
+        budget = RetryBudget(budget)
+    after = evolve_task(
         task,
-        now,
+        updated_at=now,
+        version=task.version + 1,
         status=TaskStatus.ASSIGNED,
         retry_count=task.retry_count + 1,
         retries_left=task.max_retries if budget is RetryBudget.FULL else 0,

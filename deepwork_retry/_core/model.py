@@ -1,14 +1,15 @@
 """Frozen values: projects, tasks, attempts, outbox entries, progress.
 
-All are keyword-only attrs classes; change them with :func:`attrs.evolve`.
+All are keyword-only attrs classes; change them with :func:`attrs.evolve`
+(or, on hot paths, with the equivalent ``evolve_*`` functions below).
 Timestamps are timezone-aware UTC :class:`~datetime.datetime` values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -143,13 +144,15 @@ class Progress:
 
     def shifted(self, before: TaskStatus | None, after: TaskStatus | None) -> Progress:
         """The progress after one task moved from ``before`` to ``after``."""
+        if before is after:
+            return self
         changes: dict[str, int] = {}
         if before is not None:
-            changes[before.value] = self.count(before) - 1
+            changes[before._value_] = getattr(self, before._value_) - 1
         if after is not None:
-            changes[after.value] = changes.get(after.value, self.count(after)) + 1
+            changes[after._value_] = getattr(self, after._value_) + 1
         total = self.total + (after is not None) - (before is not None)
-        return attrs.evolve(self, total=total, **changes)  # type: ignore[arg-type]
+        return evolve_progress(self, total=total, **changes)
 
     @classmethod
     def recount(cls, project_id: str, statuses: Any) -> Progress:
@@ -173,3 +176,43 @@ class IdempotencyRecord:
     status_code: int | None = None
     """``None`` while the request that reserved the key has not finished."""
     body: str | None = None
+
+
+# -- copying with changes ----------------------------------------------------------------
+_T = TypeVar("_T", bound=attrs.AttrsInstance)
+_KEEP: Any = object()
+
+
+def _evolver(cls: type[_T]) -> Callable[..., _T]:
+    """A function doing what ``attrs.evolve(value, **changes)`` does for ``cls``, faster.
+
+    ``attrs.evolve`` inspects the class and builds a keyword dict on every
+    call; this writes each slot once, in generated code, and runs each
+    field's converter as ``__init__`` would. The classes here have no
+    validators and no ``__attrs_post_init__``, which this relies on.
+    """
+    fields = attrs.fields(cls)
+    assert all(f.init and f.validator is None for f in fields)
+    assert not hasattr(cls, "__attrs_post_init__")
+    names = [f.name for f in fields]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_KEEP": _KEEP}
+    lines = [f"def evolve(self, *, {', '.join(f'{n}=_KEEP' for n in names)}):"]
+    lines.append("    new = _new(_cls)")
+    for field in fields:
+        name = field.name
+        namespace[f"_set_{name}"] = getattr(cls, name).__set__  # the slot itself
+        value = f"self.{name} if {name} is _KEEP else {name}"
+        if field.converter is not None:
+            namespace[f"_convert_{name}"] = field.converter
+            value = f"_convert_{name}({value})"
+        lines.append(f"    _set_{name}(new, {value})")
+    lines.append("    return new")
+    exec("\n".join(lines), namespace)  # code generated from the class's own fields
+    function: Callable[..., _T] = namespace["evolve"]
+    function.__doc__ = f"``attrs.evolve`` for :class:`{cls.__name__}`."
+    return function
+
+
+evolve_task: Callable[..., Task] = _evolver(Task)
+evolve_progress: Callable[..., Progress] = _evolver(Progress)
+evolve_entry: Callable[..., DispatchEntry] = _evolver(DispatchEntry)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
 import attrs
@@ -131,6 +133,61 @@ def retry_json(result: RetryResult) -> dict[str, Any]:
         "progress": progress_json(result.progress),
         "dispatch": dispatch_json(result.dispatch),
     }
+
+
+# -- the retry's answer as JSON text, without the dicts in between -------------------
+
+COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+"""The API's JSON form: compact, UTF-8 text (not ``\\u`` escapes), one encoder reused."""
+
+
+def _j(value: Any) -> str:
+    """``COMPACT.encode(value)``, with the common scalar types written directly."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    return COMPACT.encode(value)
+
+
+def _tsj(value: datetime | None) -> str:
+    return "null" if value is None else '"' + value.isoformat() + '"'
+
+
+def retry_text(result: RetryResult) -> str:
+    """Exactly ``COMPACT.encode(retry_json(result))``, built without the dicts.
+
+    The retry endpoint answers every request with this; the test suite holds it
+    equal to the dict form for generated tasks.
+    """
+    task, progress, dispatch = result.task, result.progress, result.dispatch
+    reason = task.blocked_reason
+    metadata = task.metadata
+    return (
+        f'{{"success":{"true" if result.success is True else _j(result.success)},'
+        f'"task":{{"id":{_j(task.id)},"project_id":{_j(task.project_id)},'
+        f'"title":{_j(task.title)},"status":{_j(task.status.value)},'
+        f'"retry_count":{_j(task.retry_count)},"max_retries":{_j(task.max_retries)},'
+        f'"retries_left":{_j(task.retries_left)},"error_message":{_j(task.error_message)},'
+        f'"error_type":{_j(task.error_type)},'
+        f'"blocked_reason":{"null" if reason is None else _j(reason.value)},'
+        f'"blocked_by":{COMPACT.encode(list(task.blocked_by)) if task.blocked_by else "[]"},'
+        f'"attempt":{_j(task.attempt)},"created_at":{_tsj(task.created_at)},'
+        f'"updated_at":{_tsj(task.updated_at)},"started_at":{_tsj(task.started_at)},'
+        f'"completed_at":{_tsj(task.completed_at)},'
+        f'"lease_expires_at":{_tsj(task.lease_expires_at)},'
+        f'"metadata":{COMPACT.encode(dict(metadata)) if metadata else "{}"}}},'
+        f'"progress":{{"total":{_j(progress.total)},"completed":{_j(progress.completed)},'
+        f'"in_progress":{_j(progress.in_progress)},"percent":{_j(progress.percent)},'
+        f'"inbox":{_j(progress.inbox)},"assigned":{_j(progress.assigned)},'
+        f'"review":{_j(progress.review)},"blocked":{_j(progress.blocked)},'
+        f'"skipped":{_j(progress.skipped)},"done":{_j(progress.done)}}},'
+        f'"dispatch":{{"status":{_j(dispatch.status)},"task_id":{_j(dispatch.task_id)},'
+        f'"attempt":{_j(dispatch.attempt)},"error":{_j(dispatch.error)}}}}}'
+    )
 
 
 def attempt_json(attempt: Attempt) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from deepwork_retry._core.results import (
     bulk_json,
     check_json,
     progress_json,
-    retry_json,
+    retry_text,
     task_json,
     tasks_page_json,
 )
@@ -78,6 +78,11 @@ def _replay(record: IdempotencyRecord) -> ApiResponse:
         body=record.body.encode("utf-8"),
         headers=(("Idempotent-Replayed", "true"),),
     )
+
+
+def _retried(result: RetryResult) -> ApiResponse:
+    """The 200 answer to a retry (the JSON of ``retry_json``, written without its dicts)."""
+    return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
 
 
 class RetryAPI:
@@ -137,7 +142,7 @@ class RetryAPI:
                 reason=options.reason,
                 budget=options.budget,
             )
-            return respond(200, retry_json(result))
+            return _retried(result)
         stored_key = scoped_key(principal.id, key)
         found = self.service.storage.get_idempotency(stored_key)
         if found is not None:
@@ -168,7 +173,7 @@ class RetryAPI:
             )
             return self._record(fresh, error_response(exc))
         assert result.idempotency is not None
-        return self._record(result.idempotency, respond(200, retry_json(result)))
+        return self._record(result.idempotency, _retried(result))
 
     def _replay_for(self, record: IdempotencyRecord, project_id: str, task_id: str) -> ApiResponse:
         """The first response for this key, or 422 when the key was for another task.
@@ -219,7 +224,7 @@ class RetryAPI:
         status: DispatchStatus = _RECOVERED_STATUS.get(state, "pending")
         outcome = DispatchOutcome(status=status, task_id=task_id, attempt=number)
         result = RetryResult(task=task, progress=progress, dispatch=outcome)
-        return self._record(reserved, respond(200, retry_json(result)))
+        return self._record(reserved, _retried(result))
 
     def _record(self, base: IdempotencyRecord, response: ApiResponse) -> ApiResponse:
         """Complete ``base`` with ``response`` so that repeats with its key replay it."""

@@ -7,15 +7,18 @@ generated from it by ``scripts/unasync.py``. Import the public names from
 
 Every method is one statement (or one transaction) on an autocommit
 connection from the pool. :meth:`PostgresStorage.apply` is a single
-statement, so a manual retry costs one round trip: its common table
-expressions lock and check the task, the guards and the project, then write
-the task, the attempt records, the outbox entry, the releases, the progress
-counters and the idempotency key, and return the task and the progress.
+statement: its common table expressions lock and check the task, the guards
+and the project, then write the task, the attempt records, the outbox entry,
+the releases, the progress counters and the idempotency key, and return the
+task and the progress. :meth:`PostgresStorage.retry_blocked` goes one
+step further for the manual retry: one statement loads, decides and applies
+it, so the service's retry costs one round trip in all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
@@ -34,7 +37,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
-from deepwork_retry._core.states import TaskStatus
+from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry._sync._compat import open_now
 from deepwork_retry.exceptions import (
     AlreadyExists,
@@ -49,6 +52,9 @@ from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
 _Conn = Connection[TupleRow]
 _Pool = ConnectionPool[Connection[TupleRow]]
+
+_PREPARED: weakref.WeakKeyDictionary[_Conn, set[Hashable]] = weakref.WeakKeyDictionary()
+"""Per connection, the hot statements (and parameter shapes) prepared on it."""
 
 
 def migrate(conninfo: str, *, schema: str = q.DEFAULT_SCHEMA) -> list[int]:
@@ -180,12 +186,19 @@ class PostgresStorage:
         self, query: bytes, params: Any, conflict: VersionConflict | None = None
     ) -> tuple[Any, ...] | None:
         with self._connection(conflict) as conn:
-            cur = _execute(conn, query, params)
+            cur = conn.execute(query, params)
+            return cur.fetchone()
+
+    def _write(
+        self, query: bytes, params: Any, conflict: VersionConflict
+    ) -> tuple[Any, ...] | None:
+        with self._connection(conflict) as conn:
+            cur = _execute_pipelined(conn, query, params)
             return cur.fetchone()
 
     def _all(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
         with self._connection() as conn:
-            cur = _execute(conn, query, params)
+            cur = conn.execute(query, params)
             return cur.fetchall()
 
     # -- setup ---------------------------------------------------------------
@@ -310,7 +323,7 @@ class PostgresStorage:
         before = plan.before
         query, params = self._q.apply(plan)
         conflict = VersionConflict(before.id, before.version, None)
-        row = self._one(query, params, conflict)
+        row = self._write(query, params, conflict)
         assert row is not None  # the statement always returns one row
         outcome = q.apply_outcome(plan, row)
         if outcome.applied is not None:
@@ -322,10 +335,52 @@ class PostgresStorage:
         assert outcome.error is not None
         raise outcome.error
 
+    def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied | None:
+        """The manual retry loaded, decided and applied in one statement (one round trip).
+
+        Returns what :meth:`apply` would return for the plan
+        :func:`~deepwork_retry._core.decide.manual_retry` makes from the
+        current state, or ``None`` when the retry cannot be made that way
+        (nothing changed): the caller takes the load, decide and apply path,
+        which raises the core's own error (or, after a concurrent change,
+        applies the retry). See :class:`~deepwork_retry.ports.RetryInOneStep`.
+        """
+        ids = (
+            (project_id, task_id)
+            if idempotency_key is None
+            else (project_id, task_id, idempotency_key)
+        )
+        if not all(q.findable(value) for value in ids):
+            return None
+        params = q.retry_params(
+            project_id, task_id, now=now, actor=actor, reason=reason,
+            budget=RetryBudget(budget), claimed_until=claimed_until,
+            idempotency_key=idempotency_key, channel=self._q.channel,
+        )  # fmt: skip
+        try:
+            with self._connection(VersionConflict(task_id, 0, None)) as conn:
+                cur = _execute_prepared(conn, self._q.retry_blocked, params, claimed_until is None)
+                row = cur.fetchone()
+        except VersionConflict:
+            return None  # a deadlock or serialisation failure: the general path decides
+        assert row is not None  # the statement always returns one row
+        return q.retried(project_id, row, now=now, claimed_until=claimed_until)
+
     def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         query, params = self._q.apply_project(plan)
         conflict = VersionConflict(plan.before.id, plan.before.version, None)
-        row = self._one(query, params, conflict)
+        row = self._write(query, params, conflict)
         assert row is not None
         outcome = q.apply_project_outcome(plan, row)
         if isinstance(outcome, Exception):
@@ -427,17 +482,38 @@ class PostgresStorage:
             return notified
 
 
-def _execute(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRow]:
-    """Run one statement in one round trip.
+def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRow]:
+    """Run one statement in one round trip, every time.
 
     In pipeline mode the driver sends the statement's preparation (after it
     has run a few times) together with its execution, instead of waiting
-    for the server between the two.
+    for the server between the two. The pipeline costs a little on every
+    call; :func:`_execute_prepared` avoids it for the hottest statement.
     """
     if not q.PIPELINE:
         return conn.execute(query, params)
     with conn.pipeline():
         return conn.execute(query, params)
+
+
+def _execute_prepared(conn: _Conn, query: bytes, params: Any, shape: Hashable) -> Cursor[TupleRow]:
+    """Run a hot statement as a prepared statement, in one round trip every time.
+
+    The first run on a connection sends the preparation and the execution
+    together in one pipeline; later runs execute the prepared statement
+    directly, without a pipeline's cost. ``shape`` names what changes the
+    parameters' types (a value ``None`` or not), each prepared on its own.
+    """
+    prepared = _PREPARED.get(conn)
+    if prepared is None:
+        prepared = _PREPARED[conn] = set()
+    key = (query, shape)
+    if key in prepared or not q.PIPELINE:
+        return conn.execute(query, params, prepare=True)
+    with conn.pipeline():
+        cur = conn.execute(query, params, prepare=True)
+    prepared.add(key)
+    return cur
 
 
 def _conninfo(pool: _Pool) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import resources
 from types import TracebackType
@@ -18,6 +18,7 @@ import attrs
 import psycopg
 from psycopg import errors, sql
 
+from deepwork_retry._core.machine import PROJECT_RULES, TRANSITIONS
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -28,11 +29,13 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Guard, Plan, ProjectPlan, Release
 from deepwork_retry._core.states import (
+    TERMINAL,
     BlockedReason,
     DispatchState,
     Outcome,
     ProjectStatus,
     RetryBudget,
+    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -56,6 +59,9 @@ LOCK_CLASS = 0x6477
 
 PIPELINE = psycopg.capabilities.has_pipeline()
 """Whether libpq can pipeline (version 14 or later)."""
+
+_PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
+_SPACE = re.compile(r"\s+")
 
 
 def check_schema(schema: object) -> str:
@@ -546,7 +552,7 @@ class Queries:
     def __init__(self, schema: str) -> None:
         self.schema = check_schema(schema)
         self.channel = channel(schema)
-        self._apply_cache: dict[_Shape, bytes] = {}
+        self._apply_cache: dict[_Shape, tuple[bytes, frozenset[str]]] = {}
         self._project_cache: dict[tuple[bool, bool, bool], bytes] = {}
         self._list_cache: dict[tuple[bool, str | None], bytes] = {}
         q = self.render
@@ -680,10 +686,16 @@ class Queries:
             " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"
         )
         self.listen = q("LISTEN {c}")
+        self.retry_blocked = q(_retry_text())
 
     def render(self, text: str) -> bytes:
+        """``text`` for this schema, its whitespace collapsed.
+
+        Short texts stay within psycopg's cache of converted queries (4,096
+        bytes), so a statement is not parsed again on every call.
+        """
         order = sql.Literal(f'"{self.schema}".outbox_order')
-        composed = sql.SQL(text).format(
+        composed = sql.SQL(_SPACE.sub(" ", text).strip()).format(
             s=sql.Identifier(self.schema),
             c=sql.Identifier(self.channel),
             order=sql.SQL("{}::regclass").format(order),
@@ -745,9 +757,12 @@ class Queries:
             notify_own=own_due,
             notify_released=bool(plan.releases) and plan.claimed_until is None,
         )
-        query = self._apply_cache.get(shape)
-        if query is None:
-            query = self._apply_cache[shape] = self.render(_apply_text(shape))
+        cached = self._apply_cache.get(shape)
+        if cached is None:
+            text = self.render(_apply_text(shape))
+            names = frozenset(name.decode() for name in _PLACEHOLDER.findall(text))
+            cached = self._apply_cache[shape] = (text, names)
+        query, names = cached
         params: dict[str, Any] = {
             "pid": before.project_id,
             "tid": before.id,
@@ -775,7 +790,9 @@ class Queries:
                 u_error_message=diagnostic(update.error_message or None),
             )
         params.update(_release_params(plan.releases))
-        return query, params
+        # Only the values the statement uses: psycopg caches the conversion of
+        # statements with at most 50 parameters.
+        return query, {name: params[name] for name in names}
 
     def apply_project(self, plan: ProjectPlan) -> tuple[bytes, dict[str, Any]]:
         key = (
@@ -1036,6 +1053,150 @@ SELECT (SELECT version FROM cur), {guard_cols},
     {_RELEASED_ARRAYS if releases else _NO_RELEASES},
     {notify_col}
 FROM (SELECT 1) AS one LEFT JOIN upd ON true"""
+
+
+# -- the manual retry in one statement ---------------------------------------------
+
+
+def _in(values: Iterable[str]) -> str:
+    """``'a', 'b'`` for ``IN (...)``; ``NULL`` (matching nothing) when empty."""
+    quoted = sorted(f"'{v}'" for v in values)
+    return ", ".join(quoted) if quoted else "NULL"
+
+
+def _retry_text() -> str:
+    """The manual retry decided and applied in one statement.
+
+    The checks and choices of :func:`deepwork_retry._core.decide.manual_retry`
+    are rendered from the core's tables, never copied: the states a manual
+    retry leaves (:data:`~deepwork_retry._core.machine.TRANSITIONS`), the
+    project states that accept a retry and those that dispatch now
+    (:data:`~deepwork_retry._core.machine.PROJECT_RULES`) and the finished
+    states (:data:`~deepwork_retry._core.states.TERMINAL`). The task is locked
+    and read at its latest version, the project and the blockers are locked
+    for share (so neither can change before the commit); a blocker that does
+    not exist counts as unfinished. Every write is gated on the checks, so
+    when any fails nothing changes and the row holds only NULLs.
+    """
+    target = TaskStatus.ASSIGNED
+    sources = [
+        status.value
+        for (status, event), allowed in TRANSITIONS.items()
+        if event is TaskEvent.MANUAL_RETRY and target in allowed
+    ]
+    accepting = _in(s.value for s, rule in PROJECT_RULES.items() if rule.accepts_retry)
+    dispatching = _in(s.value for s, rule in PROJECT_RULES.items() if rule.dispatches)
+    finished = _in(s.value for s in TERMINAL)
+    full = f"%(b)s::text = '{RetryBudget.FULL.value}'"
+    pending, deferred = DispatchState.PENDING.value, DispatchState.DEFERRED.value
+    moved = ", ".join(
+        [f"{c} = {c} - (c.status = '{c}')::int" for c in sorted(sources)]
+        + [f"{target.value} = {target.value} + 1"]
+    )
+    this = "project_id = %(p)s AND task_id = %(t)s"
+    # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,
+    # r reason, c claimed_until, ch the notification channel.
+    return f"""WITH
+c AS (SELECT status, version, attempt + 1 AS nxt, blocked_by FROM {{s}}.tasks
+    WHERE project_id = %(p)s AND id = %(t)s FOR NO KEY UPDATE),
+j AS (SELECT status FROM {{s}}.projects WHERE id = %(p)s FOR KEY SHARE),
+d AS (SELECT t.id, t.status FROM {{s}}.tasks AS t, c
+    WHERE t.project_id = %(p)s AND t.id = ANY(c.blocked_by) ORDER BY t.id FOR SHARE OF t),
+ok AS (SELECT COALESCE(c.status IN ({_in(sources)}) AND j.status IN ({accepting})
+    AND NOT EXISTS (SELECT FROM {{s}}.idempotency WHERE key = %(k)s::text)
+    AND NOT EXISTS (SELECT FROM {{s}}.outbox WHERE {this} AND attempt = c.nxt)
+    AND NOT EXISTS (SELECT FROM {{s}}.attempts WHERE {this} AND number = c.nxt)
+    AND (c.nxt = 1 OR EXISTS (SELECT FROM {{s}}.attempts WHERE {this} AND number = c.nxt - 1)),
+    false) AS v,
+    COALESCE(j.status IN ({dispatching}), false)
+    AND NOT EXISTS (SELECT FROM unnest(c.blocked_by) AS b(id) LEFT JOIN d ON d.id = b.id
+        WHERE d.status IS NULL OR d.status NOT IN ({finished})) AS ready
+    FROM (SELECT) AS one LEFT JOIN c ON true LEFT JOIN j ON true),
+i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
+    SELECT %(k)s::text, %(p)s::text, %(t)s::text, %(n)s::timestamptz, NULL, NULL
+    FROM ok WHERE ok.v AND %(k)s::text IS NOT NULL
+    ON CONFLICT (key) DO NOTHING RETURNING 1),
+u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry_count + 1,
+    retries_left = CASE WHEN {full} THEN max_retries ELSE 0 END,
+    error_message = NULL, error_type = NULL, blocked_reason = NULL,
+    attempt = t.attempt + 1, lease_expires_at = NULL,
+    started_at = CASE WHEN {full} THEN NULL ELSE started_at END,
+    updated_at = %(n)s::timestamptz, version = t.version + 1
+    FROM c, ok WHERE t.project_id = %(p)s AND t.id = %(t)s AND t.version = c.version AND ok.v
+    AND (%(k)s::text IS NULL OR EXISTS (SELECT FROM i))
+    RETURNING {_cols(TASK_COLS, "t.")}),
+a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, trigger, dispatched_at,
+        available_at, actor, reason, budget)
+    SELECT project_id, id, attempt, '{Trigger.MANUAL_RETRY.value}', %(n)s::timestamptz,
+        %(n)s::timestamptz, %(a)s::text, %(r)s::text, %(b)s::text FROM u),
+o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
+    SELECT x.project_id, x.id, x.attempt, CASE WHEN ok.ready THEN '{pending}' ELSE '{deferred}' END,
+        %(n)s::timestamptz, %(n)s::timestamptz,
+        CASE WHEN ok.ready THEN %(c)s::timestamptz END, 0, NULL, NULL,
+        x.seq, CASE WHEN ok.ready THEN x.seq END
+    FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok),
+g AS (UPDATE {{s}}.progress SET {moved} FROM c
+    WHERE project_id = %(p)s AND EXISTS (SELECT FROM u)
+    RETURNING {_cols(PROGRESS_COLS)})
+SELECT u.*, g.*, ok.ready, CASE WHEN u.id IS NOT NULL AND ok.ready
+    AND %(c)s::timestamptz IS NULL THEN pg_notify(%(ch)s, '') IS NULL END
+FROM ok LEFT JOIN u ON true LEFT JOIN g ON true"""
+
+
+def retry_params(
+    project_id: str,
+    task_id: str,
+    *,
+    now: datetime,
+    actor: str | None,
+    reason: str | None,
+    budget: RetryBudget,
+    claimed_until: datetime | None,
+    idempotency_key: str | None,
+    channel: str,
+) -> dict[str, Any]:
+    """The values of :meth:`Queries.retry_blocked`'s statement."""
+    return {
+        "p": project_id,
+        "t": task_id,
+        "n": now,
+        "k": idempotency_key,
+        "b": budget.value,
+        "a": actor,
+        "r": reason,
+        "c": claimed_until,
+        "ch": channel,
+    }
+
+
+def retried(
+    project_id: str, row: Row, *, now: datetime, claimed_until: datetime | None
+) -> Applied | None:
+    """Read the one-step retry's row: what :meth:`Storage.apply` would return, or
+    ``None`` when the statement changed nothing."""
+    if row[0] is None:
+        return None
+    task = decode_task(row)
+    ready = bool(row[len(TASK_COLS) + len(PROGRESS_COLS)])
+    made: tuple[DispatchEntry, ...] = ()
+    if ready and claimed_until is not None:
+        made = (
+            DispatchEntry(
+                project_id=project_id,
+                task_id=task.id,
+                attempt=task.attempt,
+                state=DispatchState.PENDING,
+                available_at=now,
+                created_at=now,
+                claimed_until=claimed_until,
+            ),
+        )
+    return Applied(
+        task=task,
+        progress=decode_progress(row, len(TASK_COLS)),
+        dispatches=made,
+        deferred=not ready,
+    )
 
 
 def apply_outcome(plan: Plan, row: Row) -> ApplyOutcome:

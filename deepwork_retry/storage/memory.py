@@ -19,6 +19,7 @@ from deepwork_retry._core.model import (
     Progress,
     Project,
     Task,
+    evolve_entry,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
 from deepwork_retry._core.states import DispatchState, TaskStatus
@@ -107,7 +108,11 @@ class MemoryStorage:
 
     def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
         with self._lock:
-            return self.get_project(project_id), self._task(project_id, task_id)
+            try:
+                project = self._projects[project_id]
+            except KeyError:
+                raise ProjectNotFound(project_id) from None
+            return project, self._task(project_id, task_id)
 
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         with self._lock:
@@ -166,38 +171,44 @@ class MemoryStorage:
     # -- writes ----------------------------------------------------------------
     def apply(self, plan: Plan) -> Applied:
         before, after = plan.before, plan.after
-        pid = before.project_id
+        pid, tid = before.project_id, before.id
         with self._lock:
-            current = self._task(pid, before.id)
+            try:
+                tasks = self._tasks[pid]
+                current = tasks[tid]
+            except KeyError:
+                raise TaskNotFound(pid, tid) from None
             if current.version != before.version:
-                raise VersionConflict(before.id, before.version, current.version)
+                raise VersionConflict(tid, before.version, current.version)
             for guard in plan.guards:
-                found = self._tasks[pid].get(guard.task_id)
+                found = tasks.get(guard.task_id)
                 if found is None or found.version != guard.version:
                     raise VersionConflict(
                         guard.task_id, guard.version, None if found is None else found.version
                     )
             project = self._projects[pid]
             if plan.project_version is not None and project.version != plan.project_version:
-                raise VersionConflict(before.id, before.version, current.version)
-            if plan.idempotency is not None and plan.idempotency.key in self._idempotency:
-                raise IdempotencyConflict(self._idempotency[plan.idempotency.key])
-            if plan.dispatch is not None and plan.dispatch.key in self._outbox:
-                raise VersionConflict(before.id, before.version, current.version)
-            if (
-                plan.new_attempt is not None
-                and plan.new_attempt.number != len(self._attempts.get((pid, before.id), ())) + 1
+                raise VersionConflict(tid, before.version, current.version)
+            idem = plan.idempotency
+            if idem is not None and idem.key in self._idempotency:
+                raise IdempotencyConflict(self._idempotency[idem.key])
+            dispatch = plan.dispatch
+            if dispatch is not None and dispatch.key in self._outbox:
+                raise VersionConflict(tid, before.version, current.version)
+            history = self._attempts.get((pid, tid))
+            new_attempt = plan.new_attempt
+            if new_attempt is not None and new_attempt.number != (
+                len(history) + 1 if history else 1
             ):
-                raise InvalidInput(
-                    f"Task {before.id!r}: attempt {plan.new_attempt.number} is not next"
-                )
+                raise InvalidInput(f"Task {tid!r}: attempt {new_attempt.number} is not next")
             # Every check passed: from here on nothing raises.
-            self._tasks[pid][after.id] = after
+            tasks[after.id] = after
             self._index(after)
-            self._progress[pid] = self._progress[pid].shifted(before.status, after.status)
-            history = self._attempts.setdefault((pid, before.id), [])
+            progress = self._progress[pid] = self._progress[pid].shifted(
+                before.status, after.status
+            )
             update = plan.attempt_update
-            if update is not None and 0 < update.number <= len(history):
+            if update is not None and history and 0 < update.number <= len(history):
                 old = history[update.number - 1]
                 history[update.number - 1] = attrs.evolve(
                     old,
@@ -207,23 +218,25 @@ class MemoryStorage:
                     error_type=update.error_type or old.error_type,
                     error_message=update.error_message or old.error_message,
                 )
-            if plan.new_attempt is not None:
-                history.append(plan.new_attempt)
-            made: list[DispatchEntry] = []
-            if plan.dispatch is not None:
-                self._put_entry(plan.dispatch)
-                if plan.dispatch.state is DispatchState.PENDING and plan.dispatch.claimed_until:
-                    made.append(plan.dispatch)
-            made.extend(self._release(pid, plan.releases, plan.claimed_until))
-            if plan.idempotency is not None:
-                self._idempotency[plan.idempotency.key] = plan.idempotency
-            return Applied(
-                task=after,
-                progress=self._progress[pid],
-                dispatches=tuple(made),
-                deferred=plan.dispatch is not None
-                and plan.dispatch.state is DispatchState.DEFERRED,
-            )
+            if new_attempt is not None:
+                if history is None:
+                    self._attempts[(pid, tid)] = [new_attempt]
+                else:
+                    history.append(new_attempt)
+            made: tuple[DispatchEntry, ...] = ()
+            deferred = False
+            if dispatch is not None:
+                self._put_entry(dispatch)
+                if dispatch.state is DispatchState.PENDING:
+                    if dispatch.claimed_until:
+                        made = (dispatch,)
+                else:
+                    deferred = dispatch.state is DispatchState.DEFERRED
+            if plan.releases:
+                made += tuple(self._release(pid, plan.releases, plan.claimed_until))
+            if idem is not None:
+                self._idempotency[idem.key] = idem
+            return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
 
     def _put_entry(self, entry: DispatchEntry) -> None:
         self._outbox[entry.key] = entry
@@ -240,7 +253,7 @@ class MemoryStorage:
             entry = self._outbox.get((pid, rel.task_id, rel.attempt))
             if entry is None or entry.state is not DispatchState.DEFERRED:
                 continue
-            entry = attrs.evolve(entry, state=DispatchState.PENDING, claimed_until=claimed_until)
+            entry = evolve_entry(entry, state=DispatchState.PENDING, claimed_until=claimed_until)
             self._put_entry(entry)
             if claimed_until is not None:
                 made.append(entry)
@@ -275,7 +288,7 @@ class MemoryStorage:
                 if entry.available_at <= now and (
                     entry.claimed_until is None or entry.claimed_until <= now
                 ):
-                    claimed.append(attrs.evolve(entry, claimed_until=claimed_until))
+                    claimed.append(evolve_entry(entry, claimed_until=claimed_until))
             for entry in claimed:
                 self._outbox[entry.key] = entry
             return claimed
@@ -287,7 +300,7 @@ class MemoryStorage:
                 if stored is None or stored.state is not DispatchState.PENDING:
                     continue
                 self._put_entry(
-                    attrs.evolve(
+                    evolve_entry(
                         stored,
                         state=DispatchState.DELIVERED,
                         delivered_at=now,
@@ -301,7 +314,7 @@ class MemoryStorage:
             stored = self._outbox.get(entry.key)
             if stored is None or stored.state is not DispatchState.PENDING:
                 return
-            self._outbox[entry.key] = attrs.evolve(
+            self._outbox[entry.key] = evolve_entry(
                 stored,
                 tries=stored.tries + 1,
                 last_error=error,
@@ -326,7 +339,7 @@ class MemoryStorage:
                     stale.append(entry)
             stale.sort(key=lambda e: (e.delivered_at, e.key))
             turned = [
-                attrs.evolve(
+                evolve_entry(
                     entry,
                     state=DispatchState.PENDING,
                     available_at=now,

@@ -20,6 +20,7 @@ conformance suite.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import os
@@ -33,10 +34,11 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
+from deepwork_retry._core import decide
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -57,6 +59,7 @@ from deepwork_retry._core.states import (
 )
 from deepwork_retry.exceptions import (
     AlreadyExists,
+    DeepworkError,
     IdempotencyConflict,
     InvalidInput,
     ProjectNotFound,
@@ -121,11 +124,21 @@ def _statements(script: str) -> list[str]:
 # -- value conversions ------------------------------------------------------------
 
 
+_TS_LAST: tuple[datetime | None, int] = (None, 0)
+"""The last conversion: one write stores the same ``now`` in several columns."""
+
+
 def _ts(value: datetime) -> int:
     """Microseconds since the epoch: exact, and ordered like the datetimes."""
+    global _TS_LAST
+    last = _TS_LAST
+    if last[0] is value:
+        return last[1]
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInput(f"timestamps must be timezone-aware, got {value!r}")
-    return (value - _EPOCH) // _MICROSECOND
+    micros = (value - _EPOCH) // _MICROSECOND
+    _TS_LAST = (value, micros)
+    return micros
 
 
 def _ots(value: datetime | None) -> int | None:
@@ -142,6 +155,8 @@ def _odt(value: int | None) -> datetime | None:
 
 def _text(value: str) -> str | bytes:
     """A str as sqlite3 can bind it: lone surrogates survive as a BLOB."""
+    if value.isascii():
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -184,6 +199,44 @@ def _after_bound(after: str) -> tuple[str, str | bytes]:
             if "\ud800" <= char <= "\udfff":
                 return ">=", after[:i] + "\ue000"
     return ">", after
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _members(kind: type[_E]) -> dict[object, _E]:
+    """Stored value -> member, the table behind ``kind(value)`` without its call."""
+    return {member.value: member for member in kind}
+
+
+def _values(kind: type[enum.Enum]) -> dict[object, str]:
+    """Member (or its equal string) -> stored value."""
+    return {member: member.value for member in kind}
+
+
+_TASK_STATUSES = _members(TaskStatus)
+_TASK_STATUS_VALUES = _values(TaskStatus)
+_BLOCKED_REASONS = _members(BlockedReason)
+_PROJECT_STATUSES = _members(ProjectStatus)
+_TRIGGER_VALUES = _values(Trigger)
+_BUDGET_VALUES = _values(RetryBudget)
+_STATE_VALUES = _values(DispatchState)
+
+
+def _member(table: dict[object, _E], kind: type[_E], value: object) -> _E:
+    """``kind(value)``, answered from ``table`` when it can be."""
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        return kind(value)
+
+
+def _value(table: dict[object, str], kind: type[enum.Enum], value: object) -> str:
+    """``kind(value).value``, answered from ``table`` when it can be."""
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        return str(kind(value).value)
 
 
 def _json(kind: str, value: Any) -> str:
@@ -244,6 +297,49 @@ _INSERT_NEXT_ATTEMPT = (
     "WHERE (SELECT COUNT(*) FROM attempts WHERE project_id = ? AND task_id = ?) = ?"
 )
 """Insert an attempt only if it is the next one (the count of earlier attempts matches)."""
+_UPDATE_TASK = f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?"
+"""The compare-and-set: the write itself, taking effect only at the expected version."""
+_LOAD_COUNTED = (
+    f"SELECT {', '.join('p.' + c.strip() for c in _PROJECT_COLUMNS.split(','))}, "
+    f"{', '.join('t.' + c.strip() for c in _TASK_COLUMNS.split(','))}, "
+    f"{', '.join('p.' + c for c in _COUNTERS)} "
+    "FROM projects AS p LEFT JOIN tasks AS t ON t.project_id = p.id AND t.id = ? WHERE p.id = ?"
+)
+""":data:`_LOAD` plus the project's progress counters, read inside a write transaction."""
+_TASK_WIDTH = len(_TASK_COLUMNS.split(","))
+_SHIFT = {
+    (old.value, new.value): f"UPDATE projects SET {old.value} = {old.value} - 1, "
+    f"{new.value} = {new.value} + 1 WHERE id = ?"
+    for old in TaskStatus
+    for new in TaskStatus
+    if old is not new
+}
+"""One task moving between two statuses, in the project's counters."""
+_PlanParams = tuple[
+    tuple[Any, ...],
+    tuple[Any, ...] | None,
+    tuple[Any, ...] | None,
+    tuple[Any, ...] | None,
+    int | None,
+]
+"""A plan's rows as bound parameters: task, new attempt, outbox entry, idempotency, claim."""
+
+_COUNTER_AT = {name: i for i, name in enumerate(_COUNTERS)}
+assert _COUNTERS == ("total", "inbox", "assigned", "in_progress", "review", "done", "blocked",
+                     "skipped")  # fmt: skip
+
+
+def _progress_of(project_id: str, c: Sequence[int]) -> Progress:
+    """The progress from the counters in :data:`_COUNTERS` order."""
+    return Progress(
+        project_id=project_id, total=c[0], inbox=c[1], assigned=c[2], in_progress=c[3],
+        review=c[4], done=c[5], blocked=c[6], skipped=c[7],
+    )  # fmt: skip
+
+
+_SHIFT_RETURNING = {
+    key: f"{sql} RETURNING version, {', '.join(_COUNTERS)}" for key, sql in _SHIFT.items()
+}
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
@@ -251,14 +347,14 @@ def _task_params(task: Task) -> tuple[Any, ...]:
         task.project_id,
         task.id,
         _text(task.title),
-        TaskStatus(task.status).value,
+        _value(_TASK_STATUS_VALUES, TaskStatus, task.status),
         task.retry_count,
         task.max_retries,
         task.retries_left,
         _otext(task.error_message),
         _otext(task.error_type),
         None if task.blocked_reason is None else BlockedReason(task.blocked_reason).value,
-        _json("blocked_by", list(task.blocked_by)),
+        _json("blocked_by", list(task.blocked_by)) if task.blocked_by else "[]",
         task.attempt,
         _ots(task.lease_expires_at),
         _ts(task.created_at),
@@ -266,7 +362,7 @@ def _task_params(task: Task) -> tuple[Any, ...]:
         _ots(task.started_at),
         _ots(task.completed_at),
         task.version,
-        _json("metadata", dict(task.metadata)),
+        _json("metadata", dict(task.metadata)) if task.metadata else "{}",
     )
 
 
@@ -275,14 +371,14 @@ def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
         project_id=row[0],
         id=row[1],
         title=_str(row[2]),
-        status=TaskStatus(row[3]),
+        status=_member(_TASK_STATUSES, TaskStatus, row[3]),
         retry_count=row[4],
         max_retries=row[5],
         retries_left=row[6],
         error_message=_ostr(row[7]),
         error_type=_ostr(row[8]),
-        blocked_reason=None if row[9] is None else BlockedReason(row[9]),
-        blocked_by=json.loads(row[10]),
+        blocked_reason=None if row[9] is None else _member(_BLOCKED_REASONS, BlockedReason, row[9]),
+        blocked_by=() if row[10] == "[]" else json.loads(row[10]),
         attempt=row[11],
         lease_expires_at=_odt(row[12]),
         created_at=_dt(row[13]),
@@ -290,7 +386,7 @@ def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
         started_at=_odt(row[15]),
         completed_at=_odt(row[16]),
         version=row[17],
-        metadata=json.loads(row[18]),
+        metadata={} if row[18] == "{}" else json.loads(row[18]),
     )
 
 
@@ -308,7 +404,7 @@ def _project_params(project: Project) -> tuple[Any, ...]:
 def _project(row: tuple[Any, ...]) -> Project:
     return Project(
         id=row[0],
-        status=ProjectStatus(row[1]),
+        status=_member(_PROJECT_STATUSES, ProjectStatus, row[1]),
         name=_str(row[2]),
         created_at=_dt(row[3]),
         updated_at=_dt(row[4]),
@@ -321,12 +417,12 @@ def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
         attempt.project_id,
         attempt.task_id,
         attempt.number,
-        Trigger(attempt.trigger).value,
+        _value(_TRIGGER_VALUES, Trigger, attempt.trigger),
         _ts(attempt.dispatched_at),
         _ts(attempt.available_at),
         _otext(attempt.actor),
         _otext(attempt.reason),
-        None if attempt.budget is None else RetryBudget(attempt.budget).value,
+        None if attempt.budget is None else _value(_BUDGET_VALUES, RetryBudget, attempt.budget),
         _ots(attempt.started_at),
         _ots(attempt.finished_at),
         None if attempt.outcome is None else Outcome(attempt.outcome).value,
@@ -359,7 +455,7 @@ def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
         entry.project_id,
         entry.task_id,
         entry.attempt,
-        DispatchState(entry.state).value,
+        _value(_STATE_VALUES, DispatchState, entry.state),
         _ts(entry.available_at),
         _ts(entry.created_at),
         _ots(entry.claimed_until),
@@ -651,37 +747,41 @@ class SQLiteStorage:
     @contextmanager
     def _translating(self) -> Iterator[None]:
         """The one place driver errors become library errors (``__cause__`` kept)."""
-        where = repr(str(self.path))
         try:
             yield
-        except sqlite3.Error as exc:
-            code = _code(exc)
-            if code in _BUSY:
-                raise StorageUnavailable(
-                    f"SQLite database {where} is locked by another writer "
-                    f"(waited {self.timeout:g}s): {exc}"
-                ) from exc
-            if code in _CORRUPT:
-                raise StorageCorrupt(
-                    f"SQLite database {where} is damaged or not a deepwork_retry database: {exc}"
-                ) from exc
-            if code in _READONLY:
-                raise StorageReadOnly(
-                    f"SQLite database {where} is read-only; nothing was changed: {exc}"
-                ) from exc
-            if code in _CANTOPEN:
-                raise StorageUnavailable(f"Cannot open SQLite database {where}: {exc}") from exc
-            if code in _UNAVAILABLE:
-                raise StorageUnavailable(f"SQLite database {where} failed: {exc}") from exc
-            if "no such table" in str(exc) or "no such column" in str(exc):
-                raise StorageCorrupt(
-                    f"SQLite database {where} does not have the expected schema: {exc}"
-                ) from exc
-            raise StorageError(f"SQLite database {where} failed: {exc}") from exc
-        except OverflowError as exc:
-            raise InvalidInput(f"a number is out of SQLite's 64-bit range: {exc}") from exc
-        except UnicodeEncodeError as exc:
-            raise InvalidInput(f"text SQLite cannot store (lone surrogates): {exc}") from exc
+        except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
+            raise self._translated(exc) from exc
+
+    def _translated(self, exc: sqlite3.Error | OverflowError | UnicodeEncodeError) -> Exception:
+        """The library error for a driver error (see :meth:`_translating`)."""
+        where = repr(str(self.path))
+        if isinstance(exc, OverflowError):
+            return InvalidInput(f"a number is out of SQLite's 64-bit range: {exc}")
+        if isinstance(exc, UnicodeEncodeError):
+            return InvalidInput(f"text SQLite cannot store (lone surrogates): {exc}")
+        code = _code(exc)
+        if code in _BUSY:
+            return StorageUnavailable(
+                f"SQLite database {where} is locked by another writer "
+                f"(waited {self.timeout:g}s): {exc}"
+            )
+        if code in _CORRUPT:
+            return StorageCorrupt(
+                f"SQLite database {where} is damaged or not a deepwork_retry database: {exc}"
+            )
+        if code in _READONLY:
+            return StorageReadOnly(
+                f"SQLite database {where} is read-only; nothing was changed: {exc}"
+            )
+        if code in _CANTOPEN:
+            return StorageUnavailable(f"Cannot open SQLite database {where}: {exc}")
+        if code in _UNAVAILABLE:
+            return StorageUnavailable(f"SQLite database {where} failed: {exc}")
+        if "no such table" in str(exc) or "no such column" in str(exc):
+            return StorageCorrupt(
+                f"SQLite database {where} does not have the expected schema: {exc}"
+            )
+        return StorageError(f"SQLite database {where} failed: {exc}")
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -801,18 +901,23 @@ class SQLiteStorage:
         return _project(row[:_PROJECT_WIDTH]), _task(row[_PROJECT_WIDTH:])
 
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
+        with self._tx(write=False) as c:
+            return self._get_tasks(c, project_id, task_ids)
+
+    def _get_tasks(
+        self, c: sqlite3.Connection, project_id: str, task_ids: Sequence[str]
+    ) -> dict[str, Task]:
         ids = [_text(tid) for tid in dict.fromkeys(task_ids)]
         found: dict[str, Task] = {}
-        with self._tx(write=False) as c:
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                rows = c.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? "
-                    f"AND id IN ({', '.join('?' for _ in chunk)})",
-                    (_text(project_id), *chunk),
-                )
-                for row in rows:
-                    found[row[1]] = _task(row)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            rows = c.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE project_id = ? "
+                f"AND id IN ({', '.join('?' for _ in chunk)})",
+                (_text(project_id), *chunk),
+            )
+            for row in rows:
+                found[row[1]] = _task(row)
         return {tid: found[tid] for tid in dict.fromkeys(task_ids) if tid in found}
 
     def dependants(self, project_id: str, task_id: str) -> list[Task]:
@@ -910,49 +1015,78 @@ class SQLiteStorage:
                 raise VersionConflict(guard.task_id, guard.version, found)
 
     def apply(self, plan: Plan) -> Applied:
+        params = self._plan_params(plan)
+        with self._tx(write=True) as c:
+            return self._apply_in(c, plan, params, None)
+
+    def _plan_params(self, plan: Plan) -> _PlanParams:
+        """Serialise everything first: a value SQLite cannot hold fails before any write."""
+        before, after = plan.before, plan.after
+        if after.id != before.id or after.project_id != before.project_id:
+            raise InvalidInput("a plan cannot change a task's id or project")
+        return (
+            _task_params(after),
+            None if plan.new_attempt is None else _attempt_params(plan.new_attempt),
+            None if plan.dispatch is None else _entry_params(plan.dispatch),
+            None if plan.idempotency is None else _idem_params(plan.idempotency),
+            None if plan.claimed_until is None else _ts(plan.claimed_until),
+        )
+
+    def _apply_in(
+        self,
+        c: sqlite3.Connection,
+        plan: Plan,
+        params: _PlanParams,
+        loaded: tuple[int, tuple[int, ...]] | None,
+    ) -> Applied:
+        """Apply ``plan`` in the open write transaction ``c``.
+
+        ``loaded`` is the project's version and counters when this same
+        transaction read them already: then neither is read again.
+        """
         before, after = plan.before, plan.after
         pid, tid = before.project_id, before.id
-        if (after.project_id, after.id) != (pid, tid):
-            raise InvalidInput("a plan cannot change a task's id or project")
-        # Serialise everything first: a value SQLite cannot hold fails before
-        # the transaction starts.
-        task_row = _task_params(after)
-        new_attempt = None if plan.new_attempt is None else _attempt_params(plan.new_attempt)
-        entry = None if plan.dispatch is None else _entry_params(plan.dispatch)
-        idem = None if plan.idempotency is None else _idem_params(plan.idempotency)
-        claimed_until = _ots(plan.claimed_until)
-        with self._tx(write=True) as c:
-            # The compare-and-set is the write itself; any refusal below rolls
-            # the whole transaction back, so checks and writes may interleave.
-            written = c.execute(
-                f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?",
-                (*task_row[2:], pid, tid, before.version),
-            ).rowcount
-            if written != 1:
-                current = self._version(c, pid, tid)
-                if current is None:
-                    raise TaskNotFound(pid, tid)
-                raise VersionConflict(tid, before.version, current)
+        task_row, new_attempt, entry, idem, claimed_until = params
+        # The compare-and-set is the write itself; any refusal below rolls
+        # the whole transaction back, so checks and writes may interleave.
+        written = c.execute(_UPDATE_TASK, (*task_row[2:], pid, tid, before.version)).rowcount
+        if written != 1:
+            current = self._version(c, pid, tid)
+            if current is None:
+                raise TaskNotFound(pid, tid)
+            raise VersionConflict(tid, before.version, current)
+        if plan.guards:
             self._check_guards(c, pid, plan)
-            moved = before.status != after.status
-            counters: tuple[Any, ...] | None = None
-            if plan.idempotency is not None or not moved:
-                # The project's version is checked before the idempotency key.
-                if plan.project_version is not None:
-                    row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
-                    if row[0] != plan.project_version:
-                        raise VersionConflict(tid, before.version, before.version)
-                if plan.idempotency is not None:
-                    existing = self._get_idempotency(c, plan.idempotency.key)
-                    if existing is not None:
-                        raise IdempotencyConflict(existing)
-            if moved:
-                old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
-                row = c.execute(
-                    f"UPDATE projects SET {old} = {old} - 1, {new} = {new} + 1 WHERE id = ? "
-                    f"RETURNING version, {', '.join(_COUNTERS)}",
-                    (pid,),
-                ).fetchall()[0]
+        moved = before.status != after.status
+        counters: tuple[Any, ...] | None = None
+        if (
+            loaded is not None
+            and plan.project_version is not None
+            and loaded[0] != plan.project_version
+        ):
+            # Read in this transaction: the version is checked here, before the key.
+            raise VersionConflict(tid, before.version, before.version)
+        if plan.idempotency is not None or not moved:
+            # The project's version is checked before the idempotency key.
+            if loaded is None and plan.project_version is not None:
+                row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
+                if row[0] != plan.project_version:
+                    raise VersionConflict(tid, before.version, before.version)
+            if plan.idempotency is not None:
+                existing = self._get_idempotency(c, plan.idempotency.key)
+                if existing is not None:
+                    raise IdempotencyConflict(existing)
+        if moved:
+            old = _value(_TASK_STATUS_VALUES, TaskStatus, before.status)
+            new = _value(_TASK_STATUS_VALUES, TaskStatus, after.status)
+            if loaded is not None:
+                c.execute(_SHIFT[(old, new)], (pid,))
+                shifted = list(loaded[1])
+                shifted[_COUNTER_AT[old]] -= 1
+                shifted[_COUNTER_AT[new]] += 1
+                counters = tuple(shifted)
+            else:
+                row = c.execute(_SHIFT_RETURNING[(old, new)], (pid,)).fetchall()[0]
                 if (
                     plan.idempotency is None
                     and plan.project_version is not None
@@ -960,22 +1094,24 @@ class SQLiteStorage:
                 ):
                     raise VersionConflict(tid, before.version, before.version)
                 counters = row[1:]
-            made: list[DispatchEntry] = []
-            if plan.dispatch is not None and entry is not None:
-                pending = plan.dispatch.state is DispatchState.PENDING
-                try:
-                    c.execute(_INSERT_PENDING if pending else _INSERT_ENTRY, entry)
-                except sqlite3.IntegrityError:
-                    # The (task, attempt) entry exists already: the plan is stale.
-                    raise VersionConflict(tid, before.version, before.version) from None
-                if pending and plan.dispatch.claimed_until:
-                    made.append(plan.dispatch)
-            if plan.new_attempt is not None and new_attempt is not None:
-                number = plan.new_attempt.number
-                if not c.execute(
-                    _INSERT_NEXT_ATTEMPT, (*new_attempt, pid, tid, number - 1)
-                ).rowcount:
-                    raise InvalidInput(f"Task {tid!r}: attempt {number} is not next")
+        elif loaded is not None:
+            counters = loaded[1]
+        made: list[DispatchEntry] = []
+        dispatch = plan.dispatch
+        if dispatch is not None and entry is not None:
+            pending = dispatch.state is DispatchState.PENDING
+            try:
+                c.execute(_INSERT_PENDING if pending else _INSERT_ENTRY, entry)
+            except sqlite3.IntegrityError:
+                # The (task, attempt) entry exists already: the plan is stale.
+                raise VersionConflict(tid, before.version, before.version) from None
+            if pending and dispatch.claimed_until:
+                made.append(dispatch)
+        if plan.new_attempt is not None and new_attempt is not None:
+            number = plan.new_attempt.number
+            if not c.execute(_INSERT_NEXT_ATTEMPT, (*new_attempt, pid, tid, number - 1)).rowcount:
+                raise InvalidInput(f"Task {tid!r}: attempt {number} is not next")
+        if after.blocked_by:
             new_deps = [d for d in dict.fromkeys(after.blocked_by) if d not in before.blocked_by]
             if new_deps:
                 c.executemany(
@@ -983,26 +1119,87 @@ class SQLiteStorage:
                     "VALUES (?, ?, ?)",
                     [(pid, _text(dep), tid) for dep in new_deps],
                 )
-            if plan.attempt_update is not None:
-                self._update_attempt(c, pid, tid, plan.attempt_update)
+        if plan.attempt_update is not None:
+            self._update_attempt(c, pid, tid, plan.attempt_update)
+        if plan.releases:
             made.extend(self._release(c, pid, plan.releases, claimed_until))
-            if idem is not None:
-                c.execute(
-                    f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)})",
-                    idem,
-                )
-            progress = (
-                self._progress(c, pid)
-                if counters is None
-                else Progress(project_id=pid, **dict(zip(_COUNTERS, counters, strict=True)))
+        if idem is not None:
+            c.execute(
+                f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)})",
+                idem,
             )
-            return Applied(
-                task=after,
-                progress=progress,
-                dispatches=tuple(made),
-                deferred=plan.dispatch is not None
-                and plan.dispatch.state is DispatchState.DEFERRED,
+        progress = self._progress(c, pid) if counters is None else _progress_of(pid, counters)
+        return Applied(
+            task=after,
+            progress=progress,
+            dispatches=tuple(made),
+            deferred=dispatch is not None and dispatch.state is DispatchState.DEFERRED,
+        )
+
+    def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied | None:
+        """The manual retry loaded, decided (by the core) and applied in one transaction.
+
+        The write lock is held from the read on, so the plan cannot go stale:
+        one ``BEGIN IMMEDIATE`` instead of a read transaction and a write
+        transaction, and the progress counters read with the task instead of
+        returned by their update. ``None`` (nothing changed) whenever the
+        decision or the write refuses; the caller's step-by-step path then
+        raises the same error.
+        """
+        if not _all_text(project_id, task_id):
+            return None
+        # What _tx does, written out: this is the hot path.
+        try:
+            c = self._checkout()
+        except sqlite3.Error as exc:
+            raise self._translated(exc) from exc
+        reusable = True
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            rows = c.execute(_LOAD_COUNTED, (_text(task_id), _text(project_id))).fetchall()
+            if not rows or rows[0][_PROJECT_WIDTH] is None:
+                return None
+            row = rows[0]
+            counted = _PROJECT_WIDTH + _TASK_WIDTH
+            project = _project(row[:_PROJECT_WIDTH])
+            task = _task(row[_PROJECT_WIDTH:counted])
+            blockers = self._get_tasks(c, project_id, task.blocked_by) if task.blocked_by else {}
+            plan = decide.manual_retry(
+                task, project, now=now, blockers=blockers, actor=actor, reason=reason,
+                budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
+            )  # fmt: skip
+            applied = self._apply_in(
+                c, plan, self._plan_params(plan), (project.version, row[counted:])
             )
+            c.execute("COMMIT")
+            return applied
+        except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
+            raise self._translated(exc) from exc
+        except StorageError:
+            raise
+        except DeepworkError:
+            return None  # rolled back below; the general path raises it again
+        finally:
+            if c.in_transaction:
+                try:
+                    c.execute("ROLLBACK")
+                except sqlite3.Error:
+                    reusable = False  # in an unknown state: never lend it again
+            if reusable:
+                self._checkin(c)
+            else:
+                c.close()
 
     def _update_attempt(
         self, c: sqlite3.Connection, pid: str, tid: str, update: AttemptUpdate
@@ -1241,3 +1438,21 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
             SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only),
             offload=True,
         )
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied | None:
+        """:meth:`SQLiteStorage.retry_blocked` in a worker thread."""
+        return await self._call(
+            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
+            budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
+        )  # fmt: skip

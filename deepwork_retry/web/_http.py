@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
 from deepwork_retry.exceptions import (
@@ -57,7 +58,9 @@ def _headers(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, 
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     found: dict[str, str] = {}
     for name, value in items:
-        found.setdefault(name.lower(), value)
+        name = name.lower()
+        if name not in found:
+            found[name] = value
     return found
 
 
@@ -65,7 +68,8 @@ def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, st
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     found: dict[str, str] = {}
     for name, value in items:
-        found.setdefault(name, value)
+        if name not in found:
+            found[name] = value
     return found
 
 
@@ -105,7 +109,9 @@ class ApiResponse:
 
 
 def json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON, with one encoder for every response (``json.dumps`` would build
+    one per call); the API's payloads are trees of fresh dicts and lists, never cyclic."""
+    return COMPACT.encode(payload).encode("utf-8")
 
 
 def respond(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
@@ -154,11 +160,27 @@ class IdempotencyInProgress(DeepworkError):
         )
 
 
-def _template_parts(template: str) -> tuple[str, ...]:
-    return tuple(template.strip("/").split("/"))
+def _shape(template: str) -> tuple[int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]]:
+    """``(segments, (index, literal)..., (index, parameter)...)`` of a path template."""
+    parts = template.strip("/").split("/")
+    literals = tuple((i, p) for i, p in enumerate(parts) if not p.startswith("{"))
+    params = tuple((i, p[1:-1]) for i, p in enumerate(parts) if p.startswith("{"))
+    return len(parts), literals, params
 
 
-_COMPILED = tuple((m, _template_parts(t), name) for m, t, name in ROUTES)
+_Compiled = tuple[str, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...], str]
+
+
+def _compile() -> dict[int, tuple[_Compiled, ...]]:
+    by_length: dict[int, list[_Compiled]] = {}
+    for method, template, name in ROUTES:
+        length, literals, params = _shape(template)
+        by_length.setdefault(length, []).append((method, literals, params, name))
+    return {length: tuple(found) for length, found in by_length.items()}
+
+
+_BY_LENGTH = _compile()
+"""The routes by their number of path segments, in :data:`ROUTES` order."""
 
 
 def match(method: str, path: str) -> tuple[str, dict[str, str]]:
@@ -167,21 +189,17 @@ def match(method: str, path: str) -> tuple[str, dict[str, str]]:
     Raises :class:`RouteNotFound` or :class:`MethodNotAllowed`. A parameter
     matches any one segment, including an empty one.
     """
-    parts = tuple(path[1:].split("/")) if path.startswith("/") else tuple(path.split("/"))
-    method = "GET" if method == "HEAD" else method
+    parts = path[1:].split("/") if path.startswith("/") else path.split("/")
+    if method == "HEAD":
+        method = "GET"
     allowed: list[str] = []
-    for route_method, template, name in _COMPILED:
-        if len(template) != len(parts):
-            continue
-        params: dict[str, str] = {}
-        for want, got in zip(template, parts, strict=True):
-            if want.startswith("{"):
-                params[want[1:-1]] = got
-            elif want != got:
+    for route_method, literals, params, name in _BY_LENGTH.get(len(parts), ()):
+        for index, literal in literals:
+            if parts[index] != literal:
                 break
         else:
             if route_method == method:
-                return name, params
+                return name, {param: parts[index] for index, param in params}
             allowed.append(route_method)
     if allowed:
         raise MethodNotAllowed(allowed)
@@ -283,7 +301,12 @@ class RetryOptions:
     reason: str | None = None
 
 
+_DEFAULT_RETRY = RetryOptions()
+
+
 def retry_options(body: bytes) -> RetryOptions:
+    if not body:
+        return _DEFAULT_RETRY
     data = _json_object(body, ("budget", "reason"))
     return RetryOptions(budget=_budget(data), reason=_reason(data))
 

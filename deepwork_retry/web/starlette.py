@@ -18,11 +18,9 @@ from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
 
 try:
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
     from starlette.routing import BaseRoute, Route
 
-    from deepwork_retry.web._asgi import ANY_PATH, METHODS, api_request, response
+    from deepwork_retry.web._asgi import ANY_PATH, METHODS, ApiEndpoint
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("starlette", __name__, exc) from exc
 
@@ -35,13 +33,17 @@ def routes(
     prefix: str = DEFAULT_PREFIX,
 ) -> list[BaseRoute]:
     """The API's routes under ``prefix``, to list in your own application."""
-    api = _api(service, authenticator, authorizer)
-
-    async def endpoint(request: Request) -> Response:
-        path = "/" + str(request.path_params["rest"])
-        return response(await api.handle(await api_request(request, path)))
-
-    return [Route(normalise_prefix(prefix) + "/{rest:" + ANY_PATH + "}", endpoint, methods=METHODS)]
+    endpoint = ApiEndpoint(_api(service, authenticator, authorizer))
+    # An ASGI application as the endpoint: it reads the scope and writes the two
+    # response messages itself, with no Request or Response objects in between.
+    return [
+        Route(
+            normalise_prefix(prefix) + "/{rest:" + ANY_PATH + "}",
+            endpoint,
+            methods=METHODS,
+            name="endpoint",  # the name it has always had
+        )
+    ]
 
 
 def create_app(
