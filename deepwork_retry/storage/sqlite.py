@@ -576,6 +576,13 @@ class SQLiteStorage:
         self._closed = False
         self._pid = os.getpid()
         self._immutable = False
+        # Threads of this process take turns for the write lock here, in a
+        # queue, rather than in SQLite's busy handler, which sleeps and
+        # retries with growing pauses: under contention that turned a
+        # millisecond's wait into pauses of a second or more. Other processes
+        # still meet at SQLite's own lock, bounded by `timeout`.
+        self._writer = threading.Lock()
+        self._writer_pid = os.getpid()
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -783,26 +790,45 @@ class SQLiteStorage:
             )
         return StorageError(f"SQLite database {where} failed: {exc}")
 
+    def _write_turn(self) -> threading.Lock:
+        """This process's writer lock, taken; ``StorageUnavailable`` past ``timeout``."""
+        if self._writer_pid != os.getpid():
+            # A forked child may have copied the lock held by a parent's thread.
+            self._writer = threading.Lock()
+            self._writer_pid = os.getpid()
+        writer = self._writer
+        if not writer.acquire(timeout=self.timeout):
+            raise StorageUnavailable(
+                f"SQLite database {str(self.path)!r} is busy: no write turn within "
+                f"{self.timeout:g} s"
+            )
+        return writer
+
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         """One transaction on a borrowed connection; rolled back on any error."""
-        with self._translating():
-            conn = self._checkout()
-            reusable = True
-            try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                yield conn
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        reusable = False  # in an unknown state: never lend it again
-                if reusable:
-                    self._checkin(conn)
-                else:
-                    conn.close()
+        writer = self._write_turn() if write else None
+        try:
+            with self._translating():
+                conn = self._checkout()
+                reusable = True
+                try:
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            reusable = False  # in an unknown state: never lend it again
+                    if reusable:
+                        self._checkin(conn)
+                    else:
+                        conn.close()
+        finally:
+            if writer is not None:
+                writer.release()
 
     # -- setup -------------------------------------------------------------
     def create_project(self, project: Project) -> None:
@@ -1160,10 +1186,15 @@ class SQLiteStorage:
         if not _all_text(project_id, task_id):
             return None
         # What _tx does, written out: this is the hot path.
+        writer = self._write_turn()
         try:
             c = self._checkout()
         except sqlite3.Error as exc:
+            writer.release()
             raise self._translated(exc) from exc
+        except BaseException:
+            writer.release()
+            raise
         reusable = True
         try:
             c.execute("BEGIN IMMEDIATE")
@@ -1200,6 +1231,7 @@ class SQLiteStorage:
                 self._checkin(c)
             else:
                 c.close()
+            writer.release()
 
     def _update_attempt(
         self, c: sqlite3.Connection, pid: str, tid: str, update: AttemptUpdate
