@@ -16,7 +16,6 @@ dispatcher or an outbox relay delivers as a new message.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("celery", __name__, exc) from exc
 
 from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry.dispatch._to_async import AsyncFromSyncDispatcher
 from deepwork_retry.dispatch._worker import (
     DEFAULT_TASK_NAME,
     DeliveryOutcome,
@@ -104,18 +104,8 @@ class CeleryDispatcher:
             ) from exc
 
 
-class AsyncCeleryDispatcher:
-    """The :class:`~deepwork_retry.AsyncDispatcher` twin: publishes from a worker thread.
-
-    Celery's client blocks on the network, so each dispatch runs in
-    :func:`asyncio.to_thread` and never stalls the event loop.
-    """
-
-    def __init__(self, dispatcher: CeleryDispatcher) -> None:
-        self.dispatcher = dispatcher
-
-    async def dispatch(self, entry: DispatchEntry) -> None:
-        await asyncio.to_thread(self.dispatcher.dispatch, entry)
+class AsyncCeleryDispatcher(AsyncFromSyncDispatcher[CeleryDispatcher]):
+    """The :class:`~deepwork_retry.AsyncDispatcher` twin: publishes from a worker thread."""
 
 
 def deepwork_task(

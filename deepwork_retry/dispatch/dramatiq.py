@@ -14,7 +14,6 @@ message by the service's dispatcher or by an outbox relay.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("dramatiq", __name__, exc) from exc
 
 from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry.dispatch._to_async import AsyncFromSyncDispatcher
 from deepwork_retry.dispatch._worker import (
     DEFAULT_TASK_NAME,
     DeliveryOutcome,
@@ -88,18 +88,8 @@ class DramatiqDispatcher:
             ) from exc
 
 
-class AsyncDramatiqDispatcher:
-    """The :class:`~deepwork_retry.AsyncDispatcher` twin: enqueues from a worker thread.
-
-    Dramatiq's brokers block on the network, so each dispatch runs in
-    :func:`asyncio.to_thread` and never stalls the event loop.
-    """
-
-    def __init__(self, dispatcher: DramatiqDispatcher) -> None:
-        self.dispatcher = dispatcher
-
-    async def dispatch(self, entry: DispatchEntry) -> None:
-        await asyncio.to_thread(self.dispatcher.dispatch, entry)
+class AsyncDramatiqDispatcher(AsyncFromSyncDispatcher[DramatiqDispatcher]):
+    """The :class:`~deepwork_retry.AsyncDispatcher` twin: enqueues from a worker thread."""
 
 
 def deepwork_actor(
