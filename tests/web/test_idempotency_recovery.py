@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from deepwork_retry import ExecutorService, RetryService
 from deepwork_retry._core.model import IdempotencyRecord
 from deepwork_retry.auth import StaticTokens
+from deepwork_retry.ports import Storage
 from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry.storage.sqlite import SQLiteStorage
 from deepwork_retry.testing import FakeClock, RecordingDispatcher
 from deepwork_retry.web import ApiRequest, RetryAPI
 from deepwork_retry.web._http import scoped_key
@@ -83,3 +86,52 @@ def test_refusal_recorded_late_never_displaces_the_reserving_retry() -> None:
         )
     )
     assert (200, '{"success": true}') == (done.status_code, done.body)
+
+
+def _replayed_twice(storage: Storage) -> tuple[int, int, bool, str | None, int | None]:
+    executor = ExecutorService(storage)
+    executor.create_project("p")
+    executor.add_task("p", "t", max_retries=0)
+    executor.assign("p", "t")
+    executor.start("p", "t", 1)
+    executor.fail("p", "t", 1, RuntimeError("boom"))
+    tokens = StaticTokens()
+    tokens.add(TOKEN, "alice")
+    api = RetryAPI(RetryService(storage), tokens)
+    request = ApiRequest(
+        method="POST",
+        path="/projects/p/tasks/t/retry",
+        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "k"},
+    )
+    first, second = api.handle(request), api.handle(request)
+    record = storage.get_idempotency(scoped_key("alice", "k"))
+    return (
+        first.status,
+        second.status,
+        first.body == second.body,
+        dict(second.headers).get("Idempotent-Replayed"),
+        None if record is None else record.status_code,
+    )
+
+
+def test_one_step_sqlite_retry_completes_its_idempotency_key(tmp_path: Path) -> None:
+    """On SQLite's one-step retry path the reserved key is completed and then replayed."""
+    storage = SQLiteStorage(tmp_path / "idem.db")
+    try:
+        assert (200, 200, True, "true", 200) == _replayed_twice(storage)
+    finally:
+        storage.close()
+
+
+def test_one_step_postgres_retry_completes_its_idempotency_key(postgres_dsn: str) -> None:
+    """On PostgreSQL's one-statement retry the reserved key is completed and then replayed."""
+    from pg_support import schema_dropped_after
+
+    from deepwork_retry.storage.postgres import PostgresStorage
+
+    with schema_dropped_after(postgres_dsn, "idem") as schema:
+        storage = PostgresStorage(postgres_dsn, schema=schema)
+        try:
+            assert (200, 200, True, "true", 200) == _replayed_twice(storage)
+        finally:
+            storage.close()
