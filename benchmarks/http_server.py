@@ -18,6 +18,7 @@ The server prints ``ready`` on stdout once the tasks are in place.
 
 from __future__ import annotations
 
+import gc
 import hmac
 import sys
 from pathlib import Path
@@ -126,6 +127,11 @@ def main() -> int:
         app = fastapi_bare(token)
     else:
         app = library(kind, tasks, token, db)
+    # What the server holds once set up (the prepared tasks, the imported
+    # modules) stays out of the collector's passes, as in a server that calls
+    # gc.freeze() after start-up; the same call on every side.
+    gc.collect()
+    gc.freeze()
     print("ready", flush=True)
     demo = kind == "demo-sqlite"
     uvicorn.run(

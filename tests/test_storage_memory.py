@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from deepwork_retry import AsyncStorage
+from deepwork_retry import AsyncStorage, Project, RetryService, Task, TaskStatus
+from deepwork_retry._core.model import Attempt, DispatchEntry
+from deepwork_retry._core.states import DispatchState, Outcome, RetryBudget, Trigger
+from deepwork_retry.storage import memory
 from deepwork_retry.storage.memory import AsyncMemoryStorage, MemoryStorage
 from deepwork_retry.testing import (
     AsyncStorageContract,
@@ -14,6 +20,7 @@ from deepwork_retry.testing import (
     async_storage_machine,
     storage_machine,
 )
+from deepwork_retry.testing.strategies import ids, timestamps
 
 
 @pytest.fixture
@@ -47,3 +54,76 @@ async def _make_async() -> AsyncStorage:
 
 
 TestAsyncMemoryMachine = async_storage_machine(_make_async).TestCase
+
+
+# -- the history kept as rows --------------------------------------------------------------
+_maybe = st.none() | st.text(max_size=20)
+
+
+@given(
+    attempt=st.builds(
+        Attempt,
+        task_id=ids(),
+        project_id=ids(),
+        number=st.integers(min_value=1, max_value=10**6),
+        trigger=st.sampled_from(Trigger),
+        dispatched_at=timestamps(),
+        available_at=timestamps(),
+        actor=_maybe,
+        reason=_maybe,
+        budget=st.none() | st.sampled_from(RetryBudget),
+        started_at=st.none() | timestamps(),
+        finished_at=st.none() | timestamps(),
+        outcome=st.none() | st.sampled_from(Outcome),
+        error_type=_maybe,
+        error_message=_maybe,
+    ),
+    entry=st.builds(
+        DispatchEntry,
+        project_id=ids(),
+        task_id=ids(),
+        attempt=st.integers(min_value=1, max_value=10**6),
+        state=st.sampled_from(DispatchState),
+        available_at=timestamps(),
+        created_at=timestamps(),
+        claimed_until=st.none() | timestamps(),
+        tries=st.integers(min_value=0, max_value=1000),
+        last_error=_maybe,
+        delivered_at=st.none() | timestamps(),
+    ),
+)
+def test_history_rows_give_back_the_values(attempt: Attempt, entry: DispatchEntry) -> None:
+    back_attempt = memory._attempt(memory._attempt_row(attempt))
+    back_entry = memory._entry(memory._entry_row(entry))
+    assert (attempt, entry) == (back_attempt, back_entry)
+    assert back_attempt.trigger is attempt.trigger  # members, not their strings
+    assert back_entry.state is entry.state
+
+
+def test_the_history_leaves_the_cycle_collectors_view() -> None:
+    """After two full collections the outbox and the attempt records are no longer tracked.
+
+    A tuple leaves the collector's view once its items have, so the tuple of a
+    task's attempt rows goes in the pass after its rows; a dict goes once all
+    it holds has.
+    """
+    store = MemoryStorage()
+    store.create_project(Project(id="p"))
+    store.add_tasks(
+        [Task(id=f"t{i}", project_id="p", status=TaskStatus.BLOCKED) for i in range(50)]
+    )
+    service = RetryService(store)
+    for i in range(50):
+        service.retry("p", f"t{i}", actor="ops", reason="disk full")
+    gc.collect()
+    gc.collect()
+    tracked = {
+        "outbox": gc.is_tracked(store._outbox),
+        "attempts": gc.is_tracked(store._attempts),
+        "pending": gc.is_tracked(store._pending),
+    }
+    assert {"outbox": False, "attempts": False, "pending": False} == tracked
+    # and nothing was lost on the way
+    assert 50 == sum(len(store.dispatches("p", f"t{i}")) for i in range(50))
+    assert [1] == [a.number for a in store.attempts("p", "t7")]
+    assert "ops" == store.attempts("p", "t7")[0].actor

@@ -2,6 +2,14 @@
 
 Good for tests and for a single process that may lose its state on exit.
 One lock guards everything, so every method is atomic.
+
+The history (attempt records and outbox entries, which only grow) is kept as
+plain tuples of strings, numbers and timestamps rather than as the frozen
+values the methods return. CPython's cycle collector stops tracking such
+tuples, and the dictionaries holding only them, after it has seen them once,
+so a long-running process does not rescan its whole history on every full
+collection (with the values themselves, a process that had made a few hundred
+thousand retries paused for hundreds of milliseconds per collection).
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import attrs
 
@@ -22,7 +31,13 @@ from deepwork_retry._core.model import (
     evolve_entry,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
-from deepwork_retry._core.states import DispatchState, TaskStatus
+from deepwork_retry._core.states import (
+    DispatchState,
+    Outcome,
+    RetryBudget,
+    TaskStatus,
+    Trigger,
+)
 from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
@@ -38,6 +53,58 @@ from deepwork_retry.storage._validate import check_limit, check_new_tasks
 _Key = tuple[str, str]
 _EntryKey = tuple[str, str, int]
 
+# -- the history as rows --------------------------------------------------------------------
+# An attempt row holds Attempt's fields in their declared order, an entry row
+# DispatchEntry's; enum fields hold the enum's value (members are objects the
+# collector tracks, their values are plain strings).
+_AttemptRow = tuple[Any, ...]
+_EntryRow = tuple[Any, ...]
+
+_TRIGGERS = {t.value: t for t in Trigger}
+_BUDGETS = {b.value: b for b in RetryBudget}
+_OUTCOMES = {o.value: o for o in Outcome}
+_STATES = {d.value: d for d in DispatchState}
+_PENDING, _DEFERRED, _DELIVERED = "pending", "deferred", "delivered"
+# Positions in an entry row.
+_E_STATE, _E_AVAILABLE, _E_CLAIMED, _E_DELIVERED = 3, 4, 6, 9
+
+
+def _value(member: Any) -> Any:
+    return None if member is None else member._value_
+
+
+def _attempt_row(a: Attempt) -> _AttemptRow:
+    return (
+        a.task_id, a.project_id, a.number, a.trigger._value_, a.dispatched_at, a.available_at,
+        a.actor, a.reason, _value(a.budget), a.started_at, a.finished_at, _value(a.outcome),
+        a.error_type, a.error_message,
+    )  # fmt: skip
+
+
+def _attempt(row: _AttemptRow) -> Attempt:
+    return Attempt(
+        task_id=row[0], project_id=row[1], number=row[2], trigger=_TRIGGERS[row[3]],
+        dispatched_at=row[4], available_at=row[5], actor=row[6], reason=row[7],
+        budget=None if row[8] is None else _BUDGETS[row[8]], started_at=row[9],
+        finished_at=row[10], outcome=None if row[11] is None else _OUTCOMES[row[11]],
+        error_type=row[12], error_message=row[13],
+    )  # fmt: skip
+
+
+def _entry_row(e: DispatchEntry) -> _EntryRow:
+    return (
+        e.project_id, e.task_id, e.attempt, e.state._value_, e.available_at, e.created_at,
+        e.claimed_until, e.tries, e.last_error, e.delivered_at,
+    )  # fmt: skip
+
+
+def _entry(row: _EntryRow) -> DispatchEntry:
+    return DispatchEntry(
+        project_id=row[0], task_id=row[1], attempt=row[2], state=_STATES[row[3]],
+        available_at=row[4], created_at=row[5], claimed_until=row[6], tries=row[7],
+        last_error=row[8], delivered_at=row[9],
+    )  # fmt: skip
+
 
 class MemoryStorage:
     """A :class:`~deepwork_retry.ports.Storage` kept in dictionaries."""
@@ -48,8 +115,8 @@ class MemoryStorage:
         self._progress: dict[str, Progress] = {}
         self._tasks: dict[str, dict[str, Task]] = {}
         self._dependants: dict[_Key, set[str]] = {}
-        self._attempts: dict[_Key, list[Attempt]] = {}
-        self._outbox: dict[_EntryKey, DispatchEntry] = {}
+        self._attempts: dict[_Key, tuple[_AttemptRow, ...]] = {}
+        self._outbox: dict[_EntryKey, _EntryRow] = {}
         self._pending: dict[_EntryKey, None] = {}
         self._in_progress: dict[_Key, None] = {}
         self._assigned: dict[_Key, None] = {}
@@ -152,20 +219,20 @@ class MemoryStorage:
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._lock:
             self._task(project_id, task_id)
-            return list(self._attempts.get((project_id, task_id), ()))
+            return [_attempt(row) for row in self._attempts.get((project_id, task_id), ())]
 
     def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
         with self._lock:
             task = self._task(project_id, task_id)
             found = (self._outbox.get((project_id, task_id, n)) for n in range(1, task.attempt + 1))
-            return [e for e in found if e is not None]
+            return [_entry(row) for row in found if row is not None]
 
     def deferred(self, project_id: str) -> list[DispatchEntry]:
         with self._lock:
             return [
-                e
-                for e in self._outbox.values()
-                if e.project_id == project_id and e.state is DispatchState.DEFERRED
+                _entry(row)
+                for row in self._outbox.values()
+                if row[0] == project_id and row[_E_STATE] == _DEFERRED
             ]
 
     # -- writes ----------------------------------------------------------------
@@ -209,8 +276,9 @@ class MemoryStorage:
             )
             update = plan.attempt_update
             if update is not None and history and 0 < update.number <= len(history):
-                old = history[update.number - 1]
-                history[update.number - 1] = attrs.evolve(
+                index = update.number - 1
+                old = _attempt(history[index])
+                new = attrs.evolve(
                     old,
                     started_at=update.started_at or old.started_at,
                     finished_at=update.finished_at or old.finished_at,
@@ -218,11 +286,11 @@ class MemoryStorage:
                     error_type=update.error_type or old.error_type,
                     error_message=update.error_message or old.error_message,
                 )
+                history = (*history[:index], _attempt_row(new), *history[index + 1 :])
+                self._attempts[(pid, tid)] = history
             if new_attempt is not None:
-                if history is None:
-                    self._attempts[(pid, tid)] = [new_attempt]
-                else:
-                    history.append(new_attempt)
+                row = _attempt_row(new_attempt)
+                self._attempts[(pid, tid)] = (row,) if history is None else (*history, row)
             made: tuple[DispatchEntry, ...] = ()
             deferred = False
             if dispatch is not None:
@@ -239,21 +307,24 @@ class MemoryStorage:
             return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
 
     def _put_entry(self, entry: DispatchEntry) -> None:
-        self._outbox[entry.key] = entry
+        key = entry.key
+        self._outbox[key] = _entry_row(entry)
         if entry.state is DispatchState.PENDING:
-            self._pending[entry.key] = None
+            self._pending[key] = None
         else:
-            self._pending.pop(entry.key, None)
+            self._pending.pop(key, None)
 
     def _release(
         self, pid: str, releases: Sequence[Release], claimed_until: datetime | None
     ) -> list[DispatchEntry]:
         made = []
         for rel in releases:
-            entry = self._outbox.get((pid, rel.task_id, rel.attempt))
-            if entry is None or entry.state is not DispatchState.DEFERRED:
+            row = self._outbox.get((pid, rel.task_id, rel.attempt))
+            if row is None or row[_E_STATE] != _DEFERRED:
                 continue
-            entry = evolve_entry(entry, state=DispatchState.PENDING, claimed_until=claimed_until)
+            entry = evolve_entry(
+                _entry(row), state=DispatchState.PENDING, claimed_until=claimed_until
+            )
             self._put_entry(entry)
             if claimed_until is not None:
                 made.append(entry)
@@ -281,24 +352,25 @@ class MemoryStorage:
         check_limit(limit)
         with self._lock:
             claimed: list[DispatchEntry] = []
+            outbox = self._outbox
             for key in self._pending:
                 if len(claimed) >= limit:
                     break
-                entry = self._outbox[key]
-                if entry.available_at <= now and (
-                    entry.claimed_until is None or entry.claimed_until <= now
-                ):
-                    claimed.append(evolve_entry(entry, claimed_until=claimed_until))
+                row = outbox[key]
+                until = row[_E_CLAIMED]
+                if row[_E_AVAILABLE] <= now and (until is None or until <= now):
+                    claimed.append(evolve_entry(_entry(row), claimed_until=claimed_until))
             for entry in claimed:
-                self._outbox[entry.key] = entry
+                outbox[entry.key] = _entry_row(entry)
             return claimed
 
     def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
         with self._lock:
             for entry in entries:
-                stored = self._outbox.get(entry.key)
-                if stored is None or stored.state is not DispatchState.PENDING:
+                row = self._outbox.get(entry.key)
+                if row is None or row[_E_STATE] != _PENDING:
                     continue
+                stored = _entry(row)
                 self._put_entry(
                     evolve_entry(
                         stored,
@@ -311,15 +383,18 @@ class MemoryStorage:
 
     def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
         with self._lock:
-            stored = self._outbox.get(entry.key)
-            if stored is None or stored.state is not DispatchState.PENDING:
+            row = self._outbox.get(entry.key)
+            if row is None or row[_E_STATE] != _PENDING:
                 return
-            self._outbox[entry.key] = evolve_entry(
-                stored,
-                tries=stored.tries + 1,
-                last_error=error,
-                available_at=retry_at,
-                claimed_until=None,
+            stored = _entry(row)
+            self._put_entry(
+                evolve_entry(
+                    stored,
+                    tries=stored.tries + 1,
+                    last_error=error,
+                    available_at=retry_at,
+                    claimed_until=None,
+                )
             )
 
     def redeliver_stale(
@@ -329,14 +404,14 @@ class MemoryStorage:
         with self._lock:
             stale = []
             for pid, tid in self._assigned:
-                entry = self._outbox.get((pid, tid, self._tasks[pid][tid].attempt))
+                row = self._outbox.get((pid, tid, self._tasks[pid][tid].attempt))
                 if (
-                    entry is not None
-                    and entry.state is DispatchState.DELIVERED
-                    and entry.delivered_at is not None
-                    and entry.delivered_at <= delivered_before
+                    row is not None
+                    and row[_E_STATE] == _DELIVERED
+                    and row[_E_DELIVERED] is not None
+                    and row[_E_DELIVERED] <= delivered_before
                 ):
-                    stale.append(entry)
+                    stale.append(_entry(row))
             stale.sort(key=lambda e: (e.delivered_at, e.key))
             turned = [
                 evolve_entry(
