@@ -87,6 +87,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "reason": draw(st.sampled_from([None, "fixed the input"])),
         "claim": draw(st.booleans()),
         "key": draw(st.sampled_from([None, "fresh", "taken"])),
+        "metadata": draw(st.sampled_from([{}, {"k": [1, "two"]}])),
     }
 
 
@@ -114,7 +115,7 @@ def setup(storage: Storage, pid: str, sc: dict[str, Any]) -> None:
         started_at=sc["started_at"],
         created_at=T0,
         updated_at=T0,
-        metadata={"k": [1, "two"]},
+        metadata=sc.get("metadata", {"k": [1, "two"]}),
     )
     storage.add_tasks([*blockers, task])
     if sc["key"] == "taken":
@@ -223,3 +224,61 @@ def test_service_retry_equals_memory_service(pg: PostgresStorage, sc: dict[str, 
             outcomes.append((type(exc), exc.detail))
     assert outcomes[0] == outcomes[1]
     assert snapshot(memory, pid, key) == snapshot(pg, pid, key)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["no-key", "key"])
+@pytest.mark.parametrize("claimed", [False, True], ids=["unclaimed", "claimed"])
+@pytest.mark.parametrize(
+    "blockers", [[], [TaskStatus.DONE], [MISSING]], ids=["free", "done", "missing"]
+)
+def test_each_statement_variant_equals_the_core(
+    pg: PostgresStorage, keyed: bool, claimed: bool, blockers: list[Any]
+) -> None:
+    """Each of the retry's statement texts (with or without a key and a claim) applies
+    what the core's plan applies, with and without blockers."""
+    pid = f"v{next(_projects)}"
+    sc: dict[str, Any] = {
+        "project": ProjectStatus.EXECUTING,
+        "status": TaskStatus.BLOCKED,
+        "max_retries": 2,
+        "retries_left": 0,
+        "retry_count": 1,
+        "attempt": 0,
+        "started_at": T0,
+        "blocked_reason": BlockedReason.BUDGET_EXHAUSTED,
+        "blockers": blockers,
+        "budget": RetryBudget.FULL,
+        "actor": "ana",
+        "reason": None,
+        "claim": claimed,
+        "key": "fresh" if keyed else None,
+        "metadata": {} if claimed else {"k": [1, "two"]},
+    }
+    memory = MemoryStorage()
+    setup(memory, pid, sc)
+    setup(pg, pid, sc)
+    key = key_of(pid, sc)
+    claim = NOW + timedelta(seconds=30) if claimed else None
+    applied = pg.retry_blocked(
+        pid, "t", now=NOW, actor="ana", budget=RetryBudget.FULL, claimed_until=claim,
+        idempotency_key=key,
+    )  # fmt: skip
+    expected = core_retry(memory, pid, sc, claim)
+    assert applied is not None
+    assert expected == applied
+    assert dict(expected.task.metadata) == dict(applied.task.metadata)
+    assert snapshot(memory, pid, key) == snapshot(pg, pid, key)
+
+
+def test_naive_now_declines_and_changes_nothing(pg: PostgresStorage) -> None:
+    """A ``now`` without a time zone is left to the general path (nothing is written)."""
+    pid = f"n{next(_projects)}"
+    sc: dict[str, Any] = {
+        "project": ProjectStatus.EXECUTING, "status": TaskStatus.BLOCKED, "max_retries": 1,
+        "retries_left": 0, "retry_count": 1, "attempt": 0, "started_at": None,
+        "blocked_reason": None, "blockers": [], "key": None,
+    }  # fmt: skip
+    setup(pg, pid, sc)
+    before = snapshot(pg, pid, None)
+    assert pg.retry_blocked(pid, "t", now=NOW.replace(tzinfo=None)) is None
+    assert before == snapshot(pg, pid, None)

@@ -17,8 +17,7 @@ it, so the service's retry costs one round trip in all.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from types import TracebackType
@@ -53,8 +52,29 @@ from deepwork_retry.storage._validate import check_limit, check_new_tasks
 _Conn = Connection[TupleRow]
 _Pool = ConnectionPool[Connection[TupleRow]]
 
-_PREPARED: weakref.WeakKeyDictionary[_Conn, set[Hashable]] = weakref.WeakKeyDictionary()
-"""Per connection, the hot statements (and parameter shapes) prepared on it."""
+_HOT = "_deepwork_retry_hot"
+"""The attribute under which a connection keeps its :class:`_Hot` state."""
+
+
+class _Hot:
+    """What one connection keeps for the hot statements: those it has prepared,
+    and the cursor that runs them (it holds the connection, so it is kept on
+    the connection itself and goes with it)."""
+
+    __slots__ = ("cursor", "prepared")
+
+    def __init__(self, cursor: Cursor[TupleRow]) -> None:
+        self.cursor = cursor
+        self.prepared: set[bytes] = set()
+
+
+def _declined() -> VersionConflict:
+    return VersionConflict("", 0, None)
+
+
+_DECLINE = q.DriverErrors(_declined)
+"""Driver errors of the one-step retry; a deadlock or a serialisation failure
+becomes a :class:`VersionConflict`, on which the retry declines."""
 
 
 def migrate(conninfo: str, *, schema: str = q.DEFAULT_SCHEMA) -> list[int]:
@@ -361,21 +381,32 @@ class PostgresStorage:
             if idempotency_key is None
             else (project_id, task_id, idempotency_key)
         )
-        if not all(q.findable(value) for value in ids):
-            return None
+        if now.tzinfo is None or not all(q.findable(value) for value in ids):
+            return None  # a naive ``now``: the general path stores what it always did
+        query = self._q.retry_blocked(
+            keyed=idempotency_key is not None, claimed=claimed_until is not None
+        )
         params = q.retry_params(
             project_id, task_id, now=now, actor=actor, reason=reason,
             budget=RetryBudget(budget), claimed_until=claimed_until,
-            idempotency_key=idempotency_key, channel=self._q.channel,
+            idempotency_key=idempotency_key,
         )  # fmt: skip
+        pool = self.pool
         try:
-            with self._connection(VersionConflict(task_id, 0, None)) as conn:
-                cur = _execute_prepared(conn, self._q.retry_blocked, params, claimed_until is None)
-                row = cur.fetchone()
+            # The pool's own context manager and the connection's (a commit
+            # that has nothing to do in autocommit mode) cost more than the
+            # two calls they make.
+            with _DECLINE:
+                conn = pool.getconn()
+                try:
+                    cur = _execute_prepared(conn, query, params)
+                    row = cur.fetchone()
+                finally:
+                    pool.putconn(conn)
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
-        return q.retried(project_id, row, now=now, claimed_until=claimed_until)
+        return q.retried(project_id, task_id, row, now=now, claimed_until=claimed_until)
 
     def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         query, params = self._q.apply_project(plan)
@@ -496,23 +527,25 @@ def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRo
         return conn.execute(query, params)
 
 
-def _execute_prepared(conn: _Conn, query: bytes, params: Any, shape: Hashable) -> Cursor[TupleRow]:
+def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRow]:
     """Run a hot statement as a prepared statement, in one round trip every time.
 
     The first run on a connection sends the preparation and the execution
     together in one pipeline; later runs execute the prepared statement
-    directly, without a pipeline's cost. ``shape`` names what changes the
-    parameters' types (a value ``None`` or not), each prepared on its own.
+    directly, without a pipeline's cost. Each connection keeps one cursor for
+    these statements, so that the driver's loaders for their columns are
+    looked up once rather than on every call.
     """
-    prepared = _PREPARED.get(conn)
-    if prepared is None:
-        prepared = _PREPARED[conn] = set()
-    key = (query, shape)
-    if key in prepared or not q.PIPELINE:
-        return conn.execute(query, params, prepare=True)
+    hot: _Hot | None = getattr(conn, _HOT, None)
+    if hot is None:
+        hot = _Hot(conn.cursor())
+        setattr(conn, _HOT, hot)
+    cur = hot.cursor
+    if query in hot.prepared or not q.PIPELINE:
+        return cur.execute(query, params, prepare=True)
     with conn.pipeline():
-        cur = conn.execute(query, params, prepare=True)
-    prepared.add(key)
+        cur.execute(query, params, prepare=True)
+    hot.prepared.add(query)
     return cur
 
 

@@ -686,7 +686,11 @@ class Queries:
             " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"
         )
         self.listen = q("LISTEN {c}")
-        self.retry_blocked = q(_retry_text())
+        self._retry = {
+            (keyed, claimed): q(_retry_text(keyed=keyed, claimed=claimed))
+            for keyed in (False, True)
+            for claimed in (False, True)
+        }
 
     def render(self, text: str) -> bytes:
         """``text`` for this schema, its whitespace collapsed.
@@ -698,9 +702,14 @@ class Queries:
         composed = sql.SQL(_SPACE.sub(" ", text).strip()).format(
             s=sql.Identifier(self.schema),
             c=sql.Identifier(self.channel),
+            chan=sql.Literal(self.channel),
             order=sql.SQL("{}::regclass").format(order),
         )
         return composed.as_bytes(None)
+
+    def retry_blocked(self, *, keyed: bool, claimed: bool) -> bytes:
+        """The one-step manual retry for a call with (or without) a key and a claim."""
+        return self._retry[keyed, claimed]
 
     # -- list_tasks ----------------------------------------------------------------
     def list_tasks(
@@ -1064,7 +1073,23 @@ def _in(values: Iterable[str]) -> str:
     return ", ".join(quoted) if quoted else "NULL"
 
 
-def _retry_text() -> str:
+_RETRY_TARGET = TaskStatus.ASSIGNED
+"""The status a manual retry leaves the task in (checked against the core's table)."""
+
+_RETRY_TASK_COLS = (
+    "title", "retry_count", "max_retries", "retries_left", "blocked_by", "attempt",
+    "created_at", "started_at", "completed_at", "version", "metadata",
+)  # fmt: skip
+"""The task columns the one-step retry returns. The others it knows already: the
+ids it was given, ``updated_at`` (its ``now``) and the columns the statement sets
+to constants (status, error, blocked reason, lease)."""
+
+_RETRY_COUNTERS = PROGRESS_COLS[1:]
+_R_COUNTERS = len(_RETRY_TASK_COLS)
+_R_READY = _R_COUNTERS + len(_RETRY_COUNTERS)
+
+
+def _retry_text(*, keyed: bool, claimed: bool) -> str:
     """The manual retry decided and applied in one statement.
 
     The checks and choices of :func:`deepwork_retry._core.decide.manual_retry`
@@ -1077,8 +1102,15 @@ def _retry_text() -> str:
     for share (so neither can change before the commit); a blocker that does
     not exist counts as unfinished. Every write is gated on the checks, so
     when any fails nothing changes and the row holds only NULLs.
+
+    One text per shape of the call, so that each plans and binds only what it
+    uses: ``keyed`` (an idempotency key is given: probe for it and reserve
+    it) and ``claimed`` (the caller claims the outbox entry to deliver it
+    itself: no notification). The progress row, which every retry in the
+    project updates, is updated last, after the attempt and outbox inserts,
+    so that concurrent retries wait for it as briefly as they can.
     """
-    target = TaskStatus.ASSIGNED
+    target = _RETRY_TARGET
     sources = [
         status.value
         for (status, event), allowed in TRANSITIONS.items()
@@ -1094,28 +1126,51 @@ def _retry_text() -> str:
         + [f"{target.value} = {target.value} + 1"]
     )
     this = "project_id = %(p)s AND task_id = %(t)s"
+    if keyed:
+        key_probe = "AND NOT EXISTS (SELECT FROM {s}.idempotency WHERE key = %(k)s::text)"
+        reserve = f"""
+i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
+    SELECT %(k)s::text, %(p)s::text, %(t)s::text, %(n)s::timestamptz, NULL, NULL
+    FROM ok WHERE ok.v ON CONFLICT (key) DO NOTHING RETURNING 1),"""
+        reserved = "AND EXISTS (SELECT FROM i)"
+    else:
+        key_probe = reserve = reserved = ""
+    claim = "CASE WHEN ok.ready THEN %(c)s::timestamptz END" if claimed else "NULL"
+    # Relays are woken only for entries nobody claimed.
+    notify = (
+        "NULL"
+        if claimed
+        else "CASE WHEN u.title IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
+    )
+    returned = ", ".join(
+        "NULLIF(u.blocked_by, '{{}}'::text[])"
+        if c == "blocked_by"
+        else "NULLIF(u.metadata, '{{}}'::jsonb)"
+        if c == "metadata"
+        else f"u.{c}"
+        for c in _RETRY_TASK_COLS
+    )
     # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,
-    # r reason, c claimed_until, ch the notification channel.
+    # r reason, c claimed_until. The attempt check is one index range read: no
+    # record numbered next (c.nxt), and the one before it exists unless next is
+    # the first; that is, the highest number in [nxt - 1, nxt] is nxt - 1 (0 for none).
     return f"""WITH
 c AS (SELECT status, version, attempt + 1 AS nxt, blocked_by FROM {{s}}.tasks
     WHERE project_id = %(p)s AND id = %(t)s FOR NO KEY UPDATE),
 j AS (SELECT status FROM {{s}}.projects WHERE id = %(p)s FOR KEY SHARE),
-d AS (SELECT t.id, t.status FROM {{s}}.tasks AS t, c
-    WHERE t.project_id = %(p)s AND t.id = ANY(c.blocked_by) ORDER BY t.id FOR SHARE OF t),
+d AS (SELECT id, status FROM {{s}}.tasks
+    WHERE project_id = %(p)s AND id = ANY((SELECT blocked_by FROM c)::text[] COLLATE "C")
+    ORDER BY id FOR SHARE),
 ok AS (SELECT COALESCE(c.status IN ({_in(sources)}) AND j.status IN ({accepting})
-    AND NOT EXISTS (SELECT FROM {{s}}.idempotency WHERE key = %(k)s::text)
+    {key_probe}
     AND NOT EXISTS (SELECT FROM {{s}}.outbox WHERE {this} AND attempt = c.nxt)
-    AND NOT EXISTS (SELECT FROM {{s}}.attempts WHERE {this} AND number = c.nxt)
-    AND (c.nxt = 1 OR EXISTS (SELECT FROM {{s}}.attempts WHERE {this} AND number = c.nxt - 1)),
+    AND COALESCE((SELECT max(number) FROM {{s}}.attempts
+        WHERE {this} AND number BETWEEN c.nxt - 1 AND c.nxt), 0) = c.nxt - 1,
     false) AS v,
     COALESCE(j.status IN ({dispatching}), false)
     AND NOT EXISTS (SELECT FROM unnest(c.blocked_by) AS b(id) LEFT JOIN d ON d.id = b.id
         WHERE d.status IS NULL OR d.status NOT IN ({finished})) AS ready
-    FROM (SELECT) AS one LEFT JOIN c ON true LEFT JOIN j ON true),
-i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
-    SELECT %(k)s::text, %(p)s::text, %(t)s::text, %(n)s::timestamptz, NULL, NULL
-    FROM ok WHERE ok.v AND %(k)s::text IS NOT NULL
-    ON CONFLICT (key) DO NOTHING RETURNING 1),
+    FROM (SELECT) AS one LEFT JOIN c ON true LEFT JOIN j ON true),{reserve}
 u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry_count + 1,
     retries_left = CASE WHEN {full} THEN max_retries ELSE 0 END,
     error_message = NULL, error_type = NULL, blocked_reason = NULL,
@@ -1123,23 +1178,22 @@ u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry
     started_at = CASE WHEN {full} THEN NULL ELSE started_at END,
     updated_at = %(n)s::timestamptz, version = t.version + 1
     FROM c, ok WHERE t.project_id = %(p)s AND t.id = %(t)s AND t.version = c.version AND ok.v
-    AND (%(k)s::text IS NULL OR EXISTS (SELECT FROM i))
-    RETURNING {_cols(TASK_COLS, "t.")}),
+    {reserved}
+    RETURNING t.project_id, t.id, {_cols(_RETRY_TASK_COLS, "t.")}),
 a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, trigger, dispatched_at,
         available_at, actor, reason, budget)
     SELECT project_id, id, attempt, '{Trigger.MANUAL_RETRY.value}', %(n)s::timestamptz,
-        %(n)s::timestamptz, %(a)s::text, %(r)s::text, %(b)s::text FROM u),
+        %(n)s::timestamptz, %(a)s::text, %(r)s::text, %(b)s::text FROM u RETURNING 1),
 o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
     SELECT x.project_id, x.id, x.attempt, CASE WHEN ok.ready THEN '{pending}' ELSE '{deferred}' END,
-        %(n)s::timestamptz, %(n)s::timestamptz,
-        CASE WHEN ok.ready THEN %(c)s::timestamptz END, 0, NULL, NULL,
+        %(n)s::timestamptz, %(n)s::timestamptz, {claim}, 0, NULL, NULL,
         x.seq, CASE WHEN ok.ready THEN x.seq END
-    FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok),
+    FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok
+    RETURNING 1),
 g AS (UPDATE {{s}}.progress SET {moved} FROM c
-    WHERE project_id = %(p)s AND EXISTS (SELECT FROM u)
-    RETURNING {_cols(PROGRESS_COLS)})
-SELECT u.*, g.*, ok.ready, CASE WHEN u.id IS NOT NULL AND ok.ready
-    AND %(c)s::timestamptz IS NULL THEN pg_notify(%(ch)s, '') IS NULL END
+    WHERE project_id = %(p)s AND EXISTS (SELECT FROM a) AND EXISTS (SELECT FROM o)
+    RETURNING {_cols(_RETRY_COUNTERS)})
+SELECT {returned}, {_cols(_RETRY_COUNTERS, "g.")}, ok.ready, {notify}
 FROM ok LEFT JOIN u ON true LEFT JOIN g ON true"""
 
 
@@ -1153,38 +1207,72 @@ def retry_params(
     budget: RetryBudget,
     claimed_until: datetime | None,
     idempotency_key: str | None,
-    channel: str,
 ) -> dict[str, Any]:
-    """The values of :meth:`Queries.retry_blocked`'s statement."""
-    return {
+    """The values of the statement :meth:`Queries.retry_blocked` picks for them."""
+    params = {
         "p": project_id,
         "t": task_id,
         "n": now,
-        "k": idempotency_key,
         "b": budget.value,
         "a": actor,
         "r": reason,
-        "c": claimed_until,
-        "ch": channel,
     }
+    if idempotency_key is not None:
+        params["k"] = idempotency_key
+    if claimed_until is not None:
+        params["c"] = claimed_until
+    return params
 
 
 def retried(
-    project_id: str, row: Row, *, now: datetime, claimed_until: datetime | None
+    project_id: str,
+    task_id: str,
+    row: Row,
+    *,
+    now: datetime,
+    claimed_until: datetime | None,
 ) -> Applied | None:
     """Read the one-step retry's row: what :meth:`Storage.apply` would return, or
-    ``None`` when the statement changed nothing."""
+    ``None`` when the statement changed nothing.
+
+    ``now`` must be timezone-aware (it is what the statement stored as
+    ``updated_at``, read back as UTC).
+    """
     if row[0] is None:
         return None
-    task = decode_task(row)
-    ready = bool(row[len(TASK_COLS) + len(PROGRESS_COLS)])
+    (
+        title, retry_count, max_retries, retries_left, blocked_by, attempt,
+        created_at, started_at, completed_at, version, metadata,
+    ) = row[:_R_COUNTERS]  # fmt: skip
+    task = Task(
+        id=task_id,
+        project_id=project_id,
+        title=title,
+        status=_RETRY_TARGET,
+        retry_count=retry_count,
+        max_retries=max_retries,
+        retries_left=retries_left,
+        error_message=None,
+        error_type=None,
+        blocked_reason=None,
+        blocked_by=() if blocked_by is None else blocked_by,
+        attempt=attempt,
+        lease_expires_at=None,
+        created_at=_req_utc(created_at),
+        updated_at=now if now.tzinfo is timezone.utc else _req_utc(now),
+        started_at=None if started_at is None else _req_utc(started_at),
+        completed_at=None if completed_at is None else _req_utc(completed_at),
+        version=version,
+        metadata={} if metadata is None else metadata,
+    )
+    ready = bool(row[_R_READY])
     made: tuple[DispatchEntry, ...] = ()
     if ready and claimed_until is not None:
         made = (
             DispatchEntry(
                 project_id=project_id,
-                task_id=task.id,
-                attempt=task.attempt,
+                task_id=task_id,
+                attempt=attempt,
                 state=DispatchState.PENDING,
                 available_at=now,
                 created_at=now,
@@ -1193,7 +1281,10 @@ def retried(
         )
     return Applied(
         task=task,
-        progress=decode_progress(row, len(TASK_COLS)),
+        progress=Progress(
+            project_id=project_id,
+            **dict(zip(_RETRY_COUNTERS, row[_R_COUNTERS:_R_READY], strict=True)),
+        ),
         dispatches=made,
         deferred=not ready,
     )
