@@ -2,8 +2,10 @@
 
 - memory: ``RetryService(MemoryStorage()).retry`` against a bare dict
   compare-and-set plus a counter update under a lock.
-  Two report rows show what bounds it: the pure decision alone
-  (``decide.manual_retry``, no storage) and the creation of one frozen ``Task``.
+  Report rows show what bounds it: the pure decision alone
+  (``decide.manual_retry``, no storage), the creation of one frozen ``Task``,
+  and the four values every retry records or returns (the new task, its
+  attempt record, its outbox entry, the shifted progress) built with no logic.
 - sqlite: ``RetryService(SQLiteStorage(synchronous=S)).retry`` against the bare
   retry transaction written with ``sqlite3`` directly (``BEGIN IMMEDIATE``, one
   ``UPDATE ... RETURNING``, one counters update, one outbox insert,
@@ -30,6 +32,8 @@ from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds
 
 from deepwork_retry import RetryService, Task, TaskStatus
 from deepwork_retry._core import decide
+from deepwork_retry._core.model import Attempt, DispatchEntry, evolve_task
+from deepwork_retry._core.states import DispatchState, RetryBudget, Trigger
 from deepwork_retry.storage import sqlite as sqlite_storage
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.storage.sqlite import SQLiteStorage
@@ -97,20 +101,39 @@ def memory(rounds: int, per_round: int) -> list[Row]:
             retries_left=0, attempt=1, created_at=NOW, updated_at=NOW, version=2,
         )  # fmt: skip
 
+    progress = spare.progress("q")
+
+    def four_values(tid: str) -> object:
+        after = evolve_task(
+            task, status=TaskStatus.ASSIGNED, retry_count=task.retry_count + 1, retries_left=0,
+            attempt=task.attempt + 1, updated_at=NOW, version=task.version + 1,
+        )  # fmt: skip
+        record = Attempt(
+            task_id=tid, project_id="q", number=after.attempt, trigger=Trigger.MANUAL_RETRY,
+            dispatched_at=NOW, available_at=NOW, budget=RetryBudget.ONE_MORE,
+        )  # fmt: skip
+        entry = DispatchEntry(
+            project_id="q", task_id=tid, attempt=after.attempt, state=DispatchState.PENDING,
+            available_at=NOW, created_at=NOW,
+        )  # fmt: skip
+        return after, record, entry, progress.shifted(TaskStatus.BLOCKED, TaskStatus.ASSIGNED)
+
     lib = Figure("RetryService(MemoryStorage).retry", "us")
     ref = Figure("dict CAS + counters under a lock", "us")
     pure = Figure("decide.manual_retry alone (no storage, no service)", "us")
     value = Figure("one frozen Task(...)", "us")
+    values = Figure("new Task, Attempt, DispatchEntry and Progress, no logic", "us")
     alternate(
         [
             (lib, lambda r: _batched(lambda tid: service.retry("p", tid), slices[r])),
             (ref, lambda r: _batched(lambda tid: floor.retry(tid, 1), slices[r])),
             (pure, lambda r: _batched(decision, slices[r])),
             (value, lambda r: _batched(one_task, slices[r])),
+            (values, lambda r: _batched(four_values, slices[r])),
         ],
         rounds,
     )
-    for fig in (lib, ref, pure, value):
+    for fig in (lib, ref, pure, value, values):
         fig.extra["batch"] = MEMORY_BATCH
     return [
         Row(
@@ -138,6 +161,14 @@ def memory(rounds: int, per_round: int) -> list[Row]:
             target="report",
             note="attrs frozen slotted class, 10 keyword arguments",
         ),
+        Row(
+            "memory",
+            "the four values a retry keeps or returns vs dict floor",
+            values,
+            ref,
+            target="report",
+            note="what any retry returning values must build: the task, attempt, entry, progress",
+        ),
     ]
 
 
@@ -159,10 +190,11 @@ FLOOR_OUTBOX = (
 class LibraryStatements:
     """The library's one-step retry statements alone, parameters computed beforehand.
 
-    The same texts the SQLite storage runs (``BEGIN IMMEDIATE``, the load with
-    counters, the task compare-and-set, the counters update, the outbox and
-    attempt inserts, ``COMMIT``) without the decision, the encoding and the
-    decoding: the SQL share of the library's retry.
+    The same texts the SQLite storage runs, on one cursor as it does
+    (``BEGIN IMMEDIATE``, the guarded task update, the counters update, the
+    read back of what changed, the outbox and attempt inserts, ``COMMIT``)
+    without the checks, the encoding and the decoding: the SQL share of the
+    library's retry.
     """
 
     def __init__(self, path: Path, synchronous: str) -> None:
@@ -170,28 +202,23 @@ class LibraryStatements:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous}")
         self.conn.execute("PRAGMA busy_timeout = 5000")
-        self.created = int(NOW.timestamp() * 1_000_000)
 
     def retry(self, pid: str, tid: str) -> None:
         s = sqlite_storage
-        conn = self.conn
+        cur = self.conn.cursor()
         now = int(time.time() * 1e6)
-        task = ("", "assigned", 2, 1, 0, None, None, None, "[]", 1, None, self.created, now,
-                None, None, 2, "{}", pid, tid, 1)  # fmt: skip
-        entry = (pid, tid, 1, "pending", now, now, None, 0, None, None)
-        attempt = (pid, tid, 1, "manual_retry", now, now, None, None, "one_more",
-                   None, None, None, None, None, pid, tid, 0)  # fmt: skip
-        conn.execute("BEGIN IMMEDIATE")
+        cur.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(s._LOAD_COUNTED, (tid, pid)).fetchall()
-            if conn.execute(s._UPDATE_TASK, task).rowcount != 1:
-                raise RuntimeError(f"task {tid} not at version 1")
-            conn.execute(s._SHIFT[("blocked", "assigned")], (pid,))
-            conn.execute(s._INSERT_PENDING, entry)
-            conn.execute(s._INSERT_NEXT_ATTEMPT, attempt)
-            conn.execute("COMMIT")
+            if not cur.execute(s._RETRY_UPDATE["blocked"], (False, now, pid, tid)).rowcount:
+                raise RuntimeError(f"task {tid} not blocked")
+            cur.execute(s._SHIFT[("blocked", "assigned")], (pid,))
+            row = cur.execute(s._RETRIED, (pid, tid)).fetchall()[0]
+            attempt, last = row[s._RETRIED_ATTEMPT], row[s._RETRIED_COUNT + 1]
+            cur.execute(s._INSERT_RETRY_PENDING, (pid, tid, attempt, now, None, (last or 0) + 1))
+            cur.execute(s._INSERT_RETRY_ATTEMPT, (pid, tid, attempt, now, None, None, "one_more"))
+            cur.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            cur.execute("ROLLBACK")
             raise
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from importlib import resources
@@ -38,7 +38,8 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from deepwork_retry._core import decide
+from deepwork_retry._core import machine
+from deepwork_retry._core.machine import PROJECT_RULES, TRANSITIONS
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -54,6 +55,7 @@ from deepwork_retry._core.states import (
     Outcome,
     ProjectStatus,
     RetryBudget,
+    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -85,6 +87,18 @@ _IN_CHUNK = 500
 """Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
 _KEEP_IDLE = 8
 """Idle connections kept open for reuse; more are closed when returned."""
+
+_PID = os.getpid()
+"""This process's id, kept current across fork: cheaper than a system call per operation."""
+
+
+def _forked() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
@@ -134,7 +148,7 @@ def _ts(value: datetime) -> int:
     last = _TS_LAST
     if last[0] is value:
         return last[1]
-    if value.tzinfo is None or value.utcoffset() is None:
+    if value.tzinfo is not timezone.utc and (value.tzinfo is None or value.utcoffset() is None):
         raise InvalidInput(f"timestamps must be timezone-aware, got {value!r}")
     micros = (value - _EPOCH) // _MICROSECOND
     _TS_LAST = (value, micros)
@@ -146,7 +160,7 @@ def _ots(value: datetime | None) -> int | None:
 
 
 def _dt(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    return _EPOCH + timedelta(0, 0, value)  # positional: cheaper than microseconds=value
 
 
 def _odt(value: int | None) -> datetime | None:
@@ -329,17 +343,164 @@ assert _COUNTERS == ("total", "inbox", "assigned", "in_progress", "review", "don
                      "skipped")  # fmt: skip
 
 
+_new = object.__new__
+_Setter = Callable[[Any, Any], None]
+
+
+def _setters(cls: type, names: str) -> tuple[_Setter, ...]:
+    """The slots of the attrs class ``cls``, in the order of ``names``, to be filled directly.
+
+    Decoding a row builds the value without ``__init__`` (whose frozen
+    ``__setattr__`` per field is most of a decode's cost): every field is
+    set exactly once, already converted. That is what ``__init__`` would do
+    for these classes, which have no validators and no
+    ``__attrs_post_init__``; the checks here fail at import otherwise, or
+    when a field is added that the decoder would not set.
+    """
+    fields = attrs.fields(cls)
+    wanted = names.split()
+    assert sorted(wanted) == sorted(f.name for f in fields), (cls, wanted)
+    assert all(f.validator is None for f in fields)
+    assert not hasattr(cls, "__attrs_post_init__")
+    return tuple(getattr(cls, name).__set__ for name in wanted)
+
+
+(_p_project_id, _p_total, _p_inbox, _p_assigned, _p_in_progress, _p_review, _p_done,
+ _p_blocked, _p_skipped) = _setters(Progress, f"project_id {' '.join(_COUNTERS)}")  # fmt: skip
+
+
 def _progress_of(project_id: str, c: Sequence[int]) -> Progress:
     """The progress from the counters in :data:`_COUNTERS` order."""
-    return Progress(
-        project_id=project_id, total=c[0], inbox=c[1], assigned=c[2], in_progress=c[3],
-        review=c[4], done=c[5], blocked=c[6], skipped=c[7],
-    )  # fmt: skip
+    progress = _new(Progress)
+    _p_project_id(progress, project_id)
+    _p_total(progress, c[0])
+    _p_inbox(progress, c[1])
+    _p_assigned(progress, c[2])
+    _p_in_progress(progress, c[3])
+    _p_review(progress, c[4])
+    _p_done(progress, c[5])
+    _p_blocked(progress, c[6])
+    _p_skipped(progress, c[7])
+    return progress
 
 
 _SHIFT_RETURNING = {
     key: f"{sql} RETURNING version, {', '.join(_COUNTERS)}" for key, sql in _SHIFT.items()
 }
+
+
+# -- the manual retry in one transaction ------------------------------------------------
+# The checks and choices of decide.manual_retry, rendered from the core's tables
+# (never copied): the states a manual retry leaves and the one it reaches
+# (machine.TRANSITIONS), the project states that accept a retry and those that
+# dispatch now (machine.PROJECT_RULES). A test holds the result equal to the
+# core's decision applied by the general path.
+#
+# The statements avoid RETURNING, which costs SQLite more (a buffered result
+# table per execution) than one SELECT of the changed rows afterwards.
+
+_RETRY_TARGET = TaskStatus.ASSIGNED.value
+_RETRY_SOURCES = tuple(
+    sorted(
+        status.value
+        for (status, event), allowed in TRANSITIONS.items()
+        if event is TaskEvent.MANUAL_RETRY and TaskStatus.ASSIGNED in allowed
+    )
+)
+_ACCEPTING = frozenset(s.value for s, rule in PROJECT_RULES.items() if rule.accepts_retry)
+_DISPATCHING = frozenset(s.value for s, rule in PROJECT_RULES.items() if rule.dispatches)
+_INT64_MAX = 2**63 - 1
+_RETRY_UPDATE = {
+    source: "UPDATE tasks SET "
+    f"status = '{_RETRY_TARGET}', retry_count = retry_count + 1, "
+    "retries_left = CASE WHEN ?1 THEN max_retries ELSE 0 END, "
+    "error_message = NULL, error_type = NULL, blocked_reason = NULL, attempt = attempt + 1, "
+    "lease_expires_at = NULL, started_at = CASE WHEN ?1 THEN NULL ELSE started_at END, "
+    "updated_at = ?2, version = version + 1 "
+    f"WHERE project_id = ?3 AND id = ?4 AND status = '{source}' "
+    # Python's ints have no bound; SQLite's would turn REAL instead of failing.
+    f"AND retry_count < {_INT64_MAX} AND attempt < {_INT64_MAX} AND version < {_INT64_MAX}"
+    for source in _RETRY_SOURCES
+}
+"""The task changed as the core changes it, only from a state the retry leaves.
+
+Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id.
+"""
+_RETRY_SHIFT = {source: _SHIFT[(source, _RETRY_TARGET)] for source in _RETRY_SOURCES}
+"""The counters of the project moved along."""
+_RETRY_READ = (
+    "title, retry_count, max_retries, retries_left, blocked_by, attempt, created_at, "
+    "started_at, completed_at, version, metadata"
+)
+"""The task's columns read back after :data:`_RETRY_UPDATE`: all but the ids and
+those it sets to a value known beforehand (see :func:`_retried_task`)."""
+_RETRY_KNOWN = {
+    "project_id", "id", "status", "error_message", "error_type", "blocked_reason",
+    "lease_expires_at", "updated_at",
+}  # fmt: skip
+assert _RETRY_KNOWN == {c.strip() for c in _TASK_COLUMNS.split(",")} - {
+    c.strip() for c in _RETRY_READ.split(",")
+}
+_RETRIED = (
+    f"SELECT p.status, {', '.join('p.' + c for c in _COUNTERS)}, "
+    f"{', '.join('t.' + c.strip() for c in _RETRY_READ.split(','))}, "
+    "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
+    "(SELECT pending_seq FROM outbox WHERE state = 'pending' "
+    "ORDER BY pending_seq DESC LIMIT 1) "
+    "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
+)
+"""After the changes: the project's status and counters, the task, its attempt
+records counted and the last pending outbox position."""
+_RETRIED_TASK = 1 + len(_COUNTERS)
+_RETRIED_COUNT = _RETRIED_TASK + len(_RETRY_READ.split(","))
+_RETRIED_ATTEMPT = _RETRIED_TASK + [c.strip() for c in _RETRY_READ.split(",")].index("attempt")
+_ASSIGNED = TaskStatus(_RETRY_TARGET)
+
+
+def _retried_task(row: tuple[Any, ...], project_id: str, task_id: str, now: datetime) -> Task:
+    """The task after :data:`_RETRY_UPDATE`, from :data:`_RETRIED`'s row and what it set."""
+    task = _new(Task)
+    _t_project_id(task, project_id)
+    _t_id(task, task_id)
+    _t_title(task, _str(row[_RETRIED_TASK]))
+    _t_status(task, _ASSIGNED)
+    _t_retry_count(task, row[_RETRIED_TASK + 1])
+    _t_max_retries(task, row[_RETRIED_TASK + 2])
+    _t_retries_left(task, row[_RETRIED_TASK + 3])
+    _t_error_message(task, None)
+    _t_error_type(task, None)
+    _t_blocked_reason(task, None)
+    blocked_by = row[_RETRIED_TASK + 4]
+    _t_blocked_by(task, () if blocked_by == "[]" else tuple(json.loads(blocked_by)))
+    _t_attempt(task, row[_RETRIED_ATTEMPT])
+    _t_lease_expires_at(task, None)
+    _t_created_at(task, _dt(row[_RETRIED_TASK + 6]))
+    _t_updated_at(task, now)
+    _t_started_at(task, _odt(row[_RETRIED_TASK + 7]))
+    _t_completed_at(task, _odt(row[_RETRIED_TASK + 8]))
+    _t_version(task, row[_RETRIED_TASK + 9])
+    metadata = row[_RETRIED_TASK + 10]
+    _t_metadata(task, {} if metadata == "{}" else dict(json.loads(metadata)))
+    return task
+
+
+_INSERT_RETRY_PENDING = (
+    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
+    f"VALUES (?1, ?2, ?3, '{DispatchState.PENDING.value}', ?4, ?4, ?5, 0, NULL, NULL, ?6)"
+)
+_INSERT_RETRY_DEFERRED = (
+    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
+    f"VALUES (?1, ?2, ?3, '{DispatchState.DEFERRED.value}', ?4, ?4, NULL, 0, NULL, NULL, NULL)"
+)
+_INSERT_RETRY_ATTEMPT = (
+    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
+    f"(?1, ?2, ?3, '{Trigger.MANUAL_RETRY.value}', ?4, ?4, ?5, ?6, ?7, "
+    "NULL, NULL, NULL, NULL, NULL)"
+)
+_INSERT_NEW_IDEM = (
+    f"INSERT OR IGNORE INTO idempotency ({_IDEM_COLUMNS}) VALUES (?, ?, ?, ?, NULL, NULL)"
+)
+"""Reserve a key unless it is taken (then nothing is inserted)."""
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
@@ -366,28 +527,39 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     )
 
 
+(_t_project_id, _t_id, _t_title, _t_status, _t_retry_count, _t_max_retries, _t_retries_left,
+ _t_error_message, _t_error_type, _t_blocked_reason, _t_blocked_by, _t_attempt,
+ _t_lease_expires_at, _t_created_at, _t_updated_at, _t_started_at, _t_completed_at, _t_version,
+ _t_metadata) = _setters(Task, _TASK_COLUMNS.replace(",", " "))  # fmt: skip
+
+
 def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    return Task(
-        project_id=row[0],
-        id=row[1],
-        title=_str(row[2]),
-        status=_member(_TASK_STATUSES, TaskStatus, row[3]),
-        retry_count=row[4],
-        max_retries=row[5],
-        retries_left=row[6],
-        error_message=_ostr(row[7]),
-        error_type=_ostr(row[8]),
-        blocked_reason=None if row[9] is None else _member(_BLOCKED_REASONS, BlockedReason, row[9]),
-        blocked_by=() if row[10] == "[]" else json.loads(row[10]),
-        attempt=row[11],
-        lease_expires_at=_odt(row[12]),
-        created_at=_dt(row[13]),
-        updated_at=_dt(row[14]),
-        started_at=_odt(row[15]),
-        completed_at=_odt(row[16]),
-        version=row[17],
-        metadata={} if row[18] == "{}" else json.loads(row[18]),
+    """The task of a row in :data:`_TASK_COLUMNS` order (see :func:`_setters`)."""
+    task = _new(Task)
+    _t_project_id(task, row[0])
+    _t_id(task, row[1])
+    _t_title(task, _str(row[2]))
+    _t_status(task, _member(_TASK_STATUSES, TaskStatus, row[3]))
+    _t_retry_count(task, row[4])
+    _t_max_retries(task, row[5])
+    _t_retries_left(task, row[6])
+    _t_error_message(task, _ostr(row[7]))
+    _t_error_type(task, _ostr(row[8]))
+    reason = row[9]
+    _t_blocked_reason(
+        task, None if reason is None else _member(_BLOCKED_REASONS, BlockedReason, reason)
     )
+    # The converters' work: a tuple of ids, a fresh dict.
+    _t_blocked_by(task, () if row[10] == "[]" else tuple(json.loads(row[10])))
+    _t_attempt(task, row[11])
+    _t_lease_expires_at(task, _odt(row[12]))
+    _t_created_at(task, _dt(row[13]))
+    _t_updated_at(task, _dt(row[14]))
+    _t_started_at(task, _odt(row[15]))
+    _t_completed_at(task, _odt(row[16]))
+    _t_version(task, row[17])
+    _t_metadata(task, {} if row[18] == "{}" else dict(json.loads(row[18])))
+    return task
 
 
 def _project_params(project: Project) -> tuple[Any, ...]:
@@ -574,7 +746,7 @@ class SQLiteStorage:
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
-        self._pid = os.getpid()
+        self._pid = _PID
         self._immutable = False
         # Threads of this process take turns for the write lock here, in a
         # queue, rather than in SQLite's busy handler, which sleeps and
@@ -582,7 +754,7 @@ class SQLiteStorage:
         # millisecond's wait into pauses of a second or more. Other processes
         # still meet at SQLite's own lock, bounded by `timeout`.
         self._writer = threading.Lock()
-        self._writer_pid = os.getpid()
+        self._writer_pid = _PID
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -734,19 +906,19 @@ class SQLiteStorage:
         with self._lock:
             if self._closed:
                 raise StorageUnavailable(f"SQLite storage {str(self.path)!r} is closed")
-            if self._pid != os.getpid():
+            if self._pid != _PID:
                 # A forked child must not use its parent's connections; they are
                 # dropped unclosed (closing could disturb the parent's locks).
                 _ABANDONED.extend(self._idle)
                 self._idle = []
-                self._pid = os.getpid()
+                self._pid = _PID
             if self._idle:
                 return self._idle.pop()
         return self._connect()
 
     def _checkin(self, conn: sqlite3.Connection) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == os.getpid():
+            if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == _PID:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -792,12 +964,12 @@ class SQLiteStorage:
 
     def _write_turn(self) -> threading.Lock:
         """This process's writer lock, taken; ``StorageUnavailable`` past ``timeout``."""
-        if self._writer_pid != os.getpid():
+        if self._writer_pid != _PID:
             # A forked child may have copied the lock held by a parent's thread.
             self._writer = threading.Lock()
-            self._writer_pid = os.getpid()
+            self._writer_pid = _PID
         writer = self._writer
-        if not writer.acquire(timeout=self.timeout):
+        if not writer.acquire(False) and not writer.acquire(timeout=self.timeout):
             raise StorageUnavailable(
                 f"SQLite database {str(self.path)!r} is busy: no write turn within "
                 f"{self.timeout:g} s"
@@ -1174,17 +1346,22 @@ class SQLiteStorage:
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> Applied | None:
-        """The manual retry loaded, decided (by the core) and applied in one transaction.
+        """The manual retry decided and applied in one write transaction.
 
-        The write lock is held from the read on, so the plan cannot go stale:
-        one ``BEGIN IMMEDIATE`` instead of a read transaction and a write
-        transaction, and the progress counters read with the task instead of
-        returned by their update. ``None`` (nothing changed) whenever the
-        decision or the write refuses; the caller's step-by-step path then
-        raises the same error.
+        :func:`~deepwork_retry._core.decide.manual_retry`'s change is made by
+        :data:`_RETRY_UPDATE`, only from a state the core lets a retry leave;
+        the rest of its checks and choices are made on one read of what
+        changed (:data:`_RETRIED`), and each insert refuses what
+        :meth:`apply` would refuse (a taken idempotency key, an existing
+        outbox entry, an attempt that is not next). The write lock is held
+        throughout, so nothing read can go stale. ``None`` (nothing changed,
+        all rolled back) whenever anything refuses; the caller's step-by-step
+        path then raises the core's own error.
         """
         if not _all_text(project_id, task_id):
             return None
+        if budget.__class__ is not RetryBudget:
+            budget = RetryBudget(budget)
         # What _tx does, written out: this is the hot path.
         writer = self._write_turn()
         try:
@@ -1197,24 +1374,48 @@ class SQLiteStorage:
             raise
         reusable = True
         try:
-            c.execute("BEGIN IMMEDIATE")
-            rows = c.execute(_LOAD_COUNTED, (_text(task_id), _text(project_id))).fetchall()
-            if not rows or rows[0][_PROJECT_WIDTH] is None:
-                return None
+            at = _ts(now)
+            pid, tid = _text(project_id), _text(task_id)
+            # One cursor for every statement: cheaper than a new one per execute.
+            cur = c.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            if idempotency_key is not None and not (
+                cur.execute(_INSERT_NEW_IDEM, (_text(idempotency_key), pid, tid, at)).rowcount
+            ):
+                return None  # the key is taken
+            full = budget is RetryBudget.FULL
+            for source in _RETRY_SOURCES:
+                if cur.execute(_RETRY_UPDATE[source], (full, at, pid, tid)).rowcount:
+                    break
+            else:
+                return None  # no such task, or not in a state a retry leaves
+            cur.execute(_RETRY_SHIFT[source], (pid,))
+            rows = cur.execute(_RETRIED, (pid, tid)).fetchall()
+            if not rows or rows[0][0] not in _ACCEPTING:
+                return None  # the project does not accept retries
             row = rows[0]
-            counted = _PROJECT_WIDTH + _TASK_WIDTH
-            project = _project(row[:_PROJECT_WIDTH])
-            task = _task(row[_PROJECT_WIDTH:counted])
-            blockers = self._get_tasks(c, project_id, task.blocked_by) if task.blocked_by else {}
-            plan = decide.manual_retry(
-                task, project, now=now, blockers=blockers, actor=actor, reason=reason,
-                budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-            )  # fmt: skip
-            applied = self._apply_in(
-                c, plan, self._plan_params(plan), (project.version, row[counted:])
+            task = _retried_task(row, project_id, task_id, now)
+            number = task.attempt
+            if row[_RETRIED_COUNT] != number - 1:
+                return None  # the attempt is not next
+            ready = row[0] in _DISPATCHING and (
+                not task.blocked_by or self._dependencies_met(c, task)
             )
-            c.execute("COMMIT")
-            return applied
+            try:
+                if ready:
+                    last = row[_RETRIED_COUNT + 1]  # pending after every pending entry
+                    seq = 1 if last is None else last + 1
+                    until = _ots(claimed_until)
+                    cur.execute(_INSERT_RETRY_PENDING, (pid, tid, number, at, until, seq))
+                else:
+                    cur.execute(_INSERT_RETRY_DEFERRED, (pid, tid, number, at))
+                cur.execute(
+                    _INSERT_RETRY_ATTEMPT,
+                    (pid, tid, number, at, _otext(actor), _otext(reason), _BUDGET_VALUES[budget]),
+                )
+            except sqlite3.IntegrityError:
+                return None  # the (task, attempt) outbox entry or attempt exists already
+            cur.execute("COMMIT")
         except (sqlite3.Error, OverflowError, UnicodeEncodeError) as exc:
             raise self._translated(exc) from exc
         except StorageError:
@@ -1232,6 +1433,28 @@ class SQLiteStorage:
             else:
                 c.close()
             writer.release()
+        made: tuple[DispatchEntry, ...] = ()
+        if ready and claimed_until:
+            made = (
+                DispatchEntry(
+                    project_id=project_id, task_id=task_id, attempt=number,
+                    state=DispatchState.PENDING, available_at=now, created_at=now,
+                    claimed_until=claimed_until,
+                ),
+            )  # fmt: skip
+        return Applied(
+            task=task, progress=_progress_of(project_id, row[1:_RETRIED_TASK]),
+            dispatches=made, deferred=not ready,
+        )  # fmt: skip
+
+    def _dependencies_met(self, c: sqlite3.Connection, task: Task) -> bool:
+        """Whether every task ``task`` waits for is finished (a missing one is not).
+
+        Read after ``task`` itself changed; it is never among its own
+        blockers, and would count as unfinished before the change as after.
+        """
+        found = self._get_tasks(c, task.project_id, task.blocked_by)
+        return machine.dependencies_met(task, {tid: t.status for tid, t in found.items()})
 
     def _update_attempt(
         self, c: sqlite3.Connection, pid: str, tid: str, update: AttemptUpdate
