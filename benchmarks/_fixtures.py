@@ -87,9 +87,10 @@ def fill_postgres(conninfo: str, schema: str, pid: str, filler: int) -> None:
             "FROM generate_series(0, %s - 1) AS x",
             (pid, filler),
         )
+        # The filler rows take the tasks' default stripe (0), so that stripe counts them.
         conn.execute(
             f'UPDATE "{schema}".progress SET total = total + %s, done = done + %s '
-            "WHERE project_id = %s",
+            "WHERE project_id = %s AND stripe = 0",
             (filler, filler, pid),
         )
         conn.commit()

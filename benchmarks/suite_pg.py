@@ -123,7 +123,30 @@ def _twins(
             storage = st
         else:
             st.close()
+            one_progress_row(floor_schema)
     return storage, floor_schema, items
+
+
+def one_progress_row(schema: str) -> None:
+    """Fold each project's progress stripes into one row (stripe 0), as the floor expects.
+
+    The floor CTE updates its project's progress row; the library spreads a
+    project's counters over several rows, and the floor must not pay for them.
+    """
+    import psycopg
+
+    counters = ("total", "inbox", "assigned", "in_progress", "review", "done", "blocked", "skipped")
+    sums = ", ".join(f"sum({c}) AS {c}" for c in counters)
+    sets = ", ".join(f"{c} = s.{c}" for c in counters)
+    with psycopg.connect(dsn(), autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(
+                f'WITH s AS (SELECT project_id, {sums} FROM "{schema}".progress'
+                f' GROUP BY project_id) UPDATE "{schema}".progress AS p SET {sets} FROM s'
+                " WHERE p.project_id = s.project_id AND p.stripe = 0"
+            )
+            conn.execute(f'DELETE FROM "{schema}".progress WHERE stripe <> 0')
+        conn.execute(f'VACUUM ANALYZE "{schema}".progress')
 
 
 def round_trips(storage: Any, pid: str, tid: str) -> int:

@@ -1,20 +1,32 @@
-"""Many OS processes retrying the same blocked tasks on one PostgreSQL schema."""
+"""Many OS processes and threads changing the tasks of one project on one PostgreSQL schema."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_stripes import assert_stripes_exact, stripes
 from pg_support import schema_dropped_after
 from psycopg import sql
 
-from deepwork_retry import ExecutorService, NoBackoff, RetryPolicy, TaskError, TaskStatus, Trigger
-from deepwork_retry._core.model import Progress
+from deepwork_retry import (
+    ExecutorService,
+    NoBackoff,
+    RetryPolicy,
+    RetryService,
+    TaskError,
+    TaskStatus,
+    Trigger,
+)
+from deepwork_retry._core.model import Progress, Task
 from deepwork_retry._core.states import DispatchState
+from deepwork_retry.exceptions import DeepworkError
 from deepwork_retry.storage.postgres import PostgresStorage
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -115,3 +127,88 @@ def test_processes_racing_retries_win_once_per_task(
     assert {TaskStatus.ASSIGNED} == {t.status for t in tasks}
     assert {1} == {t.retry_count for t in tasks}
     assert Progress.recount("p", [t.status for t in tasks]) == store.progress("p")
+    assert_stripes_exact(store, "p")
+
+
+def valid(progress: Progress) -> bool:
+    """Counters a reader could have seen: none negative, and the total their sum."""
+    counts = [progress.count(status) for status in TaskStatus]
+    return min(counts) >= 0 and sum(counts) == progress.total
+
+
+STEPS_PER_THREAD = 150
+THREADS = 8
+
+
+def test_threads_moving_tasks_of_one_project_keep_every_stripe_exact(
+    postgres_dsn: str, store: PostgresStorage
+) -> None:
+    """8 threads, each with its own connection, race executor events and manual retries
+    over the same tasks of one project, while more tasks are added to it: every progress
+    returned is a possible one, and at the end every stripe equals a recount of its tasks
+    and the project's progress equals a recount of all of them."""
+    ex = ExecutorService(store, policy=RetryPolicy(backoff=NoBackoff()))
+    ex.create_project("p")
+    ids = [f"t{n:03d}" for n in range(48)]
+    for tid in ids:
+        ex.add_task("p", tid, max_retries=1)
+    assert all(counts["total"] for counts in stripes(store, "p")[1].values())  # every stripe used
+    start = threading.Barrier(THREADS)
+    failures: list[BaseException] = []
+    seen: list[Progress] = []
+    moves = [0] * THREADS
+
+    def step(
+        executor: ExecutorService, retry: RetryService, task: Task, rng: random.Random
+    ) -> Progress | None:
+        status, tid = task.status, task.id
+        if status is TaskStatus.INBOX:
+            return executor.assign("p", tid).progress
+        if status is TaskStatus.ASSIGNED:
+            return executor.start("p", tid, task.attempt).progress
+        if status is TaskStatus.IN_PROGRESS:
+            if rng.random() < 0.2:
+                return executor.succeed("p", tid, task.attempt).progress
+            error = TaskError(type="E", message="boom", retryable=rng.random() < 0.5)
+            return executor.fail("p", tid, task.attempt, error).progress
+        if status is TaskStatus.BLOCKED:
+            return retry.retry("p", tid).progress
+        return None
+
+    def run(n: int) -> None:
+        rng = random.Random(n)
+        own = PostgresStorage(postgres_dsn, schema=store.schema, max_size=1, migrate=False)
+        try:
+            executor = ExecutorService(own, policy=RetryPolicy(backoff=NoBackoff()))
+            retry = RetryService(own)
+            start.wait(timeout=60)
+            for k in range(STEPS_PER_THREAD):
+                if k % 50 == 25:  # new tasks while the others move
+                    executor.add_task("p", f"n{n}-{k:03d}")
+                    continue
+                task = own.get_tasks("p", [rng.choice(ids)])
+                try:
+                    progress = step(executor, retry, next(iter(task.values())), rng)
+                except DeepworkError:
+                    continue  # another thread moved the task first
+                if progress is not None:
+                    seen.append(progress)
+                    moves[n] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [] == failures
+    assert sum(moves) >= THREADS * STEPS_PER_THREAD // 4
+    assert [] == [p for p in seen if not valid(p)]
+
+    tasks = store.list_tasks("p", limit=1000)
+    assert len(ids) + THREADS * (STEPS_PER_THREAD // 50) == len(tasks)
+    assert Progress.recount("p", [t.status for t in tasks]) == store.progress("p")
+    assert_stripes_exact(store, "p")

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pg_stripes import assert_stripes_exact, stripes
 from pg_support import schema_dropped_after
 from psycopg import errors, sql
 
@@ -44,7 +45,8 @@ from deepwork_retry.exceptions import (
     StorageUnavailable,
     VersionConflict,
 )
-from deepwork_retry.storage._postgres_sql import DriverErrors, check_schema
+from deepwork_retry.storage import _postgres_sql as q
+from deepwork_retry.storage._postgres_sql import STRIPES, DriverErrors, check_schema, stripe_of
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.storage.postgres import (
     AsyncPostgresStorage,
@@ -137,7 +139,7 @@ def test_schema_name_validated(name: str) -> None:
 
 def test_migrate_applies_once(postgres_dsn: str, pg_schema: str) -> None:
     """migrate returns the migrations it applied, and nothing the second time."""
-    assert [1, 2] == migrate(postgres_dsn, schema=pg_schema)
+    assert [1, 2, 3] == migrate(postgres_dsn, schema=pg_schema)
     assert [] == migrate(postgres_dsn, schema=pg_schema)
     assert [] == asyncio.run(amigrate(postgres_dsn, schema=pg_schema))
 
@@ -155,12 +157,12 @@ def test_migrate_from_many_processes_at_once(postgres_dsn: str, pg_schema: str) 
     outputs = [proc.communicate(timeout=120) for proc in procs]
     assert [0, 0, 0, 0] == [proc.returncode for proc in procs], outputs
     said = sorted(out.strip() for out, _ in outputs)
-    assert ["applied: 0001, 0002", *["applied: nothing pending"] * 3] == said
+    assert ["applied: 0001, 0002, 0003", *["applied: nothing pending"] * 3] == said
     with psycopg.connect(postgres_dsn) as conn:
         rows = conn.execute(
             sql.SQL("SELECT number FROM {}.schema_migrations").format(sql.Identifier(pg_schema))
         ).fetchall()
-    assert [(1,), (2,)] == rows
+    assert [(1,), (2,), (3,)] == rows
 
 
 def test_migrate_from_many_threads_at_once(postgres_dsn: str, pg_schema: str) -> None:
@@ -177,7 +179,7 @@ def test_migrate_from_many_threads_at_once(postgres_dsn: str, pg_schema: str) ->
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert [[], [], [], [1, 2]] == sorted(results)
+    assert [[], [], [], [1, 2, 3]] == sorted(results)
 
 
 CATALOG = {
@@ -233,6 +235,161 @@ def test_schema_sql_equals_migrations(postgres_dsn: str, raw: psycopg.Connection
     assert expected == actual
     assert 60 <= len(actual["columns"])
     assert 10 <= len(actual["indexes"])
+
+
+def test_migration_0003_puts_existing_counters_in_stripe_0(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    """A schema at migration 0002 holding tasks: 0003 makes the existing tasks and each
+    project's counters stripe 0 and adds the other stripes at zero, so every stripe is
+    exact at once and stays exact as old and new tasks move."""
+    queries = q.Queries(pg_schema)
+    old_tasks = [
+        Task(id=f"old{n}", project_id="p", status=status, max_retries=0, created_at=T0,
+             updated_at=T0)
+        for n, status in enumerate([TaskStatus.INBOX] * 3 + [TaskStatus.BLOCKED] * 2)
+    ]  # fmt: skip
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(queries.bootstrap)
+        for migration in q.migrations():
+            if migration.number < 3:
+                conn.execute(queries.search_path)
+                conn.execute(migration.text.encode())
+                conn.execute(queries.record_migration, (migration.number, migration.name))
+        # What the storage wrote before 0003: one progress row per project.
+        conn.execute(
+            queries.render(
+                "INSERT INTO {s}.projects (id, status, name, created_at, updated_at, version)"
+                " VALUES ('p', 'executing', '', %s, %s, 1), ('empty', 'executing', '', %s, %s, 1)"
+            ),
+            (T0, T0, T0, T0),
+        )
+        conn.execute(
+            queries.render(
+                "INSERT INTO {s}.progress (project_id, total, inbox, blocked)"
+                " VALUES ('p', 5, 3, 2), ('empty', 0, 0, 0)"
+            )
+        )
+        columns = ", ".join(q.TASK_COLS)
+        values = ", ".join(f"%(t_{c})s" for c in q.TASK_COLS)
+        with conn.cursor() as cur:
+            cur.executemany(
+                queries.render(f"INSERT INTO {{s}}.tasks ({columns}) VALUES ({values})"),
+                [q.task_params(task) for task in old_tasks],
+            )
+    assert [3] == migrate(postgres_dsn, schema=pg_schema)
+    storage = PostgresStorage(postgres_dsn, schema=pg_schema, migrate=False)
+    try:
+        stored, _ = stripes(storage, "p")
+        assert 5 == stored[0]["total"]
+        assert {0} == {counts["total"] for stripe, counts in stored.items() if stripe}
+        assert_stripes_exact(storage, "p")
+        assert_stripes_exact(storage, "empty")
+        assert Progress(project_id="p", total=5, inbox=3, blocked=2) == storage.progress("p")
+        ex = ExecutorService(storage, policy=NO_BACKOFF)
+        ex.assign("p", "old0")
+        RetryService(storage).retry("p", "old3")
+        for n in range(8):
+            ex.add_task("p", f"new{n}", max_retries=0)
+            ex.assign("p", f"new{n}")
+        ex.start("p", "new0", 1)
+        ex.fail("p", "new0", 1, TaskError(type="Fatal", message="boom", retryable=False))
+        result = RetryService(storage).retry("p", "new0")
+        tasks = storage.list_tasks("p", limit=100)
+        recount = Progress.recount("p", [t.status for t in tasks])
+        assert recount == result.progress == storage.progress("p")
+        assert_stripes_exact(storage, "p")
+    finally:
+        storage.close()
+
+
+def test_new_project_has_every_stripe_and_tasks_spread_over_them(store: PostgresStorage) -> None:
+    """A new project has its STRIPES rows at zero; task ids spread evenly over them."""
+    store.create_project(Project(id="p", created_at=T0, updated_at=T0))
+    stored, counted = stripes(store, "p")
+    assert list(range(STRIPES)) == sorted(stored)
+    assert counted == stored
+    assert Progress(project_id="p") == store.progress("p")
+    spread = [0] * STRIPES
+    for n in range(4000):
+        spread[stripe_of(f"task-{n}")] += 1
+    assert min(spread) > 4000 // STRIPES // 2
+    assert stripe_of("\ud800") in range(STRIPES)  # never raises, whatever the id
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(list(TaskStatus))),
+            max_size=12,
+        ),
+        max_size=5,
+    )
+)
+def test_added_tasks_counted_in_their_stripes_as_in_memory(
+    postgres_dsn: str, batches: list[list[tuple[str, TaskStatus]]]
+) -> None:
+    """Batches of new tasks of any statuses over two projects: the summed stripes equal
+    the memory storage's progress, and each stripe counts exactly its own tasks."""
+    with schema_dropped_after(postgres_dsn) as schema:
+        storage = PostgresStorage(postgres_dsn, schema=schema, max_size=1)
+        memory = MemoryStorage()
+        try:
+            for target in (storage, memory):
+                for pid in ("a", "b"):
+                    target.create_project(Project(id=pid, created_at=T0, updated_at=T0))
+            number = 0
+            for batch in batches:
+                tasks = []
+                for pid, status in batch:
+                    number += 1
+                    tasks.append(
+                        Task(id=f"t{number}", project_id=pid, status=status, created_at=T0,
+                             updated_at=T0)
+                    )  # fmt: skip
+                storage.add_tasks(tasks)
+                memory.add_tasks(tasks)
+            for pid in ("a", "b"):
+                assert memory.progress(pid) == storage.progress(pid)
+                assert_stripes_exact(storage, pid)
+        finally:
+            storage.close()
+
+
+def test_concurrent_batches_into_one_project_never_deadlock(
+    postgres_dsn: str, store: PostgresStorage
+) -> None:
+    """Threads adding batches that span every stripe of one project all succeed: the
+    stripes are locked in one order, so no two batches wait for each other in a cycle."""
+    store.create_project(Project(id="p", created_at=T0, updated_at=T0))
+    failures: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def add(n: int) -> None:
+        own = PostgresStorage(postgres_dsn, schema=store.schema, max_size=1, migrate=False)
+        try:
+            start.wait(timeout=60)
+            for b in range(15):
+                ids = [f"w{n}-{b}-{k}" for k in range(8)]
+                if n % 2:
+                    ids.reverse()
+                own.add_tasks(
+                    [Task(id=tid, project_id="p", created_at=T0, updated_at=T0) for tid in ids]
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [] == failures
+    assert Progress(project_id="p", total=4 * 15 * 8, inbox=4 * 15 * 8) == store.progress("p")
+    assert_stripes_exact(store, "p")
 
 
 def test_unmigrated_schema_is_reported(postgres_dsn: str, pg_schema: str) -> None:

@@ -12,6 +12,12 @@ the releases, the progress counters and the idempotency key, and return the
 task and the progress. :meth:`AsyncPostgresStorage.retry_blocked` goes one
 step further for the manual retry: one statement loads, decides and applies
 it, so the service's retry costs one round trip in all.
+
+A project's counters are kept in a few rows, its stripes
+(:data:`~deepwork_retry.storage._postgres_sql.STRIPES`): each task's moves
+change its own stripe, and readers sum them. The progress a move returns is
+its task's stripe as changed plus the other stripes as of the statement's
+snapshot.
 """
 
 from __future__ import annotations
@@ -230,9 +236,9 @@ class AsyncPostgresStorage:
         check_new_tasks(tasks)
         if not tasks:
             return
-        params = [q.task_params(task) for task in tasks]
+        params = [q.new_task_params(task) for task in tasks]
         project_ids = sorted({task.project_id for task in tasks})
-        deltas = _progress_deltas(tasks)
+        deltas = q.progress_deltas(tasks)
         async with self._connection() as conn, conn.transaction():
             cur = await conn.execute(self._q.existing_projects, (project_ids,))
             projects = {row[0] for row in await cur.fetchall()}
@@ -562,15 +568,3 @@ def _connect_kwargs(pool: _Pool) -> dict[str, Any]:
     extra = dict(kwargs) if isinstance(kwargs, dict) else {}
     extra.pop("autocommit", None)
     return extra
-
-
-def _progress_deltas(tasks: Sequence[Task]) -> tuple[list[Any], ...]:
-    """Per project, how many new tasks of each status (the ``add_progress`` arrays)."""
-    counts: dict[str, dict[str, int]] = {}
-    for task in tasks:
-        row = counts.setdefault(task.project_id, dict.fromkeys(q.PROGRESS_COLS[1:], 0))
-        row[task.status.value] += 1
-        row["total"] += 1
-    project_ids = sorted(counts)
-    columns = [[counts[pid][col] for pid in project_ids] for col in q.PROGRESS_COLS[1:]]
-    return (project_ids, *columns)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import resources
@@ -256,6 +257,28 @@ TASK_COLS = (
 )  # fmt: skip
 PROJECT_COLS = ("id", "status", "name", "created_at", "updated_at", "version")
 PROGRESS_COLS = ("project_id", *(s.value for s in TaskStatus), "total")
+COUNTERS = PROGRESS_COLS[1:]
+
+STRIPES = 4
+"""How many progress rows ("stripes") each project has; the schema's checks
+allow stripes ``0`` to ``STRIPES - 1`` (migration 0003). A task's moves change
+its own stripe's counters only, so concurrent moves of different tasks of one
+project wait for each other only when their tasks share a stripe; a project's
+progress is the sum of its stripes. Every move also reads the other stripes
+to return the project's progress, so more stripes cost every move a little:
+four already take the wait for the counters out of the way of eight clients
+moving tasks of one project."""
+
+
+def stripe_of(task_id: str) -> int:
+    """The progress stripe of a new task: a stable hash of its id.
+
+    Stored with the task (``tasks.stripe``), so the choice only has to spread
+    a project's tasks evenly, never to be recomputed.
+    """
+    return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % STRIPES
+
+
 ATTEMPT_COLS = (
     "project_id", "task_id", "number", "trigger", "dispatched_at", "available_at", "actor",
     "reason", "budget", "started_at", "finished_at", "outcome", "error_type", "error_message",
@@ -291,6 +314,28 @@ def task_params(task: Task) -> dict[str, Any]:
         "t_version": task.version,
         "t_metadata": metadata_json(task.metadata),
     }
+
+
+def new_task_params(task: Task) -> dict[str, Any]:
+    """:func:`task_params` plus the progress stripe of a task being added."""
+    params = task_params(task)
+    params["t_stripe"] = stripe_of(task.id)
+    return params
+
+
+def progress_deltas(tasks: Sequence[Task]) -> tuple[list[Any], ...]:
+    """Per project and stripe, how many new tasks of each status (``add_progress``'s arrays).
+
+    In key order, the order in which ``add_progress`` locks the stripes.
+    """
+    counts: dict[tuple[str, int], dict[str, int]] = {}
+    for task in tasks:
+        row = counts.setdefault((task.project_id, stripe_of(task.id)), dict.fromkeys(COUNTERS, 0))
+        row[task.status.value] += 1
+        row["total"] += 1
+    keys = sorted(counts)
+    columns = [[counts[key][col] for key in keys] for col in COUNTERS]
+    return ([key[0] for key in keys], [key[1] for key in keys], *columns)
 
 
 def decode_task(row: Row, at: int = 0) -> Task:
@@ -468,6 +513,16 @@ def _cols(names: Sequence[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{name}" for name in names)
 
 
+def _sums(names: Sequence[str] = COUNTERS) -> str:
+    """Each counter summed over the stripes read (0 when none), as ``bigint``."""
+    return ", ".join(f"COALESCE(sum({name}), 0)::bigint AS {name}" for name in names)
+
+
+def _plus(one: str, others: str, names: Sequence[str] = COUNTERS) -> str:
+    """Each counter of stripe ``one`` plus the sum ``others`` of the other stripes."""
+    return ", ".join(f"{one}.{name} + {others}.{name} AS {name}" for name in names)
+
+
 _GUARD_CTES = """
 gl AS (
     SELECT id, version FROM {s}.tasks
@@ -576,7 +631,9 @@ class Queries:
         self.create_project = q(
             f"WITH p AS (INSERT INTO {{s}}.projects ({_cols(PROJECT_COLS)})"
             f" VALUES ({project_values}) ON CONFLICT (id) DO NOTHING RETURNING id)"
-            " INSERT INTO {s}.progress (project_id) SELECT id FROM p RETURNING project_id"
+            " INSERT INTO {s}.progress (project_id, stripe)"
+            f" SELECT id, stripe FROM p, generate_series(0, {STRIPES - 1}) AS g(stripe)"
+            " RETURNING project_id"
         )
         self.get_project = q(f"SELECT {_cols(PROJECT_COLS)} FROM {{s}}.projects WHERE id = %s")
         self.load = q(
@@ -593,7 +650,8 @@ class Queries:
             " WHERE project_id = %s AND blocked_by @> ARRAY[%s::text] ORDER BY id"
         )
         self.progress = q(
-            f"SELECT {_cols(PROGRESS_COLS)} FROM {{s}}.progress WHERE project_id = %s"
+            f"SELECT project_id, {_sums()} FROM {{s}}.progress"
+            " WHERE project_id = %s GROUP BY project_id"
         )
         self.attempts = q(
             f"SELECT t.id, {_cols(ATTEMPT_COLS, 'a.')} FROM {{s}}.tasks AS t"
@@ -620,13 +678,22 @@ class Queries:
         )
         task_values = ", ".join(f"%(t_{c})s" for c in TASK_COLS)
         self.insert_task = q(
-            f"INSERT INTO {{s}}.tasks ({_cols(TASK_COLS)}) VALUES ({task_values})"
+            f"INSERT INTO {{s}}.tasks ({_cols(TASK_COLS)}, stripe)"
+            f" VALUES ({task_values}, %(t_stripe)s)"
         ).replace(b"%(t_metadata)s", b"%(t_metadata)s::jsonb")
-        counters = ", ".join(f"{c} = p.{c} + d.{c}" for c in PROGRESS_COLS[1:])
+        # The stripes are locked in key order first, so that two batches
+        # adding tasks to one project never wait for each other in a cycle.
+        counters = ", ".join(f"{c} = p.{c} + d.{c}" for c in COUNTERS)
         self.add_progress = q(
-            f"UPDATE {{s}}.progress AS p SET {counters}"
-            f" FROM unnest(%s::text[], {', '.join(['%s::bigint[]'] * 8)})"
-            f" AS d({_cols(PROGRESS_COLS)}) WHERE p.project_id = d.project_id"
+            "WITH d AS (SELECT * FROM"
+            f" unnest(%s::text[], %s::smallint[], {', '.join(['%s::bigint[]'] * len(COUNTERS))})"
+            f" AS d(project_id, stripe, {_cols(COUNTERS)})),"
+            " l AS (SELECT p.project_id FROM {s}.progress AS p"
+            " JOIN d ON p.project_id = d.project_id AND p.stripe = d.stripe"
+            " ORDER BY p.project_id, p.stripe FOR NO KEY UPDATE OF p)"
+            f" UPDATE {{s}}.progress AS p SET {counters} FROM d"
+            " WHERE p.project_id = d.project_id AND p.stripe = d.stripe"
+            " AND (SELECT count(*) FROM l) >= 0"
         )
         self.claim_due = q(
             "WITH c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
@@ -844,7 +911,7 @@ def _apply_text(shape: _Shape) -> str:
     """
     ctes = [
         """cur AS (
-    SELECT version FROM {s}.tasks WHERE project_id = %(pid)s AND id = %(tid)s
+    SELECT version, stripe FROM {s}.tasks WHERE project_id = %(pid)s AND id = %(tid)s
     FOR NO KEY UPDATE
 ),"""
     ]
@@ -979,16 +1046,24 @@ disp AS (
     if shape.status is None:
         ctes.append(
             f"""
-prog AS (SELECT {_cols(PROGRESS_COLS)} FROM {{s}}.progress WHERE project_id = %(pid)s)"""
+prog AS (SELECT project_id, {_sums()} FROM {{s}}.progress
+    WHERE project_id = %(pid)s GROUP BY project_id)"""
         )
     else:
+        # The task's own stripe as updated, plus the other stripes as of the
+        # statement's snapshot.
         was, now = shape.status
         ctes.append(
             f"""
-prog AS (
+mine AS (
     UPDATE {{s}}.progress SET {was} = {was} - 1, {now} = {now} + 1
-    WHERE project_id = %(pid)s AND {done}
-    RETURNING {_cols(PROGRESS_COLS)}
+    WHERE project_id = %(pid)s AND stripe = (SELECT stripe FROM cur) AND {done}
+    RETURNING project_id, stripe, {_cols(COUNTERS)}
+),
+prog AS (
+    SELECT mine.project_id, {_plus("mine", "rest")}
+    FROM mine, LATERAL (SELECT {_sums()} FROM {{s}}.progress
+        WHERE project_id = %(pid)s AND stripe <> mine.stripe) AS rest
 )"""
         )
     notify = []
@@ -1084,7 +1159,7 @@ _RETRY_TASK_COLS = (
 ids it was given, ``updated_at`` (its ``now``) and the columns the statement sets
 to constants (status, error, blocked reason, lease)."""
 
-_RETRY_COUNTERS = PROGRESS_COLS[1:]
+_RETRY_COUNTERS = COUNTERS
 _R_COUNTERS = len(_RETRY_TASK_COLS)
 _R_READY = _R_COUNTERS + len(_RETRY_COUNTERS)
 
@@ -1106,9 +1181,11 @@ def _retry_text(*, keyed: bool, claimed: bool) -> str:
     One text per shape of the call, so that each plans and binds only what it
     uses: ``keyed`` (an idempotency key is given: probe for it and reserve
     it) and ``claimed`` (the caller claims the outbox entry to deliver it
-    itself: no notification). The progress row, which every retry in the
-    project updates, is updated last, after the attempt and outbox inserts,
-    so that concurrent retries wait for it as briefly as they can.
+    itself: no notification). The progress stripe of the task, which the
+    project's other retries of tasks in the same stripe update too, is
+    updated last, after the attempt and outbox inserts, so that they wait for
+    it as briefly as they can. The progress returned is that stripe as
+    updated plus the project's other stripes as of the statement's snapshot.
     """
     target = _RETRY_TARGET
     sources = [
@@ -1155,7 +1232,7 @@ i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
     # record numbered next (c.nxt), and the one before it exists unless next is
     # the first; that is, the highest number in [nxt - 1, nxt] is nxt - 1 (0 for none).
     return f"""WITH
-c AS (SELECT status, version, attempt + 1 AS nxt, blocked_by FROM {{s}}.tasks
+c AS (SELECT status, version, attempt + 1 AS nxt, blocked_by, stripe FROM {{s}}.tasks
     WHERE project_id = %(p)s AND id = %(t)s FOR NO KEY UPDATE),
 j AS (SELECT status FROM {{s}}.projects WHERE id = %(p)s FOR KEY SHARE),
 d AS (SELECT id, status FROM {{s}}.tasks
@@ -1190,11 +1267,14 @@ o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
         x.seq, CASE WHEN ok.ready THEN x.seq END
     FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok
     RETURNING 1),
-g AS (UPDATE {{s}}.progress SET {moved} FROM c
-    WHERE project_id = %(p)s AND EXISTS (SELECT FROM a) AND EXISTS (SELECT FROM o)
-    RETURNING {_cols(_RETRY_COUNTERS)})
-SELECT {returned}, {_cols(_RETRY_COUNTERS, "g.")}, ok.ready, {notify}
-FROM ok LEFT JOIN u ON true LEFT JOIN g ON true"""
+g AS (UPDATE {{s}}.progress AS g SET {moved} FROM c
+    WHERE g.project_id = %(p)s AND g.stripe = c.stripe
+    AND EXISTS (SELECT FROM a) AND EXISTS (SELECT FROM o)
+    RETURNING g.stripe, {_cols(_RETRY_COUNTERS, "g.")})
+SELECT {returned}, {_plus("g", "x", _RETRY_COUNTERS)}, ok.ready, {notify}
+FROM ok LEFT JOIN u ON true LEFT JOIN g ON true
+    LEFT JOIN LATERAL (SELECT {_sums(_RETRY_COUNTERS)} FROM {{s}}.progress
+        WHERE project_id = %(p)s AND stripe <> g.stripe) AS x ON true"""
 
 
 def retry_params(

@@ -15,10 +15,14 @@ CREATE TABLE projects (
         'paused', 'completed', 'failed', 'cancelled'))
 );
 
--- One row per project, changed in the same statement as every task change,
--- so reading progress never counts tasks.
+-- Each project's counters in 4 rows ("stripes"), one of which is changed in
+-- the same statement as every task change, so reading progress never counts
+-- tasks. A task's moves always change the stripe named by tasks.stripe, so
+-- moves of different tasks of one project rarely wait for the same row; each
+-- stripe counts exactly its own tasks, and the project's progress is the sum.
 CREATE TABLE progress (
-    project_id  text COLLATE "C" NOT NULL PRIMARY KEY REFERENCES projects (id),
+    project_id  text COLLATE "C" NOT NULL REFERENCES projects (id),
+    stripe      smallint NOT NULL,
     total       bigint NOT NULL DEFAULT 0,
     inbox       bigint NOT NULL DEFAULT 0,
     assigned    bigint NOT NULL DEFAULT 0,
@@ -26,7 +30,9 @@ CREATE TABLE progress (
     review      bigint NOT NULL DEFAULT 0,
     done        bigint NOT NULL DEFAULT 0,
     blocked     bigint NOT NULL DEFAULT 0,
-    skipped     bigint NOT NULL DEFAULT 0
+    skipped     bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (project_id, stripe),
+    CONSTRAINT progress_stripe CHECK (stripe BETWEEN 0 AND 3)
 );
 
 CREATE TABLE tasks (
@@ -49,9 +55,12 @@ CREATE TABLE tasks (
     completed_at     timestamptz,
     version          bigint      NOT NULL,
     metadata         jsonb       NOT NULL,
+    -- The progress stripe this task's moves change (see progress).
+    stripe           smallint    NOT NULL DEFAULT 0,
     PRIMARY KEY (project_id, id),
     CONSTRAINT tasks_status CHECK (status IN (
-        'inbox', 'assigned', 'in_progress', 'review', 'done', 'blocked', 'skipped'))
+        'inbox', 'assigned', 'in_progress', 'review', 'done', 'blocked', 'skipped')),
+    CONSTRAINT tasks_stripe CHECK (stripe BETWEEN 0 AND 3)
 );
 
 -- list_tasks(status=...) pages by id within one status.
