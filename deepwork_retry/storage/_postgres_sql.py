@@ -1228,12 +1228,17 @@ i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
         for c in _RETRY_TASK_COLS
     )
     # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,
-    # r reason, c claimed_until. The attempt check is one index range read: no
+    # r reason, c claimed_until. The task is looked up with the states it may
+    # leave, as the floor's statement does: an exact key of both the primary key
+    # and tasks_by_status, so that the planner, which cannot tell the two apart
+    # before the table has statistics, never scans a project's tasks by status.
+    # A task in another state reads as missing, and the general path raises the
+    # core's error for it. The attempt check is one index range read: no
     # record numbered next (c.nxt), and the one before it exists unless next is
     # the first; that is, the highest number in [nxt - 1, nxt] is nxt - 1 (0 for none).
     return f"""WITH
 c AS (SELECT status, version, attempt + 1 AS nxt, blocked_by, stripe FROM {{s}}.tasks
-    WHERE project_id = %(p)s AND id = %(t)s FOR NO KEY UPDATE),
+    WHERE project_id = %(p)s AND status IN ({_in(sources)}) AND id = %(t)s FOR NO KEY UPDATE),
 j AS (SELECT status FROM {{s}}.projects WHERE id = %(p)s FOR KEY SHARE),
 d AS (SELECT id, status FROM {{s}}.tasks
     WHERE project_id = %(p)s AND id = ANY((SELECT blocked_by FROM c)::text[] COLLATE "C")
@@ -1254,7 +1259,8 @@ u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry
     attempt = t.attempt + 1, lease_expires_at = NULL,
     started_at = CASE WHEN {full} THEN NULL ELSE started_at END,
     updated_at = %(n)s::timestamptz, version = t.version + 1
-    FROM c, ok WHERE t.project_id = %(p)s AND t.id = %(t)s AND t.version = c.version AND ok.v
+    FROM c, ok WHERE t.project_id = %(p)s AND t.status IN ({_in(sources)}) AND t.id = %(t)s
+    AND t.version = c.version AND ok.v
     {reserved}
     RETURNING t.project_id, t.id, {_cols(_RETRY_TASK_COLS, "t.")}),
 a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, trigger, dispatched_at,
