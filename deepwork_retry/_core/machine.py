@@ -92,6 +92,21 @@ PROJECT_RULES: Mapping[ProjectStatus, ProjectRule] = {
 
 assert set(PROJECT_RULES) == set(ProjectStatus)
 
+ACCEPTS_RETRY = frozenset(s for s, rule in PROJECT_RULES.items() if rule.accepts_retry)
+"""The project statuses in which a manual retry is accepted."""
+DISPATCHES = frozenset(s for s, rule in PROJECT_RULES.items() if rule.dispatches)
+"""The project statuses in which a new attempt is dispatched at once."""
+
+
+def sources(event: TaskEvent, target: TaskStatus) -> tuple[TaskStatus, ...]:
+    """The statuses from which ``event`` may move a task to ``target``, by value.
+
+    What storages that render a decision into their own statements read the
+    table through, so that the table stays the one place the moves are written.
+    """
+    found = (s for (s, e), allowed in TRANSITIONS.items() if e is event and target in allowed)
+    return tuple(sorted(found, key=lambda s: s.value))
+
 
 def dependencies_met(task: Task, blockers: Mapping[str, TaskStatus]) -> bool:
     """True when every task in ``task.blocked_by`` is ``done`` or ``skipped``.

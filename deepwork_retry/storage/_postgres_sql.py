@@ -19,7 +19,7 @@ import attrs
 import psycopg
 from psycopg import errors, sql
 
-from deepwork_retry._core.machine import PROJECT_RULES, TRANSITIONS
+from deepwork_retry._core import machine
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -1188,13 +1188,9 @@ def _retry_text(*, keyed: bool, claimed: bool) -> str:
     updated plus the project's other stripes as of the statement's snapshot.
     """
     target = _RETRY_TARGET
-    sources = [
-        status.value
-        for (status, event), allowed in TRANSITIONS.items()
-        if event is TaskEvent.MANUAL_RETRY and target in allowed
-    ]
-    accepting = _in(s.value for s, rule in PROJECT_RULES.items() if rule.accepts_retry)
-    dispatching = _in(s.value for s, rule in PROJECT_RULES.items() if rule.dispatches)
+    sources = [s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, target)]
+    accepting = _in(s.value for s in machine.ACCEPTS_RETRY)
+    dispatching = _in(s.value for s in machine.DISPATCHES)
     finished = _in(s.value for s in TERMINAL)
     full = f"%(b)s::text = '{RetryBudget.FULL.value}'"
     pending, deferred = DispatchState.PENDING.value, DispatchState.DEFERRED.value

@@ -39,7 +39,6 @@ from typing import Any, Literal, TypeVar
 import attrs
 
 from deepwork_retry._core import machine
-from deepwork_retry._core.machine import PROJECT_RULES, TRANSITIONS
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -401,14 +400,10 @@ _SHIFT_RETURNING = {
 
 _RETRY_TARGET = TaskStatus.ASSIGNED.value
 _RETRY_SOURCES = tuple(
-    sorted(
-        status.value
-        for (status, event), allowed in TRANSITIONS.items()
-        if event is TaskEvent.MANUAL_RETRY and TaskStatus.ASSIGNED in allowed
-    )
+    s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, TaskStatus(_RETRY_TARGET))
 )
-_ACCEPTING = frozenset(s.value for s, rule in PROJECT_RULES.items() if rule.accepts_retry)
-_DISPATCHING = frozenset(s.value for s, rule in PROJECT_RULES.items() if rule.dispatches)
+_ACCEPTING = frozenset(s.value for s in machine.ACCEPTS_RETRY)
+_DISPATCHING = frozenset(s.value for s in machine.DISPATCHES)
 _INT64_MAX = 2**63 - 1
 _RETRY_UPDATE = {
     source: "UPDATE tasks SET "
