@@ -64,7 +64,11 @@ _TRIGGERS = {t.value: t for t in Trigger}
 _BUDGETS = {b.value: b for b in RetryBudget}
 _OUTCOMES = {o.value: o for o in Outcome}
 _STATES = {d.value: d for d in DispatchState}
-_PENDING, _DEFERRED, _DELIVERED = "pending", "deferred", "delivered"
+_PENDING, _DEFERRED, _DELIVERED = (
+    DispatchState.PENDING.value,
+    DispatchState.DEFERRED.value,
+    DispatchState.DELIVERED.value,
+)
 # Positions in an entry row.
 _E_STATE, _E_AVAILABLE, _E_CLAIMED, _E_DELIVERED = 3, 4, 6, 9
 
