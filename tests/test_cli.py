@@ -290,3 +290,18 @@ def test_exit_codes_are_distinct_and_documented() -> None:
     assert [] == [c for c in ExitCode if f"\n  {c.value}  " not in help_text]
     rows = {f"| {c.value} | {MEANING[c]} |" for c in ExitCode}
     assert set() == rows - set(operating.splitlines())
+
+
+@pytest.mark.postgres
+def test_the_storage_modules_migrate_honours_deepwork_schema(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m deepwork_retry.storage.postgres migrate --dsn …` migrates $DEEPWORK_SCHEMA."""
+    from pg_support import schema_dropped_after
+
+    from deepwork_retry.storage.postgres import main as storage_main
+
+    with schema_dropped_after(postgres_dsn, "mod") as schema:
+        monkeypatch.setenv("DEEPWORK_SCHEMA", schema)
+        assert 0 == storage_main(["migrate", "--dsn", postgres_dsn])
+        assert [schema] == _schemas(postgres_dsn, schema)

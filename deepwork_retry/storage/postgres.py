@@ -17,6 +17,7 @@ From a shell::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("migrate", help="apply pending migrations")
     run.add_argument("--dsn", required=True, help="libpq connection string or URL")
-    run.add_argument("--schema", default=DEFAULT_SCHEMA, help="schema to migrate")
+    run.add_argument(
+        "--schema",
+        default=os.environ.get("DEEPWORK_SCHEMA") or DEFAULT_SCHEMA,
+        help=f"schema to migrate (default: $DEEPWORK_SCHEMA, else {DEFAULT_SCHEMA})",
+    )
     args = parser.parse_args(argv)
     try:
         applied = migrate(args.dsn, schema=args.schema)
