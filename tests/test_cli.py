@@ -305,3 +305,41 @@ def test_the_storage_modules_migrate_honours_deepwork_schema(
         monkeypatch.setenv("DEEPWORK_SCHEMA", schema)
         assert 0 == storage_main(["migrate", "--dsn", postgres_dsn])
         assert [schema] == _schemas(postgres_dsn, schema)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ("StorageMissing", ExitCode.NO_DATABASE),
+        ("StorageUnavailable", ExitCode.UNAVAILABLE),
+        ("ProjectNotFound", ExitCode.NOT_FOUND),
+        ("TaskNotFound", ExitCode.NOT_FOUND),
+        ("TaskNotBlocked", ExitCode.REFUSED),
+        ("ProjectNotRunnable", ExitCode.REFUSED),
+        ("InvalidTransition", ExitCode.REFUSED),
+        ("InvalidInput", ExitCode.USAGE),
+        ("StorageCorrupt", ExitCode.FAILED),
+        ("StorageReadOnly", ExitCode.FAILED),
+        ("DeepworkError", ExitCode.FAILED),
+    ],
+)
+def test_each_error_has_its_exit_status(error: str, expected: ExitCode) -> None:
+    """The library's errors end the command with the status of their kind."""
+    from deepwork_retry import exceptions
+    from deepwork_retry.cli import exit_code
+
+    kind = getattr(exceptions, error)
+    assert expected == exit_code(kind.__new__(kind))
+
+
+def test_every_library_error_has_an_exit_status() -> None:
+    """No error of the library falls outside the table (each maps to a documented status)."""
+    from deepwork_retry import exceptions
+    from deepwork_retry.cli import exit_code
+
+    kinds = [
+        getattr(exceptions, name)
+        for name in exceptions.__all__
+        if isinstance(getattr(exceptions, name), type)
+    ]
+    assert [] == [k for k in kinds if exit_code(k.__new__(k)) not in MEANING]
