@@ -180,8 +180,11 @@ def _serve_on(sock: socket.socket, *, host: str, db: str, token: str | None, dem
             setup.close()
     app = build_app(db, tokens)
     print(banner(host=host, port=port, project_id=project_id, token=token), flush=True)
-    _Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run(sockets=[sock])
-    return 0
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # uvicorn raises the Ctrl-C it handled again once shut down; stopping is the normal end.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    return 0 if server.started else 1  # not started: the application's start-up failed
 
 
 if __name__ == "__main__":  # pragma: no cover
