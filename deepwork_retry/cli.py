@@ -239,7 +239,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return ExitCode.OK
     from deepwork_retry.storage.sqlite import SQLiteStorage
 
-    SQLiteStorage(_db(args)).close()  # SQLite creates and migrates on open
+    path = _db(args)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    SQLiteStorage(path).close()  # SQLite creates and migrates on open
     print("SQLite schema is up to date")
     return ExitCode.OK
 

@@ -156,8 +156,9 @@ def test_read_commands_open_sqlite_read_only_and_write_commands_do_not_create(db
 def test_migrate_creates_the_sqlite_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`migrate --db` is the one command that creates a database; the others then use it."""
-    path = str(tmp_path / "new.db")
+    """`migrate --db` is the one command that creates a database (and its folder); the others
+    then use it."""
+    path = str(tmp_path / "data" / "new.db")
     assert ExitCode.OK == main(["migrate", "--db", path])
     assert ExitCode.NOT_FOUND == main(["blocked", "p1", "--db", path])
     assert "error: Project not found\n" == capsys.readouterr().err
