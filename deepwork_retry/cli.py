@@ -5,52 +5,196 @@ deepwork-retry retry PROJECT TASK     retry a blocked task in a database
 deepwork-retry blocked PROJECT        list a project's blocked tasks
 deepwork-retry migrate                create or upgrade a database's schema
 deepwork-retry reap                   fail attempts whose lease expired
+
+Only ``migrate`` (and ``serve``, for its demo database) creates a database or
+a schema; every other command opens what exists, read-only when it only
+reads, and otherwise says what is missing and how to create it. Each outcome
+has its own exit status (:class:`ExitCode`).
+
+A new command is a function ``cmd_NAME(args) -> int`` and a ``_add_NAME``
+that declares its arguments, listed in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
+import logging
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from deepwork_retry import __version__
 from deepwork_retry._core.policy import RetryPolicy
 from deepwork_retry._core.results import retry_json, task_json
 from deepwork_retry._sync.services import ExecutorService, RetryService
-from deepwork_retry.exceptions import DeepworkError
+from deepwork_retry.exceptions import (
+    AlreadyExists,
+    DeepworkError,
+    IdempotencyKeyReused,
+    InvalidInput,
+    InvalidTransition,
+    NotFound,
+    ProjectNotRunnable,
+    StaleAttempt,
+    StorageMissing,
+    StorageUnavailable,
+)
 from deepwork_retry.ports import Storage
 
 DEFAULT_DB = os.path.join("deepwork-demo", "demo.db")
+DEFAULT_SCHEMA = "deepwork"
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of ``deepwork-retry``: one per kind of outcome (see :data:`MEANING`)."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    REFUSED = 4
+    UNAVAILABLE = 5
+    NO_DATABASE = 6
+
+
+MEANING: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.FAILED: "failed for another reason, which the message names (a damaged "
+    "database or one of another application, a port in use, a missing optional dependency)",
+    ExitCode.USAGE: "the command line is wrong: an unknown option, a missing or invalid value",
+    ExitCode.NOT_FOUND: "the project or task does not exist",
+    ExitCode.REFUSED: "a rule refused the change (the task is not blocked, the project "
+    "takes no retries); nothing changed",
+    ExitCode.UNAVAILABLE: "the storage is unreachable, locked or timed out; nothing "
+    "changed: try again later",
+    ExitCode.NO_DATABASE: "the database or schema does not exist or lacks migrations; "
+    "nothing was created: run `deepwork-retry migrate` with the same storage options",
+}
+"""What each exit status means, as the help prints it."""
+
+
+EXIT_FOR: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (StorageMissing, ExitCode.NO_DATABASE),  # before StorageUnavailable, its base
+    (StorageUnavailable, ExitCode.UNAVAILABLE),
+    (NotFound, ExitCode.NOT_FOUND),
+    (InvalidInput, ExitCode.USAGE),
+    (InvalidTransition, ExitCode.REFUSED),
+    (ProjectNotRunnable, ExitCode.REFUSED),
+    (StaleAttempt, ExitCode.REFUSED),
+    (IdempotencyKeyReused, ExitCode.REFUSED),
+    (AlreadyExists, ExitCode.REFUSED),
+    (DeepworkError, ExitCode.FAILED),
+    (ImportError, ExitCode.FAILED),
+)
+"""Which exit status an error ends the command with: the first matching row."""
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    """The exit status for ``exc`` (see :data:`EXIT_FOR`)."""
+    for kind, code in EXIT_FOR:
+        if isinstance(exc, kind):
+            return code
+    return ExitCode.FAILED
+
+
+def _exit_codes_text() -> str:
+    lines = ["exit status:"]
+    for code in ExitCode:
+        indent = f"  {code.value}  "
+        lines.append(
+            textwrap.fill(MEANING[code], 79, initial_indent=indent, subsequent_indent="     ")
+        )
+    return "\n".join(lines)
+
+
+# -- storage ----------------------------------------------------------------------
 
 
 def _add_storage_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--db",
-        help=f"SQLite database file (default: $DEEPWORK_DB or {DEFAULT_DB})",
+        metavar="FILE",
+        help=f"SQLite database file (default: $DEEPWORK_DB, else {DEFAULT_DB})",
     )
     group.add_argument(
         "--dsn",
-        help="PostgreSQL connection string (default: $DEEPWORK_DSN when set)",
+        help="PostgreSQL connection string or URL (default: $DEEPWORK_DSN when set); "
+        "selects PostgreSQL instead of SQLite",
     )
     parser.add_argument(
-        "--schema", default="deepwork", help="PostgreSQL schema (default: deepwork)"
+        "--schema",
+        help=f"PostgreSQL schema (default: $DEEPWORK_SCHEMA, else {DEFAULT_SCHEMA}); "
+        "only with PostgreSQL",
     )
 
 
-def open_storage(args: argparse.Namespace) -> Storage:
-    """The storage named on the command line or in the environment."""
-    dsn = args.dsn or (None if args.db else os.environ.get("DEEPWORK_DSN"))
-    if dsn:
-        from deepwork_retry.storage.postgres import PostgresStorage
+def _dsn(args: argparse.Namespace) -> str | None:
+    dsn: str | None = args.dsn or (None if args.db else os.environ.get("DEEPWORK_DSN"))
+    return dsn or None
 
-        return PostgresStorage(dsn, schema=args.schema)
+
+def _schema(args: argparse.Namespace) -> str:
+    return str(args.schema or os.environ.get("DEEPWORK_SCHEMA") or DEFAULT_SCHEMA)
+
+
+def _db(args: argparse.Namespace) -> str:
+    return str(args.db or os.environ.get("DEEPWORK_DB") or DEFAULT_DB)
+
+
+def _check_storage_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.schema and _dsn(args) is None:
+        parser.error("--schema applies to PostgreSQL only: give --dsn or set $DEEPWORK_DSN")
+
+
+def migrate_command(args: argparse.Namespace) -> str:
+    """The ``migrate`` command that creates the storage these arguments name."""
+    dsn = _dsn(args)
+    if dsn is None:
+        return f"deepwork-retry migrate --db {shlex.quote(_db(args))}"
+    shown = "DSN" if _has_password(dsn) else shlex.quote(dsn)
+    return f"deepwork-retry migrate --dsn {shown} --schema {shlex.quote(_schema(args))}"
+
+
+def _has_password(dsn: str) -> bool:
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # pragma: no cover - without psycopg, --dsn fails before this
+        return True
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except Exception:  # noqa: BLE001 - an unparsable DSN: show a placeholder
+        return True
+
+
+def open_storage(args: argparse.Namespace, *, write: bool) -> Storage:
+    """The existing storage named on the command line or in the environment.
+
+    Never creates a database or schema: a missing one raises
+    :class:`~deepwork_retry.exceptions.StorageMissing`. Opened read-only
+    (SQLite) unless ``write``.
+    """
+    dsn = _dsn(args)
+    if dsn is not None:
+        from deepwork_retry.storage.postgres import PostgresStorage, check_migrated
+
+        schema = _schema(args)
+        # One direct connection first: it fails at once with the server's own
+        # reason when the server is down, and checks the schema without
+        # creating it; the pool is only opened on a usable schema.
+        check_migrated(dsn, schema=schema)
+        return PostgresStorage(dsn, schema=schema, migrate=False, min_size=1, max_size=2)
     from deepwork_retry.storage.sqlite import SQLiteStorage
 
-    path = args.db or os.environ.get("DEEPWORK_DB") or DEFAULT_DB
-    return SQLiteStorage(path)
+    return SQLiteStorage(_db(args), create=False, read_only=not write)
+
+
+# -- commands -----------------------------------------------------------------------
 
 
 def _print(data: Any) -> None:
@@ -58,7 +202,7 @@ def _print(data: Any) -> None:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    storage = open_storage(args)
+    storage = open_storage(args, write=True)
     try:
         result = RetryService(storage).retry(
             args.project,
@@ -70,11 +214,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     _print(retry_json(result))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_blocked(args: argparse.Namespace) -> int:
-    storage = open_storage(args)
+    storage = open_storage(args, write=False)
     try:
         tasks, next_after = RetryService(storage).blocked(
             args.project, after=args.after, limit=args.limit
@@ -82,25 +226,30 @@ def cmd_blocked(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     _print({"tasks": [task_json(t) for t in tasks], "next_after": next_after})
-    return 0
+    return ExitCode.OK
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    dsn = args.dsn or (None if args.db else os.environ.get("DEEPWORK_DSN"))
-    if dsn:
+    dsn = _dsn(args)
+    if dsn is not None:
         from deepwork_retry.storage.postgres import migrate
 
-        applied = migrate(dsn, schema=args.schema)
+        applied = migrate(dsn, schema=_schema(args))
         print(f"applied migrations: {list(applied) or 'none (up to date)'}")
-        return 0
-    storage = open_storage(args)  # SQLite migrates on open
-    storage.close()
+        return ExitCode.OK
+    from deepwork_retry.storage.sqlite import SQLiteStorage
+
+    path = _db(args)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    SQLiteStorage(path).close()  # SQLite creates and migrates on open
     print("SQLite schema is up to date")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    storage = open_storage(args)
+    storage = open_storage(args, write=True)
     policy = RetryPolicy(lease=args.lease, start_timeout=args.start_timeout)
     try:
         reaped = ExecutorService(storage, policy=policy).reap(limit=args.limit)
@@ -109,7 +258,7 @@ def cmd_reap(args: argparse.Namespace) -> int:
     for change in reaped:
         print(f"{change.task.project_id}/{change.task.id}: lost -> {change.task.status.value}")
     print(f"reaped {len(reaped)} attempt(s)")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -118,75 +267,186 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(
         host=args.host,
         port=args.port,
-        db=args.db or os.environ.get("DEEPWORK_DB") or DEFAULT_DB,
+        db=_db(args),
         token=args.token,
         demo=not args.no_demo,
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deepwork-retry",
-        description="Retry blocked Deep Work tasks; run the demo API.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# -- the parser ------------------------------------------------------------------------
 
-    serve = sub.add_parser("serve", help="run the demo API server (SQLite, in-process executor)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--db", help=f"SQLite database file (default: {DEFAULT_DB})")
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
-        "--token", help="accept this bearer token (default: $DEEPWORK_TOKEN or a random one)"
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
-    serve.add_argument("--no-demo", action="store_true", help="do not create a demo project")
-    serve.set_defaults(func=cmd_serve)
+    serve.add_argument(
+        "--port", type=_count(0, 65535), default=8000, help="port to listen on (default: 8000)"
+    )
+    serve.add_argument(
+        "--db",
+        metavar="FILE",
+        help=f"SQLite database file, created if missing (default: $DEEPWORK_DB, else {DEFAULT_DB})",
+    )
+    serve.add_argument(
+        "--token", help="accept this bearer token (default: $DEEPWORK_TOKEN, else a random one)"
+    )
+    serve.add_argument(
+        "--no-demo", action="store_true", help="do not create a demo project at start-up"
+    )
 
-    retry = sub.add_parser("retry", help="retry a blocked task (prints the result as JSON)")
-    retry.add_argument("project")
-    retry.add_argument("task")
-    retry.add_argument("--budget", choices=["one_more", "full"], default="one_more")
-    retry.add_argument("--reason")
-    retry.add_argument("--actor", default=os.environ.get("USER") or "cli")
+
+def _add_retry(retry: argparse.ArgumentParser) -> None:
+    retry.add_argument("project", help="the project's id")
+    retry.add_argument("task", help="the id of the blocked task to retry")
+    retry.add_argument(
+        "--budget",
+        choices=["one_more", "full"],
+        default="one_more",
+        help="one_more: exactly one more attempt (default); "
+        "full: the automatic retry budget starts afresh",
+    )
+    retry.add_argument("--reason", help="why, recorded on the attempt")
+    retry.add_argument(
+        "--actor",
+        default=os.environ.get("USER") or "cli",
+        help="who retries, recorded on the attempt (default: $USER, else cli)",
+    )
     _add_storage_args(retry)
-    retry.set_defaults(func=cmd_retry)
 
-    blocked = sub.add_parser("blocked", help="list a project's blocked tasks (JSON)")
-    blocked.add_argument("project")
-    blocked.add_argument("--after", help="page after this task id")
-    blocked.add_argument("--limit", type=int, default=50)
+
+def _add_blocked(blocked: argparse.ArgumentParser) -> None:
+    blocked.add_argument("project", help="the project's id")
+    blocked.add_argument(
+        "--after", metavar="TASK", help="list the tasks after this task id (the next page)"
+    )
+    blocked.add_argument(
+        "--limit", type=_count(1, 1000), default=50, help="at most this many tasks (default: 50)"
+    )
     _add_storage_args(blocked)
-    blocked.set_defaults(func=cmd_blocked)
 
-    migrate = sub.add_parser("migrate", help="create or upgrade the schema")
+
+def _add_migrate(migrate: argparse.ArgumentParser) -> None:
     _add_storage_args(migrate)
-    migrate.set_defaults(func=cmd_migrate)
 
-    reap = sub.add_parser("reap", help="fail attempts whose lease expired, once")
-    reap.add_argument("--limit", type=int, default=100)
+
+def _add_reap(reap: argparse.ArgumentParser) -> None:
     reap.add_argument(
-        "--lease", type=float, default=300.0, help="the workers' lease in seconds (default 300)"
+        "--limit",
+        type=_count(1, 1000),
+        default=100,
+        help="at most this many attempts (default: 100)",
+    )
+    reap.add_argument(
+        "--lease",
+        type=_seconds,
+        default=300.0,
+        help="the workers' lease in seconds (default: 300)",
     )
     reap.add_argument(
         "--start-timeout",
-        type=float,
+        type=_seconds,
         default=600.0,
-        help="redeliver dispatches not started within this many seconds (default 600)",
+        help="redeliver dispatches not started within this many seconds (default: 600)",
     )
     _add_storage_args(reap)
-    reap.set_defaults(func=cmd_reap)
+
+
+Command = tuple[
+    str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
+]
+
+COMMANDS: tuple[Command, ...] = (
+    ("serve", "run the demo API server (SQLite, in-process executor)", _add_serve, cmd_serve),
+    ("retry", "retry a blocked task (prints the result as JSON)", _add_retry, cmd_retry),
+    ("blocked", "list a project's blocked tasks (JSON; read-only)", _add_blocked, cmd_blocked),
+    ("migrate", "create the database or schema, or upgrade it", _add_migrate, cmd_migrate),
+    ("reap", "fail attempts whose lease expired, once", _add_reap, cmd_reap),
+)
+"""Every subcommand: name, one-line help, the function declaring its arguments, the command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = (
+        "Every command but migrate (and serve, for its demo database) opens an existing\n"
+        "database: a missing one is reported, never created.\n\n" + _exit_codes_text()
+    )
+    parser = argparse.ArgumentParser(
+        prog="deepwork-retry",
+        description="Retry blocked Deep Work tasks; run the demo API.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        help="one of the commands below; `deepwork-retry COMMAND --help` for its options",
+    )
+    for name, summary, declare, run in COMMANDS:
+        command = sub.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog=_exit_codes_text(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        declare(command)
+        command.set_defaults(func=run, parser=command)
     return parser
 
 
+def _report(exc: BaseException, args: argparse.Namespace) -> ExitCode:
+    """Print ``exc`` as one line (plus what to do) and return its exit status."""
+    code = exit_code(exc)
+    message = exc.detail if isinstance(exc, DeepworkError) else str(exc)
+    if code is ExitCode.NO_DATABASE:
+        message += f"; create it with: {migrate_command(args)}"
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "schema" in args:
+        _check_storage_args(args.parser, args)
+    # The pool's own reconnection warnings would repeat the one error below.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         code: int = args.func(args)
-    except DeepworkError as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
-        return 1
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DeepworkError, ImportError) as exc:
+        return _report(exc, args)
     return code
 
 

@@ -155,6 +155,13 @@ class StorageUnavailable(StorageError, ConnectionError):
         super().__init__(message)
 
 
+class StorageMissing(StorageUnavailable):
+    """The database or schema does not exist, or lacks migrations, and the storage
+    was opened without leave to create it (``create=False``, ``read_only=True``,
+    :func:`~deepwork_retry.storage.postgres.check_migrated`). Nothing was created;
+    ``deepwork-retry migrate`` creates it."""
+
+
 class StorageCorrupt(StorageError):
     """The stored data is not a deepwork_retry database, or is damaged."""
 
@@ -213,6 +220,7 @@ __all__ = [
     "StaleAttempt",
     "StorageCorrupt",
     "StorageError",
+    "StorageMissing",
     "StorageReadOnly",
     "StorageUnavailable",
     "TaskNotBlocked",

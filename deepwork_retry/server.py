@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +27,7 @@ from deepwork_retry.demo import (
     DemoDispatcher,
     create_demo_project,
 )
-from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
 from deepwork_retry.web._http import DEFAULT_PREFIX
 
@@ -104,8 +107,65 @@ def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
     return "\n".join(lines)
 
 
+class CannotListen(DeepworkError, OSError):
+    """The server cannot listen on the address it was given (in use, not ours...)."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port``, or :class:`CannotListen` saying why not.
+
+    Bound before anything else happens, and handed to uvicorn as it is: a
+    second server on a taken port stops here, before it seeds a project or
+    prints a token that the server already on the port would refuse.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name != "nt":  # on Windows this would let two servers share the port
+            # Restarting at once after a stop must not wait out TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        hint = (
+            " (is another server running there? stop it, or choose another --port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise CannotListen(f"cannot listen on {host}:{port}: {reason}{hint}") from exc
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server on a socket bound beforehand, announcing itself as usual."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
+            )
+
+
 def serve(*, host: str, port: int, db: str, token: str | None, demo: bool) -> int:
-    """Run the demo server until interrupted."""
+    """Run the demo server until interrupted.
+
+    Raises :class:`CannotListen`, having seeded and printed nothing, when the
+    address cannot be listened on.
+    """
+    sock = listen(host, port)
+    try:
+        return _serve_on(sock, host=host, db=db, token=token, demo=demo)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: socket.socket, *, host: str, db: str, token: str | None, demo: bool) -> int:
+    port: int = sock.getsockname()[1]
     directory = os.path.dirname(db)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -120,8 +180,11 @@ def serve(*, host: str, port: int, db: str, token: str | None, demo: bool) -> in
             setup.close()
     app = build_app(db, tokens)
     print(banner(host=host, port=port, project_id=project_id, token=token), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
-    return 0
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # uvicorn raises the Ctrl-C it handled again once shut down; stopping is the normal end.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    return 0 if server.started else 1  # not started: the application's start-up failed
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -989,3 +989,70 @@ def test_relay_woken_by_notification_before_its_poll(
         runner.join(timeout=poll + 30)
         writer.close()
     assert runner.is_alive() is False
+
+
+def _terminate_backends(raw: psycopg.Connection[Any], application_name: str, count: int) -> None:
+    """Terminate the ``count`` server processes of ``application_name`` (and no one else's)."""
+    pids = [
+        pid
+        for (pid,) in raw.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+        )
+    ]
+    assert count == len(pids)
+    raw.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    for _ in range(200):  # until the processes are gone (up to ~10 s)
+        left = raw.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone()
+        if left == (0,):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"backends {pids} did not end")
+
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_terminated_pool_connections_are_never_lent(
+    postgres_dsn: str, pg_schema: str, raw: psycopg.Connection[Any], size: int
+) -> None:
+    """After pg_terminate_backend of every pooled connection, the next size + 1 calls all
+    succeed: the pool checks a connection before lending it and replaces the dead ones."""
+    name = f"dw-check-{pg_schema}"
+    dsn = psycopg.conninfo.make_conninfo(postgres_dsn, application_name=name)
+    storage = PostgresStorage(dsn, schema=pg_schema, min_size=size, max_size=size)
+    try:
+        storage.create_project(Project(id="p", created_at=T0, updated_at=T0))
+        storage.pool.wait(timeout=10)
+        _terminate_backends(raw, name, size)
+        outcomes = []
+        for _ in range(size + 1):
+            try:
+                outcomes.append(storage.get_project("p").id)
+            except StorageUnavailable as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+        assert ["p"] * (size + 1) == outcomes
+    finally:
+        storage.close()
+
+
+def test_terminated_pool_connections_are_never_lent_async(
+    postgres_dsn: str, pg_schema: str, raw: psycopg.Connection[Any]
+) -> None:
+    """The async storage, too, lends no connection whose server process was terminated."""
+    name = f"dw-check-async-{pg_schema}"
+    dsn = psycopg.conninfo.make_conninfo(postgres_dsn, application_name=name)
+
+    async def main() -> list[str]:
+        async with AsyncPostgresStorage(dsn, schema=pg_schema, min_size=3, max_size=3) as storage:
+            await storage.create_project(Project(id="p", created_at=T0, updated_at=T0))
+            await storage.pool.wait(timeout=10)
+            await asyncio.to_thread(_terminate_backends, raw, name, 3)
+            outcomes = []
+            for _ in range(4):
+                try:
+                    outcomes.append((await storage.get_project("p")).id)
+                except StorageUnavailable as exc:
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+            return outcomes
+
+    assert ["p"] * 4 == asyncio.run(main())

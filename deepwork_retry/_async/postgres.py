@@ -47,6 +47,7 @@ from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
     ProjectNotFound,
+    StorageMissing,
     TaskNotFound,
     VersionConflict,
 )
@@ -93,6 +94,35 @@ async def migrate(conninfo: str, *, schema: str = q.DEFAULT_SCHEMA) -> list[int]
         return await _migrate(conn, queries)
 
 
+async def check_migrated(
+    conninfo: str, *, schema: str = q.DEFAULT_SCHEMA, connect_timeout: float = 5.0
+) -> None:
+    """Check that ``schema`` exists and has every migration, creating nothing.
+
+    Raises :class:`~deepwork_retry.exceptions.StorageMissing` naming what is
+    missing (run :func:`migrate`), or
+    :class:`~deepwork_retry.exceptions.StorageUnavailable` when the server
+    cannot be reached within ``connect_timeout`` seconds.
+    """
+    queries = q.Queries(schema)
+    timeout = max(1, round(connect_timeout))
+    async with (
+        q.DriverErrors(),
+        await AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=timeout) as conn,
+    ):
+        cur = await conn.execute(queries.schema_present, (schema, f"{schema}.schema_migrations"))
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            raise StorageMissing(f"PostgreSQL schema {schema!r} does not exist")
+        if not row[1]:
+            raise StorageMissing(f"PostgreSQL schema {schema!r} has no deepwork_retry tables")
+        cur = await conn.execute(queries.applied_migrations)
+        done = {number for (number,) in await cur.fetchall()}
+    pending = [f"{m.number:04d}_{m.name}" for m in q.migrations() if m.number not in done]
+    if pending:
+        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {', '.join(pending)}")
+
+
 async def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
     applied: list[int] = []
     async with conn.transaction():
@@ -137,6 +167,7 @@ class AsyncPostgresStorage:
             open=False,
             kwargs={"autocommit": True, "connect_timeout": max(2, round(timeout))},
             configure=self._configure,
+            check=self._check,
             name=f"deepwork_retry.{schema}",
         )
         self._setup(pool, schema, owns_pool=True, migrate=migrate)
@@ -164,6 +195,25 @@ class AsyncPostgresStorage:
 
     async def _configure(self, conn: _Conn) -> None:
         await conn.execute(self._q.configure, (self._statement_timeout,))
+
+    async def _check(self, conn: _Conn) -> None:
+        """The pool's check before it lends ``conn``: a dead connection is never lent.
+
+        A round trip only when the server has spoken to the idle connection
+        (:func:`~deepwork_retry.storage._postgres_sql.server_spoke`), so a
+        healthy request costs nothing more. A server that ended one
+        connection most likely ended its siblings too (a restart, a
+        ``pg_terminate_backend`` of them all): the pool's idle connections are
+        then checked at once, so the pool lends a live one next instead of
+        trying the dead ones in turn, with a growing pause after each.
+        """
+        if not q.server_spoke(conn):
+            return
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            await self.pool.check()
+            raise
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:

@@ -48,6 +48,7 @@ from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
     ProjectNotFound,
+    StorageMissing,
     TaskNotFound,
     VersionConflict,
 )
@@ -94,6 +95,35 @@ def migrate(conninfo: str, *, schema: str = q.DEFAULT_SCHEMA) -> list[int]:
         return _migrate(conn, queries)
 
 
+def check_migrated(
+    conninfo: str, *, schema: str = q.DEFAULT_SCHEMA, connect_timeout: float = 5.0
+) -> None:
+    """Check that ``schema`` exists and has every migration, creating nothing.
+
+    Raises :class:`~deepwork_retry.exceptions.StorageMissing` naming what is
+    missing (run :func:`migrate`), or
+    :class:`~deepwork_retry.exceptions.StorageUnavailable` when the server
+    cannot be reached within ``connect_timeout`` seconds.
+    """
+    queries = q.Queries(schema)
+    timeout = max(1, round(connect_timeout))
+    with (
+        q.DriverErrors(),
+        Connection.connect(conninfo, autocommit=True, connect_timeout=timeout) as conn,
+    ):
+        cur = conn.execute(queries.schema_present, (schema, f"{schema}.schema_migrations"))
+        row = cur.fetchone()
+        if row is None or not row[0]:
+            raise StorageMissing(f"PostgreSQL schema {schema!r} does not exist")
+        if not row[1]:
+            raise StorageMissing(f"PostgreSQL schema {schema!r} has no deepwork_retry tables")
+        cur = conn.execute(queries.applied_migrations)
+        done = {number for (number,) in cur.fetchall()}
+    pending = [f"{m.number:04d}_{m.name}" for m in q.migrations() if m.number not in done]
+    if pending:
+        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {', '.join(pending)}")
+
+
 def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
     applied: list[int] = []
     with conn.transaction():
@@ -138,6 +168,7 @@ class PostgresStorage:
             open=False,
             kwargs={"autocommit": True, "connect_timeout": max(2, round(timeout))},
             configure=self._configure,
+            check=self._check,
             name=f"deepwork_retry.{schema}",
         )
         self._setup(pool, schema, owns_pool=True, migrate=migrate)
@@ -165,6 +196,25 @@ class PostgresStorage:
 
     def _configure(self, conn: _Conn) -> None:
         conn.execute(self._q.configure, (self._statement_timeout,))
+
+    def _check(self, conn: _Conn) -> None:
+        """The pool's check before it lends ``conn``: a dead connection is never lent.
+
+        A round trip only when the server has spoken to the idle connection
+        (:func:`~deepwork_retry.storage._postgres_sql.server_spoke`), so a
+        healthy request costs nothing more. A server that ended one
+        connection most likely ended its siblings too (a restart, a
+        ``pg_terminate_backend`` of them all): the pool's idle connections are
+        then checked at once, so the pool lends a live one next instead of
+        trying the dead ones in turn, with a growing pause after each.
+        """
+        if not q.server_spoke(conn):
+            return
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            self.pool.check()
+            raise
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -178,6 +179,28 @@ class DriverErrors:
                 f"PostgreSQL is unavailable: {_first_line(exc)}", retry_after=1
             )
         return None
+
+
+def server_spoke(conn: psycopg.BaseConnection[Any]) -> bool:
+    """Whether the server sent something to an idle connection, or it is closed.
+
+    An idle autocommit connection has nothing to read unless its server ended
+    it: a terminated backend (``pg_terminate_backend``, a restart, an idle
+    timeout) sends its FATAL message and closes the socket. Asking costs one
+    ``poll`` and no round trip.
+    """
+    if conn.closed:
+        return True
+    try:
+        fd = conn.fileno()
+    except psycopg.Error:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - Windows
+    return bool(readable)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -619,6 +642,10 @@ class Queries:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         self.applied_migrations = q("SELECT number FROM {s}.schema_migrations ORDER BY number")
+        self.schema_present = q(
+            "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s),"
+            " to_regclass(%s) IS NOT NULL"
+        )
         self.search_path = q("SET LOCAL search_path TO {s}")
         self.record_migration = q(
             "INSERT INTO {s}.schema_migrations (number, name) VALUES (%s, %s)"

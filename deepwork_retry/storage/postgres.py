@@ -6,6 +6,8 @@
 - :func:`migrate` / :func:`amigrate`: apply the schema's pending migrations
   (``deepwork_retry/storage/sql/postgres/*.sql``); safe to run from several
   processes at once.
+- :func:`check_migrated` / :func:`acheck_migrated`: check that the schema
+  exists and is migrated, creating nothing (``StorageMissing`` otherwise).
 
 From a shell::
 
@@ -15,6 +17,7 @@ From a shell::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -27,8 +30,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("postgres", __name__, exc) from exc
 
 from deepwork_retry._async.postgres import AsyncPostgresStorage
+from deepwork_retry._async.postgres import check_migrated as acheck_migrated
 from deepwork_retry._async.postgres import migrate as amigrate
-from deepwork_retry._sync.postgres import PostgresStorage, migrate
+from deepwork_retry._sync.postgres import PostgresStorage, check_migrated, migrate
 from deepwork_retry.exceptions import DeepworkError
 from deepwork_retry.storage._postgres_sql import DEFAULT_SCHEMA, channel
 
@@ -36,8 +40,10 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "AsyncPostgresStorage",
     "PostgresStorage",
+    "acheck_migrated",
     "amigrate",
     "channel",
+    "check_migrated",
     "main",
     "migrate",
 ]
@@ -49,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("migrate", help="apply pending migrations")
     run.add_argument("--dsn", required=True, help="libpq connection string or URL")
-    run.add_argument("--schema", default=DEFAULT_SCHEMA, help="schema to migrate")
+    run.add_argument(
+        "--schema",
+        default=os.environ.get("DEEPWORK_SCHEMA") or DEFAULT_SCHEMA,
+        help=f"schema to migrate (default: $DEEPWORK_SCHEMA, else {DEFAULT_SCHEMA})",
+    )
     args = parser.parse_args(argv)
     try:
         applied = migrate(args.dsn, schema=args.schema)

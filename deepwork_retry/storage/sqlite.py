@@ -66,6 +66,7 @@ from deepwork_retry.exceptions import (
     ProjectNotFound,
     StorageCorrupt,
     StorageError,
+    StorageMissing,
     StorageReadOnly,
     StorageUnavailable,
     TaskNotFound,
@@ -707,7 +708,11 @@ class SQLiteStorage:
     ``"FULL"`` makes every commit durable across power loss, ``"NORMAL"``
     only across process crashes (faster). ``read_only=True`` opens the file
     for reading: reads work, every write raises
-    :class:`~deepwork_retry.exceptions.StorageReadOnly`.
+    :class:`~deepwork_retry.exceptions.StorageReadOnly`. ``create=False``
+    opens only an existing, fully migrated database: a missing file, or one
+    without the current schema, raises
+    :class:`~deepwork_retry.exceptions.StorageMissing` and nothing is created
+    or changed (``read_only=True`` never creates the file either).
 
     Safe to share between threads and to open from several processes.
     """
@@ -719,6 +724,7 @@ class SQLiteStorage:
         timeout: float = 5.0,
         synchronous: Synchronous = "FULL",
         read_only: bool = False,
+        create: bool = True,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise InvalidInput("synchronous must be 'NORMAL' or 'FULL'")
@@ -732,6 +738,7 @@ class SQLiteStorage:
         self.timeout = float(timeout)
         self.synchronous: Synchronous = synchronous
         self.read_only = read_only
+        self.create = create
         # A pool of connections rather than one per thread: any thread (the
         # event loop's worker threads included) borrows one for one
         # operation, so their number is bounded by the real concurrency, and
@@ -754,7 +761,7 @@ class SQLiteStorage:
 
     # -- connections -----------------------------------------------------------
     def _uri(self) -> str:
-        mode = "ro" if self.read_only else "rwc"
+        mode = "ro" if self.read_only else "rwc" if self.create else "rw"
         if self._immutable:
             mode += "&immutable=1"
         return f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={mode}"
@@ -777,6 +784,11 @@ class SQLiteStorage:
         return conn
 
     def _open(self) -> None:
+        if (self.read_only or not self.create) and not self.path.exists():
+            how = "read-only" if self.read_only else "without creating it"
+            raise StorageMissing(
+                f"Cannot open SQLite database {str(self.path)!r} {how}: it does not exist"
+            )
         if not self.path.parent.is_dir():
             raise StorageUnavailable(
                 f"Cannot open SQLite database {str(self.path)!r}: "
@@ -785,10 +797,6 @@ class SQLiteStorage:
         if self.path.is_dir():
             raise StorageUnavailable(
                 f"Cannot open SQLite database {str(self.path)!r}: it is a directory"
-            )
-        if self.read_only and not self.path.exists():
-            raise StorageUnavailable(
-                f"Cannot open SQLite database {str(self.path)!r} read-only: it does not exist"
             )
         with self._translating():
             try:
@@ -811,9 +819,14 @@ class SQLiteStorage:
     def _prepared(self) -> sqlite3.Connection:
         conn = self._connect()
         try:
+            if not self.create:
+                # Checked before anything is written: switching a file to WAL
+                # writes its header, which must not happen to a file refused.
+                self._migrate(conn)
             if not self.read_only:
                 self._use_wal(conn)
-            self._migrate(conn)
+            if self.create:
+                self._migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -871,6 +884,13 @@ class SQLiteStorage:
                     f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
                 )
             pending = [m for m in shipped if m[0] > version]
+            if pending and not self.create:
+                lacks = (
+                    "has no deepwork_retry schema"
+                    if version == 0
+                    else (f"lacks schema migrations {', '.join(m[1] for m in pending)}")
+                )
+                raise StorageMissing(f"SQLite database {str(self.path)!r} {lacks}")
             if pending and self.read_only:
                 raise StorageReadOnly(
                     f"{str(self.path)!r} needs schema migrations "
@@ -1683,9 +1703,12 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         timeout: float = 5.0,
         synchronous: Synchronous = "FULL",
         read_only: bool = False,
+        create: bool = True,
     ) -> None:
         super().__init__(
-            SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only),
+            SQLiteStorage(
+                path, timeout=timeout, synchronous=synchronous, read_only=read_only, create=create
+            ),
             offload=True,
         )
 
