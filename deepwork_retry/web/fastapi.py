@@ -19,6 +19,7 @@ from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.storage._validate import MAX_LIMIT
+from deepwork_retry.web._api import async_api
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -273,12 +274,7 @@ def router(
     tags: list[str] | None = None,
 ) -> APIRouter:
     """An ``APIRouter`` serving the API under ``prefix``; include it in your app."""
-    if isinstance(service, AsyncRetryAPI):
-        api = service
-    elif authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    else:
-        api = AsyncRetryAPI(service, authenticator, authorizer)
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
     # Documents the Bearer scheme; it never refuses a request itself (the API does).
     bearer = HTTPBearer(auto_error=False, description="A token known to the authenticator")
     found = APIRouter(
