@@ -445,3 +445,46 @@ def _project(project_id: str) -> Any:
 
     now = datetime(2025, 1, 1, tzinfo=timezone.utc)
     return Project(id=project_id, created_at=now, updated_at=now)
+
+
+class _FailsOnTask(SQLiteStorage):
+    """A real SQLite storage whose retry of one named task fails unexpectedly, before
+    anything of that retry is written."""
+
+    failing_task = ""
+
+    def retry_blocked(self, project_id: str, task_id: str, **options: Any) -> Any:
+        if task_id == self.failing_task:
+            raise RuntimeError("injected: the retry failed before its commit")
+        return super().retry_blocked(project_id, task_id, **options)
+
+
+def test_a_bulk_retry_stopped_after_some_commits_reports_them_and_where_to_go_on(
+    db: Path,
+) -> None:
+    """An unexpected failure at the second task of a bulk retry ends the page there: the
+    first, committed, is reported retried (an API 200, not a 503), and next_after lets the
+    caller go on from the task that failed."""
+    storage = _FailsOnTask(db)
+    ex = ExecutorService(storage, policy=RetryPolicy(backoff=NoBackoff()))
+    ex.create_project("p")
+    for task_id in ("a", "b", "c"):
+        ex.add_task("p", task_id, max_retries=0)
+        ex.assign("p", task_id)
+        ex.start("p", task_id, 1)
+        ex.fail("p", task_id, 1, TaskError(type="E", message="boom"))
+    storage.failing_task = "b"
+    api = RetryAPI(RetryService(storage), TOKENS)
+    response = api.handle(
+        ApiRequest(
+            method="POST",
+            path="/projects/p/retry-blocked",
+            headers={"Authorization": "Bearer tok-0123456789abcdef"},
+        )
+    )
+    body = response.json()
+    assert (200, 1, "a") == (response.status, body["retried"], body["next_after"])
+    assert [("a", True)] == [(i["task_id"], i["retried"]) for i in body["items"]]
+    storage.failing_task = ""
+    rest = RetryService(storage).bulk_retry("p", after="a")
+    assert [("b", True), ("c", True)] == [(i.task_id, i.retried) for i in rest.items]
