@@ -117,13 +117,14 @@ _MAX_LAYERS = 32
 _told: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def not_opened(storage: object, step: str) -> StorageNotOpen:
+def not_opened(storage: object, step: str, *, name: str | None = None) -> StorageNotOpen:
     """The error for ``storage`` used before its open ``step``; logged (once per storage).
 
     A storage with an open step raises it from its first use before that
-    step, so that a setup mistake is told apart from an outage.
+    step, so that a setup mistake is told apart from an outage. ``name``
+    names what was not opened (by default the storage's class).
     """
-    error = StorageNotOpen(type(storage).__name__, step)
+    error = StorageNotOpen(name or type(storage).__name__, step)
     try:
         first = storage not in _told
         _told.add(storage)

@@ -488,3 +488,41 @@ def test_a_bulk_retry_stopped_after_some_commits_reports_them_and_where_to_go_on
     storage.failing_task = ""
     rest = RetryService(storage).bulk_retry("p", after="a")
     assert [("b", True), ("c", True)] == [(i.task_id, i.retried) for i in rest.items]
+
+
+@pytest.mark.postgres
+def test_a_storage_over_a_host_pool_never_opened_names_the_pools_open_step(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over a pool the host was to open and did not, calls raise StorageNotOpen naming
+    `await pool.open()`, logged once; once the host opens the pool the storage works."""
+    from pg_support import schema_dropped_after
+    from psycopg_pool import AsyncConnectionPool
+
+    from deepwork_retry.storage.postgres import AsyncPostgresStorage, migrate
+
+    async def main(schema: str) -> None:
+        pool: Any = AsyncConnectionPool(postgres_dsn, open=False, kwargs={"autocommit": True})
+        service = AsyncRetryService(AsyncPostgresStorage.from_pool(pool, schema=schema))
+        for _ in range(2):
+            with pytest.raises(StorageNotOpen) as caught:
+                await service.get_project("p")
+            assert (
+                "AsyncPostgresStorage's pool was not opened: call `await pool.open()` (in your "
+                "application's startup or lifespan) before serving requests"
+            ) == str(caught.value)
+        await pool.open()
+        try:
+            with pytest.raises(ProjectNotFound):
+                await service.get_project("p")
+        finally:
+            await pool.close()
+
+    with (
+        schema_dropped_after(postgres_dsn) as schema,
+        caplog.at_level(logging.ERROR, logger="deepwork_retry"),
+    ):
+        migrate(postgres_dsn, schema=schema)
+        asyncio.run(main(schema))
+    told = [r for r in caplog.records if r.name == "deepwork_retry" and r.levelno >= logging.ERROR]
+    assert ["await pool.open()" in r.getMessage() for r in told] == [True]

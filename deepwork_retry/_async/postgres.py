@@ -208,13 +208,15 @@ class AsyncPostgresStorage:
 
     def _unopened(self) -> StorageUnavailable:
         """The error for a call while the pool is not open: closed, or never opened."""
+        if not self._owns_pool:
+            return not_opened(self, "await pool.open()", name=f"{type(self).__name__}'s pool")
         if self._closed:
             return StorageUnavailable(f"{type(self).__name__} is closed")
         return not_opened(self, "await storage.open()")
 
     @asynccontextmanager
     async def _connection(self, conflict: VersionConflict | None = None) -> AsyncIterator[_Conn]:
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         async with errors, self.pool.connection() as conn:
@@ -409,7 +411,7 @@ class AsyncPostgresStorage:
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key,
         )  # fmt: skip
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         pool = self.pool
         try:
@@ -511,7 +513,7 @@ class AsyncPostgresStorage:
         made while nobody waits are kept until the next call, so a relay that
         calls this between batches never sleeps through one.
         """
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         async with q.DriverErrors():
             listener = self._listener

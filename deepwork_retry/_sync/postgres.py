@@ -209,13 +209,15 @@ class PostgresStorage:
 
     def _unopened(self) -> StorageUnavailable:
         """The error for a call while the pool is not open: closed, or never opened."""
+        if not self._owns_pool:
+            return not_opened(self, "pool.open()", name=f"{type(self).__name__}'s pool")
         if self._closed:
             return StorageUnavailable(f"{type(self).__name__} is closed")
         return not_opened(self, "storage.open()")
 
     @contextmanager
     def _connection(self, conflict: VersionConflict | None = None) -> Iterator[_Conn]:
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         with errors, self.pool.connection() as conn:
@@ -410,7 +412,7 @@ class PostgresStorage:
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key,
         )  # fmt: skip
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         pool = self.pool
         try:
@@ -510,7 +512,7 @@ class PostgresStorage:
         made while nobody waits are kept until the next call, so a relay that
         calls this between batches never sleeps through one.
         """
-        if not self._opened:
+        if not self._opened or self.pool.closed:
             raise self._unopened()
         with q.DriverErrors():
             listener = self._listener
