@@ -105,8 +105,13 @@ def check_kind(
 
 
 def check_parts(owner: str, storage: object, dispatcher: object, *, asynchronous: bool) -> None:
-    """A service's storage and (optional) dispatcher must both be of its kind."""
+    """A service's storage and (optional) dispatcher must both be of its kind.
+
+    A storage's optional one-step retry (``retry_blocked``) must be of its kind too.
+    """
     check_kind(owner, "storage", storage, "apply", asynchronous=asynchronous)
+    if getattr(storage, "retry_blocked", None) is not None:
+        check_kind(owner, "storage", storage, "retry_blocked", asynchronous=asynchronous)
     if dispatcher is not None:
         check_kind(owner, "dispatcher", dispatcher, "dispatch", asynchronous=asynchronous)
 

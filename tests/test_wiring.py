@@ -526,3 +526,97 @@ def test_a_storage_over_a_host_pool_never_opened_names_the_pools_open_step(
         asyncio.run(main(schema))
     told = [r for r in caplog.records if r.name == "deepwork_retry" and r.levelno >= logging.ERROR]
     assert ["await pool.open()" in r.getMessage() for r in told] == [True]
+
+
+# -- the rule as a property: whatever fails after a commit, the call succeeds ---------------------
+
+FAULTS = st.sampled_from(
+    [None, StorageUnavailable("down"), RuntimeError("bug"), KeyError("bug"), ValueError("bug")]
+)
+
+
+class _Unreliable(MemoryStorage):
+    """Memory storage whose delivery bookkeeping raises the exceptions it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: dict[str, BaseException | None] = {}
+
+    def mark_delivered(self, entries: Any, *, now: Any) -> None:
+        fault = self.faults.get("mark_delivered")
+        if fault is not None:
+            raise fault
+        super().mark_delivered(entries, now=now)
+
+    def mark_failed(self, entry: Any, *, error: str, retry_at: Any) -> None:
+        fault = self.faults.get("mark_failed")
+        if fault is not None:
+            raise fault
+        super().mark_failed(entry, error=error, retry_at=retry_at)
+
+
+class _FaultyDispatcher(RecordingDispatcher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fault: BaseException | None = None
+
+    def dispatch(self, entry: DispatchEntry) -> None:
+        if self.fault is not None:
+            raise self.fault
+        super().dispatch(entry)
+
+
+@given(
+    operation=st.sampled_from(["retry", "assign", "succeed", "resume"]),
+    dispatch_fault=FAULTS,
+    failed_fault=FAULTS,
+    delivered_fault=FAULTS,
+)
+def test_whatever_fails_after_a_commit_the_call_succeeds_and_the_relay_delivers(
+    operation: str,
+    dispatch_fault: BaseException | None,
+    failed_fault: BaseException | None,
+    delivered_fault: BaseException | None,
+) -> None:
+    """A change is committed: whichever of the dispatcher and the delivery bookkeeping then
+    fails, with whatever error, the call returns its result, and a relay run after the
+    claims lapse delivers the new attempt."""
+    storage, clock, dispatcher = _Unreliable(), FakeClock(), _FaultyDispatcher()
+    policy = RetryPolicy(backoff=NoBackoff())
+    ex = ExecutorService(storage, dispatcher, clock=clock, policy=policy)
+    ex.create_project("p")
+    ex.add_task("p", "a", max_retries=0)
+    ex.add_task("p", "b", blocked_by=["a"])
+    ex.assign("p", "a")
+    ex.assign("p", "b")
+    ex.start("p", "a", 1)
+    if operation == "retry":
+        ex.fail("p", "a", 1, TaskError(type="E", message="boom"))
+    if operation == "resume":
+        ex.set_project_status("p", "paused")
+    expected = {
+        "retry": ("p", "a", 2),
+        "assign": ("p", "c", 1),
+        "succeed": ("p", "b", 1),
+        "resume": ("p", "b", 1),
+    }[operation]
+    if operation == "assign":
+        ex.add_task("p", "c")
+    if operation == "resume":
+        ex.succeed("p", "a", 1)  # b is released while the project is paused: deferred
+    storage.faults = {"mark_failed": failed_fault, "mark_delivered": delivered_fault}
+    dispatcher.fault = dispatch_fault
+    if operation == "retry":
+        result: Any = RetryService(storage, dispatcher, clock=clock, policy=policy).retry("p", "a")
+        assert TaskStatus.ASSIGNED == result.task.status
+    elif operation == "assign":
+        ex.assign("p", "c")
+    elif operation == "succeed":
+        ex.succeed("p", "a", 1)
+    else:
+        ex.set_project_status("p", "executing")
+    storage.faults = {}
+    dispatcher.fault = None
+    clock.advance(3600)
+    OutboxRelay(storage, dispatcher, clock=clock).run_once()
+    assert expected in dispatcher.keys

@@ -178,6 +178,7 @@ class BulkOptions(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     texts = {
+        202: "The retry was committed, but its result could not be shown; read the task",
         400: "The task is not blocked",
         401: "Missing or invalid bearer token",
         404: "Project or task not found (or not visible to this token)",
@@ -219,7 +220,7 @@ _DOCS: dict[str, dict[str, Any]] = {
     "retry": {
         "summary": "Retry a blocked task",
         "response_model": RetryResponse,
-        "responses": _errors(400, 401, 404, 409, 413, 422, 503),
+        "responses": _errors(202, 400, 401, 404, 409, 413, 422, 503),
         "openapi_extra": {
             "parameters": [*_TASK, _IDEMPOTENCY_KEY],
             "requestBody": _body(RetryOptions),
