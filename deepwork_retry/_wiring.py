@@ -98,7 +98,8 @@ def check_kind(
         return
     instead = _library_twin(part)
     if instead is None:
-        instead = f"{wanted} {role} (its methods {'coroutines' if asynchronous else 'plain'})"
+        every = "every method a coroutine" if asynchronous else "no method a coroutine"
+        instead = f"{wanted} {role} ({every})"
     raise ConfigurationError(
         f"{owner} needs {wanted} {role}; got {got} — use {instead}, or {otherwise or _twin(owner)}"
     )

@@ -170,6 +170,12 @@ MISMATCHES: list[tuple[str, Callable[[], object], str]] = [
         "use MemoryStorage, or AsyncExecutorService",
     ),
     (
+        "a storage whose one-step retry is sync, in AsyncRetryService",
+        lambda: AsyncRetryService(_HalfAsync(MemoryStorage(), offload=False)),
+        "AsyncRetryService needs an async storage; got _HalfAsync — "
+        "use an async storage (every method a coroutine), or RetryService",
+    ),
+    (
         "not a storage at all",
         lambda: RetryService(object()),  # type: ignore[arg-type]
         "RetryService needs a sync storage; got object, which has no apply()",
@@ -179,6 +185,13 @@ MISMATCHES: list[tuple[str, Callable[[], object], str]] = [
 
 async def _noop(entry: DispatchEntry) -> None:
     return None
+
+
+class _HalfAsync(AsyncFromSync[MemoryStorage]):
+    """An async storage whose optional one-step retry was left sync by mistake."""
+
+    def retry_blocked(self, project_id: str, task_id: str, **options: Any) -> None:
+        return None
 
 
 @pytest.mark.parametrize(
