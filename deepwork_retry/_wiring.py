@@ -19,6 +19,7 @@ import functools
 import inspect
 import logging
 import sys
+import threading
 import weakref
 from typing import Any
 
@@ -121,6 +122,8 @@ _MAX_LAYERS = 32
 """How many wrappers deep :func:`is_async_callable` looks."""
 
 _told: weakref.WeakSet[Any] = weakref.WeakSet()
+"""The storages whose missing open step was logged already."""
+_told_lock = threading.Lock()
 
 
 def not_opened(storage: object, step: str, *, name: str | None = None) -> StorageNotOpen:
@@ -132,8 +135,9 @@ def not_opened(storage: object, step: str, *, name: str | None = None) -> Storag
     """
     error = StorageNotOpen(name or type(storage).__name__, step)
     try:
-        first = storage not in _told
-        _told.add(storage)
+        with _told_lock:
+            first = storage not in _told
+            _told.add(storage)
     except TypeError:  # not weakly referenceable: log every time rather than never
         first = True
     if first:
