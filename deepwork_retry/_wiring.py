@@ -27,6 +27,9 @@ from deepwork_retry.exceptions import ConfigurationError, StorageNotOpen
 
 log = logging.getLogger("deepwork_retry")
 
+_MAX_LAYERS = 32
+"""How many wrappers deep :func:`is_async_callable` looks."""
+
 
 def is_async_callable(fn: object) -> bool:
     """Whether calling ``fn`` returns a coroutine, judged without calling it.
@@ -117,9 +120,6 @@ def check_parts(owner: str, storage: object, dispatcher: object, *, asynchronous
     if dispatcher is not None:
         check_kind(owner, "dispatcher", dispatcher, "dispatch", asynchronous=asynchronous)
 
-
-_MAX_LAYERS = 32
-"""How many wrappers deep :func:`is_async_callable` looks."""
 
 _told: weakref.WeakSet[Any] = weakref.WeakSet()
 """The storages whose missing open step was logged already."""
