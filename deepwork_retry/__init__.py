@@ -50,11 +50,13 @@ from deepwork_retry._core.states import (
 )
 from deepwork_retry._sync.services import ExecutorService, OutboxRelay, Reaper, RetryService
 from deepwork_retry.exceptions import (
+    ConfigurationError,
     DeepworkError,
     InvalidTransition,
     ProjectNotFound,
     ProjectNotRunnable,
     StaleAttempt,
+    StorageNotOpen,
     StorageUnavailable,
     TaskNotBlocked,
     TaskNotFound,
@@ -124,6 +126,7 @@ __all__ = [
     "Clock",
     "SystemClock",
     # errors
+    "ConfigurationError",
     "DeepworkError",
     "InvalidTransition",
     "TaskNotBlocked",
@@ -131,6 +134,7 @@ __all__ = [
     "TaskNotFound",
     "ProjectNotRunnable",
     "StaleAttempt",
+    "StorageNotOpen",
     "StorageUnavailable",
     "__version__",
 ]

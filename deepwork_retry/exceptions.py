@@ -162,12 +162,36 @@ class StorageMissing(StorageUnavailable):
     ``deepwork-retry migrate`` creates it."""
 
 
+class StorageNotOpen(StorageUnavailable):
+    """A storage with an open step was used before it (HTTP 503, and an ERROR in the log).
+
+    Nothing was changed. The message names the missing step, so that a setup
+    mistake is not mistaken for an outage.
+    """
+
+    def __init__(self, storage: str, step: str) -> None:
+        self.storage = storage
+        self.step = step
+        super().__init__(
+            f"{storage} was not opened: call `{step}` (in your application's startup or "
+            "lifespan) before serving requests"
+        )
+
+
 class StorageCorrupt(StorageError):
     """The stored data is not a deepwork_retry database, or is damaged."""
 
 
 class StorageReadOnly(StorageError, PermissionError):
     """Storage can be read but not written."""
+
+
+# -- wiring --------------------------------------------------------------------------
+
+
+class ConfigurationError(DeepworkError, TypeError):
+    """Parts put together that cannot work together, such as a sync storage in an
+    async service; raised when they are put together, naming what to use instead."""
 
 
 # -- dispatch --------------------------------------------------------------------
@@ -206,6 +230,7 @@ def missing_extra(extra: str, module: str, exc: ImportError) -> ImportError:
 
 __all__ = [
     "AlreadyExists",
+    "ConfigurationError",
     "DeepworkError",
     "DispatchError",
     "IdempotencyConflict",
@@ -221,6 +246,7 @@ __all__ = [
     "StorageCorrupt",
     "StorageError",
     "StorageMissing",
+    "StorageNotOpen",
     "StorageReadOnly",
     "StorageUnavailable",
     "TaskNotBlocked",

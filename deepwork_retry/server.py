@@ -65,6 +65,7 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
+        await storage.open()
         stop = asyncio.Event()
         relay_task = asyncio.create_task(relay.run(stop))
         try:

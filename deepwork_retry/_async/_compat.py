@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+ASYNCHRONOUS = True
+"""Whether the services built on this module await their storage and dispatcher."""
+
 Event = asyncio.Event
 
 

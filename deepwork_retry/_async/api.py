@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from deepwork_retry._async._compat import ASYNCHRONOUS
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core.machine import can_retry
 from deepwork_retry._core.model import IdempotencyRecord
@@ -30,6 +31,7 @@ from deepwork_retry._core.results import (
     tasks_page_json,
 )
 from deepwork_retry._core.states import DispatchState, Trigger
+from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, Principal, may_retry
 from deepwork_retry.exceptions import (
     IdempotencyConflict,
@@ -38,13 +40,13 @@ from deepwork_retry.exceptions import (
     NotFound,
     ProjectNotFound,
     ProjectNotRunnable,
-    StorageError,
     TaskNotBlocked,
 )
 from deepwork_retry.web._http import (
     ApiRequest,
     ApiResponse,
     IdempotencyInProgress,
+    RetryCommitted,
     bearer_token,
     bulk_options,
     error_response,
@@ -80,8 +82,14 @@ def _replay(record: IdempotencyRecord) -> ApiResponse:
 
 
 def _retried(result: RetryResult) -> ApiResponse:
-    """The 200 answer to a retry (the JSON of ``retry_json``, written without its dicts)."""
-    return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
+    """The answer to a committed retry: 200 with the JSON of ``retry_json`` (written
+    without its dicts), or, should that fail, the 202 that says the retry was
+    committed; never an error that would tell the client nothing happened."""
+    try:
+        return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
+    except Exception:  # the retry is committed whatever fails here
+        log.error("the answer to a committed retry could not be rendered", exc_info=True)
+        return error_response(RetryCommitted(result.task.id))
 
 
 class AsyncRetryAPI:
@@ -100,6 +108,7 @@ class AsyncRetryAPI:
         *,
         abandoned_after: float = 60.0,
     ) -> None:
+        check_kind(type(self).__name__, "service", service, "retry", asynchronous=ASYNCHRONOUS)
         self.service = service
         self.authenticator = authenticator
         self.authorizer = authorizer
@@ -171,7 +180,8 @@ class AsyncRetryAPI:
                 created_at=self.service.clock.now(),
             )
             return await self._record(fresh, error_response(exc))
-        assert result.idempotency is not None
+        if result.idempotency is None:  # a service that kept no record: nothing to complete
+            return _retried(result)
         return await self._record(result.idempotency, _retried(result))
 
     async def _replay_for(
@@ -232,9 +242,10 @@ class AsyncRetryAPI:
         record = attrs.evolve(base, status_code=response.status, body=response.body.decode("utf-8"))
         try:
             saved = await self.service.storage.save_idempotency(record)
-        except StorageError:
-            # The retry itself is committed; the key stays reserved, and a repeat
-            # is told to try again rather than retrying a second time.
+        except Exception:  # a failure here must not hide the answer
+            # The retry itself may be committed; the key stays reserved, and a
+            # repeat is told to try again (or, once the reservation is old, is
+            # answered from the stored state) rather than retrying a second time.
             log.warning("could not record the response for an idempotency key", exc_info=True)
             return response
         if (saved.status_code, saved.body) != (record.status_code, record.body):

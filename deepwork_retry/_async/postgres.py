@@ -43,11 +43,13 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.states import RetryBudget, TaskStatus
+from deepwork_retry._wiring import not_opened
 from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
     ProjectNotFound,
     StorageMissing,
+    StorageUnavailable,
     TaskNotFound,
     VersionConflict,
 )
@@ -191,6 +193,7 @@ class AsyncPostgresStorage:
         self._owns_pool = owns_pool
         self._migrate = migrate
         self._opened = not owns_pool
+        self._closed = False
         self._listener: _Conn | None = None
 
     async def _configure(self, conn: _Conn) -> None:
@@ -224,12 +227,13 @@ class AsyncPostgresStorage:
             await self.pool.open(wait=False)
         try:
             if self._migrate:
-                async with self._connection() as conn:
+                async with q.DriverErrors(), self.pool.connection() as conn:
                     await _migrate(conn, self._q)
         except BaseException:
             await self.pool.close()
             raise
         self._opened = True
+        self._closed = False
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -238,6 +242,7 @@ class AsyncPostgresStorage:
         if self._owns_pool:
             await self.pool.close()
             self._opened = False
+            self._closed = True
 
     async def __aenter__(self) -> AsyncPostgresStorage:
         await self.open()
@@ -251,8 +256,18 @@ class AsyncPostgresStorage:
     ) -> None:
         await self.close()
 
+    def _unopened(self) -> StorageUnavailable:
+        """The error for a call while the pool is not open: closed, or never opened."""
+        if not self._owns_pool:
+            return not_opened(self, "await pool.open()", name=f"{type(self).__name__}'s pool")
+        if self._closed:
+            return StorageUnavailable(f"{type(self).__name__} is closed")
+        return not_opened(self, "await storage.open()")
+
     @asynccontextmanager
     async def _connection(self, conflict: VersionConflict | None = None) -> AsyncIterator[_Conn]:
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         async with errors, self.pool.connection() as conn:
             yield conn
@@ -446,6 +461,8 @@ class AsyncPostgresStorage:
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key,
         )  # fmt: skip
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         pool = self.pool
         try:
             # The pool's own context manager and the connection's (a commit
@@ -546,6 +563,8 @@ class AsyncPostgresStorage:
         made while nobody waits are kept until the next call, so a relay that
         calls this between batches never sleeps through one.
         """
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         async with q.DriverErrors():
             listener = self._listener
             if listener is None or listener.closed:

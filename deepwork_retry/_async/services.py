@@ -11,7 +11,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
-from deepwork_retry._async._compat import Event, wait_or_stop
+from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
 from deepwork_retry._core.machine import RetryCheck, can_retry
 from deepwork_retry._core.model import (
@@ -33,6 +33,7 @@ from deepwork_retry._core.results import (
     RetryResult,
 )
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
+from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
     DeepworkError,
     InvalidInput,
@@ -109,6 +110,7 @@ class _AsyncShell:
         claim_timeout: float = 30.0,
         max_conflicts: int = 64,
     ) -> None:
+        check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self.storage = storage
         self.dispatcher = dispatcher
         self.policy = policy or RetryPolicy()
@@ -149,10 +151,31 @@ class _AsyncShell:
         raise conflict
 
     async def _deliver(self, entries: Sequence[DispatchEntry]) -> dict[tuple[str, int], str | None]:
-        """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``."""
+        """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``.
+
+        Never raises: it runs after a commit, which nothing here may make look
+        undone. An entry whose delivery failed, or whose outcome could not be
+        recorded, stays in the outbox, and a relay delivers it once its claim
+        lapses; an entry missing from the result was not handed over here.
+        """
         results: dict[tuple[str, int], str | None] = {}
         if self.dispatcher is None or not entries:
             return results
+        try:
+            await self._hand_over(self.dispatcher, entries, results)
+        except Exception:  # after a commit, whatever fails leaves the work to the relay
+            log.error(
+                "delivery after a commit failed; the outbox relay delivers what is left",
+                exc_info=True,
+            )
+        return results
+
+    async def _hand_over(
+        self,
+        dispatcher: AsyncDispatcher,
+        entries: Sequence[DispatchEntry],
+        results: dict[tuple[str, int], str | None],
+    ) -> None:
         delivered: list[DispatchEntry] = []
         now = self.clock.now()
         for entry in entries:
@@ -161,7 +184,7 @@ class _AsyncShell:
                 # once both the backoff and this claim have passed.
                 continue
             try:
-                await self.dispatcher.dispatch(entry)
+                await dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
                 results[(entry.task_id, entry.attempt)] = error
@@ -170,7 +193,7 @@ class _AsyncShell:
                 )
                 try:
                     await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
-                except StorageError:
+                except Exception:  # the entry stays claimed, then a relay takes it
                     log.warning("could not record failed delivery of %s", entry.key, exc_info=True)
             else:
                 results[(entry.task_id, entry.attempt)] = None
@@ -178,14 +201,13 @@ class _AsyncShell:
         if delivered:
             try:
                 await self.storage.mark_delivered(delivered, now=self.clock.now())
-            except StorageError:
+            except Exception:
                 # The entries stay claimed; once the claim lapses a relay delivers
                 # them again under the same (task, attempt) key, which executors
                 # deduplicate with the fencing token.
                 log.warning(
                     "could not record delivery of %d entries", len(delivered), exc_info=True
                 )
-        return results
 
     async def _dispatch_outcomes(self, plan: Plan, applied: Applied) -> tuple[DispatchOutcome, ...]:
         """Deliver what ``applied`` made pending; the plan's own dispatch comes first."""
@@ -348,6 +370,13 @@ class AsyncRetryService(_AsyncShell):
                 )
             except DeepworkError as exc:
                 items.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
+            except Exception:
+                if not any(item.retried for item in items):
+                    raise  # nothing committed yet: the request failed as a whole
+                # Retries are committed: the page ends here, and the caller
+                # continues from the task that failed.
+                log.error("bulk retry of %s stopped at %s", project_id, task.id, exc_info=True)
+                return BulkResult(dry_run=dry_run, items=tuple(items), next_after=items[-1].task_id)
             else:
                 items.append(
                     BulkItem(task_id=task.id, retried=True, dispatch=result.dispatch.status)
@@ -622,6 +651,7 @@ class AsyncOutboxRelay:
         claim_timeout: float = 30.0,
         poll_interval: float = 1.0,
     ) -> None:
+        check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self._shell = _AsyncShell(storage, dispatcher, clock=clock, rng=rng)
         self.storage = storage
         self.clock = self._shell.clock
@@ -671,6 +701,7 @@ class AsyncReaper:
     """Fails attempts whose executor stopped heartbeating, on an interval."""
 
     def __init__(self, service: AsyncExecutorService, *, interval: float = 5.0) -> None:
+        check_kind(type(self).__name__, "service", service, "reap", asynchronous=ASYNCHRONOUS)
         self.service = service
         self.interval = interval
 

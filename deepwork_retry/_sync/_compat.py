@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+ASYNCHRONOUS = False
+"""Whether the services built on this module await their storage and dispatcher."""
+
 Event = threading.Event
 
 

@@ -30,7 +30,9 @@ from deepwork_retry._core.results import (
     tasks_page_json,
 )
 from deepwork_retry._core.states import DispatchState, Trigger
+from deepwork_retry._sync._compat import ASYNCHRONOUS
 from deepwork_retry._sync.services import RetryService
+from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, Principal, may_retry
 from deepwork_retry.exceptions import (
     IdempotencyConflict,
@@ -39,13 +41,13 @@ from deepwork_retry.exceptions import (
     NotFound,
     ProjectNotFound,
     ProjectNotRunnable,
-    StorageError,
     TaskNotBlocked,
 )
 from deepwork_retry.web._http import (
     ApiRequest,
     ApiResponse,
     IdempotencyInProgress,
+    RetryCommitted,
     bearer_token,
     bulk_options,
     error_response,
@@ -81,8 +83,14 @@ def _replay(record: IdempotencyRecord) -> ApiResponse:
 
 
 def _retried(result: RetryResult) -> ApiResponse:
-    """The 200 answer to a retry (the JSON of ``retry_json``, written without its dicts)."""
-    return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
+    """The answer to a committed retry: 200 with the JSON of ``retry_json`` (written
+    without its dicts), or, should that fail, the 202 that says the retry was
+    committed; never an error that would tell the client nothing happened."""
+    try:
+        return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
+    except Exception:  # the retry is committed whatever fails here
+        log.error("the answer to a committed retry could not be rendered", exc_info=True)
+        return error_response(RetryCommitted(result.task.id))
 
 
 class RetryAPI:
@@ -101,6 +109,7 @@ class RetryAPI:
         *,
         abandoned_after: float = 60.0,
     ) -> None:
+        check_kind(type(self).__name__, "service", service, "retry", asynchronous=ASYNCHRONOUS)
         self.service = service
         self.authenticator = authenticator
         self.authorizer = authorizer
@@ -172,7 +181,8 @@ class RetryAPI:
                 created_at=self.service.clock.now(),
             )
             return self._record(fresh, error_response(exc))
-        assert result.idempotency is not None
+        if result.idempotency is None:  # a service that kept no record: nothing to complete
+            return _retried(result)
         return self._record(result.idempotency, _retried(result))
 
     def _replay_for(self, record: IdempotencyRecord, project_id: str, task_id: str) -> ApiResponse:
@@ -231,9 +241,10 @@ class RetryAPI:
         record = attrs.evolve(base, status_code=response.status, body=response.body.decode("utf-8"))
         try:
             saved = self.service.storage.save_idempotency(record)
-        except StorageError:
-            # The retry itself is committed; the key stays reserved, and a repeat
-            # is told to try again rather than retrying a second time.
+        except Exception:  # a failure here must not hide the answer
+            # The retry itself may be committed; the key stays reserved, and a
+            # repeat is told to try again (or, once the reservation is old, is
+            # answered from the stored state) rather than retrying a second time.
             log.warning("could not record the response for an idempotency key", exc_info=True)
             return response
         if (saved.status_code, saved.body) != (record.status_code, record.body):

@@ -44,11 +44,13 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry._sync._compat import open_now
+from deepwork_retry._wiring import not_opened
 from deepwork_retry.exceptions import (
     AlreadyExists,
     IdempotencyConflict,
     ProjectNotFound,
     StorageMissing,
+    StorageUnavailable,
     TaskNotFound,
     VersionConflict,
 )
@@ -192,6 +194,7 @@ class PostgresStorage:
         self._owns_pool = owns_pool
         self._migrate = migrate
         self._opened = not owns_pool
+        self._closed = False
         self._listener: _Conn | None = None
 
     def _configure(self, conn: _Conn) -> None:
@@ -225,12 +228,13 @@ class PostgresStorage:
             self.pool.open(wait=False)
         try:
             if self._migrate:
-                with self._connection() as conn:
+                with q.DriverErrors(), self.pool.connection() as conn:
                     _migrate(conn, self._q)
         except BaseException:
             self.pool.close()
             raise
         self._opened = True
+        self._closed = False
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -239,6 +243,7 @@ class PostgresStorage:
         if self._owns_pool:
             self.pool.close()
             self._opened = False
+            self._closed = True
 
     def __enter__(self) -> PostgresStorage:
         self.open()
@@ -252,8 +257,18 @@ class PostgresStorage:
     ) -> None:
         self.close()
 
+    def _unopened(self) -> StorageUnavailable:
+        """The error for a call while the pool is not open: closed, or never opened."""
+        if not self._owns_pool:
+            return not_opened(self, "pool.open()", name=f"{type(self).__name__}'s pool")
+        if self._closed:
+            return StorageUnavailable(f"{type(self).__name__} is closed")
+        return not_opened(self, "storage.open()")
+
     @contextmanager
     def _connection(self, conflict: VersionConflict | None = None) -> Iterator[_Conn]:
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         with errors, self.pool.connection() as conn:
             yield conn
@@ -447,6 +462,8 @@ class PostgresStorage:
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key,
         )  # fmt: skip
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         pool = self.pool
         try:
             # The pool's own context manager and the connection's (a commit
@@ -545,6 +562,8 @@ class PostgresStorage:
         made while nobody waits are kept until the next call, so a relay that
         calls this between batches never sleeps through one.
         """
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
         with q.DriverErrors():
             listener = self._listener
             if listener is None or listener.closed:

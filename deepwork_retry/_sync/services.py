@@ -33,7 +33,8 @@ from deepwork_retry._core.results import (
     RetryResult,
 )
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
-from deepwork_retry._sync._compat import Event, wait_or_stop
+from deepwork_retry._sync._compat import ASYNCHRONOUS, Event, wait_or_stop
+from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
     DeepworkError,
     InvalidInput,
@@ -110,6 +111,7 @@ class _Shell:
         claim_timeout: float = 30.0,
         max_conflicts: int = 64,
     ) -> None:
+        check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self.storage = storage
         self.dispatcher = dispatcher
         self.policy = policy or RetryPolicy()
@@ -150,10 +152,31 @@ class _Shell:
         raise conflict
 
     def _deliver(self, entries: Sequence[DispatchEntry]) -> dict[tuple[str, int], str | None]:
-        """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``."""
+        """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``.
+
+        Never raises: it runs after a commit, which nothing here may make look
+        undone. An entry whose delivery failed, or whose outcome could not be
+        recorded, stays in the outbox, and a relay delivers it once its claim
+        lapses; an entry missing from the result was not handed over here.
+        """
         results: dict[tuple[str, int], str | None] = {}
         if self.dispatcher is None or not entries:
             return results
+        try:
+            self._hand_over(self.dispatcher, entries, results)
+        except Exception:  # after a commit, whatever fails leaves the work to the relay
+            log.error(
+                "delivery after a commit failed; the outbox relay delivers what is left",
+                exc_info=True,
+            )
+        return results
+
+    def _hand_over(
+        self,
+        dispatcher: Dispatcher,
+        entries: Sequence[DispatchEntry],
+        results: dict[tuple[str, int], str | None],
+    ) -> None:
         delivered: list[DispatchEntry] = []
         now = self.clock.now()
         for entry in entries:
@@ -162,7 +185,7 @@ class _Shell:
                 # once both the backoff and this claim have passed.
                 continue
             try:
-                self.dispatcher.dispatch(entry)
+                dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
                 results[(entry.task_id, entry.attempt)] = error
@@ -171,7 +194,7 @@ class _Shell:
                 )
                 try:
                     self.storage.mark_failed(entry, error=error, retry_at=retry_at)
-                except StorageError:
+                except Exception:  # the entry stays claimed, then a relay takes it
                     log.warning("could not record failed delivery of %s", entry.key, exc_info=True)
             else:
                 results[(entry.task_id, entry.attempt)] = None
@@ -179,14 +202,13 @@ class _Shell:
         if delivered:
             try:
                 self.storage.mark_delivered(delivered, now=self.clock.now())
-            except StorageError:
+            except Exception:
                 # The entries stay claimed; once the claim lapses a relay delivers
                 # them again under the same (task, attempt) key, which executors
                 # deduplicate with the fencing token.
                 log.warning(
                     "could not record delivery of %d entries", len(delivered), exc_info=True
                 )
-        return results
 
     def _dispatch_outcomes(self, plan: Plan, applied: Applied) -> tuple[DispatchOutcome, ...]:
         """Deliver what ``applied`` made pending; the plan's own dispatch comes first."""
@@ -345,6 +367,13 @@ class RetryService(_Shell):
                 result = self.retry(project_id, task.id, actor=actor, reason=reason, budget=budget)
             except DeepworkError as exc:
                 items.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
+            except Exception:
+                if not any(item.retried for item in items):
+                    raise  # nothing committed yet: the request failed as a whole
+                # Retries are committed: the page ends here, and the caller
+                # continues from the task that failed.
+                log.error("bulk retry of %s stopped at %s", project_id, task.id, exc_info=True)
+                return BulkResult(dry_run=dry_run, items=tuple(items), next_after=items[-1].task_id)
             else:
                 items.append(
                     BulkItem(task_id=task.id, retried=True, dispatch=result.dispatch.status)
@@ -619,6 +648,7 @@ class OutboxRelay:
         claim_timeout: float = 30.0,
         poll_interval: float = 1.0,
     ) -> None:
+        check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self._shell = _Shell(storage, dispatcher, clock=clock, rng=rng)
         self.storage = storage
         self.clock = self._shell.clock
@@ -668,6 +698,7 @@ class Reaper:
     """Fails attempts whose executor stopped heartbeating, on an interval."""
 
     def __init__(self, service: ExecutorService, *, interval: float = 5.0) -> None:
+        check_kind(type(self).__name__, "service", service, "reap", asynchronous=ASYNCHRONOUS)
         self.service = service
         self.interval = interval
 

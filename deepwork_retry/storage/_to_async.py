@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from typing_extensions import ParamSpec
+from typing_extensions import ParamSpec, Self
 
 from deepwork_retry._core.model import (
     Attempt,
@@ -123,3 +123,15 @@ class AsyncFromSync(Generic[S]):
 
     async def close(self) -> None:
         await self._call(self.sync.close)
+
+    # The lifecycle every async storage shares, so that an application opens
+    # and closes any of them alike (in its lifespan, or with ``async with``).
+    async def open(self) -> None:
+        """Nothing to do: the wrapped storage opened when it was constructed."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -160,6 +160,14 @@ class IdempotencyInProgress(DeepworkError):
         )
 
 
+class RetryCommitted(DeepworkError):
+    """A retry was committed but its answer could not be built (202, never 503 or 500)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(COMMITTED)
+
+
 def _shape(template: str) -> tuple[int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]]:
     """``(segments, (index, literal)..., (index, parameter)...)`` of a path template."""
     parts = template.strip("/").split("/")
@@ -389,6 +397,9 @@ def storable_ids(project_id: str, task_id: str) -> bool:
 
 STORAGE_DOWN = "Storage is unavailable; try again later"
 UNEXPECTED = "The service could not handle this request; try again later"
+COMMITTED = (
+    "The retry was committed, but its result could not be shown; read the task for its state"
+)
 
 
 def _no_headers(exc: BaseException) -> tuple[tuple[str, str], ...]:
@@ -425,6 +436,7 @@ def _fixed(text: str) -> Any:
 
 ERRORS: Mapping[type[BaseException], tuple[int, Any, Any]] = {
     # class: (status, detail(exc), headers(exc)); the most specific class wins.
+    RetryCommitted: (202, _own_detail, _no_headers),
     InvalidToken: (401, _own_detail, _invalid_token),
     NotAuthenticated: (401, _own_detail, _bearer),
     RouteNotFound: (404, _own_detail, _no_headers),
@@ -464,6 +476,7 @@ __all__ = [
     "ApiResponse",
     "BadRequestBody",
     "IdempotencyInProgress",
+    "RetryCommitted",
     "error_response",
     "match",
     "normalise_prefix",

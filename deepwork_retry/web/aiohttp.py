@@ -13,6 +13,7 @@ from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.web._api import async_api
 from deepwork_retry.web._bodies import CAP
 from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, ApiRequest, normalise_prefix
 
@@ -42,12 +43,7 @@ def routes(
     prefix: str = DEFAULT_PREFIX,
 ) -> list[web.RouteDef]:
     """The API's route definitions under ``prefix`` (for ``app.add_routes``)."""
-    if isinstance(service, AsyncRetryAPI):
-        api = service
-    elif authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    else:
-        api = AsyncRetryAPI(service, authenticator, authorizer)
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
 
     async def handler(request: web.Request) -> web.Response:
         result = await api.handle(

@@ -19,6 +19,7 @@ from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.storage._validate import MAX_LIMIT
+from deepwork_retry.web._api import async_api
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -177,6 +178,7 @@ class BulkOptions(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     texts = {
+        202: "The retry was committed, but its result could not be shown; read the task",
         400: "The task is not blocked",
         401: "Missing or invalid bearer token",
         404: "Project or task not found (or not visible to this token)",
@@ -218,7 +220,7 @@ _DOCS: dict[str, dict[str, Any]] = {
     "retry": {
         "summary": "Retry a blocked task",
         "response_model": RetryResponse,
-        "responses": _errors(400, 401, 404, 409, 413, 422, 503),
+        "responses": _errors(202, 400, 401, 404, 409, 413, 422, 503),
         "openapi_extra": {
             "parameters": [*_TASK, _IDEMPOTENCY_KEY],
             "requestBody": _body(RetryOptions),
@@ -273,12 +275,7 @@ def router(
     tags: list[str] | None = None,
 ) -> APIRouter:
     """An ``APIRouter`` serving the API under ``prefix``; include it in your app."""
-    if isinstance(service, AsyncRetryAPI):
-        api = service
-    elif authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    else:
-        api = AsyncRetryAPI(service, authenticator, authorizer)
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
     # Documents the Bearer scheme; it never refuses a request itself (the API does).
     bearer = HTTPBearer(auto_error=False, description="A token known to the authenticator")
     found = APIRouter(

@@ -11,6 +11,7 @@ from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.web._api import sync_api
 from deepwork_retry.web._bodies import read_capped
 from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, ApiRequest, normalise_prefix
 
@@ -45,12 +46,7 @@ def blueprint(
     name: str = "deepwork_retry",
 ) -> Blueprint:
     """A blueprint serving the API under ``prefix``; register it on your app."""
-    if isinstance(service, RetryAPI):
-        api = service
-    elif authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    else:
-        api = RetryAPI(service, authenticator, authorizer)
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
     bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
     bp.record_once(_add_converter)
 

@@ -14,6 +14,7 @@ from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.web._api import async_api
 from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
 
 try:
@@ -63,11 +64,7 @@ def _api(
     authenticator: Authenticator | None,
     authorizer: Authorizer,
 ) -> AsyncRetryAPI:
-    if isinstance(service, AsyncRetryAPI):
-        return service
-    if authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    return AsyncRetryAPI(service, authenticator, authorizer)
+    return async_api(service, authenticator, authorizer, adapter=__name__)
 
 
 __all__ = ["create_app", "routes"]

@@ -43,11 +43,13 @@ def authorize(principal: Principal, project_id: str) -> bool:
 
 
 class FaultyStorage:
-    """A storage adapter that reports itself unreachable while ``down`` is set."""
+    """A storage adapter that reports itself unreachable while ``down`` is set,
+    and whose methods named in ``broken`` fail with an unexpected error."""
 
     def __init__(self, inner: MemoryStorage) -> None:
         self.inner = inner
         self.down = False
+        self.broken: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -57,6 +59,8 @@ class FaultyStorage:
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.down:
                 raise StorageUnavailable("connection refused", retry_after=7)
+            if name in self.broken:
+                raise RuntimeError(f"injected failure of {name}")
             return attr(*args, **kwargs)
 
         return call

@@ -25,6 +25,7 @@ from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.web._api import AsyncRetryAPI, sync_api
 from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
 
 try:
@@ -48,12 +49,7 @@ def configure(
 ) -> RetryAPI:
     """Serve ``service`` (this replaces whatever was configured before)."""
     global _configured
-    if isinstance(service, RetryAPI):
-        api = service
-    elif authenticator is None:
-        raise TypeError("an authenticator is required: the API has no unauthenticated mode")
-    else:
-        api = RetryAPI(service, authenticator, authorizer)
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
     with _lock:
         _configured = api
     return api
@@ -83,8 +79,10 @@ def get_api() -> RetryAPI:
                 f"set settings.{SETTING}['API'] or call deepwork_retry.web.django.configure()"
             )
         found = import_string(target) if isinstance(target, str) else target
-        if not isinstance(found, RetryAPI) and callable(found):
+        if not isinstance(found, (RetryAPI, AsyncRetryAPI)) and callable(found):
             found = found()
+        if isinstance(found, AsyncRetryAPI):
+            sync_api(found, adapter=__name__)  # refuses it, naming what to use
         if not isinstance(found, RetryAPI):
             raise ImproperlyConfigured(
                 f"settings.{SETTING}['API'] must name a RetryAPI or a callable returning one"
