@@ -9,6 +9,7 @@ from __future__ import annotations
 from deepwork_retry._async.services import (
     AsyncExecutorService,
     AsyncOutboxRelay,
+    AsyncPruner,
     AsyncReaper,
     AsyncRetryService,
 )
@@ -31,6 +32,7 @@ from deepwork_retry._core.policy import (
     RetryPolicy,
     TaskError,
 )
+from deepwork_retry._core.retention import PruneRule, Pruned, Retention
 from deepwork_retry._core.results import (
     BulkItem,
     BulkResult,
@@ -48,7 +50,13 @@ from deepwork_retry._core.states import (
     TaskStatus,
     Trigger,
 )
-from deepwork_retry._sync.services import ExecutorService, OutboxRelay, Reaper, RetryService
+from deepwork_retry._sync.services import (
+    ExecutorService,
+    OutboxRelay,
+    Pruner,
+    Reaper,
+    RetryService,
+)
 from deepwork_retry.exceptions import (
     DeepworkError,
     InvalidTransition,
@@ -80,6 +88,8 @@ __all__ = [
     "AsyncOutboxRelay",
     "Reaper",
     "AsyncReaper",
+    "Pruner",
+    "AsyncPruner",
     # values
     "Project",
     "Task",
@@ -116,6 +126,9 @@ __all__ = [
     "RetryAt",
     "Block",
     "TaskError",
+    "Retention",
+    "PruneRule",
+    "Pruned",
     # ports
     "Storage",
     "AsyncStorage",
