@@ -32,7 +32,6 @@ from deepwork_retry._core.policy import (
     RetryPolicy,
     TaskError,
 )
-from deepwork_retry._core.retention import PruneRule, Pruned, Retention
 from deepwork_retry._core.results import (
     BulkItem,
     BulkResult,
@@ -40,6 +39,7 @@ from deepwork_retry._core.results import (
     DispatchOutcome,
     RetryResult,
 )
+from deepwork_retry._core.retention import Pruned, PruneRule, Retention
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,

@@ -20,7 +20,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
-from deepwork_retry._core.retention import PruneRule, Pruned
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 
 REDELIVERED = "not started within the start timeout; redelivered"
@@ -153,9 +153,7 @@ class Storage(Protocol):
         ...
 
     # -- idempotency -----------------------------------------------------------------
-    def get_idempotency(
-        self, key: str, *, now: datetime | None = None
-    ) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         """The record of ``key``; ``None`` when there is none or, given ``now``,
         when it has expired at ``now`` (an expired record counts as absent)."""
         ...

@@ -145,9 +145,7 @@ class AsyncRetryAPI:
             )
             return _retried(result)
         stored_key = scoped_key(principal.id, key)
-        found = await self.service.storage.get_idempotency(
-            stored_key, now=self.service.clock.now()
-        )
+        found = await self.service.storage.get_idempotency(stored_key, now=self.service.clock.now())
         if found is not None:
             return await self._replay_for(found, project_id, task_id)
         try:

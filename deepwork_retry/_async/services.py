@@ -24,7 +24,6 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Plan
 from deepwork_retry._core.policy import ExponentialBackoff, RandomSource, RetryPolicy, TaskError
-from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.results import (
     BulkItem,
     BulkResult,
@@ -33,6 +32,7 @@ from deepwork_retry._core.results import (
     DispatchStatus,
     RetryResult,
 )
+from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
 from deepwork_retry.exceptions import (
     DeepworkError,
@@ -314,9 +314,12 @@ class AsyncRetryService(_AsyncShell):
             None
             if idempotency_key is None
             else IdempotencyRecord(
-                key=idempotency_key, project_id=project_id, task_id=task_id, created_at=now,
+                key=idempotency_key,
+                project_id=project_id,
+                task_id=task_id,
+                created_at=now,
                 expires_at=expires_at,
-            )  # fmt: skip
+            )
         )
         return RetryResult(
             task=applied.task, progress=applied.progress, dispatch=dispatch, idempotency=idempotency

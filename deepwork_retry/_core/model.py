@@ -186,9 +186,7 @@ class IdempotencyRecord:
     status_code: int | None = None
     """``None`` while the request that reserved the key has not finished."""
     body: str | None = None
-    expires_at: datetime = attrs.field(
-        default=attrs.Factory(_expiry, takes_self=True)
-    )
+    expires_at: datetime = attrs.field(default=attrs.Factory(_expiry, takes_self=True))
     """From this moment the record is absent: its key is free again (24 hours
     after ``created_at`` unless the service was given another period)."""
 

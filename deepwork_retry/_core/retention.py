@@ -118,7 +118,7 @@ class Retention:
 
 
 def _batch(instance: object, attribute: object, value: object) -> None:
-    if value.__class__ is not int or not 1 <= value <= 100_000:  # type: ignore[operator]
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100_000:
         raise InvalidInput(f"a prune batch must be an int from 1 to 100000, got {value!r}")
 
 

@@ -318,7 +318,7 @@ class RetryService(_Shell):
                 task_id=task_id,
                 created_at=now,
                 expires_at=expires_at,
-            )  # fmt: skip
+            )
         )
         return RetryResult(
             task=applied.task, progress=applied.progress, dispatch=dispatch, idempotency=idempotency

@@ -574,7 +574,6 @@ _TAKE_EXPIRED = (
 """An idempotency insert's conflict clause: a key whose record has expired is free."""
 
 
-
 @attrs.frozen
 class _Shape:
     """What one apply statement has to do; one statement text per shape."""

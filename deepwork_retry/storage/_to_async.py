@@ -19,7 +19,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
-from deepwork_retry._core.retention import PruneRule, Pruned
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.ports import Storage
 

@@ -31,7 +31,7 @@ from deepwork_retry._core.model import (
     evolve_entry,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
-from deepwork_retry._core.retention import PruneRule, Pruned
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
     DispatchState,
     Outcome,
@@ -447,9 +447,7 @@ class MemoryStorage:
             return found[:limit]
 
     # -- idempotency -----------------------------------------------------------------
-    def get_idempotency(
-        self, key: str, *, now: datetime | None = None
-    ) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._lock:
             record = self._idempotency.get(key)
         if record is not None and now is not None and record.expired(now):
@@ -474,38 +472,39 @@ class MemoryStorage:
         batch = rule.batch
         with self._lock:
             expired = sorted(
-                (r.expires_at, key)
-                for key, r in self._idempotency.items()
+                (r.expires_at, idem_key)
+                for idem_key, r in self._idempotency.items()
                 if rule.removes_idempotency(r)
             )[:batch]
-            for _, key in expired:
-                del self._idempotency[key]
+            for _, idem_key in expired:
+                del self._idempotency[idem_key]
         with self._lock:
             entries = sorted(
-                (row[_E_DELIVERED], key)
-                for key, row in self._outbox.items()
+                (row[_E_DELIVERED], entry_key)
+                for entry_key, row in self._outbox.items()
                 if row[_E_STATE] == _DELIVERED
                 and rule.removes_entry(_entry(row), self._tasks[row[0]][row[1]])
             )[:batch]
-            for _, key in entries:
-                del self._outbox[key]
-                self._pending.pop(key, None)
+            for _, entry_key in entries:
+                del self._outbox[entry_key]
+                self._pending.pop(entry_key, None)
         with self._lock:
             attempts = sorted(
-                (row[4], key, index)
-                for key, history in self._attempts.items()
+                (row[4], task_key, index)
+                for task_key, history in self._attempts.items()
                 for index, row in enumerate(history)
-                if rule.removes_attempt(_attempt(row), self._tasks[key[0]][key[1]])
+                if rule.removes_attempt(_attempt(row), self._tasks[task_key[0]][task_key[1]])
             )[:batch]
             doomed: dict[_Key, set[int]] = {}
-            for _, key, index in attempts:
-                doomed.setdefault(key, set()).add(index)
-            for key, indexes in doomed.items():
-                kept = tuple(r for i, r in enumerate(self._attempts[key]) if i not in indexes)
+            for _, task_key, index in attempts:
+                doomed.setdefault(task_key, set()).add(index)
+            for task_key, indexes in doomed.items():
+                history = self._attempts[task_key]
+                kept = tuple(r for i, r in enumerate(history) if i not in indexes)
                 if kept:
-                    self._attempts[key] = kept
+                    self._attempts[task_key] = kept
                 else:
-                    del self._attempts[key]
+                    del self._attempts[task_key]
         return Pruned(
             idempotency=len(expired), outbox=len(entries), attempts=len(attempts), batches=1
         )

@@ -48,7 +48,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, AttemptUpdate, Plan, ProjectPlan, Release
-from deepwork_retry._core.retention import PruneRule, Pruned
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -1684,9 +1684,7 @@ class SQLiteStorage:
         ).fetchone()
         return None if row is None else _idem(row)
 
-    def get_idempotency(
-        self, key: str, *, now: datetime | None = None
-    ) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._tx(write=False) as c:
             record = self._get_idempotency(c, key)
         if record is not None and now is not None and record.expired(now):

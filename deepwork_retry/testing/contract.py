@@ -41,7 +41,7 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.policy import FixedBackoff, RetryPolicy, TaskError
-from deepwork_retry._core.retention import PruneRule, Pruned, Retention
+from deepwork_retry._core.retention import Pruned, PruneRule, Retention
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -1089,9 +1089,12 @@ DAY = 24 * HOUR
 def _record(h: Harness, key: str, *, life: float, task_id: str = "t") -> IdempotencyRecord:
     now = h.now()
     return IdempotencyRecord(
-        key=key, project_id="p", task_id=task_id, created_at=now,
+        key=key,
+        project_id="p",
+        task_id=task_id,
+        created_at=now,
         expires_at=now + timedelta(seconds=life),
-    )  # fmt: skip
+    )
 
 
 async def _prune_all(h: Harness, retention: Retention, *, batch: int = 500) -> Pruned:
@@ -1159,7 +1162,8 @@ async def _idempotency_key_gets_the_service_retention(h: Harness) -> None:
     )
     result = await retrier.retry("p", "t", idempotency_key="k")
     stored = await h.s.get_idempotency("k", now=h.now())
-    assert stored is not None and result.idempotency == stored
+    assert stored is not None
+    assert result.idempotency == stored
     assert h.now() + timedelta(minutes=5) == stored.expires_at
 
 
@@ -1191,9 +1195,7 @@ async def _prune_batches_are_bounded(h: Harness) -> None:
         await h.s.save_idempotency(_record(h, f"j{n}", life=3 - n))
     h.clock.advance(10)
     await h.s.prune(Retention().rule(h.now(), batch=1))
-    assert [True, True, False] == [
-        await h.s.get_idempotency(f"j{n}") is not None for n in range(3)
-    ]
+    assert [True, True, False] == [await h.s.get_idempotency(f"j{n}") is not None for n in range(3)]
 
 
 @scenario
@@ -1286,9 +1288,10 @@ def _retention_cases(draw: st.DrawFn) -> dict[str, Any]:
         "tasks": draw(
             st.lists(
                 st.tuples(st.sampled_from(_PATHS), st.integers(0, 4), st.integers(0, 96)),
-                min_size=1, max_size=6,
+                min_size=1,
+                max_size=6,
             )
-        ),  # fmt: skip
+        ),
         "delivered_outbox": draw(_PERIODS),
         "attempts": draw(_PERIODS),
         "later": draw(st.integers(0, 6)),
