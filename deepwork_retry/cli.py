@@ -5,6 +5,7 @@ deepwork-retry retry PROJECT TASK     retry a blocked task in a database
 deepwork-retry blocked PROJECT        list a project's blocked tasks
 deepwork-retry migrate                create or upgrade a database's schema
 deepwork-retry reap                   fail attempts whose lease expired
+deepwork-retry prune                  remove what the retention rule allows
 """
 
 from __future__ import annotations
@@ -112,6 +113,30 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from deepwork_retry._core.retention import Retention
+    from deepwork_retry._sync.services import Pruner
+
+    def days(value: float | None) -> timedelta | None:
+        return None if value is None else timedelta(days=value)
+
+    outbox = None if args.keep_delivered_outbox else days(args.delivered_outbox_days)
+    retention = Retention(delivered_outbox=outbox, attempts=days(args.attempts_days))
+    storage = open_storage(args)
+    try:
+        pruned = Pruner(storage, retention, batch=args.batch).prune()
+    finally:
+        storage.close()
+    print(
+        f"pruned {pruned.idempotency} expired idempotency record(s), "
+        f"{pruned.outbox} delivered outbox entry(ies), {pruned.attempts} attempt record(s) "
+        f"in {pruned.batches} batch(es)"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepwork_retry.server import serve
 
@@ -174,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_storage_args(reap)
     reap.set_defaults(func=cmd_reap)
+
+    prune = sub.add_parser(
+        "prune",
+        help="remove expired idempotency records, old delivered outbox entries and, "
+        "when asked, the attempt records of long-finished tasks (docs/deployment.md)",
+    )
+    prune.add_argument(
+        "--delivered-outbox-days",
+        type=float,
+        default=7.0,
+        metavar="DAYS",
+        help="remove outbox entries delivered more than DAYS ago (default 7)",
+    )
+    prune.add_argument(
+        "--keep-delivered-outbox", action="store_true", help="remove no outbox entries"
+    )
+    prune.add_argument(
+        "--attempts-days",
+        type=float,
+        metavar="DAYS",
+        help="remove the attempt records of tasks finished more than DAYS ago "
+        "(default: keep every attempt record)",
+    )
+    prune.add_argument(
+        "--batch",
+        type=int,
+        default=500,
+        help="rows removed per table per transaction (default 500)",
+    )
+    _add_storage_args(prune)
+    prune.set_defaults(func=cmd_prune)
     return parser
 
 

@@ -383,7 +383,9 @@ def _race(storage: Storage, *, workers: int = 4, rounds: int = 24) -> None:
     assert not any(t.is_alive() for t in [*threads, pruning])
     assert elapsed < 90, f"retries took {elapsed:.0f}s next to the prune"
     assert sum(p.total for p in pruned) > 0  # it pruned while the retries ran
-    Pruner(storage, STRICT).prune()
+    # A moment later, so that the last keys (1 ms of life) have expired too.
+    later = FakeClock(datetime.now(timezone.utc) + timedelta(seconds=1))
+    Pruner(storage, STRICT, clock=later).prune()
     for w in range(workers):
         for n in range(rounds):
             tid = f"w{w}-t{n}"
@@ -428,4 +430,35 @@ def test_postgres_prune_racing_retries_loses_and_blocks_nothing(
 ) -> None:
     """On PostgreSQL, retries in four threads all succeed next to a non-stop prune."""
     _race(pg_storage)
-    assert 0 == Pruner(pg_storage, STRICT).prune().total
+    later = FakeClock(datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert 0 == Pruner(pg_storage, STRICT, clock=later).prune().total
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_prune_removes_what_the_rule_allows(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deepwork-retry prune` removes expired keys and old deliveries; attempts only if asked."""
+    from deepwork_retry.cli import main
+
+    long_ago = FakeClock(datetime.now(timezone.utc) - timedelta(days=30))
+    storage = SQLiteStorage(db)
+    executor = ExecutorService(storage, RecordingDispatcher(), clock=long_ago)
+    executor.create_project("p")
+    executor.add_task("p", "t")
+    executor.assign("p", "t")
+    executor.start("p", "t", 1)
+    executor.succeed("p", "t", 1)
+    _expired_keys(storage, 3)
+    storage.close()
+    assert 0 == main(["prune", "--db", str(db)])
+    assert (
+        "pruned 3 expired idempotency record(s), 1 delivered outbox entry(ies), "
+        "0 attempt record(s) in 1 batch(es)\n"
+    ) == capsys.readouterr().out
+    assert 1 == _rows(db, "attempts")
+    assert 0 == main(["prune", "--db", str(db), "--attempts-days", "7", "--batch", "10"])
+    assert "0 delivered outbox entry(ies), 1 attempt record(s)" in capsys.readouterr().out
+    assert 0 == _rows(db, "attempts")
