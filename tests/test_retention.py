@@ -462,3 +462,44 @@ def test_cli_prune_removes_what_the_rule_allows(
     assert 0 == main(["prune", "--db", str(db), "--attempts-days", "7", "--batch", "10"])
     assert "0 delivered outbox entry(ies), 1 attempt record(s)" in capsys.readouterr().out
     assert 0 == _rows(db, "attempts")
+
+
+# -- the one-step retry takes an expired key itself ------------------------------------------------
+
+
+def _one_step_takes_an_expired_key(storage: SQLiteStorage | PostgresStorage) -> None:
+    clock = FakeClock()
+    executor = ExecutorService(storage, clock=clock)
+    executor.create_project("p")
+    _blocked(executor, "p", "t")
+    old = IdempotencyRecord(
+        key="k", project_id="p", task_id="other", created_at=clock.now(), status_code=404, body="{}"
+    )
+    storage.save_idempotency(old)
+    assert storage.retry_blocked("p", "t", now=clock.now(), idempotency_key="k") is None
+    clock.advance(DAY)
+    expires = clock.now() + timedelta(hours=1)
+    applied = storage.retry_blocked(
+        "p", "t", now=clock.now(), idempotency_key="k", idempotency_expires_at=expires
+    )
+    assert applied is not None
+    assert TaskStatus.ASSIGNED == applied.task.status
+    reserved = IdempotencyRecord(
+        key="k", project_id="p", task_id="t", created_at=clock.now(), expires_at=expires
+    )
+    assert reserved == storage.get_idempotency("k", now=clock.now())
+
+
+def test_sqlite_one_step_retry_takes_an_expired_key(db: Path) -> None:
+    """SQLite's one-statement retry reserves a key whose record expired, with its new life."""
+    storage = SQLiteStorage(db)
+    try:
+        _one_step_takes_an_expired_key(storage)
+    finally:
+        storage.close()
+
+
+@pytest.mark.postgres
+def test_postgres_one_step_retry_takes_an_expired_key(pg_storage: PostgresStorage) -> None:
+    """PostgreSQL's one-statement retry reserves a key whose record expired, with its new life."""
+    _one_step_takes_an_expired_key(pg_storage)
