@@ -1477,9 +1477,9 @@ _PRUNE = (
         AND t.attempt = o.attempt)
     ORDER BY o.delivered_at LIMIT %(n)s FOR UPDATE OF o SKIP LOCKED))""",
     f"""DELETE FROM {{s}}.attempts WHERE ctid = ANY(ARRAY(
-    SELECT a.ctid FROM {{s}}.attempts AS a JOIN {{s}}.tasks AS t
-        ON t.project_id = a.project_id AND t.id = a.task_id
-    WHERE a.dispatched_at <= %(before)s AND t.updated_at <= %(before)s
-    AND t.status IN ({_FINISHED})
+    SELECT a.ctid FROM {{s}}.attempts AS a
+    WHERE a.dispatched_at <= %(before)s
+    AND EXISTS (SELECT FROM {{s}}.tasks AS t WHERE t.project_id = a.project_id
+        AND t.id = a.task_id AND t.status IN ({_FINISHED}) AND t.updated_at <= %(before)s)
     ORDER BY a.dispatched_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED))""",
 )
