@@ -503,3 +503,43 @@ def test_sqlite_one_step_retry_takes_an_expired_key(db: Path) -> None:
 def test_postgres_one_step_retry_takes_an_expired_key(pg_storage: PostgresStorage) -> None:
     """PostgreSQL's one-statement retry reserves a key whose record expired, with its new life."""
     _one_step_takes_an_expired_key(pg_storage)
+
+
+def test_async_relay_prunes_every(db: Path) -> None:
+    """AsyncOutboxRelay(prune_every=...) prunes on its event loop while it runs."""
+    import asyncio
+
+    from deepwork_retry import AsyncOutboxRelay
+    from deepwork_retry.storage.sqlite import AsyncSQLiteStorage
+    from deepwork_retry.testing import AsyncRecordingDispatcher
+
+    sync = SQLiteStorage(db)
+    ExecutorService(sync).create_project("p")
+    _expired_keys(sync, 700)
+    sync.close()
+
+    async def main() -> None:
+        storage = AsyncSQLiteStorage(db)
+        stop = asyncio.Event()
+        relay = AsyncOutboxRelay(
+            storage, AsyncRecordingDispatcher(), poll_interval=0.05, prune_every=3600
+        )
+        running = asyncio.ensure_future(relay.run(stop))
+        for _ in range(400):
+            if 0 == _rows(db, "idempotency"):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, 20)
+        await storage.close()
+
+    asyncio.run(main())
+    assert 0 == _rows(db, "idempotency")
+
+
+def test_pruner_refuses_a_batch_limit_below_one(db: Path) -> None:
+    """max_batches must allow at least one batch."""
+    storage = SQLiteStorage(db)
+    with pytest.raises(ValueError, match="max_batches must be at least 1"):
+        Pruner(storage).prune(max_batches=0)
+    storage.close()

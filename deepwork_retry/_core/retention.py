@@ -85,7 +85,9 @@ def _cutoff(now: datetime, period: timedelta | None) -> datetime | None:
 class Retention:
     """How long each table that grows with traffic keeps its rows (see the module text).
 
-    ``idempotency``: the life of a new idempotency key (positive).
+    ``idempotency``: the life of a new idempotency key (positive; keep it well
+    above the longest request and the API's ``abandoned_after``, 60 s, or a
+    repeat may arrive after the key it should replay has expired).
     ``delivered_outbox``: how long a delivered outbox entry is kept, ``None``
     to keep them all. ``attempts``: how long the attempt records of a finished
     task are kept after it finished, ``None`` (the default) to keep them all.

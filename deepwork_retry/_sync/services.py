@@ -734,6 +734,8 @@ class Pruner:
     ) -> None:
         if every is not None and not every > 0:
             raise InvalidInput("prune_every must be a positive number of seconds")
+        if max_batches is not None and not max_batches >= 1:
+            raise InvalidInput("max_batches must be at least 1, or None for no limit")
         self.storage = storage
         self.retention = retention or Retention()
         self.clock = clock or SystemClock()
@@ -745,6 +747,8 @@ class Pruner:
 
     def prune(self, *, max_batches: int | None = None) -> Pruned:
         """Prune until nothing is left (or ``max_batches`` rounds); the counts per table."""
+        if max_batches is not None and not max_batches >= 1:
+            raise InvalidInput("max_batches must be at least 1, or None for no limit")
         total = Pruned(batches=0)
         while max_batches is None or total.batches < max_batches:
             rule = self.retention.rule(self.clock.now(), batch=self.batch)
