@@ -9,6 +9,7 @@ from __future__ import annotations
 from deepwork_retry._async.services import (
     AsyncExecutorService,
     AsyncOutboxRelay,
+    AsyncPruner,
     AsyncReaper,
     AsyncRetryService,
 )
@@ -38,6 +39,7 @@ from deepwork_retry._core.results import (
     DispatchOutcome,
     RetryResult,
 )
+from deepwork_retry._core.retention import Pruned, PruneRule, Retention
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -48,7 +50,13 @@ from deepwork_retry._core.states import (
     TaskStatus,
     Trigger,
 )
-from deepwork_retry._sync.services import ExecutorService, OutboxRelay, Reaper, RetryService
+from deepwork_retry._sync.services import (
+    ExecutorService,
+    OutboxRelay,
+    Pruner,
+    Reaper,
+    RetryService,
+)
 from deepwork_retry.exceptions import (
     ConfigurationError,
     DeepworkError,
@@ -82,6 +90,8 @@ __all__ = [
     "AsyncOutboxRelay",
     "Reaper",
     "AsyncReaper",
+    "Pruner",
+    "AsyncPruner",
     # values
     "Project",
     "Task",
@@ -118,6 +128,9 @@ __all__ = [
     "RetryAt",
     "Block",
     "TaskError",
+    "Retention",
+    "PruneRule",
+    "Pruned",
     # ports
     "Storage",
     "AsyncStorage",

@@ -5,6 +5,7 @@ deepwork-retry retry PROJECT TASK     retry a blocked task in a database
 deepwork-retry blocked PROJECT        list a project's blocked tasks
 deepwork-retry migrate                create or upgrade a database's schema
 deepwork-retry reap                   fail attempts whose lease expired
+deepwork-retry prune                  remove what the retention rule allows
 
 Only ``migrate`` (and ``serve``, for its demo database) creates a database or
 a schema; every other command opens what exists, read-only when it only
@@ -261,6 +262,30 @@ def cmd_reap(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from deepwork_retry._core.retention import Retention
+    from deepwork_retry._sync.services import Pruner
+
+    def days(value: float | None) -> timedelta | None:
+        return None if value is None else timedelta(days=value)
+
+    outbox = None if args.keep_delivered_outbox else days(args.delivered_outbox_days)
+    retention = Retention(delivered_outbox=outbox, attempts=days(args.attempts_days))
+    storage = open_storage(args, write=True)
+    try:
+        pruned = Pruner(storage, retention, batch=args.batch).prune()
+    finally:
+        storage.close()
+    print(
+        f"pruned {pruned.idempotency} expired idempotency record(s), "
+        f"{pruned.outbox} delivered outbox entry(ies), {pruned.attempts} attempt record(s) "
+        f"in {pruned.batches} batch(es)"
+    )
+    return ExitCode.OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepwork_retry.server import serve
 
@@ -293,14 +318,24 @@ def _count(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
+def _positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``unit`` above zero."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
+        if not 0 < value < 1e9:
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} > 0, got {text}")
+        return value
+
+    parse.__name__ = unit
+    return parse
+
+
+_seconds = _positive("seconds")
+_days = _positive("days")
 
 
 def _add_serve(serve: argparse.ArgumentParser) -> None:
@@ -379,6 +414,33 @@ def _add_reap(reap: argparse.ArgumentParser) -> None:
     _add_storage_args(reap)
 
 
+def _add_prune(prune: argparse.ArgumentParser) -> None:
+    prune.add_argument(
+        "--delivered-outbox-days",
+        type=_days,
+        default=7.0,
+        metavar="DAYS",
+        help="remove outbox entries delivered more than DAYS ago (default 7)",
+    )
+    prune.add_argument(
+        "--keep-delivered-outbox", action="store_true", help="remove no outbox entries"
+    )
+    prune.add_argument(
+        "--attempts-days",
+        type=_days,
+        metavar="DAYS",
+        help="remove the attempt records of tasks finished more than DAYS ago "
+        "(default: keep every attempt record)",
+    )
+    prune.add_argument(
+        "--batch",
+        type=_count(1, 10_000),
+        default=500,
+        help="rows removed per table per transaction (default 500)",
+    )
+    _add_storage_args(prune)
+
+
 Command = tuple[
     str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
 ]
@@ -389,6 +451,12 @@ COMMANDS: tuple[Command, ...] = (
     ("blocked", "list a project's blocked tasks (JSON; read-only)", _add_blocked, cmd_blocked),
     ("migrate", "create the database or schema, or upgrade it", _add_migrate, cmd_migrate),
     ("reap", "fail attempts whose lease expired, once", _add_reap, cmd_reap),
+    (
+        "prune",
+        "remove what the retention rule allows (expired keys, old deliveries, finished attempts)",
+        _add_prune,
+        cmd_prune,
+    ),
 )
 """Every subcommand: name, one-line help, the function declaring its arguments, the command."""
 

@@ -20,6 +20,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 
 REDELIVERED = "not started within the start timeout; redelivered"
@@ -152,7 +153,10 @@ class Storage(Protocol):
         ...
 
     # -- idempotency -----------------------------------------------------------------
-    def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
+        """The record of ``key``; ``None`` when there is none or, given ``now``,
+        when it has expired at ``now`` (an expired record counts as absent)."""
+        ...
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         """Insert ``record`` if the key is free, or complete the reservation it came from.
@@ -161,6 +165,23 @@ class Storage(Protocol):
         with the same ``created_at`` (the reserving request's own answer); any
         other existing record is kept and returned unchanged, so a concurrent
         request's refusal never displaces the retry that reserved the key.
+        A key whose record has expired at ``record.created_at`` is free (and so
+        in :meth:`apply`'s reservation): the new record replaces the old.
+        """
+        ...
+
+    # -- retention ---------------------------------------------------------------------
+    def prune(self, rule: PruneRule) -> Pruned:
+        """Remove one batch of what ``rule`` allows from each table.
+
+        Deletes exactly rows the rule's predicates accept
+        (:meth:`~deepwork_retry._core.retention.PruneRule.removes_idempotency`,
+        ``removes_entry``, ``removes_attempt``), at most ``rule.batch`` of each
+        table, each table in its own short transaction, oldest first; returns
+        how many of each it removed (a count below ``rule.batch`` means that
+        table has nothing more to remove). Never waits long for a row another
+        transaction holds (it may skip it), never removes what a concurrent
+        move still needs.
         """
         ...
 
@@ -202,8 +223,11 @@ class AsyncStorage(Protocol):
         self, *, now: datetime, delivered_before: datetime, limit: int
     ) -> list[DispatchEntry]: ...
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]: ...
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+    async def get_idempotency(
+        self, key: str, *, now: datetime | None = None
+    ) -> IdempotencyRecord | None: ...
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord: ...
+    async def prune(self, rule: PruneRule) -> Pruned: ...
     async def close(self) -> None: ...
 
 
@@ -224,6 +248,10 @@ class RetryInOneStep(Protocol):
     path, which raises the core's own error. A storage that renders the
     decision into its own language should be checked against the core, as
     the PostgreSQL storage's differential test does.
+
+    ``idempotency_expires_at`` is when the reserved key expires (by default
+    :data:`~deepwork_retry._core.model.IDEMPOTENCY_PERIOD` after ``now``); a
+    key whose record has expired at ``now`` is free.
     """
 
     def retry_blocked(
@@ -237,6 +265,7 @@ class RetryInOneStep(Protocol):
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None: ...
 
 
@@ -255,6 +284,7 @@ class AsyncRetryInOneStep(Protocol):
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None: ...
 
 

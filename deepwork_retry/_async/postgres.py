@@ -42,6 +42,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry._wiring import not_opened
 from deepwork_retry.exceptions import (
@@ -419,7 +420,8 @@ class AsyncPostgresStorage:
         if outcome.applied is not None:
             return outcome.applied
         if outcome.reread_idempotency and plan.idempotency is not None:
-            record = await self.get_idempotency(plan.idempotency.key)
+            taken_at = plan.idempotency.created_at
+            record = await self.get_idempotency(plan.idempotency.key, now=taken_at)
             if record is not None:
                 raise IdempotencyConflict(record)
         assert outcome.error is not None
@@ -436,6 +438,7 @@ class AsyncPostgresStorage:
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None:
         """The manual retry loaded, decided and applied in one statement (one round trip).
 
@@ -459,7 +462,7 @@ class AsyncPostgresStorage:
         params = q.retry_params(
             project_id, task_id, now=now, actor=actor, reason=reason,
             budget=RetryBudget(budget), claimed_until=claimed_until,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
         )  # fmt: skip
         if not self._opened or self.pool.closed:
             raise self._unopened()
@@ -540,11 +543,16 @@ class AsyncPostgresStorage:
         return [q.decode_task(row) for row in rows]
 
     # -- idempotency ---------------------------------------------------------
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+    async def get_idempotency(
+        self, key: str, *, now: datetime | None = None
+    ) -> IdempotencyRecord | None:
         if not q.findable(key):
             return None
         row = await self._one(self._q.get_idempotency, (key,))
-        return None if row is None else q.decode_idem(row)
+        record = None if row is None else q.decode_idem(row)
+        if record is not None and now is not None and record.expired(now):
+            return None
+        return record
 
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         row = await self._one(self._q.save_idempotency, q.idem_params(record))
@@ -554,6 +562,22 @@ class AsyncPostgresStorage:
             assert row is not None
             return q.decode_idem(row)
         return record if row[0] else q.decode_idem(row, 1)
+
+    # -- retention -----------------------------------------------------------
+    async def prune(self, rule: PruneRule) -> Pruned:
+        """One batch per table of what ``rule`` removes, each one statement (one transaction).
+
+        Rows locked by another transaction are skipped, never waited for.
+        """
+        counts = []
+        for query, params in self._q.prune(rule):
+            if params is None:
+                counts.append(0)
+                continue
+            async with self._connection() as conn:
+                cur = await conn.execute(query, params)
+                counts.append(max(cur.rowcount, 0))
+        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
 
     # -- notifications -------------------------------------------------------
     async def wait_for_work(self, timeout: float) -> bool:

@@ -32,6 +32,7 @@ from deepwork_retry._core.results import (
     DispatchStatus,
     RetryResult,
 )
+from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
 from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
@@ -109,9 +110,12 @@ class _AsyncShell:
         rng: RandomSource | None = None,
         claim_timeout: float = 30.0,
         max_conflicts: int = 64,
+        retention: Retention | None = None,
     ) -> None:
         check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self.storage = storage
+        self.retention = retention or Retention()
+        """Gives new idempotency keys their life (``retention.idempotency``)."""
         self.dispatcher = dispatcher
         self.policy = policy or RetryPolicy()
         self.clock = clock or SystemClock()
@@ -282,6 +286,7 @@ class AsyncRetryService(_AsyncShell):
                 budget=budget,
                 claimed_until=self._claim(now),
                 idempotency_key=idempotency_key,
+                idempotency_expires_at=self.retention.expires_at(now),
             )
 
         plan, applied = await self._commit(project_id, task_id, build)
@@ -312,9 +317,11 @@ class AsyncRetryService(_AsyncShell):
         """
         _lookup_ids(project_id, task_id)
         now = self.clock.now()
+        expires_at = self.retention.expires_at(now)
         applied = await storage.retry_blocked(
             project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
             claimed_until=self._claim(now), idempotency_key=idempotency_key,
+            idempotency_expires_at=None if idempotency_key is None else expires_at,
         )  # fmt: skip
         if applied is None:
             return None
@@ -329,7 +336,11 @@ class AsyncRetryService(_AsyncShell):
             None
             if idempotency_key is None
             else IdempotencyRecord(
-                key=idempotency_key, project_id=project_id, task_id=task_id, created_at=now
+                key=idempotency_key,
+                project_id=project_id,
+                task_id=task_id,
+                created_at=now,
+                expires_at=expires_at,
             )
         )
         return RetryResult(
@@ -650,6 +661,8 @@ class AsyncOutboxRelay:
         batch: int = 100,
         claim_timeout: float = 30.0,
         poll_interval: float = 1.0,
+        prune_every: float | None = None,
+        retention: Retention | None = None,
     ) -> None:
         check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self._shell = _AsyncShell(storage, dispatcher, clock=clock, rng=rng)
@@ -658,6 +671,8 @@ class AsyncOutboxRelay:
         self.batch = batch
         self.claim_timeout = claim_timeout
         self.poll_interval = poll_interval
+        self.pruner = _scheduled(storage, self.clock, retention, prune_every)
+        """With ``prune_every`` (seconds), prunes per ``retention`` between batches."""
 
     async def run_once(self) -> int:
         """Claim and deliver one batch; returns how many were delivered."""
@@ -681,6 +696,8 @@ class AsyncOutboxRelay:
             except StorageError:
                 log.warning("outbox relay: storage unavailable", exc_info=True)
                 busy = False
+            if self.pruner is not None and await self.pruner.when_due():
+                busy = True  # more to prune: come back after the next batch
             if not busy and await self._idle(stop):
                 return
 
@@ -700,10 +717,19 @@ class AsyncOutboxRelay:
 class AsyncReaper:
     """Fails attempts whose executor stopped heartbeating, on an interval."""
 
-    def __init__(self, service: AsyncExecutorService, *, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        service: AsyncExecutorService,
+        *,
+        interval: float = 5.0,
+        prune_every: float | None = None,
+        retention: Retention | None = None,
+    ) -> None:
         check_kind(type(self).__name__, "service", service, "reap", asynchronous=ASYNCHRONOUS)
         self.service = service
         self.interval = interval
+        self.pruner = _scheduled(service.storage, service.clock, retention, prune_every)
+        """With ``prune_every`` (seconds), prunes per ``retention`` after its passes."""
 
     async def run_once(self) -> int:
         return len(await self.service.reap())
@@ -714,5 +740,89 @@ class AsyncReaper:
                 await self.run_once()
             except StorageError:
                 log.warning("reaper: storage unavailable", exc_info=True)
-            if await wait_or_stop(stop, self.interval):
+            more = self.pruner is not None and await self.pruner.when_due()
+            if await wait_or_stop(stop, 0 if more else self.interval):
                 return
+
+
+class AsyncPruner:
+    """Removes what the retention rule allows from the tables that grow with traffic.
+
+    See :mod:`deepwork_retry._core.retention` for the rule. :meth:`prune`
+    removes in batches of ``batch`` rows per table, each its own short
+    transaction, until nothing is left or ``max_batches`` rounds ran. With
+    ``every`` (seconds), :meth:`when_due` prunes when that long has passed
+    since the last complete prune; the relay and the reaper call it between
+    their passes (their ``prune_every`` option).
+    """
+
+    def __init__(
+        self,
+        storage: AsyncStorage,
+        retention: Retention | None = None,
+        *,
+        clock: Clock | None = None,
+        batch: int = PRUNE_BATCH,
+        every: float | None = None,
+        max_batches: int | None = 20,
+    ) -> None:
+        if every is not None and not every > 0:
+            raise InvalidInput("prune_every must be a positive number of seconds")
+        if max_batches is not None and not max_batches >= 1:
+            raise InvalidInput("max_batches must be at least 1, or None for no limit")
+        self.storage = storage
+        self.retention = retention or Retention()
+        self.clock = clock or SystemClock()
+        self.batch = batch
+        self.every = every
+        self.max_batches = max_batches
+        self.retention.rule(self.clock.now(), batch=batch)  # a bad batch fails here, not later
+        self._due: datetime | None = None
+
+    async def prune(self, *, max_batches: int | None = None) -> Pruned:
+        """Prune until nothing is left (or ``max_batches`` rounds); the counts per table."""
+        if max_batches is not None and not max_batches >= 1:
+            raise InvalidInput("max_batches must be at least 1, or None for no limit")
+        total = Pruned(batches=0)
+        while max_batches is None or total.batches < max_batches:
+            rule = self.retention.rule(self.clock.now(), batch=self.batch)
+            done = await self.storage.prune(rule)
+            total += Pruned(
+                idempotency=done.idempotency, outbox=done.outbox, attempts=done.attempts,
+                batches=1, complete=not done.full(self.batch),
+            )  # fmt: skip
+            if total.complete:
+                return total
+        return total
+
+    async def when_due(self) -> bool:
+        """Prune (at most ``max_batches`` rounds) if due; True when rows may be left.
+
+        A storage outage is logged and the prune tried again at the next period.
+        """
+        if self.every is None:
+            return False
+        now = self.clock.now()
+        if self._due is not None and now < self._due:
+            return False
+        try:
+            pruned = await self.prune(max_batches=self.max_batches)
+        except StorageError:
+            log.warning("prune: storage unavailable", exc_info=True)
+            pruned = Pruned()
+        if pruned.total:
+            log.info(
+                "pruned %d idempotency records, %d delivered outbox entries, %d attempt records",
+                pruned.idempotency, pruned.outbox, pruned.attempts,
+            )  # fmt: skip
+        if pruned.complete:
+            self._due = now + timedelta(seconds=self.every)
+        return not pruned.complete
+
+
+def _scheduled(
+    storage: AsyncStorage, clock: Clock, retention: Retention | None, every: float | None
+) -> AsyncPruner | None:
+    if every is None:
+        return None
+    return AsyncPruner(storage, retention, clock=clock, every=every)

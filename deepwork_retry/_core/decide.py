@@ -152,8 +152,12 @@ def manual_retry(
     budget: RetryBudget = RetryBudget.ONE_MORE,
     claimed_until: datetime | None = None,
     idempotency_key: str | None = None,
+    idempotency_expires_at: datetime | None = None,
 ) -> Plan:
     """``blocked -> assigned`` by a person, bypassing ``max_retries``.
+
+    With ``idempotency_key`` the plan reserves that key, until
+    ``idempotency_expires_at`` (by default the record's own default period).
 
     Raises :class:`TaskNotBlocked` (checked first) or :class:`ProjectNotRunnable`.
     """
@@ -181,13 +185,13 @@ def manual_retry(
         after, project, blockers, now=now, available_at=now, trigger=Trigger.MANUAL_RETRY,
         actor=actor, reason=reason, budget=budget, claimed_until=claimed_until,
     )  # fmt: skip
-    idem = (
-        IdempotencyRecord(
+    idem = None
+    if idempotency_key is not None:
+        idem = IdempotencyRecord(
             key=idempotency_key, project_id=project.id, task_id=task.id, created_at=now
         )
-        if idempotency_key is not None
-        else None
-    )
+        if idempotency_expires_at is not None:
+            idem = attrs.evolve(idem, expires_at=idempotency_expires_at)
     return Plan(
         event=TaskEvent.MANUAL_RETRY,
         before=task,

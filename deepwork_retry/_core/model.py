@@ -8,7 +8,7 @@ Timestamps are timezone-aware UTC :class:`~datetime.datetime` values.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import attrs
@@ -24,6 +24,9 @@ from deepwork_retry._core.states import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+IDEMPOTENCY_PERIOD = timedelta(hours=24)
+"""How long an idempotency key lives by default (see :mod:`deepwork_retry._core.retention`)."""
 
 
 def _tuple_of_str(value: Any) -> tuple[str, ...]:
@@ -77,7 +80,7 @@ class Task:
 
 @attrs.frozen(kw_only=True)
 class Attempt:
-    """One execution of a task, kept forever as its history."""
+    """One execution of a task, kept as its history (see :mod:`~deepwork_retry._core.retention`)."""
 
     task_id: str
     project_id: str
@@ -165,6 +168,13 @@ class Progress:
         return cls(project_id=project_id, total=total, **counts)
 
 
+def _expiry(record: IdempotencyRecord) -> datetime:
+    try:
+        return record.created_at + IDEMPOTENCY_PERIOD
+    except OverflowError:
+        return datetime.max.replace(tzinfo=record.created_at.tzinfo)
+
+
 @attrs.frozen(kw_only=True)
 class IdempotencyRecord:
     """What a request with an ``Idempotency-Key`` did, for replaying it."""
@@ -176,6 +186,13 @@ class IdempotencyRecord:
     status_code: int | None = None
     """``None`` while the request that reserved the key has not finished."""
     body: str | None = None
+    expires_at: datetime = attrs.field(default=attrs.Factory(_expiry, takes_self=True))
+    """From this moment the record is absent: its key is free again (24 hours
+    after ``created_at`` unless the service was given another period)."""
+
+    def expired(self, now: datetime) -> bool:
+        """Whether the record has expired at ``now`` (then it counts as absent)."""
+        return self.expires_at <= now
 
 
 # -- copying with changes ----------------------------------------------------------------

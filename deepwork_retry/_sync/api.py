@@ -68,6 +68,8 @@ _REPLAYABLE = (NotFound, TaskNotBlocked, ProjectNotRunnable)
 _RECOVERED_STATUS: dict[DispatchState | None, DispatchStatus] = {
     DispatchState.DELIVERED: "dispatched",
     DispatchState.DEFERRED: "deferred",
+    # No entry: a prune removed it, and a prune removes only delivered entries.
+    None: "dispatched",
 }
 """What a recovered answer reports for the outbox entry's state (else ``pending``)."""
 
@@ -153,7 +155,7 @@ class RetryAPI:
             )
             return _retried(result)
         stored_key = scoped_key(principal.id, key)
-        found = self.service.storage.get_idempotency(stored_key)
+        found = self.service.storage.get_idempotency(stored_key, now=self.service.clock.now())
         if found is not None:
             return self._replay_for(found, project_id, task_id)
         try:
@@ -169,7 +171,8 @@ class RetryAPI:
             return self._replay_for(exc.record, project_id, task_id)
         except _REPLAYABLE as exc:
             # Someone may have reserved the key meanwhile: their answer wins.
-            found = self.service.storage.get_idempotency(stored_key)
+            now = self.service.clock.now()
+            found = self.service.storage.get_idempotency(stored_key, now=now)
             if found is not None:
                 return self._replay_for(found, project_id, task_id)
             if not storable_ids(project_id, task_id):
@@ -178,7 +181,8 @@ class RetryAPI:
                 key=stored_key,
                 project_id=project_id,
                 task_id=task_id,
-                created_at=self.service.clock.now(),
+                created_at=now,
+                expires_at=self.service.retention.expires_at(now),
             )
             return self._record(fresh, error_response(exc))
         if result.idempotency is None:  # a service that kept no record: nothing to complete

@@ -42,6 +42,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry._sync._compat import open_now
 from deepwork_retry._wiring import not_opened
@@ -420,7 +421,8 @@ class PostgresStorage:
         if outcome.applied is not None:
             return outcome.applied
         if outcome.reread_idempotency and plan.idempotency is not None:
-            record = self.get_idempotency(plan.idempotency.key)
+            taken_at = plan.idempotency.created_at
+            record = self.get_idempotency(plan.idempotency.key, now=taken_at)
             if record is not None:
                 raise IdempotencyConflict(record)
         assert outcome.error is not None
@@ -437,6 +439,7 @@ class PostgresStorage:
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None:
         """The manual retry loaded, decided and applied in one statement (one round trip).
 
@@ -460,7 +463,7 @@ class PostgresStorage:
         params = q.retry_params(
             project_id, task_id, now=now, actor=actor, reason=reason,
             budget=RetryBudget(budget), claimed_until=claimed_until,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
         )  # fmt: skip
         if not self._opened or self.pool.closed:
             raise self._unopened()
@@ -539,11 +542,14 @@ class PostgresStorage:
         return [q.decode_task(row) for row in rows]
 
     # -- idempotency ---------------------------------------------------------
-    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         if not q.findable(key):
             return None
         row = self._one(self._q.get_idempotency, (key,))
-        return None if row is None else q.decode_idem(row)
+        record = None if row is None else q.decode_idem(row)
+        if record is not None and now is not None and record.expired(now):
+            return None
+        return record
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         row = self._one(self._q.save_idempotency, q.idem_params(record))
@@ -553,6 +559,22 @@ class PostgresStorage:
             assert row is not None
             return q.decode_idem(row)
         return record if row[0] else q.decode_idem(row, 1)
+
+    # -- retention -----------------------------------------------------------
+    def prune(self, rule: PruneRule) -> Pruned:
+        """One batch per table of what ``rule`` removes, each one statement (one transaction).
+
+        Rows locked by another transaction are skipped, never waited for.
+        """
+        counts = []
+        for query, params in self._q.prune(rule):
+            if params is None:
+                counts.append(0)
+                continue
+            with self._connection() as conn:
+                cur = conn.execute(query, params)
+                counts.append(max(cur.rowcount, 0))
+        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
 
     # -- notifications -------------------------------------------------------
     def wait_for_work(self, timeout: float) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 
 from deepwork_retry._core.policy import RetryPolicy
+from deepwork_retry._core.retention import Retention
 from deepwork_retry._sync.services import ExecutorService, Reaper
 from deepwork_retry.ports import Clock, Dispatcher, Storage
 
@@ -37,17 +38,22 @@ def run_reaper(
     dispatcher: Dispatcher | None = None,
     clock: Clock | None = None,
     stop: threading.Event | None = None,
+    prune_every: float | None = None,
+    retention: Retention | None = None,
 ) -> int:
     """Reap expired leases every ``interval`` seconds until ``stop`` is set.
 
     With ``once``, reap one batch and return how many attempts were failed as
     lost; otherwise return 0 when stopped. Storage outages are logged and the
-    loop carries on.
+    loop carries on. With ``prune_every`` (seconds), the reaper also prunes
+    what ``retention`` (by default :class:`~deepwork_retry.Retention`'s
+    defaults) allows, at start and then every ``prune_every`` seconds, a few
+    small batches after each pass.
     """
     if interval <= 0:
         raise ValueError("interval must be positive")
     service = ExecutorService(storage, dispatcher, policy=policy, clock=clock)
-    reaper = Reaper(service, interval=interval)
+    reaper = Reaper(service, interval=interval, prune_every=prune_every, retention=retention)
     if once:
         return reaper.run_once()
     reaper.run(stop if stop is not None else threading.Event())

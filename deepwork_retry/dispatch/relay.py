@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+from deepwork_retry._core.retention import Retention
 from deepwork_retry._sync.services import OutboxRelay
 from deepwork_retry.ports import Clock, Dispatcher, Storage
 
@@ -27,11 +28,16 @@ def run_relay(
     claim_timeout: float = 30.0,
     clock: Clock | None = None,
     stop: threading.Event | None = None,
+    prune_every: float | None = None,
+    retention: Retention | None = None,
 ) -> int:
     """Deliver due outbox entries until ``stop`` is set, polling every ``poll_interval``.
 
     With ``once``, deliver one batch and return how many entries were
-    delivered; otherwise return 0 when stopped.
+    delivered; otherwise return 0 when stopped. With ``prune_every``
+    (seconds), the relay also prunes what ``retention`` (by default
+    :class:`~deepwork_retry.Retention`'s defaults) allows, at start and then
+    every ``prune_every`` seconds, a few small batches between its deliveries.
     """
     if poll_interval <= 0:
         raise ValueError("poll_interval must be positive")
@@ -42,6 +48,8 @@ def run_relay(
         batch=batch,
         claim_timeout=claim_timeout,
         poll_interval=poll_interval,
+        prune_every=prune_every,
+        retention=retention,
     )
     if once:
         return relay.run_once()

@@ -20,7 +20,7 @@ import attrs
 import psycopg
 from psycopg import errors, sql
 
-from deepwork_retry._core import machine
+from deepwork_retry._core import machine, retention
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -30,6 +30,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Guard, Plan, ProjectPlan, Release
+from deepwork_retry._core.retention import PruneRule
 from deepwork_retry._core.states import (
     TERMINAL,
     BlockedReason,
@@ -310,7 +311,7 @@ OUTBOX_COLS = (
     "project_id", "task_id", "attempt", "state", "available_at", "created_at", "claimed_until",
     "tries", "last_error", "delivered_at",
 )  # fmt: skip
-IDEM_COLS = ("key", "project_id", "task_id", "created_at", "status_code", "body")
+IDEM_COLS = ("key", "project_id", "task_id", "created_at", "status_code", "body", "expires_at")
 
 Row = Sequence[Any]
 
@@ -490,6 +491,7 @@ def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
         "i_created_at": record.created_at,
         "i_status_code": record.status_code,
         "i_body": record.body,
+        "i_expires_at": record.expires_at,
     }
 
 
@@ -502,6 +504,7 @@ def decode_idem(row: Row, at: int = 0) -> IdempotencyRecord:
         created_at=_req_utc(r[3]),
         status_code=r[4],
         body=r[5],
+        expires_at=_req_utc(r[6]),
     )
 
 
@@ -586,6 +589,12 @@ _RELEASED_ARRAYS = """
     (SELECT array_agg(delivered_at ORDER BY ord) FROM rel)"""
 
 _NO_RELEASES = ", ".join(["NULL"] * 8)
+
+_TAKE_EXPIRED = (
+    ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEM_COLS[1:])
+    + " WHERE idempotency.expires_at <= EXCLUDED.created_at"
+)
+"""An idempotency insert's conflict clause: a key whose record has expired is free."""
 
 
 @attrs.frozen
@@ -769,17 +778,20 @@ class Queries:
         self.get_idempotency = q(f"SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %s")
         idem_values = ", ".join(f"%(i_{c})s" for c in IDEM_COLS)
         idem_set = ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEM_COLS[1:])
+        # Completes the reservation this record answers, or takes an expired key.
         self.save_idempotency = q(
             f"WITH ins AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})"
             f" VALUES ({idem_values}) ON CONFLICT (key) DO UPDATE SET {idem_set}"
-            f" WHERE idempotency.status_code IS NULL"
-            " AND idempotency.created_at = EXCLUDED.created_at"
+            f" WHERE (idempotency.status_code IS NULL"
+            " AND idempotency.created_at = EXCLUDED.created_at)"
+            " OR idempotency.expires_at <= EXCLUDED.created_at"
             f" RETURNING {_cols(IDEM_COLS)})"
             f" SELECT true, {_cols(IDEM_COLS)} FROM ins UNION ALL"
             f" SELECT false, {_cols(IDEM_COLS)} FROM {{s}}.idempotency"
             " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"
         )
         self.listen = q("LISTEN {c}")
+        self._prune = tuple(q(text) for text in _PRUNE)
         self._retry = {
             (keyed, claimed): q(_retry_text(keyed=keyed, claimed=claimed))
             for keyed in (False, True)
@@ -800,6 +812,14 @@ class Queries:
             order=sql.SQL("{}::regclass").format(order),
         )
         return composed.as_bytes(None)
+
+    def prune(self, rule: PruneRule) -> list[tuple[bytes, dict[str, Any] | None]]:
+        """Each table's delete for ``rule`` and its parameters (``None``: nothing to do)."""
+        cutoffs = (rule.now, rule.delivered_before, rule.finished_before)
+        return [
+            (query, None if cutoff is None else {"before": cutoff, "n": rule.batch})
+            for query, cutoff in zip(self._prune, cutoffs, strict=True)
+        ]
 
     def retry_blocked(self, *, keyed: bool, claimed: bool) -> bytes:
         """The one-step manual retry for a call with (or without) a key and a claim."""
@@ -964,7 +984,8 @@ pv AS (SELECT version FROM {s}.projects WHERE id = %(pid)s FOR KEY SHARE),"""
     if shape.idempotency:
         ctes.append(
             f"""
-idem AS (SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %(i_key)s),"""
+idem AS (SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %(i_key)s
+    AND expires_at > %(i_created_at)s::timestamptz),"""
         )
         ok.append("NOT EXISTS (SELECT 1 FROM idem)")
         idem_cols = ", ".join(f"idem.{c}" for c in IDEM_COLS)
@@ -1004,9 +1025,10 @@ ok AS (SELECT COALESCE({" AND ".join(ok)}, false) AS v),"""
 ins_idem AS (
     INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
     SELECT %(i_key)s::text, %(i_project_id)s::text, %(i_task_id)s::text,
-           %(i_created_at)s::timestamptz, %(i_status_code)s::bigint, %(i_body)s::text
+           %(i_created_at)s::timestamptz, %(i_status_code)s::bigint, %(i_body)s::text,
+           %(i_expires_at)s::timestamptz
     WHERE {gate}
-    ON CONFLICT (key) DO NOTHING
+    ON CONFLICT (key) DO UPDATE SET {_TAKE_EXPIRED}
     RETURNING 1
 ),"""
         )
@@ -1227,11 +1249,15 @@ def _retry_text(*, keyed: bool, claimed: bool) -> str:
     )
     this = "project_id = %(p)s AND task_id = %(t)s"
     if keyed:
-        key_probe = "AND NOT EXISTS (SELECT FROM {s}.idempotency WHERE key = %(k)s::text)"
+        key_probe = (
+            "AND NOT EXISTS (SELECT FROM {s}.idempotency WHERE key = %(k)s::text"
+            " AND expires_at > %(n)s::timestamptz)"
+        )
         reserve = f"""
 i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
-    SELECT %(k)s::text, %(p)s::text, %(t)s::text, %(n)s::timestamptz, NULL, NULL
-    FROM ok WHERE ok.v ON CONFLICT (key) DO NOTHING RETURNING 1),"""
+    SELECT %(k)s::text, %(p)s::text, %(t)s::text, %(n)s::timestamptz, NULL, NULL,
+        %(x)s::timestamptz
+    FROM ok WHERE ok.v ON CONFLICT (key) DO UPDATE SET {_TAKE_EXPIRED} RETURNING 1),"""
         reserved = "AND EXISTS (SELECT FROM i)"
     else:
         key_probe = reserve = reserved = ""
@@ -1316,6 +1342,7 @@ def retry_params(
     budget: RetryBudget,
     claimed_until: datetime | None,
     idempotency_key: str | None,
+    idempotency_expires_at: datetime | None = None,
 ) -> dict[str, Any]:
     """The values of the statement :meth:`Queries.retry_blocked` picks for them."""
     params = {
@@ -1328,6 +1355,11 @@ def retry_params(
     }
     if idempotency_key is not None:
         params["k"] = idempotency_key
+        params["x"] = (
+            IdempotencyRecord(key="", project_id="", task_id="", created_at=now).expires_at
+            if idempotency_expires_at is None
+            else idempotency_expires_at
+        )
     if claimed_until is not None:
         params["c"] = claimed_until
     return params
@@ -1452,3 +1484,29 @@ def apply_project_outcome(
     if found == plan.before.version and guard_bad:
         return VersionConflict(row[2], row[3], row[4])
     return VersionConflict(plan.before.id, plan.before.version, found)
+
+
+# -- retention: the prune rule (deepwork_retry._core.retention) rendered ------------------
+# One batch per table: the oldest rows the rule removes, found by a range read
+# of the table's retention index (migration 0004), locked without waiting
+# (rows another transaction holds are left for the next batch) and deleted
+# by their physical address, in one statement and so one short transaction.
+_FINISHED = _in(s.value for s in retention.FINISHED)
+_PRUNE = (
+    """DELETE FROM {s}.idempotency WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {s}.idempotency WHERE expires_at <= %(before)s
+    ORDER BY expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED))""",
+    f"""DELETE FROM {{s}}.outbox WHERE ctid = ANY(ARRAY(
+    SELECT o.ctid FROM {{s}}.outbox AS o
+    WHERE o.state = '{retention.PRUNED_ENTRY_STATE.value}' AND o.delivered_at <= %(before)s
+    AND NOT EXISTS (SELECT FROM {{s}}.tasks AS t WHERE t.project_id = o.project_id
+        AND t.id = o.task_id AND t.status = '{retention.AWAITING_START.value}'
+        AND t.attempt = o.attempt)
+    ORDER BY o.delivered_at LIMIT %(n)s FOR UPDATE OF o SKIP LOCKED))""",
+    f"""DELETE FROM {{s}}.attempts WHERE ctid = ANY(ARRAY(
+    SELECT a.ctid FROM {{s}}.attempts AS a
+    WHERE a.dispatched_at <= %(before)s
+    AND EXISTS (SELECT FROM {{s}}.tasks AS t WHERE t.project_id = a.project_id
+        AND t.id = a.task_id AND t.status IN ({_FINISHED}) AND t.updated_at <= %(before)s)
+    ORDER BY a.dispatched_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED))""",
+)

@@ -19,6 +19,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.ports import Storage
 
@@ -115,11 +116,16 @@ class AsyncFromSync(Generic[S]):
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         return await self._call(self.sync.expired_leases, now=now, limit=limit)
 
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
-        return await self._call(self.sync.get_idempotency, key)
+    async def get_idempotency(
+        self, key: str, *, now: datetime | None = None
+    ) -> IdempotencyRecord | None:
+        return await self._call(self.sync.get_idempotency, key, now=now)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         return await self._call(self.sync.save_idempotency, record)
+
+    async def prune(self, rule: PruneRule) -> Pruned:
+        return await self._call(self.sync.prune, rule)
 
     async def close(self) -> None:
         await self._call(self.sync.close)

@@ -31,6 +31,7 @@ from deepwork_retry._core.model import (
     evolve_entry,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
     DispatchState,
     Outcome,
@@ -261,8 +262,10 @@ class MemoryStorage:
             if plan.project_version is not None and project.version != plan.project_version:
                 raise VersionConflict(tid, before.version, current.version)
             idem = plan.idempotency
-            if idem is not None and idem.key in self._idempotency:
-                raise IdempotencyConflict(self._idempotency[idem.key])
+            if idem is not None:
+                taken = self._idempotency.get(idem.key)
+                if taken is not None and not taken.expired(idem.created_at):
+                    raise IdempotencyConflict(taken)
             dispatch = plan.dispatch
             if dispatch is not None and dispatch.key in self._outbox:
                 raise VersionConflict(tid, before.version, current.version)
@@ -444,19 +447,67 @@ class MemoryStorage:
             return found[:limit]
 
     # -- idempotency -----------------------------------------------------------------
-    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._lock:
-            return self._idempotency.get(key)
+            record = self._idempotency.get(key)
+        if record is not None and now is not None and record.expired(now):
+            return None
+        return record
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and (
-                existing.status_code is not None or existing.created_at != record.created_at
+            if (
+                existing is not None
+                and not existing.expired(record.created_at)
+                and (existing.status_code is not None or existing.created_at != record.created_at)
             ):
                 return existing
             self._idempotency[record.key] = record
             return record
+
+    # -- retention -------------------------------------------------------------------
+    def prune(self, rule: PruneRule) -> Pruned:
+        """One batch per table of what ``rule`` removes, oldest first, each under the lock once."""
+        batch = rule.batch
+        with self._lock:
+            expired = sorted(
+                (r.expires_at, idem_key)
+                for idem_key, r in self._idempotency.items()
+                if rule.removes_idempotency(r)
+            )[:batch]
+            for _, idem_key in expired:
+                del self._idempotency[idem_key]
+        with self._lock:
+            entries = sorted(
+                (row[_E_DELIVERED], entry_key)
+                for entry_key, row in self._outbox.items()
+                if row[_E_STATE] == _DELIVERED
+                and rule.removes_entry(_entry(row), self._tasks[row[0]][row[1]])
+            )[:batch]
+            for _, entry_key in entries:
+                del self._outbox[entry_key]
+                self._pending.pop(entry_key, None)
+        with self._lock:
+            attempts = sorted(
+                (row[4], task_key, index)
+                for task_key, history in self._attempts.items()
+                for index, row in enumerate(history)
+                if rule.removes_attempt(_attempt(row), self._tasks[task_key[0]][task_key[1]])
+            )[:batch]
+            doomed: dict[_Key, set[int]] = {}
+            for _, task_key, index in attempts:
+                doomed.setdefault(task_key, set()).add(index)
+            for task_key, indexes in doomed.items():
+                history = self._attempts[task_key]
+                kept = tuple(r for i, r in enumerate(history) if i not in indexes)
+                if kept:
+                    self._attempts[task_key] = kept
+                else:
+                    del self._attempts[task_key]
+        return Pruned(
+            idempotency=len(expired), outbox=len(entries), attempts=len(attempts), batches=1
+        )
 
     def close(self) -> None:
         return None

@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from deepwork_retry._core import machine
+from deepwork_retry._core import machine, retention
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -48,6 +48,7 @@ from deepwork_retry._core.model import (
     Task,
 )
 from deepwork_retry._core.plans import Applied, AttemptUpdate, Plan, ProjectPlan, Release
+from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -276,7 +277,7 @@ _ENTRY_COLUMNS = (
     "project_id, task_id, attempt, state, available_at, created_at, claimed_until, tries, "
     "last_error, delivered_at"
 )
-_IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body"
+_IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body, expires_at"
 _O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
 
 
@@ -494,9 +495,61 @@ _INSERT_RETRY_ATTEMPT = (
     "NULL, NULL, NULL, NULL, NULL)"
 )
 _INSERT_NEW_IDEM = (
-    f"INSERT OR IGNORE INTO idempotency ({_IDEM_COLUMNS}) VALUES (?, ?, ?, ?, NULL, NULL)"
+    f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5) "
+    "ON CONFLICT (key) DO UPDATE SET project_id = ?2, task_id = ?3, created_at = ?4, "
+    "status_code = NULL, body = NULL, expires_at = ?5 WHERE expires_at <= ?4"
 )
-"""Reserve a key unless it is taken (then nothing is inserted)."""
+"""Reserve a key unless it is taken by a record that has not expired (then
+nothing is written); an expired record gives its key up."""
+_UPSERT_IDEM = (
+    f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)}) "
+    "ON CONFLICT (key) DO UPDATE SET project_id = excluded.project_id, "
+    "task_id = excluded.task_id, created_at = excluded.created_at, "
+    "status_code = excluded.status_code, body = excluded.body, expires_at = excluded.expires_at"
+)
+
+
+def _expiry(now: datetime, expires_at: datetime | None) -> int:
+    """When a key reserved at ``now`` expires: ``expires_at``, or the default period on."""
+    if expires_at is not None:
+        return _ts(expires_at)
+    return _ts(IdempotencyRecord(key="", project_id="", task_id="", created_at=now).expires_at)
+
+
+# -- retention: the prune rule (deepwork_retry._core.retention) rendered ------------------
+_PRUNE_IDEMPOTENCY = (
+    "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency "
+    "WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)"
+)
+_PRUNE_OUTBOX = (
+    "DELETE FROM outbox WHERE seq IN (SELECT o.seq FROM outbox AS o "
+    f"WHERE o.state = '{retention.PRUNED_ENTRY_STATE.value}' AND o.delivered_at <= ?1 "
+    "AND NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.project_id = o.project_id "
+    f"AND t.id = o.task_id AND t.status = '{retention.AWAITING_START.value}' "
+    "AND t.attempt = o.attempt) "
+    "ORDER BY o.delivered_at LIMIT ?2)"
+)
+_PRUNE_ATTEMPTS = (
+    "DELETE FROM attempts WHERE (project_id, task_id, number) IN ("
+    "SELECT a.project_id, a.task_id, a.number FROM attempts AS a "
+    "JOIN tasks AS t ON t.project_id = a.project_id AND t.id = a.task_id "
+    "WHERE a.dispatched_at <= ?1 AND t.updated_at <= ?1 "
+    f"AND t.status IN ({', '.join(sorted(repr(s.value) for s in retention.FINISHED))}) "
+    "ORDER BY a.dispatched_at LIMIT ?2)"
+)
+
+
+def _prune_statements(rule: PruneRule) -> list[tuple[str, tuple[int, int] | None]]:
+    """Each table's delete for ``rule``, with its parameters (``None``: nothing to do)."""
+
+    def bound(cutoff: datetime | None) -> tuple[int, int] | None:
+        return None if cutoff is None else (_ts(cutoff), rule.batch)
+
+    return [
+        (_PRUNE_IDEMPOTENCY, bound(rule.now)),
+        (_PRUNE_OUTBOX, bound(rule.delivered_before)),
+        (_PRUNE_ATTEMPTS, bound(rule.finished_before)),
+    ]
 
 
 def _task_params(task: Task) -> tuple[Any, ...]:
@@ -656,6 +709,7 @@ def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
         _ts(record.created_at),
         record.status_code,
         _otext(record.body),
+        _ts(record.expires_at),
     )
 
 
@@ -667,6 +721,7 @@ def _idem(row: tuple[Any, ...]) -> IdempotencyRecord:
         created_at=_dt(row[3]),
         status_code=row[4],
         body=_ostr(row[5]),
+        expires_at=_dt(row[6]),
     )
 
 
@@ -1287,7 +1342,7 @@ class SQLiteStorage:
                     raise VersionConflict(tid, before.version, before.version)
             if plan.idempotency is not None:
                 existing = self._get_idempotency(c, plan.idempotency.key)
-                if existing is not None:
+                if existing is not None and not existing.expired(plan.idempotency.created_at):
                     raise IdempotencyConflict(existing)
         if moved:
             old = _value(_TASK_STATUS_VALUES, TaskStatus, before.status)
@@ -1337,10 +1392,7 @@ class SQLiteStorage:
         if plan.releases:
             made.extend(self._release(c, pid, plan.releases, claimed_until))
         if idem is not None:
-            c.execute(
-                f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES ({_marks(_IDEM_COLUMNS)})",
-                idem,
-            )
+            c.execute(_UPSERT_IDEM, idem)  # the key is free: absent, or its record expired
         progress = self._progress(c, pid) if counters is None else _progress_of(pid, counters)
         return Applied(
             task=after,
@@ -1360,6 +1412,7 @@ class SQLiteStorage:
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None:
         """The manual retry decided and applied in one write transaction.
 
@@ -1395,7 +1448,10 @@ class SQLiteStorage:
             cur = c.cursor()
             cur.execute("BEGIN IMMEDIATE")
             if idempotency_key is not None and not (
-                cur.execute(_INSERT_NEW_IDEM, (_text(idempotency_key), pid, tid, at)).rowcount
+                cur.execute(
+                    _INSERT_NEW_IDEM,
+                    (_text(idempotency_key), pid, tid, at, _expiry(now, idempotency_expires_at)),
+                ).rowcount
             ):
                 return None  # the key is taken
             full = budget is RetryBudget.FULL
@@ -1648,24 +1704,41 @@ class SQLiteStorage:
         ).fetchone()
         return None if row is None else _idem(row)
 
-    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+    def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._tx(write=False) as c:
-            return self._get_idempotency(c, key)
+            record = self._get_idempotency(c, key)
+        if record is not None and now is not None and record.expired(now):
+            return None
+        return record
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         params = _idem_params(record)
         with self._tx(write=True) as c:
             existing = self._get_idempotency(c, record.key)
-            if existing is not None and (
-                existing.status_code is not None or existing.created_at != record.created_at
+            if (
+                existing is not None
+                and not existing.expired(record.created_at)
+                and (existing.status_code is not None or existing.created_at != record.created_at)
             ):
                 return existing
-            c.execute(
-                f"INSERT OR REPLACE INTO idempotency ({_IDEM_COLUMNS}) "
-                f"VALUES ({_marks(_IDEM_COLUMNS)})",
-                params,
-            )
+            c.execute(_UPSERT_IDEM, params)
             return record
+
+    # -- retention -------------------------------------------------------------------
+    def prune(self, rule: PruneRule) -> Pruned:
+        """One batch per table of what ``rule`` removes, each its own write transaction.
+
+        Each batch is a range read of its table's retention index, oldest
+        first (see migration 0003), and a delete by primary key.
+        """
+        counts = []
+        for statement, params in _prune_statements(rule):
+            if params is None:
+                counts.append(0)
+                continue
+            with self._tx(write=True) as c:
+                counts.append(c.execute(statement, params).rowcount)
+        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -1723,9 +1796,11 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         budget: RetryBudget = RetryBudget.ONE_MORE,
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
     ) -> Applied | None:
         """:meth:`SQLiteStorage.retry_blocked` in a worker thread."""
         return await self._call(
             self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
             budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
+            idempotency_expires_at=idempotency_expires_at,
         )  # fmt: skip

@@ -21,10 +21,13 @@ from typing import Any, TypeVar
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deepwork_retry._async.services import (
     AsyncExecutorService,
     AsyncOutboxRelay,
+    AsyncPruner,
     AsyncRetryService,
 )
 from deepwork_retry._core import decide
@@ -38,6 +41,7 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.policy import FixedBackoff, RetryPolicy, TaskError
+from deepwork_retry._core.retention import Pruned, PruneRule, Retention
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -173,11 +177,16 @@ class _Checked:
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         return await self.inner.expired_leases(now=now, limit=limit)
 
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
-        return await self.inner.get_idempotency(key)
+    async def get_idempotency(
+        self, key: str, *, now: datetime | None = None
+    ) -> IdempotencyRecord | None:
+        return await self.inner.get_idempotency(key, now=now)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         return await self.inner.save_idempotency(record)
+
+    async def prune(self, rule: PruneRule) -> Pruned:
+        return await self._write(self.inner.prune(rule))
 
     async def close(self) -> None:
         await self.inner.close()
@@ -1072,6 +1081,299 @@ async def _save_idempotency_semantics(h: Harness) -> None:
     assert fresh == await h.s.get_idempotency("k2")
 
 
+# -- retention ------------------------------------------------------------------------------
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+
+def _record(h: Harness, key: str, *, life: float, task_id: str = "t") -> IdempotencyRecord:
+    now = h.now()
+    return IdempotencyRecord(
+        key=key,
+        project_id="p",
+        task_id=task_id,
+        created_at=now,
+        expires_at=now + timedelta(seconds=life),
+    )
+
+
+async def _prune_all(h: Harness, retention: Retention, *, batch: int = 500) -> Pruned:
+    return await AsyncPruner(h.s, retention, clock=h.clock, batch=batch).prune()
+
+
+@scenario
+async def _expired_idempotency_record_is_absent(h: Harness) -> None:
+    """A record looked up at or after its expires_at is absent, before any prune ran."""
+    await h.project("p")
+    record = _record(h, "k", life=60)
+    await h.s.save_idempotency(record)
+    assert record == await h.s.get_idempotency("k", now=h.now())
+    assert record == await h.s.get_idempotency("k", now=h.clock.advance(59.999))
+    assert await h.s.get_idempotency("k", now=record.expires_at) is None
+    assert await h.s.get_idempotency("k", now=h.clock.advance(3600)) is None
+    assert await h.s.get_idempotency("missing", now=h.now()) is None
+
+
+@scenario
+async def _expired_idempotency_key_is_free_again(h: Harness) -> None:
+    """An expired key is taken by a new record, reservation or retry as if it were absent."""
+    await h.project("p")
+    await h.task("p", "t")
+    await h.task("p", "u")
+    done = attrs.evolve(_record(h, "k", life=60), status_code=200, body="{}")
+    await h.s.save_idempotency(done)
+    held = _record(h, "k2", life=60)
+    await h.s.save_idempotency(held)
+    h.clock.advance(60)
+    # save_idempotency: a completed record and a reservation alike give their key up.
+    fresh = attrs.evolve(_record(h, "k", life=60, task_id="u"), status_code=404, body="{}")
+    assert fresh == await h.s.save_idempotency(fresh)
+    assert fresh == await h.s.get_idempotency("k", now=h.now())
+    answer = attrs.evolve(_record(h, "k2", life=60), status_code=400, body="{}")
+    assert answer == await h.s.save_idempotency(answer)
+    # apply's reservation and the retry service (one step where the storage has it).
+    await h.blocked("p", "t")
+    await h.blocked("p", "u")
+    h.clock.advance(61)
+    project, task = await h.s.load("p", "t")
+    plan = decide.manual_retry(task, project, now=h.now(), blockers={}, idempotency_key="k")
+    await h.s.apply(plan)
+    assert plan.idempotency == await h.s.get_idempotency("k", now=h.now())
+    result = await h.retrier.retry("p", "u", idempotency_key="k2")
+    assert TaskStatus.ASSIGNED == result.task.status
+    assert result.idempotency == await h.s.get_idempotency("k2", now=h.now())
+    # A key that has not expired is still refused.
+    await h.ex.start("p", "t", 2)
+    await h.ex.fail("p", "t", 2, TaskError(type="Fatal", message="again", retryable=False))
+    project, task = await h.s.load("p", "t")
+    again = decide.manual_retry(task, project, now=h.now(), blockers={}, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict):
+        await h.s.apply(again)
+
+
+@scenario
+async def _idempotency_key_gets_the_service_retention(h: Harness) -> None:
+    """A retry with a key reserves it for the service's retention.idempotency period."""
+    await h.project("p")
+    await h.task("p", "t")
+    await h.blocked("p", "t")
+    retrier = AsyncRetryService(
+        h.s, h.dispatcher, clock=h.clock, retention=Retention(idempotency=timedelta(minutes=5))
+    )
+    result = await retrier.retry("p", "t", idempotency_key="k")
+    stored = await h.s.get_idempotency("k", now=h.now())
+    assert stored is not None
+    assert result.idempotency == stored
+    assert h.now() + timedelta(minutes=5) == stored.expires_at
+
+
+@scenario
+async def _prune_removes_expired_idempotency_records_only(h: Harness) -> None:
+    """A prune deletes the records expired at its now and keeps every other one."""
+    await h.project("p")
+    for n, life in enumerate([10, 20, 30, 40]):
+        await h.s.save_idempotency(_record(h, f"k{n}", life=life))
+    h.clock.advance(20)
+    pruned = await h.s.prune(Retention().rule(h.now()))
+    assert (2, 0, 0) == (pruned.idempotency, pruned.outbox, pruned.attempts)
+    assert [None, None] == [await h.s.get_idempotency(k) for k in ("k0", "k1")]
+    assert all([await h.s.get_idempotency(k) for k in ("k2", "k3")])
+
+
+@scenario
+async def _prune_batches_are_bounded(h: Harness) -> None:
+    """One prune call removes at most rule.batch rows of a table, oldest first."""
+    await h.project("p")
+    for n in range(5):
+        await h.s.save_idempotency(_record(h, f"k{n}", life=n + 1))
+    h.clock.advance(10)
+    rule = Retention().rule(h.now(), batch=2)
+    assert [2, 2, 1, 0] == [(await h.s.prune(rule)).idempotency for _ in range(4)]
+    assert [] == [k for k in ("k0", "k1", "k2", "k3", "k4") if await h.s.get_idempotency(k)]
+    # The first to expire go first.
+    for n in range(3):
+        await h.s.save_idempotency(_record(h, f"j{n}", life=3 - n))
+    h.clock.advance(10)
+    await h.s.prune(Retention().rule(h.now(), batch=1))
+    assert [True, True, False] == [await h.s.get_idempotency(f"j{n}") is not None for n in range(3)]
+
+
+@scenario
+async def _prune_removes_old_delivered_entries_only(h: Harness) -> None:
+    """Delivered entries older than the period go; pending, deferred, recent ones and the
+    entry of an attempt still waiting to start stay."""
+    await h.project("p")
+    for tid in ("done", "waiting", "pending", "recent", "dep"):
+        await h.task("p", tid, blocked_by=("pending",) if tid == "dep" else ())
+    await h.live.assign("p", "done")
+    await h.live.start("p", "done", 1)
+    await h.live.succeed("p", "done", 1)
+    await h.live.assign("p", "waiting")
+    await h.ex.assign("p", "pending")  # no dispatcher: stays pending
+    await h.ex.assign("p", "dep")  # deferred behind "pending"
+    h.clock.advance(8 * DAY)
+    await h.live.assign("p", "recent")
+    h.clock.advance(DAY)
+    before = {t: await h.s.dispatches("p", t) for t in ("waiting", "pending", "recent", "dep")}
+    pruned = await h.s.prune(Retention(delivered_outbox=timedelta(days=7)).rule(h.now()))
+    assert 1 == pruned.outbox
+    assert [] == await h.s.dispatches("p", "done")
+    assert before == {t: await h.s.dispatches("p", t) for t in before}
+    # Kept by default for 7 days, and not at all without a period.
+    assert 0 == (await h.s.prune(Retention(delivered_outbox=None).rule(h.now()))).outbox
+
+
+@scenario
+async def _prune_keeps_attempts_unless_asked_and_only_of_finished_tasks(h: Harness) -> None:
+    """Attempt records stay by default; asked, a prune removes those of tasks finished
+    longer ago than the period, never those of a task that can still move."""
+    await h.project("p")
+    for tid in ("done", "skipped", "blocked", "recent"):
+        await h.task("p", tid)
+    await h.running("p", "done")
+    await h.ex.succeed("p", "done", 1)
+    await h.ex.assign("p", "skipped")
+    await h.ex.skip("p", "skipped")
+    await h.blocked("p", "blocked")
+    h.clock.advance(10 * DAY)
+    await h.running("p", "recent")
+    await h.ex.succeed("p", "recent", 1)
+    h.clock.advance(DAY)
+    assert 0 == (await _prune_all(h, Retention())).attempts
+    kept = {t: await h.s.attempts("p", t) for t in ("blocked", "recent")}
+    pruned = await _prune_all(h, Retention(attempts=timedelta(days=2)))
+    assert 2 == pruned.attempts
+    assert [[], []] == [await h.s.attempts("p", t) for t in ("done", "skipped")]
+    assert kept == {t: await h.s.attempts("p", t) for t in kept}
+    assert TaskStatus.DONE == (await h.get("p", "done")).status
+
+
+@scenario
+async def _nothing_live_is_lost_to_a_prune(h: Harness) -> None:
+    """After the strictest prune, a blocked task still retries, an unstarted delivery is still
+    handed out again, and pending work is still delivered."""
+    await h.project("p")
+    for tid in ("b", "w", "q"):
+        await h.task("p", tid)
+    await h.blocked("p", "b")
+    await h.live.assign("p", "w")
+    await h.ex.assign("p", "q")
+    h.clock.advance(30 * DAY)
+    everything = Retention(
+        idempotency=timedelta(seconds=1), delivered_outbox=timedelta(0), attempts=timedelta(0)
+    )
+    await _prune_all(h, everything)
+    result = await h.retrier.retry("p", "b")
+    assert (TaskStatus.ASSIGNED, 2) == (result.task.status, result.task.attempt)
+    assert 2 == len(await h.s.attempts("p", "b"))
+    turned = await h.s.redeliver_stale(
+        now=h.now(), delivered_before=h.now() - timedelta(seconds=START), limit=10
+    )
+    assert [("p", "w", 1)] == [e.key for e in turned]
+    relay = AsyncOutboxRelay(h.s, h.dispatcher, clock=h.clock)
+    while await relay.run_once():
+        pass
+    assert {("p", "w", 1), ("p", "q", 1)} <= set(h.dispatcher.keys[-3:])
+
+
+# -- retention: the property ------------------------------------------------------------------
+_PATHS = ("inbox", "assigned", "delivered", "running", "blocked", "retried", "done", "skipped",
+          "retried_done")  # fmt: skip
+_PERIODS = st.sampled_from([None, timedelta(0), timedelta(days=1), timedelta(days=3)])
+
+
+@st.composite
+def _retention_cases(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "tasks": draw(
+            st.lists(
+                st.tuples(st.sampled_from(_PATHS), st.integers(0, 4), st.integers(0, 96)),
+                min_size=1,
+                max_size=6,
+            )
+        ),
+        "delivered_outbox": draw(_PERIODS),
+        "attempts": draw(_PERIODS),
+        "later": draw(st.integers(0, 6)),
+        "batch": draw(st.integers(1, 4)),
+    }
+
+
+async def _walk(h: Harness, pid: str, tid: str, path: str) -> None:
+    """Take task ``tid`` along ``path``, an hour per step."""
+    await h.task(pid, tid, max_retries=0)
+    if path == "inbox":
+        return
+    if path == "skipped":
+        await h.ex.skip(pid, tid)
+        return
+    if path == "assigned":
+        await h.ex.assign(pid, tid)
+        return
+    if path == "delivered":
+        await h.live.assign(pid, tid)
+        return
+    await h.live.assign(pid, tid)
+    h.clock.advance(HOUR)
+    await h.live.start(pid, tid, 1)
+    if path == "running":
+        return
+    h.clock.advance(HOUR)
+    if path == "done":
+        await h.live.succeed(pid, tid, 1)
+        return
+    error = TaskError(type="Fatal", message="boom", retryable=False)
+    await h.live.fail(pid, tid, 1, error)
+    if path == "blocked":
+        return
+    h.clock.advance(HOUR)
+    await h.retrier.retry(pid, tid)
+    if path == "retried":
+        return
+    h.clock.advance(HOUR)
+    await h.live.start(pid, tid, 2)
+    await h.live.succeed(pid, tid, 2)
+
+
+async def _prune_keeps_exactly_what_the_rule_keeps(
+    storage: AsyncStorage, pid: str, case: dict[str, Any]
+) -> None:
+    h = Harness(storage)
+    await h.project(pid)
+    keys: dict[str, IdempotencyRecord] = {}
+    for n, (path, days, key_hours) in enumerate(case["tasks"]):
+        h.clock.advance(days * DAY)
+        await _walk(h, pid, f"t{n}", path)
+        key = f"{pid}-k{n}"
+        keys[key] = await h.s.save_idempotency(
+            attrs.evolve(_record(h, key, life=key_hours * HOUR), project_id=pid)
+        )
+    h.clock.advance(case["later"] * DAY)
+    retention = Retention(delivered_outbox=case["delivered_outbox"], attempts=case["attempts"])
+    tasks = {t.id: t for t in await h.all_tasks(pid)}
+    attempts = {tid: await h.s.attempts(pid, tid) for tid in tasks}
+    entries = {tid: await h.s.dispatches(pid, tid) for tid in tasks}
+    rule = retention.rule(h.now())
+    pruned = await AsyncPruner(h.s, retention, clock=h.clock, batch=case["batch"]).prune()
+    assert pruned.complete
+    for tid, task in tasks.items():
+        kept = [a for a in attempts[tid] if not rule.removes_attempt(a, task)]
+        assert kept == await h.s.attempts(pid, tid), f"attempts of {tid}"
+        kept_entries = [e for e in entries[tid] if not rule.removes_entry(e, task)]
+        assert kept_entries == await h.s.dispatches(pid, tid), f"outbox of {tid}"
+        assert task == await h.get(pid, tid)
+    for key, record in keys.items():
+        expected = None if rule.removes_idempotency(record) else record
+        assert expected == await h.s.get_idempotency(key), key
+
+
+_PROPERTY_SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 # -- running the scenarios ----------------------------------------------------------------
 
 
@@ -1117,6 +1419,20 @@ class StorageContract:
         """The storage has every method of the Storage protocol."""
         assert isinstance(storage, Storage)
 
+    def test_prune_keeps_exactly_what_the_rule_keeps(self, storage: Storage) -> None:
+        """After a prune, every row left is one the retention rule keeps, and every row it
+        keeps is left unchanged (any history, any periods, any batch size)."""
+        wrapped = AsyncFromSync(storage, offload=False)
+        examples = iter(range(1_000_000))
+
+        @_PROPERTY_SETTINGS
+        @given(case=_retention_cases())
+        def check(case: dict[str, Any]) -> None:
+            pid = f"r{next(examples)}"
+            asyncio.run(_prune_keeps_exactly_what_the_rule_keeps(wrapped, pid, case))
+
+        check()
+
 
 class AsyncStorageContract:
     """The conformance tests for an :class:`~deepwork_retry.ports.AsyncStorage`.
@@ -1138,6 +1454,27 @@ class AsyncStorageContract:
                 await storage.close()
 
         assert asyncio.run(main()) is True
+
+    def test_prune_keeps_exactly_what_the_rule_keeps(
+        self, async_storage_factory: AsyncStorageFactory
+    ) -> None:
+        """After a prune, every row left is one the retention rule keeps, and every row it
+        keeps is left unchanged (any history, any periods, any batch size)."""
+        examples = iter(range(1_000_000))
+
+        async def main(pid: str, case: dict[str, Any]) -> None:
+            storage = await async_storage_factory()
+            try:
+                await _prune_keeps_exactly_what_the_rule_keeps(storage, pid, case)
+            finally:
+                await storage.close()
+
+        @_PROPERTY_SETTINGS
+        @given(case=_retention_cases())
+        def check(case: dict[str, Any]) -> None:
+            asyncio.run(main(f"r{next(examples)}", case))
+
+        check()
 
 
 for _name, _fn in SCENARIOS.items():

@@ -139,7 +139,15 @@ def main(argv: list[str]) -> int:
     elif command == "relay":
         run_relay(open_storage(), dispatcher(), poll_interval=1.0)
     elif command == "reaper":
-        run_reaper(open_storage(), interval=5.0, policy=POLICY, dispatcher=dispatcher())
+        # The reaper also prunes what the retention rule allows (docs/deployment.md).
+        prune_every = float(os.environ.get("DEEPWORK_PRUNE_EVERY", "3600"))
+        run_reaper(
+            open_storage(),
+            interval=5.0,
+            policy=POLICY,
+            dispatcher=dispatcher(),
+            prune_every=prune_every,
+        )
     elif command == "seed":
         seed()
     else:

@@ -126,5 +126,12 @@ CREATE TABLE idempotency (
     task_id     text        NOT NULL,
     created_at  timestamptz NOT NULL,
     status_code bigint,
-    body        text
+    body        text,
+    -- From this moment the key is free again (retention; migration 0004).
+    expires_at  timestamptz NOT NULL
 );
+
+-- Retention: each prune batch is a range read of one of these, oldest first.
+CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
+CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE state = 'delivered';
+CREATE INDEX attempts_by_dispatch ON attempts (dispatched_at);

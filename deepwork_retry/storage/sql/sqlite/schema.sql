@@ -112,5 +112,12 @@ CREATE TABLE idempotency (
     task_id     TEXT    NOT NULL,
     created_at  INTEGER NOT NULL,
     status_code INTEGER,
-    body        TEXT
+    body        TEXT,
+    -- From this moment the key is free again (retention; migration 0003).
+    expires_at  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+
+-- Retention: each prune batch is a range read of one of these, oldest first.
+CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
+CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE state = 'delivered';
+CREATE INDEX attempts_by_dispatch ON attempts (dispatched_at);
