@@ -218,11 +218,17 @@ class InvalidToken(NotAuthenticated):
         super().__init__("Invalid token")
 
 
-def missing_extra(extra: str, module: str, exc: ImportError) -> ImportError:
-    """An ImportError that names the extra to install."""
+def missing_extra(
+    extra: str, module: str, exc: ImportError, *, needs: str | None = None
+) -> ImportError:
+    """An ImportError that names the extra to install.
+
+    ``needs`` says what is missing when it is not the module ``exc`` names
+    (a package that is installed but cannot load a library of its own).
+    """
+    what = needs if needs is not None else f"the optional dependency {exc.name!r}"
     err = ImportError(
-        f"{module} needs the optional dependency {exc.name!r}; "
-        f"install it with: pip install 'deepwork-retry[{extra}]'"
+        f"{module} needs {what}; install it with: pip install 'deepwork-retry[{extra}]'"
     )
     err.name = exc.name
     return err

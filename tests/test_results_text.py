@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +14,7 @@ from deepwork_retry._core.states import BlockedReason, TaskStatus
 
 texts = st.text(max_size=30)
 counts = st.integers(min_value=0, max_value=10**12)
-zones = st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), None])
+zones = st.sampled_from([timezone.utc, timezone(timedelta(hours=5, minutes=30)), None])
 stamps = st.builds(
     lambda moment, zone: moment.replace(tzinfo=zone),
     st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1)),

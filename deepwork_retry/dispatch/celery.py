@@ -1,6 +1,7 @@
 """Dispatch attempts through Celery, and run them in Celery workers.
 
-Install with ``pip install 'deepwork-retry[celery]'``.
+Install with ``pip install 'deepwork-retry[celery]'``, plus ``celery[redis]`` for a
+Redis broker (RabbitMQ needs nothing more); see ``docs/install.md``.
 
 The sending side, :class:`CeleryDispatcher`, publishes one message per
 attempt carrying only ``[project_id, task_id, attempt]``; the task's state

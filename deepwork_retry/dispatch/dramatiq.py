@@ -1,6 +1,7 @@
 """Dispatch attempts through Dramatiq, and run them in Dramatiq workers.
 
-Install with ``pip install 'deepwork-retry[dramatiq]'``.
+Install with ``pip install 'deepwork-retry[dramatiq]'``, plus ``dramatiq[rabbitmq]`` or
+``dramatiq[redis]`` for the broker; see ``docs/install.md``.
 
 :class:`DramatiqDispatcher` enqueues one message per attempt carrying only
 ``(project_id, task_id, attempt)``; :func:`deepwork_actor` declares the actor

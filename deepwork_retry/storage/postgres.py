@@ -1,4 +1,5 @@
-"""PostgreSQL storage (extra ``postgres``: psycopg 3 and its pool).
+"""PostgreSQL storage (extra ``postgres``: psycopg 3 and its pool, on the system's libpq;
+``postgres-binary``: the same with psycopg's bundled libpq).
 
 - :class:`PostgresStorage` / :class:`AsyncPostgresStorage`: the storages.
   The sync one opens its pool when constructed; the async one opens inside
@@ -27,6 +28,16 @@ try:
     import psycopg  # noqa: F401 - imported to name the extra when it is missing
     import psycopg_pool  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    if exc.name is None:
+        # psycopg is installed but found no libpq: the `postgres` extra uses the
+        # system's, `postgres-binary` brings psycopg's own build of it.
+        raise missing_extra(
+            "postgres-binary",
+            __name__,
+            exc,
+            needs="libpq, which psycopg could not load (install the system's libpq, or psycopg's "
+            "bundled one)",
+        ) from exc
     raise missing_extra("postgres", __name__, exc) from exc
 
 from deepwork_retry._async.postgres import AsyncPostgresStorage

@@ -1,7 +1,8 @@
 """The conformance kit for storage adapters, and test doubles for host applications.
 
-Needs the ``test`` extra (``pip install 'deepwork-retry[test]'``): it imports
-pytest and Hypothesis. ``import deepwork_retry`` never imports this package.
+Needs the ``testing`` extra (``pip install 'deepwork-retry[testing]'``): it
+imports pytest and Hypothesis. ``import deepwork_retry`` never imports this
+package.
 
 - :class:`StorageContract` / :class:`AsyncStorageContract`: pytest test classes
   to subclass with a ``storage`` / ``async_storage_factory`` fixture.
@@ -18,6 +19,14 @@ See ``docs/testing.md``.
 """
 
 from __future__ import annotations
+
+from deepwork_retry.exceptions import missing_extra
+
+try:
+    import hypothesis  # noqa: F401 - fail here, with the extra's name, when it is missing
+    import pytest  # noqa: F401
+except ImportError as exc:
+    raise missing_extra("testing", __name__, exc) from exc
 
 from deepwork_retry.testing import strategies
 from deepwork_retry.testing.contract import AsyncStorageContract, StorageContract
