@@ -187,8 +187,8 @@ def test_extras_bring_their_library_and_nothing_the_application_chooses(built: B
     extras = set(built.metadata.get_all("Provides-Extra", []))
     assert {"postgres", "postgres-binary", "celery", "dramatiq", "testing"} <= extras
     assert not extras & {"test", "dev"}
-    assert ["psycopg[pool]>=3.1"] == built.requires("postgres")
-    assert ["psycopg[binary,pool]>=3.1"] == built.requires("postgres-binary")
+    assert ["psycopg-pool>=3.2", "psycopg[pool]>=3.1"] == built.requires("postgres")
+    assert ["psycopg-pool>=3.2", "psycopg[binary,pool]>=3.1"] == built.requires("postgres-binary")
     assert ["celery>=5.3"] == built.requires("celery")
     assert ["dramatiq>=1.15"] == built.requires("dramatiq")
     assert ["hypothesis>=6.100", "pytest>=8"] == built.requires("testing")
