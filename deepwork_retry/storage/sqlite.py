@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -700,6 +701,63 @@ def _code(exc: sqlite3.Error) -> int | None:
     return None
 
 
+class _Connection(sqlite3.Connection):
+    """A pooled connection that keeps the cursors it made until it goes back to the pool.
+
+    A cursor left open (its statement failed, or was not read to the end)
+    resets its statement when it is freed, and that takes the connection's
+    mutex. An exception's traceback keeps such a cursor alive past the
+    operation, and is often freed on another thread (an event loop); if the
+    connection is lent out again meanwhile and waiting in SQLite's busy
+    handler, that thread would stall for the whole busy timeout. So every
+    cursor is closed by :meth:`release`, on the thread that used it, before
+    the connection is lent again or closed. (They are held weakly: one freed
+    at once, as most are, was reset then, on the thread that used it.)
+    """
+
+    __slots__ = ("busy_ms", "cursors")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursors: list[weakref.ref[sqlite3.Cursor]] = []
+        self.busy_ms = 0
+        """The busy timeout set on the connection, in milliseconds."""
+
+    def open_cursor(self) -> sqlite3.Cursor:
+        cursor = sqlite3.Cursor(self)
+        self.cursors.append(weakref.ref(cursor))
+        return cursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.open_cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        return self.open_cursor().executemany(sql, parameters)
+
+    def wait_at_most(self, seconds: float) -> None:
+        """Let the next statement wait ``seconds`` for a lock (SQLite's busy timeout)."""
+        wanted = max(0, int(seconds * 1000))
+        if abs(wanted - self.busy_ms) > _BUSY_SLACK_MS:
+            self.open_cursor().execute(f"PRAGMA busy_timeout = {wanted}")
+            self.busy_ms = wanted
+
+    def release(self) -> bool:
+        """Close every cursor this connection made; False if it is unusable."""
+        cursors, self.cursors = self.cursors, []
+        try:
+            for ref in cursors:
+                cursor = ref()
+                if cursor is not None:
+                    cursor.close()
+        except sqlite3.Error:
+            return False
+        return True
+
+
+_BUSY_SLACK_MS = 20
+"""A write's lock wait is shortened only when it waited this long for its turn already."""
+
+
 class SQLiteStorage:
     """A :class:`~deepwork_retry.ports.Storage` in one SQLite file.
 
@@ -739,7 +797,7 @@ class SQLiteStorage:
         # safe to use from two threads at once; the pool never lends one
         # connection twice.
         self._lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
+        self._idle: list[_Connection] = []
         self._closed = False
         self._pid = _PID
         self._immutable = False
@@ -750,6 +808,9 @@ class SQLiteStorage:
         # still meet at SQLite's own lock, bounded by `timeout`.
         self._writer = threading.Lock()
         self._writer_pid = _PID
+        # When a caller queued this thread's write before running it (see
+        # AsyncSQLiteStorage), the time its wait for the lock must end by.
+        self._due = threading.local()
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -759,19 +820,22 @@ class SQLiteStorage:
             mode += "&immutable=1"
         return f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={mode}"
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         conn = sqlite3.connect(
             self._uri(),
             uri=True,
             timeout=self.timeout,
             isolation_level=None,  # transactions are explicit: BEGIN ... COMMIT
             check_same_thread=False,  # the pool hands a connection to one thread at a time
+            factory=_Connection,
         )
+        conn.busy_ms = int(self.timeout * 1000)
         try:
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             if self.read_only:
                 conn.execute("PRAGMA query_only = 1")
         except BaseException:
+            conn.release()
             conn.close()
             raise
         return conn
@@ -803,18 +867,20 @@ class SQLiteStorage:
                 self.read_only = True
                 self._immutable = True
                 conn = self._prepared()
+            conn.release()
         self._idle.append(conn)
 
     def _writable(self) -> bool:
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
 
-    def _prepared(self) -> sqlite3.Connection:
+    def _prepared(self) -> _Connection:
         conn = self._connect()
         try:
             if not self.read_only:
                 self._use_wal(conn)
             self._migrate(conn)
         except BaseException:
+            conn.release()
             conn.close()
             raise
         return conn
@@ -897,7 +963,7 @@ class SQLiteStorage:
                 conn.execute("ROLLBACK")
             raise
 
-    def _checkout(self) -> sqlite3.Connection:
+    def _checkout(self) -> _Connection:
         with self._lock:
             if self._closed:
                 raise StorageUnavailable(f"SQLite storage {str(self.path)!r} is closed")
@@ -911,11 +977,18 @@ class SQLiteStorage:
                 return self._idle.pop()
         return self._connect()
 
-    def _checkin(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == _PID:
-                self._idle.append(conn)
-                return
+    def _checkin(self, conn: _Connection) -> None:
+        """Take ``conn`` back, its cursors closed first (see :class:`_Connection`)."""
+        if conn.release():
+            with self._lock:
+                if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == _PID:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _discard(self, conn: _Connection) -> None:
+        """Close ``conn``, in an unknown state: it is never lent again."""
+        conn.release()
         conn.close()
 
     @contextmanager
@@ -930,9 +1003,9 @@ class SQLiteStorage:
         """The library error for a driver error (see :meth:`_translating`)."""
         where = repr(str(self.path))
         if isinstance(exc, OverflowError):
-            return InvalidInput(f"a number is out of SQLite's 64-bit range: {exc}")
+            return InvalidInput("a number is out of SQLite's 64-bit range")
         if isinstance(exc, UnicodeEncodeError):
-            return InvalidInput(f"text SQLite cannot store (lone surrogates): {exc}")
+            return InvalidInput("text SQLite cannot store (lone surrogates)")
         code = _code(exc)
         if code in _BUSY:
             return StorageUnavailable(
@@ -957,30 +1030,62 @@ class SQLiteStorage:
             )
         return StorageError(f"SQLite database {where} failed: {exc}")
 
-    def _write_turn(self) -> threading.Lock:
-        """This process's writer lock, taken; ``StorageUnavailable`` past ``timeout``."""
+    def _write_turn(self) -> tuple[threading.Lock, float]:
+        """This process's writer lock, taken, and the time the wait for SQLite's lock must
+        end by; ``StorageUnavailable`` when the write has waited ``timeout`` in all.
+
+        The one wait is shared by the turn among this process's writers, SQLite's
+        lock, and the time the write was queued before it ran (:meth:`_due_by`).
+        """
         if self._writer_pid != _PID:
             # A forked child may have copied the lock held by a parent's thread.
             self._writer = threading.Lock()
             self._writer_pid = _PID
         writer = self._writer
-        if not writer.acquire(False) and not writer.acquire(timeout=self.timeout):
+        due: float | None = getattr(self._due, "at", None)
+        if due is None:
+            if writer.acquire(False):
+                return writer, time.monotonic() + self.timeout
+            due = time.monotonic() + self.timeout
+        left = due - time.monotonic()
+        if not writer.acquire(False) and (left <= 0 or not writer.acquire(timeout=left)):
             raise StorageUnavailable(
                 f"SQLite database {str(self.path)!r} is busy: no write turn within "
                 f"{self.timeout:g} s"
             )
-        return writer
+        return writer, due
+
+    @contextmanager
+    def _due_by(self, at: float) -> Iterator[None]:
+        """Writes this thread starts in the block wait for their lock until ``at`` at most
+        (``time.monotonic()``), rather than ``timeout`` from their start."""
+        self._due.at = at
+        try:
+            yield
+        finally:
+            self._due.at = None
+
+    def _begin_write(self, cursor: sqlite3.Cursor | _Connection, due: float) -> None:
+        """``BEGIN IMMEDIATE``, waiting for SQLite's write lock until ``due`` at most."""
+        conn = cursor if isinstance(cursor, _Connection) else cursor.connection
+        assert isinstance(conn, _Connection)
+        conn.wait_at_most(due - time.monotonic())
+        cursor.execute("BEGIN IMMEDIATE")
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on a borrowed connection; rolled back on any error."""
-        writer = self._write_turn() if write else None
+        """One transaction on a borrowed connection; rolled back on any error, and the
+        connection's cursors closed, before the error leaves."""
+        writer, due = self._write_turn() if write else (None, 0.0)
         try:
             with self._translating():
                 conn = self._checkout()
                 reusable = True
                 try:
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    if write:
+                        self._begin_write(conn, due)
+                    else:
+                        conn.execute("BEGIN")
                     yield conn
                     conn.execute("COMMIT")
                 finally:
@@ -992,7 +1097,7 @@ class SQLiteStorage:
                     if reusable:
                         self._checkin(conn)
                     else:
-                        conn.close()
+                        self._discard(conn)
         finally:
             if writer is not None:
                 writer.release()
@@ -1358,7 +1463,7 @@ class SQLiteStorage:
         if budget.__class__ is not RetryBudget:
             budget = RetryBudget(budget)
         # What _tx does, written out: this is the hot path.
-        writer = self._write_turn()
+        writer, due = self._write_turn()
         try:
             c = self._checkout()
         except sqlite3.Error as exc:
@@ -1372,8 +1477,8 @@ class SQLiteStorage:
             at = _ts(now)
             pid, tid = _text(project_id), _text(task_id)
             # One cursor for every statement: cheaper than a new one per execute.
-            cur = c.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            cur = c.open_cursor()
+            self._begin_write(cur, due)
             if idempotency_key is not None and not (
                 cur.execute(_INSERT_NEW_IDEM, (_text(idempotency_key), pid, tid, at)).rowcount
             ):
@@ -1426,7 +1531,7 @@ class SQLiteStorage:
             if reusable:
                 self._checkin(c)
             else:
-                c.close()
+                self._discard(c)
             writer.release()
         made: tuple[DispatchEntry, ...] = ()
         if ready and claimed_until:
