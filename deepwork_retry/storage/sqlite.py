@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
+from typing_extensions import ParamSpec
 
 from deepwork_retry._core import machine
 from deepwork_retry._core.model import (
@@ -73,7 +74,11 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage._to_async import (
+    DEFAULT_MAX_WAITING_WRITES,
+    DEFAULT_READERS,
+    AsyncFromSync,
+)
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteStorage", "migrations"]
@@ -87,6 +92,9 @@ _IN_CHUNK = 500
 """Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
 _KEEP_IDLE = 8
 """Idle connections kept open for reuse; more are closed when returned."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _PID = os.getpid()
 """This process's id, kept current across fork: cheaper than a system call per operation."""
@@ -1778,7 +1786,14 @@ _ABANDONED: list[sqlite3.Connection] = []
 class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
-    ``sqlite3`` blocks, so every call runs in a worker thread.
+    ``sqlite3`` blocks, so every call runs in a worker thread the storage
+    owns: reads on up to ``readers`` threads (WAL lets them run beside the
+    writer), writes one at a time on a writer thread. ``timeout`` bounds a
+    write's whole wait, from the moment it is sent: queued behind other
+    writes, then for SQLite's lock; at most ``max_waiting_writes`` writes
+    wait at once, and one more is refused at once. Either way the write
+    raises :class:`~deepwork_retry.exceptions.StorageUnavailable` and
+    changes nothing. :meth:`close` stops the threads.
     """
 
     def __init__(
@@ -1788,11 +1803,26 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         timeout: float = 5.0,
         synchronous: Synchronous = "FULL",
         read_only: bool = False,
+        readers: int = DEFAULT_READERS,
+        max_waiting_writes: int = DEFAULT_MAX_WAITING_WRITES,
     ) -> None:
-        super().__init__(
-            SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only),
-            offload=True,
-        )
+        sync = SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only)
+        try:
+            super().__init__(
+                sync,
+                offload=True,
+                readers=readers,
+                max_waiting_writes=max_waiting_writes,
+                write_timeout=sync.timeout,
+            )
+        except BaseException:
+            sync.close()
+            raise
+
+    def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
+        with self.sync._due_by(sent + self.sync.timeout):
+            return super()._write(sent, fn, *args, **kwargs)
 
     async def retry_blocked(
         self,
