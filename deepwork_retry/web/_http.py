@@ -20,6 +20,7 @@ from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
 from deepwork_retry.exceptions import (
+    STORAGE_DETAIL,
     DeepworkError,
     IdempotencyKeyReused,
     InvalidInput,
@@ -387,7 +388,7 @@ def storable_ids(project_id: str, task_id: str) -> bool:
 
 # -- the one error table ------------------------------------------------------------------
 
-STORAGE_DOWN = "Storage is unavailable; try again later"
+STORAGE_DOWN = STORAGE_DETAIL
 UNEXPECTED = "The service could not handle this request; try again later"
 
 

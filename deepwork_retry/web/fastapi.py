@@ -144,6 +144,7 @@ class BulkItemModel(BaseModel):
     would_retry: bool | None = None
     detail: str | None
     dispatch: Literal["dispatched", "pending", "deferred"] | None
+    attempted: bool
 
 
 class BulkResponse(BaseModel):
@@ -151,6 +152,7 @@ class BulkResponse(BaseModel):
     items: list[BulkItemModel]
     retried: int
     next_after: str | None
+    stopped: Literal["storage_unavailable", "out_of_time"] | None
 
 
 class RetryOptions(BaseModel):
