@@ -34,4 +34,5 @@ def http(server: str) -> Iterator[httpx.Client]:
 def _storage_up(world: World) -> Iterator[None]:
     yield
     world.storage.down = False
+    world.storage.applies_left = None
     world.recorder.failing.clear()
