@@ -32,10 +32,10 @@ from web_harness import (
 from deepwork_retry import AsyncRetryService, ExecutorService, NoBackoff, RetryPolicy, RetryService
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.demo import create_demo_project
-from deepwork_retry.exceptions import STORAGE_DETAIL
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
 
 JSON = "application/json"
+STORAGE_DETAIL = "Storage is unavailable; try again later"
 NOT_ATTEMPTED = "Not attempted: storage is unavailable; try again later"
 
 
