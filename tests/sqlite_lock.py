@@ -27,7 +27,8 @@ def write_lock_held(path: str | Path) -> Iterator[None]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         assert "held" == proc.stdout.readline().strip()
         yield
