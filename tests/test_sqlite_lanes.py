@@ -65,7 +65,7 @@ def test_reads_answer_while_writes_wait_for_the_lock(tmp_path: Path) -> None:
     ids = blocked_project(db, 30)
 
     async def scenario() -> None:
-        storage = AsyncSQLiteStorage(db, timeout=LOCK_WAIT, readers=2)
+        storage = AsyncSQLiteStorage(db, timeout=LOCK_WAIT)
         service = AsyncRetryService(storage)
         try:
             before = await storage.progress("p")
