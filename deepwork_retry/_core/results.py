@@ -162,12 +162,21 @@ def progress_json(progress: Progress) -> dict[str, Any]:
     }
 
 
+DISPATCH_FAILED = "The dispatcher failed; the outbox relay will deliver it"
+"""What a response says of a failed dispatch: the dispatcher's own message (a broker's
+address, a driver's words) is kept for the outbox and the logs, not shown to clients."""
+
+
+def _dispatch_error(outcome: DispatchOutcome) -> str | None:
+    return None if outcome.error is None else DISPATCH_FAILED
+
+
 def dispatch_json(outcome: DispatchOutcome) -> dict[str, Any]:
     return {
         "status": outcome.status,
         "task_id": outcome.task_id,
         "attempt": outcome.attempt,
-        "error": outcome.error,
+        "error": _dispatch_error(outcome),
     }
 
 
@@ -231,7 +240,7 @@ def retry_text(result: RetryResult) -> str:
         f'"review":{_j(progress.review)},"blocked":{_j(progress.blocked)},'
         f'"skipped":{_j(progress.skipped)},"done":{_j(progress.done)}}},'
         f'"dispatch":{{"status":{_j(dispatch.status)},"task_id":{_j(dispatch.task_id)},'
-        f'"attempt":{_j(dispatch.attempt)},"error":{_j(dispatch.error)}}}}}'
+        f'"attempt":{_j(dispatch.attempt)},"error":{_j(_dispatch_error(dispatch))}}}}}'
     )
 
 

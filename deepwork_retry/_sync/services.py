@@ -172,6 +172,7 @@ class _Shell:
                 self.dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
+                log.warning("dispatch of %s failed, it stays pending: %s", entry.key, error)
                 results[(entry.task_id, entry.attempt)] = error
                 retry_at = self.clock.now() + timedelta(
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)

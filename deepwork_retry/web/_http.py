@@ -452,6 +452,12 @@ def error_response(exc: BaseException) -> ApiResponse:
         row = ERRORS.get(cls)
         if row is not None:
             status, detail, headers = row
+            if isinstance(exc, StorageError):
+                # The client is told only STORAGE_DOWN; what failed is kept in the log.
+                if isinstance(exc, StorageUnavailable):
+                    log.warning("storage unavailable, answered %d: %s", status, exc)
+                else:
+                    log.error("storage failed, answered %d", status, exc_info=exc)
             return respond(status, {"detail": detail(exc)}, headers(exc))
     log.error("unexpected error in the web API", exc_info=exc)
     return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))

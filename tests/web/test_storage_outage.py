@@ -7,6 +7,7 @@ from a second process while a real server answers.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,6 +109,20 @@ def test_bulk_retry_that_finishes_says_it_did_not_stop(http: httpx.Client, world
     world.blocked(pid, "t1")
     body = bulk(http, pid).json()
     assert (None, [True]) == (body["stopped"], [i["attempted"] for i in body["items"]])
+
+
+def test_storage_failure_text_goes_to_the_log_not_the_body(
+    http: httpx.Client, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The storage's own message (a path, SQL) is logged; the client gets the fixed detail."""
+    pid = world.project()
+    tid = world.blocked(pid)
+    world.storage.down = True
+    with caplog.at_level(logging.WARNING, logger="deepwork_retry.web"):
+        response = http.post(task_url(pid, tid, "/retry"), headers=auth())
+    assert_storage_503(response, retry_after="7")
+    assert "private.db" not in response.text
+    assert any(FAULT in record.getMessage() for record in caplog.records)
 
 
 # -- a real SQLite file locked by another process ---------------------------------------------
