@@ -8,6 +8,7 @@ after the writes' lock waits).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -190,3 +191,38 @@ def test_thread_and_queue_sizes_are_checked(tmp_path: Path, bad: Any) -> None:
         AsyncSQLiteStorage(tmp_path / "a.db", readers=bad)
     with pytest.raises(InvalidInput):
         AsyncSQLiteStorage(tmp_path / "b.db", max_waiting_writes=bad)
+
+
+def test_dropping_a_failed_writes_error_never_waits_for_the_connection(tmp_path: Path) -> None:
+    """The error of a retry that timed out on the lock holds nothing of the connection:
+    freeing it on the event loop, while the next write waits for the lock on the same pooled
+    connection, takes no time (it used to wait out that write's busy timeout)."""
+    db = tmp_path / "retry.db"
+    blocked_project(db, 1)
+
+    async def scenario() -> float:
+        storage = AsyncSQLiteStorage(db, timeout=LOCK_WAIT)
+        kept: list[BaseException] = []
+        try:
+            with write_lock_held(db):
+                now = ExecutorService(storage.sync).clock.now()
+                try:
+                    await storage.retry_blocked("p", "t00", now=now)
+                except StorageUnavailable as exc:
+                    kept.append(exc)
+                assert kept, "the retry should have timed out"
+                waiting = asyncio.ensure_future(
+                    timed(storage.claim_due(now=now, limit=10, claimed_until=now))
+                )
+                await asyncio.sleep(0.5)  # the claim is in SQLite's busy handler now
+                started = time.monotonic()
+                kept.clear()
+                gc.collect()
+                elapsed = time.monotonic() - started
+                await waiting
+            return elapsed
+        finally:
+            await storage.close()
+
+    elapsed = run(scenario)
+    assert elapsed < 0.5, f"freeing the error took {elapsed:.1f} s"
