@@ -15,7 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from deepwork_retry import (
     AsyncRetryService,
@@ -171,7 +171,7 @@ def _socket() -> socket.socket:
     return sock
 
 
-def serve_asgi(app: Any, *, lifespan: str = "off") -> tuple[str, Callable[[], None]]:
+def serve_asgi(app: Any, *, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
     """Run ``app`` under uvicorn in a thread; returns its URL and a stop function."""
     import uvicorn
 
