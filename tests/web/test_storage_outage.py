@@ -235,3 +235,54 @@ def test_demo_server_answers_at_once_after_a_locked_503(tmp_path: Path) -> None:
                 time.sleep(0.2)
     finally:
         stop()
+
+
+@pytest.mark.postgres
+def test_bulk_retry_under_a_postgres_table_lock_is_one_fast_503(postgres_dsn: str) -> None:
+    """PostgreSQL with the tasks table locked against writes by another connection: the
+    bulk retry is one 503 after one statement timeout, with no DSN or schema in the body."""
+    import psycopg
+    from flask import Flask
+    from pg_support import schema_dropped_after
+    from psycopg import sql
+
+    from deepwork_retry.storage.postgres import PostgresStorage
+    from deepwork_retry.web.flask import blueprint
+
+    with schema_dropped_after(postgres_dsn, "outage") as schema:
+        storage = PostgresStorage(postgres_dsn, schema=schema, statement_timeout_ms=1000)
+        try:
+            ex = ExecutorService(storage, policy=RetryPolicy(backoff=NoBackoff()))
+            ex.create_project("p")
+            for n in range(6):
+                ex.add_task("p", f"t{n}", max_retries=0)
+                ex.assign("p", f"t{n}")
+                ex.start("p", f"t{n}", 1)
+                ex.fail("p", f"t{n}", 1, RuntimeError("boom"))
+            app = Flask("deepwork_retry_pg_outage")
+            tokens = StaticTokens({ALICE: Principal(id="alice")})
+            app.register_blueprint(blueprint(RetryService(storage, Recorder()), tokens))
+            served, stop = serve_wsgi_werkzeug(app)
+            try:
+                with (
+                    psycopg.connect(postgres_dsn) as holder,
+                    httpx.Client(base_url=served, timeout=60) as http,
+                ):
+                    holder.execute(
+                        sql.SQL("LOCK TABLE {}.tasks IN EXCLUSIVE MODE").format(
+                            sql.Identifier(schema)
+                        )
+                    )
+                    started = time.monotonic()
+                    response = bulk(http, "p")
+                    elapsed = time.monotonic() - started
+                    holder.rollback()
+                assert_storage_503(response)
+                assert schema not in response.text
+                assert "postgres" not in response.text.lower()
+                assert elapsed < 4.0, f"took {elapsed:.1f} s"
+                assert {"blocked"} == {t.status.value for t in storage.list_tasks("p")}
+            finally:
+                stop()
+        finally:
+            storage.close()
