@@ -186,11 +186,13 @@ def test_closed_storage_refuses_and_stops_its_threads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_thread_and_queue_sizes_are_checked(tmp_path: Path, bad: Any) -> None:
-    """A reader count or write queue limit that is not a positive integer is refused."""
+    """A thread count or write queue limit that is not a positive integer is refused."""
     with pytest.raises(InvalidInput):
         AsyncSQLiteStorage(tmp_path / "a.db", readers=bad)
     with pytest.raises(InvalidInput):
         AsyncSQLiteStorage(tmp_path / "b.db", max_waiting_writes=bad)
+    with pytest.raises(InvalidInput):
+        AsyncSQLiteStorage(tmp_path / "c.db", writers=bad)
 
 
 def test_dropping_a_failed_writes_error_never_waits_for_the_connection(tmp_path: Path) -> None:

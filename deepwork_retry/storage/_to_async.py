@@ -32,8 +32,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-DEFAULT_READERS = 8
+DEFAULT_READERS = 4
 """Threads that run an offloaded storage's reads."""
+DEFAULT_WRITERS = 4
+"""Threads that run an offloaded storage's writes."""
 DEFAULT_MAX_WAITING_WRITES = 128
 """Writes an offloaded storage lets wait for its writer at once; more are refused."""
 
@@ -46,10 +48,11 @@ class AsyncFromSync(Generic[S]):
     that never block.
 
     Offloaded reads and writes run on separate threads the storage owns: up
-    to ``readers`` reads at once, and the writes one at a time on a single
-    writer thread, in their order of arrival (a storage with one writer at a
-    time gains nothing from more). So a write waiting for a lock held
-    elsewhere never holds up a read. At most ``max_waiting_writes`` writes
+    to ``readers`` reads at once, and writes on up to ``writers`` threads,
+    taken in their order of arrival (a storage that writes one at a time
+    still gains from a few: one thread's work outside the lock overlaps
+    another's inside it). So a write waiting for a lock held elsewhere never
+    holds up a read. At most ``max_waiting_writes`` writes
     may be queued or running; one more is refused at once with
     :class:`~deepwork_retry.exceptions.StorageUnavailable` rather than
     queued behind writes that are already waiting. With ``write_timeout``,
@@ -65,10 +68,12 @@ class AsyncFromSync(Generic[S]):
         *,
         offload: bool,
         readers: int = DEFAULT_READERS,
+        writers: int = DEFAULT_WRITERS,
         max_waiting_writes: int = DEFAULT_MAX_WAITING_WRITES,
         write_timeout: float | None = None,
     ) -> None:
-        for name, value in (("readers", readers), ("max_waiting_writes", max_waiting_writes)):
+        sizes = {"readers": readers, "writers": writers, "max_waiting_writes": max_waiting_writes}
+        for name, value in sizes.items():
             if value.__class__ is not int or value < 1:
                 raise InvalidInput(f"{name} must be an integer >= 1")
         self.sync = sync
@@ -82,7 +87,7 @@ class AsyncFromSync(Generic[S]):
         if offload:
             # Threads start only when first needed, so nothing here is bound to a loop.
             self._readers = ThreadPoolExecutor(readers, thread_name_prefix="deepwork-storage-read")
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="deepwork-storage-write")
+            self._writer = ThreadPoolExecutor(writers, thread_name_prefix="deepwork-storage-write")
 
     def _submit(self, executor: ThreadPoolExecutor, call: Callable[[], R]) -> Future[R]:
         if self._closed:
@@ -100,7 +105,7 @@ class AsyncFromSync(Generic[S]):
         return await asyncio.wrap_future(self._submit(self._readers, call))
 
     async def _call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run a write (or any call not known to be a read) on the writer thread, or
+        """Run a write (or any call not known to be a read) on a writer thread, or
         refuse it at once when ``max_waiting_writes`` are queued or running."""
         if self._writer is None:
             return fn(*args, **kwargs)
@@ -125,7 +130,7 @@ class AsyncFromSync(Generic[S]):
             self._writes -= 1
 
     def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """One write on the writer thread; ``sent`` is when it was queued (``time.monotonic``)."""
+        """One write on a writer thread; ``sent`` is when it was queued (``time.monotonic``)."""
         if self._write_timeout is not None and time.monotonic() - sent >= self._write_timeout:
             raise StorageUnavailable(
                 f"{self!r}: a write waited {self._write_timeout:g} s for its turn; try again later"

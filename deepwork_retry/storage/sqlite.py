@@ -77,6 +77,7 @@ from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
+    DEFAULT_WRITERS,
     AsyncFromSync,
 )
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
@@ -806,6 +807,7 @@ class SQLiteStorage:
         # connection twice.
         self._lock = threading.Lock()
         self._idle: list[_Connection] = []
+        self._keep_idle = _KEEP_IDLE
         self._closed = False
         self._pid = _PID
         self._immutable = False
@@ -989,7 +991,7 @@ class SQLiteStorage:
         """Take ``conn`` back, its cursors closed first (see :class:`_Connection`)."""
         if conn.release():
             with self._lock:
-                if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == _PID:
+                if not self._closed and len(self._idle) < self._keep_idle and self._pid == _PID:
                     self._idle.append(conn)
                     return
         conn.close()
@@ -1788,7 +1790,8 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage
     owns: reads on up to ``readers`` threads (WAL lets them run beside the
-    writer), writes one at a time on a writer thread. ``timeout`` bounds a
+    writer), writes on up to ``writers`` threads, which take turns for the
+    write lock in order of arrival. ``timeout`` bounds a
     write's whole wait, from the moment it is sent: queued behind other
     writes, then for SQLite's lock; at most ``max_waiting_writes`` writes
     wait at once, and one more is refused at once. Either way the write
@@ -1804,6 +1807,7 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         synchronous: Synchronous = "FULL",
         read_only: bool = False,
         readers: int = DEFAULT_READERS,
+        writers: int = DEFAULT_WRITERS,
         max_waiting_writes: int = DEFAULT_MAX_WAITING_WRITES,
     ) -> None:
         sync = SQLiteStorage(path, timeout=timeout, synchronous=synchronous, read_only=read_only)
@@ -1812,12 +1816,15 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
                 sync,
                 offload=True,
                 readers=readers,
+                writers=writers,
                 max_waiting_writes=max_waiting_writes,
                 write_timeout=sync.timeout,
             )
         except BaseException:
             sync.close()
             raise
+        # Every thread may keep a connection: none is closed only to be opened again.
+        sync._keep_idle = max(sync._keep_idle, readers + writers)
 
     def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""

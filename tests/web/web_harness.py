@@ -171,7 +171,9 @@ def _socket() -> socket.socket:
     return sock
 
 
-def serve_asgi(app: Any, *, lifespan: Literal["auto", "on", "off"] = "off") -> tuple[str, Callable[[], None]]:
+def serve_asgi(
+    app: Any, *, lifespan: Literal["auto", "on", "off"] = "off"
+) -> tuple[str, Callable[[], None]]:
     """Run ``app`` under uvicorn in a thread; returns its URL and a stop function."""
     import uvicorn
 
