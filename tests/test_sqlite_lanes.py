@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlite_lock import write_lock_held
 
 from deepwork_retry import AsyncRetryService, ExecutorService, NoBackoff, RetryPolicy
 from deepwork_retry._core.model import IdempotencyRecord, Progress
 from deepwork_retry.exceptions import InvalidInput, StorageUnavailable
+from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
 
 pytestmark = pytest.mark.slow
@@ -228,3 +232,67 @@ def test_dropping_a_failed_writes_error_never_waits_for_the_connection(tmp_path:
 
     elapsed = run(scenario)
     assert elapsed < 0.5, f"freeing the error took {elapsed:.1f} s"
+
+
+class Gate:
+    """A sync "storage" whose writes wait for ``opened``, then return or raise."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+
+    def apply(self, outcome: str) -> str:
+        self.opened.wait(10)
+        if outcome == "fail":
+            raise StorageUnavailable("failed")
+        return outcome
+
+    def close(self) -> None:
+        return None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    outcomes=st.lists(st.sampled_from(["ok", "fail", "cancel"]), max_size=8),
+    limit=st.integers(1, 4),
+    writers=st.integers(1, 2),
+)
+def test_the_write_bound_counts_every_write_until_it_is_done(
+    outcomes: list[str], limit: int, writers: int
+) -> None:
+    """Writes sent at once beyond ``max_waiting_writes`` are refused at once and only
+    those; once every write returned, failed or was given up by its caller, the count of
+    waiting writes is back to zero, so the bound never leaks."""
+    gate = Gate()
+
+    async def scenario() -> None:
+        store = AsyncFromSync(
+            gate,  # type: ignore[type-var]
+            offload=True,
+            writers=writers,
+            max_waiting_writes=limit,
+        )
+        try:
+            sent = [asyncio.ensure_future(store.apply(o)) for o in outcomes]  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            refused = [f.done() for f in sent]
+            assert [False] * min(limit, len(sent)) + [True] * max(0, len(sent) - limit) == refused
+            for future, outcome in zip(sent, outcomes, strict=True):
+                if outcome == "cancel" and not future.done():
+                    future.cancel()
+            gate.opened.set()
+            results: list[object] = list(await asyncio.gather(*sent, return_exceptions=True))
+            for outcome, was_refused, result in zip(outcomes, refused, results, strict=True):
+                if was_refused or outcome == "fail":
+                    assert isinstance(result, StorageUnavailable)
+                elif outcome == "ok":
+                    assert "ok" == result
+            for _ in range(200):
+                if store._writes == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert 0 == store._writes
+        finally:
+            gate.opened.set()
+            await store.close()
+
+    asyncio.run(scenario())
