@@ -286,3 +286,53 @@ def test_bulk_retry_under_a_postgres_table_lock_is_one_fast_503(postgres_dsn: st
                 stop()
         finally:
             storage.close()
+
+
+def test_demo_server_reads_answer_while_retries_wait_for_the_lock(tmp_path: Path) -> None:
+    """With the write lock held by another process and 30 retries waiting for it, the demo
+    server's read routes still answer at once; each retry then answers 503 within about
+    one lock wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepwork_retry.server import build_app
+
+    db = tmp_path / "demo.db"
+    setup = SQLiteStorage(db)
+    try:
+        create_demo_project(setup, "demo")
+    finally:
+        setup.close()
+    tokens = StaticTokens({ALICE: Principal(id="alice")})
+    served, stop = serve_asgi(build_app(str(db), tokens), lifespan="on")
+    limits = httpx.Limits(max_connections=40, max_keepalive_connections=40)
+    try:
+        with (
+            write_lock_held(db),
+            httpx.Client(base_url=served, timeout=60, limits=limits) as http,
+            ThreadPoolExecutor(30) as pool,
+        ):
+
+            def timed_retry(_: int) -> tuple[float, int]:
+                started = time.monotonic()
+                status = http.post(task_url("demo", "task-3", "/retry"), headers=auth())
+                return time.monotonic() - started, status.status_code
+
+            retries = pool.map(timed_retry, range(30))
+            time.sleep(0.5)
+            for path in (
+                url("projects", "demo", "progress"),
+                task_url("demo", "task-3"),
+                task_url("demo", "task-3", "/attempts"),
+                url("projects", "demo", "tasks"),
+            ):
+                started = time.monotonic()
+                answer = http.get(path, headers=auth())
+                elapsed = time.monotonic() - started
+                assert 200 == answer.status_code, answer.text
+                assert elapsed < 1.0, f"{path} took {elapsed:.1f} s"
+            outcomes = list(retries)
+        assert {503} == {status for _, status in outcomes}
+        slowest = max(elapsed for elapsed, _ in outcomes)
+        assert slowest < 5.0 + 2.0, f"a retry took {slowest:.1f} s"
+    finally:
+        stop()
