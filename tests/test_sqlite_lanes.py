@@ -12,6 +12,7 @@ import gc
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,6 +169,31 @@ def test_a_queued_write_waits_timeout_in_all(tmp_path: Path) -> None:
 
     waits = run(scenario)
     assert max(waits) < LOCK_WAIT + 1.0, f"waits: {waits}"
+
+
+def test_a_write_whose_lock_wait_was_shortened_leaves_no_shorter_wait_behind(
+    tmp_path: Path,
+) -> None:
+    """Two threads write while another process holds the lock for a second: the second
+    writer's wait for SQLite's lock is what is left of its timeout, and the pooled
+    connections all wait the full timeout again afterwards."""
+    db = tmp_path / "retry.db"
+    blocked_project(db, 1)
+    storage = SQLiteStorage(db, timeout=LOCK_WAIT + 1)
+    now = ExecutorService(storage).clock.now()
+    records = [
+        IdempotencyRecord(key=k, project_id="p", task_id="t00", created_at=now) for k in "ab"
+    ]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            with write_lock_held(db):
+                saved = [pool.submit(storage.save_idempotency, r) for r in records]
+                time.sleep(1.0)
+            assert records == [future.result() for future in saved]
+        pooled = [c.execute("PRAGMA busy_timeout").fetchone()[0] for c in storage._idle]
+        assert {int((LOCK_WAIT + 1) * 1000)} == set(pooled)
+    finally:
+        storage.close()
 
 
 def test_closed_storage_refuses_and_stops_its_threads(tmp_path: Path) -> None:

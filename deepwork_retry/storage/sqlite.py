@@ -750,6 +750,18 @@ class _Connection(sqlite3.Connection):
             self.open_cursor().execute(f"PRAGMA busy_timeout = {wanted}")
             self.busy_ms = wanted
 
+    def reset(self, busy_ms: int) -> bool:
+        """Ready to lend again: the busy timeout back to ``busy_ms`` (a write may have
+        shortened it) and every cursor closed; False if the connection is unusable."""
+        if self.busy_ms != busy_ms:
+            try:
+                self.open_cursor().execute(f"PRAGMA busy_timeout = {busy_ms}")
+            except sqlite3.Error:
+                self.release()
+                return False
+            self.busy_ms = busy_ms
+        return self.release()
+
     def release(self) -> bool:
         """Close every cursor this connection made; False if it is unusable."""
         cursors, self.cursors = self.cursors, []
@@ -797,6 +809,7 @@ class SQLiteStorage:
                 "SQLiteStorage needs a file path; use MemoryStorage for in-memory storage"
             )
         self.timeout = float(timeout)
+        self._busy_ms = int(self.timeout * 1000)
         self.synchronous: Synchronous = synchronous
         self.read_only = read_only
         # A pool of connections rather than one per thread: any thread (the
@@ -839,7 +852,7 @@ class SQLiteStorage:
             check_same_thread=False,  # the pool hands a connection to one thread at a time
             factory=_Connection,
         )
-        conn.busy_ms = int(self.timeout * 1000)
+        conn.busy_ms = self._busy_ms
         try:
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             if self.read_only:
@@ -988,8 +1001,8 @@ class SQLiteStorage:
         return self._connect()
 
     def _checkin(self, conn: _Connection) -> None:
-        """Take ``conn`` back, its cursors closed first (see :class:`_Connection`)."""
-        if conn.release():
+        """Take ``conn`` back, reset first (see :class:`_Connection`)."""
+        if conn.reset(self._busy_ms):
             with self._lock:
                 if not self._closed and len(self._idle) < self._keep_idle and self._pid == _PID:
                     self._idle.append(conn)
