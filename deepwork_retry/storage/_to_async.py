@@ -37,7 +37,7 @@ DEFAULT_READERS = 4
 DEFAULT_WRITERS = 4
 """Threads that run an offloaded storage's writes."""
 DEFAULT_MAX_WAITING_WRITES = 128
-"""Writes an offloaded storage lets wait for its writer at once; more are refused."""
+"""Writes an offloaded storage lets be queued or running at once; more are refused."""
 
 
 class AsyncFromSync(Generic[S]):
@@ -52,8 +52,8 @@ class AsyncFromSync(Generic[S]):
     taken in their order of arrival (a storage that writes one at a time
     still gains from a few: one thread's work outside the lock overlaps
     another's inside it). So a write waiting for a lock held elsewhere never
-    holds up a read. At most ``max_waiting_writes`` writes
-    may be queued or running; one more is refused at once with
+    holds up a read. At most ``max_waiting_writes`` writes may be queued or
+    running; one more is refused at once with
     :class:`~deepwork_retry.exceptions.StorageUnavailable` rather than
     queued behind writes that are already waiting. With ``write_timeout``,
     a write still queued that long after it was sent is refused when its
