@@ -497,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _report(exc: BaseException, args: argparse.Namespace) -> ExitCode:
     """Print ``exc`` as one line (plus what to do) and return its exit status."""
     code = exit_code(exc)
-    message = exc.detail if isinstance(exc, DeepworkError) else str(exc)
+    # The operator runs the command on the database's own side: the full
+    # message (a storage error's path and cause included) is theirs to read,
+    # unlike the fixed ``detail`` an API client gets.
+    message = str(exc)
     if code is ExitCode.NO_DATABASE:
         message += f"; create it with: {migrate_command(args)}"
     print(f"error: {message}", file=sys.stderr)

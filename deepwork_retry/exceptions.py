@@ -120,6 +120,10 @@ class VersionConflict(DeepworkError):
             f"Task {task_id!r} changed concurrently (expected version {expected}, found {found})"
         )
 
+    @property
+    def detail(self) -> str:
+        return "The task is busy; try again shortly"
+
 
 class IdempotencyConflict(DeepworkError):
     """The idempotency key was recorded already, by this or another request."""
@@ -143,8 +147,21 @@ class IdempotencyKeyReused(DeepworkError, ValueError):
 # -- storage -------------------------------------------------------------------
 
 
+STORAGE_DETAIL = "Storage is unavailable; try again later"
+"""What clients are told of any storage failure; the message, for the logs, says more."""
+
+
 class StorageError(DeepworkError):
-    """Storage failed in a way the caller cannot fix by changing the request."""
+    """Storage failed in a way the caller cannot fix by changing the request.
+
+    Its message names what failed (a path, a host, the driver's words) for
+    the logs; its :attr:`detail`, what API clients see, is always
+    :data:`STORAGE_DETAIL`.
+    """
+
+    @property
+    def detail(self) -> str:
+        return STORAGE_DETAIL
 
 
 class StorageUnavailable(StorageError, ConnectionError):
@@ -235,6 +252,7 @@ def missing_extra(
 
 
 __all__ = [
+    "STORAGE_DETAIL",
     "AlreadyExists",
     "ConfigurationError",
     "DeepworkError",

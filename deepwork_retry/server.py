@@ -76,7 +76,8 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
             # shut down quietly either way.
             with contextlib.suppress(asyncio.CancelledError):
                 await relay_task
-            demo.shutdown()
+            # Waiting for the executor's threads blocks: not on the event loop.
+            await asyncio.to_thread(demo.shutdown)
             await storage.close()
 
     return Starlette(routes=routes(service, tokens), lifespan=lifespan)

@@ -497,7 +497,10 @@ def test_a_bulk_retry_stopped_after_some_commits_reports_them_and_where_to_go_on
     )
     body = response.json()
     assert (200, 1, "a") == (response.status, body["retried"], body["next_after"])
-    assert [("a", True)] == [(i["task_id"], i["retried"]) for i in body["items"]]
+    assert "interrupted" == body["stopped"]
+    assert [("a", True, True), ("b", False, False), ("c", False, False)] == [
+        (i["task_id"], i["retried"], i["attempted"]) for i in body["items"]
+    ]
     storage.failing_task = ""
     rest = RetryService(storage).bulk_retry("p", after="a")
     assert [("b", True), ("c", True)] == [(i.task_id, i.retried) for i in rest.items]

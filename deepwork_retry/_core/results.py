@@ -62,6 +62,23 @@ class BulkItem:
     detail: str | None = None
     """Why not, when not."""
     dispatch: DispatchStatus | None = None
+    attempted: bool = True
+    """False for a task the request stopped before (see :attr:`BulkResult.stopped`)."""
+
+
+BulkStop = Literal["storage_unavailable", "out_of_time", "interrupted"]
+
+STORAGE_STOPPED: BulkStop = "storage_unavailable"
+OUT_OF_TIME: BulkStop = "out_of_time"
+INTERRUPTED: BulkStop = "interrupted"
+
+NOT_ATTEMPTED: dict[BulkStop, str] = {
+    STORAGE_STOPPED: "Not attempted: storage is unavailable; try again later",
+    OUT_OF_TIME: "Not attempted: the request ran out of time; send it again to go on",
+    INTERRUPTED: "Not attempted: the request failed after retrying the tasks before; "
+    "send it again to go on",
+}
+"""The ``detail`` of a task a bulk request stopped before, by the reason it stopped."""
 
 
 @attrs.frozen(kw_only=True)
@@ -70,6 +87,37 @@ class BulkResult:
     items: tuple[BulkItem, ...]
     next_after: str | None
     """Pass as ``after`` for the next page; ``None`` on the last page."""
+    stopped: BulkStop | None = None
+    """Why the request stopped before the end of its page; ``None`` when it did not."""
+
+
+def bulk_outcome(
+    dry_run: bool,
+    finished: Sequence[BulkItem],
+    tasks: Sequence[Task],
+    *,
+    limit: int,
+    stop: BulkStop | None = None,
+) -> BulkResult:
+    """The result of a bulk request over the page ``tasks`` that finished ``finished``.
+
+    ``finished`` are the first tasks of the page, each retried or refused by
+    a rule (final either way). A request that stopped early (``stop``) lists
+    every other task of the page as not attempted, nothing changed for them,
+    and its ``next_after`` is the last task finished: the ``after`` that goes
+    on from where it stopped.
+    """
+    if stop is not None and len(finished) < len(tasks):
+        rest = tasks[len(finished) :]
+        detail = NOT_ATTEMPTED[stop]
+        items = (
+            *finished,
+            *(BulkItem(task_id=t.id, retried=False, detail=detail, attempted=False) for t in rest),
+        )
+        last = finished[-1].task_id if finished else None
+        return BulkResult(dry_run=dry_run, items=items, next_after=last, stopped=stop)
+    next_after = tasks[-1].id if len(tasks) == limit else None
+    return BulkResult(dry_run=dry_run, items=tuple(finished), next_after=next_after)
 
 
 # -- JSON ------------------------------------------------------------------------
@@ -117,12 +165,21 @@ def progress_json(progress: Progress) -> dict[str, Any]:
     }
 
 
+DISPATCH_FAILED = "The dispatcher failed; the outbox relay will deliver it"
+"""What a response says of a failed dispatch: the dispatcher's own message (a broker's
+address, a driver's words) is kept for the outbox and the logs, not shown to clients."""
+
+
+def _dispatch_error(outcome: DispatchOutcome) -> str | None:
+    return None if outcome.error is None else DISPATCH_FAILED
+
+
 def dispatch_json(outcome: DispatchOutcome) -> dict[str, Any]:
     return {
         "status": outcome.status,
         "task_id": outcome.task_id,
         "attempt": outcome.attempt,
-        "error": outcome.error,
+        "error": _dispatch_error(outcome),
     }
 
 
@@ -186,7 +243,7 @@ def retry_text(result: RetryResult) -> str:
         f'"review":{_j(progress.review)},"blocked":{_j(progress.blocked)},'
         f'"skipped":{_j(progress.skipped)},"done":{_j(progress.done)}}},'
         f'"dispatch":{{"status":{_j(dispatch.status)},"task_id":{_j(dispatch.task_id)},'
-        f'"attempt":{_j(dispatch.attempt)},"error":{_j(dispatch.error)}}}}}'
+        f'"attempt":{_j(dispatch.attempt)},"error":{_j(_dispatch_error(dispatch))}}}}}'
     )
 
 
@@ -239,11 +296,13 @@ def bulk_json(result: BulkResult) -> dict[str, Any]:
                 ("would_retry" if result.dry_run else "retried"): item.retried,
                 "detail": item.detail,
                 "dispatch": item.dispatch,
+                "attempted": item.attempted,
             }
             for item in result.items
         ],
         "retried": sum(item.retried for item in result.items),
         "next_after": result.next_after,
+        "stopped": result.stopped,
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -25,12 +26,16 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan
 from deepwork_retry._core.policy import ExponentialBackoff, RandomSource, RetryPolicy, TaskError
 from deepwork_retry._core.results import (
+    INTERRUPTED,
+    OUT_OF_TIME,
+    STORAGE_STOPPED,
     BulkItem,
     BulkResult,
     ChangeResult,
     DispatchOutcome,
     DispatchStatus,
     RetryResult,
+    bulk_outcome,
 )
 from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
@@ -56,6 +61,9 @@ from deepwork_retry.storage._validate import MAX_ID_LENGTH, check_id
 log = logging.getLogger("deepwork_retry")
 
 _Build = Callable[[Project, Task, datetime], Plan]
+
+BULK_TIME_BUDGET = 10.0
+"""Seconds a bulk retry may spend starting retries (see ``RetryService.bulk_retry``)."""
 
 REDELIVERY = ExponentialBackoff(wait_initial=1.0, wait_max=60.0, wait_jitter=1.0)
 """Backoff between deliveries of an outbox entry whose dispatcher failed."""
@@ -192,6 +200,7 @@ class _Shell:
                 dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
+                log.warning("dispatch of %s failed, it stays pending: %s", entry.key, error)
                 results[(entry.task_id, entry.attempt)] = error
                 retry_at = self.clock.now() + timedelta(
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
@@ -362,35 +371,51 @@ class RetryService(_Shell):
         budget: RetryBudget | str = RetryBudget.ONE_MORE,
         after: str | None = None,
         limit: int = 100,
+        time_budget: float = BULK_TIME_BUDGET,
     ) -> BulkResult:
-        """Retry (or with ``dry_run`` check) one page of the project's blocked tasks."""
+        """Retry (or with ``dry_run`` check) one page of the project's blocked tasks.
+
+        Each task is retried in its own transaction, in id order, and a task a
+        rule refuses (it is no longer blocked, ...) is reported and passed. The
+        request has one deadline: no task is started once ``time_budget``
+        seconds have passed. A storage error ends it at once: raised when no
+        task was retried (so nothing changed), otherwise the result keeps the
+        tasks retried and lists the rest as not attempted
+        (:func:`~deepwork_retry._core.results.bulk_outcome`).
+        """
         project = self.get_project(project_id)
         tasks = self.storage.list_tasks(
             project_id, status=TaskStatus.BLOCKED, after=after, limit=limit
         )
-        items = []
+        if dry_run:
+            checks = [(task, can_retry(task, project)) for task in tasks]
+            items = [BulkItem(task_id=t.id, retried=c.allowed, detail=c.reason) for t, c in checks]
+            return bulk_outcome(True, items, tasks, limit=limit)
+        deadline = time.monotonic() + time_budget
+        done: list[BulkItem] = []
         for task in tasks:
-            if dry_run:
-                check = can_retry(task, project)
-                items.append(BulkItem(task_id=task.id, retried=check.allowed, detail=check.reason))
-                continue
+            if done and time.monotonic() >= deadline:  # the first task is always attempted
+                return bulk_outcome(False, done, tasks, limit=limit, stop=OUT_OF_TIME)
             try:
                 result = self.retry(project_id, task.id, actor=actor, reason=reason, budget=budget)
+            except StorageError as exc:
+                if not any(item.retried for item in done):
+                    raise
+                log.warning("bulk retry of %s stopped by the storage", project_id, exc_info=exc)
+                return bulk_outcome(False, done, tasks, limit=limit, stop=STORAGE_STOPPED)
             except DeepworkError as exc:
-                items.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
+                done.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
             except Exception:
-                if not any(item.retried for item in items):
+                if not any(item.retried for item in done):
                     raise  # nothing committed yet: the request failed as a whole
                 # Retries are committed: the page ends here, and the caller
                 # continues from the task that failed.
                 log.error("bulk retry of %s stopped at %s", project_id, task.id, exc_info=True)
-                return BulkResult(dry_run=dry_run, items=tuple(items), next_after=items[-1].task_id)
+                return bulk_outcome(False, done, tasks, limit=limit, stop=INTERRUPTED)
             else:
-                items.append(
-                    BulkItem(task_id=task.id, retried=True, dispatch=result.dispatch.status)
-                )
-        next_after = tasks[-1].id if len(tasks) == limit else None
-        return BulkResult(dry_run=dry_run, items=tuple(items), next_after=next_after)
+                status = result.dispatch.status
+                done.append(BulkItem(task_id=task.id, retried=True, dispatch=status))
+        return bulk_outcome(False, done, tasks, limit=limit)
 
     # -- reads -------------------------------------------------------------
     def get_project(self, project_id: str) -> Project:

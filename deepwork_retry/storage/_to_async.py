@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -21,6 +25,7 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import TaskStatus
+from deepwork_retry.exceptions import InvalidInput, StorageUnavailable
 from deepwork_retry.ports import Storage
 
 S = TypeVar("S", bound=Storage)
@@ -28,22 +33,113 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+DEFAULT_READERS = 4
+"""Threads that run an offloaded storage's reads."""
+DEFAULT_WRITERS = 4
+"""Threads that run an offloaded storage's writes."""
+DEFAULT_MAX_WAITING_WRITES = 128
+"""Writes an offloaded storage lets be queued or running at once; more are refused."""
+
+
 class AsyncFromSync(Generic[S]):
     """Every method of the wrapped ``sync`` storage as a coroutine.
 
-    With ``offload`` each call runs in a worker thread (``asyncio.to_thread``)
-    so a blocking driver never stalls the event loop; without it, calls run
-    inline, for storages that never block.
+    With ``offload`` each call runs in a worker thread, so a blocking driver
+    never stalls the event loop; without it, calls run inline, for storages
+    that never block.
+
+    Offloaded reads and writes run on separate threads the storage owns: up
+    to ``readers`` reads at once, and writes on up to ``writers`` threads,
+    taken in their order of arrival (a storage that writes one at a time
+    still gains from a few: one thread's work outside the lock overlaps
+    another's inside it). So a write waiting for a lock held elsewhere never
+    holds up a read. At most ``max_waiting_writes`` writes may be queued or
+    running; one more is refused at once with
+    :class:`~deepwork_retry.exceptions.StorageUnavailable` rather than
+    queued behind writes that are already waiting. With ``write_timeout``,
+    a write still queued that long after it was sent is refused when its
+    turn comes, without touching the storage (a subclass's :meth:`_write`
+    may also hand the time left to the storage). :meth:`close` stops the
+    threads.
     """
 
-    def __init__(self, sync: S, *, offload: bool) -> None:
+    def __init__(
+        self,
+        sync: S,
+        *,
+        offload: bool,
+        readers: int = DEFAULT_READERS,
+        writers: int = DEFAULT_WRITERS,
+        max_waiting_writes: int = DEFAULT_MAX_WAITING_WRITES,
+        write_timeout: float | None = None,
+    ) -> None:
+        sizes = {"readers": readers, "writers": writers, "max_waiting_writes": max_waiting_writes}
+        for name, value in sizes.items():
+            if value.__class__ is not int or value < 1:
+                raise InvalidInput(f"{name} must be an integer >= 1")
         self.sync = sync
-        self._offload = offload
+        self._max_waiting_writes = max_waiting_writes
+        self._write_timeout = write_timeout
+        self._writes = 0
+        self._count = threading.Lock()
+        self._closed = False
+        self._readers: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        if offload:
+            # Threads start only when first needed, so nothing here is bound to a loop.
+            self._readers = ThreadPoolExecutor(readers, thread_name_prefix="deepwork-storage-read")
+            self._writer = ThreadPoolExecutor(writers, thread_name_prefix="deepwork-storage-write")
+
+    def _submit(self, executor: ThreadPoolExecutor, call: Callable[[], R]) -> Future[R]:
+        if self._closed:
+            raise StorageUnavailable(f"{self!r} is closed")
+        try:
+            return executor.submit(contextvars.copy_context().run, call)
+        except RuntimeError:  # shut down meanwhile
+            raise StorageUnavailable(f"{self!r} is closed") from None
+
+    async def _read_call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a read (``fn`` with its arguments) on a reader thread."""
+        if self._readers is None:
+            return fn(*args, **kwargs)
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.wrap_future(self._submit(self._readers, call))
 
     async def _call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._offload:
-            return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+        """Run a write (or any call not known to be a read) on a writer thread, or
+        refuse it at once when ``max_waiting_writes`` are queued or running."""
+        if self._writer is None:
+            return fn(*args, **kwargs)
+        with self._count:
+            if self._writes >= self._max_waiting_writes:
+                raise StorageUnavailable(
+                    f"{self!r}: {self._writes} writes are waiting already; try again later"
+                )
+            self._writes += 1
+        # Counted until done, run or cancelled while queued (its caller gave up).
+        call = functools.partial(self._write, time.monotonic(), fn, *args, **kwargs)
+        try:
+            future = self._submit(self._writer, call)
+        except BaseException:
+            self._written(None)
+            raise
+        future.add_done_callback(self._written)
+        return await asyncio.wrap_future(future)
+
+    def _written(self, _: object) -> None:
+        with self._count:
+            self._writes -= 1
+
+    def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """One write on a writer thread; ``sent`` is when it was queued (``time.monotonic``)."""
+        if self._write_timeout is not None and time.monotonic() - sent >= self._write_timeout:
+            raise StorageUnavailable(
+                f"{self!r}: a write waited {self._write_timeout:g} s for its turn; try again later"
+            )
         return fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sync!r})"
 
     async def create_project(self, project: Project) -> None:
         await self._call(self.sync.create_project, project)
@@ -52,16 +148,16 @@ class AsyncFromSync(Generic[S]):
         await self._call(self.sync.add_tasks, tasks)
 
     async def get_project(self, project_id: str) -> Project:
-        return await self._call(self.sync.get_project, project_id)
+        return await self._read_call(self.sync.get_project, project_id)
 
     async def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
-        return await self._call(self.sync.load, project_id, task_id)
+        return await self._read_call(self.sync.load, project_id, task_id)
 
     async def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
-        return await self._call(self.sync.get_tasks, project_id, task_ids)
+        return await self._read_call(self.sync.get_tasks, project_id, task_ids)
 
     async def dependants(self, project_id: str, task_id: str) -> list[Task]:
-        return await self._call(self.sync.dependants, project_id, task_id)
+        return await self._read_call(self.sync.dependants, project_id, task_id)
 
     async def list_tasks(
         self,
@@ -71,21 +167,21 @@ class AsyncFromSync(Generic[S]):
         after: str | None = None,
         limit: int = 100,
     ) -> list[Task]:
-        return await self._call(
+        return await self._read_call(
             self.sync.list_tasks, project_id, status=status, after=after, limit=limit
         )
 
     async def progress(self, project_id: str) -> Progress:
-        return await self._call(self.sync.progress, project_id)
+        return await self._read_call(self.sync.progress, project_id)
 
     async def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
-        return await self._call(self.sync.attempts, project_id, task_id)
+        return await self._read_call(self.sync.attempts, project_id, task_id)
 
     async def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
-        return await self._call(self.sync.dispatches, project_id, task_id)
+        return await self._read_call(self.sync.dispatches, project_id, task_id)
 
     async def deferred(self, project_id: str) -> list[DispatchEntry]:
-        return await self._call(self.sync.deferred, project_id)
+        return await self._read_call(self.sync.deferred, project_id)
 
     async def apply(self, plan: Plan) -> Applied:
         return await self._call(self.sync.apply, plan)
@@ -114,12 +210,12 @@ class AsyncFromSync(Generic[S]):
         )
 
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
-        return await self._call(self.sync.expired_leases, now=now, limit=limit)
+        return await self._read_call(self.sync.expired_leases, now=now, limit=limit)
 
     async def get_idempotency(
         self, key: str, *, now: datetime | None = None
     ) -> IdempotencyRecord | None:
-        return await self._call(self.sync.get_idempotency, key, now=now)
+        return await self._read_call(self.sync.get_idempotency, key, now=now)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         return await self._call(self.sync.save_idempotency, record)
@@ -128,7 +224,17 @@ class AsyncFromSync(Generic[S]):
         return await self._call(self.sync.prune, rule)
 
     async def close(self) -> None:
-        await self._call(self.sync.close)
+        """Close the storage; calls still queued finish (refused by the closed storage),
+        later ones are refused, and the worker threads end."""
+        if self._readers is None or self._writer is None:
+            self.sync.close()
+            return
+        if self._closed:
+            return
+        await self._read_call(self.sync.close)
+        self._closed = True
+        self._readers.shutdown(wait=False)
+        self._writer.shutdown(wait=False)
 
     # The lifecycle every async storage shares, so that an application opens
     # and closes any of them alike (in its lifespan, or with ``async with``).

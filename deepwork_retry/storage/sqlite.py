@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
+from typing_extensions import ParamSpec
 
 from deepwork_retry._core import machine, retention
 from deepwork_retry._core.model import (
@@ -74,7 +76,12 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage._to_async import (
+    DEFAULT_MAX_WAITING_WRITES,
+    DEFAULT_READERS,
+    DEFAULT_WRITERS,
+    AsyncFromSync,
+)
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteStorage", "migrations"]
@@ -88,6 +95,9 @@ _IN_CHUNK = 500
 """Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
 _KEEP_IDLE = 8
 """Idle connections kept open for reuse; more are closed when returned."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _PID = os.getpid()
 """This process's id, kept current across fork: cheaper than a system call per operation."""
@@ -756,6 +766,75 @@ def _code(exc: sqlite3.Error) -> int | None:
     return None
 
 
+class _Connection(sqlite3.Connection):
+    """A pooled connection that keeps the cursors it made until it goes back to the pool.
+
+    A cursor left open (its statement failed, or was not read to the end)
+    resets its statement when it is freed, and that takes the connection's
+    mutex. An exception's traceback keeps such a cursor alive past the
+    operation, and is often freed on another thread (an event loop); if the
+    connection is lent out again meanwhile and waiting in SQLite's busy
+    handler, that thread would stall for the whole busy timeout. So every
+    cursor is closed by :meth:`release`, on the thread that used it, before
+    the connection is lent again or closed. (They are held weakly: one freed
+    at once, as most are, was reset then, on the thread that used it.)
+    """
+
+    __slots__ = ("busy_ms", "cursors")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursors: list[weakref.ref[sqlite3.Cursor]] = []
+        self.busy_ms = 0
+        """The busy timeout set on the connection, in milliseconds."""
+
+    def open_cursor(self) -> sqlite3.Cursor:
+        cursor = sqlite3.Cursor(self)
+        self.cursors.append(weakref.ref(cursor))
+        return cursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.open_cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        return self.open_cursor().executemany(sql, parameters)
+
+    def wait_at_most(self, seconds: float) -> None:
+        """Let the next statement wait ``seconds`` for a lock (SQLite's busy timeout)."""
+        wanted = max(0, int(seconds * 1000))
+        if abs(wanted - self.busy_ms) > _BUSY_SLACK_MS:
+            self.open_cursor().execute(f"PRAGMA busy_timeout = {wanted}")
+            self.busy_ms = wanted
+
+    def reset(self, busy_ms: int) -> bool:
+        """Ready to lend again: the busy timeout back to ``busy_ms`` (a write may have
+        shortened it) and every cursor closed; False if the connection is unusable."""
+        if self.busy_ms != busy_ms:
+            try:
+                self.open_cursor().execute(f"PRAGMA busy_timeout = {busy_ms}")
+            except sqlite3.Error:
+                self.release()
+                return False
+            self.busy_ms = busy_ms
+        return self.release()
+
+    def release(self) -> bool:
+        """Close every cursor this connection made; False if it is unusable."""
+        cursors, self.cursors = self.cursors, []
+        try:
+            for ref in cursors:
+                cursor = ref()
+                if cursor is not None:
+                    cursor.close()
+        except sqlite3.Error:
+            return False
+        return True
+
+
+_BUSY_SLACK_MS = 20
+"""A write's lock wait is shortened only when it waited this long for its turn already."""
+
+
 class SQLiteStorage:
     """A :class:`~deepwork_retry.ports.Storage` in one SQLite file.
 
@@ -791,6 +870,7 @@ class SQLiteStorage:
                 "SQLiteStorage needs a file path; use MemoryStorage for in-memory storage"
             )
         self.timeout = float(timeout)
+        self._busy_ms = int(self.timeout * 1000)
         self.synchronous: Synchronous = synchronous
         self.read_only = read_only
         self.create = create
@@ -801,7 +881,8 @@ class SQLiteStorage:
         # safe to use from two threads at once; the pool never lends one
         # connection twice.
         self._lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
+        self._idle: list[_Connection] = []
+        self._keep_idle = _KEEP_IDLE
         self._closed = False
         self._pid = _PID
         self._immutable = False
@@ -812,6 +893,9 @@ class SQLiteStorage:
         # still meet at SQLite's own lock, bounded by `timeout`.
         self._writer = threading.Lock()
         self._writer_pid = _PID
+        # When a caller queued this thread's write before running it (see
+        # AsyncSQLiteStorage), the time its wait for the lock must end by.
+        self._due = threading.local()
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -821,19 +905,22 @@ class SQLiteStorage:
             mode += "&immutable=1"
         return f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode={mode}"
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         conn = sqlite3.connect(
             self._uri(),
             uri=True,
             timeout=self.timeout,
             isolation_level=None,  # transactions are explicit: BEGIN ... COMMIT
             check_same_thread=False,  # the pool hands a connection to one thread at a time
+            factory=_Connection,
         )
+        conn.busy_ms = self._busy_ms
         try:
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             if self.read_only:
                 conn.execute("PRAGMA query_only = 1")
         except BaseException:
+            conn.release()
             conn.close()
             raise
         return conn
@@ -866,12 +953,13 @@ class SQLiteStorage:
                 self.read_only = True
                 self._immutable = True
                 conn = self._prepared()
+            conn.release()
         self._idle.append(conn)
 
     def _writable(self) -> bool:
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
 
-    def _prepared(self) -> sqlite3.Connection:
+    def _prepared(self) -> _Connection:
         conn = self._connect()
         try:
             if not self.create:
@@ -883,6 +971,7 @@ class SQLiteStorage:
             if self.create:
                 self._migrate(conn)
         except BaseException:
+            conn.release()
             conn.close()
             raise
         return conn
@@ -972,7 +1061,7 @@ class SQLiteStorage:
                 conn.execute("ROLLBACK")
             raise
 
-    def _checkout(self) -> sqlite3.Connection:
+    def _checkout(self) -> _Connection:
         with self._lock:
             if self._closed:
                 raise StorageUnavailable(f"SQLite storage {str(self.path)!r} is closed")
@@ -986,11 +1075,18 @@ class SQLiteStorage:
                 return self._idle.pop()
         return self._connect()
 
-    def _checkin(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < _KEEP_IDLE and self._pid == _PID:
-                self._idle.append(conn)
-                return
+    def _checkin(self, conn: _Connection) -> None:
+        """Take ``conn`` back, reset first (see :class:`_Connection`)."""
+        if conn.reset(self._busy_ms):
+            with self._lock:
+                if not self._closed and len(self._idle) < self._keep_idle and self._pid == _PID:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _discard(self, conn: _Connection) -> None:
+        """Close ``conn``, in an unknown state: it is never lent again."""
+        conn.release()
         conn.close()
 
     @contextmanager
@@ -1005,9 +1101,9 @@ class SQLiteStorage:
         """The library error for a driver error (see :meth:`_translating`)."""
         where = repr(str(self.path))
         if isinstance(exc, OverflowError):
-            return InvalidInput(f"a number is out of SQLite's 64-bit range: {exc}")
+            return InvalidInput("a number is out of SQLite's 64-bit range")
         if isinstance(exc, UnicodeEncodeError):
-            return InvalidInput(f"text SQLite cannot store (lone surrogates): {exc}")
+            return InvalidInput("text SQLite cannot store (lone surrogates)")
         code = _code(exc)
         if code in _BUSY:
             return StorageUnavailable(
@@ -1032,30 +1128,62 @@ class SQLiteStorage:
             )
         return StorageError(f"SQLite database {where} failed: {exc}")
 
-    def _write_turn(self) -> threading.Lock:
-        """This process's writer lock, taken; ``StorageUnavailable`` past ``timeout``."""
+    def _write_turn(self) -> tuple[threading.Lock, float]:
+        """This process's writer lock, taken, and the time the wait for SQLite's lock must
+        end by; ``StorageUnavailable`` when the write has waited ``timeout`` in all.
+
+        The one wait is shared by the turn among this process's writers, SQLite's
+        lock, and the time the write was queued before it ran (:meth:`_due_by`).
+        """
         if self._writer_pid != _PID:
             # A forked child may have copied the lock held by a parent's thread.
             self._writer = threading.Lock()
             self._writer_pid = _PID
         writer = self._writer
-        if not writer.acquire(False) and not writer.acquire(timeout=self.timeout):
+        due: float | None = getattr(self._due, "at", None)
+        if due is None:
+            if writer.acquire(False):
+                return writer, time.monotonic() + self.timeout
+            due = time.monotonic() + self.timeout
+        left = due - time.monotonic()
+        if not writer.acquire(False) and (left <= 0 or not writer.acquire(timeout=left)):
             raise StorageUnavailable(
                 f"SQLite database {str(self.path)!r} is busy: no write turn within "
                 f"{self.timeout:g} s"
             )
-        return writer
+        return writer, due
+
+    @contextmanager
+    def _due_by(self, at: float) -> Iterator[None]:
+        """Writes this thread starts in the block wait for their lock until ``at`` at most
+        (``time.monotonic()``), rather than ``timeout`` from their start."""
+        self._due.at = at
+        try:
+            yield
+        finally:
+            self._due.at = None
+
+    def _begin_write(self, cursor: sqlite3.Cursor | _Connection, due: float) -> None:
+        """``BEGIN IMMEDIATE``, waiting for SQLite's write lock until ``due`` at most."""
+        conn = cursor if isinstance(cursor, _Connection) else cursor.connection
+        assert isinstance(conn, _Connection)
+        conn.wait_at_most(due - time.monotonic())
+        cursor.execute("BEGIN IMMEDIATE")
 
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on a borrowed connection; rolled back on any error."""
-        writer = self._write_turn() if write else None
+        """One transaction on a borrowed connection; rolled back on any error, and the
+        connection's cursors closed, before the error leaves."""
+        writer, due = self._write_turn() if write else (None, 0.0)
         try:
             with self._translating():
                 conn = self._checkout()
                 reusable = True
                 try:
-                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    if write:
+                        self._begin_write(conn, due)
+                    else:
+                        conn.execute("BEGIN")
                     yield conn
                     conn.execute("COMMIT")
                 finally:
@@ -1067,7 +1195,7 @@ class SQLiteStorage:
                     if reusable:
                         self._checkin(conn)
                     else:
-                        conn.close()
+                        self._discard(conn)
         finally:
             if writer is not None:
                 writer.release()
@@ -1431,7 +1559,7 @@ class SQLiteStorage:
         if budget.__class__ is not RetryBudget:
             budget = RetryBudget(budget)
         # What _tx does, written out: this is the hot path.
-        writer = self._write_turn()
+        writer, due = self._write_turn()
         try:
             c = self._checkout()
         except sqlite3.Error as exc:
@@ -1445,8 +1573,8 @@ class SQLiteStorage:
             at = _ts(now)
             pid, tid = _text(project_id), _text(task_id)
             # One cursor for every statement: cheaper than a new one per execute.
-            cur = c.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            cur = c.open_cursor()
+            self._begin_write(cur, due)
             if idempotency_key is not None and not (
                 cur.execute(
                     _INSERT_NEW_IDEM,
@@ -1502,7 +1630,7 @@ class SQLiteStorage:
             if reusable:
                 self._checkin(c)
             else:
-                c.close()
+                self._discard(c)
             writer.release()
         made: tuple[DispatchEntry, ...] = ()
         if ready and claimed_until:
@@ -1766,7 +1894,15 @@ _ABANDONED: list[sqlite3.Connection] = []
 class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
-    ``sqlite3`` blocks, so every call runs in a worker thread.
+    ``sqlite3`` blocks, so every call runs in a worker thread the storage
+    owns: reads on up to ``readers`` threads (WAL lets them run beside the
+    writer), writes on up to ``writers`` threads, which take turns for the
+    write lock in order of arrival. ``timeout`` bounds a
+    write's whole wait, from the moment it is sent: queued behind other
+    writes, then for SQLite's lock; at most ``max_waiting_writes`` writes
+    wait at once, and one more is refused at once. Either way the write
+    raises :class:`~deepwork_retry.exceptions.StorageUnavailable` and
+    changes nothing. :meth:`close` stops the threads.
     """
 
     def __init__(
@@ -1776,14 +1912,33 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         timeout: float = 5.0,
         synchronous: Synchronous = "FULL",
         read_only: bool = False,
+        readers: int = DEFAULT_READERS,
+        writers: int = DEFAULT_WRITERS,
+        max_waiting_writes: int = DEFAULT_MAX_WAITING_WRITES,
         create: bool = True,
     ) -> None:
-        super().__init__(
-            SQLiteStorage(
-                path, timeout=timeout, synchronous=synchronous, read_only=read_only, create=create
-            ),
-            offload=True,
+        sync = SQLiteStorage(
+            path, timeout=timeout, synchronous=synchronous, read_only=read_only, create=create
         )
+        try:
+            super().__init__(
+                sync,
+                offload=True,
+                readers=readers,
+                writers=writers,
+                max_waiting_writes=max_waiting_writes,
+                write_timeout=sync.timeout,
+            )
+        except BaseException:
+            sync.close()
+            raise
+        # Every thread may keep a connection: none is closed only to be opened again.
+        sync._keep_idle = max(sync._keep_idle, readers + writers)
+
+    def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
+        with self.sync._due_by(sent + self.sync.timeout):
+            return super()._write(sent, fn, *args, **kwargs)
 
     async def retry_blocked(
         self,

@@ -20,6 +20,7 @@ from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
 from deepwork_retry.exceptions import (
+    STORAGE_DETAIL,
     DeepworkError,
     IdempotencyKeyReused,
     InvalidInput,
@@ -395,7 +396,7 @@ def storable_ids(project_id: str, task_id: str) -> bool:
 
 # -- the one error table ------------------------------------------------------------------
 
-STORAGE_DOWN = "Storage is unavailable; try again later"
+STORAGE_DOWN = STORAGE_DETAIL
 UNEXPECTED = "The service could not handle this request; try again later"
 COMMITTED = (
     "The retry was committed, but its result could not be shown; read the task for its state"
@@ -463,6 +464,12 @@ def error_response(exc: BaseException) -> ApiResponse:
         row = ERRORS.get(cls)
         if row is not None:
             status, detail, headers = row
+            if isinstance(exc, StorageError):
+                # The client is told only STORAGE_DOWN; what failed is kept in the log.
+                if isinstance(exc, StorageUnavailable):
+                    log.warning("storage unavailable, answered %d: %s", status, exc)
+                else:
+                    log.error("storage failed, answered %d", status, exc_info=exc)
             return respond(status, {"detail": detail(exc)}, headers(exc))
     log.error("unexpected error in the web API", exc_info=exc)
     return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))

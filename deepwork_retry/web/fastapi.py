@@ -145,6 +145,7 @@ class BulkItemModel(BaseModel):
     would_retry: bool | None = None
     detail: str | None
     dispatch: Literal["dispatched", "pending", "deferred"] | None
+    attempted: bool
 
 
 class BulkResponse(BaseModel):
@@ -152,6 +153,7 @@ class BulkResponse(BaseModel):
     items: list[BulkItemModel]
     retried: int
     next_after: str | None
+    stopped: Literal["storage_unavailable", "out_of_time", "interrupted"] | None
 
 
 class RetryOptions(BaseModel):

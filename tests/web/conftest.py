@@ -35,4 +35,5 @@ def _storage_up(world: World) -> Iterator[None]:
     yield
     world.storage.down = False
     world.storage.broken.clear()
+    world.storage.applies_left = None
     world.recorder.failing.clear()

@@ -15,7 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from deepwork_retry import (
     AsyncRetryService,
@@ -42,14 +42,20 @@ def authorize(principal: Principal, project_id: str) -> bool:
     return principal.id == "alice" or project_id.startswith("bob-")
 
 
+FAULT = "SQLite database '/srv/deepwork/private.db' is locked by another writer: SELECT 1"
+"""What :class:`FaultyStorage` raises: internal text that must never reach a response."""
+
+
 class FaultyStorage:
     """A storage adapter that reports itself unreachable while ``down`` is set,
-    and whose methods named in ``broken`` fail with an unexpected error."""
+    whose methods named in ``broken`` fail with an unexpected error, and which
+    refuses every ``apply`` once ``applies_left`` (when set) has run out."""
 
     def __init__(self, inner: MemoryStorage) -> None:
         self.inner = inner
         self.down = False
         self.broken: set[str] = set()
+        self.applies_left: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -58,9 +64,13 @@ class FaultyStorage:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.down:
-                raise StorageUnavailable("connection refused", retry_after=7)
+                raise StorageUnavailable(FAULT, retry_after=7)
             if name in self.broken:
                 raise RuntimeError(f"injected failure of {name}")
+            if name == "apply" and self.applies_left is not None:
+                if self.applies_left <= 0:
+                    raise StorageUnavailable(FAULT, retry_after=7)
+                self.applies_left -= 1
             return attr(*args, **kwargs)
 
         return call
@@ -165,12 +175,14 @@ def _socket() -> socket.socket:
     return sock
 
 
-def serve_asgi(app: Any) -> tuple[str, Callable[[], None]]:
+def serve_asgi(
+    app: Any, *, lifespan: Literal["auto", "on", "off"] = "off"
+) -> tuple[str, Callable[[], None]]:
     """Run ``app`` under uvicorn in a thread; returns its URL and a stop function."""
     import uvicorn
 
     sock = _socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan=lifespan))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(500):
