@@ -246,7 +246,9 @@ def _json_object(body: bytes, fields: Iterable[str]) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
+    except ValueError:  # UnicodeDecodeError included: JSON is UTF-8
+        raise BadRequestBody("Request body is not valid JSON") from None
+    except RecursionError:  # valid JSON nested too deeply to be our object
         raise BadRequestBody("Request body must be a JSON object") from None
     if data is None:
         return {}

@@ -150,7 +150,10 @@ class BulkItemModel(BaseModel):
 class BulkResponse(BaseModel):
     dry_run: bool
     items: list[BulkItemModel]
-    retried: int
+    retried: int = Field(description="Tasks retried by this request (0 in a dry run)")
+    would_retry: int | None = Field(
+        default=None, description="In a dry run only: tasks that would be retried"
+    )
     next_after: str | None
 
 

@@ -309,9 +309,11 @@ def test_empty_bodies_are_accepted(http: httpx.Client, world: World, body: bytes
 @pytest.mark.parametrize(
     ("body", "detail"),
     [
-        (b"{not json", "Request body must be a JSON object"),
+        (b"{not json", "Request body is not valid JSON"),
+        (b"{bad", "Request body is not valid JSON"),
+        (b'{"budget": "full",}', "Request body is not valid JSON"),
         (b"[1, 2]", "Request body must be a JSON object"),
-        (b"\xff\xfe", "Request body must be a JSON object"),
+        (b"\xff\xfe", "Request body is not valid JSON"),
         (b'"one_more"', "Request body must be a JSON object"),
         (b'{"budget": "twice"}', "budget must be 'one_more' or 'full'"),
         (b'{"budget": 1}', "budget must be 'one_more' or 'full'"),
@@ -522,7 +524,12 @@ def test_bulk_dry_run_reports_per_task_and_changes_nothing(
     assert 200 == response.status_code
     body = response.json()
     detail = "Cannot retry tasks in a 'cancelled' project"
-    assert (True, 0, None) == (body["dry_run"], body["retried"], body["next_after"])
+    assert (True, 0, 0, None) == (
+        body["dry_run"],
+        body["retried"],
+        body["would_retry"],
+        body["next_after"],
+    )
     assert [("a", False, detail), ("b", False, detail)] == [
         (i["task_id"], i["would_retry"], i["detail"]) for i in body["items"]
     ]
@@ -539,6 +546,8 @@ def test_bulk_retry_retries_every_blocked_task(http: httpx.Client, world: World)
         url("projects", seg(pid), "retry-blocked"), json={"dry_run": True}, headers=auth()
     ).json()
     assert [True, True, True] == [i["would_retry"] for i in dry["items"]]
+    assert (0, 3) == (dry["retried"], dry["would_retry"])
+    assert 0 == world.recorder.count(pid)
     response = http.post(
         url("projects", seg(pid), "retry-blocked"),
         json={"budget": "full", "reason": "upstream fixed", "limit": 2},
@@ -546,6 +555,7 @@ def test_bulk_retry_retries_every_blocked_task(http: httpx.Client, world: World)
     )
     body = response.json()
     assert (200, 2, "b") == (response.status_code, body["retried"], body["next_after"])
+    assert "would_retry" not in body
     assert [("a", True, "dispatched"), ("b", True, "dispatched")] == [
         (i["task_id"], i["retried"], i["dispatch"]) for i in body["items"]
     ]
