@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import attrs
 
@@ -39,6 +40,12 @@ log = logging.getLogger("deepwork_retry.web")
 
 DEFAULT_PREFIX = "/api/deep-work"
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT = 10.0
+"""Seconds a request's whole body may take to arrive, where the adapter reads it itself."""
+MAX_HEADER_BYTES = 128 * 1024
+"""The header size the servers this package configures accept (the demo's uvicorn,
+aiohttp's ``create_app``), so that an oversized token still reaches the API and is
+answered in JSON instead of by the server."""
 MAX_REASON_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_PAGE = 50
@@ -62,6 +69,26 @@ def _headers(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, 
         if name not in found:
             found[name] = value
     return found
+
+
+def parse_query(raw: str | bytes) -> list[tuple[str, str]]:
+    """The parameters of a raw (still percent-encoded) query string, blank values kept.
+
+    Every adapter passes its request's raw query string here, so that all decode
+    it alike: ``+`` is a space, and a percent-escape that is not UTF-8 is kept as
+    a lone surrogate (``surrogateescape``), which :func:`page_options` refuses.
+    """
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    return parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
@@ -98,6 +125,9 @@ class ApiResponse:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False
+    """Close the connection after this response (its request's body was not read
+    to the end); each adapter does it in its server's way."""
 
     @property
     def all_headers(self) -> list[tuple[str, str]]:
@@ -114,8 +144,10 @@ def json_bytes(payload: Any) -> bytes:
     return COMPACT.encode(payload).encode("utf-8")
 
 
-def respond(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
-    return ApiResponse(status=status, body=json_bytes(payload), headers=tuple(headers))
+def respond(
+    status: int, payload: Any, headers: Iterable[tuple[str, str]] = (), *, close: bool = False
+) -> ApiResponse:
+    return ApiResponse(status=status, body=json_bytes(payload), headers=tuple(headers), close=close)
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -149,6 +181,34 @@ class BadRequestBody(InvalidInput):
 class BodyTooLarge(DeepworkError):
     def __init__(self) -> None:
         super().__init__(f"Request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class LengthRequired(DeepworkError):
+    """A chunked body the server hands over unread (it does not de-chunk): refuse it
+    rather than act on an empty body (411)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This server cannot read a chunked request body; send it with Content-Length"
+        )
+
+
+class BodyTimeout(DeepworkError):
+    """The request's body stopped arriving (408, and the connection is closed)."""
+
+    closes_connection = True
+
+    def __init__(self) -> None:
+        super().__init__("Request body did not arrive in time")
+
+
+class BodyIncomplete(DeepworkError):
+    """The body ended before its declared length: the client went away (400, closed)."""
+
+    closes_connection = True
+
+    def __init__(self) -> None:
+        super().__init__("Request body ended before its declared length")
 
 
 class IdempotencyInProgress(DeepworkError):
@@ -353,6 +413,8 @@ class PageOptions:
 
 
 def page_options(query: Mapping[str, str]) -> PageOptions:
+    if not all(_is_text(name) and _is_text(value) for name, value in query.items()):
+        raise BadRequestBody("Query string is not valid UTF-8")
     unknown = sorted(set(query) - {"status", "after", "limit"})
     if unknown:
         raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
@@ -449,6 +511,9 @@ ERRORS: Mapping[type[BaseException], tuple[int, Any, Any]] = {
     InvalidTransition: (409, _own_detail, _no_headers),
     IdempotencyInProgress: (409, _own_detail, _retry_after),
     BodyTooLarge: (413, _own_detail, _no_headers),
+    LengthRequired: (411, _own_detail, _no_headers),
+    BodyTimeout: (408, _own_detail, _no_headers),
+    BodyIncomplete: (400, _own_detail, _no_headers),
     IdempotencyKeyReused: (422, _own_detail, _no_headers),
     InvalidInput: (422, _own_detail, _no_headers),
     VersionConflict: (503, _fixed("The task is busy; try again shortly"), _retry_after),
@@ -465,7 +530,8 @@ def error_response(exc: BaseException) -> ApiResponse:
         row = ERRORS.get(cls)
         if row is not None:
             status, detail, headers = row
-            return respond(status, {"detail": detail(exc)}, headers(exc))
+            close = bool(getattr(exc, "closes_connection", False))
+            return respond(status, {"detail": detail(exc)}, headers(exc), close=close)
     log.error("unexpected error in the web API", exc_info=exc)
     return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))
 
@@ -477,9 +543,13 @@ __all__ = [
     "ApiRequest",
     "ApiResponse",
     "BadRequestBody",
+    "BodyIncomplete",
+    "BodyTimeout",
     "IdempotencyInProgress",
+    "LengthRequired",
     "RetryCommitted",
     "error_response",
     "match",
     "normalise_prefix",
+    "parse_query",
 ]
