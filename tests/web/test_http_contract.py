@@ -774,14 +774,20 @@ def test_encoded_query_values_are_decoded_alike(http: httpx.Client, world: World
     )
 
 
+def _address(server: str) -> tuple[str, int]:
+    parts = urlsplit(server)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    return parts.hostname, parts.port
+
+
 def _raw(server: str, request: bytes) -> tuple[bytes, float]:
     """Send ``request`` on a new connection and read until the server closes it.
 
     Returns what was read and how long the server took to close (at most 60 s).
     """
-    parts = urlsplit(server)
     started = time.monotonic()
-    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+    with socket.create_connection(_address(server), timeout=60) as sock:
         sock.sendall(request)
         received = b""
         try:
@@ -822,12 +828,11 @@ def test_a_client_that_disconnects_mid_body_is_answered_nothing_and_logged_quiet
     pid = world.project()
     tid = world.blocked(pid)
     before = world.snapshot(pid)
-    parts = urlsplit(server)
     head = (
         f"POST {task_url(pid, tid, '/retry')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Bearer {ALICE}\r\nContent-Length: 100\r\n\r\n{{}}"
     )
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+    with socket.create_connection(_address(server), timeout=10) as sock:
         sock.sendall(head.encode())
         time.sleep(0.2)  # the server is now waiting for the rest of the body
     # A later request on a new connection, then a moment for the server to finish.
