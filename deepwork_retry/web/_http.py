@@ -337,6 +337,8 @@ def _reason(data: Mapping[str, Any]) -> str | None:
         raise BadRequestBody(f"reason must be a string of at most {MAX_REASON_LENGTH} characters")
     if "\x00" in value:
         raise BadRequestBody("reason must not contain NUL characters")
+    if not _is_text(value):  # a JSON escape of half a surrogate pair: no text at all
+        raise BadRequestBody("reason must be valid Unicode text")
     return value
 
 
@@ -356,7 +358,7 @@ def _limit(value: object, default: int) -> int:
 def _after(value: object) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _is_text(value):
         raise BadRequestBody("after must be a task id")
     try:
         check_id("task", value)

@@ -328,6 +328,7 @@ def test_empty_bodies_are_accepted(http: httpx.Client, world: World, body: bytes
             "reason must be a string of at most 2000 characters",
         ),
         (b'{"budgett": "full"}', "Unknown field in request body: 'budgett'"),
+        (b'{"reason": "half a pair \\ud800"}', "reason must be valid Unicode text"),
         (b"[" * 50000 + b"]" * 50000, "Request body is larger than 65536 bytes"),
         (b"[" * 30000 + b"]" * 30000, "Request body must be a JSON object"),
     ],
@@ -579,6 +580,8 @@ def test_bulk_retry_retries_every_blocked_task(http: httpx.Client, world: World)
         ({"limit": True}, "limit must be an integer from 1 to 1000"),
         ({"after": 5}, "after must be a task id"),
         ({"budget": "all"}, "budget must be 'one_more' or 'full'"),
+        ({"after": "\ud800"}, "after must be a task id"),
+        ({"reason": "\udc80"}, "reason must be valid Unicode text"),
     ],
 )
 def test_bad_bulk_bodies_are_422(
@@ -588,7 +591,11 @@ def test_bad_bulk_bodies_are_422(
     pid = world.project()
     world.blocked(pid)
     before = world.snapshot(pid)
-    response = http.post(url("projects", seg(pid), "retry-blocked"), json=body, headers=auth())
+    response = http.post(
+        url("projects", seg(pid), "retry-blocked"),
+        content=json.dumps(body).encode("ascii"),  # ASCII escapes carry lone surrogates
+        headers={**auth(), "Content-Type": JSON},
+    )
     assert_error(response, 422, detail)
     assert before == world.snapshot(pid)
 
