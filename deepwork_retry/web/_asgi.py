@@ -36,8 +36,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-"""The methods FastAPI's catch-all route lists (it must list some); Starlette's
-catch-all takes every method. Either way the API answers 405 itself."""
+"""Kept for compatibility: the catch-all routes now take every method, and the API
+answers 405 itself where one does not apply."""
 
 _CONTENT_TYPE = (b"content-type", JSON.encode("latin-1"))
 _NO_BODY_STATUSES = frozenset({204, 304})
