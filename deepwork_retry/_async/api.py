@@ -50,6 +50,7 @@ from deepwork_retry.web._http import (
     RetryCommitted,
     bearer_token,
     bulk_options,
+    check_path,
     error_response,
     idempotency_key,
     match,
@@ -129,6 +130,7 @@ class AsyncRetryAPI:
     async def handle(self, request: ApiRequest) -> ApiResponse:
         """The response to ``request``; never raises, never answers 500."""
         try:
+            check_path(request.raw_path)
             route, params = match(request.method, request.path)
             principal = self._principal(request.headers)
             project_id = params["project_id"]

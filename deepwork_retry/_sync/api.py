@@ -51,6 +51,7 @@ from deepwork_retry.web._http import (
     RetryCommitted,
     bearer_token,
     bulk_options,
+    check_path,
     error_response,
     idempotency_key,
     match,
@@ -130,6 +131,7 @@ class RetryAPI:
     def handle(self, request: ApiRequest) -> ApiResponse:
         """The response to ``request``; never raises, never answers 500."""
         try:
+            check_path(request.raw_path)
             route, params = match(request.method, request.path)
             principal = self._principal(request.headers)
             project_id = params["project_id"]

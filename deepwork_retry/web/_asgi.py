@@ -28,6 +28,7 @@ from deepwork_retry.web._http import (
     BodyTimeout,
     error_response,
     parse_query,
+    path_bytes,
 )
 
 Scope = MutableMapping[str, Any]
@@ -105,12 +106,14 @@ def scope_query(raw: bytes) -> list[tuple[str, str]]:
 
 def scope_request(scope: Scope, path: str, body: bytes) -> ApiRequest:
     """The ASGI request in ``scope`` as plain data; ``path`` is below the API's prefix."""
+    raw_path = scope.get("raw_path")
     return ApiRequest(
         method=scope["method"],
         path=path,
         headers=scope_headers(scope["headers"]),
         query=scope_query(scope.get("query_string", b"")),
         body=body,
+        raw_path=None if raw_path is None else path_bytes(raw_path),
     )
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
@@ -83,6 +83,48 @@ def parse_query(raw: str | bytes) -> list[tuple[str, str]]:
     return parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
 
 
+def path_bytes(raw: str | bytes) -> bytes:
+    """The bytes a raw (percent-encoded) request path or target names; any query is dropped."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    raw = raw.partition("?")[0]
+    if not raw.startswith("/") and "://" in raw:  # absolute-form target
+        raw = urlsplit(raw).path
+    return unquote_to_bytes(raw)
+
+
+def wsgi_path_bytes(environ: Mapping[str, Any]) -> bytes | None:
+    """The path bytes of a WSGI request, as the client sent them, when they can be known.
+
+    The raw request target (``RAW_URI``, ``REQUEST_URI``: gunicorn, werkzeug,
+    uWSGI) first, since some servers decode ``PATH_INFO`` with replacement
+    characters; else ``SCRIPT_NAME + PATH_INFO``, which PEP 3333 carries as
+    bytes in latin-1.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if isinstance(raw, str) and raw:
+        return path_bytes(raw)
+    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+    try:
+        return path.encode("latin-1")
+    except UnicodeEncodeError:  # a server that passed text: nothing left to check
+        return None
+
+
+def check_path(raw: bytes | None) -> None:
+    """Refuse a path whose bytes are not UTF-8, whatever the framework made of them.
+
+    Frameworks differ here (a replacement character, the escape kept as
+    ``%FF``...), so the decision is this one, for every adapter.
+    """
+    if raw is None:
+        return
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestBody("Request path is not valid UTF-8") from None
+
+
 def _is_text(value: str) -> bool:
     try:
         value.encode("utf-8")
@@ -110,7 +152,9 @@ class ApiRequest:
 
     ``path`` is the decoded path relative to the prefix (``/projects/p/...``);
     header names are matched case-insensitively and the first of repeated
-    headers or query parameters wins.
+    headers or query parameters wins. ``raw_path``, when the adapter knows it,
+    is the whole request path as the bytes the client sent (percent-decoded):
+    the API refuses one that is not UTF-8 (:func:`check_path`).
     """
 
     method: str = attrs.field(converter=_upper)
@@ -118,6 +162,7 @@ class ApiRequest:
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_headers)
     query: Mapping[str, str] = attrs.field(factory=dict, converter=_query)
     body: bytes = b""
+    raw_path: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -552,6 +597,9 @@ __all__ = [
     "RetryCommitted",
     "error_response",
     "match",
+    "check_path",
     "normalise_prefix",
     "parse_query",
+    "path_bytes",
+    "wsgi_path_bytes",
 ]

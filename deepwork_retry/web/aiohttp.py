@@ -28,6 +28,7 @@ from deepwork_retry.web._http import (
     error_response,
     normalise_prefix,
     parse_query,
+    path_bytes,
 )
 
 try:
@@ -106,6 +107,7 @@ def routes(
                 headers=request.headers.items(),
                 query=parse_query(request.rel_url.raw_query_string),
                 body=body,
+                raw_path=path_bytes(request.rel_url.raw_path),
             )
         )
         return await _respond(request, result)

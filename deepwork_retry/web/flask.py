@@ -20,6 +20,7 @@ from deepwork_retry.web._http import (
     error_response,
     normalise_prefix,
     parse_query,
+    wsgi_path_bytes,
 )
 
 try:
@@ -71,6 +72,7 @@ def blueprint(
                     headers=request.headers.items(),
                     query=parse_query(request.query_string),
                     body=body,
+                    raw_path=wsgi_path_bytes(request.environ),
                 )
             )
         return Response(result.body, status=result.status, headers=result.headers, mimetype=JSON)

@@ -767,6 +767,23 @@ def test_undecodable_query_is_422_on_every_adapter(
     assert_error(response, 422, "Query string is not valid UTF-8")
 
 
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("POST", "/tasks/%ED%A0%80/retry"), ("GET", "/tasks/a%FFb"), ("GET", "/progress%C0")],
+)
+def test_undecodable_path_is_422_on_every_adapter(
+    http: httpx.Client, world: World, method: str, suffix: str
+) -> None:
+    """A path whose percent-escapes are not UTF-8 is refused alike, whatever each framework
+    would make of it (a replacement character, or the escape kept as it was)."""
+    pid = world.project()
+    world.blocked(pid)
+    before = world.snapshot(pid)
+    response = http.request(method, url("projects", seg(pid)) + suffix, headers=auth())
+    assert_error(response, 422, "Request path is not valid UTF-8")
+    assert before == world.snapshot(pid)
+
+
 def test_encoded_query_values_are_decoded_alike(http: httpx.Client, world: World) -> None:
     """Percent-escaped UTF-8 and ``+`` in a query decode the same on every adapter."""
     pid = world.project()

@@ -1,4 +1,5 @@
-"""How the WSGI adapters read a body, whatever the server does with chunked framing."""
+"""How the adapters read what a server hands them: WSGI bodies, whatever the server does
+with chunked framing, and the one decoding of query strings and paths."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from deepwork_retry.web._http import (
     BadRequestBody,
     BodyIncomplete,
     LengthRequired,
+    check_path,
     page_options,
     parse_query,
+    path_bytes,
+    wsgi_path_bytes,
 )
 
 
@@ -183,3 +187,26 @@ def test_a_query_value_is_accepted_exactly_when_it_is_utf8(value: bytes) -> None
                 page_options(query)
         else:
             assert text == page_options(query).after
+
+
+@given(raw=st.binary(max_size=12))
+def test_a_path_is_refused_exactly_when_its_bytes_are_not_utf8(raw: bytes) -> None:
+    """The path check passes a percent-encoded path iff the bytes it names are UTF-8, and
+    reads the same bytes from a WSGI server's raw target as from its latin-1 PATH_INFO."""
+    target = "/p/" + quote_from_bytes(raw, safe="")
+    found = path_bytes(target + "?after=x")
+    environ_raw = {"RAW_URI": target, "PATH_INFO": "/p/\ufffd"}
+    environ_pep3333 = {"SCRIPT_NAME": "/p", "PATH_INFO": "/" + raw.decode("latin-1")}
+    expected = b"/p/" + raw
+    assert [expected] * 3 == [
+        found,
+        wsgi_path_bytes(environ_raw),
+        wsgi_path_bytes(environ_pep3333),
+    ]
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(BadRequestBody, match="Request path is not valid UTF-8"):
+            check_path(found)
+    else:
+        check_path(found)

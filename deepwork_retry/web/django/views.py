@@ -14,7 +14,9 @@ from deepwork_retry.web._http import (
     ApiResponse,
     error_response,
     parse_query,
+    path_bytes,
     respond,
+    wsgi_path_bytes,
 )
 from deepwork_retry.web.django import get_api
 
@@ -49,6 +51,7 @@ def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
             headers=request.headers.items(),
             query=parse_query(request.META.get("QUERY_STRING", "")),
             body=body,
+            raw_path=_raw_path(request),
         )
     )
     return _response(result)
@@ -64,3 +67,11 @@ def _body(request: HttpRequest) -> bytes:
     if "wsgi.input" not in request.META:
         return read_capped(request.read)
     return read_wsgi_body(request.META, request.read)
+
+
+def _raw_path(request: HttpRequest) -> bytes | None:
+    """The path's bytes as sent: from the WSGI environ, or the ASGI scope under ASGI."""
+    if "wsgi.input" in request.META:
+        return wsgi_path_bytes(request.META)
+    raw = getattr(request, "scope", {}).get("raw_path")
+    return None if raw is None else path_bytes(raw)
