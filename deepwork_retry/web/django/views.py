@@ -7,6 +7,7 @@ import logging
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from deepwork_retry.exceptions import DeepworkError
 from deepwork_retry.web._bodies import read_capped, read_wsgi_body
 from deepwork_retry.web._http import (
     JSON,
@@ -42,7 +43,7 @@ def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
         )
     try:
         body = _body(request)
-    except Exception as exc:  # noqa: BLE001 - the body's framing errors answer in JSON
+    except DeepworkError as exc:  # the body's framing: answered in JSON
         return _response(error_response(exc))
     result = api.handle(
         ApiRequest(
