@@ -29,7 +29,7 @@ from deepwork_retry.demo import (
 )
 from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
-from deepwork_retry.web._http import DEFAULT_PREFIX
+from deepwork_retry.web._http import DEFAULT_PREFIX, MAX_HEADER_BYTES
 
 try:
     import uvicorn
@@ -182,7 +182,16 @@ def _serve_on(sock: socket.socket, *, host: str, db: str, token: str | None, dem
             setup.close()
     app = build_app(db, tokens)
     print(banner(host=host, port=port, project_id=project_id, token=token), flush=True)
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # A header up to MAX_HEADER_BYTES (an oversized token) reaches the API and gets
+    # its JSON 401, rather than h11's plain-text 400 at 16 KiB.
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
+    server = _Server(config)
     # uvicorn raises the Ctrl-C it handled again once shut down; stopping is the normal end.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])

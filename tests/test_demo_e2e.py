@@ -198,3 +198,29 @@ def test_seed_fetch_snippet_with_node(demo: Demo, tmp_path: Path) -> None:
     assert (200, True, "assigned") == (
         result["status"], result["data"]["success"], result["data"]["task"]["status"]
     )  # fmt: skip
+
+
+def test_demo_answers_the_edges_in_json(demo: Demo) -> None:
+    """The demo answers in JSON at the edges: no redirect built from Host, 405, long tokens."""
+    auth = {"Authorization": f"Bearer {demo.token}"}
+    with httpx.Client(timeout=10) as client:
+        bare = client.get(demo.base, headers={**auth, "Host": "evil.example"})
+        options = client.options(
+            f"{demo.base}/projects/{demo.project_id}/tasks/{demo.task_id}/retry", headers=auth
+        )
+        token = "T0k" * 34_000
+        long_token = client.get(
+            f"{demo.base}/projects/{demo.project_id}/progress",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert (404, {"detail": "Not Found"}, None) == (
+        bare.status_code,
+        bare.json(),
+        bare.headers.get("location"),
+    )
+    assert (405, {"detail": "Method Not Allowed"}, "POST") == (
+        options.status_code,
+        options.json(),
+        options.headers["allow"],
+    )
+    assert (401, {"detail": "Invalid token"}) == (long_token.status_code, long_token.json())

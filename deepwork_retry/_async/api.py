@@ -43,12 +43,14 @@ from deepwork_retry.exceptions import (
     TaskNotBlocked,
 )
 from deepwork_retry.web._http import (
+    BODY_TIMEOUT,
     ApiRequest,
     ApiResponse,
     IdempotencyInProgress,
     RetryCommitted,
     bearer_token,
     bulk_options,
+    check_path,
     error_response,
     idempotency_key,
     match,
@@ -100,6 +102,11 @@ class AsyncRetryAPI:
     ``authorizer`` decides whether a principal may act in a project; a
     refusal is reported as ``404 Project not found`` so that it does not
     reveal which projects exist.
+
+    ``body_timeout`` is how many seconds a request's body may take to arrive,
+    for the adapters that read it themselves (Starlette, FastAPI, aiohttp): a
+    body that stops arriving is answered 408 and its connection closed. Under
+    WSGI the server owns the socket and its timeout (see docs/web/routes.md).
     """
 
     def __init__(
@@ -109,16 +116,21 @@ class AsyncRetryAPI:
         authorizer: Authorizer = may_retry,
         *,
         abandoned_after: float = 60.0,
+        body_timeout: float = BODY_TIMEOUT,
     ) -> None:
         check_kind(type(self).__name__, "service", service, "retry", asynchronous=ASYNCHRONOUS)
+        if not body_timeout > 0:
+            raise ValueError("body_timeout must be a positive number of seconds")
         self.service = service
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.abandoned_after = abandoned_after
+        self.body_timeout = body_timeout
 
     async def handle(self, request: ApiRequest) -> ApiResponse:
         """The response to ``request``; never raises, never answers 500."""
         try:
+            check_path(request.raw_path)
             route, params = match(request.method, request.path)
             principal = self._principal(request.headers)
             project_id = params["project_id"]

@@ -288,7 +288,10 @@ def decision_json(decision: RetryDecision | None) -> dict[str, Any] | None:
 
 
 def bulk_json(result: BulkResult) -> dict[str, Any]:
-    return {
+    """The bulk answer: ``retried`` counts what was retried, so a dry run says 0 and
+    counts what it would retry in ``would_retry``, as its items do."""
+    count = sum(item.retried for item in result.items)
+    found: dict[str, Any] = {
         "dry_run": result.dry_run,
         "items": [
             {
@@ -300,10 +303,13 @@ def bulk_json(result: BulkResult) -> dict[str, Any]:
             }
             for item in result.items
         ],
-        "retried": sum(item.retried for item in result.items),
-        "next_after": result.next_after,
-        "stopped": result.stopped,
+        "retried": 0 if result.dry_run else count,
     }
+    if result.dry_run:
+        found["would_retry"] = count
+    found["next_after"] = result.next_after
+    found["stopped"] = result.stopped
+    return found
 
 
 def tasks_page_json(tasks: Sequence[Task], next_after: str | None) -> dict[str, Any]:

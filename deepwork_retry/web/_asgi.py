@@ -10,17 +10,26 @@ it is, so a request costs the API's own work plus little more.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry.web._bodies import CAP, read_capped_stream
-from deepwork_retry.web._http import JSON, ApiRequest, ApiResponse
+from deepwork_retry.web._http import (
+    JSON,
+    ApiRequest,
+    ApiResponse,
+    BodyIncomplete,
+    BodyTimeout,
+    error_response,
+    parse_query,
+    path_bytes,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,7 +37,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-"""Every method is routed to the API, which answers 405 itself where one does not apply."""
+"""Kept for compatibility: the catch-all routes now take every method, and the API
+answers 405 itself where one does not apply."""
 
 _CONTENT_TYPE = (b"content-type", JSON.encode("latin-1"))
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -46,8 +56,39 @@ class _AnyPath(Convertor[str]):
         return value
 
 
+class _Below(Convertor[str]):
+    """The path below a prefix: empty, or a slash and anything after it.
+
+    A route ``"{prefix}{rest:deepwork_below}"`` takes the prefix itself as well as
+    every path under it, so no router redirects ``/prefix`` to ``/prefix/`` (a
+    redirect whose ``Location`` Starlette builds from the ``Host`` header), and a
+    sibling such as ``/prefix-admin`` is left to the host's own routes.
+    """
+
+    regex = r"(?:/[\s\S]*)?"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
 ANY_PATH = "deepwork_any"
+BELOW = "deepwork_below"
 register_url_convertor(ANY_PATH, _AnyPath())
+register_url_convertor(BELOW, _Below())
+
+
+def catch_all_path(prefix: str) -> str:
+    """The route path that takes ``prefix`` and everything below it (param ``rest``)."""
+    return prefix + "{rest:" + BELOW + "}" if prefix else "/{rest:" + ANY_PATH + "}"
+
+
+def path_below(path_params: Any) -> str:
+    """The path below the prefix from a :func:`catch_all_path` route's parameters."""
+    rest = str(path_params["rest"])
+    return rest if rest.startswith("/") else "/" + rest
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -59,20 +100,20 @@ def scope_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
 
 
 def scope_query(raw: bytes) -> list[tuple[str, str]]:
-    """The query string's parameters, blank values kept (as Starlette parses them)."""
-    if not raw:
-        return []
-    return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    """The query string's parameters, decoded by the API's one rule."""
+    return parse_query(raw) if raw else []
 
 
 def scope_request(scope: Scope, path: str, body: bytes) -> ApiRequest:
     """The ASGI request in ``scope`` as plain data; ``path`` is below the API's prefix."""
+    raw_path = scope.get("raw_path")
     return ApiRequest(
         method=scope["method"],
         path=path,
         headers=scope_headers(scope["headers"]),
         query=scope_query(scope.get("query_string", b"")),
         body=body,
+        raw_path=None if raw_path is None else path_bytes(raw_path),
     )
 
 
@@ -105,13 +146,30 @@ async def read_body(receive: Receive) -> bytes:
     return b"".join(chunks)[:CAP]
 
 
-async def api_request(request: Request, path: str) -> ApiRequest:
+async def api_request(request: Request, path: str, timeout: float) -> ApiRequest:
     """``request`` as plain data, ``path`` being its path below the API's prefix.
 
     The body goes through ``request.stream()``, which also serves a body that
-    something before the endpoint has already read.
+    something before the endpoint has already read. Raises :class:`BodyTimeout`
+    when it takes longer than ``timeout`` seconds, and :class:`BodyIncomplete`
+    when the client disconnects first.
     """
-    return scope_request(request.scope, path, await read_capped_stream(request.stream()))
+    try:
+        body = await asyncio.wait_for(read_capped_stream(request.stream()), timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout from None
+    except ClientDisconnect:
+        raise BodyIncomplete from None
+    return scope_request(request.scope, path, body)
+
+
+async def handle(api: AsyncRetryAPI, request: Request, path: str) -> Response:
+    """The API's answer to a Starlette ``request`` (for FastAPI's endpoints)."""
+    try:
+        plain = await api_request(request, path, api.body_timeout)
+    except (BodyTimeout, BodyIncomplete) as exc:
+        return response(error_response(exc))
+    return response(await api.handle(plain))
 
 
 # -- responses ----------------------------------------------------------------------------
@@ -122,6 +180,8 @@ def raw_headers(result: ApiResponse) -> list[tuple[bytes, bytes]]:
     headers = [
         (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in result.headers
     ]
+    if result.close:
+        headers.append((b"connection", b"close"))
     if result.status >= 200 and result.status not in _NO_BODY_STATUSES:
         headers.append((b"content-length", str(len(result.body)).encode("latin-1")))
     headers.append(_CONTENT_TYPE)
@@ -158,28 +218,36 @@ def response(result: ApiResponse) -> Response:
 class ApiEndpoint:
     """An ASGI application answering every request routed to it with ``api``.
 
-    Mounted as a Starlette ``Route`` whose path ends in ``{rest:deepwork_any}``:
-    ``rest`` is the request's path below the API's prefix.
+    Mounted as a Starlette ``Route`` on :func:`catch_all_path`, for every method:
+    ``rest`` is the request's path below the API's prefix. A body that takes
+    longer than the API's ``body_timeout`` is answered 408 and the connection closed.
     """
 
     def __init__(self, api: AsyncRetryAPI) -> None:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = "/" + str(scope["path_params"]["rest"])
+        path = path_below(scope["path_params"])
         try:
-            body = await read_body(receive)
+            body = await asyncio.wait_for(read_body(receive), self.api.body_timeout)
         except Disconnected:
             return  # no one is left to answer
+        except asyncio.TimeoutError:
+            await send_response(send, error_response(BodyTimeout()))
+            return
         result = await self.api.handle(scope_request(scope, path, body))
         await send_response(send, result)
 
 
 __all__ = [
     "ANY_PATH",
+    "BELOW",
     "METHODS",
     "ApiEndpoint",
     "api_request",
+    "catch_all_path",
+    "handle",
+    "path_below",
     "read_body",
     "response",
     "scope_request",

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
@@ -40,6 +41,12 @@ log = logging.getLogger("deepwork_retry.web")
 
 DEFAULT_PREFIX = "/api/deep-work"
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT = 10.0
+"""Seconds a request's whole body may take to arrive, where the adapter reads it itself."""
+MAX_HEADER_BYTES = 128 * 1024
+"""The header size the servers this package configures accept (the demo's uvicorn,
+aiohttp's ``create_app``), so that an oversized token still reaches the API and is
+answered in JSON instead of by the server."""
 MAX_REASON_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_PAGE = 50
@@ -65,6 +72,68 @@ def _headers(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, 
     return found
 
 
+def parse_query(raw: str | bytes) -> list[tuple[str, str]]:
+    """The parameters of a raw (still percent-encoded) query string, blank values kept.
+
+    Every adapter passes its request's raw query string here, so that all decode
+    it alike: ``+`` is a space, and a percent-escape that is not UTF-8 is kept as
+    a lone surrogate (``surrogateescape``), which :func:`page_options` refuses.
+    """
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    return parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+
+
+def path_bytes(raw: str | bytes) -> bytes:
+    """The bytes a raw (percent-encoded) request path or target names; any query is dropped."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    raw = raw.partition("?")[0]
+    if not raw.startswith("/") and "://" in raw:  # absolute-form target
+        raw = urlsplit(raw).path
+    return unquote_to_bytes(raw)
+
+
+def wsgi_path_bytes(environ: Mapping[str, Any]) -> bytes | None:
+    """The path bytes of a WSGI request, as the client sent them, when they can be known.
+
+    The raw request target (``RAW_URI``, ``REQUEST_URI``: gunicorn, werkzeug,
+    uWSGI) first, since some servers decode ``PATH_INFO`` with replacement
+    characters; else ``SCRIPT_NAME + PATH_INFO``, which PEP 3333 carries as
+    bytes in latin-1.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if isinstance(raw, str) and raw:
+        return path_bytes(raw)
+    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+    try:
+        return path.encode("latin-1")
+    except UnicodeEncodeError:  # a server that passed text: nothing left to check
+        return None
+
+
+def check_path(raw: bytes | None) -> None:
+    """Refuse a path whose bytes are not UTF-8, whatever the framework made of them.
+
+    Frameworks differ here (a replacement character, the escape kept as
+    ``%FF``...), so the decision is this one, for every adapter.
+    """
+    if raw is None:
+        return
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestBody("Request path is not valid UTF-8") from None
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     found: dict[str, str] = {}
@@ -84,7 +153,9 @@ class ApiRequest:
 
     ``path`` is the decoded path relative to the prefix (``/projects/p/...``);
     header names are matched case-insensitively and the first of repeated
-    headers or query parameters wins.
+    headers or query parameters wins. ``raw_path``, when the adapter knows it,
+    is the whole request path as the bytes the client sent (percent-decoded):
+    the API refuses one that is not UTF-8 (:func:`check_path`).
     """
 
     method: str = attrs.field(converter=_upper)
@@ -92,6 +163,7 @@ class ApiRequest:
     headers: Mapping[str, str] = attrs.field(factory=dict, converter=_headers)
     query: Mapping[str, str] = attrs.field(factory=dict, converter=_query)
     body: bytes = b""
+    raw_path: bytes | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -99,6 +171,9 @@ class ApiResponse:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False
+    """Close the connection after this response (its request's body was not read
+    to the end); each adapter does it in its server's way."""
 
     @property
     def all_headers(self) -> list[tuple[str, str]]:
@@ -115,8 +190,10 @@ def json_bytes(payload: Any) -> bytes:
     return COMPACT.encode(payload).encode("utf-8")
 
 
-def respond(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
-    return ApiResponse(status=status, body=json_bytes(payload), headers=tuple(headers))
+def respond(
+    status: int, payload: Any, headers: Iterable[tuple[str, str]] = (), *, close: bool = False
+) -> ApiResponse:
+    return ApiResponse(status=status, body=json_bytes(payload), headers=tuple(headers), close=close)
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -150,6 +227,34 @@ class BadRequestBody(InvalidInput):
 class BodyTooLarge(DeepworkError):
     def __init__(self) -> None:
         super().__init__(f"Request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class LengthRequired(DeepworkError):
+    """A chunked body the server hands over unread (it does not de-chunk): refuse it
+    rather than act on an empty body (411)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This server cannot read a chunked request body; send it with Content-Length"
+        )
+
+
+class BodyTimeout(DeepworkError):
+    """The request's body stopped arriving (408, and the connection is closed)."""
+
+    closes_connection = True
+
+    def __init__(self) -> None:
+        super().__init__("Request body did not arrive in time")
+
+
+class BodyIncomplete(DeepworkError):
+    """The body ended before its declared length: the client went away (400, closed)."""
+
+    closes_connection = True
+
+    def __init__(self) -> None:
+        super().__init__("Request body ended before its declared length")
 
 
 class IdempotencyInProgress(DeepworkError):
@@ -247,7 +352,9 @@ def _json_object(body: bytes, fields: Iterable[str]) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):
+    except ValueError:  # UnicodeDecodeError included: JSON is UTF-8
+        raise BadRequestBody("Request body is not valid JSON") from None
+    except RecursionError:  # valid JSON nested too deeply to be our object
         raise BadRequestBody("Request body must be a JSON object") from None
     if data is None:
         return {}
@@ -276,6 +383,8 @@ def _reason(data: Mapping[str, Any]) -> str | None:
         raise BadRequestBody(f"reason must be a string of at most {MAX_REASON_LENGTH} characters")
     if "\x00" in value:
         raise BadRequestBody("reason must not contain NUL characters")
+    if not _is_text(value):  # a JSON escape of half a surrogate pair: no text at all
+        raise BadRequestBody("reason must be valid Unicode text")
     return value
 
 
@@ -295,7 +404,7 @@ def _limit(value: object, default: int) -> int:
 def _after(value: object) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _is_text(value):
         raise BadRequestBody("after must be a task id")
     try:
         check_id("task", value)
@@ -352,6 +461,8 @@ class PageOptions:
 
 
 def page_options(query: Mapping[str, str]) -> PageOptions:
+    if not all(_is_text(name) and _is_text(value) for name, value in query.items()):
+        raise BadRequestBody("Query string is not valid UTF-8")
     unknown = sorted(set(query) - {"status", "after", "limit"})
     if unknown:
         raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
@@ -448,6 +559,9 @@ ERRORS: Mapping[type[BaseException], tuple[int, Any, Any]] = {
     InvalidTransition: (409, _own_detail, _no_headers),
     IdempotencyInProgress: (409, _own_detail, _retry_after),
     BodyTooLarge: (413, _own_detail, _no_headers),
+    LengthRequired: (411, _own_detail, _no_headers),
+    BodyTimeout: (408, _own_detail, _no_headers),
+    BodyIncomplete: (400, _own_detail, _no_headers),
     IdempotencyKeyReused: (422, _own_detail, _no_headers),
     InvalidInput: (422, _own_detail, _no_headers),
     VersionConflict: (503, _fixed("The task is busy; try again shortly"), _retry_after),
@@ -470,7 +584,8 @@ def error_response(exc: BaseException) -> ApiResponse:
                     log.warning("storage unavailable, answered %d: %s", status, exc)
                 else:
                     log.error("storage failed, answered %d", status, exc_info=exc)
-            return respond(status, {"detail": detail(exc)}, headers(exc))
+            close = bool(getattr(exc, "closes_connection", False))
+            return respond(status, {"detail": detail(exc)}, headers(exc), close=close)
     log.error("unexpected error in the web API", exc_info=exc)
     return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))
 
@@ -482,9 +597,16 @@ __all__ = [
     "ApiRequest",
     "ApiResponse",
     "BadRequestBody",
+    "BodyIncomplete",
+    "BodyTimeout",
     "IdempotencyInProgress",
+    "LengthRequired",
     "RetryCommitted",
     "error_response",
     "match",
+    "check_path",
     "normalise_prefix",
+    "parse_query",
+    "path_bytes",
+    "wsgi_path_bytes",
 ]

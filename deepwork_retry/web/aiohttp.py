@@ -7,6 +7,8 @@ add_routes(app, service, StaticTokens.from_env())
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from deepwork_retry._async.api import AsyncRetryAPI
@@ -15,15 +17,33 @@ from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.web._api import async_api
 from deepwork_retry.web._bodies import CAP
-from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, ApiRequest, normalise_prefix
+from deepwork_retry.web._http import (
+    DEFAULT_PREFIX,
+    JSON,
+    MAX_HEADER_BYTES,
+    ApiRequest,
+    ApiResponse,
+    BodyIncomplete,
+    BodyTimeout,
+    error_response,
+    normalise_prefix,
+    parse_query,
+    path_bytes,
+)
 
 try:
     from aiohttp import web
+    from aiohttp.web_protocol import RequestPayloadError
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("aiohttp", __name__, exc) from exc
 
+HANDLER_ARGS = {"max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES}
+"""What :func:`create_app` gives aiohttp's request parser: header lines up to
+:data:`~deepwork_retry.web._http.MAX_HEADER_BYTES`, so an oversized token reaches
+the API (a JSON 401) rather than aiohttp's own text 400, which quotes the header."""
 
-async def _body(request: web.Request) -> bytes:
+
+async def _read(request: web.Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size < CAP:
@@ -33,6 +53,36 @@ async def _body(request: web.Request) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+async def _body(request: web.Request, timeout: float) -> bytes:
+    """The body, up to CAP bytes; :class:`BodyTimeout` past ``timeout`` seconds and
+    :class:`BodyIncomplete` when the client goes away or the framing is broken."""
+    try:
+        return await asyncio.wait_for(_read(request), timeout)
+    except asyncio.TimeoutError:
+        raise BodyTimeout from None
+    except (ConnectionError, RequestPayloadError):
+        raise BodyIncomplete from None
+
+
+async def _respond(request: web.Request, result: ApiResponse) -> web.StreamResponse:
+    response = web.Response(
+        body=result.body,
+        status=result.status,
+        headers=dict(result.headers),
+        content_type=JSON,
+    )
+    if result.close:
+        # The rest of the body is not wanted: answer, then close at once rather
+        # than let aiohttp linger reading it. A client that is gone gets nothing,
+        # quietly (aiohttp logs such a write as a disconnection, not an error).
+        response.force_close()
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write_eof()
+        request.protocol.force_close()
+    return response
 
 
 def routes(
@@ -45,25 +95,30 @@ def routes(
     """The API's route definitions under ``prefix`` (for ``app.add_routes``)."""
     api = async_api(service, authenticator, authorizer, adapter=__name__)
 
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _body(request, api.body_timeout)
+        except (BodyTimeout, BodyIncomplete) as exc:
+            return await _respond(request, error_response(exc))
         result = await api.handle(
             ApiRequest(
                 method=request.method,
-                path="/" + request.match_info["rest"],
+                path="/" + request.match_info.get("rest", ""),
                 headers=request.headers.items(),
-                query=request.query.items(),
-                body=await _body(request),
+                query=parse_query(request.rel_url.raw_query_string),
+                body=body,
+                raw_path=path_bytes(request.rel_url.raw_path),
             )
         )
-        return web.Response(
-            body=result.body,
-            status=result.status,
-            headers=dict(result.headers),
-            content_type=JSON,
-        )
+        return await _respond(request, result)
 
-    # [\s\S] rather than ".": ids may contain newlines.
-    return [web.route("*", normalise_prefix(prefix) + r"/{rest:[\s\S]*}", handler)]
+    # The prefix itself and everything below it, every method ("*"): the API
+    # answers all of them. [\s\S] rather than ".": ids may contain newlines.
+    base = normalise_prefix(prefix)
+    found = [web.route("*", base + r"/{rest:[\s\S]*}", handler)]
+    if base:
+        found.append(web.route("*", base, handler))
+    return found
 
 
 def add_routes(
@@ -86,7 +141,11 @@ def create_app(
     prefix: str = DEFAULT_PREFIX,
     **application: Any,
 ) -> web.Application:
-    """An application serving only the API (extra keywords go to ``web.Application``)."""
+    """An application serving only the API (extra keywords go to ``web.Application``).
+
+    Its ``handler_args`` default to :data:`HANDLER_ARGS` (larger header limits).
+    """
+    application.setdefault("handler_args", HANDLER_ARGS)
     app = web.Application(**application)
     add_routes(app, service, authenticator, authorizer, prefix=prefix)
     return app

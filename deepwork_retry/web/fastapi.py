@@ -33,7 +33,7 @@ try:
     from fastapi.security import HTTPBearer
     from pydantic import BaseModel, Field
 
-    from deepwork_retry.web._asgi import ANY_PATH, METHODS, api_request, response
+    from deepwork_retry.web._asgi import ApiEndpoint, catch_all_path, handle
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("fastapi", __name__, exc) from exc
 
@@ -151,7 +151,10 @@ class BulkItemModel(BaseModel):
 class BulkResponse(BaseModel):
     dry_run: bool
     items: list[BulkItemModel]
-    retried: int
+    retried: int = Field(description="Tasks retried by this request (0 in a dry run)")
+    would_retry: int | None = Field(
+        default=None, description="In a dry run only: tasks that would be retried"
+    )
     next_after: str | None
     stopped: Literal["storage_unavailable", "out_of_time", "interrupted"] | None
 
@@ -287,11 +290,10 @@ def router(
     )
 
     def endpoint(template: str) -> Any:
-        async def handle(request: Request) -> Response:
-            path = template.format(**request.path_params)
-            return response(await api.handle(await api_request(request, path)))
+        async def endpoint(request: Request) -> Response:
+            return await handle(api, request, template.format(**request.path_params))
 
-        return handle
+        return endpoint
 
     for method, template, name in ROUTES:
         found.add_api_route(
@@ -303,13 +305,13 @@ def router(
             **_DOCS[name],
         )
 
-    async def fallback(request: Request) -> Response:
-        path = "/" + str(request.path_params["rest"])
-        return response(await api.handle(await api_request(request, path)))
-
-    # Anything else under the prefix (empty ids, other methods) gets the API's own answer.
-    found.add_api_route(
-        "/{rest:" + ANY_PATH + "}", fallback, methods=METHODS, include_in_schema=False
+    # Anything else under the prefix (the prefix itself, empty ids, every other
+    # method) gets the API's own answer: a plain route, which takes every method,
+    # where an API route would list some and leave the rest to FastAPI's 405.
+    found.add_route(
+        catch_all_path(normalise_prefix(prefix)),
+        ApiEndpoint(api),  # type: ignore[arg-type]  # Route takes an ASGI app too; the hint omits it
+        include_in_schema=False,
     )
     return found
 

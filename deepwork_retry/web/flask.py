@@ -10,19 +10,28 @@ from __future__ import annotations
 from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
-from deepwork_retry.exceptions import missing_extra
+from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.web._api import sync_api
-from deepwork_retry.web._bodies import read_capped
-from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, ApiRequest, normalise_prefix
+from deepwork_retry.web._bodies import read_wsgi_body
+from deepwork_retry.web._http import (
+    DEFAULT_PREFIX,
+    JSON,
+    ApiRequest,
+    error_response,
+    normalise_prefix,
+    parse_query,
+    wsgi_path_bytes,
+)
 
 try:
     from flask import Blueprint, Response, request
     from flask.sansio.blueprints import BlueprintSetupState
-    from werkzeug.routing import BaseConverter
+    from werkzeug.routing import BaseConverter, Rule
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("flask", __name__, exc) from exc
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+"""Kept for compatibility: the blueprint's rules now take every method."""
 ANY_PATH = "deepwork_any"
 
 
@@ -33,10 +42,6 @@ class AnyPathConverter(BaseConverter):
     part_isolating = False
 
 
-def _add_converter(state: BlueprintSetupState) -> None:
-    state.app.url_map.converters.setdefault(ANY_PATH, AnyPathConverter)
-
-
 def blueprint(
     service: RetryService | RetryAPI,
     authenticator: Authenticator | None = None,
@@ -45,32 +50,56 @@ def blueprint(
     prefix: str = DEFAULT_PREFIX,
     name: str = "deepwork_retry",
 ) -> Blueprint:
-    """A blueprint serving the API under ``prefix``; register it on your app."""
+    """A blueprint serving the API under ``prefix``; register it on your app.
+
+    Its rules take the prefix and every path and method below it, so the API
+    answers all of them itself (JSON 404 and 405; Flask's automatic ``OPTIONS``
+    and HTML error pages never apply).
+    """
     api = sync_api(service, authenticator, authorizer, adapter=__name__)
     bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
-    bp.record_once(_add_converter)
 
-    def view(rest: str) -> Response:
-        result = api.handle(
-            ApiRequest(
-                method=request.method,
-                path="/" + rest,
-                headers=request.headers.items(),
-                query=request.args.items(multi=True),
-                body=read_capped(request.stream.read),
+    def view(rest: str = "") -> Response:
+        try:
+            body = read_wsgi_body(request.environ)
+        except DeepworkError as exc:  # the body's framing: answered in JSON
+            result = error_response(exc)
+        else:
+            result = api.handle(
+                ApiRequest(
+                    method=request.method,
+                    path="/" + rest,
+                    headers=request.headers.items(),
+                    query=parse_query(request.query_string),
+                    body=body,
+                    raw_path=wsgi_path_bytes(request.environ),
+                )
             )
-        )
         return Response(result.body, status=result.status, headers=result.headers, mimetype=JSON)
 
-    # merge_slashes=False: an empty id ("tasks//retry") reaches the API as it was sent.
-    bp.add_url_rule(
-        "/<" + ANY_PATH + ":rest>",
-        "api",
-        view,
-        methods=METHODS,
-        merge_slashes=False,
-        strict_slashes=False,
-    )
+    def register(state: BlueprintSetupState) -> None:
+        # Rules built here rather than with add_url_rule, which always lists methods
+        # (and adds OPTIONS): methods=None lets every method through to the API.
+        app = state.app
+        app.url_map.converters.setdefault(ANY_PATH, AnyPathConverter)
+        endpoint = f"{state.name_prefix}.{state.name}.api".lstrip(".")
+        base = (state.url_prefix or "").rstrip("/")
+        paths = [base + "/<" + ANY_PATH + ":rest>"] + ([base] if base else [])
+        for path in paths:
+            # merge_slashes=False: an empty id ("tasks//retry") reaches the API as sent.
+            app.url_map.add(
+                Rule(
+                    path,
+                    endpoint=endpoint,
+                    methods=None,
+                    merge_slashes=False,
+                    strict_slashes=False,
+                    subdomain=state.subdomain,
+                )
+            )
+        app.view_functions[endpoint] = view
+
+    bp.record(register)
     return bp
 
 

@@ -21,7 +21,7 @@ try:
     from starlette.applications import Starlette
     from starlette.routing import BaseRoute, Route
 
-    from deepwork_retry.web._asgi import ANY_PATH, METHODS, ApiEndpoint
+    from deepwork_retry.web._asgi import ApiEndpoint, catch_all_path
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("starlette", __name__, exc) from exc
 
@@ -33,15 +33,20 @@ def routes(
     *,
     prefix: str = DEFAULT_PREFIX,
 ) -> list[BaseRoute]:
-    """The API's routes under ``prefix``, to list in your own application."""
+    """The API's routes under ``prefix``, to list in your own application.
+
+    One route takes the prefix and every path and method below it, so the API
+    answers all of them itself (JSON 404 and 405, never a redirect).
+    """
     endpoint = ApiEndpoint(_api(service, authenticator, authorizer))
     # An ASGI application as the endpoint: it reads the scope and writes the two
     # response messages itself, with no Request or Response objects in between.
+    # methods=None: every method reaches the API, OPTIONS and unknown ones too.
     return [
         Route(
-            normalise_prefix(prefix) + "/{rest:" + ANY_PATH + "}",
+            catch_all_path(normalise_prefix(prefix)),
             endpoint,
-            methods=METHODS,
+            methods=None,
             name="endpoint",  # the name it has always had
         )
     ]

@@ -25,6 +25,12 @@ def server(request: pytest.FixtureRequest, world: World) -> Iterator[str]:
 
 
 @pytest.fixture
+def adapter(request: pytest.FixtureRequest, server: str) -> str:
+    """The name of the adapter ``server`` runs (for rows its server decides itself)."""
+    return str(request.node.callspec.params["server"])
+
+
+@pytest.fixture
 def http(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=10) as client:
         yield client

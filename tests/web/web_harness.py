@@ -1,10 +1,16 @@
 """The web tests' harness: a real HTTP server on 127.0.0.1 per web adapter, one shared world.
 
 Every adapter is served once per session on an ephemeral loopback port:
-Starlette and FastAPI by uvicorn, Flask by werkzeug's threaded server, Django
-by its threaded WSGI server, aiohttp by its own runner. All five serve the same
+Starlette and FastAPI by uvicorn, Flask and Django by werkzeug's threaded WSGI
+server (which, like gunicorn, de-chunks request bodies and says so with
+``wsgi.input_terminated``; Django's own development server cannot read a
+chunked body at all), aiohttp by its own runner. All five serve the same
 storage, dispatcher and token table, so a test creates its own project (with a
 fresh id) and then talks to whichever adapter it is parametrised with.
+
+Each server is configured as docs/web/routes.md tells a host to: the async
+adapters get a short ``body_timeout``, the WSGI servers a socket timeout, and
+uvicorn the header limit the demo server uses.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.exceptions import StorageUnavailable
 from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry.web import AsyncRetryAPI
+from deepwork_retry.web._http import MAX_HEADER_BYTES
 
 ADAPTERS = ["starlette", "fastapi", "flask", "django", "aiohttp"]
 PREFIX = "/api/deep-work"
@@ -36,6 +44,10 @@ ALICE = "alice-token-0123456789"
 """May act in every project."""
 BOB = "bob-token-0123456789"
 """May act only in projects whose id starts with ``bob-`` (see :func:`authorize`)."""
+
+BODY_TIMEOUT = 2.0
+"""Seconds a body may take to arrive: the async APIs' ``body_timeout`` and the WSGI
+servers' socket timeout (kept short so the slow-body tests finish quickly)."""
 
 
 def authorize(principal: Principal, project_id: str) -> bool:
@@ -120,6 +132,11 @@ class World:
     def async_service(self) -> AsyncRetryService:
         return AsyncRetryService(self.async_storage, AsyncRecorder(self.recorder))
 
+    def async_api(self) -> AsyncRetryAPI:
+        return AsyncRetryAPI(
+            self.async_service(), self.tokens, authorize, body_timeout=BODY_TIMEOUT
+        )
+
     # -- arranging -------------------------------------------------------------------
     def project(self, status: str = "executing", *, prefix: str = "p-") -> str:
         project_id = prefix + uuid.uuid4().hex[:12]
@@ -182,7 +199,10 @@ def serve_asgi(
     import uvicorn
 
     sock = _socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan=lifespan))
+    config = uvicorn.Config(
+        app, log_level="error", lifespan=lifespan, h11_max_incomplete_event_size=MAX_HEADER_BYTES
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(500):
@@ -200,10 +220,20 @@ def serve_asgi(
 
 
 def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class TimedHandler(WSGIRequestHandler):
+        # The server owns the socket under WSGI: its timeout bounds a body that
+        # stops arriving (socketserver applies it to each accepted connection).
+        timeout = BODY_TIMEOUT
+
+        def log_error(self, format: str, *args: Any) -> None:
+            # An idle keep-alive connection closed by the timeout is routine.
+            if not format.startswith("Request timed out"):
+                super().log_error(format, *args)
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=TimedHandler)
     _no_delay(server.socket)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -240,24 +270,8 @@ def configure_django() -> None:
 
 def serve_django() -> tuple[str, Callable[[], None]]:
     from django.core.handlers.wsgi import WSGIHandler
-    from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            return None
-
-    server = ThreadedWSGIServer(("127.0.0.1", 0), Quiet, allow_reuse_address=True)
-    server.set_app(WSGIHandler())
-    _no_delay(server.socket)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-    return f"http://127.0.0.1:{server.server_address[1]}", stop
+    return serve_wsgi_werkzeug(WSGIHandler())
 
 
 def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
@@ -269,7 +283,8 @@ def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
     sock = _socket()
 
     async def start() -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None)
+        # The access log on, so tests can check what it records (at INFO).
+        runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
         await runner.setup()
         await web.SockSite(runner, sock).start()
         return runner
@@ -291,11 +306,11 @@ def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
     if adapter == "starlette":
         from deepwork_retry.web.starlette import create_app
 
-        return serve_asgi(create_app(world.async_service(), world.tokens, authorize))
+        return serve_asgi(create_app(world.async_api()))
     if adapter == "fastapi":
         from deepwork_retry.web.fastapi import create_app as create_fastapi
 
-        return serve_asgi(create_fastapi(world.async_service(), world.tokens, authorize))
+        return serve_asgi(create_fastapi(world.async_api()))
     if adapter == "flask":
         from flask import Flask
 
@@ -313,7 +328,7 @@ def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
     if adapter == "aiohttp":
         from deepwork_retry.web.aiohttp import create_app as create_aiohttp
 
-        return serve_aiohttp(create_aiohttp(world.async_service(), world.tokens, authorize))
+        return serve_aiohttp(create_aiohttp(world.async_api()))
     raise AssertionError(adapter)
 
 

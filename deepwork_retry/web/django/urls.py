@@ -18,9 +18,11 @@ app_name = "deepwork_retry"
 _prefix = re.escape(prefix().lstrip("/"))
 
 urlpatterns = [
-    # [\s\S] rather than ".": ids may contain newlines.
+    # Everything under the prefix, the prefix itself included (so that Django's
+    # APPEND_SLASH never redirects it to the API's own 404): ``rest`` is the path
+    # below the prefix. [\s\S] rather than ".": ids may contain newlines.
     re_path(
-        rf"^{_prefix}/(?P<rest>[\s\S]*)\Z" if _prefix else r"^(?P<rest>[\s\S]*)\Z",
+        rf"^{_prefix}(?:/(?P<rest>[\s\S]*))?\Z" if _prefix else r"^(?P<rest>[\s\S]*)\Z",
         api_view,
         name="api",
     ),

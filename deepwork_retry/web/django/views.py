@@ -7,8 +7,18 @@ import logging
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from deepwork_retry.web._bodies import read_capped
-from deepwork_retry.web._http import JSON, ApiRequest, ApiResponse, respond
+from deepwork_retry.exceptions import DeepworkError
+from deepwork_retry.web._bodies import read_capped, read_wsgi_body
+from deepwork_retry.web._http import (
+    JSON,
+    ApiRequest,
+    ApiResponse,
+    error_response,
+    parse_query,
+    path_bytes,
+    respond,
+    wsgi_path_bytes,
+)
 from deepwork_retry.web.django import get_api
 
 log = logging.getLogger("deepwork_retry.web")
@@ -23,7 +33,7 @@ def _response(result: ApiResponse) -> HttpResponse:
 
 # Bearer tokens, not cookies, authenticate these requests, so CSRF does not apply.
 @csrf_exempt  # type: ignore[untyped-decorator]  # Django ships no type hints
-def api_view(request: HttpRequest, rest: str) -> HttpResponse:
+def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
     try:
         api = get_api()
     except Exception:  # a configuration error must answer in JSON, not as a 500 page
@@ -31,14 +41,38 @@ def api_view(request: HttpRequest, rest: str) -> HttpResponse:
         return _response(
             respond(503, {"detail": "The retry API is not configured"}, [("Retry-After", "60")])
         )
-    query = [(name, value) for name, values in request.GET.lists() for value in values]
+    try:
+        body = _body(request)
+    except DeepworkError as exc:  # the body's framing: answered in JSON
+        return _response(error_response(exc))
     result = api.handle(
         ApiRequest(
             method=request.method or "GET",
             path="/" + rest,
             headers=request.headers.items(),
-            query=query,
-            body=read_capped(request.read),
+            query=parse_query(request.META.get("QUERY_STRING", "")),
+            body=body,
+            raw_path=_raw_path(request),
         )
     )
     return _response(result)
+
+
+def _body(request: HttpRequest) -> bytes:
+    """The body, read as the server frames it.
+
+    Django reads a WSGI body only as far as ``Content-Length``, so a chunked body
+    that the server de-chunked (``wsgi.input_terminated``) would look empty; it
+    is read from ``wsgi.input`` instead. Under ASGI Django has the whole body.
+    """
+    if "wsgi.input" not in request.META:
+        return read_capped(request.read)
+    return read_wsgi_body(request.META, request.read)
+
+
+def _raw_path(request: HttpRequest) -> bytes | None:
+    """The path's bytes as sent: from the WSGI environ, or the ASGI scope under ASGI."""
+    if "wsgi.input" in request.META:
+        return wsgi_path_bytes(request.META)
+    raw = getattr(request, "scope", {}).get("raw_path")
+    return None if raw is None else path_bytes(raw)
