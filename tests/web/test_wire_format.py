@@ -523,3 +523,30 @@ def test_the_demo_server_serves_the_document(tmp_path: Any) -> None:
 
     app = build_app(str(tmp_path / "demo.db"), StaticTokens())
     assert openapi_document() == get_json(app, OPENAPI_PATH)
+
+
+# -- an answer built outside the API: Django without a configured API -------------------------
+
+
+def test_django_without_a_configured_api_answers_the_error_body(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings naming no API: a JSON 503 with its code and Retry-After, never a 500 page."""
+    from web_harness import configure_django
+
+    configure_django()
+    from django.test import RequestFactory
+
+    import deepwork_retry.web.django as django_app
+    from deepwork_retry.web.django.views import api_view
+
+    monkeypatch.setattr(django_app, "_configured", None)
+    with caplog.at_level("ERROR", logger="deepwork_retry.web"):
+        response = api_view(
+            RequestFactory().get(PREFIX + "/projects/p/progress"), "projects/p/progress"
+        )
+    body = json.loads(response.content)
+    assert (503, "60") == (response.status_code, response["Retry-After"])
+    assert {"detail": "The retry API is not configured", "code": "not_configured"} == body
+    conforms(error_body(503), body)
+    assert "not configured" in caplog.text
