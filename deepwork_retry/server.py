@@ -29,11 +29,15 @@ from deepwork_retry.demo import (
 )
 from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
-from deepwork_retry.web._http import DEFAULT_PREFIX, MAX_HEADER_BYTES
+from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, MAX_HEADER_BYTES, json_bytes
+from deepwork_retry.web.openapi import openapi_document
 
 try:
     import uvicorn
     from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
 
     from deepwork_retry.web.starlette import routes
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -47,6 +51,10 @@ def _tokens(token: str | None) -> tuple[StaticTokens, str]:
     token = token or os.environ.get("DEEPWORK_TOKEN") or secrets.token_urlsafe(24)
     tokens.add(token, Principal(id="demo-user"))
     return tokens, token
+
+
+OPENAPI_PATH = "/openapi.json"
+"""Where the demo server serves the API's OpenAPI document (outside the API's prefix)."""
 
 
 def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette:
@@ -80,7 +88,15 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
             await asyncio.to_thread(demo.shutdown)
             await storage.close()
 
-    return Starlette(routes=routes(service, tokens), lifespan=lifespan)
+    document = json_bytes(openapi_document(DEFAULT_PREFIX))
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type=JSON)
+
+    # The API's OpenAPI document beside (not under) its prefix: the same one the
+    # FastAPI adapter serves, built without FastAPI.
+    docs = Route(OPENAPI_PATH, openapi, methods=["GET"], name="openapi")
+    return Starlette(routes=[docs, *routes(service, tokens)], lifespan=lifespan)
 
 
 def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:

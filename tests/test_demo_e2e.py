@@ -112,7 +112,7 @@ def test_second_curl_gets_the_contract_400(demo: Demo) -> None:
     """Retrying the same task again is refused with the status it now has."""
     assert 200 == _curl_retry(demo)[0]
     status, data = _curl_retry(demo)
-    assert 400 == status
+    assert (400, "task_not_blocked") == (status, data["code"])
     assert data["detail"] in (
         "Can only retry tasks with status 'blocked', got 'assigned'",
         "Can only retry tasks with status 'blocked', got 'in_progress'",
@@ -158,7 +158,10 @@ def test_wrong_token_is_refused(demo: Demo) -> None:
         f"{demo.base}/projects/{demo.project_id}/tasks/task-3/retry",
         headers={"Authorization": "Bearer not-the-token"},
     )
-    assert (401, {"detail": "Invalid token"}) == (res.status_code, res.json())
+    assert (401, {"detail": "Invalid token", "code": "invalid_token"}) == (
+        res.status_code,
+        res.json(),
+    )
 
 
 def test_ctrl_c_stops_the_server_cleanly(demo: Demo) -> None:
@@ -213,14 +216,17 @@ def test_demo_answers_the_edges_in_json(demo: Demo) -> None:
             f"{demo.base}/projects/{demo.project_id}/progress",
             headers={"Authorization": f"Bearer {token}"},
         )
-    assert (404, {"detail": "Not Found"}, None) == (
+    assert (404, {"detail": "Not Found", "code": "route_not_found"}, None) == (
         bare.status_code,
         bare.json(),
         bare.headers.get("location"),
     )
-    assert (405, {"detail": "Method Not Allowed"}, "POST") == (
+    assert (405, {"detail": "Method Not Allowed", "code": "method_not_allowed"}, "POST") == (
         options.status_code,
         options.json(),
         options.headers["allow"],
     )
-    assert (401, {"detail": "Invalid token"}) == (long_token.status_code, long_token.json())
+    assert (401, {"detail": "Invalid token", "code": "invalid_token"}) == (
+        long_token.status_code,
+        long_token.json(),
+    )

@@ -29,10 +29,12 @@ from deepwork_retry.exceptions import (
     InvalidTransition,
     NotAuthenticated,
     NotFound,
+    ProjectNotFound,
     ProjectNotRunnable,
     StorageError,
     StorageUnavailable,
     TaskNotBlocked,
+    TaskNotFound,
     VersionConflict,
 )
 from deepwork_retry.storage._validate import MAX_LIMIT, check_id
@@ -546,30 +548,67 @@ def _fixed(text: str) -> Any:
     return lambda exc: text
 
 
-ERRORS: Mapping[type[BaseException], tuple[int, Any, Any]] = {
-    # class: (status, detail(exc), headers(exc)); the most specific class wins.
-    RetryCommitted: (202, _own_detail, _no_headers),
-    InvalidToken: (401, _own_detail, _invalid_token),
-    NotAuthenticated: (401, _own_detail, _bearer),
-    RouteNotFound: (404, _own_detail, _no_headers),
-    NotFound: (404, _own_detail, _no_headers),
-    MethodNotAllowed: (405, _own_detail, _allow),
-    TaskNotBlocked: (400, _own_detail, _no_headers),
-    ProjectNotRunnable: (409, _own_detail, _no_headers),
-    InvalidTransition: (409, _own_detail, _no_headers),
-    IdempotencyInProgress: (409, _own_detail, _retry_after),
-    BodyTooLarge: (413, _own_detail, _no_headers),
-    LengthRequired: (411, _own_detail, _no_headers),
-    BodyTimeout: (408, _own_detail, _no_headers),
-    BodyIncomplete: (400, _own_detail, _no_headers),
-    IdempotencyKeyReused: (422, _own_detail, _no_headers),
-    InvalidInput: (422, _own_detail, _no_headers),
-    VersionConflict: (503, _fixed("The task is busy; try again shortly"), _retry_after),
-    StorageUnavailable: (503, _fixed(STORAGE_DOWN), _retry_after),
-    StorageError: (503, _fixed(STORAGE_DOWN), _retry_after),
-    DeepworkError: (400, _own_detail, _no_headers),
+class NotConfigured(DeepworkError):
+    """The host's settings name no usable API (503; the log says what is wrong)."""
+
+    retry_after = 60
+
+    def __init__(self) -> None:
+        super().__init__("The retry API is not configured")
+
+
+ERRORS: Mapping[type[BaseException], tuple[int, str, Any, Any]] = {
+    # class: (status, code, detail(exc), headers(exc)); the most specific class wins.
+    # ``code`` is the body's machine-readable ``code``, stable across releases.
+    RetryCommitted: (202, "retry_committed", _own_detail, _no_headers),
+    InvalidToken: (401, "invalid_token", _own_detail, _invalid_token),
+    NotAuthenticated: (401, "not_authenticated", _own_detail, _bearer),
+    RouteNotFound: (404, "route_not_found", _own_detail, _no_headers),
+    ProjectNotFound: (404, "project_not_found", _own_detail, _no_headers),
+    TaskNotFound: (404, "task_not_found", _own_detail, _no_headers),
+    NotFound: (404, "not_found", _own_detail, _no_headers),
+    MethodNotAllowed: (405, "method_not_allowed", _own_detail, _allow),
+    TaskNotBlocked: (400, "task_not_blocked", _own_detail, _no_headers),
+    ProjectNotRunnable: (409, "project_not_runnable", _own_detail, _no_headers),
+    InvalidTransition: (409, "invalid_transition", _own_detail, _no_headers),
+    IdempotencyInProgress: (409, "idempotency_in_progress", _own_detail, _retry_after),
+    BodyTooLarge: (413, "body_too_large", _own_detail, _no_headers),
+    LengthRequired: (411, "length_required", _own_detail, _no_headers),
+    BodyTimeout: (408, "request_timeout", _own_detail, _no_headers),
+    BodyIncomplete: (400, "body_incomplete", _own_detail, _no_headers),
+    IdempotencyKeyReused: (422, "idempotency_key_reused", _own_detail, _no_headers),
+    InvalidInput: (422, "invalid_input", _own_detail, _no_headers),
+    VersionConflict: (
+        503,
+        "task_busy",
+        _fixed("The task is busy; try again shortly"),
+        _retry_after,
+    ),
+    StorageUnavailable: (503, "storage_unavailable", _fixed(STORAGE_DOWN), _retry_after),
+    StorageError: (503, "storage_unavailable", _fixed(STORAGE_DOWN), _retry_after),
+    NotConfigured: (503, "not_configured", _own_detail, _retry_after),
+    DeepworkError: (400, "bad_request", _own_detail, _no_headers),
 }
-"""Every error the API reports, by class: the one place statuses are chosen."""
+"""Every error the API reports, by class: the one place statuses and codes are chosen."""
+
+UNEXPECTED_CODE = "unexpected_error"
+"""The ``code`` of the 503 for an error outside :data:`ERRORS` (logged, never shown)."""
+
+
+def _codes() -> dict[str, frozenset[int]]:
+    found: dict[str, set[int]] = {UNEXPECTED_CODE: {503}}
+    for status, code, _, _ in ERRORS.values():
+        found.setdefault(code, set()).add(status)
+    return {code: frozenset(found[code]) for code in sorted(found)}
+
+
+ERROR_CODES: Mapping[str, frozenset[int]] = _codes()
+"""Every error ``code`` the API answers with, and the statuses it comes with."""
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    """An error's JSON body: ``detail`` for people, ``code`` for programs."""
+    return {"detail": detail, "code": code}
 
 
 def error_response(exc: BaseException) -> ApiResponse:
@@ -577,7 +616,7 @@ def error_response(exc: BaseException) -> ApiResponse:
     for cls in type(exc).__mro__:
         row = ERRORS.get(cls)
         if row is not None:
-            status, detail, headers = row
+            status, code, detail, headers = row
             if isinstance(exc, StorageError):
                 # The client is told only STORAGE_DOWN; what failed is kept in the log.
                 if isinstance(exc, StorageUnavailable):
@@ -585,14 +624,16 @@ def error_response(exc: BaseException) -> ApiResponse:
                 else:
                     log.error("storage failed, answered %d", status, exc_info=exc)
             close = bool(getattr(exc, "closes_connection", False))
-            return respond(status, {"detail": detail(exc)}, headers(exc), close=close)
+            body = error_body(code, detail(exc))
+            return respond(status, body, headers(exc), close=close)
     log.error("unexpected error in the web API", exc_info=exc)
-    return respond(503, {"detail": UNEXPECTED}, (("Retry-After", "1"),))
+    return respond(503, error_body(UNEXPECTED_CODE, UNEXPECTED), (("Retry-After", "1"),))
 
 
 __all__ = [
     "DEFAULT_PREFIX",
     "ERRORS",
+    "ERROR_CODES",
     "ROUTES",
     "ApiRequest",
     "ApiResponse",
@@ -601,6 +642,7 @@ __all__ = [
     "BodyTimeout",
     "IdempotencyInProgress",
     "LengthRequired",
+    "NotConfigured",
     "RetryCommitted",
     "error_response",
     "match",

@@ -4,9 +4,12 @@
 
     app.include_router(router(service, StaticTokens.from_env()))
 
-The response models below document the API in ``/openapi.json``; the
-behaviour is the shared one of :class:`~deepwork_retry.web._api.AsyncRetryAPI`,
-so FastAPI's own validation never answers in its place.
+Each route's entry in ``/openapi.json`` is the one of
+:mod:`deepwork_retry.web.openapi` (the demo server serves the same document);
+the pydantic models below are derived from the same description of each body,
+for applications that type their clients with them. The behaviour is the
+shared one of :class:`~deepwork_retry.web._api.AsyncRetryAPI`, so FastAPI's
+own validation never answers in its place.
 """
 
 from __future__ import annotations
@@ -16,259 +19,102 @@ from typing import Any, Literal
 
 from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry._core import wire
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.storage._validate import MAX_LIMIT
 from deepwork_retry.web._api import async_api
-from deepwork_retry.web._http import (
-    DEFAULT_PREFIX,
-    MAX_IDEMPOTENCY_KEY_LENGTH,
-    MAX_REASON_LENGTH,
-    ROUTES,
-    normalise_prefix,
+from deepwork_retry.web._http import DEFAULT_PREFIX, ROUTES, normalise_prefix
+from deepwork_retry.web.openapi import (
+    BEARER_DESCRIPTION,
+    BULK_OPTIONS,
+    ERROR,
+    RETRY_OPTIONS,
+    SECURITY_SCHEME,
+    TAG,
+    operation,
+    operation_id,
+    summary,
 )
 
 try:
     from fastapi import APIRouter, FastAPI, Request, Response, Security
     from fastapi.security import HTTPBearer
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field, create_model
 
     from deepwork_retry.web._asgi import ApiEndpoint, catch_all_path, handle
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("fastapi", __name__, exc) from exc
 
-# -- the documented shapes ----------------------------------------------------------
+# -- the documented shapes, derived from the one description of each body ----------------
 
 
-class Error(BaseModel):
-    detail: str
+def _python_type(field: wire.Field) -> Any:
+    kind = field.kind
+    found: Any
+    if isinstance(kind, wire.Body):
+        found = model(kind)
+    elif isinstance(kind, wire.Choice):
+        found = Literal.__getitem__(kind.values)
+    else:
+        found = _SCALARS[kind]
+    if field.many:
+        found = list[found]
+    if field.nullable or not field.required:
+        found = found | None
+    return found
 
 
-class TaskModel(BaseModel):
-    id: str
-    project_id: str
-    title: str
-    status: Literal["inbox", "assigned", "in_progress", "review", "done", "blocked", "skipped"]
-    retry_count: int
-    max_retries: int
-    retries_left: int
-    error_message: str | None
-    error_type: str | None
-    blocked_reason: str | None
-    blocked_by: list[str]
-    attempt: int
-    created_at: datetime | None
-    updated_at: datetime | None
-    started_at: datetime | None
-    completed_at: datetime | None
-    lease_expires_at: datetime | None
-    metadata: dict[str, Any]
-
-
-class ProgressModel(BaseModel):
-    total: int
-    completed: int
-    in_progress: int
-    percent: int = Field(ge=0, le=100)
-    inbox: int
-    assigned: int
-    review: int
-    blocked: int
-    skipped: int
-    done: int
-
-
-class DispatchModel(BaseModel):
-    status: Literal["dispatched", "pending", "deferred"]
-    task_id: str
-    attempt: int
-    error: str | None
-
-
-class RetryResponse(BaseModel):
-    success: bool
-    task: TaskModel
-    progress: ProgressModel
-    dispatch: DispatchModel
-
-
-class CanRetry(BaseModel):
-    allowed: bool
-    code: str | None
-    reason: str | None
-
-
-class TaskResponse(BaseModel):
-    task: TaskModel
-    can_retry: CanRetry
-
-
-class AttemptModel(BaseModel):
-    number: int
-    trigger: str
-    actor: str | None
-    reason: str | None
-    budget: str | None
-    dispatched_at: datetime | None
-    available_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    outcome: str | None
-    error_type: str | None
-    error_message: str | None
-
-
-class AttemptsResponse(BaseModel):
-    task_id: str
-    attempts: list[AttemptModel]
-
-
-class ProjectModel(BaseModel):
-    id: str
-    status: str
-    name: str
-
-
-class ProgressResponse(BaseModel):
-    project: ProjectModel
-    progress: ProgressModel
-
-
-class TasksPage(BaseModel):
-    tasks: list[TaskModel]
-    next_after: str | None
-
-
-class BulkItemModel(BaseModel):
-    task_id: str
-    retried: bool | None = None
-    would_retry: bool | None = None
-    detail: str | None
-    dispatch: Literal["dispatched", "pending", "deferred"] | None
-    attempted: bool
-
-
-class BulkResponse(BaseModel):
-    dry_run: bool
-    items: list[BulkItemModel]
-    retried: int = Field(description="Tasks retried by this request (0 in a dry run)")
-    would_retry: int | None = Field(
-        default=None, description="In a dry run only: tasks that would be retried"
-    )
-    next_after: str | None
-    stopped: Literal["storage_unavailable", "out_of_time", "interrupted"] | None
-
-
-class RetryOptions(BaseModel):
-    """The retry endpoint's optional body."""
-
-    budget: Literal["one_more", "full"] | None = Field(
-        default=None, description="What the retry does to the automatic budget (default one_more)"
-    )
-    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
-
-
-class BulkOptions(BaseModel):
-    """The bulk retry's optional body."""
-
-    dry_run: bool | None = False
-    budget: Literal["one_more", "full"] | None = None
-    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
-    after: str | None = None
-    limit: int | None = Field(default=100, ge=1, le=MAX_LIMIT)
-
-
-# -- the OpenAPI description of each route ------------------------------------------------
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    texts = {
-        202: "The retry was committed, but its result could not be shown; read the task",
-        400: "The task is not blocked",
-        401: "Missing or invalid bearer token",
-        404: "Project or task not found (or not visible to this token)",
-        409: "The project cannot take work, or an earlier request with this key is running",
-        413: "Request body too large",
-        422: "Invalid body, query or Idempotency-Key, or a key reused for another task",
-        503: "Storage unavailable; retry after the Retry-After delay",
-    }
-    return {s: {"model": Error, "description": texts[s]} for s in statuses}
-
-
-def _path(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-
-
-def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema}
-
-
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "required": False,
-        "content": {"application/json": {"schema": model.model_json_schema()}},
-    }
-
-
-_IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "required": False,
-    "description": "Repeat a request with the same key to get its first response again",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+_SCALARS: dict[str, Any] = {
+    wire.STRING: str,
+    wire.INTEGER: int,
+    wire.BOOLEAN: bool,
+    wire.DATE_TIME: datetime,
+    wire.OBJECT: dict[str, Any],
 }
 
-_TASK = [_path("project_id"), _path("task_id")]
-_PROJECT = [_path("project_id")]
+_MODELS: dict[wire.Body, type[BaseModel]] = {}
 
-_DOCS: dict[str, dict[str, Any]] = {
-    "retry": {
-        "summary": "Retry a blocked task",
-        "response_model": RetryResponse,
-        "responses": _errors(202, 400, 401, 404, 409, 413, 422, 503),
-        "openapi_extra": {
-            "parameters": [*_TASK, _IDEMPOTENCY_KEY],
-            "requestBody": _body(RetryOptions),
-        },
-    },
-    "task": {
-        "summary": "A task, and whether it can be retried now",
-        "response_model": TaskResponse,
-        "responses": _errors(401, 404, 503),
-        "openapi_extra": {"parameters": _TASK},
-    },
-    "attempts": {
-        "summary": "A task's attempt history, oldest first",
-        "response_model": AttemptsResponse,
-        "responses": _errors(401, 404, 503),
-        "openapi_extra": {"parameters": _TASK},
-    },
-    "progress": {
-        "summary": "A project's progress",
-        "response_model": ProgressResponse,
-        "responses": _errors(401, 404, 503),
-        "openapi_extra": {"parameters": _PROJECT},
-    },
-    "tasks": {
-        "summary": "A project's blocked tasks, one page at a time",
-        "response_model": TasksPage,
-        "responses": _errors(401, 404, 422, 503),
-        "openapi_extra": {
-            "parameters": [
-                *_PROJECT,
-                _query("status", {"type": "string", "enum": ["blocked"]}),
-                _query("after", {"type": "string"}),
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
-            ]
-        },
-    },
-    "retry_blocked": {
-        "summary": "Retry (or with dry_run, check) a page of a project's blocked tasks",
-        "response_model": BulkResponse,
-        "responses": _errors(401, 404, 413, 422, 503),
-        "openapi_extra": {"parameters": _PROJECT, "requestBody": _body(BulkOptions)},
-    },
-}
+
+def model(body: wire.Body) -> type[BaseModel]:
+    """The pydantic model of ``body`` (made once): its fields and no others."""
+    found = _MODELS.get(body)
+    if found is None:
+        fields: dict[str, Any] = {}
+        for field in body.fields:
+            default = None if field.default is wire.ABSENT else field.default
+            fields[field.name] = (
+                _python_type(field),
+                Field(
+                    default=... if field.required else default,
+                    description=field.description,
+                    ge=field.minimum,
+                    le=field.maximum,
+                    max_length=field.max_length,
+                ),
+            )
+        found = create_model(
+            body.name, __config__=ConfigDict(extra="forbid"), __doc__=body.description, **fields
+        )
+        _MODELS[body] = found
+    return found
+
+
+Error = model(ERROR)
+TaskModel = model(wire.TASK)
+ProgressModel = model(wire.PROGRESS)
+DispatchModel = model(wire.DISPATCH)
+RetryResponse = model(wire.RETRY)
+CanRetry = model(wire.CAN_RETRY)
+TaskResponse = model(wire.TASK_VIEW)
+AttemptModel = model(wire.ATTEMPT)
+AttemptsResponse = model(wire.ATTEMPTS)
+ProjectModel = model(wire.PROJECT)
+ProgressResponse = model(wire.PROJECT_PROGRESS)
+TasksPage = model(wire.TASKS_PAGE)
+BulkItemModel = model(wire.BULK_ITEM)
+BulkResponse = model(wire.BULK)
+RetryOptions = model(RETRY_OPTIONS)
+BulkOptions = model(BULK_OPTIONS)
 
 
 def router(
@@ -282,10 +128,12 @@ def router(
     """An ``APIRouter`` serving the API under ``prefix``; include it in your app."""
     api = async_api(service, authenticator, authorizer, adapter=__name__)
     # Documents the Bearer scheme; it never refuses a request itself (the API does).
-    bearer = HTTPBearer(auto_error=False, description="A token known to the authenticator")
+    bearer = HTTPBearer(
+        auto_error=False, scheme_name=SECURITY_SCHEME, description=BEARER_DESCRIPTION
+    )
     found = APIRouter(
         prefix=normalise_prefix(prefix),
-        tags=list(tags or ["deep work retries"]),
+        tags=list(tags or [TAG]),
         dependencies=[Security(bearer)],
     )
 
@@ -300,9 +148,10 @@ def router(
             template,
             endpoint(template),
             methods=[method],
-            name=f"deepwork_retry_{name}",
-            operation_id=name,
-            **_DOCS[name],
+            name=operation_id(name),
+            operation_id=operation_id(name),
+            summary=summary(name),
+            openapi_extra=operation(name),
         )
 
     # Anything else under the prefix (the prefix itself, empty ids, every other
@@ -332,14 +181,23 @@ def create_app(
 
 
 __all__ = [
+    "AttemptModel",
     "AttemptsResponse",
+    "BulkItemModel",
+    "BulkOptions",
     "BulkResponse",
+    "CanRetry",
+    "DispatchModel",
     "Error",
+    "ProgressModel",
     "ProgressResponse",
+    "ProjectModel",
     "RetryOptions",
     "RetryResponse",
+    "TaskModel",
     "TaskResponse",
     "TasksPage",
     "create_app",
+    "model",
     "router",
 ]

@@ -44,6 +44,11 @@ CASES = [
     ),
     ({"Authorization": f"Bearer {BOB}"}, 404, "Project not found", None),
 ]
+CODES = {
+    "Not authenticated": "not_authenticated",
+    "Invalid token": "invalid_token",
+    "Project not found": "project_not_found",
+}
 
 
 @pytest.mark.parametrize(
@@ -64,7 +69,10 @@ def test_refused_requests_get_the_contract_answer_and_change_nothing(
     tid = world.blocked(pid)
     before = world.snapshot(pid)
     response = http.post(task_url(pid, tid, "/retry"), headers=headers)
-    assert (status, {"detail": detail}) == (response.status_code, response.json())
+    assert (status, {"detail": detail, "code": CODES[detail]}) == (
+        response.status_code,
+        response.json(),
+    )
     assert challenge == response.headers.get("www-authenticate")
     assert before == world.snapshot(pid)
 
@@ -128,7 +136,11 @@ def test_megabyte_token_is_invalid_token_in_the_api() -> None:
             headers={"Authorization": "Bearer " + "y" * 1_000_000},
         )
     )
-    assert (401, {"detail": "Invalid token"}, []) == (response.status, response.json(), seen)
+    assert (401, {"detail": "Invalid token", "code": "invalid_token"}, []) == (
+        response.status,
+        response.json(),
+        seen,
+    )
     assert "blocked" == storage.load("p", "t")[1].status
 
 

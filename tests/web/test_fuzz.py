@@ -22,6 +22,7 @@ from schemathesis.checks import (
 )
 from web_harness import ALICE, PREFIX, World, auth, seg, task_url, url
 
+from deepwork_retry.web._http import ERROR_CODES
 from deepwork_retry.web.fastapi import create_app
 
 FUZZ = settings(
@@ -110,7 +111,8 @@ def assert_no_server_error(response: httpx.Response) -> None:
     assert "application/json" == response.headers["content-type"]
     if response.status_code >= 400:
         body = response.json()
-        assert (["detail"], str) == (list(body), type(body["detail"]))
+        assert (["detail", "code"], str) == (list(body), type(body["detail"]))
+        assert response.status_code in ERROR_CODES[body["code"]], body
 
 
 @FUZZ

@@ -18,13 +18,21 @@ import httpx
 import pytest
 from web_harness import ALICE, BOB, BODY_TIMEOUT, PREFIX, World, auth, seg, task_url, url
 
+from deepwork_retry.web._http import ERROR_CODES
+
 JSON = "application/json"
 
 
 def assert_error(
-    response: httpx.Response, status: int, detail: str, headers: dict[str, str] | None = None
+    response: httpx.Response,
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    assert (status, {"detail": detail}) == (response.status_code, response.json())
+    """An error answer: its status, and a body of exactly ``detail`` and ``code``."""
+    assert (status, {"detail": detail, "code": code}) == (response.status_code, response.json())
+    assert status in ERROR_CODES[code], (code, status)
     assert JSON == response.headers["content-type"]
     for name, value in (headers or {}).items():
         assert value == response.headers.get(name)
@@ -46,7 +54,9 @@ def test_missing_authorization_header_is_401_not_authenticated(
     tid = world.blocked(pid)
     before = world.snapshot(pid)
     response = retry(http, pid, tid, headers={})
-    assert_error(response, 401, "Not authenticated", {"www-authenticate": "Bearer"})
+    assert_error(
+        response, 401, "not_authenticated", "Not authenticated", {"www-authenticate": "Bearer"}
+    )
     assert before == world.snapshot(pid)
 
 
@@ -61,7 +71,9 @@ def test_authorization_not_bearer_token_is_401_not_authenticated(
     tid = world.blocked(pid)
     before = world.snapshot(pid)
     response = retry(http, pid, tid, headers={"Authorization": header})
-    assert_error(response, 401, "Not authenticated", {"www-authenticate": "Bearer"})
+    assert_error(
+        response, 401, "not_authenticated", "Not authenticated", {"www-authenticate": "Bearer"}
+    )
     assert before == world.snapshot(pid)
 
 
@@ -72,7 +84,11 @@ def test_unknown_token_is_401_invalid_token(http: httpx.Client, world: World) ->
     before = world.snapshot(pid)
     response = retry(http, pid, tid, headers=auth("not-a-known-token"))
     assert_error(
-        response, 401, "Invalid token", {"www-authenticate": 'Bearer error="invalid_token"'}
+        response,
+        401,
+        "invalid_token",
+        "Invalid token",
+        {"www-authenticate": 'Bearer error="invalid_token"'},
     )
     assert before == world.snapshot(pid)
 
@@ -84,13 +100,17 @@ def test_principal_without_access_gets_404_project_not_found(
     pid = world.project()
     tid = world.blocked(pid)
     before = world.snapshot(pid)
-    assert_error(retry(http, pid, tid, headers=auth(BOB)), 404, "Project not found")
+    assert_error(
+        retry(http, pid, tid, headers=auth(BOB)), 404, "project_not_found", "Project not found"
+    )
     assert before == world.snapshot(pid)
 
 
 def test_unknown_project_is_404(http: httpx.Client, world: World) -> None:
     """A project that does not exist: 404 Project not found."""
-    assert_error(retry(http, "no-such-project", "t1"), 404, "Project not found")
+    assert_error(
+        retry(http, "no-such-project", "t1"), 404, "project_not_found", "Project not found"
+    )
 
 
 def test_unknown_task_is_404(http: httpx.Client, world: World) -> None:
@@ -98,7 +118,7 @@ def test_unknown_task_is_404(http: httpx.Client, world: World) -> None:
     pid = world.project()
     world.blocked(pid)
     before = world.snapshot(pid)
-    assert_error(retry(http, pid, "no-such-task"), 404, "Task not found")
+    assert_error(retry(http, pid, "no-such-task"), 404, "task_not_found", "Task not found")
     assert before == world.snapshot(pid)
 
 
@@ -108,7 +128,7 @@ def test_task_of_another_project_is_404(http: httpx.Client, world: World) -> Non
     tid = world.blocked(other, "elsewhere")
     world.blocked(pid)
     before = world.snapshot(pid), world.snapshot(other)
-    assert_error(retry(http, pid, tid), 404, "Task not found")
+    assert_error(retry(http, pid, tid), 404, "task_not_found", "Task not found")
     assert before == (world.snapshot(pid), world.snapshot(other))
 
 
@@ -126,7 +146,10 @@ def test_task_not_blocked_is_400_naming_its_status(
             world.executor.assign(pid, "t1")
     before = world.snapshot(pid)
     assert_error(
-        retry(http, pid, "t1"), 400, f"Can only retry tasks with status 'blocked', got '{status}'"
+        retry(http, pid, "t1"),
+        400,
+        "task_not_blocked",
+        f"Can only retry tasks with status 'blocked', got '{status}'",
     )
     assert before == world.snapshot(pid)
 
@@ -140,7 +163,12 @@ def test_project_that_cannot_take_work_is_409(
     tid = world.blocked(pid)
     world.executor.set_project_status(pid, status)
     before = world.snapshot(pid)
-    assert_error(retry(http, pid, tid), 409, f"Cannot retry tasks in a '{status}' project")
+    assert_error(
+        retry(http, pid, tid),
+        409,
+        "project_not_runnable",
+        f"Cannot retry tasks in a '{status}' project",
+    )
     assert before == world.snapshot(pid)
 
 
@@ -150,7 +178,10 @@ def test_not_blocked_is_reported_before_project_status(http: httpx.Client, world
     world.done(pid, "t1")
     world.executor.set_project_status(pid, "cancelled")
     assert_error(
-        retry(http, pid, "t1"), 400, "Can only retry tasks with status 'blocked', got 'done'"
+        retry(http, pid, "t1"),
+        400,
+        "task_not_blocked",
+        "Can only retry tasks with status 'blocked', got 'done'",
     )
 
 
@@ -164,7 +195,13 @@ def test_storage_unavailable_is_503_with_retry_after(http: httpx.Client, world: 
         response = retry(http, pid, tid)
     finally:
         world.storage.down = False
-    assert_error(response, 503, "Storage is unavailable; try again later", {"retry-after": "7"})
+    assert_error(
+        response,
+        503,
+        "storage_unavailable",
+        "Storage is unavailable; try again later",
+        {"retry-after": "7"},
+    )
     assert before == world.snapshot(pid)
 
 
@@ -176,7 +213,13 @@ def test_storage_unavailable_on_reads_is_503(http: httpx.Client, world: World) -
         response = http.get(url("projects", seg(pid), "progress"), headers=auth())
     finally:
         world.storage.down = False
-    assert_error(response, 503, "Storage is unavailable; try again later", {"retry-after": "7"})
+    assert_error(
+        response,
+        503,
+        "storage_unavailable",
+        "Storage is unavailable; try again later",
+        {"retry-after": "7"},
+    )
 
 
 # -- success ----------------------------------------------------------------------------
@@ -267,7 +310,10 @@ def test_second_retry_is_400_with_the_status_found(http: httpx.Client, world: Wo
     assert 200 == retry(http, pid, tid).status_code
     before = world.snapshot(pid)
     assert_error(
-        retry(http, pid, tid), 400, "Can only retry tasks with status 'blocked', got 'assigned'"
+        retry(http, pid, tid),
+        400,
+        "task_not_blocked",
+        "Can only retry tasks with status 'blocked', got 'assigned'",
     )
     assert before == world.snapshot(pid)
 
@@ -341,8 +387,8 @@ def test_bad_bodies_are_422_and_change_nothing(
     tid = world.blocked(pid)
     before = world.snapshot(pid)
     response = retry(http, pid, tid, content=body, headers={**auth(), "Content-Type": JSON})
-    status = 413 if "larger" in detail else 422
-    assert_error(response, status, detail)
+    status, code = (413, "body_too_large") if "larger" in detail else (422, "invalid_input")
+    assert_error(response, status, code, detail)
     assert before == world.snapshot(pid)
 
 
@@ -389,6 +435,7 @@ def test_idempotency_key_reused_for_another_task_is_422(http: httpx.Client, worl
     assert_error(
         retry(http, pid, t2, headers=headers),
         422,
+        "idempotency_key_reused",
         "Idempotency-Key was already used for a different request; "
         "send a new key for a new request",
     )
@@ -403,7 +450,9 @@ def test_idempotency_key_reuse_keeps_the_earlier_checks_first(
     tid = world.blocked(pid)
     headers = {**auth(), "Idempotency-Key": f"order-{pid}"}
     assert 200 == retry(http, pid, tid, headers=headers).status_code
-    assert_error(retry(http, pid, "missing", headers=headers), 404, "Task not found")
+    assert_error(
+        retry(http, pid, "missing", headers=headers), 404, "task_not_found", "Task not found"
+    )
 
 
 def test_idempotency_keys_are_scoped_per_principal(http: httpx.Client, world: World) -> None:
@@ -426,6 +475,7 @@ def test_malformed_idempotency_key_is_422(http: httpx.Client, world: World, key:
     assert_error(
         retry(http, pid, tid, headers=headers),
         422,
+        "invalid_input",
         "Idempotency-Key must be 1 to 255 visible ASCII characters",
     )
     assert before == world.snapshot(pid)
@@ -494,7 +544,7 @@ def test_bad_listing_parameters_are_422(
     """Listing parameters outside their documented form are refused with 422."""
     pid = world.project()
     response = http.get(url("projects", seg(pid), "tasks"), params=params, headers=auth())
-    assert_error(response, 422, detail)
+    assert_error(response, 422, "invalid_input", detail)
 
 
 @pytest.mark.parametrize("suffix", ["", "/attempts"])
@@ -505,11 +555,24 @@ def test_reads_need_authentication_and_access(
     pid = world.project()
     tid = world.blocked(pid)
     path = task_url(pid, tid, suffix)
-    assert_error(http.get(path), 401, "Not authenticated", {"www-authenticate": "Bearer"})
-    assert_error(http.get(path, headers=auth(BOB)), 404, "Project not found")
-    assert_error(http.get(task_url(pid, "nope", suffix), headers=auth()), 404, "Task not found")
+    assert_error(
+        http.get(path),
+        401,
+        "not_authenticated",
+        "Not authenticated",
+        {"www-authenticate": "Bearer"},
+    )
+    assert_error(http.get(path, headers=auth(BOB)), 404, "project_not_found", "Project not found")
+    assert_error(
+        http.get(task_url(pid, "nope", suffix), headers=auth()),
+        404,
+        "task_not_found",
+        "Task not found",
+    )
     progress = url("projects", seg(pid), "progress")
-    assert_error(http.get(progress, headers=auth(BOB)), 404, "Project not found")
+    assert_error(
+        http.get(progress, headers=auth(BOB)), 404, "project_not_found", "Project not found"
+    )
 
 
 # -- §4: bulk retry ---------------------------------------------------------------------------
@@ -596,7 +659,7 @@ def test_bad_bulk_bodies_are_422(
         content=json.dumps(body).encode("ascii"),  # ASCII escapes carry lone surrogates
         headers={**auth(), "Content-Type": JSON},
     )
-    assert_error(response, 422, detail)
+    assert_error(response, 422, "invalid_input", detail)
     assert before == world.snapshot(pid)
 
 
@@ -605,14 +668,16 @@ def test_bad_bulk_bodies_are_422(
 
 def test_unknown_route_under_the_prefix_is_json_404(http: httpx.Client) -> None:
     """Paths under the prefix that name no operation get a JSON 404."""
-    assert_error(http.get(PREFIX + "/projects", headers=auth()), 404, "Not Found")
+    assert_error(
+        http.get(PREFIX + "/projects", headers=auth()), 404, "route_not_found", "Not Found"
+    )
 
 
 def test_wrong_method_is_405_with_allow(http: httpx.Client, world: World) -> None:
     """A GET on the retry endpoint is 405 and names the allowed method."""
     pid = world.project()
     response = http.get(task_url(pid, "t1", "/retry"), headers=auth())
-    assert_error(response, 405, "Method Not Allowed", {"allow": "POST"})
+    assert_error(response, 405, "method_not_allowed", "Method Not Allowed", {"allow": "POST"})
 
 
 @pytest.mark.parametrize(
@@ -627,7 +692,10 @@ def test_odd_task_ids_are_json_404(http: httpx.Client, world: World, task_id: st
     response = retry(http, pid, task_id)
     assert response.status_code == 404, response.text
     assert JSON == response.headers["content-type"]
-    assert response.json()["detail"] in {"Task not found", "Not Found"}
+    assert response.json() in (
+        {"detail": "Task not found", "code": "task_not_found"},
+        {"detail": "Not Found", "code": "route_not_found"},
+    )
     assert before == world.snapshot(pid)
 
 
@@ -639,8 +707,8 @@ def test_odd_ids_are_found_when_they_exist(http: httpx.Client, world: World) -> 
     assert (200, tid) == (response.status_code, response.json()["task"]["id"])
 
 
-def test_error_bodies_are_exactly_one_detail_string(http: httpx.Client, world: World) -> None:
-    """Every error body is a JSON object with the single key ``detail``, a string."""
+def test_error_bodies_are_exactly_a_detail_and_a_code(http: httpx.Client, world: World) -> None:
+    """Every error body is a JSON object of two strings: ``detail`` and a known ``code``."""
     pid = world.project()
     for response in (
         retry(http, pid, "t", headers={}),
@@ -649,7 +717,8 @@ def test_error_bodies_are_exactly_one_detail_string(http: httpx.Client, world: W
         retry(http, pid, "t", content=b"{"),
     ):
         body = json.loads(response.content)
-        assert (["detail"], str) == (list(body), type(body["detail"]))
+        assert (["detail", "code"], str) == (list(body), type(body["detail"]))
+        assert response.status_code in ERROR_CODES[body["code"]], body
 
 
 # -- chunked request bodies -------------------------------------------------------------------
@@ -667,7 +736,7 @@ def test_chunked_body_is_read_and_checked(http: httpx.Client, world: World) -> N
     tid = world.blocked(pid)
     before = world.snapshot(pid)
     response = retry(http, pid, tid, content=chunked(b'{"budget":5}'))
-    assert_error(response, 422, "budget must be 'one_more' or 'full'")
+    assert_error(response, 422, "invalid_input", "budget must be 'one_more' or 'full'")
     assert before == world.snapshot(pid)
 
 
@@ -689,7 +758,7 @@ def test_chunked_body_over_the_limit_is_413(http: httpx.Client, world: World) ->
     before = world.snapshot(pid)
     body = b'{"reason": "' + b"x" * (1024 * 1024) + b'"}'
     response = retry(http, pid, tid, content=chunked(body, 64 * 1024))
-    assert_error(response, 413, "Request body is larger than 65536 bytes")
+    assert_error(response, 413, "body_too_large", "Request body is larger than 65536 bytes")
     assert before == world.snapshot(pid)
 
 
@@ -719,7 +788,7 @@ def test_a_method_the_retry_route_lacks_is_json_405_allowing_only_post(
             response.content,
         )
     else:
-        assert_error(response, 405, "Method Not Allowed", {"allow": "POST"})
+        assert_error(response, 405, "method_not_allowed", "Method Not Allowed", {"allow": "POST"})
     assert before == world.snapshot(pid)
 
 
@@ -730,7 +799,7 @@ def test_a_method_a_read_route_lacks_is_json_405_allowing_only_get(
     """A read route answers other methods with 405 naming GET alone."""
     pid = world.project()
     response = http.request(method, url("projects", seg(pid), "progress"), headers=auth())
-    assert_error(response, 405, "Method Not Allowed", {"allow": "GET"})
+    assert_error(response, 405, "method_not_allowed", "Method Not Allowed", {"allow": "GET"})
 
 
 @pytest.mark.parametrize(
@@ -750,7 +819,7 @@ def test_paths_that_are_no_route_are_json_404_never_a_redirect(
 ) -> None:
     """The prefix itself and paths with a missing or extra slash are 404, with no Location."""
     response = http.request(method, path, headers=auth())
-    assert_error(response, 404, "Not Found")
+    assert_error(response, 404, "route_not_found", "Not Found")
     assert "location" not in response.headers
 
 
@@ -764,7 +833,7 @@ def test_undecodable_query_is_422_on_every_adapter(
     pid = world.project()
     world.blocked(pid)
     response = http.get(url("projects", seg(pid), "tasks") + "?" + query, headers=auth())
-    assert_error(response, 422, "Query string is not valid UTF-8")
+    assert_error(response, 422, "invalid_input", "Query string is not valid UTF-8")
 
 
 @pytest.mark.parametrize(
@@ -780,7 +849,7 @@ def test_undecodable_path_is_422_on_every_adapter(
     world.blocked(pid)
     before = world.snapshot(pid)
     response = http.request(method, url("projects", seg(pid)) + suffix, headers=auth())
-    assert_error(response, 422, "Request path is not valid UTF-8")
+    assert_error(response, 422, "invalid_input", "Request path is not valid UTF-8")
     assert before == world.snapshot(pid)
 
 
@@ -840,7 +909,9 @@ def test_a_body_that_stops_arriving_closes_the_connection(
     if received:
         status_line, _, rest = received.partition(b"\r\n")
         assert status_line.startswith(b"HTTP/1.1 408"), received[:200]
-        assert rest.endswith(b'{"detail":"Request body did not arrive in time"}'), rest
+        assert rest.endswith(
+            b'{"detail":"Request body did not arrive in time","code":"request_timeout"}'
+        ), rest
     assert before == world.snapshot(pid)
 
 
@@ -888,5 +959,9 @@ def test_an_oversized_token_is_refused_without_echoing_it(
         assert 431 == response.status_code
     else:
         assert_error(
-            response, 401, "Invalid token", {"www-authenticate": 'Bearer error="invalid_token"'}
+            response,
+            401,
+            "invalid_token",
+            "Invalid token",
+            {"www-authenticate": 'Bearer error="invalid_token"'},
         )

@@ -45,7 +45,10 @@ def bulk(http: httpx.Client, project_id: str, **body: Any) -> httpx.Response:
 
 
 def assert_storage_503(response: httpx.Response, retry_after: str | None = None) -> None:
-    assert (503, {"detail": STORAGE_DETAIL}) == (response.status_code, response.json())
+    assert (503, {"detail": STORAGE_DETAIL, "code": "storage_unavailable"}) == (
+        response.status_code,
+        response.json(),
+    )
     assert JSON == response.headers["content-type"]
     assert response.headers.get("retry-after", "").isdigit()
     if retry_after is not None:

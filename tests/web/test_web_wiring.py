@@ -139,7 +139,10 @@ def test_a_committed_retry_whose_answer_cannot_be_rendered_is_202_not_503(
     world.executor.start(pid, "t1", 1)
     world.executor.fail(pid, "t1", 1, RuntimeError("boom"))
     response = http.post(task_url(pid, "t1", "/retry"), headers=auth())
-    assert (202, {"detail": COMMITTED}) == (response.status_code, response.json())
+    assert (202, {"detail": COMMITTED, "code": "retry_committed"}) == (
+        response.status_code,
+        response.json(),
+    )
     assert TaskStatus.ASSIGNED == world.memory.load(pid, "t1")[1].status
 
 
@@ -188,7 +191,10 @@ def test_a_storage_never_opened_is_logged_as_such_once_and_answers_503(
     finally:
         stop()
     for response in answers:
-        assert (503, {"detail": STORAGE_DOWN}) == (response.status_code, response.json())
+        assert (503, {"detail": STORAGE_DOWN, "code": "storage_unavailable"}) == (
+            response.status_code,
+            response.json(),
+        )
     told = [r for r in caplog.records if r.name == "deepwork_retry" and r.levelno == logging.ERROR]
     assert [
         "AsyncPostgresStorage was not opened: call `await storage.open()` (in your "

@@ -73,7 +73,8 @@ def test_chunked_body_a_server_does_not_dechunk_is_411_not_an_empty_body(
         )
     assert (411, "application/json") == (response.status_code, response.headers["content-type"])
     assert {
-        "detail": "This server cannot read a chunked request body; send it with Content-Length"
+        "detail": "This server cannot read a chunked request body; send it with Content-Length",
+        "code": "length_required",
     } == response.json()
     assert before == world.snapshot(pid)
     # The same options with a length are applied (on a new connection: the dev

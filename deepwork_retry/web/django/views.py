@@ -13,10 +13,10 @@ from deepwork_retry.web._http import (
     JSON,
     ApiRequest,
     ApiResponse,
+    NotConfigured,
     error_response,
     parse_query,
     path_bytes,
-    respond,
     wsgi_path_bytes,
 )
 from deepwork_retry.web.django import get_api
@@ -38,9 +38,7 @@ def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
         api = get_api()
     except Exception:  # a configuration error must answer in JSON, not as a 500 page
         log.exception("the retry API is not configured")
-        return _response(
-            respond(503, {"detail": "The retry API is not configured"}, [("Retry-After", "60")])
-        )
+        return _response(error_response(NotConfigured()))
     try:
         body = _body(request)
     except DeepworkError as exc:  # the body's framing: answered in JSON
