@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
+from deepwork_retry._core.inputs import MAX_LIMIT, check_id
 from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
@@ -35,7 +36,6 @@ from deepwork_retry.exceptions import (
     TaskNotBlocked,
     VersionConflict,
 )
-from deepwork_retry.storage._validate import MAX_LIMIT, check_id
 
 log = logging.getLogger("deepwork_retry.web")
 

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry._core.inputs import MAX_LIMIT
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.storage._validate import MAX_LIMIT
 from deepwork_retry.web._api import async_api
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,

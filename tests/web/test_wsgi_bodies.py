@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from web_harness import World, auth, authorize, configure_django, task_url
 
+from deepwork_retry._core.inputs import check_id
 from deepwork_retry.exceptions import InvalidInput
-from deepwork_retry.storage._validate import check_id
 from deepwork_retry.web._bodies import CAP, read_wsgi_body
 from deepwork_retry.web._http import (
     BadRequestBody,
