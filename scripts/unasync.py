@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FILES = [
     ("deepwork_retry/_async/services.py", "deepwork_retry/_sync/services.py"),
-    ("deepwork_retry/_async/api.py", "deepwork_retry/_sync/api.py"),
+    ("deepwork_retry/web/_async_api.py", "deepwork_retry/web/_sync_api.py"),
     ("deepwork_retry/_async/postgres.py", "deepwork_retry/_sync/postgres.py"),
 ]
 

@@ -1,30 +1,21 @@
-"""The framework-free web API: what every adapter under ``deepwork_retry.web`` wraps.
+"""The framework-free web API, as every adapter under ``deepwork_retry.web`` takes it.
 
 :class:`RetryAPI` (sync services, for WSGI frameworks) and
 :class:`AsyncRetryAPI` (async services, for ASGI and aiohttp) take an
-:class:`ApiRequest` and return an :class:`ApiResponse`; routing, auth,
-parsing and the error table are shared by both.
+:class:`~deepwork_retry.web._http.ApiRequest` and return an
+:class:`~deepwork_retry.web._http.ApiResponse`; routing, auth, parsing and the
+error table are shared by both. :func:`async_api` and :func:`sync_api` turn what
+a host hands an adapter (a service or an API) into the API it serves.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from deepwork_retry._async.api import AsyncRetryAPI
-from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
-from deepwork_retry.web._http import (
-    DEFAULT_PREFIX,
-    ERRORS,
-    JSON,
-    ROUTES,
-    ApiRequest,
-    ApiResponse,
-    error_response,
-    match,
-    normalise_prefix,
-)
+from deepwork_retry.web._async_api import AsyncRetryAPI
+from deepwork_retry.web._sync_api import RetryAPI
 
 ASYNC_ADAPTERS = "deepwork_retry.web.starlette, .fastapi or .aiohttp"
 SYNC_ADAPTERS = "deepwork_retry.web.flask or .django"
@@ -94,17 +85,8 @@ def sync_api(
 __all__ = [
     "ASYNC_ADAPTERS",
     "SYNC_ADAPTERS",
-    "DEFAULT_PREFIX",
-    "ERRORS",
-    "JSON",
-    "ROUTES",
-    "ApiRequest",
-    "ApiResponse",
     "AsyncRetryAPI",
     "RetryAPI",
     "async_api",
-    "error_response",
-    "match",
-    "normalise_prefix",
     "sync_api",
 ]

@@ -18,7 +18,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from deepwork_retry._async.api import AsyncRetryAPI
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._bodies import CAP, read_capped_stream
 from deepwork_retry.web._http import (
     JSON,

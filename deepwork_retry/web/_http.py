@@ -1,7 +1,7 @@
 """The HTTP side of the API with no framework: requests and responses as plain data.
 
 Every web adapter turns its framework's request into an :class:`ApiRequest`,
-hands it to :class:`~deepwork_retry.web._api.RetryAPI` (or the async twin) and
+hands it to :class:`~deepwork_retry.web.RetryAPI` (or the async twin) and
 writes the :class:`ApiResponse` back. Routing, header and body parsing, and the
 one table from errors to statuses live here, so the adapters cannot drift.
 """

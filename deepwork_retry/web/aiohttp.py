@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.web._api import async_api
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._bodies import CAP
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,

@@ -5,7 +5,7 @@
     app.include_router(router(service, StaticTokens.from_env()))
 
 The response models below document the API in ``/openapi.json``; the
-behaviour is the shared one of :class:`~deepwork_retry.web._api.AsyncRetryAPI`,
+behaviour is the shared one of :class:`~deepwork_retry.web.AsyncRetryAPI`,
 so FastAPI's own validation never answers in its place.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core.inputs import MAX_LIMIT
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.web._api import async_api
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
     MAX_IDEMPOTENCY_KEY_LENGTH,

@@ -7,7 +7,6 @@ app.register_blueprint(blueprint(service, StaticTokens.from_env()))
 
 from __future__ import annotations
 
-from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import DeepworkError, missing_extra
@@ -22,6 +21,7 @@ from deepwork_retry.web._http import (
     parse_query,
     wsgi_path_bytes,
 )
+from deepwork_retry.web._sync_api import RetryAPI
 
 try:
     from flask import Blueprint, Response, request

@@ -21,12 +21,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.web._api import AsyncRetryAPI, sync_api
 from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
+from deepwork_retry.web._sync_api import RetryAPI
 
 try:
     import django  # noqa: F401 - fail here, with the extra's name, when Django is missing
