@@ -10,7 +10,10 @@ a host hands an adapter (a service or an API) into the API it serves.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
@@ -82,11 +85,40 @@ def sync_api(
     return api
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def renamed(new: Callable[P, R], old: str, module: str) -> Callable[P, R]:
+    """``new`` under the name it had before the adapters shared one vocabulary
+    (``mount``, ``routes``, ``create_app``): it still works, for one release,
+    and warns with a :class:`DeprecationWarning` naming what to call instead."""
+
+    @functools.wraps(new)
+    def alias(*args: P.args, **kwargs: P.kwargs) -> R:
+        warn_renamed(old, new.__name__, module)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    return alias
+
+
+def warn_renamed(old: str, new: str, module: str) -> None:
+    warnings.warn(
+        f"{module}.{old}() is deprecated and will be removed in the next release; "
+        f"use {module}.{new}()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 __all__ = [
     "ASYNC_ADAPTERS",
     "SYNC_ADAPTERS",
     "AsyncRetryAPI",
     "RetryAPI",
     "async_api",
+    "renamed",
     "sync_api",
+    "warn_renamed",
 ]

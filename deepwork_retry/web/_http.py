@@ -50,6 +50,9 @@ answered in JSON instead of by the server."""
 MAX_REASON_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_PAGE = 50
+ANY_PATH = "deepwork_any"
+"""The name an adapter registers its path converter under: one that matches any
+path, newlines included (ids may hold them)."""
 JSON = "application/json"
 
 
@@ -174,11 +177,6 @@ class ApiResponse:
     close: bool = False
     """Close the connection after this response (its request's body was not read
     to the end); each adapter does it in its server's way."""
-
-    @property
-    def all_headers(self) -> list[tuple[str, str]]:
-        """``Content-Type`` first, then the response's own headers."""
-        return [("Content-Type", JSON), *self.headers]
 
     def json(self) -> Any:
         return json.loads(self.body)

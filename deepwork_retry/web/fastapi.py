@@ -1,8 +1,10 @@
 """The retry API as a FastAPI ``APIRouter``, over the async services.
 
-    from deepwork_retry.web.fastapi import router
+    from deepwork_retry.web.fastapi import mount
 
-    app.include_router(router(service, StaticTokens.from_env()))
+    mount(app, service, StaticTokens.from_env())
+
+(or ``app.include_router(routes(service, tokens))``, or ``create_app(service, tokens)``).
 
 The response models below document the API in ``/openapi.json``; the
 behaviour is the shared one of :class:`~deepwork_retry.web.AsyncRetryAPI`,
@@ -18,7 +20,7 @@ from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core.inputs import MAX_LIMIT
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.web._api import async_api
+from deepwork_retry.web._api import async_api, renamed
 from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
@@ -271,7 +273,7 @@ _DOCS: dict[str, dict[str, Any]] = {
 }
 
 
-def router(
+def routes(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
     authorizer: Authorizer = may_retry,
@@ -316,6 +318,19 @@ def router(
     return found
 
 
+def mount(
+    app: FastAPI | APIRouter,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    tags: list[str] | None = None,
+) -> None:
+    """Serve the API under ``prefix`` in ``app`` (a FastAPI application or router)."""
+    app.include_router(routes(service, authenticator, authorizer, prefix=prefix, tags=tags))
+
+
 def create_app(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -327,8 +342,11 @@ def create_app(
     """A FastAPI application serving only the API (extra keywords go to ``FastAPI``)."""
     fastapi.setdefault("title", "deepwork_retry")
     app = FastAPI(**fastapi)
-    app.include_router(router(service, authenticator, authorizer, prefix=prefix))
+    mount(app, service, authenticator, authorizer, prefix=prefix)
     return app
+
+
+router = renamed(routes, "router", __name__)
 
 
 __all__ = [
@@ -341,5 +359,7 @@ __all__ = [
     "TaskResponse",
     "TasksPage",
     "create_app",
+    "mount",
     "router",
+    "routes",
 ]

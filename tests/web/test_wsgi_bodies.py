@@ -37,9 +37,9 @@ def django_dev_server(world: World) -> Iterator[str]:
     from django.core.handlers.wsgi import WSGIHandler
     from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
-    from deepwork_retry.web.django import configure
+    from deepwork_retry.web.django import mount
 
-    configure(world.sync_service(), world.tokens, authorize)
+    mount([], world.sync_service(), world.tokens, authorize)  # URLs: ROOT_URLCONF
 
     class Quiet(WSGIRequestHandler):  # type: ignore[misc]  # Django ships no type hints
         def log_message(self, format: str, *args: Any) -> None:
