@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 import sys
 import threading
 import weakref
@@ -66,9 +67,11 @@ def _library_twin(part: object) -> str | None:
     if not cls.__module__.startswith("deepwork_retry."):
         return None
     twin = _twin(cls.__name__)
-    swapped = cls.__module__.replace("._sync.", "._async.")
+    # Twins live side by side: ``._async.services`` / ``._sync.services``,
+    # ``web._async_api`` / ``web._sync_api``.
+    swapped = re.sub(r"\._sync(?=[._])", "._async", cls.__module__)
     if swapped == cls.__module__:
-        swapped = cls.__module__.replace("._async.", "._sync.")
+        swapped = re.sub(r"\._async(?=[._])", "._sync", cls.__module__)
     for name in (cls.__module__, swapped):
         if hasattr(sys.modules.get(name), twin):
             return twin

@@ -1,4 +1,9 @@
-"""Every error the library raises.
+"""Every error the library raises to its callers.
+
+The web API has a few more of its own (in ``deepwork_retry/web/_http.py``: an
+unknown route, a method not allowed, a body too large, late, cut short or
+malformed, a retry still in progress or committed but not rendered); they never
+leave it, since each is answered as an HTTP response there.
 
 One root, :class:`DeepworkError`; each subclass also inherits the builtin it
 behaves like (``LookupError`` for a missing row, ``ValueError`` for a bad

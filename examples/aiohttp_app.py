@@ -14,13 +14,13 @@ from example_setup import AsyncPrintDispatcher, blocked_demo, port, print_curl, 
 
 from deepwork_retry import AsyncRetryService
 from deepwork_retry.storage.memory import AsyncMemoryStorage
-from deepwork_retry.web.aiohttp import add_routes
+from deepwork_retry.web.aiohttp import mount
 
 table, TOKEN = tokens()
 service = AsyncRetryService(AsyncMemoryStorage(blocked_demo()), AsyncPrintDispatcher())
 
 app = web.Application()
-add_routes(app, service, table)
+mount(app, service, table)
 
 if __name__ == "__main__":
     print_curl(TOKEN)

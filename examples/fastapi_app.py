@@ -15,13 +15,13 @@ from fastapi import FastAPI
 
 from deepwork_retry import AsyncRetryService
 from deepwork_retry.storage.memory import AsyncMemoryStorage
-from deepwork_retry.web.fastapi import router
+from deepwork_retry.web.fastapi import mount
 
 table, TOKEN = tokens()
 service = AsyncRetryService(AsyncMemoryStorage(blocked_demo()), AsyncPrintDispatcher())
 
 app = FastAPI(title="Example")
-app.include_router(router(service, table))
+mount(app, service, table)
 
 if __name__ == "__main__":
     print_curl(TOKEN)

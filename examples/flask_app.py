@@ -13,13 +13,13 @@ from example_setup import PrintDispatcher, blocked_demo, port, print_curl, token
 from flask import Flask
 
 from deepwork_retry import RetryService
-from deepwork_retry.web.flask import blueprint
+from deepwork_retry.web.flask import mount
 
 table, TOKEN = tokens()
 service = RetryService(blocked_demo(), PrintDispatcher())
 
 app = Flask(__name__)
-app.register_blueprint(blueprint(service, table))
+mount(app, service, table)
 
 if __name__ == "__main__":
     print_curl(TOKEN)

@@ -15,12 +15,13 @@ from starlette.applications import Starlette
 
 from deepwork_retry import AsyncRetryService
 from deepwork_retry.storage.memory import AsyncMemoryStorage
-from deepwork_retry.web.starlette import routes
+from deepwork_retry.web.starlette import mount
 
 table, TOKEN = tokens()
 service = AsyncRetryService(AsyncMemoryStorage(blocked_demo()), AsyncPrintDispatcher())
 
-app = Starlette(routes=routes(service, table))
+app = Starlette()
+mount(app, service, table)
 
 if __name__ == "__main__":
     print_curl(TOKEN)

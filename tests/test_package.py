@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import importlib.util
 import json
 import re
 import subprocess
@@ -70,6 +71,28 @@ def test_generated_files_are_current(script: str) -> None:
         cwd=ROOT,
     )
     assert (0, "") == (done.returncode, done.stderr)
+
+
+def generated_twins() -> list[tuple[str, str]]:
+    """The (source, twin) pairs that scripts/unasync.py writes."""
+    spec = importlib.util.spec_from_file_location("unasync", ROOT / "scripts" / "unasync.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.FILES)
+
+
+@pytest.mark.parametrize(("source", "twin"), generated_twins())
+def test_generated_files_say_they_are_generated(source: str, twin: str) -> None:
+    """A generated twin's docstring names its source and never claims to be hand-written."""
+    text = (ROOT / twin).read_text()
+    said = (
+        "hand-written source" in text,
+        f"This file is generated from ``{source}``" in text,
+        (ROOT / source).read_text().count("hand-written source"),
+    )
+    assert (False, True, 1) == said
 
 
 def test_public_names_resolve() -> None:

@@ -44,8 +44,7 @@ from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage.memory import AsyncMemoryStorage, MemoryStorage
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
 from deepwork_retry.testing import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher
-from deepwork_retry.web import AsyncRetryAPI, RetryAPI
-from deepwork_retry.web._api import ApiRequest
+from deepwork_retry.web import ApiRequest, AsyncRetryAPI, RetryAPI
 
 TOKENS = StaticTokens({"tok-0123456789abcdef": Principal(id="alice")})
 

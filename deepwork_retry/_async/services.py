@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
+from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id
 from deepwork_retry._core.machine import RetryCheck, can_retry
 from deepwork_retry._core.model import (
     Attempt,
@@ -55,7 +56,6 @@ from deepwork_retry.ports import (
     Clock,
     SystemClock,
 )
-from deepwork_retry.storage._validate import MAX_ID_LENGTH, check_id
 
 log = logging.getLogger("deepwork_retry")
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import attrs
 
 from deepwork_retry._core.machine import RetryCheck
-from deepwork_retry._core.model import Attempt, DispatchEntry, IdempotencyRecord, Progress, Task
-from deepwork_retry._core.policy import Block, RetryAt, RetryDecision
+from deepwork_retry._core.model import Attempt, IdempotencyRecord, Progress, Task
+from deepwork_retry._core.policy import RetryDecision
 
 DispatchStatus = Literal["dispatched", "pending", "deferred"]
 
@@ -264,27 +264,8 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def entry_json(entry: DispatchEntry) -> dict[str, Any]:
-    return {
-        "attempt": entry.attempt,
-        "state": entry.state.value,
-        "available_at": _ts(entry.available_at),
-        "tries": entry.tries,
-        "last_error": entry.last_error,
-        "delivered_at": _ts(entry.delivered_at),
-    }
-
-
 def check_json(check: RetryCheck) -> dict[str, Any]:
     return {"allowed": check.allowed, "code": check.code, "reason": check.reason}
-
-
-def decision_json(decision: RetryDecision | None) -> dict[str, Any] | None:
-    if isinstance(decision, RetryAt):
-        return {"retry": True, "at": _ts(decision.at), "delay": decision.delay}
-    if isinstance(decision, Block):
-        return {"retry": False, "blocked_reason": decision.reason.value}
-    return None
 
 
 def bulk_json(result: BulkResult) -> dict[str, Any]:

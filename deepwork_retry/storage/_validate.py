@@ -1,28 +1,16 @@
-"""Checks every storage adapter runs on its inputs, so all reject the same things."""
+"""Checks every storage adapter runs on its inputs, so all reject the same things.
+
+The id and limit rules are the core's (:mod:`deepwork_retry._core.inputs`);
+the batch check is the storages' own.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from deepwork_retry._core.model import Project, Task
+from deepwork_retry._core.inputs import check_id, check_limit
+from deepwork_retry._core.model import Task
 from deepwork_retry.exceptions import InvalidInput
-
-MAX_ID_LENGTH = 255
-MAX_LIMIT = 1000
-
-
-def check_id(kind: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"{kind} id must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidInput(f"{kind} id is longer than {MAX_ID_LENGTH} characters")
-    if "\x00" in value:
-        raise InvalidInput(f"{kind} id must not contain NUL characters")
-    return value
-
-
-def check_project(project: Project) -> None:
-    check_id("project", project.id)
 
 
 def check_new_tasks(tasks: Sequence[Task]) -> None:
@@ -43,6 +31,4 @@ def check_new_tasks(tasks: Sequence[Task]) -> None:
             check_id("blocked_by task", dep)
 
 
-def check_limit(limit: int) -> None:
-    if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIMIT}")
+__all__ = ["check_limit", "check_new_tasks"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -49,7 +50,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage._to_async import AsyncFromSync
-from deepwork_retry.storage._validate import check_limit, check_new_tasks
+from deepwork_retry.storage._validate import check_new_tasks
 
 _Key = tuple[str, str]
 _EntryKey = tuple[str, str, int]

@@ -1,30 +1,24 @@
-"""The framework-free web API: what every adapter under ``deepwork_retry.web`` wraps.
+"""The framework-free web API, as every adapter under ``deepwork_retry.web`` takes it.
 
 :class:`RetryAPI` (sync services, for WSGI frameworks) and
 :class:`AsyncRetryAPI` (async services, for ASGI and aiohttp) take an
-:class:`ApiRequest` and return an :class:`ApiResponse`; routing, auth,
-parsing and the error table are shared by both.
+:class:`~deepwork_retry.web._http.ApiRequest` and return an
+:class:`~deepwork_retry.web._http.ApiResponse`; routing, auth, parsing and the
+error table are shared by both. :func:`async_api` and :func:`sync_api` turn what
+a host hands an adapter (a service or an API) into the API it serves.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
-from deepwork_retry._async.api import AsyncRetryAPI
-from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
-from deepwork_retry.web._http import (
-    DEFAULT_PREFIX,
-    ERRORS,
-    JSON,
-    ROUTES,
-    ApiRequest,
-    ApiResponse,
-    error_response,
-    match,
-    normalise_prefix,
-)
+from deepwork_retry.web._async_api import AsyncRetryAPI
+from deepwork_retry.web._sync_api import RetryAPI
 
 ASYNC_ADAPTERS = "deepwork_retry.web.starlette, .fastapi or .aiohttp"
 SYNC_ADAPTERS = "deepwork_retry.web.flask or .django"
@@ -91,20 +85,40 @@ def sync_api(
     return api
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def renamed(new: Callable[P, R], old: str, module: str) -> Callable[P, R]:
+    """``new`` under the name it had before the adapters shared one vocabulary
+    (``mount``, ``routes``, ``create_app``): it still works, for one release,
+    and warns with a :class:`DeprecationWarning` naming what to call instead."""
+
+    @functools.wraps(new)
+    def alias(*args: P.args, **kwargs: P.kwargs) -> R:
+        warn_renamed(old, new.__name__, module)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    return alias
+
+
+def warn_renamed(old: str, new: str, module: str) -> None:
+    warnings.warn(
+        f"{module}.{old}() is deprecated and will be removed in the next release; "
+        f"use {module}.{new}()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 __all__ = [
     "ASYNC_ADAPTERS",
     "SYNC_ADAPTERS",
-    "DEFAULT_PREFIX",
-    "ERRORS",
-    "JSON",
-    "ROUTES",
-    "ApiRequest",
-    "ApiResponse",
     "AsyncRetryAPI",
     "RetryAPI",
     "async_api",
-    "error_response",
-    "match",
-    "normalise_prefix",
+    "renamed",
     "sync_api",
+    "warn_renamed",
 ]

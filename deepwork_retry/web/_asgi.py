@@ -18,9 +18,10 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from deepwork_retry._async.api import AsyncRetryAPI
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._bodies import CAP, read_capped_stream
 from deepwork_retry.web._http import (
+    ANY_PATH,
     JSON,
     ApiRequest,
     ApiResponse,
@@ -35,10 +36,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-"""Kept for compatibility: the catch-all routes now take every method, and the API
-answers 405 itself where one does not apply."""
 
 _CONTENT_TYPE = (b"content-type", JSON.encode("latin-1"))
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -74,7 +71,6 @@ class _Below(Convertor[str]):
         return value
 
 
-ANY_PATH = "deepwork_any"
 BELOW = "deepwork_below"
 register_url_convertor(ANY_PATH, _AnyPath())
 register_url_convertor(BELOW, _Below())
@@ -242,7 +238,6 @@ class ApiEndpoint:
 __all__ = [
     "ANY_PATH",
     "BELOW",
-    "METHODS",
     "ApiEndpoint",
     "api_request",
     "catch_all_path",

@@ -1,4 +1,10 @@
-"""Reading a request body without holding more of it than the API accepts."""
+"""Reading a request body without holding more of it than the API accepts.
+
+One reader for each kind of source the servers give: a ``read(n)`` callable
+(:func:`read_upto`), a WSGI environ with its framings (:func:`read_wsgi_body`,
+built on it), and an async stream of chunks (:func:`read_capped_stream`:
+ASGI and aiohttp).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,6 @@ from deepwork_retry.web._http import (
 
 CAP = MAX_BODY_BYTES + 1
 """Read at most this much: one byte past the limit is enough to answer 413."""
-
-
-def read_capped(read: Callable[[int], bytes]) -> bytes:
-    """Call ``read(n)`` until EOF or :data:`CAP` bytes."""
-    return read_upto(read, CAP)
 
 
 def read_upto(read: Callable[[int], bytes], size: int) -> bytes:

@@ -1,7 +1,7 @@
 """The HTTP side of the API with no framework: requests and responses as plain data.
 
 Every web adapter turns its framework's request into an :class:`ApiRequest`,
-hands it to :class:`~deepwork_retry.web._api.RetryAPI` (or the async twin) and
+hands it to :class:`~deepwork_retry.web.RetryAPI` (or the async twin) and
 writes the :class:`ApiResponse` back. Routing, header and body parsing, and the
 one table from errors to statuses live here, so the adapters cannot drift.
 """
@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
+from deepwork_retry._core.inputs import MAX_LIMIT, check_id
 from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
@@ -37,7 +38,6 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
-from deepwork_retry.storage._validate import MAX_LIMIT, check_id
 
 log = logging.getLogger("deepwork_retry.web")
 
@@ -52,6 +52,9 @@ answered in JSON instead of by the server."""
 MAX_REASON_LENGTH = 2000
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 DEFAULT_PAGE = 50
+ANY_PATH = "deepwork_any"
+"""The name an adapter registers its path converter under: one that matches any
+path, newlines included (ids may hold them)."""
 JSON = "application/json"
 
 
@@ -176,11 +179,6 @@ class ApiResponse:
     close: bool = False
     """Close the connection after this response (its request's body was not read
     to the end); each adapter does it in its server's way."""
-
-    @property
-    def all_headers(self) -> list[tuple[str, str]]:
-        """``Content-Type`` first, then the response's own headers."""
-        return [("Content-Type", JSON), *self.headers]
 
     def json(self) -> Any:
         return json.loads(self.body)

@@ -1,8 +1,10 @@
 """The retry API for aiohttp, over the async services.
 
-from deepwork_retry.web.aiohttp import add_routes
+from deepwork_retry.web.aiohttp import mount
 
-add_routes(app, service, StaticTokens.from_env())
+mount(app, service, StaticTokens.from_env())
+
+(or ``app.add_routes(routes(service, tokens))``, or ``create_app(service, tokens)``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import asyncio
 import contextlib
 from typing import Any
 
-from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.web._api import async_api
-from deepwork_retry.web._bodies import CAP
+from deepwork_retry.web._api import async_api, renamed
+from deepwork_retry.web._async_api import AsyncRetryAPI
+from deepwork_retry.web._bodies import read_capped_stream
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
     JSON,
@@ -43,23 +45,11 @@ HANDLER_ARGS = {"max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_
 the API (a JSON 401) rather than aiohttp's own text 400, which quotes the header."""
 
 
-async def _read(request: web.Request) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < CAP:
-        chunk = await request.content.read(CAP - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 async def _body(request: web.Request, timeout: float) -> bytes:
-    """The body, up to CAP bytes; :class:`BodyTimeout` past ``timeout`` seconds and
+    """The body, up to the API's cap; :class:`BodyTimeout` past ``timeout`` seconds and
     :class:`BodyIncomplete` when the client goes away or the framing is broken."""
     try:
-        return await asyncio.wait_for(_read(request), timeout)
+        return await asyncio.wait_for(read_capped_stream(request.content.iter_any()), timeout)
     except asyncio.TimeoutError:
         raise BodyTimeout from None
     except (ConnectionError, RequestPayloadError):
@@ -121,7 +111,7 @@ def routes(
     return found
 
 
-def add_routes(
+def mount(
     app: web.Application,
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -129,7 +119,7 @@ def add_routes(
     *,
     prefix: str = DEFAULT_PREFIX,
 ) -> None:
-    """Add the API's routes to ``app``."""
+    """Serve the API under ``prefix`` in ``app``."""
     app.add_routes(routes(service, authenticator, authorizer, prefix=prefix))
 
 
@@ -147,8 +137,11 @@ def create_app(
     """
     application.setdefault("handler_args", HANDLER_ARGS)
     app = web.Application(**application)
-    add_routes(app, service, authenticator, authorizer, prefix=prefix)
+    mount(app, service, authenticator, authorizer, prefix=prefix)
     return app
 
 
-__all__ = ["add_routes", "create_app", "routes"]
+add_routes = renamed(mount, "add_routes", __name__)
+
+
+__all__ = ["add_routes", "create_app", "mount", "routes"]

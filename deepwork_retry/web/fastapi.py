@@ -1,14 +1,16 @@
 """The retry API as a FastAPI ``APIRouter``, over the async services.
 
-    from deepwork_retry.web.fastapi import router
+    from deepwork_retry.web.fastapi import mount
 
-    app.include_router(router(service, StaticTokens.from_env()))
+    mount(app, service, StaticTokens.from_env())
+
+(or ``app.include_router(routes(service, tokens))``, or ``create_app(service, tokens)``).
 
 Each route's entry in ``/openapi.json`` is the one of
 :mod:`deepwork_retry.web.openapi` (the demo server serves the same document);
 the pydantic models below are derived from the same description of each body,
 for applications that type their clients with them. The behaviour is the
-shared one of :class:`~deepwork_retry.web._api.AsyncRetryAPI`, so FastAPI's
+shared one of :class:`~deepwork_retry.web.AsyncRetryAPI`, so FastAPI's
 own validation never answers in its place.
 """
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core import wire
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.web._api import async_api
+from deepwork_retry.web._api import async_api, renamed
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import DEFAULT_PREFIX, ROUTES, normalise_prefix
 from deepwork_retry.web.openapi import (
     BEARER_DESCRIPTION,
@@ -117,7 +119,7 @@ RetryOptions = model(RETRY_OPTIONS)
 BulkOptions = model(BULK_OPTIONS)
 
 
-def router(
+def routes(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
     authorizer: Authorizer = may_retry,
@@ -165,6 +167,19 @@ def router(
     return found
 
 
+def mount(
+    app: FastAPI | APIRouter,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    tags: list[str] | None = None,
+) -> None:
+    """Serve the API under ``prefix`` in ``app`` (a FastAPI application or router)."""
+    app.include_router(routes(service, authenticator, authorizer, prefix=prefix, tags=tags))
+
+
 def create_app(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -176,8 +191,11 @@ def create_app(
     """A FastAPI application serving only the API (extra keywords go to ``FastAPI``)."""
     fastapi.setdefault("title", "deepwork_retry")
     app = FastAPI(**fastapi)
-    app.include_router(router(service, authenticator, authorizer, prefix=prefix))
+    mount(app, service, authenticator, authorizer, prefix=prefix)
     return app
+
+
+router = renamed(routes, "router", __name__)
 
 
 __all__ = [
@@ -199,5 +217,7 @@ __all__ = [
     "TasksPage",
     "create_app",
     "model",
+    "mount",
     "router",
+    "routes",
 ]

@@ -1,19 +1,23 @@
 """The retry API as a Flask blueprint, over the sync services.
 
-from deepwork_retry.web.flask import blueprint
+from deepwork_retry.web.flask import mount
 
-app.register_blueprint(blueprint(service, StaticTokens.from_env()))
+mount(app, service, StaticTokens.from_env())
+
+(or ``app.register_blueprint(routes(service, tokens))``, or ``create_app(service, tokens)``).
 """
 
 from __future__ import annotations
 
-from deepwork_retry._sync.api import RetryAPI
+from typing import Any
+
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import DeepworkError, missing_extra
-from deepwork_retry.web._api import sync_api
+from deepwork_retry.web._api import renamed, sync_api
 from deepwork_retry.web._bodies import read_wsgi_body
 from deepwork_retry.web._http import (
+    ANY_PATH,
     DEFAULT_PREFIX,
     JSON,
     ApiRequest,
@@ -22,17 +26,14 @@ from deepwork_retry.web._http import (
     parse_query,
     wsgi_path_bytes,
 )
+from deepwork_retry.web._sync_api import RetryAPI
 
 try:
-    from flask import Blueprint, Response, request
+    from flask import Blueprint, Flask, Response, request
     from flask.sansio.blueprints import BlueprintSetupState
     from werkzeug.routing import BaseConverter, Rule
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("flask", __name__, exc) from exc
-
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-"""Kept for compatibility: the blueprint's rules now take every method."""
-ANY_PATH = "deepwork_any"
 
 
 class AnyPathConverter(BaseConverter):
@@ -42,7 +43,7 @@ class AnyPathConverter(BaseConverter):
     part_isolating = False
 
 
-def blueprint(
+def routes(
     service: RetryService | RetryAPI,
     authenticator: Authenticator | None = None,
     authorizer: Authorizer = may_retry,
@@ -103,4 +104,33 @@ def blueprint(
     return bp
 
 
-__all__ = ["METHODS", "blueprint"]
+def mount(
+    app: Flask | Blueprint,
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_retry",
+) -> None:
+    """Serve the API under ``prefix`` in ``app`` (a Flask application or blueprint)."""
+    app.register_blueprint(routes(service, authenticator, authorizer, prefix=prefix, name=name))
+
+
+def create_app(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    **flask: Any,
+) -> Flask:
+    """A Flask application serving only the API (extra keywords go to ``Flask``)."""
+    app = Flask(__name__, **flask)
+    mount(app, service, authenticator, authorizer, prefix=prefix)
+    return app
+
+
+blueprint = renamed(routes, "blueprint", __name__)
+
+__all__ = ["blueprint", "create_app", "mount", "routes"]

@@ -15,9 +15,9 @@ import attrs
 
 from deepwork_retry import __version__
 from deepwork_retry._core import wire
+from deepwork_retry._core.inputs import MAX_LIMIT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry._core.wire import BOOLEAN, INTEGER, STRING, Body, Choice, Field, choice
-from deepwork_retry.storage._validate import MAX_LIMIT
 from deepwork_retry.web._http import (
     DEFAULT_PAGE,
     DEFAULT_PREFIX,

@@ -1,25 +1,29 @@
 """The retry API for Starlette (ASGI), over the async services.
 
-from deepwork_retry.web.starlette import create_app, routes
+from deepwork_retry.web.starlette import create_app, mount, routes
 
-app = create_app(service, StaticTokens.from_env())     # a whole app, or
-app = Starlette(routes=[*routes(service, tokens), ...])  # mounted in yours
+app = create_app(service, StaticTokens.from_env())      # a whole app,
+mount(app, service, tokens)                             # added to yours, or
+app = Starlette(routes=[*routes(service, tokens), ...])  # listed in yours
+
+Every adapter has the same three entry points: ``mount(app, ...)``,
+``routes(...)`` (the framework's own object) and ``create_app(...)``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from deepwork_retry._async.api import AsyncRetryAPI
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
 from deepwork_retry.web._api import async_api
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
 
 try:
     from starlette.applications import Starlette
-    from starlette.routing import BaseRoute, Route
+    from starlette.routing import BaseRoute, Route, Router
 
     from deepwork_retry.web._asgi import ApiEndpoint, catch_all_path
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -52,6 +56,18 @@ def routes(
     ]
 
 
+def mount(
+    app: Starlette | Router,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+) -> None:
+    """Serve the API under ``prefix`` in ``app`` (a Starlette application or router)."""
+    app.routes.extend(routes(service, authenticator, authorizer, prefix=prefix))
+
+
 def create_app(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -72,4 +88,4 @@ def _api(
     return async_api(service, authenticator, authorizer, adapter=__name__)
 
 
-__all__ = ["create_app", "routes"]
+__all__ = ["create_app", "mount", "routes"]

@@ -20,7 +20,7 @@ from deepwork_retry.auth import (
 )
 from deepwork_retry.exceptions import InvalidInput
 from deepwork_retry.storage.memory import MemoryStorage
-from deepwork_retry.web._api import ApiRequest, RetryAPI
+from deepwork_retry.web import ApiRequest, RetryAPI
 
 # -- over HTTP, every adapter --------------------------------------------------------------
 

@@ -168,11 +168,11 @@ def sqlite_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
     else:
         from flask import Flask
 
-        from deepwork_retry.web.flask import blueprint
+        from deepwork_retry.web.flask import mount
 
         sync = SQLiteStorage(db, timeout=LOCK_WAIT)
         app = Flask("deepwork_retry_outage")
-        app.register_blueprint(blueprint(RetryService(sync, Recorder()), tokens))
+        mount(app, RetryService(sync, Recorder()), tokens)
         served, stop = serve_wsgi_werkzeug(app)
         closers.append(sync.close)
     try:
@@ -250,7 +250,7 @@ def test_bulk_retry_under_a_postgres_table_lock_is_one_fast_503(postgres_dsn: st
     from psycopg import sql
 
     from deepwork_retry.storage.postgres import PostgresStorage
-    from deepwork_retry.web.flask import blueprint
+    from deepwork_retry.web.flask import mount
 
     with schema_dropped_after(postgres_dsn, "outage") as schema:
         storage = PostgresStorage(postgres_dsn, schema=schema, statement_timeout_ms=1000)
@@ -264,7 +264,7 @@ def test_bulk_retry_under_a_postgres_table_lock_is_one_fast_503(postgres_dsn: st
                 ex.fail("p", f"t{n}", 1, RuntimeError("boom"))
             app = Flask("deepwork_retry_pg_outage")
             tokens = StaticTokens({ALICE: Principal(id="alice")})
-            app.register_blueprint(blueprint(RetryService(storage, Recorder()), tokens))
+            mount(app, RetryService(storage, Recorder()), tokens)
             served, stop = serve_wsgi_werkzeug(app)
             try:
                 with (

@@ -4,6 +4,7 @@ storage from an outage."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -31,27 +32,32 @@ SYNC_ONES = "deepwork_retry.web.flask or .django"
 ASYNC_ONES = "deepwork_retry.web.starlette, .fastapi or .aiohttp"
 
 
-def mount(adapter: str, service: object, tokens: Any) -> object:
-    """Mount ``service`` with ``adapter``'s own mounting function (nothing is served)."""
+def bare_app(adapter: str) -> Any:
+    """An empty application (for Django, an empty list of URL patterns) of ``adapter``."""
     if adapter == "starlette":
-        from deepwork_retry.web.starlette import routes
+        from starlette.applications import Starlette
 
-        return routes(service, tokens)  # type: ignore[arg-type]
+        return Starlette()
     if adapter == "fastapi":
-        from deepwork_retry.web.fastapi import router
+        from fastapi import FastAPI
 
-        return router(service, tokens)  # type: ignore[arg-type]
+        return FastAPI()
     if adapter == "aiohttp":
-        from deepwork_retry.web.aiohttp import routes as aiohttp_routes
+        from aiohttp import web
 
-        return aiohttp_routes(service, tokens)  # type: ignore[arg-type]
+        return web.Application()
     if adapter == "flask":
-        from deepwork_retry.web.flask import blueprint
+        from flask import Flask
 
-        return blueprint(service, tokens)  # type: ignore[arg-type]
-    from deepwork_retry.web.django import configure
+        return Flask("wiring")
+    return []
 
-    return configure(service, tokens)  # type: ignore[arg-type]
+
+def mount(adapter: str, service: object, tokens: Any) -> object:
+    """Mount ``service`` with ``adapter``'s ``mount`` on an empty app (nothing is served)."""
+    app = bare_app(adapter)
+    importlib.import_module(f"deepwork_retry.web.{adapter}").mount(app, service, tokens)
+    return app
 
 
 def _wrong_kinds(adapter: str, world: World) -> list[tuple[object, str]]:

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from web_harness import World, auth, authorize, configure_django, task_url
 
+from deepwork_retry._core.inputs import check_id
 from deepwork_retry.exceptions import InvalidInput
-from deepwork_retry.storage._validate import check_id
 from deepwork_retry.web._bodies import CAP, read_wsgi_body
 from deepwork_retry.web._http import (
     BadRequestBody,
@@ -37,9 +37,9 @@ def django_dev_server(world: World) -> Iterator[str]:
     from django.core.handlers.wsgi import WSGIHandler
     from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
-    from deepwork_retry.web.django import configure
+    from deepwork_retry.web.django import mount
 
-    configure(world.sync_service(), world.tokens, authorize)
+    mount([], world.sync_service(), world.tokens, authorize)  # URLs: ROOT_URLCONF
 
     class Quiet(WSGIRequestHandler):  # type: ignore[misc]  # Django ships no type hints
         def log_message(self, format: str, *args: Any) -> None:

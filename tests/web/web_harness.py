@@ -314,16 +314,18 @@ def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
     if adapter == "flask":
         from flask import Flask
 
-        from deepwork_retry.web.flask import blueprint
+        from deepwork_retry.web.flask import mount as mount_flask
 
         app = Flask("deepwork_retry_tests")
-        app.register_blueprint(blueprint(world.sync_service(), world.tokens, authorize))
+        mount_flask(app, world.sync_service(), world.tokens, authorize)
         return serve_wsgi_werkzeug(app)
     if adapter == "django":
         configure_django()
-        from deepwork_retry.web.django import configure
+        from deepwork_retry.web.django import mount as mount_django
 
-        configure(world.sync_service(), world.tokens, authorize)
+        # The URLs come from ROOT_URLCONF (the app's urls module): the patterns
+        # mount would add are not needed, only the service it serves.
+        mount_django([], world.sync_service(), world.tokens, authorize)
         return serve_django()
     if adapter == "aiohttp":
         from deepwork_retry.web.aiohttp import create_app as create_aiohttp

@@ -12,21 +12,29 @@ URLs::
 
     urlpatterns = [path("", include("deepwork_retry.web.django.urls")), ...]
 
-Instead of the ``API`` setting, code may call :func:`configure` (for example
-in an ``AppConfig.ready``) with a service and an authenticator.
+Or, instead of the ``API`` setting and the include, in your ``urls.py``::
+
+    from deepwork_retry.web.django import mount
+
+    urlpatterns = [...]
+    mount(urlpatterns, service, StaticTokens.from_env())
+
+As in every adapter, :func:`mount` adds the API to what you have and
+:func:`routes` builds the framework's own object (here, the URL patterns).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
-from deepwork_retry._sync.api import RetryAPI
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry.auth import Authenticator, Authorizer, may_retry
 from deepwork_retry.exceptions import missing_extra
-from deepwork_retry.web._api import AsyncRetryAPI, sync_api
+from deepwork_retry.web._api import AsyncRetryAPI, sync_api, warn_renamed
 from deepwork_retry.web._http import DEFAULT_PREFIX, normalise_prefix
+from deepwork_retry.web._sync_api import RetryAPI
 
 try:
     import django  # noqa: F401 - fail here, with the extra's name, when Django is missing
@@ -42,12 +50,54 @@ _lock = threading.Lock()
 _configured: RetryAPI | None = None
 
 
+def mount(
+    urlpatterns: list[Any],
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str | None = None,
+) -> None:
+    """Serve ``service`` under ``prefix`` (default: the ``PREFIX`` setting), adding
+    its URL pattern to ``urlpatterns``.
+
+    The service replaces whatever was served before, in this process; the
+    ``API`` setting is then not read.
+    """
+    _serve(service, authenticator, authorizer)
+    urlpatterns.extend(routes(prefix))
+
+
+def routes(prefix: str | None = None) -> list[Any]:
+    """The API's URL pattern under ``prefix`` (default: the ``PREFIX`` setting)."""
+    from django.urls import re_path
+
+    from deepwork_retry.web.django.views import api_view
+
+    escaped = re.escape(normalise_prefix(_prefix() if prefix is None else prefix).lstrip("/"))
+    # Everything under the prefix, the prefix itself included (so that Django's
+    # APPEND_SLASH never redirects it to the API's own 404): ``rest`` is the path
+    # below the prefix. [\s\S] rather than ".": ids may contain newlines.
+    pattern = rf"^{escaped}(?:/(?P<rest>[\s\S]*))?\Z" if escaped else r"^(?P<rest>[\s\S]*)\Z"
+    return [re_path(pattern, api_view, name="api")]
+
+
 def configure(
     service: RetryService | RetryAPI,
     authenticator: Authenticator | None = None,
     authorizer: Authorizer = may_retry,
 ) -> RetryAPI:
-    """Serve ``service`` (this replaces whatever was configured before)."""
+    """Deprecated: serve ``service`` with :func:`mount` (or the ``API`` setting)."""
+    warn_renamed("configure", "mount", __name__)
+    return _serve(service, authenticator, authorizer)
+
+
+def _serve(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None,
+    authorizer: Authorizer,
+) -> RetryAPI:
+    """Serve ``service`` (this replaces whatever was served before)."""
     global _configured
     api = sync_api(service, authenticator, authorizer, adapter=__name__)
     with _lock:
@@ -64,11 +114,15 @@ def _options() -> dict[str, Any]:
 
 def prefix() -> str:
     """The URL prefix from ``settings.DEEPWORK_RETRY["PREFIX"]``."""
-    return normalise_prefix(str(_options().get("PREFIX", DEFAULT_PREFIX)))
+    return normalise_prefix(_prefix())
+
+
+def _prefix() -> str:
+    return str(_options().get("PREFIX", DEFAULT_PREFIX))
 
 
 def get_api() -> RetryAPI:
-    """The configured API: from :func:`configure`, else from the ``API`` setting."""
+    """The API served: from :func:`mount`, else from the ``API`` setting."""
     global _configured
     with _lock:
         if _configured is not None:
@@ -76,7 +130,7 @@ def get_api() -> RetryAPI:
         target = _options().get("API")
         if target is None:
             raise ImproperlyConfigured(
-                f"set settings.{SETTING}['API'] or call deepwork_retry.web.django.configure()"
+                f"set settings.{SETTING}['API'] or call deepwork_retry.web.django.mount()"
             )
         found = import_string(target) if isinstance(target, str) else target
         if not isinstance(found, (RetryAPI, AsyncRetryAPI)) and callable(found):
@@ -91,4 +145,4 @@ def get_api() -> RetryAPI:
         return found
 
 
-__all__ = ["SETTING", "configure", "get_api", "prefix"]
+__all__ = ["SETTING", "configure", "get_api", "mount", "prefix", "routes"]

@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from deepwork_retry.exceptions import DeepworkError
-from deepwork_retry.web._bodies import read_capped, read_wsgi_body
+from deepwork_retry.web._bodies import CAP, read_upto, read_wsgi_body
 from deepwork_retry.web._http import (
     JSON,
     ApiRequest,
@@ -64,7 +64,7 @@ def _body(request: HttpRequest) -> bytes:
     is read from ``wsgi.input`` instead. Under ASGI Django has the whole body.
     """
     if "wsgi.input" not in request.META:
-        return read_capped(request.read)
+        return read_upto(request.read, CAP)
     return read_wsgi_body(request.META, request.read)
 
 

@@ -1,9 +1,11 @@
 """The web API over a retry service, with no framework: request data in, response data out.
 
-This file is the hand-written source; ``deepwork_retry/_sync/api.py`` is
-generated from it by ``scripts/unasync.py``. The adapters under
-``deepwork_retry/web/`` only translate their framework's request and response
-to and from :class:`~deepwork_retry.web._http.ApiRequest` and
+This file is the hand-written source; ``deepwork_retry/web/_sync_api.py`` is
+generated from it by ``scripts/unasync.py``. It stands above the HTTP protocol
+(:mod:`deepwork_retry.web._http`: requests, responses, routes, the error table)
+and below the framework adapters of ``deepwork_retry/web/``, which only
+translate their framework's request and response to and from
+:class:`~deepwork_retry.web._http.ApiRequest` and
 :class:`~deepwork_retry.web._http.ApiResponse`.
 """
 
