@@ -191,12 +191,15 @@ class PrivatePostgres(_Service):
             str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
             "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C",
         ])  # fmt: skip
+        # fsync and full_page_writes guard against an OS crash, which a soak
+        # does not cause. synchronous_commit stays on: a server killed with
+        # "immediate" would otherwise forget commits it had confirmed, and a
+        # soak would report that as the library running an attempt twice.
         settings = {
             "port": str(self.port),
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{self.sockets}'",
             "fsync": "off",
-            "synchronous_commit": "off",
             "full_page_writes": "off",
             "max_connections": "200",
             "shared_buffers": "32MB",
