@@ -243,11 +243,8 @@ def prune_command(dsn: str, schema: str) -> list[str] | None:
     from deepwork_retry import cli
 
     parser = cli.build_parser()
-    commands = next(
-        (a.choices for a in parser._actions if getattr(a, "choices", None) and "migrate" in a.choices),
-        {},
-    )
-    if "prune" not in commands:
+    choices = [getattr(action, "choices", None) or {} for action in parser._actions]
+    if not any("prune" in commands for commands in choices):
         return None
     return [str(BIN / "deepwork-retry"), "prune", "--dsn", dsn, "--schema", schema]
 
@@ -255,7 +252,8 @@ def prune_command(dsn: str, schema: str) -> list[str] | None:
 class Soak:
     def __init__(self, config: SoakConfig) -> None:
         self.cfg = config
-        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(10**6)
+        seed = config.seed
+        self.seed = seed if seed is not None else random.SystemRandom().randrange(10**6)
         self.report = SoakReport(seed=self.seed, seconds=config.seconds)
         self.lock = threading.Lock()
         self.stop_faults = threading.Event()
@@ -391,7 +389,7 @@ class Soak:
         for thread in threads:
             thread.join(timeout=60)
 
-    def _durably(self, what: str, action: Callable[[], object], done: tuple[type[Exception], ...]) -> None:
+    def _durably(self, action: Callable[[], object], done: tuple[type[Exception], ...]) -> None:
         """Do ``action`` until it succeeds or raises one of ``done`` (it happened before)."""
         delay = 0.2
         deadline = time.monotonic() + 300
@@ -416,26 +414,22 @@ class Soak:
             while not self.stop_faults.is_set():
                 project = rng.choice(sorted(self.task_ids))
                 number += 1
-                task_id = f"t{number:06d}"
-                self._durably(
-                    f"add {task_id}",
-                    lambda: service.add_task(
-                        project, task_id, max_retries=1,
-                        metadata={"fail_percent": self.cfg.fail_percent},
-                    ),
-                    (AlreadyExists,),
-                )  # fmt: skip
-                with self.lock:
-                    self.task_ids[project].append(task_id)
-                    self.report.tasks_created += 1
-                self._durably(
-                    f"assign {task_id}",
-                    lambda: service.assign(project, task_id),
-                    (InvalidTransition,),
-                )
+                self._add(service, project, f"t{number:06d}")
                 self.stop_faults.wait(1 / self.cfg.tasks_per_second)
         finally:
             storage.close()
+
+    def _add(self, service: ExecutorService, project: str, task_id: str) -> None:
+        """Add a task and assign it, surviving outages (a repeat finds it done)."""
+        metadata = {"fail_percent": self.cfg.fail_percent}
+        self._durably(
+            lambda: service.add_task(project, task_id, max_retries=1, metadata=metadata),
+            (AlreadyExists,),
+        )
+        with self.lock:
+            self.task_ids[project].append(task_id)
+            self.report.tasks_created += 1
+        self._durably(lambda: service.assign(project, task_id), (InvalidTransition,))
 
     def _count(self, what: str) -> None:
         with self.lock:
@@ -612,14 +606,16 @@ class Soak:
                 self.prune_errors.append(f"{argv!r}: {done.returncode} {done.stderr[-300:]}")
             return
         with contextlib.suppress(psycopg.Error):
-            (keys,), = self.sql("SELECT count(*) FROM idempotency")
-            (sent,), = self.sql("SELECT count(*) FROM outbox WHERE state = 'delivered'")
+            ((keys,),) = self.sql("SELECT count(*) FROM idempotency")
+            ((sent,),) = self.sql("SELECT count(*) FROM outbox WHERE state = 'delivered'")
             self.prune_sizes.append((int(keys), int(sent)))
 
     # -- convergence and checks ---------------------------------------------------------
     def _unsettled(self) -> tuple[int, int]:
-        (moving,), = self.sql("SELECT count(*) FROM tasks WHERE status NOT IN ('done', 'blocked')")
-        (queued,), = self.sql(
+        ((moving,),) = self.sql(
+            "SELECT count(*) FROM tasks WHERE status NOT IN ('done', 'blocked')"
+        )
+        ((queued,),) = self.sql(
             "SELECT count(*) FROM outbox WHERE state IN ('pending', 'deferred')"
         )
         return int(moving), int(queued)
@@ -642,7 +638,9 @@ class Soak:
                 self.log(f"converged in {self.report.converge_seconds:.1f}s")
                 return
             if state != last:
-                self.log(f"converging: {state[0]} task(s) moving, {state[1]} outbox entries to send")
+                self.log(
+                    f"converging: {state[0]} task(s) moving, {state[1]} outbox entries to send"
+                )
                 last = state
             if time.monotonic() > deadline:
                 self.log("did not converge")
@@ -651,15 +649,11 @@ class Soak:
 
     def _check(self) -> None:
         rep = self.report
-        tasks = self.sql(
-            "SELECT project_id, id, status, blocked_reason, error_message FROM tasks"
-        )
+        tasks = self.sql("SELECT project_id, id, status, blocked_reason, error_message FROM tasks")
         rep.statuses = Counter(status for _, _, status, _, _ in tasks)
         attempts = self.sql("SELECT project_id, task_id, number, trigger, outcome FROM attempts")
         rep.attempts = len(attempts)
-        (rep.deliveries,), = self.sql(
-            "SELECT count(*) FROM outbox WHERE state = 'delivered'"
-        )
+        ((rep.deliveries,),) = self.sql("SELECT count(*) FROM outbox WHERE state = 'delivered'")
         runs: Counter[tuple[str, str, int]] = Counter()
         if self.runs_file.exists():
             for line in self.runs_file.read_text().splitlines():
@@ -689,7 +683,9 @@ class Soak:
             f"retry answered 200 to {len(keys)} keys for one attempt {a}"
             for a, keys in by_attempt.items() if len(keys) > 1
         ]  # fmt: skip
-        rep.lost += [f"200 for {a} but no manual retry attempt" for a in by_attempt if a not in manual]
+        rep.lost += [
+            f"200 for {a} but no manual retry attempt" for a in by_attempt if a not in manual
+        ]
         unanswered = sorted(manual - by_attempt.keys())
         rep.check(
             "every 200 retry appears exactly once in the attempt history",
@@ -700,22 +696,27 @@ class Soak:
 
         twice = [f"{a} ran {n} times" for a, n in runs.items() if n > 1]
         rep.duplicates += twice
-        reported = {(p, t, n) for p, t, n, _, outcome in attempts if outcome in ("succeeded", "failed")}
+        reported = {
+            (p, t, n) for p, t, n, _, outcome in attempts if outcome in ("succeeded", "failed")
+        }
         unrun = sorted(a for a in reported if runs[a] == 0)
         ghost = sorted(a for a in runs if a not in {(p, t, n) for p, t, n, _, _ in attempts})
         rep.lost += [f"{a} reported without a run" for a in unrun]
         rep.check(
             "every attempt ran the host function at most once",
             not twice and not unrun and not ghost,
-            f"ran twice {twice[:3]}, reported but never ran {unrun[:3]}, ran unrecorded {ghost[:3]}",
+            f"ran twice {twice[:3]}, reported but never ran {unrun[:3]}, "
+            f"ran unrecorded {ghost[:3]}",
         )
 
         stranded = [
             f"{p}/{t} {status}" for p, t, status, reason, message in tasks
-            if status not in ("done", "blocked") or (status == "blocked" and (reason is None or not message))
+            if status != "done" and (status != "blocked" or reason is None or not message)
         ]  # fmt: skip
         created = sum(len(ids) for ids in self.task_ids.values())
-        rep.lost += [f"{created - len(tasks)} created task(s) missing"] if created != len(tasks) else []
+        rep.lost += (
+            [f"{created - len(tasks)} created task(s) missing"] if created != len(tasks) else []
+        )
         rep.check(
             "no task stranded: each is done, or blocked with its reason",
             not stranded and created == len(tasks),
@@ -755,8 +756,8 @@ class Soak:
             )
             return
         self._prune(argv + shlex.split(os.environ.get("SOAK_PRUNE_FINAL_ARGS", "")))
-        (keys,), = self.sql("SELECT count(*) FROM idempotency")
-        (sent,), = self.sql("SELECT count(*) FROM outbox WHERE state = 'delivered'")
+        ((keys,),) = self.sql("SELECT count(*) FROM idempotency")
+        ((sent,),) = self.sql("SELECT count(*) FROM outbox WHERE state = 'delivered'")
         self.report.check(
             name,
             not self.prune_errors,

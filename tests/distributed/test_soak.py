@@ -19,8 +19,8 @@ pytest.importorskip("dramatiq")
 pytest.importorskip("psycopg")
 pytest.importorskip("httpx")
 
-from private_services import ServiceUnavailable  # noqa: E402 - after the importorskips
-from soak import FAULTS, Soak, SoakConfig  # noqa: E402
+from private_services import ServiceUnavailable
+from soak import FAULTS, Soak, SoakConfig
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,17 @@ def test_fault_soak_converges_with_nothing_lost_or_run_twice(tmp_path: Path) -> 
         pytest.skip(f"the soak runs its own servers and needs {', '.join(missing)}")
     seed = os.environ.get("DEEPWORK_SOAK_SEED")
     lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line)
+
     config = SoakConfig(
         seconds=100.0,
         seed=None if seed is None else int(seed),
         fault_gap=(3.0, 7.0),
         workdir=tmp_path / "soak",
-        log=lambda line: (lines.append(line), print(line)),
+        log=log,
     )
     try:
         report = Soak(config).run()
