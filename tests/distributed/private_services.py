@@ -112,10 +112,14 @@ class _Service:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.cleanup()
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Stop, and remove what only this instance used."""
+        self.stop()
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -248,9 +252,6 @@ class PrivatePostgres(_Service):
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
     def terminate_backends(self, connect: Callable[[], Any]) -> int:
         """``pg_terminate_backend`` every client connection but the caller's; how many."""
         with connect() as conn:
@@ -276,8 +277,14 @@ class PrivateRedis(_Service):
             raise ServiceUnavailable("redis-server is not installed")
         self.binary = binary
         self.port = port or free_port()
+        self.owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="deepwork-soak-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -321,22 +328,29 @@ def _rabbitmq_sbin() -> Path:
     return Path(server).parent
 
 
+def _epmd() -> str | None:
+    found = sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"), reverse=True)
+    return found[0] if found else shutil.which("epmd")
+
+
 class PrivateRabbitMQ(_Service):
     """A second RabbitMQ node (``soak<port>@localhost``) with its own ports and files.
 
-    It registers its name with the machine's epmd (shared, started by whoever
-    came first; never stopped here), and keeps its Erlang cookie, database and
-    logs under its own directory. No plugins. ``guest`` may connect over TCP.
+    It has its own Erlang port mapper (``ERL_EPMD_PORT``), so it never meets
+    the machine's node, and keeps its Erlang cookie, database and logs under
+    its own directory. No plugins. ``guest`` may connect over TCP. The port
+    mapper outlives restarts of the node; :meth:`cleanup` ends it.
     """
 
     name = "RabbitMQ"
 
     def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
         self.sbin = _rabbitmq_sbin()
-        ports = free_ports(2)
+        ports = free_ports(3)
         self.port = port or ports[0]
-        self.dist_port = ports[1] if ports[1] != self.port else free_port()
+        self.dist_port, self.epmd_port = ports[1], ports[2]
         self.node = f"soak{self.port}@localhost"
+        self.owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="deepwork-soak-rabbit-"))
         self.home = self.workdir / "home"
         self.home.mkdir(exist_ok=True)
@@ -357,6 +371,7 @@ class PrivateRabbitMQ(_Service):
         env = dict(os.environ)
         env.update(
             HOME=str(self.home),
+            ERL_EPMD_PORT=str(self.epmd_port),
             RABBITMQ_NODENAME=self.node,
             RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
             RABBITMQ_NODE_PORT=str(self.port),
@@ -395,6 +410,19 @@ class PrivateRabbitMQ(_Service):
                 self.ctl("stop", timeout=60)
         _end(self.proc)
         self.proc = None
+
+    def cleanup(self) -> None:
+        """Stop the node and its port mapper."""
+        self.stop()
+        epmd = _epmd()
+        if epmd is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    [epmd, "-port", str(self.epmd_port), "-kill"],
+                    capture_output=True, timeout=30, check=False,
+                )  # fmt: skip
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the node (the broker crashes; durable queues survive)."""

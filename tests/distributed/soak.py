@@ -114,6 +114,8 @@ class SoakReport:
     unresolved: list[tuple[str, str, str]] = field(default_factory=list)
     bad_responses: list[str] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
+    watchdog: list[str] = field(default_factory=list)
+    """Celery workers restarted because they stopped consuming (see ``Soak._watchdog``)."""
     tasks_created: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     attempts: int = 0
@@ -144,6 +146,7 @@ class SoakReport:
             ("retries answered 200", str(len(self.answers))),
             ("  resent after a fault", str(self.resends)),
             ("  answered by replay", str(self.replays)),
+            ("stuck Celery workers restarted", str(len(self.watchdog))),
             ("tasks", str(self.tasks_created)),
             ("  final states", ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))),
             ("attempts", str(self.attempts)),
@@ -259,6 +262,7 @@ class Soak:
         self.stop_faults = threading.Event()
         self.stop_load = threading.Event()
         self.give_up = threading.Event()
+        self.stop_watchdog = threading.Event()
         self.procs: dict[str, Proc] = {}
         self.procs_lock = threading.Lock()
         self.task_ids: dict[str, list[str]] = {}
@@ -286,8 +290,14 @@ class Soak:
             stack.callback(self._stop_processes)
             self._start_processes()
             self._create_projects()
-            self._soak()
-            self._converge()
+            watchdog = threading.Thread(target=self._watchdog, name="soak-watchdog", daemon=True)
+            watchdog.start()
+            try:
+                self._soak()
+                self._converge()
+            finally:
+                self.stop_watchdog.set()
+                watchdog.join(timeout=120)
             self._check()
         return self.report
 
@@ -590,6 +600,49 @@ class Soak:
                         with self.lock:
                             self.report.unexpected_exits.append(message)
                         proc.start()
+
+    def _watchdog(self, patience: float = 20.0) -> None:
+        """Restart the Celery worker when it stops consuming, as a liveness probe would.
+
+        A Celery worker on Redis can stop consuming for good after the broker
+        restarts (its ack fails with "Couldn't ack ... ConnectionError" and the
+        consumer never reconnects: celery/celery#9054, #10205, #10302). The
+        library's side holds meanwhile (the reaper hands the attempts out again
+        every start timeout), but nothing runs until the worker is restarted,
+        which is what a deployment's liveness check does. The probe: messages
+        wait in the queue and the worker has logged nothing for ``patience``
+        seconds (it logs every task it receives).
+        """
+        import redis
+
+        proc = self.procs["celery_worker"]
+        last_size, quiet_since = -1, time.monotonic()
+        while not self.stop_watchdog.wait(2.0):
+            size = proc.log.stat().st_size
+            if size != last_size:
+                last_size, quiet_since = size, time.monotonic()
+                continue
+            try:
+                client = redis.Redis.from_url(self.redis.url, socket_timeout=2)
+                try:
+                    waiting = int(client.llen("deepwork_soak"))
+                finally:
+                    client.close()
+            except redis.RedisError:
+                continue
+            if waiting == 0 or time.monotonic() - quiet_since < patience:
+                continue
+            with self.procs_lock:
+                proc.kill()
+                proc.start()
+            message = (
+                f"celery worker consumed nothing for {patience:.0f}s with {waiting} "
+                "message(s) waiting; restarted"
+            )
+            self.log(message)
+            with self.lock:
+                self.report.watchdog.append(message)
+            last_size, quiet_since = -1, time.monotonic()
 
     def _pruner(self) -> None:
         argv = prune_command(self.pg.dsn, SCHEMA)

@@ -24,12 +24,21 @@ from soak import FAULTS, Soak, SoakConfig
 
 pytestmark = pytest.mark.slow
 
+REQUIRE_SERVICES = os.environ.get("DEEPWORK_REQUIRE_SERVICES") == "1"
+
+
+def cannot_run(reason: str) -> None:
+    """Skip, or fail where every service is required (CI)."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} and DEEPWORK_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(reason)
+
 
 @pytest.mark.timeout(600)
 def test_fault_soak_converges_with_nothing_lost_or_run_twice(tmp_path: Path) -> None:
     missing = [b for b in ("redis-server", "rabbitmq-server") if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"the soak runs its own servers and needs {', '.join(missing)}")
+        cannot_run(f"the soak runs its own servers and needs {', '.join(missing)}")
     seed = os.environ.get("DEEPWORK_SOAK_SEED")
     lines: list[str] = []
 
@@ -47,7 +56,7 @@ def test_fault_soak_converges_with_nothing_lost_or_run_twice(tmp_path: Path) -> 
     try:
         report = Soak(config).run()
     except ServiceUnavailable as exc:
-        pytest.skip(f"the soak cannot run its own servers here: {exc}")
+        cannot_run(f"the soak cannot run its own servers here: {exc}")
     print(report.table())
     summary = f"\n{report.table()}\n\nlogs: {config.workdir}\n" + "\n".join(lines[-40:])
     assert [] == report.failures(), summary
