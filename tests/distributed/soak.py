@@ -25,6 +25,7 @@ the outbox to send. The checks of :meth:`SoakReport.failures` follow.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -290,7 +292,7 @@ class Soak:
             stack.callback(self._stop_processes)
             self._start_processes()
             self._create_projects()
-            watchdog = threading.Thread(target=self._watchdog, name="soak-watchdog", daemon=True)
+            watchdog = self._thread("watchdog", self._watchdog)
             watchdog.start()
             try:
                 self._soak()
@@ -371,16 +373,16 @@ class Soak:
     # -- the load -----------------------------------------------------------------------
     def _soak(self) -> None:
         threads = [
-            threading.Thread(target=self._feeder, name="soak-feeder", daemon=True),
-            threading.Thread(target=self._faults, name="soak-faults", daemon=True),
-            threading.Thread(target=self._monitor, name="soak-monitor", daemon=True),
+            self._thread("feeder", self._feeder),
+            self._thread("faults", self._faults),
+            self._thread("monitor", self._monitor),
         ]
         clients = [
-            threading.Thread(target=self._client, args=(n,), name=f"soak-client-{n}", daemon=True)
+            self._thread(f"client-{n}", functools.partial(self._client, n))
             for n in range(self.cfg.clients)
         ]
         if prune_command(self.pg.dsn, SCHEMA) is not None:
-            threads.append(threading.Thread(target=self._pruner, name="soak-prune", daemon=True))
+            threads.append(self._thread("prune", self._pruner))
         for thread in threads + clients:
             thread.start()
         self.stop_faults.wait(self.cfg.seconds)
@@ -398,6 +400,20 @@ class Soak:
                 thread.join(timeout=30)
         for thread in threads:
             thread.join(timeout=60)
+
+    def _thread(self, name: str, target: Callable[[], None]) -> threading.Thread:
+        """A soak thread whose crash is reported as a failure, not lost on stderr."""
+
+        def run() -> None:
+            try:
+                target()
+            except Exception:  # noqa: BLE001 - reported in the checks
+                message = f"soak thread {name} crashed:\n{traceback.format_exc()}"
+                self.log(message)
+                with self.lock:
+                    self.report.unexpected_exits.append(message)
+
+        return threading.Thread(target=run, name=f"soak-{name}", daemon=True)
 
     def _durably(self, action: Callable[[], object], done: tuple[type[Exception], ...]) -> None:
         """Do ``action`` until it succeeds or raises one of ``done`` (it happened before)."""
@@ -462,7 +478,7 @@ class Soak:
                 if roll < 0.2:
                     with self.lock:
                         known = list(self.task_ids[project])
-                    if known:  # most are not blocked: 409, nothing changes
+                    if known:  # most are not blocked: 400, nothing changes
                         self._retry(client, bases, rng, project, rng.choice(known))
                     continue
                 page = self._get(client, f"{base}/projects/{project}/tasks?limit=50")
