@@ -152,7 +152,7 @@ class SoakReport:
             ("tasks", str(self.tasks_created)),
             ("  final states", ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))),
             ("attempts", str(self.attempts)),
-            ("deliveries (outbox entries sent)", str(self.deliveries)),
+            ("outbox entries delivered", str(self.deliveries)),
             ("host function runs", str(self.runs)),
             ("duplicates", str(len(self.duplicates))),
             ("lost", str(len(self.lost))),
