@@ -15,6 +15,7 @@ message by the service's dispatcher or by an outbox relay.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ __all__ = [
     "DramatiqDispatcher",
     "deepwork_actor",
 ]
+
+log = logging.getLogger("deepwork_retry.worker")
 
 REQUEUE_DELAY_MS = 1000
 """Milliseconds before a message that could not start (storage down) is delivered again."""
@@ -101,7 +104,7 @@ def deepwork_actor(
     queue_name: str = "default",
     heartbeat_interval: float | None = None,
     **actor_options: Any,
-) -> Callable[[HostFunction], dramatiq.Actor[..., str]]:
+) -> Callable[[HostFunction], dramatiq.Actor[..., None]]:
     """Declare the host's ``fn(task, token)`` as the Dramatiq actor ``actor_name``.
 
     ``executor_factory`` builds the :class:`~deepwork_retry.ExecutorService`
@@ -116,10 +119,10 @@ def deepwork_actor(
             "retries follow the library's retry policy"
         )
 
-    def register(fn: HostFunction) -> dramatiq.Actor[..., str]:
+    def register(fn: HostFunction) -> dramatiq.Actor[..., None]:
         source = ExecutorSource(executor_factory)
 
-        def execute(project_id: object, task_id: object, attempt: object) -> str:
+        def execute(project_id: object, task_id: object, attempt: object) -> None:
             outcome = run_attempt(
                 source.get(), fn, project_id, task_id, attempt,
                 heartbeat_interval=heartbeat_interval,
@@ -134,7 +137,9 @@ def deepwork_actor(
                     _message(actor_name, queue_name, (project_id, task_id, attempt)),
                     delay=REQUEUE_DELAY_MS,
                 )
-            return outcome.value
+            # Nothing is returned: without a results backend Dramatiq warns about
+            # every returned value, and the outcome is already in storage.
+            log.debug("delivery of %r: %s", (project_id, task_id, attempt), outcome.value)
 
         execute.__name__ = getattr(fn, "__name__", execute.__name__)
         execute.__doc__ = getattr(fn, "__doc__", None)
@@ -145,7 +150,7 @@ def deepwork_actor(
             max_retries=0,
             **actor_options,
         )
-        actor: dramatiq.Actor[..., str] = declare(execute)
+        actor: dramatiq.Actor[..., None] = declare(execute)
         return actor
 
     return register

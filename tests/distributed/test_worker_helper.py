@@ -193,3 +193,42 @@ def test_missing_queue_package_names_the_extra(module: str, package: str, extra:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert f"pip install 'deepwork-retry[{extra}]'" in out.stdout
+
+
+def test_dramatiq_actor_logs_no_warning_per_delivery(caplog: pytest.LogCaptureFixture) -> None:
+    """A Dramatiq worker without a results backend runs the actor without a warning.
+
+    Dramatiq warns on every message whose actor returns a value when the
+    broker has no Results middleware; the library's actor returns nothing.
+    """
+    dramatiq = pytest.importorskip("dramatiq")
+    from dramatiq.brokers.stub import StubBroker
+
+    from deepwork_retry.dispatch.dramatiq import DramatiqDispatcher, deepwork_actor
+
+    broker = StubBroker()
+    broker.emit_after("process_boot")
+    storage = MemoryStorage()
+    ran: list[int] = []
+
+    def make_executor() -> ExecutorService:
+        dispatcher = DramatiqDispatcher(broker, actor_name="dw_stub", queue_name="dw_stub")
+        return ExecutorService(storage, dispatcher, policy=RetryPolicy(backoff=NoBackoff()))
+
+    deepwork_actor(broker, make_executor, actor_name="dw_stub", queue_name="dw_stub")(
+        lambda task, token: ran.append(token)
+    )
+    svc = make_executor()
+    svc.create_project("p")
+    svc.add_task("p", "t")
+    worker = dramatiq.Worker(broker, worker_timeout=100)
+    worker.start()
+    try:
+        with caplog.at_level("WARNING", logger="dramatiq"):
+            svc.assign("p", "t")
+            broker.join("dw_stub", timeout=30_000)
+            worker.join()
+    finally:
+        worker.stop()
+    assert ([1], TaskStatus.DONE) == (ran, storage.load("p", "t")[1].status)
+    assert [] == [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
