@@ -151,7 +151,7 @@ class SoakReport:
             ("tasks", str(self.tasks_created)),
             ("  final states", ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))),
             ("attempts", str(self.attempts)),
-            ("outbox entries delivered", str(self.deliveries)),
+            ("delivered entries not yet pruned", str(self.deliveries)),
             ("host function runs", str(self.runs)),
             ("duplicates", str(len(self.duplicates))),
             ("lost", str(len(self.lost))),
