@@ -444,9 +444,9 @@ def test_two_routers_in_one_host_keep_distinct_operation_ids() -> None:
     def host_retry() -> dict[str, str]:  # pragma: no cover - only documented
         return {}
 
-    from deepwork_retry.web.fastapi import router
+    from deepwork_retry.web.fastapi import routes
 
-    app.include_router(router(world.async_service(), world.tokens))
+    app.include_router(routes(world.async_service(), world.tokens))
     ids = [op["operationId"] for _, _, op in _operations(app.openapi())]
     assert len(ids) == len(set(ids)) == len(ROUTES) + 1
 
