@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import attrs
 
-from deepwork_retry._core import machine
+from deepwork_retry._core import effects, machine
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -73,25 +74,13 @@ def _new_attempt(
     blockers: Mapping[str, Task],
     *,
     now: datetime,
-    available_at: datetime,
-    trigger: Trigger,
-    actor: str | None = None,
-    reason: str | None = None,
-    budget: RetryBudget | None = None,
+    record: Mapping[str, Any],
     claimed_until: datetime | None = None,
 ) -> tuple[Attempt, DispatchEntry, tuple[Guard, ...]]:
-    """The attempt record and outbox entry for ``after.attempt``."""
-    attempt = Attempt(
-        task_id=after.id,
-        project_id=after.project_id,
-        number=after.attempt,
-        trigger=trigger,
-        dispatched_at=now,
-        available_at=available_at,
-        actor=actor,
-        reason=reason,
-        budget=budget,
-    )
+    """The attempt record (its fields other than the ids: ``record``) and the outbox
+    entry for ``after.attempt``; the entry is due when the attempt is available."""
+    attempt = Attempt(task_id=after.id, project_id=after.project_id, number=after.attempt, **record)
+    available_at = attempt.available_at
     ready = machine.PROJECT_RULES[project.status].dispatches and (
         not after.blocked_by or machine.dependencies_met(after, _statuses(blockers))
     )
@@ -126,10 +115,10 @@ def assign(
     _check_project(task, project)
     machine.check(task, TaskEvent.ASSIGN, TaskStatus.ASSIGNED)
     after = _bump(task, now, status=TaskStatus.ASSIGNED, attempt=task.attempt + 1)
+    record = {"trigger": Trigger.INITIAL, "dispatched_at": now, "available_at": now}
     attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=now, trigger=Trigger.INITIAL,
-        claimed_until=claimed_until,
-    )  # fmt: skip
+        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    )
     return Plan(
         event=TaskEvent.ASSIGN,
         before=task,
@@ -167,24 +156,14 @@ def manual_retry(
         raise ProjectNotRunnable(project.id, project.status.value)
     if budget.__class__ is not RetryBudget:
         budget = RetryBudget(budget)
-    after = evolve_task(
-        task,
-        updated_at=now,
-        version=task.version + 1,
-        status=TaskStatus.ASSIGNED,
-        retry_count=task.retry_count + 1,
-        retries_left=task.max_retries if budget is RetryBudget.FULL else 0,
-        error_message=None,
-        error_type=None,
-        blocked_reason=None,
-        attempt=task.attempt + 1,
-        lease_expires_at=None,
-        started_at=None if budget is RetryBudget.FULL else task.started_at,
-    )
+    # The move's effects are data (effects.MANUAL_RETRY), rendered here and into
+    # the storages' one-step statements alike.
+    move = effects.MANUAL_RETRY
+    after = move.change_task(task, now, budget)
+    record = move.attempt_values(now, actor=actor, reason=reason, budget=budget)
     attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=now, trigger=Trigger.MANUAL_RETRY,
-        actor=actor, reason=reason, budget=budget, claimed_until=claimed_until,
-    )  # fmt: skip
+        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    )
     idem = None
     if idempotency_key is not None:
         idem = IdempotencyRecord(
@@ -482,10 +461,10 @@ def _failed(
         attempt=task.attempt + 1,
         **common,
     )
+    record = {"trigger": Trigger.AUTO_RETRY, "dispatched_at": now, "available_at": decision.at}
     attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=decision.at, trigger=Trigger.AUTO_RETRY,
-        claimed_until=claimed_until,
-    )  # fmt: skip
+        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    )
     return Plan(
         event=event,
         before=task,

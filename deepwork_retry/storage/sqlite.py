@@ -40,7 +40,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 from typing_extensions import ParamSpec
 
-from deepwork_retry._core import machine, retention
+from deepwork_retry._core import effects, machine, retention
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -57,7 +57,6 @@ from deepwork_retry._core.states import (
     Outcome,
     ProjectStatus,
     RetryBudget,
-    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -76,6 +75,7 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
+from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
@@ -401,109 +401,106 @@ _SHIFT_RETURNING = {
 
 
 # -- the manual retry in one transaction ------------------------------------------------
-# The checks and choices of decide.manual_retry, rendered from the core's tables
-# (never copied): the states a manual retry leaves and the one it reaches
-# (machine.TRANSITIONS), the project states that accept a retry and those that
-# dispatch now (machine.PROJECT_RULES). A test holds the result equal to the
-# core's decision applied by the general path.
+# Rendered from the core, never restated: the move's effects are the data of
+# effects.MANUAL_RETRY (the task's new values, the attempt record), the states
+# it leaves and reaches come from machine.TRANSITIONS, the project states that
+# accept a retry and those that dispatch now from machine.PROJECT_RULES. A
+# storage renders the move it is given when it is made (see _render_retry); a
+# test holds the result equal to the core's decision applied by the general path.
 #
 # The statements avoid RETURNING, which costs SQLite more (a buffered result
 # table per execution) than one SELECT of the changed rows afterwards.
 
-_RETRY_TARGET = TaskStatus.ASSIGNED.value
-_RETRY_SOURCES = tuple(
-    s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, TaskStatus(_RETRY_TARGET))
-)
 _ACCEPTING = frozenset(s.value for s in machine.ACCEPTS_RETRY)
 _DISPATCHING = frozenset(s.value for s in machine.DISPATCHES)
 _INT64_MAX = 2**63 - 1
-_RETRY_UPDATE = {
-    source: "UPDATE tasks SET "
-    f"status = '{_RETRY_TARGET}', retry_count = retry_count + 1, "
-    "retries_left = CASE WHEN ?1 THEN max_retries ELSE 0 END, "
-    "error_message = NULL, error_type = NULL, blocked_reason = NULL, attempt = attempt + 1, "
-    "lease_expires_at = NULL, started_at = CASE WHEN ?1 THEN NULL ELSE started_at END, "
-    "updated_at = ?2, version = version + 1 "
-    f"WHERE project_id = ?3 AND id = ?4 AND status = '{source}' "
+_ATTEMPT_COLUMN = {"trigger": "triggered_by"}
+"""Attempt fields whose SQLite column has another name."""
+
+
+@attrs.frozen
+class _RetrySQL:
+    """The one-step retry's statements for one move, and the decoder of what it reads."""
+
+    sources: tuple[str, ...]
+    update: dict[str, str]
+    """Per state the move leaves: the task changed as the core changes it, only from
+    that state. Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id."""
+    shift: dict[str, str]
+    """Per state the move leaves: the project's counters moved along."""
+    read: str
+    """After the changes: the project's status and counters, the task's columns the
+    move did not set to a value known beforehand, its attempt records counted and
+    the last pending outbox position."""
+    count_at: int
+    decode: Callable[..., Task]
+    """The task after the move, from :attr:`read`'s row and what the move set."""
+    insert_pending: str
+    insert_deferred: str
+    insert_attempt: str
+
+
+@functools.cache
+def _render_retry(move: effects.Move) -> _RetrySQL:
+    target = move.target.value
+    sources = tuple(s.value for s in move.sources)
+    change = common.set_clause(move, common.Spelling(column=str, now="?2", full="?1"))
     # Python's ints have no bound; SQLite's would turn REAL instead of failing.
-    f"AND retry_count < {_INT64_MAX} AND attempt < {_INT64_MAX} AND version < {_INT64_MAX}"
-    for source in _RETRY_SOURCES
-}
-"""The task changed as the core changes it, only from a state the retry leaves.
-
-Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id.
-"""
-_RETRY_SHIFT = {source: _SHIFT[(source, _RETRY_TARGET)] for source in _RETRY_SOURCES}
-"""The counters of the project moved along."""
-_RETRY_READ = (
-    "title, retry_count, max_retries, retries_left, blocked_by, attempt, created_at, "
-    "started_at, completed_at, version, metadata"
-)
-"""The task's columns read back after :data:`_RETRY_UPDATE`: all but the ids and
-those it sets to a value known beforehand (see :func:`_retried_task`)."""
-_RETRY_KNOWN = {
-    "project_id", "id", "status", "error_message", "error_type", "blocked_reason",
-    "lease_expires_at", "updated_at",
-}  # fmt: skip
-assert _RETRY_KNOWN == {c.strip() for c in _TASK_COLUMNS.split(",")} - {
-    c.strip() for c in _RETRY_READ.split(",")
-}
-_RETRIED = (
-    f"SELECT p.status, {', '.join('p.' + c for c in _COUNTERS)}, "
-    f"{', '.join('t.' + c.strip() for c in _RETRY_READ.split(','))}, "
-    "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
-    "(SELECT pending_seq FROM outbox WHERE state = 'pending' "
-    "ORDER BY pending_seq DESC LIMIT 1) "
-    "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
-)
-"""After the changes: the project's status and counters, the task, its attempt
-records counted and the last pending outbox position."""
-_RETRIED_TASK = 1 + len(_COUNTERS)
-_RETRIED_COUNT = _RETRIED_TASK + len(_RETRY_READ.split(","))
-_RETRIED_ATTEMPT = _RETRIED_TASK + [c.strip() for c in _RETRY_READ.split(",")].index("attempt")
-_ASSIGNED = TaskStatus(_RETRY_TARGET)
-
-
-def _retried_task(row: tuple[Any, ...], project_id: str, task_id: str, now: datetime) -> Task:
-    """The task after :data:`_RETRY_UPDATE`, from :data:`_RETRIED`'s row and what it set."""
-    task = _new(Task)
-    _t_project_id(task, project_id)
-    _t_id(task, task_id)
-    _t_title(task, _str(row[_RETRIED_TASK]))
-    _t_status(task, _ASSIGNED)
-    _t_retry_count(task, row[_RETRIED_TASK + 1])
-    _t_max_retries(task, row[_RETRIED_TASK + 2])
-    _t_retries_left(task, row[_RETRIED_TASK + 3])
-    _t_error_message(task, None)
-    _t_error_type(task, None)
-    _t_blocked_reason(task, None)
-    blocked_by = row[_RETRIED_TASK + 4]
-    _t_blocked_by(task, () if blocked_by == "[]" else tuple(json.loads(blocked_by)))
-    _t_attempt(task, row[_RETRIED_ATTEMPT])
-    _t_lease_expires_at(task, None)
-    _t_created_at(task, _dt(row[_RETRIED_TASK + 6]))
-    _t_updated_at(task, now)
-    _t_started_at(task, _odt(row[_RETRIED_TASK + 7]))
-    _t_completed_at(task, _odt(row[_RETRIED_TASK + 8]))
-    _t_version(task, row[_RETRIED_TASK + 9])
-    metadata = row[_RETRIED_TASK + 10]
-    _t_metadata(task, {} if metadata == "{}" else dict(json.loads(metadata)))
-    return task
+    bounded = "".join(
+        f" AND {name} <= {_INT64_MAX - delta}" for name, delta in move.increments().items()
+    )
+    update = {
+        source: f"UPDATE tasks SET {change} WHERE project_id = ?3 AND id = ?4 "
+        f"AND status = {common.literal(source)}{bounded}"
+        for source in sources
+    }
+    read_back = common.read_back(move)
+    task_at = 1 + len(_COUNTERS)
+    read = (
+        f"SELECT p.status, {common.cols(_COUNTERS, 'p.')}, {common.cols(read_back, 't.')}, "
+        "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
+        "(SELECT pending_seq FROM outbox WHERE state = 'pending' "
+        "ORDER BY pending_seq DESC LIMIT 1) "
+        "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
+    )
+    given, consts = common.known_values(move, now="now")
+    decode = common.compile_decoder(
+        Task,
+        read=common.at(read_back, task_at),
+        codec=_TASK_CODEC,
+        helpers={**_CODEC_HELPERS, **consts},
+        given={"project_id": "project_id", "id": "task_id", **given},
+        signature="row, project_id, task_id, now",
+    )
+    # The new attempt: ?1 project, ?2 task, ?3 number, ?4 now, ?5 actor, ?6 reason, ?7 budget.
+    spelling = common.Spelling(
+        column=str, now="?4", full=f"?7 = {common.literal(RetryBudget.FULL)}",
+        args={"actor": "?5", "reason": "?6", "budget": "?7"},
+    )  # fmt: skip
+    fields = common.ATTEMPT_FIELDS[3:]
+    record = common.record_values(move, spelling, fields)
+    available = common.render(dict(move.attempt)["available_at"], spelling)
+    insert_attempt = (
+        f"INSERT INTO attempts (project_id, task_id, number, "
+        f"{common.cols(_ATTEMPT_COLUMN.get(f, f) for f in fields)}) "
+        f"VALUES (?1, ?2, ?3, {', '.join(record)})"
+    )
+    entry = f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) VALUES (?1, ?2, ?3"
+    return _RetrySQL(
+        sources=sources,
+        update=update,
+        shift={source: _SHIFT[(source, target)] for source in sources},
+        read=read,
+        count_at=task_at + len(read_back),
+        decode=decode,
+        insert_pending=f"{entry}, '{DispatchState.PENDING.value}', {available}, ?4, ?5, 0, "
+        "NULL, NULL, ?6)",
+        insert_deferred=f"{entry}, '{DispatchState.DEFERRED.value}', {available}, ?4, NULL, 0, "
+        "NULL, NULL, NULL)",
+        insert_attempt=insert_attempt,
+    )
 
 
-_INSERT_RETRY_PENDING = (
-    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
-    f"VALUES (?1, ?2, ?3, '{DispatchState.PENDING.value}', ?4, ?4, ?5, 0, NULL, NULL, ?6)"
-)
-_INSERT_RETRY_DEFERRED = (
-    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
-    f"VALUES (?1, ?2, ?3, '{DispatchState.DEFERRED.value}', ?4, ?4, NULL, 0, NULL, NULL, NULL)"
-)
-_INSERT_RETRY_ATTEMPT = (
-    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
-    f"(?1, ?2, ?3, '{Trigger.MANUAL_RETRY.value}', ?4, ?4, ?5, ?6, ?7, "
-    "NULL, NULL, NULL, NULL, NULL)"
-)
 _INSERT_NEW_IDEM = (
     f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5) "
     "ON CONFLICT (key) DO UPDATE SET project_id = ?2, task_id = ?3, created_at = ?4, "
@@ -586,39 +583,43 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     )
 
 
-(_t_project_id, _t_id, _t_title, _t_status, _t_retry_count, _t_max_retries, _t_retries_left,
- _t_error_message, _t_error_type, _t_blocked_reason, _t_blocked_by, _t_attempt,
- _t_lease_expires_at, _t_created_at, _t_updated_at, _t_started_at, _t_completed_at, _t_version,
- _t_metadata) = _setters(Task, _TASK_COLUMNS.replace(",", " "))  # fmt: skip
+def _blocked_by(value: str) -> tuple[str, ...]:
+    return () if value == "[]" else tuple(json.loads(value))
 
 
-def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    """The task of a row in :data:`_TASK_COLUMNS` order (see :func:`_setters`)."""
-    task = _new(Task)
-    _t_project_id(task, row[0])
-    _t_id(task, row[1])
-    _t_title(task, _str(row[2]))
-    _t_status(task, _member(_TASK_STATUSES, TaskStatus, row[3]))
-    _t_retry_count(task, row[4])
-    _t_max_retries(task, row[5])
-    _t_retries_left(task, row[6])
-    _t_error_message(task, _ostr(row[7]))
-    _t_error_type(task, _ostr(row[8]))
-    reason = row[9]
-    _t_blocked_reason(
-        task, None if reason is None else _member(_BLOCKED_REASONS, BlockedReason, reason)
-    )
-    # The converters' work: a tuple of ids, a fresh dict.
-    _t_blocked_by(task, () if row[10] == "[]" else tuple(json.loads(row[10])))
-    _t_attempt(task, row[11])
-    _t_lease_expires_at(task, _odt(row[12]))
-    _t_created_at(task, _dt(row[13]))
-    _t_updated_at(task, _dt(row[14]))
-    _t_started_at(task, _odt(row[15]))
-    _t_completed_at(task, _odt(row[16]))
-    _t_version(task, row[17])
-    _t_metadata(task, {} if row[18] == "{}" else dict(json.loads(row[18])))
-    return task
+def _metadata(value: str) -> dict[str, Any]:
+    return {} if value == "{}" else dict(json.loads(value))
+
+
+def _reason(value: str | None) -> BlockedReason | None:
+    return None if value is None else _member(_BLOCKED_REASONS, BlockedReason, value)
+
+
+_TASK_CODEC = {
+    "title": "_str({0})",
+    "status": "_member(_TASK_STATUSES, TaskStatus, {0})",
+    "error_message": "_ostr({0})",
+    "error_type": "_ostr({0})",
+    "blocked_reason": "_reason({0})",
+    "blocked_by": "_blocked_by({0})",  # the converters' work: a tuple of ids, a fresh dict
+    "lease_expires_at": "_odt({0})",
+    "created_at": "_dt({0})",
+    "updated_at": "_dt({0})",
+    "started_at": "_odt({0})",
+    "completed_at": "_odt({0})",
+    "metadata": "_metadata({0})",
+}
+"""How a stored task column becomes the field's value (see :func:`common.compile_decoder`)."""
+_CODEC_HELPERS: dict[str, object] = {
+    "_str": _str, "_ostr": _ostr, "_dt": _dt, "_odt": _odt, "_member": _member,
+    "_TASK_STATUSES": _TASK_STATUSES, "TaskStatus": TaskStatus, "_reason": _reason,
+    "_blocked_by": _blocked_by, "_metadata": _metadata,
+}  # fmt: skip
+_TASK_ORDER = tuple(c.strip() for c in _TASK_COLUMNS.split(","))
+_task: Callable[[Any], Task] = common.compile_decoder(
+    Task, read=common.at(_TASK_ORDER), codec=_TASK_CODEC, helpers=_CODEC_HELPERS
+)
+"""The task of a row in :data:`_TASK_COLUMNS` order, decoded by column name."""
 
 
 def _project_params(project: Project) -> tuple[Any, ...]:
@@ -896,6 +897,8 @@ class SQLiteStorage:
         # When a caller queued this thread's write before running it (see
         # AsyncSQLiteStorage), the time its wait for the lock must end by.
         self._due = threading.local()
+        # The one-step retry, rendered from the core's description of the move.
+        self._retry = _render_retry(effects.MANUAL_RETRY)
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -1545,9 +1548,11 @@ class SQLiteStorage:
         """The manual retry decided and applied in one write transaction.
 
         :func:`~deepwork_retry._core.decide.manual_retry`'s change is made by
-        :data:`_RETRY_UPDATE`, only from a state the core lets a retry leave;
+        :meth:`_RetrySQL.update`, rendered from the core's description of the move
+        (:data:`~deepwork_retry._core.effects.MANUAL_RETRY`), only from a state the
+        core lets a retry leave;
         the rest of its checks and choices are made on one read of what
-        changed (:data:`_RETRIED`), and each insert refuses what
+        changed (:attr:`_RetrySQL.read`), and each insert refuses what
         :meth:`apply` would refuse (a taken idempotency key, an existing
         outbox entry, an attempt that is not next). The write lock is held
         throughout, so nothing read can go stale. ``None`` (nothing changed,
@@ -1583,33 +1588,34 @@ class SQLiteStorage:
             ):
                 return None  # the key is taken
             full = budget is RetryBudget.FULL
-            for source in _RETRY_SOURCES:
-                if cur.execute(_RETRY_UPDATE[source], (full, at, pid, tid)).rowcount:
+            r = self._retry
+            for source in r.sources:
+                if cur.execute(r.update[source], (full, at, pid, tid)).rowcount:
                     break
             else:
                 return None  # no such task, or not in a state a retry leaves
-            cur.execute(_RETRY_SHIFT[source], (pid,))
-            rows = cur.execute(_RETRIED, (pid, tid)).fetchall()
+            cur.execute(r.shift[source], (pid,))
+            rows = cur.execute(r.read, (pid, tid)).fetchall()
             if not rows or rows[0][0] not in _ACCEPTING:
                 return None  # the project does not accept retries
             row = rows[0]
-            task = _retried_task(row, project_id, task_id, now)
+            task = r.decode(row, project_id, task_id, now)
             number = task.attempt
-            if row[_RETRIED_COUNT] != number - 1:
+            if row[r.count_at] != number - 1:
                 return None  # the attempt is not next
             ready = row[0] in _DISPATCHING and (
                 not task.blocked_by or self._dependencies_met(c, task)
             )
             try:
                 if ready:
-                    last = row[_RETRIED_COUNT + 1]  # pending after every pending entry
+                    last = row[r.count_at + 1]  # pending after every pending entry
                     seq = 1 if last is None else last + 1
                     until = _ots(claimed_until)
-                    cur.execute(_INSERT_RETRY_PENDING, (pid, tid, number, at, until, seq))
+                    cur.execute(r.insert_pending, (pid, tid, number, at, until, seq))
                 else:
-                    cur.execute(_INSERT_RETRY_DEFERRED, (pid, tid, number, at))
+                    cur.execute(r.insert_deferred, (pid, tid, number, at))
                 cur.execute(
-                    _INSERT_RETRY_ATTEMPT,
+                    r.insert_attempt,
                     (pid, tid, number, at, _otext(actor), _otext(reason), _BUDGET_VALUES[budget]),
                 )
             except sqlite3.IntegrityError:
@@ -1642,7 +1648,7 @@ class SQLiteStorage:
                 ),
             )  # fmt: skip
         return Applied(
-            task=task, progress=_progress_of(project_id, row[1:_RETRIED_TASK]),
+            task=task, progress=_progress_of(project_id, row[1 : 1 + len(_COUNTERS)]),
             dispatches=made, deferred=not ready,
         )  # fmt: skip
 
