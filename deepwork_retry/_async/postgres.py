@@ -481,7 +481,7 @@ class AsyncPostgresStorage:
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
-        return q.retried(project_id, task_id, row, now=now, claimed_until=claimed_until)
+        return self._q.retried(project_id, task_id, row, now=now, claimed_until=claimed_until)
 
     async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         query, params = self._q.apply_project(plan)

@@ -20,7 +20,7 @@ import attrs
 import psycopg
 from psycopg import errors, sql
 
-from deepwork_retry._core import machine, retention
+from deepwork_retry._core import effects, machine, retention
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -38,7 +38,6 @@ from deepwork_retry._core.states import (
     Outcome,
     ProjectStatus,
     RetryBudget,
-    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -53,6 +52,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.storage._sql import common
 
 DEFAULT_SCHEMA = "deepwork"
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,49}")
@@ -792,11 +792,14 @@ class Queries:
         )
         self.listen = q("LISTEN {c}")
         self._prune = tuple(q(text) for text in _PRUNE)
+        # The one-step retry, rendered from the core's description of the move.
+        move = effects.MANUAL_RETRY
         self._retry = {
-            (keyed, claimed): q(_retry_text(keyed=keyed, claimed=claimed))
+            (keyed, claimed): q(_retry_text(move, keyed=keyed, claimed=claimed))
             for keyed in (False, True)
             for claimed in (False, True)
         }
+        self.retried = RetryReader(move)
 
     def render(self, text: str) -> bytes:
         """``text`` for this schema, its whitespace collapsed.
@@ -1197,27 +1200,24 @@ def _in(values: Iterable[str]) -> str:
     return ", ".join(quoted) if quoted else "NULL"
 
 
-_RETRY_TARGET = TaskStatus.ASSIGNED
-"""The status a manual retry leaves the task in (checked against the core's table)."""
-
-_RETRY_TASK_COLS = (
-    "title", "retry_count", "max_retries", "retries_left", "blocked_by", "attempt",
-    "created_at", "started_at", "completed_at", "version", "metadata",
-)  # fmt: skip
-"""The task columns the one-step retry returns. The others it knows already: the
-ids it was given, ``updated_at`` (its ``now``) and the columns the statement sets
-to constants (status, error, blocked reason, lease)."""
-
 _RETRY_COUNTERS = COUNTERS
-_R_COUNTERS = len(_RETRY_TASK_COLS)
-_R_READY = _R_COUNTERS + len(_RETRY_COUNTERS)
+_NOW = "%(n)s::timestamptz"
+_FULL = f"%(b)s::text = {common.literal(RetryBudget.FULL)}"
+_ARGS = {"actor": "%(a)s::text", "reason": "%(r)s::text", "budget": "%(b)s::text"}
+_RETURNED = {
+    "blocked_by": "NULLIF(u.blocked_by, '{{}}'::text[])",
+    "metadata": "NULLIF(u.metadata, '{{}}'::jsonb)",
+}
+"""Read-back columns returned as NULL when empty (fewer bytes to send and decode)."""
 
 
-def _retry_text(*, keyed: bool, claimed: bool) -> str:
+def _retry_text(move: effects.Move, *, keyed: bool, claimed: bool) -> str:
     """The manual retry decided and applied in one statement.
 
     The checks and choices of :func:`deepwork_retry._core.decide.manual_retry`
-    are rendered from the core's tables, never copied: the states a manual
+    are rendered from the core, never copied: what the move changes (``move``,
+    the data of :data:`~deepwork_retry._core.effects.MANUAL_RETRY`: the task's
+    new values and the attempt record), the states a manual
     retry leaves (:data:`~deepwork_retry._core.machine.TRANSITIONS`), the
     project states that accept a retry and those that dispatch now
     (:data:`~deepwork_retry._core.machine.PROJECT_RULES`) and the finished
@@ -1236,12 +1236,17 @@ def _retry_text(*, keyed: bool, claimed: bool) -> str:
     it as briefly as they can. The progress returned is that stripe as
     updated plus the project's other stripes as of the statement's snapshot.
     """
-    target = _RETRY_TARGET
-    sources = [s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, target)]
+    target = move.target
+    sources = [s.value for s in move.sources]
     accepting = _in(s.value for s in machine.ACCEPTS_RETRY)
     dispatching = _in(s.value for s in machine.DISPATCHES)
     finished = _in(s.value for s in TERMINAL)
-    full = f"%(b)s::text = '{RetryBudget.FULL.value}'"
+    spelling = common.Spelling(column="t.{}".format, now=_NOW, full=_FULL, args=_ARGS)
+    change = common.set_clause(move, spelling)
+    read_back = common.read_back(move)
+    fields = [name for name, _ in move.attempt]  # the others are NULL
+    record = ", ".join(common.record_values(move, spelling, fields))
+    available = common.render(dict(move.attempt)["available_at"], spelling)
     pending, deferred = DispatchState.PENDING.value, DispatchState.DEFERRED.value
     moved = ", ".join(
         [f"{c} = {c} - (c.status = '{c}')::int" for c in sorted(sources)]
@@ -1268,14 +1273,7 @@ i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
         if claimed
         else "CASE WHEN u.title IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
     )
-    returned = ", ".join(
-        "NULLIF(u.blocked_by, '{{}}'::text[])"
-        if c == "blocked_by"
-        else "NULLIF(u.metadata, '{{}}'::jsonb)"
-        if c == "metadata"
-        else f"u.{c}"
-        for c in _RETRY_TASK_COLS
-    )
+    returned = ", ".join(_RETURNED.get(c, f"u.{c}") for c in read_back)
     # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,
     # r reason, c claimed_until. The task is looked up with the states it may
     # leave, as the floor's statement does: an exact key of both the primary key
@@ -1302,23 +1300,16 @@ ok AS (SELECT COALESCE(c.status IN ({_in(sources)}) AND j.status IN ({accepting}
     AND NOT EXISTS (SELECT FROM unnest(c.blocked_by) AS b(id) LEFT JOIN d ON d.id = b.id
         WHERE d.status IS NULL OR d.status NOT IN ({finished})) AS ready
     FROM (SELECT) AS one LEFT JOIN c ON true LEFT JOIN j ON true),{reserve}
-u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry_count + 1,
-    retries_left = CASE WHEN {full} THEN max_retries ELSE 0 END,
-    error_message = NULL, error_type = NULL, blocked_reason = NULL,
-    attempt = t.attempt + 1, lease_expires_at = NULL,
-    started_at = CASE WHEN {full} THEN NULL ELSE started_at END,
-    updated_at = %(n)s::timestamptz, version = t.version + 1
+u AS (UPDATE {{s}}.tasks AS t SET {change}
     FROM c, ok WHERE t.project_id = %(p)s AND t.status IN ({_in(sources)}) AND t.id = %(t)s
     AND t.version = c.version AND ok.v
     {reserved}
-    RETURNING t.project_id, t.id, {_cols(_RETRY_TASK_COLS, "t.")}),
-a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, trigger, dispatched_at,
-        available_at, actor, reason, budget)
-    SELECT project_id, id, attempt, '{Trigger.MANUAL_RETRY.value}', %(n)s::timestamptz,
-        %(n)s::timestamptz, %(a)s::text, %(r)s::text, %(b)s::text FROM u RETURNING 1),
+    RETURNING t.project_id, t.id, {_cols(read_back, "t.")}),
+a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, {_cols(fields)})
+    SELECT project_id, id, attempt, {record} FROM u RETURNING 1),
 o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
     SELECT x.project_id, x.id, x.attempt, CASE WHEN ok.ready THEN '{pending}' ELSE '{deferred}' END,
-        %(n)s::timestamptz, %(n)s::timestamptz, {claim}, 0, NULL, NULL,
+        {available}, {_NOW}, {claim}, 0, NULL, NULL,
         x.seq, CASE WHEN ok.ready THEN x.seq END
     FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok
     RETURNING 1),
@@ -1365,70 +1356,94 @@ def retry_params(
     return params
 
 
-def retried(
-    project_id: str,
-    task_id: str,
-    row: Row,
-    *,
-    now: datetime,
-    claimed_until: datetime | None,
-) -> Applied | None:
-    """Read the one-step retry's row: what :meth:`Storage.apply` would return, or
-    ``None`` when the statement changed nothing.
+_UTC = timezone.utc
 
-    ``now`` must be timezone-aware (it is what the statement stored as
-    ``updated_at``, read back as UTC).
-    """
-    if row[0] is None:
-        return None
-    (
-        title, retry_count, max_retries, retries_left, blocked_by, attempt,
-        created_at, started_at, completed_at, version, metadata,
-    ) = row[:_R_COUNTERS]  # fmt: skip
-    task = Task(
-        id=task_id,
-        project_id=project_id,
-        title=title,
-        status=_RETRY_TARGET,
-        retry_count=retry_count,
-        max_retries=max_retries,
-        retries_left=retries_left,
-        error_message=None,
-        error_type=None,
-        blocked_reason=None,
-        blocked_by=() if blocked_by is None else blocked_by,
-        attempt=attempt,
-        lease_expires_at=None,
-        created_at=_req_utc(created_at),
-        updated_at=now if now.tzinfo is timezone.utc else _req_utc(now),
-        started_at=None if started_at is None else _req_utc(started_at),
-        completed_at=None if completed_at is None else _req_utc(completed_at),
-        version=version,
-        metadata={} if metadata is None else metadata,
-    )
-    ready = bool(row[_R_READY])
-    made: tuple[DispatchEntry, ...] = ()
-    if ready and claimed_until is not None:
-        made = (
-            DispatchEntry(
-                project_id=project_id,
-                task_id=task_id,
-                attempt=attempt,
-                state=DispatchState.PENDING,
-                available_at=now,
-                created_at=now,
-                claimed_until=claimed_until,
-            ),
+
+def _pg_blocked_by(value: list[str] | None) -> tuple[str, ...]:
+    return () if value is None else tuple(value)
+
+
+def _pg_metadata(value: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if value is None else dict(value)
+
+
+_TASK_CODEC = {
+    "status": "_TaskStatus({0})",
+    "blocked_reason": "_reason({0})",
+    "blocked_by": "_blocked_by({0})",
+    "metadata": "_metadata({0})",
+    "lease_expires_at": "_utc({0})",
+    "created_at": "_req_utc({0})",
+    "updated_at": "_req_utc({0})",
+    "started_at": "_utc({0})",
+    "completed_at": "_utc({0})",
+}
+"""How a returned task column becomes the field's value (see :func:`common.compile_decoder`)."""
+_HELPERS: dict[str, object] = {
+    "_TaskStatus": TaskStatus, "_utc": _utc, "_req_utc": _req_utc, "_UTC": _UTC,
+    "_reason": lambda v: None if v is None else BlockedReason(v),
+    "_blocked_by": _pg_blocked_by, "_metadata": _pg_metadata,
+}  # fmt: skip
+
+
+class RetryReader:
+    """Reads the one-step retry's row for one move: what :meth:`Storage.apply` would
+    return, or ``None`` when the statement changed nothing."""
+
+    def __init__(self, move: effects.Move) -> None:
+        read_back = common.read_back(move)
+        given, consts = common.known_values(
+            move, now="(now if now.tzinfo is _UTC else _req_utc(now))"
         )
-    return Applied(
-        task=task,
-        progress=Progress(
-            project_id=project_id,
-            **dict(zip(_RETRY_COUNTERS, row[_R_COUNTERS:_R_READY], strict=True)),
-        ),
-        dispatches=made,
-        deferred=not ready,
-    )
+        self._decode = common.compile_decoder(
+            Task,
+            read=common.at(read_back),
+            codec=_TASK_CODEC,
+            helpers={**_HELPERS, **consts},
+            given={"project_id": "project_id", "id": "task_id", **given},
+            signature="row, project_id, task_id, now",
+        )
+        self._counters = len(read_back)
+        self._ready = self._counters + len(_RETRY_COUNTERS)
+
+    def __call__(
+        self,
+        project_id: str,
+        task_id: str,
+        row: Row,
+        *,
+        now: datetime,
+        claimed_until: datetime | None,
+    ) -> Applied | None:
+        """``now`` must be timezone-aware (it is what the statement stored as
+        ``updated_at``, read back as UTC)."""
+        counters, ready_at = self._counters, self._ready
+        if row[counters] is None:
+            return None  # nothing written: no progress stripe was moved
+        task: Task = self._decode(row, project_id, task_id, now)
+        ready = bool(row[ready_at])
+        made: tuple[DispatchEntry, ...] = ()
+        if ready and claimed_until is not None:
+            made = (
+                DispatchEntry(
+                    project_id=project_id,
+                    task_id=task_id,
+                    attempt=task.attempt,
+                    state=DispatchState.PENDING,
+                    available_at=now,
+                    created_at=now,
+                    claimed_until=claimed_until,
+                ),
+            )
+        return Applied(
+            task=task,
+            progress=Progress(
+                project_id=project_id,
+                **dict(zip(_RETRY_COUNTERS, row[counters:ready_at], strict=True)),
+            ),
+            dispatches=made,
+            deferred=not ready,
+        )
 
 
 def apply_outcome(plan: Plan, row: Row) -> ApplyOutcome:
