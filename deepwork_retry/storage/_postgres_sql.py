@@ -568,12 +568,12 @@ gbad AS (
 _RELEASE_CTE = """
 rel AS (
     UPDATE {s}.outbox AS o
-    SET state = 'pending', claimed_until = %(claimed_until)s::timestamptz,
+    SET state = {pending}, claimed_until = %(claimed_until)s::timestamptz,
         pending_seq = nextval({order})
     FROM unnest(%(r_task_ids)s::text[], %(r_attempts)s::bigint[]) WITH ORDINALITY
         AS r(task_id, attempt, ord)
     WHERE o.project_id = %(pid)s AND o.task_id = r.task_id AND o.attempt = r.attempt
-      AND o.state = 'deferred' AND EXISTS (SELECT 1 FROM upd)
+      AND o.state = {deferred} AND EXISTS (SELECT 1 FROM upd)
     RETURNING r.ord, o.task_id, o.attempt, o.available_at, o.created_at, o.claimed_until,
               o.tries, o.last_error, o.delivered_at
 ),"""
@@ -631,6 +631,22 @@ class ApplyOutcome:
     error: DeepworkError | None
     reread_idempotency: bool = False
     """The key was taken by a transaction that committed during the statement."""
+
+
+_STATES = {
+    name: sql.SQL(common.literal(value))
+    for name, value in {
+        "pending": DispatchState.PENDING,
+        "deferred": DispatchState.DEFERRED,
+        "delivered": DispatchState.DELIVERED,
+        "awaiting_start": retention.AWAITING_START,
+        "running": TaskStatus.IN_PROGRESS,
+    }.items()
+}
+"""The core's states the statements name, as ``{pending}`` and so on: an outbox entry
+turns pending when released or redelivered, delivered when handed over; only a
+task still awaiting its start (:data:`~deepwork_retry._core.retention.AWAITING_START`)
+has its delivered entry handed out again."""
 
 
 class Queries:
@@ -702,7 +718,7 @@ class Queries:
         )
         self.deferred = q(
             f"SELECT {_cols(OUTBOX_COLS)} FROM {{s}}.outbox"
-            " WHERE project_id = %s AND state = 'deferred' ORDER BY seq"
+            " WHERE project_id = %s AND state = {deferred} ORDER BY seq"
         )
         self.existing_projects = q(
             "SELECT id FROM {s}.projects WHERE id = ANY(%s::text[]) FOR KEY SHARE"
@@ -733,7 +749,7 @@ class Queries:
         )
         self.claim_due = q(
             "WITH c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
-            " WHERE state = 'pending' AND available_at <= %(now)s"
+            " WHERE state = {pending} AND available_at <= %(now)s"
             " AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
             " ORDER BY pending_seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
             " UPDATE {s}.outbox AS o SET claimed_until = %(until)s FROM c"
@@ -741,16 +757,16 @@ class Queries:
             f" AND o.attempt = c.attempt RETURNING o.pending_seq, {_cols(OUTBOX_COLS, 'o.')}"
         )
         self.mark_delivered = q(
-            "UPDATE {s}.outbox AS o SET state = 'delivered', delivered_at = %s,"
+            "UPDATE {s}.outbox AS o SET state = {delivered}, delivered_at = %s,"
             " tries = o.tries + 1, claimed_until = NULL, pending_seq = NULL"
             " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(project_id, task_id, attempt)"
             " WHERE o.project_id = k.project_id AND o.task_id = k.task_id"
-            " AND o.attempt = k.attempt AND o.state = 'pending'"
+            " AND o.attempt = k.attempt AND o.state = {pending}"
         )
         self.mark_failed = q(
             "UPDATE {s}.outbox SET tries = tries + 1, last_error = %s, available_at = %s,"
             " claimed_until = NULL"
-            " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = 'pending'"
+            " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = {pending}"
         )
         # Driven by the assigned tasks; the entry row is locked (skipped when
         # another reaper holds it) and so is the task's, so a start committing
@@ -760,11 +776,11 @@ class Queries:
             "WITH s AS (SELECT o.project_id, o.task_id, o.attempt FROM {s}.tasks AS t"
             " JOIN {s}.outbox AS o ON o.project_id = t.project_id AND o.task_id = t.id"
             " AND o.attempt = t.attempt"
-            " WHERE t.status = 'assigned' AND o.state = 'delivered'"
+            " WHERE t.status = {awaiting_start} AND o.state = {delivered}"
             " AND o.delivered_at <= %(before)s"
             " ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT %(limit)s"
             " FOR NO KEY UPDATE OF o SKIP LOCKED FOR SHARE OF t SKIP LOCKED)"
-            " UPDATE {s}.outbox AS o SET state = 'pending', available_at = %(now)s,"
+            " UPDATE {s}.outbox AS o SET state = {pending}, available_at = %(now)s,"
             " claimed_until = NULL, last_error = %(error)s, pending_seq = nextval({order})"
             " FROM s WHERE o.project_id = s.project_id AND o.task_id = s.task_id"
             f" AND o.attempt = s.attempt RETURNING {_cols(OUTBOX_COLS, 'o.')},"
@@ -772,7 +788,7 @@ class Queries:
         )
         self.expired_leases = q(
             f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
-            " WHERE status = 'in_progress' AND lease_expires_at <= %s"
+            " WHERE status = {running} AND lease_expires_at <= %s"
             " ORDER BY lease_expires_at, project_id, id LIMIT %s"
         )
         self.get_idempotency = q(f"SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %s")
@@ -813,6 +829,7 @@ class Queries:
             c=sql.Identifier(self.channel),
             chan=sql.Literal(self.channel),
             order=sql.SQL("{}::regclass").format(order),
+            **_STATES,
         )
         return composed.as_bytes(None)
 
@@ -1085,7 +1102,7 @@ disp AS (
            %(d_state)s::text, %(d_available_at)s::timestamptz, %(d_created_at)s::timestamptz,
            %(d_claimed_until)s::timestamptz, %(d_tries)s::bigint, %(d_last_error)s::text,
            %(d_delivered_at)s::timestamptz, n.v,
-           CASE WHEN %(d_state)s::text = 'pending' THEN n.v END
+           CASE WHEN %(d_state)s::text = {{pending}} THEN n.v END
     FROM (SELECT nextval({{order}}) AS v) AS n
     WHERE {done}
 ),"""

@@ -291,6 +291,14 @@ _IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body, expire
 _O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
 
 
+_PENDING = common.literal(DispatchState.PENDING)
+_DEFERRED = common.literal(DispatchState.DEFERRED)
+_DELIVERED = common.literal(DispatchState.DELIVERED)
+_AWAITING_START = common.literal(retention.AWAITING_START)
+"""Only a task still awaiting its start has its delivered entry handed out again."""
+_RUNNING = common.literal(TaskStatus.IN_PROGRESS)
+
+
 def _all_text(*values: object) -> bool:
     return all(isinstance(v, str) for v in values)
 
@@ -307,7 +315,7 @@ _LOAD = (
 )
 """The project and one of its tasks in one statement (task columns NULL when it is missing)."""
 _NEXT_PENDING_SEQ = (
-    "COALESCE((SELECT pending_seq FROM outbox WHERE state = 'pending' "
+    f"COALESCE((SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
     "ORDER BY pending_seq DESC LIMIT 1), 0) + 1"
 )
 _INSERT_PENDING = (
@@ -459,7 +467,7 @@ def _render_retry(move: effects.Move) -> _RetrySQL:
     read = (
         f"SELECT p.status, {common.cols(_COUNTERS, 'p.')}, {common.cols(read_back, 't.')}, "
         "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
-        "(SELECT pending_seq FROM outbox WHERE state = 'pending' "
+        f"(SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
         "ORDER BY pending_seq DESC LIMIT 1) "
         "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
     )
@@ -1392,7 +1400,7 @@ class SQLiteStorage:
         with self._tx(write=False) as c:
             rows = c.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE project_id = ? "
-                "AND state = 'deferred' ORDER BY seq",
+                f"AND state = {_DEFERRED} ORDER BY seq",
                 (_text(project_id),),
             )
             return [_entry(row) for row in rows]
@@ -1695,7 +1703,7 @@ class SQLiteStorage:
     def _next_pending(self, c: sqlite3.Connection) -> int:
         """A pending_seq after every pending entry: claim order is the order made pending."""
         row = c.execute(
-            "SELECT pending_seq FROM outbox WHERE state = 'pending' "
+            f"SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
             "ORDER BY pending_seq DESC LIMIT 1"
         ).fetchone()
         return 1 if row is None or row[0] is None else int(row[0]) + 1
@@ -1717,7 +1725,7 @@ class SQLiteStorage:
             if row is None or row[4] != DispatchState.DEFERRED.value:
                 continue
             c.execute(
-                "UPDATE outbox SET state = 'pending', claimed_until = ?, pending_seq = ? "
+                f"UPDATE outbox SET state = {_PENDING}, claimed_until = ?, pending_seq = ? "
                 "WHERE seq = ?",
                 (claimed_until, self._next_pending(c), row[0]),
             )
@@ -1757,7 +1765,7 @@ class SQLiteStorage:
         at, until = _ts(now), _ts(claimed_until)
         with self._tx(write=True) as c:
             rows = c.execute(
-                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox WHERE state = 'pending' "
+                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox WHERE state = {_PENDING} "
                 "AND available_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?) "
                 "ORDER BY pending_seq LIMIT ?",
                 (at, at, limit),
@@ -1772,9 +1780,9 @@ class SQLiteStorage:
         keys = [(_text(e.project_id), _text(e.task_id), e.attempt) for e in entries]
         with self._tx(write=True) as c:
             c.executemany(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, tries = tries + 1, "
+                f"UPDATE outbox SET state = {_DELIVERED}, delivered_at = ?, tries = tries + 1, "
                 "claimed_until = NULL, pending_seq = NULL "
-                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                f"WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = {_PENDING}",
                 [(at, *key) for key in keys],
             )
 
@@ -1784,7 +1792,7 @@ class SQLiteStorage:
             c.execute(
                 "UPDATE outbox SET tries = tries + 1, last_error = ?, available_at = ?, "
                 "claimed_until = NULL "
-                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                f"WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = {_PENDING}",
                 (*params, entry.attempt),
             )
 
@@ -1798,13 +1806,14 @@ class SQLiteStorage:
             rows = c.execute(
                 f"SELECT o.seq, {_O_ENTRY_COLUMNS} FROM tasks AS t JOIN outbox AS o "
                 "ON o.project_id = t.project_id AND o.task_id = t.id AND o.attempt = t.attempt "
-                "WHERE t.status = 'assigned' AND o.state = 'delivered' AND o.delivered_at <= ? "
+                f"WHERE t.status = {_AWAITING_START} AND o.state = {_DELIVERED} "
+                "AND o.delivered_at <= ? "
                 "ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT ?",
                 (_ts(delivered_before), limit),
             ).fetchall()
             first = self._next_pending(c)
             c.executemany(
-                "UPDATE outbox SET state = 'pending', available_at = ?, claimed_until = NULL, "
+                f"UPDATE outbox SET state = {_PENDING}, available_at = ?, claimed_until = NULL, "
                 "last_error = ?, pending_seq = ? WHERE seq = ?",
                 [(at, error, first + n, row[0]) for n, row in enumerate(rows)],
             )
@@ -1825,7 +1834,7 @@ class SQLiteStorage:
         at = _ts(now)
         with self._tx(write=False) as c:
             rows = c.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'in_progress' "
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = {_RUNNING} "
                 "AND lease_expires_at <= ? ORDER BY lease_expires_at, project_id, id LIMIT ?",
                 (at, limit),
             )
