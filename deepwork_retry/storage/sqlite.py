@@ -33,7 +33,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -90,7 +89,6 @@ APPLICATION_ID = 0x64777274
 """``PRAGMA application_id`` of a deepwork_retry database ("dwrt")."""
 
 _TABLES = frozenset({"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency"})
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _IN_CHUNK = 500
 """Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
 _KEEP_IDLE = 8
@@ -117,17 +115,9 @@ _MICROSECOND = timedelta(microseconds=1)
 Synchronous = Literal["NORMAL", "FULL"]
 
 
-@functools.cache
-def migrations() -> tuple[tuple[int, str, str], ...]:
+def migrations() -> tuple[common.Migration, ...]:
     """The shipped migrations as ``(number, file name, SQL)``, in order (read once)."""
-    folder = resources.files("deepwork_retry.storage").joinpath("sql").joinpath("sqlite")
-    found = []
-    for item in folder.iterdir():
-        match = _MIGRATION_NAME.match(item.name)
-        if match:
-            found.append((int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
-    found.sort()
-    return tuple(found)
+    return common.migrations("sqlite")
 
 
 def _statements(script: str) -> list[str]:
@@ -212,18 +202,13 @@ def _valid_id(kind: str, value: str) -> str:
     return value
 
 
-def _after_bound(after: str) -> tuple[str, str | bytes]:
-    """``id > after`` as a comparison SQLite can make on stored (encodable) ids.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-    An ``after`` holding a lone surrogate cannot be bound as TEXT; no stored id
-    holds one, so ``id > P + surrogate + ...`` is ``id >= P + U+E000``, where P
-    is the part before the first surrogate (code point order, as in Python).
-    """
-    if isinstance(after, str):
-        for i, char in enumerate(after):
-            if "\ud800" <= char <= "\udfff":
-                return ">=", after[:i] + "\ue000"
-    return ">", after
+
+def _after_bound(after: str) -> tuple[str, str]:
+    """``id > after`` as a comparison SQLite can make on stored (encodable) ids
+    (see :func:`common.after_bound`; SQLite stores NUL, not lone surrogates)."""
+    return common.after_bound(after, _SURROGATE) if isinstance(after, str) else (">", after)
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -271,23 +256,15 @@ def _json(kind: str, value: Any) -> str:
         raise InvalidInput(f"{kind} must be JSON-serialisable: {exc}") from None
 
 
-_TASK_COLUMNS = (
-    "project_id, id, title, status, retry_count, max_retries, retries_left, error_message, "
-    "error_type, blocked_reason, blocked_by, attempt, lease_expires_at, created_at, "
-    "updated_at, started_at, completed_at, version, metadata"
-)
-_TASK_SET = ", ".join(f"{c.strip()} = ?" for c in _TASK_COLUMNS.split(",")[2:])
-_PROJECT_COLUMNS = "id, status, name, created_at, updated_at, version"
-_COUNTERS = ("total", *(status.value for status in TaskStatus))
-_ATTEMPT_COLUMNS = (
-    "project_id, task_id, number, triggered_by, dispatched_at, available_at, actor, reason, "
-    "budget, started_at, finished_at, outcome, error_type, error_message"
-)
-_ENTRY_COLUMNS = (
-    "project_id, task_id, attempt, state, available_at, created_at, claimed_until, tries, "
-    "last_error, delivered_at"
-)
-_IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body, expires_at"
+_ATTEMPT_COLUMN = {"trigger": "triggered_by"}
+"""Attempt fields whose SQLite column has another name."""
+_TASK_COLUMNS = common.cols(common.TASK_COLUMNS)
+_TASK_SET = ", ".join(f"{c} = ?" for c in common.TASK_COLUMNS[2:])
+_PROJECT_COLUMNS = common.cols(common.PROJECT_COLUMNS)
+_COUNTERS = ("total", *common.STATUSES)
+_ATTEMPT_COLUMNS = common.cols(_ATTEMPT_COLUMN.get(c, c) for c in common.ATTEMPT_COLUMNS)
+_ENTRY_COLUMNS = common.cols(common.ENTRY_COLUMNS)
+_IDEM_COLUMNS = common.cols(common.IDEM_COLUMNS)
 _O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
 
 
@@ -422,8 +399,6 @@ _SHIFT_RETURNING = {
 _ACCEPTING = frozenset(s.value for s in machine.ACCEPTS_RETRY)
 _DISPATCHING = frozenset(s.value for s in machine.DISPATCHES)
 _INT64_MAX = 2**63 - 1
-_ATTEMPT_COLUMN = {"trigger": "triggered_by"}
-"""Attempt fields whose SQLite column has another name."""
 
 
 @attrs.frozen
@@ -485,7 +460,7 @@ def _render_retry(move: effects.Move) -> _RetrySQL:
         column=str, now="?4", full=f"?7 = {common.literal(RetryBudget.FULL)}",
         args={"actor": "?5", "reason": "?6", "budget": "?7"},
     )  # fmt: skip
-    fields = common.ATTEMPT_FIELDS[3:]
+    fields = common.ATTEMPT_COLUMNS[3:]
     record = common.record_values(move, spelling, fields)
     available = common.render(dict(move.attempt)["available_at"], spelling)
     insert_attempt = (
@@ -623,9 +598,8 @@ _CODEC_HELPERS: dict[str, object] = {
     "_TASK_STATUSES": _TASK_STATUSES, "TaskStatus": TaskStatus, "_reason": _reason,
     "_blocked_by": _blocked_by, "_metadata": _metadata,
 }  # fmt: skip
-_TASK_ORDER = tuple(c.strip() for c in _TASK_COLUMNS.split(","))
 _task: Callable[[Any], Task] = common.compile_decoder(
-    Task, read=common.at(_TASK_ORDER), codec=_TASK_CODEC, helpers=_CODEC_HELPERS
+    Task, read=common.at(common.TASK_COLUMNS), codec=_TASK_CODEC, helpers=_CODEC_HELPERS
 )
 """The task of a row in :data:`_TASK_COLUMNS` order, decoded by column name."""
 
@@ -638,17 +612,6 @@ def _project_params(project: Project) -> tuple[Any, ...]:
         _ts(project.created_at),
         _ts(project.updated_at),
         project.version,
-    )
-
-
-def _project(row: tuple[Any, ...]) -> Project:
-    return Project(
-        id=row[0],
-        status=_member(_PROJECT_STATUSES, ProjectStatus, row[1]),
-        name=_str(row[2]),
-        created_at=_dt(row[3]),
-        updated_at=_dt(row[4]),
-        version=row[5],
     )
 
 
@@ -671,25 +634,6 @@ def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
     )
 
 
-def _attempt(row: tuple[Any, ...]) -> Attempt:
-    return Attempt(
-        project_id=row[0],
-        task_id=row[1],
-        number=row[2],
-        trigger=Trigger(row[3]),
-        dispatched_at=_dt(row[4]),
-        available_at=_dt(row[5]),
-        actor=_ostr(row[6]),
-        reason=_ostr(row[7]),
-        budget=None if row[8] is None else RetryBudget(row[8]),
-        started_at=_odt(row[9]),
-        finished_at=_odt(row[10]),
-        outcome=None if row[11] is None else Outcome(row[11]),
-        error_type=_ostr(row[12]),
-        error_message=_ostr(row[13]),
-    )
-
-
 def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
     return (
         entry.project_id,
@@ -705,21 +649,6 @@ def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
     )
 
 
-def _entry(row: tuple[Any, ...]) -> DispatchEntry:
-    return DispatchEntry(
-        project_id=_str(row[0]),
-        task_id=_str(row[1]),
-        attempt=row[2],
-        state=DispatchState(row[3]),
-        available_at=_dt(row[4]),
-        created_at=_dt(row[5]),
-        claimed_until=_odt(row[6]),
-        tries=row[7],
-        last_error=_ostr(row[8]),
-        delivered_at=_odt(row[9]),
-    )
-
-
 def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
     return (
         _text(record.key),
@@ -732,16 +661,48 @@ def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
     )
 
 
-def _idem(row: tuple[Any, ...]) -> IdempotencyRecord:
-    return IdempotencyRecord(
-        key=_str(row[0]),
-        project_id=_str(row[1]),
-        task_id=_str(row[2]),
-        created_at=_dt(row[3]),
-        status_code=row[4],
-        body=_ostr(row[5]),
-        expires_at=_dt(row[6]),
-    )
+def _optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else kind(value)
+
+
+_HELPERS: dict[str, object] = {
+    **_CODEC_HELPERS,
+    "_project_status": lambda v: _member(_PROJECT_STATUSES, ProjectStatus, v),
+    "_trigger": Trigger, "_budget": _optional(RetryBudget), "_outcome": _optional(Outcome),
+    "_state": DispatchState,
+}  # fmt: skip
+# Every other row decoded by column name, as tasks are (see common.compile_decoder).
+_project: Callable[[Any], Project] = common.compile_decoder(
+    Project,
+    read=common.at(common.PROJECT_COLUMNS),
+    codec={"status": "_project_status({0})", "name": "_str({0})", "created_at": "_dt({0})",
+           "updated_at": "_dt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_attempt: Callable[[Any], Attempt] = common.compile_decoder(
+    Attempt,
+    read=common.at(common.ATTEMPT_COLUMNS),
+    codec={"trigger": "_trigger({0})", "dispatched_at": "_dt({0})", "available_at": "_dt({0})",
+           "actor": "_ostr({0})", "reason": "_ostr({0})", "budget": "_budget({0})",
+           "started_at": "_odt({0})", "finished_at": "_odt({0})", "outcome": "_outcome({0})",
+           "error_type": "_ostr({0})", "error_message": "_ostr({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_entry: Callable[[Any], DispatchEntry] = common.compile_decoder(
+    DispatchEntry,
+    read=common.at(common.ENTRY_COLUMNS),
+    codec={"project_id": "_str({0})", "task_id": "_str({0})", "state": "_state({0})",
+           "available_at": "_dt({0})", "created_at": "_dt({0})", "claimed_until": "_odt({0})",
+           "last_error": "_ostr({0})", "delivered_at": "_odt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_idem: Callable[[Any], IdempotencyRecord] = common.compile_decoder(
+    IdempotencyRecord,
+    read=common.at(common.IDEM_COLUMNS),
+    codec={"key": "_str({0})", "project_id": "_str({0})", "task_id": "_str({0})",
+           "created_at": "_dt({0})", "body": "_ostr({0})", "expires_at": "_dt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
 
 
 # -- error translation ----------------------------------------------------------------
@@ -1038,20 +999,20 @@ class SQLiteStorage:
                     f"{str(self.path)!r} has schema version {version}, newer than this "
                     f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
                 )
-            pending = [m for m in shipped if m[0] > version]
+            pending = [m for m in shipped if m.number > version]
             if pending and not self.create:
                 lacks = (
                     "has no deepwork_retry schema"
                     if version == 0
-                    else (f"lacks schema migrations {', '.join(m[1] for m in pending)}")
+                    else (f"lacks schema migrations {', '.join(m.file for m in pending)}")
                 )
                 raise StorageMissing(f"SQLite database {str(self.path)!r} {lacks}")
             if pending and self.read_only:
                 raise StorageReadOnly(
                     f"{str(self.path)!r} needs schema migrations "
-                    f"({', '.join(m[1] for m in pending)}) but is opened read-only"
+                    f"({', '.join(m.file for m in pending)}) but is opened read-only"
                 )
-            for number, _name, sql in pending:
+            for number, _file, sql in pending:
                 for statement in _statements(sql):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {int(number)}")

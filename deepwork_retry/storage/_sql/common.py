@@ -11,10 +11,11 @@ and where its migrations live (:func:`migrations`).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -37,6 +38,16 @@ ENTRY_FIELDS = names(DispatchEntry)
 IDEM_FIELDS = names(IdempotencyRecord)
 STATUSES = tuple(status.value for status in TaskStatus)
 """The progress counters of the statuses, in the order of :class:`TaskStatus`."""
+
+# The tables' columns, in the order the storages select them (a row's ids first).
+TASK_COLUMNS = ("project_id", "id", *(f for f in TASK_FIELDS if f not in ("project_id", "id")))
+PROJECT_COLUMNS = PROJECT_FIELDS
+ATTEMPT_COLUMNS = (
+    "project_id", "task_id", "number",
+    *(f for f in ATTEMPT_FIELDS if f not in ("project_id", "task_id", "number")),
+)  # fmt: skip
+ENTRY_COLUMNS = ENTRY_FIELDS
+IDEM_COLUMNS = IDEM_FIELDS
 
 
 def cols(columns: Iterable[str], prefix: str = "") -> str:
@@ -143,13 +154,15 @@ def compile_decoder(
     helpers: Mapping[str, object],
     given: Mapping[str, str] | None = None,
     signature: str = "row",
+    offset: str | None = None,
 ) -> Callable[..., Any]:
     """A function building ``cls`` from a row, generated once from the column names.
 
     Each field is either read from ``row[read[field]]``, converted by
     ``codec[field]`` (a Python expression with ``{}`` for the stored value,
     using ``helpers``; the identity when absent), or ``given[field]`` (a
-    Python expression over the names of ``signature``). The value is built
+    Python expression over the names of ``signature``); with ``offset`` (a name
+    in ``signature``) the indexes count from its value. The value is built
     without ``__init__``, each slot set once, already converted: what
     ``__init__`` does for these classes, which have no validators and no
     ``__attrs_post_init__`` (checked here), at a fraction of its cost.
@@ -165,7 +178,8 @@ def compile_decoder(
     for field in fields:
         name = field.name
         namespace[f"_set_{name}"] = getattr(cls, name).__set__  # the slot itself
-        value = codec.get(name, "{}").format(f"row[{read[name]}]") if name in read else given[name]
+        index = f"{offset} + {read[name]}" if offset and name in read else read.get(name)
+        value = codec.get(name, "{}").format(f"row[{index}]") if name in read else given[name]
         lines.append(f"    _set_{name}(new, {value})")
     lines.append("    return new")
     exec("\n".join(lines), namespace)  # code generated from the column names
@@ -199,16 +213,16 @@ def after_bound(after: str, unstorable: re.Pattern[str]) -> tuple[str, str]:
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-@attrs.frozen
-class Migration:
+class Migration(NamedTuple):
     number: int
-    name: str
-    """The file's name without its number and ``.sql``."""
+    file: str
+    """``NNNN_name.sql``."""
     text: str
 
     @property
-    def file(self) -> str:
-        return f"{self.number:04d}_{self.name}.sql"
+    def name(self) -> str:
+        """The file's name without its number and ``.sql``."""
+        return self.file[5:-4]
 
 
 def sql_folder(dialect: str) -> Any:
@@ -216,11 +230,18 @@ def sql_folder(dialect: str) -> Any:
     return resources.files("deepwork_retry.storage").joinpath("sql").joinpath(dialect)
 
 
+@functools.cache
 def migrations(dialect: str) -> tuple[Migration, ...]:
-    """The numbered migrations shipped for ``dialect``, in order."""
+    """The numbered migrations shipped for ``dialect``, in order (read once)."""
     found = []
     for item in sql_folder(dialect).iterdir():
         match = _MIGRATION_FILE.match(item.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], item.read_text(encoding="utf-8")))
-    return tuple(sorted(found, key=lambda m: m.number))
+            found.append(Migration(int(match[1]), item.name, item.read_text(encoding="utf-8")))
+    return tuple(sorted(found))
+
+
+def pending(shipped: Sequence[Migration], applied: Iterable[int]) -> list[Migration]:
+    """The migrations of ``shipped`` not yet ``applied`` (by number), in order."""
+    done = set(applied)
+    return [m for m in shipped if m.number not in done]
