@@ -12,7 +12,6 @@ import select
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import resources
 from types import TracebackType
 from typing import Any
 
@@ -84,25 +83,16 @@ def channel(schema: str) -> str:
 # -- migrations ----------------------------------------------------------------
 
 
-@attrs.frozen
-class Migration:
-    number: int
-    name: str
-    text: str
+Migration = common.Migration
 
 
 def _sql_dir() -> Any:
-    return resources.files("deepwork_retry.storage").joinpath("sql").joinpath("postgres")
+    return common.sql_folder("postgres")
 
 
 def migrations() -> list[Migration]:
     """The numbered migrations shipped with the package, in order."""
-    found = []
-    for entry in _sql_dir().iterdir():
-        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    return sorted(found, key=lambda m: m.number)
+    return list(common.migrations("postgres"))
 
 
 def schema_sql() -> str:
@@ -238,20 +228,9 @@ def diagnostic(value: str | None) -> str | None:
 
 
 def after_bound(after: str) -> tuple[str, str]:
-    """``(operator, value)`` selecting ids ``> after`` where ``after`` is not storable.
-
-    Stored ids hold neither NUL nor surrogates, so the first such character of
-    ``after`` decides: ids greater than a prefix ending before a NUL, or at
-    least the prefix followed by U+E000 (the first character above the
-    surrogates).
-    """
-    match = _UNSTORABLE.search(after)
-    if match is None:
-        return ">", after
-    prefix = after[: match.start()]
-    if match.group() == "\x00":
-        return ">", prefix
-    return ">=", prefix + "\ue000"
+    """``(operator, value)`` selecting ids ``> after`` where ``after`` is not storable
+    (see :func:`common.after_bound`)."""
+    return common.after_bound(after, _UNSTORABLE)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -273,14 +252,9 @@ def _value(enum_value: Any) -> Any:
     return None if enum_value is None else enum_value.value
 
 
-TASK_COLS = (
-    "project_id", "id", "title", "status", "retry_count", "max_retries", "retries_left",
-    "error_message", "error_type", "blocked_reason", "blocked_by", "attempt",
-    "lease_expires_at", "created_at", "updated_at", "started_at", "completed_at", "version",
-    "metadata",
-)  # fmt: skip
-PROJECT_COLS = ("id", "status", "name", "created_at", "updated_at", "version")
-PROGRESS_COLS = ("project_id", *(s.value for s in TaskStatus), "total")
+TASK_COLS = common.TASK_COLUMNS
+PROJECT_COLS = common.PROJECT_COLUMNS
+PROGRESS_COLS = ("project_id", *common.STATUSES, "total")
 COUNTERS = PROGRESS_COLS[1:]
 
 STRIPES = 4
@@ -303,15 +277,9 @@ def stripe_of(task_id: str) -> int:
     return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % STRIPES
 
 
-ATTEMPT_COLS = (
-    "project_id", "task_id", "number", "trigger", "dispatched_at", "available_at", "actor",
-    "reason", "budget", "started_at", "finished_at", "outcome", "error_type", "error_message",
-)  # fmt: skip
-OUTBOX_COLS = (
-    "project_id", "task_id", "attempt", "state", "available_at", "created_at", "claimed_until",
-    "tries", "last_error", "delivered_at",
-)  # fmt: skip
-IDEM_COLS = ("key", "project_id", "task_id", "created_at", "status_code", "body", "expires_at")
+ATTEMPT_COLS = common.ATTEMPT_COLUMNS
+OUTBOX_COLS = common.ENTRY_COLUMNS
+IDEM_COLS = common.IDEM_COLUMNS
 
 Row = Sequence[Any]
 
@@ -362,31 +330,6 @@ def progress_deltas(tasks: Sequence[Task]) -> tuple[list[Any], ...]:
     return ([key[0] for key in keys], [key[1] for key in keys], *columns)
 
 
-def decode_task(row: Row, at: int = 0) -> Task:
-    r = row[at : at + len(TASK_COLS)]
-    return Task(
-        project_id=r[0],
-        id=r[1],
-        title=r[2],
-        status=TaskStatus(r[3]),
-        retry_count=r[4],
-        max_retries=r[5],
-        retries_left=r[6],
-        error_message=r[7],
-        error_type=r[8],
-        blocked_reason=None if r[9] is None else BlockedReason(r[9]),
-        blocked_by=tuple(r[10]),
-        attempt=r[11],
-        lease_expires_at=_utc(r[12]),
-        created_at=_req_utc(r[13]),
-        updated_at=_req_utc(r[14]),
-        started_at=_utc(r[15]),
-        completed_at=_utc(r[16]),
-        version=r[17],
-        metadata=r[18],
-    )
-
-
 def project_params(project: Project) -> dict[str, Any]:
     return {
         "p_id": project.id,
@@ -396,23 +339,6 @@ def project_params(project: Project) -> dict[str, Any]:
         "p_updated_at": project.updated_at,
         "p_version": project.version,
     }
-
-
-def decode_project(row: Row, at: int = 0) -> Project:
-    r = row[at : at + len(PROJECT_COLS)]
-    return Project(
-        id=r[0],
-        status=ProjectStatus(r[1]),
-        name=r[2],
-        created_at=_req_utc(r[3]),
-        updated_at=_req_utc(r[4]),
-        version=r[5],
-    )
-
-
-def decode_progress(row: Row, at: int = 0) -> Progress:
-    r = row[at : at + len(PROGRESS_COLS)]
-    return Progress(**dict(zip(PROGRESS_COLS, r, strict=True)))
 
 
 def attempt_params(attempt: Attempt) -> dict[str, Any]:
@@ -432,26 +358,6 @@ def attempt_params(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def decode_attempt(row: Row, at: int = 0) -> Attempt:
-    r = row[at : at + len(ATTEMPT_COLS)]
-    return Attempt(
-        project_id=r[0],
-        task_id=r[1],
-        number=r[2],
-        trigger=Trigger(r[3]),
-        dispatched_at=_req_utc(r[4]),
-        available_at=_req_utc(r[5]),
-        actor=r[6],
-        reason=r[7],
-        budget=None if r[8] is None else RetryBudget(r[8]),
-        started_at=_utc(r[9]),
-        finished_at=_utc(r[10]),
-        outcome=None if r[11] is None else Outcome(r[11]),
-        error_type=r[12],
-        error_message=r[13],
-    )
-
-
 def entry_params(entry: DispatchEntry) -> dict[str, Any]:
     return {
         "d_project_id": entry.project_id,
@@ -467,22 +373,6 @@ def entry_params(entry: DispatchEntry) -> dict[str, Any]:
     }
 
 
-def decode_entry(row: Row, at: int = 0) -> DispatchEntry:
-    r = row[at : at + len(OUTBOX_COLS)]
-    return DispatchEntry(
-        project_id=r[0],
-        task_id=r[1],
-        attempt=r[2],
-        state=DispatchState(r[3]),
-        available_at=_req_utc(r[4]),
-        created_at=_req_utc(r[5]),
-        claimed_until=_utc(r[6]),
-        tries=r[7],
-        last_error=r[8],
-        delivered_at=_utc(r[9]),
-    )
-
-
 def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
     return {
         "i_key": record.key,
@@ -495,17 +385,60 @@ def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
     }
 
 
-def decode_idem(row: Row, at: int = 0) -> IdempotencyRecord:
-    r = row[at : at + len(IDEM_COLS)]
-    return IdempotencyRecord(
-        key=r[0],
-        project_id=r[1],
-        task_id=r[2],
-        created_at=_req_utc(r[3]),
-        status_code=r[4],
-        body=r[5],
-        expires_at=_req_utc(r[6]),
-    )
+def _optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else kind(value)
+
+
+_HELPERS: dict[str, object] = {
+    "_utc": _utc, "_req_utc": _req_utc, "_UTC": timezone.utc,
+    "_task_status": TaskStatus, "_reason": _optional(BlockedReason), "_tuple": tuple,
+    "_dict": dict, "_project_status": ProjectStatus, "_trigger": Trigger,
+    "_budget": _optional(RetryBudget), "_outcome": _optional(Outcome), "_state": DispatchState,
+}  # fmt: skip
+_TASK_CODEC = {
+    "status": "_task_status({0})", "blocked_reason": "_reason({0})",
+    "blocked_by": "_tuple({0})", "metadata": "_dict({0})",
+    "lease_expires_at": "_utc({0})", "created_at": "_req_utc({0})",
+    "updated_at": "_req_utc({0})", "started_at": "_utc({0})", "completed_at": "_utc({0})",
+}  # fmt: skip
+"""How a selected task column becomes the field's value (see :func:`common.compile_decoder`)."""
+
+
+def _decoder(cls: type, columns: Sequence[str], codec: Mapping[str, str]) -> Callable[..., Any]:
+    """``decode(row, at=0)``: a ``cls`` from the row's columns from ``at`` on, by name."""
+    return common.compile_decoder(
+        cls, read=common.at(columns), codec=codec, helpers=_HELPERS, signature="row, at=0",
+        offset="at",
+    )  # fmt: skip
+
+
+# Every row decoded by column name (the indexes are the column lists').
+decode_task: Callable[..., Task] = _decoder(Task, TASK_COLS, _TASK_CODEC)
+decode_project: Callable[..., Project] = _decoder(
+    Project,
+    PROJECT_COLS,
+    {"status": "_project_status({0})", "created_at": "_req_utc({0})",
+     "updated_at": "_req_utc({0})"},
+)  # fmt: skip
+decode_attempt: Callable[..., Attempt] = _decoder(
+    Attempt,
+    ATTEMPT_COLS,
+    {"trigger": "_trigger({0})", "dispatched_at": "_req_utc({0})",
+     "available_at": "_req_utc({0})", "budget": "_budget({0})", "started_at": "_utc({0})",
+     "finished_at": "_utc({0})", "outcome": "_outcome({0})"},
+)  # fmt: skip
+decode_entry: Callable[..., DispatchEntry] = _decoder(
+    DispatchEntry,
+    OUTBOX_COLS,
+    {"state": "_state({0})", "available_at": "_req_utc({0})", "created_at": "_req_utc({0})",
+     "claimed_until": "_utc({0})", "delivered_at": "_utc({0})"},
+)  # fmt: skip
+decode_idem: Callable[..., IdempotencyRecord] = _decoder(
+    IdempotencyRecord,
+    IDEM_COLS,
+    {"created_at": "_req_utc({0})", "expires_at": "_req_utc({0})"},
+)  # fmt: skip
+decode_progress: Callable[..., Progress] = _decoder(Progress, PROGRESS_COLS, {})
 
 
 def _released(project_id: str, row: Row, at: int) -> list[DispatchEntry]:
@@ -613,14 +546,20 @@ class _Shape:
     notify_released: bool
 
 
-# Column offsets in the apply statement's result row.
-_A_FOUND, _A_GBAD, _A_GID, _A_GEXP, _A_GFOUND, _A_PVER = range(6)
-_A_IDEM = 6
-_A_DUP = _A_IDEM + len(IDEM_COLS)
-_A_NEXT = _A_DUP + 1
-_A_TASK = _A_NEXT + 1
-_A_PROGRESS = _A_TASK + len(TASK_COLS)
-_A_RELEASED = _A_PROGRESS + len(PROGRESS_COLS)
+_APPLY_ROW = common.at(
+    (
+        "found", "guard_bad", "guard_id", "guard_expected", "guard_found", "project_version",
+        *(f"idem.{c}" for c in IDEM_COLS), "duplicate", "next", *(f"task.{c}" for c in TASK_COLS),
+        *(f"progress.{c}" for c in PROGRESS_COLS), "released",
+    )
+)  # fmt: skip
+"""The apply statement's result row, by column name (see :func:`_apply_text`)."""
+_A_FOUND, _A_GBAD = _APPLY_ROW["found"], _APPLY_ROW["guard_bad"]
+_A_GID, _A_GEXP = _APPLY_ROW["guard_id"], _APPLY_ROW["guard_expected"]
+_A_GFOUND, _A_PVER = _APPLY_ROW["guard_found"], _APPLY_ROW["project_version"]
+_A_IDEM, _A_DUP = _APPLY_ROW["idem.key"], _APPLY_ROW["duplicate"]
+_A_NEXT, _A_TASK = _APPLY_ROW["next"], _APPLY_ROW["task.project_id"]
+_A_PROGRESS, _A_RELEASED = _APPLY_ROW["progress.project_id"], _APPLY_ROW["released"]
 
 
 @attrs.frozen
@@ -1373,9 +1312,6 @@ def retry_params(
     return params
 
 
-_UTC = timezone.utc
-
-
 def _pg_blocked_by(value: list[str] | None) -> tuple[str, ...]:
     return () if value is None else tuple(value)
 
@@ -1384,23 +1320,9 @@ def _pg_metadata(value: dict[str, Any] | None) -> dict[str, Any]:
     return {} if value is None else dict(value)
 
 
-_TASK_CODEC = {
-    "status": "_TaskStatus({0})",
-    "blocked_reason": "_reason({0})",
-    "blocked_by": "_blocked_by({0})",
-    "metadata": "_metadata({0})",
-    "lease_expires_at": "_utc({0})",
-    "created_at": "_req_utc({0})",
-    "updated_at": "_req_utc({0})",
-    "started_at": "_utc({0})",
-    "completed_at": "_utc({0})",
-}
-"""How a returned task column becomes the field's value (see :func:`common.compile_decoder`)."""
-_HELPERS: dict[str, object] = {
-    "_TaskStatus": TaskStatus, "_utc": _utc, "_req_utc": _req_utc, "_UTC": _UTC,
-    "_reason": lambda v: None if v is None else BlockedReason(v),
-    "_blocked_by": _pg_blocked_by, "_metadata": _pg_metadata,
-}  # fmt: skip
+_RETRY_CODEC = {**_TASK_CODEC, "blocked_by": "_blocked_by({0})", "metadata": "_metadata({0})"}
+"""The one-step retry returns an empty ``blocked_by`` and ``metadata`` as NULL."""
+_RETRY_HELPERS = {**_HELPERS, "_blocked_by": _pg_blocked_by, "_metadata": _pg_metadata}
 
 
 class RetryReader:
@@ -1415,8 +1337,8 @@ class RetryReader:
         self._decode = common.compile_decoder(
             Task,
             read=common.at(read_back),
-            codec=_TASK_CODEC,
-            helpers={**_HELPERS, **consts},
+            codec=_RETRY_CODEC,
+            helpers={**_RETRY_HELPERS, **consts},
             given={"project_id": "project_id", "id": "task_id", **given},
             signature="row, project_id, task_id, now",
         )
