@@ -1,7 +1,8 @@
 """What the sync and async PostgreSQL storages share: SQL, codecs, error translation.
 
-The storages themselves (``deepwork_retry._async.postgres`` and its generated
-sync twin) only move these statements and values over a connection.
+The storages themselves (``deepwork_retry.storage._async_postgres`` and its
+generated sync twin ``_sync_postgres``) only move these statements and values
+over a connection.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import re
 import select
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -170,6 +171,16 @@ class DriverErrors:
                 f"PostgreSQL is unavailable: {_first_line(exc)}", retry_after=1
             )
         return None
+
+
+def open_async_now(opener: Callable[[], Awaitable[None]]) -> None:
+    """Nothing to do at construction: the async storage's pool opens inside the
+    running loop (``await storage.open()`` or ``async with``)."""
+
+
+def open_sync_now(opener: Callable[[], None]) -> None:
+    """The sync storage opens its pool at construction, ready without ``open()``."""
+    opener()
 
 
 def server_spoke(conn: psycopg.BaseConnection[Any]) -> bool:

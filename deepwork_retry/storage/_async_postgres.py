@@ -1,8 +1,8 @@
 """PostgreSQL storage on psycopg 3 and its connection pool.
 
-This file is the hand-written source; ``deepwork_retry/_sync/postgres.py`` is
-generated from it by ``scripts/unasync.py``. Import the public names from
-:mod:`deepwork_retry.storage.postgres`.
+The async storage is written by hand; ``scripts/unasync.py`` generates the sync
+storage from it (the copy whose first line says so). Import the public names
+from :mod:`deepwork_retry.storage.postgres`.
 
 Every method is one statement (or one transaction) on an autocommit
 connection from the pool. :meth:`AsyncPostgresStorage.apply` is a single
@@ -32,7 +32,6 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from deepwork_retry._async._compat import open_now
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -174,7 +173,7 @@ class AsyncPostgresStorage:
             name=f"deepwork_retry.{schema}",
         )
         self._setup(pool, schema, owns_pool=True, migrate=migrate)
-        open_now(self.open)
+        q.open_async_now(self.open)
 
     @classmethod
     def from_pool(cls, pool: _Pool, *, schema: str = q.DEFAULT_SCHEMA) -> AsyncPostgresStorage:
