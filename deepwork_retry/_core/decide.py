@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 import attrs
 
@@ -72,14 +71,13 @@ def _new_attempt(
     after: Task,
     project: Project,
     blockers: Mapping[str, Task],
+    attempt: Attempt,
     *,
     now: datetime,
-    record: Mapping[str, Any],
     claimed_until: datetime | None = None,
-) -> tuple[Attempt, DispatchEntry, tuple[Guard, ...]]:
-    """The attempt record (its fields other than the ids: ``record``) and the outbox
-    entry for ``after.attempt``; the entry is due when the attempt is available."""
-    attempt = Attempt(task_id=after.id, project_id=after.project_id, number=after.attempt, **record)
+) -> tuple[DispatchEntry, tuple[Guard, ...]]:
+    """The outbox entry for ``after.attempt``, whose record is ``attempt``: due when the
+    attempt is available, pending if it may be dispatched now, else deferred."""
     available_at = attempt.available_at
     ready = machine.PROJECT_RULES[project.status].dispatches and (
         not after.blocked_by or machine.dependencies_met(after, _statuses(blockers))
@@ -93,7 +91,7 @@ def _new_attempt(
         created_at=now,
         claimed_until=claimed_until if ready and available_at <= now else None,
     )
-    return attempt, entry, _unfinished_guards(after.blocked_by, blockers)
+    return entry, _unfinished_guards(after.blocked_by, blockers)
 
 
 def _check_project(task: Task, project: Project) -> None:
@@ -115,9 +113,12 @@ def assign(
     _check_project(task, project)
     machine.check(task, TaskEvent.ASSIGN, TaskStatus.ASSIGNED)
     after = _bump(task, now, status=TaskStatus.ASSIGNED, attempt=task.attempt + 1)
-    record = {"trigger": Trigger.INITIAL, "dispatched_at": now, "available_at": now}
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    attempt = Attempt(
+        task_id=after.id, project_id=after.project_id, number=after.attempt,
+        trigger=Trigger.INITIAL, dispatched_at=now, available_at=now,
+    )  # fmt: skip
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
     )
     return Plan(
         event=TaskEvent.ASSIGN,
@@ -160,9 +161,9 @@ def manual_retry(
     # the storages' one-step statements alike.
     move = effects.MANUAL_RETRY
     after = move.change_task(task, now, budget)
-    record = move.attempt_values(now, actor=actor, reason=reason, budget=budget)
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    attempt = move.open_attempt(after, now, actor, reason, budget)
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
     )
     idem = None
     if idempotency_key is not None:
@@ -461,9 +462,12 @@ def _failed(
         attempt=task.attempt + 1,
         **common,
     )
-    record = {"trigger": Trigger.AUTO_RETRY, "dispatched_at": now, "available_at": decision.at}
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, record=record, claimed_until=claimed_until
+    attempt = Attempt(
+        task_id=after.id, project_id=after.project_id, number=after.attempt,
+        trigger=Trigger.AUTO_RETRY, dispatched_at=now, available_at=decision.at,
+    )  # fmt: skip
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
     )
     return Plan(
         event=event,

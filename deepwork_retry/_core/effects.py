@@ -6,7 +6,7 @@ progress counters follow the status: one task leaves its source state and
 enters the target). Nothing here runs SQL or touches storage; the
 description is *rendered*:
 
-- into Python by :meth:`Move.change_task` and :meth:`Move.attempt_values`,
+- into Python by :attr:`Move.change_task` and :attr:`Move.open_attempt`,
   which :func:`~deepwork_retry._core.decide.manual_retry` uses (the
   in-memory apply);
 - into each SQL dialect by :mod:`deepwork_retry.storage._sql`, which builds
@@ -116,8 +116,16 @@ class Move:
     event: TaskEvent
     task: tuple[tuple[str, Expr], ...]
     attempt: tuple[tuple[str, Expr], ...] = ()
-    _change: Callable[..., Task] = attrs.field(init=False, eq=False, repr=False)
-    _record: Callable[..., dict[str, Any]] = attrs.field(init=False, eq=False, repr=False)
+    change_task: Callable[[Task, datetime, RetryBudget], Task] = attrs.field(
+        init=False, eq=False, repr=False
+    )
+    """``change_task(task, now, budget)``: ``task`` after the move, the in-memory
+    rendering of :attr:`task` (generated code, as fast as written by hand)."""
+    open_attempt: Callable[[Task, datetime, str | None, str | None, RetryBudget], Attempt] = (
+        attrs.field(init=False, eq=False, repr=False)
+    )
+    """``open_attempt(after, now, actor, reason, budget)``: the attempt record the move
+    opens for ``after`` (the task after the move), the rendering of :attr:`attempt`."""
 
     def __attrs_post_init__(self) -> None:
         for names, known, ids in (
@@ -142,8 +150,8 @@ class Move:
             raise ValueError("a move sets the status to a constant TaskStatus")
         if not machine.sources(self.event, status.value):
             raise ValueError(f"no edge {self.event.value} -> {status.value.value}")
-        object.__setattr__(self, "_change", _compile_task_change(self))
-        object.__setattr__(self, "_record", _compile_attempt_values(self))
+        object.__setattr__(self, "change_task", _compile_task_change(self))
+        object.__setattr__(self, "open_attempt", _compile_open_attempt(self))
 
     def sets(self, name: str) -> Expr | None:
         """The new value of the task field ``name``, or ``None`` when the move keeps it."""
@@ -172,21 +180,6 @@ class Move:
     def increments(self) -> dict[str, int]:
         """The task fields the move increments, and by how much."""
         return {name: e.delta for name, e in self.task if isinstance(e, Plus) and e.name == name}
-
-    def change_task(self, task: Task, now: datetime, budget: RetryBudget) -> Task:
-        """``task`` after the move: the in-memory rendering of :attr:`task`."""
-        return self._change(task, now, budget is RetryBudget.FULL)
-
-    def attempt_values(
-        self,
-        now: datetime,
-        *,
-        actor: str | None = None,
-        reason: str | None = None,
-        budget: RetryBudget | None = None,
-    ) -> dict[str, Any]:
-        """The attempt record's fields other than its ids: the rendering of :attr:`attempt`."""
-        return self._record(now, actor, reason, budget)
 
 
 def python(expr: Expr, consts: dict[str, object]) -> str:
@@ -220,14 +213,19 @@ def _compile(signature: str, body: list[str], consts: dict[str, object]) -> Call
 def _compile_task_change(move: Move) -> Callable[..., Task]:
     consts: dict[str, object] = {}
     changes = ", ".join(f"{name}={python(expr, consts)}" for name, expr in move.task)
-    return _compile("task, now, full", [f"return _evolve(task, {changes})"], consts)
+    body = ["full = budget is _FULL", f"return _evolve(task, {changes})"]
+    return _compile("task, now, budget", body, consts)
 
 
-def _compile_attempt_values(move: Move) -> Callable[..., dict[str, Any]]:
-    consts: dict[str, object] = {}
-    items = ", ".join(f"{name!r}: {python(expr, consts)}" for name, expr in move.attempt)
-    body = ["full = budget is _FULL", f"return {{{items}}}"]
-    return _compile("now, actor, reason, budget", body, consts)
+def _compile_open_attempt(move: Move) -> Callable[..., Attempt]:
+    consts: dict[str, object] = {"_Attempt": Attempt}
+    values = "".join(f", {name}={python(expr, consts)}" for name, expr in move.attempt)
+    body = [
+        "full = budget is _FULL",
+        "return _Attempt(task_id=after.id, project_id=after.project_id, "
+        f"number=after.attempt{values})",
+    ]
+    return _compile("after, now, actor, reason, budget", body, consts)
 
 
 MANUAL_RETRY = Move(
