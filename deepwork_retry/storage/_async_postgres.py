@@ -55,6 +55,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage import _postgres_sql as q
+from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
 _Conn = AsyncConnection[TupleRow]
@@ -120,9 +121,10 @@ async def check_migrated(
             raise StorageMissing(f"PostgreSQL schema {schema!r} has no deepwork_retry tables")
         cur = await conn.execute(queries.applied_migrations)
         done = {number for (number,) in await cur.fetchall()}
-    pending = [f"{m.number:04d}_{m.name}" for m in q.migrations() if m.number not in done]
+    pending = common.pending(q.migrations(), done)
     if pending:
-        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {', '.join(pending)}")
+        lacks = ", ".join(m.file.removesuffix(".sql") for m in pending)
+        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {lacks}")
 
 
 async def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
@@ -132,9 +134,7 @@ async def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
         await conn.execute(queries.bootstrap)
         cur = await conn.execute(queries.applied_migrations)
         done = {row[0] for row in await cur.fetchall()}
-        for migration in q.migrations():
-            if migration.number in done:
-                continue
+        for migration in common.pending(q.migrations(), done):
             await conn.execute(queries.search_path)
             await conn.execute(migration.text.encode("utf-8"))
             await conn.execute(queries.record_migration, (migration.number, migration.name))

@@ -56,6 +56,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage import _postgres_sql as q
+from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._validate import check_limit, check_new_tasks
 
 _Conn = Connection[TupleRow]
@@ -121,9 +122,10 @@ def check_migrated(
             raise StorageMissing(f"PostgreSQL schema {schema!r} has no deepwork_retry tables")
         cur = conn.execute(queries.applied_migrations)
         done = {number for (number,) in cur.fetchall()}
-    pending = [f"{m.number:04d}_{m.name}" for m in q.migrations() if m.number not in done]
+    pending = common.pending(q.migrations(), done)
     if pending:
-        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {', '.join(pending)}")
+        lacks = ", ".join(m.file.removesuffix(".sql") for m in pending)
+        raise StorageMissing(f"PostgreSQL schema {schema!r} lacks migrations {lacks}")
 
 
 def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
@@ -133,9 +135,7 @@ def _migrate(conn: _Conn, queries: q.Queries) -> list[int]:
         conn.execute(queries.bootstrap)
         cur = conn.execute(queries.applied_migrations)
         done = {row[0] for row in cur.fetchall()}
-        for migration in q.migrations():
-            if migration.number in done:
-                continue
+        for migration in common.pending(q.migrations(), done):
             conn.execute(queries.search_path)
             conn.execute(migration.text.encode("utf-8"))
             conn.execute(queries.record_migration, (migration.number, migration.name))

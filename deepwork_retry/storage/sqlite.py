@@ -999,7 +999,7 @@ class SQLiteStorage:
                     f"{str(self.path)!r} has schema version {version}, newer than this "
                     f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
                 )
-            pending = [m for m in shipped if m.number > version]
+            pending = common.pending(shipped, range(version + 1))
             if pending and not self.create:
                 lacks = (
                     "has no deepwork_retry schema"
