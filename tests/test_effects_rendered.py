@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pg_support import schema_dropped_after
 
 from deepwork_retry._core import decide, effects
@@ -173,3 +175,105 @@ def test_a_move_refuses_what_no_storage_could_render() -> None:
     for bad in bad_moves:
         with pytest.raises((ValueError, TypeError)):
             bad()
+
+
+# -- any move of the vocabulary renders alike in Python and in each dialect --------------
+
+_INTS = ("retry_count", "max_retries", "retries_left")
+_TEXTS = ("error_message", "error_type")
+_TIMES = ("lease_expires_at", "started_at", "completed_at")
+
+
+def _leaf(draw: st.DrawFn, name: str) -> effects.Expr:
+    if name in _INTS:
+        return draw(
+            st.one_of(
+                st.builds(Const, st.integers(0, 9)),
+                st.sampled_from([Field(n) for n in _INTS]),
+                st.builds(Plus, st.sampled_from(_INTS), st.integers(0, 3)),
+            )
+        )
+    if name in _TEXTS:
+        return draw(
+            st.one_of(
+                st.builds(Const, st.sampled_from([None, "", "it's set", "zoë"])),
+                st.sampled_from([Field(n) for n in _TEXTS]),
+            )
+        )
+    if name == "blocked_reason":
+        return Const(draw(st.sampled_from([None, *BlockedReason])))
+    if name == "title":
+        titles: list[effects.Expr] = [Const("renamed"), Field("title")]
+        return draw(st.sampled_from(titles))
+    times: list[effects.Expr] = [Const(None), Now(), *(Field(n) for n in _TIMES)]
+    return draw(st.sampled_from(times))
+
+
+@st.composite
+def moves(draw: st.DrawFn) -> Move:
+    """The manual retry with any of its free task effects replaced, dropped or added."""
+    updated: list[effects.Expr] = [Now(), Field("updated_at")]
+    task: list[tuple[str, effects.Expr]] = [
+        ("status", Const(TaskStatus.ASSIGNED)),
+        ("attempt", Plus("attempt", 1)),  # the attempt record numbers follow it
+        ("version", Plus("version", 1)),
+        ("updated_at", draw(st.sampled_from(updated))),
+    ]
+    for name in ("title", *_INTS, *_TEXTS, "blocked_reason", *_TIMES):
+        how = draw(st.sampled_from(["keep", "set", "by budget"]))
+        if how == "set":
+            task.append((name, _leaf(draw, name)))
+        elif how == "by budget":
+            task.append((name, ByBudget(full=_leaf(draw, name), one_more=_leaf(draw, name))))
+    attempt = dict(BASE.attempt)
+    reasons: list[effects.Expr] = [effects.Arg("reason"), Const("by hand")]
+    attempt["reason"] = draw(st.sampled_from(reasons))
+    return attrs.evolve(BASE, task=tuple(task), attempt=tuple(attempt.items()))
+
+
+def _check_rendered_alike(make: Callable[[], Storage], move: Move, budget: RetryBudget) -> None:
+    try:
+        effects.MANUAL_RETRY = move
+        wanted = comparable(expected(budget))
+        storage = make()
+        try:
+            assert comparable(one_step(storage, budget)) == wanted
+        finally:
+            close = getattr(storage, "close", None)
+            if close is not None:
+                close()
+    finally:
+        effects.MANUAL_RETRY = BASE
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(move=moves(), budget=st.sampled_from(RetryBudget))
+def test_any_move_renders_into_sqlite_as_into_python(
+    tmp_path_factory: pytest.TempPathFactory, move: Move, budget: RetryBudget
+) -> None:
+    """SQLite's one-step retry of any move does what the move's Python rendering does."""
+    folder = tmp_path_factory.mktemp("moves")
+    _check_rendered_alike(
+        lambda: SQLiteStorage(folder / "m.db", synchronous="NORMAL"), move, budget
+    )
+
+
+@pytest.mark.postgres
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(move=moves(), budget=st.sampled_from(RetryBudget))
+def test_any_move_renders_into_postgres_as_into_python(
+    postgres_schema_for_moves: tuple[str, str], move: Move, budget: RetryBudget
+) -> None:
+    """PostgreSQL's one-step retry of any move does what the move's Python rendering does."""
+    from deepwork_retry.storage.postgres import PostgresStorage
+
+    dsn, schema = postgres_schema_for_moves
+    _check_rendered_alike(
+        lambda: PostgresStorage(dsn, schema=schema, min_size=1, max_size=1), move, budget
+    )
+
+
+@pytest.fixture(scope="module")
+def postgres_schema_for_moves(postgres_dsn: str) -> Iterator[tuple[str, str]]:
+    with schema_dropped_after(postgres_dsn, "mv") as schema:
+        yield postgres_dsn, schema

@@ -1171,6 +1171,17 @@ _RETRY_COUNTERS = COUNTERS
 _NOW = "%(n)s::timestamptz"
 _FULL = f"%(b)s::text = {common.literal(RetryBudget.FULL)}"
 _ARGS = {"actor": "%(a)s::text", "reason": "%(r)s::text", "budget": "%(b)s::text"}
+_COLUMN_TYPES = {
+    **dict.fromkeys(("title", "status", "error_message", "error_type", "blocked_reason"), "text"),
+    **dict.fromkeys(("retry_count", "max_retries", "retries_left", "attempt", "version"), "bigint"),
+    **dict.fromkeys(
+        ("lease_expires_at", "created_at", "updated_at", "started_at", "completed_at"),
+        "timestamptz",
+    ),
+    **dict.fromkeys(("trigger", "actor", "reason", "budget", "outcome"), "text"),
+    **dict.fromkeys(("dispatched_at", "available_at", "finished_at"), "timestamptz"),
+}
+"""The types of the task and attempt columns a move may set (schema.sql)."""
 _RETURNED = {
     "blocked_by": "NULLIF(u.blocked_by, '{{}}'::text[])",
     "metadata": "NULLIF(u.metadata, '{{}}'::jsonb)",
@@ -1208,7 +1219,9 @@ def _retry_text(move: effects.Move, *, keyed: bool, claimed: bool) -> str:
     accepting = _in(s.value for s in machine.ACCEPTS_RETRY)
     dispatching = _in(s.value for s in machine.DISPATCHES)
     finished = _in(s.value for s in TERMINAL)
-    spelling = common.Spelling(column="t.{}".format, now=_NOW, full=_FULL, args=_ARGS)
+    spelling = common.Spelling(
+        column="t.{}".format, now=_NOW, full=_FULL, args=_ARGS, types=_COLUMN_TYPES
+    )
     change = common.set_clause(move, spelling)
     read_back = common.read_back(move)
     fields = [name for name, _ in move.attempt]  # the others are NULL
@@ -1238,7 +1251,7 @@ i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
     notify = (
         "NULL"
         if claimed
-        else "CASE WHEN u.title IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
+        else "CASE WHEN u.id IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
     )
     returned = ", ".join(_RETURNED.get(c, f"u.{c}") for c in read_back)
     # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,

@@ -90,12 +90,16 @@ class Spelling:
     """A condition: the call's budget is ``full``."""
     args: Mapping[str, str] = attrs.field(factory=dict)
     """The call's arguments (``actor``, ``reason``, ``budget``)."""
+    types: Mapping[str, str] = attrs.field(factory=dict)
+    """Column -> SQL type, for dialects that type a constant by its column (a ``NULL``
+    in both branches of a ``CASE`` has no type of its own on PostgreSQL)."""
 
 
-def render(expr: Expr, spelling: Spelling) -> str:
-    """One effect's new value as an SQL expression."""
+def render(expr: Expr, spelling: Spelling, column: str | None = None) -> str:
+    """One effect's new value (for ``column``) as an SQL expression."""
     if isinstance(expr, Const):
-        return literal(expr.value)
+        sql_type = spelling.types.get(column) if column else None
+        return literal(expr.value) if sql_type is None else f"{literal(expr.value)}::{sql_type}"
     if isinstance(expr, Now):
         return spelling.now
     if isinstance(expr, Field):
@@ -105,20 +109,20 @@ def render(expr: Expr, spelling: Spelling) -> str:
     if isinstance(expr, Arg):
         return spelling.args[expr.name]
     assert isinstance(expr, ByBudget)
-    full, one_more = render(expr.full, spelling), render(expr.one_more, spelling)
+    full, one_more = render(expr.full, spelling, column), render(expr.one_more, spelling, column)
     return f"CASE WHEN {spelling.full} THEN {full} ELSE {one_more} END"
 
 
 def set_clause(move: Move, spelling: Spelling) -> str:
     """``UPDATE … SET`` for the task's effects of ``move``."""
-    return ", ".join(f"{name} = {render(expr, spelling)}" for name, expr in move.task)
+    return ", ".join(f"{name} = {render(expr, spelling, name)}" for name, expr in move.task)
 
 
 def record_values(move: Move, spelling: Spelling, fields: Sequence[str]) -> list[str]:
     """The new attempt record's ``fields`` as SQL expressions (``NULL`` for those the move
     does not set)."""
     given = dict(move.attempt)
-    return [render(given[name], spelling) if name in given else "NULL" for name in fields]
+    return [render(given[name], spelling, name) if name in given else "NULL" for name in fields]
 
 
 def read_back(move: Move) -> tuple[str, ...]:
