@@ -309,14 +309,6 @@ _INSERT_NEXT_ATTEMPT = (
 """Insert an attempt only if it is the next one (the count of earlier attempts matches)."""
 _UPDATE_TASK = f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?"
 """The compare-and-set: the write itself, taking effect only at the expected version."""
-_LOAD_COUNTED = (
-    f"SELECT {', '.join('p.' + c.strip() for c in _PROJECT_COLUMNS.split(','))}, "
-    f"{', '.join('t.' + c.strip() for c in _TASK_COLUMNS.split(','))}, "
-    f"{', '.join('p.' + c for c in _COUNTERS)} "
-    "FROM projects AS p LEFT JOIN tasks AS t ON t.project_id = p.id AND t.id = ? WHERE p.id = ?"
-)
-""":data:`_LOAD` plus the project's progress counters, read inside a write transaction."""
-_TASK_WIDTH = len(_TASK_COLUMNS.split(","))
 _SHIFT = {
     (old.value, new.value): f"UPDATE projects SET {old.value} = {old.value} - 1, "
     f"{new.value} = {new.value} + 1 WHERE id = ?"
@@ -334,7 +326,6 @@ _PlanParams = tuple[
 ]
 """A plan's rows as bound parameters: task, new attempt, outbox entry, idempotency, claim."""
 
-_COUNTER_AT = {name: i for i, name in enumerate(_COUNTERS)}
 assert _COUNTERS == ("total", "inbox", "assigned", "in_progress", "review", "done", "blocked",
                      "skipped")  # fmt: skip
 
@@ -1385,7 +1376,7 @@ class SQLiteStorage:
     def apply(self, plan: Plan) -> Applied:
         params = self._plan_params(plan)
         with self._tx(write=True) as c:
-            return self._apply_in(c, plan, params, None)
+            return self._apply_in(c, plan, params)
 
     def _plan_params(self, plan: Plan) -> _PlanParams:
         """Serialise everything first: a value SQLite cannot hold fails before any write."""
@@ -1405,13 +1396,8 @@ class SQLiteStorage:
         c: sqlite3.Connection,
         plan: Plan,
         params: _PlanParams,
-        loaded: tuple[int, tuple[int, ...]] | None,
     ) -> Applied:
-        """Apply ``plan`` in the open write transaction ``c``.
-
-        ``loaded`` is the project's version and counters when this same
-        transaction read them already: then neither is read again.
-        """
+        """Apply ``plan`` in the open write transaction ``c``."""
         before, after = plan.before, plan.after
         pid, tid = before.project_id, before.id
         task_row, new_attempt, entry, idem, claimed_until = params
@@ -1427,16 +1413,9 @@ class SQLiteStorage:
             self._check_guards(c, pid, plan)
         moved = before.status != after.status
         counters: tuple[Any, ...] | None = None
-        if (
-            loaded is not None
-            and plan.project_version is not None
-            and loaded[0] != plan.project_version
-        ):
-            # Read in this transaction: the version is checked here, before the key.
-            raise VersionConflict(tid, before.version, before.version)
         if plan.idempotency is not None or not moved:
             # The project's version is checked before the idempotency key.
-            if loaded is None and plan.project_version is not None:
+            if plan.project_version is not None:
                 row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
                 if row[0] != plan.project_version:
                     raise VersionConflict(tid, before.version, before.version)
@@ -1447,23 +1426,14 @@ class SQLiteStorage:
         if moved:
             old = _value(_TASK_STATUS_VALUES, TaskStatus, before.status)
             new = _value(_TASK_STATUS_VALUES, TaskStatus, after.status)
-            if loaded is not None:
-                c.execute(_SHIFT[(old, new)], (pid,))
-                shifted = list(loaded[1])
-                shifted[_COUNTER_AT[old]] -= 1
-                shifted[_COUNTER_AT[new]] += 1
-                counters = tuple(shifted)
-            else:
-                row = c.execute(_SHIFT_RETURNING[(old, new)], (pid,)).fetchall()[0]
-                if (
-                    plan.idempotency is None
-                    and plan.project_version is not None
-                    and row[0] != plan.project_version
-                ):
-                    raise VersionConflict(tid, before.version, before.version)
-                counters = row[1:]
-        elif loaded is not None:
-            counters = loaded[1]
+            row = c.execute(_SHIFT_RETURNING[(old, new)], (pid,)).fetchall()[0]
+            if (
+                plan.idempotency is None
+                and plan.project_version is not None
+                and row[0] != plan.project_version
+            ):
+                raise VersionConflict(tid, before.version, before.version)
+            counters = row[1:]
         made: list[DispatchEntry] = []
         dispatch = plan.dispatch
         if dispatch is not None and entry is not None:
