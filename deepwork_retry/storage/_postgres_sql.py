@@ -1163,7 +1163,7 @@ FROM (SELECT 1) AS one LEFT JOIN upd ON true"""
 
 def _in(values: Iterable[str]) -> str:
     """``'a', 'b'`` for ``IN (...)``; ``NULL`` (matching nothing) when empty."""
-    quoted = sorted(f"'{v}'" for v in values)
+    quoted = sorted(common.literal(v) for v in values)
     return ", ".join(quoted) if quoted else "NULL"
 
 
