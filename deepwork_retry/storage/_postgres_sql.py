@@ -565,6 +565,13 @@ _APPLY_ROW = common.at(
     )
 )  # fmt: skip
 """The apply statement's result row, by column name (see :func:`_apply_text`)."""
+_PROJECT_ROW = common.at(
+    (
+        "found", "guard_bad", "guard_id", "guard_expected", "guard_found",
+        *(f"project.{c}" for c in PROJECT_COLS), "released",
+    )
+)  # fmt: skip
+"""The apply_project statement's result row, by column name."""
 _A_FOUND, _A_GBAD = _APPLY_ROW["found"], _APPLY_ROW["guard_bad"]
 _A_GID, _A_GEXP = _APPLY_ROW["guard_id"], _APPLY_ROW["guard_expected"]
 _A_GFOUND, _A_PVER = _APPLY_ROW["guard_found"], _APPLY_ROW["project_version"]
@@ -1452,15 +1459,17 @@ def apply_project_outcome(
     plan: ProjectPlan, row: Row
 ) -> tuple[Project, list[DispatchEntry]] | DeepworkError:
     """Read the apply_project statement's row, as :func:`apply_outcome` does."""
-    found, guard_bad = row[0], row[1]
-    at = 5
-    if row[at] is not None:
-        released = _released(plan.before.id, row, at + len(PROJECT_COLS))
-        return decode_project(row, at), released if plan.claimed_until is not None else []
+    at = _PROJECT_ROW
+    found, guard_bad = row[at["found"]], row[at["guard_bad"]]
+    if row[at["project.id"]] is not None:
+        released = _released(plan.before.id, row, at["released"])
+        project = decode_project(row, at["project.id"])
+        return project, released if plan.claimed_until is not None else []
     if found is None:
         return ProjectNotFound(plan.before.id)
     if found == plan.before.version and guard_bad:
-        return VersionConflict(row[2], row[3], row[4])
+        guard = row[at["guard_id"]], row[at["guard_expected"]], row[at["guard_found"]]
+        return VersionConflict(*guard)
     return VersionConflict(plan.before.id, plan.before.version, found)
 
 

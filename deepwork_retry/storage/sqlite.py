@@ -265,6 +265,8 @@ _COUNTERS = ("total", *common.STATUSES)
 _ATTEMPT_COLUMNS = common.cols(_ATTEMPT_COLUMN.get(c, c) for c in common.ATTEMPT_COLUMNS)
 _ENTRY_COLUMNS = common.cols(common.ENTRY_COLUMNS)
 _IDEM_COLUMNS = common.cols(common.IDEM_COLUMNS)
+_SEQ_ENTRY = common.at(("seq", *common.ENTRY_COLUMNS))
+"""``SELECT seq, {_ENTRY_COLUMNS}``'s row, by column name."""
 _O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
 
 
@@ -1653,7 +1655,7 @@ class SQLiteStorage:
                 "WHERE project_id = ? AND task_id = ? AND attempt = ?",
                 (pid, _text(rel.task_id), rel.attempt),
             ).fetchone()
-            if row is None or row[4] != DispatchState.DEFERRED.value:
+            if row is None or row[_SEQ_ENTRY["state"]] != DispatchState.DEFERRED.value:
                 continue
             c.execute(
                 f"UPDATE outbox SET state = {_PENDING}, claimed_until = ?, pending_seq = ? "
