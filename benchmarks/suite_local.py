@@ -31,10 +31,11 @@ from _fixtures import NOW, add_blocked, chunks, fill_sqlite
 from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds
 
 from deepwork_retry import RetryService, Task, TaskStatus
-from deepwork_retry._core import decide
+from deepwork_retry._core import decide, effects
 from deepwork_retry._core.model import Attempt, DispatchEntry, evolve_task
 from deepwork_retry._core.states import DispatchState, RetryBudget, Trigger
 from deepwork_retry.storage import sqlite as sqlite_storage
+from deepwork_retry.storage._sql import common
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.storage.sqlite import SQLiteStorage
 
@@ -202,20 +203,24 @@ class LibraryStatements:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute(f"PRAGMA synchronous = {synchronous}")
         self.conn.execute("PRAGMA busy_timeout = 5000")
+        # The library's own statements, rendered from the core's description of the move.
+        self.statements = sqlite_storage._render_retry(effects.MANUAL_RETRY)
+        read_back = common.read_back(effects.MANUAL_RETRY)
+        self.attempt_at = 1 + len(sqlite_storage._COUNTERS) + read_back.index("attempt")
 
     def retry(self, pid: str, tid: str) -> None:
-        s = sqlite_storage
+        r = self.statements
         cur = self.conn.cursor()
         now = int(time.time() * 1e6)
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if not cur.execute(s._RETRY_UPDATE["blocked"], (False, now, pid, tid)).rowcount:
+            if not cur.execute(r.update["blocked"], (False, now, pid, tid)).rowcount:
                 raise RuntimeError(f"task {tid} not blocked")
-            cur.execute(s._SHIFT[("blocked", "assigned")], (pid,))
-            row = cur.execute(s._RETRIED, (pid, tid)).fetchall()[0]
-            attempt, last = row[s._RETRIED_ATTEMPT], row[s._RETRIED_COUNT + 1]
-            cur.execute(s._INSERT_RETRY_PENDING, (pid, tid, attempt, now, None, (last or 0) + 1))
-            cur.execute(s._INSERT_RETRY_ATTEMPT, (pid, tid, attempt, now, None, None, "one_more"))
+            cur.execute(r.shift["blocked"], (pid,))
+            row = cur.execute(r.read, (pid, tid)).fetchall()[0]
+            attempt, last = row[self.attempt_at], row[r.count_at + 1]
+            cur.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1))
+            cur.execute(r.insert_attempt, (pid, tid, attempt, now, None, None, "one_more"))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = [
     ("deepwork_retry/_async/services.py", "deepwork_retry/_sync/services.py"),
     ("deepwork_retry/web/_async_api.py", "deepwork_retry/web/_sync_api.py"),
-    ("deepwork_retry/_async/postgres.py", "deepwork_retry/_sync/postgres.py"),
+    ("deepwork_retry/storage/_async_postgres.py", "deepwork_retry/storage/_sync_postgres.py"),
 ]
 
 RULES: list[tuple[str, str]] = [
@@ -34,6 +34,8 @@ RULES: list[tuple[str, str]] = [
     (r"\bawait ", ""),
     (r"\bAwaitable\[([^\[\]]*)\]", r"\1"),
     (r"\b_async\b", "_sync"),
+    (r"\b_async_(\w)", r"_sync_\1"),
+    (r"\bopen_async_now\b", "open_sync_now"),
     (r"\bAsync([A-Z]\w*)", r"\1"),
     (r"\b_Async([A-Z]\w*)", r"_\1"),
     (r"\bStopAsyncIteration\b", "StopIteration"),

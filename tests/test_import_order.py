@@ -72,7 +72,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry._sync._compat",
     ),
     # the storages
-    ("deepwork_retry.storage", "deepwork_retry._async.postgres", "deepwork_retry._sync.postgres"),
+    ("deepwork_retry.storage",),
     # the services (the hand-written async ones and their generated twins), and the
     # package's face that exports them
     ("deepwork_retry._async", "deepwork_retry._sync", "deepwork_retry"),

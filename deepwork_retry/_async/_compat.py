@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 ASYNCHRONOUS = True
 """Whether the services built on this module await their storage and dispatcher."""
@@ -18,8 +17,3 @@ async def wait_or_stop(stop: Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
-
-
-def open_now(opener: Callable[[], Awaitable[None]]) -> None:
-    """Nothing to do at construction: async resources open inside the running loop
-    (``await resource.open()`` or ``async with``)."""

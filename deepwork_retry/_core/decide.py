@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 import attrs
 
-from deepwork_retry._core import machine
+from deepwork_retry._core import effects, machine
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -71,27 +71,14 @@ def _new_attempt(
     after: Task,
     project: Project,
     blockers: Mapping[str, Task],
+    attempt: Attempt,
     *,
     now: datetime,
-    available_at: datetime,
-    trigger: Trigger,
-    actor: str | None = None,
-    reason: str | None = None,
-    budget: RetryBudget | None = None,
     claimed_until: datetime | None = None,
-) -> tuple[Attempt, DispatchEntry, tuple[Guard, ...]]:
-    """The attempt record and outbox entry for ``after.attempt``."""
-    attempt = Attempt(
-        task_id=after.id,
-        project_id=after.project_id,
-        number=after.attempt,
-        trigger=trigger,
-        dispatched_at=now,
-        available_at=available_at,
-        actor=actor,
-        reason=reason,
-        budget=budget,
-    )
+) -> tuple[DispatchEntry, tuple[Guard, ...]]:
+    """The outbox entry for ``after.attempt``, whose record is ``attempt``: due when the
+    attempt is available, pending if it may be dispatched now, else deferred."""
+    available_at = attempt.available_at
     ready = machine.PROJECT_RULES[project.status].dispatches and (
         not after.blocked_by or machine.dependencies_met(after, _statuses(blockers))
     )
@@ -104,7 +91,7 @@ def _new_attempt(
         created_at=now,
         claimed_until=claimed_until if ready and available_at <= now else None,
     )
-    return attempt, entry, _unfinished_guards(after.blocked_by, blockers)
+    return entry, _unfinished_guards(after.blocked_by, blockers)
 
 
 def _check_project(task: Task, project: Project) -> None:
@@ -126,10 +113,13 @@ def assign(
     _check_project(task, project)
     machine.check(task, TaskEvent.ASSIGN, TaskStatus.ASSIGNED)
     after = _bump(task, now, status=TaskStatus.ASSIGNED, attempt=task.attempt + 1)
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=now, trigger=Trigger.INITIAL,
-        claimed_until=claimed_until,
+    attempt = Attempt(
+        task_id=after.id, project_id=after.project_id, number=after.attempt,
+        trigger=Trigger.INITIAL, dispatched_at=now, available_at=now,
     )  # fmt: skip
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
+    )
     return Plan(
         event=TaskEvent.ASSIGN,
         before=task,
@@ -167,24 +157,14 @@ def manual_retry(
         raise ProjectNotRunnable(project.id, project.status.value)
     if budget.__class__ is not RetryBudget:
         budget = RetryBudget(budget)
-    after = evolve_task(
-        task,
-        updated_at=now,
-        version=task.version + 1,
-        status=TaskStatus.ASSIGNED,
-        retry_count=task.retry_count + 1,
-        retries_left=task.max_retries if budget is RetryBudget.FULL else 0,
-        error_message=None,
-        error_type=None,
-        blocked_reason=None,
-        attempt=task.attempt + 1,
-        lease_expires_at=None,
-        started_at=None if budget is RetryBudget.FULL else task.started_at,
+    # The move's effects are data (effects.MANUAL_RETRY), rendered here and into
+    # the storages' one-step statements alike.
+    move = effects.MANUAL_RETRY
+    after = move.change_task(task, now, budget)
+    attempt = move.open_attempt(after, now, actor, reason, budget)
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
     )
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=now, trigger=Trigger.MANUAL_RETRY,
-        actor=actor, reason=reason, budget=budget, claimed_until=claimed_until,
-    )  # fmt: skip
     idem = None
     if idempotency_key is not None:
         idem = IdempotencyRecord(
@@ -482,10 +462,13 @@ def _failed(
         attempt=task.attempt + 1,
         **common,
     )
-    attempt, entry, guards = _new_attempt(
-        after, project, blockers, now=now, available_at=decision.at, trigger=Trigger.AUTO_RETRY,
-        claimed_until=claimed_until,
+    attempt = Attempt(
+        task_id=after.id, project_id=after.project_id, number=after.attempt,
+        trigger=Trigger.AUTO_RETRY, dispatched_at=now, available_at=decision.at,
     )  # fmt: skip
+    entry, guards = _new_attempt(
+        after, project, blockers, attempt, now=now, claimed_until=claimed_until
+    )
     return Plan(
         event=event,
         before=task,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 ASYNCHRONOUS = False
 """Whether the services built on this module await their storage and dispatcher."""
@@ -14,8 +13,3 @@ Event = threading.Event
 def wait_or_stop(stop: Event, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds; True when ``stop`` was set."""
     return stop.wait(timeout)
-
-
-def open_now(opener: Callable[[], None]) -> None:
-    """Open a resource at construction, so it is ready without ``open()`` or ``with``."""
-    opener()

@@ -1,7 +1,8 @@
 """What the sync and async PostgreSQL storages share: SQL, codecs, error translation.
 
-The storages themselves (``deepwork_retry._async.postgres`` and its generated
-sync twin) only move these statements and values over a connection.
+The storages themselves (``deepwork_retry.storage._async_postgres`` and its
+generated sync twin ``_sync_postgres``) only move these statements and values
+over a connection.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import json
 import re
 import select
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import resources
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +20,7 @@ import attrs
 import psycopg
 from psycopg import errors, sql
 
-from deepwork_retry._core import machine, retention
+from deepwork_retry._core import effects, machine, retention
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -38,7 +38,6 @@ from deepwork_retry._core.states import (
     Outcome,
     ProjectStatus,
     RetryBudget,
-    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -53,6 +52,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.storage._sql import common
 
 DEFAULT_SCHEMA = "deepwork"
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,49}")
@@ -84,25 +84,16 @@ def channel(schema: str) -> str:
 # -- migrations ----------------------------------------------------------------
 
 
-@attrs.frozen
-class Migration:
-    number: int
-    name: str
-    text: str
+Migration = common.Migration
 
 
 def _sql_dir() -> Any:
-    return resources.files("deepwork_retry.storage").joinpath("sql").joinpath("postgres")
+    return common.sql_folder("postgres")
 
 
 def migrations() -> list[Migration]:
     """The numbered migrations shipped with the package, in order."""
-    found = []
-    for entry in _sql_dir().iterdir():
-        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    return sorted(found, key=lambda m: m.number)
+    return list(common.migrations("postgres"))
 
 
 def schema_sql() -> str:
@@ -182,6 +173,16 @@ class DriverErrors:
         return None
 
 
+def open_async_now(opener: Callable[[], Awaitable[None]]) -> None:
+    """Nothing to do at construction: the async storage's pool opens inside the
+    running loop (``await storage.open()`` or ``async with``)."""
+
+
+def open_sync_now(opener: Callable[[], None]) -> None:
+    """The sync storage opens its pool at construction, ready without ``open()``."""
+    opener()
+
+
 def server_spoke(conn: psycopg.BaseConnection[Any]) -> bool:
     """Whether the server sent something to an idle connection, or it is closed.
 
@@ -238,20 +239,9 @@ def diagnostic(value: str | None) -> str | None:
 
 
 def after_bound(after: str) -> tuple[str, str]:
-    """``(operator, value)`` selecting ids ``> after`` where ``after`` is not storable.
-
-    Stored ids hold neither NUL nor surrogates, so the first such character of
-    ``after`` decides: ids greater than a prefix ending before a NUL, or at
-    least the prefix followed by U+E000 (the first character above the
-    surrogates).
-    """
-    match = _UNSTORABLE.search(after)
-    if match is None:
-        return ">", after
-    prefix = after[: match.start()]
-    if match.group() == "\x00":
-        return ">", prefix
-    return ">=", prefix + "\ue000"
+    """``(operator, value)`` selecting ids ``> after`` where ``after`` is not storable
+    (see :func:`common.after_bound`)."""
+    return common.after_bound(after, _UNSTORABLE)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -273,14 +263,9 @@ def _value(enum_value: Any) -> Any:
     return None if enum_value is None else enum_value.value
 
 
-TASK_COLS = (
-    "project_id", "id", "title", "status", "retry_count", "max_retries", "retries_left",
-    "error_message", "error_type", "blocked_reason", "blocked_by", "attempt",
-    "lease_expires_at", "created_at", "updated_at", "started_at", "completed_at", "version",
-    "metadata",
-)  # fmt: skip
-PROJECT_COLS = ("id", "status", "name", "created_at", "updated_at", "version")
-PROGRESS_COLS = ("project_id", *(s.value for s in TaskStatus), "total")
+TASK_COLS = common.TASK_COLUMNS
+PROJECT_COLS = common.PROJECT_COLUMNS
+PROGRESS_COLS = ("project_id", *common.STATUSES, "total")
 COUNTERS = PROGRESS_COLS[1:]
 
 STRIPES = 4
@@ -303,15 +288,9 @@ def stripe_of(task_id: str) -> int:
     return zlib.crc32(task_id.encode("utf-8", "surrogatepass")) % STRIPES
 
 
-ATTEMPT_COLS = (
-    "project_id", "task_id", "number", "trigger", "dispatched_at", "available_at", "actor",
-    "reason", "budget", "started_at", "finished_at", "outcome", "error_type", "error_message",
-)  # fmt: skip
-OUTBOX_COLS = (
-    "project_id", "task_id", "attempt", "state", "available_at", "created_at", "claimed_until",
-    "tries", "last_error", "delivered_at",
-)  # fmt: skip
-IDEM_COLS = ("key", "project_id", "task_id", "created_at", "status_code", "body", "expires_at")
+ATTEMPT_COLS = common.ATTEMPT_COLUMNS
+OUTBOX_COLS = common.ENTRY_COLUMNS
+IDEM_COLS = common.IDEM_COLUMNS
 
 Row = Sequence[Any]
 
@@ -362,31 +341,6 @@ def progress_deltas(tasks: Sequence[Task]) -> tuple[list[Any], ...]:
     return ([key[0] for key in keys], [key[1] for key in keys], *columns)
 
 
-def decode_task(row: Row, at: int = 0) -> Task:
-    r = row[at : at + len(TASK_COLS)]
-    return Task(
-        project_id=r[0],
-        id=r[1],
-        title=r[2],
-        status=TaskStatus(r[3]),
-        retry_count=r[4],
-        max_retries=r[5],
-        retries_left=r[6],
-        error_message=r[7],
-        error_type=r[8],
-        blocked_reason=None if r[9] is None else BlockedReason(r[9]),
-        blocked_by=tuple(r[10]),
-        attempt=r[11],
-        lease_expires_at=_utc(r[12]),
-        created_at=_req_utc(r[13]),
-        updated_at=_req_utc(r[14]),
-        started_at=_utc(r[15]),
-        completed_at=_utc(r[16]),
-        version=r[17],
-        metadata=r[18],
-    )
-
-
 def project_params(project: Project) -> dict[str, Any]:
     return {
         "p_id": project.id,
@@ -396,23 +350,6 @@ def project_params(project: Project) -> dict[str, Any]:
         "p_updated_at": project.updated_at,
         "p_version": project.version,
     }
-
-
-def decode_project(row: Row, at: int = 0) -> Project:
-    r = row[at : at + len(PROJECT_COLS)]
-    return Project(
-        id=r[0],
-        status=ProjectStatus(r[1]),
-        name=r[2],
-        created_at=_req_utc(r[3]),
-        updated_at=_req_utc(r[4]),
-        version=r[5],
-    )
-
-
-def decode_progress(row: Row, at: int = 0) -> Progress:
-    r = row[at : at + len(PROGRESS_COLS)]
-    return Progress(**dict(zip(PROGRESS_COLS, r, strict=True)))
 
 
 def attempt_params(attempt: Attempt) -> dict[str, Any]:
@@ -432,26 +369,6 @@ def attempt_params(attempt: Attempt) -> dict[str, Any]:
     }
 
 
-def decode_attempt(row: Row, at: int = 0) -> Attempt:
-    r = row[at : at + len(ATTEMPT_COLS)]
-    return Attempt(
-        project_id=r[0],
-        task_id=r[1],
-        number=r[2],
-        trigger=Trigger(r[3]),
-        dispatched_at=_req_utc(r[4]),
-        available_at=_req_utc(r[5]),
-        actor=r[6],
-        reason=r[7],
-        budget=None if r[8] is None else RetryBudget(r[8]),
-        started_at=_utc(r[9]),
-        finished_at=_utc(r[10]),
-        outcome=None if r[11] is None else Outcome(r[11]),
-        error_type=r[12],
-        error_message=r[13],
-    )
-
-
 def entry_params(entry: DispatchEntry) -> dict[str, Any]:
     return {
         "d_project_id": entry.project_id,
@@ -467,22 +384,6 @@ def entry_params(entry: DispatchEntry) -> dict[str, Any]:
     }
 
 
-def decode_entry(row: Row, at: int = 0) -> DispatchEntry:
-    r = row[at : at + len(OUTBOX_COLS)]
-    return DispatchEntry(
-        project_id=r[0],
-        task_id=r[1],
-        attempt=r[2],
-        state=DispatchState(r[3]),
-        available_at=_req_utc(r[4]),
-        created_at=_req_utc(r[5]),
-        claimed_until=_utc(r[6]),
-        tries=r[7],
-        last_error=r[8],
-        delivered_at=_utc(r[9]),
-    )
-
-
 def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
     return {
         "i_key": record.key,
@@ -495,17 +396,60 @@ def idem_params(record: IdempotencyRecord) -> dict[str, Any]:
     }
 
 
-def decode_idem(row: Row, at: int = 0) -> IdempotencyRecord:
-    r = row[at : at + len(IDEM_COLS)]
-    return IdempotencyRecord(
-        key=r[0],
-        project_id=r[1],
-        task_id=r[2],
-        created_at=_req_utc(r[3]),
-        status_code=r[4],
-        body=r[5],
-        expires_at=_req_utc(r[6]),
-    )
+def _optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else kind(value)
+
+
+_HELPERS: dict[str, object] = {
+    "_utc": _utc, "_req_utc": _req_utc, "_UTC": timezone.utc,
+    "_task_status": TaskStatus, "_reason": _optional(BlockedReason), "_tuple": tuple,
+    "_dict": dict, "_project_status": ProjectStatus, "_trigger": Trigger,
+    "_budget": _optional(RetryBudget), "_outcome": _optional(Outcome), "_state": DispatchState,
+}  # fmt: skip
+_TASK_CODEC = {
+    "status": "_task_status({0})", "blocked_reason": "_reason({0})",
+    "blocked_by": "_tuple({0})", "metadata": "_dict({0})",
+    "lease_expires_at": "_utc({0})", "created_at": "_req_utc({0})",
+    "updated_at": "_req_utc({0})", "started_at": "_utc({0})", "completed_at": "_utc({0})",
+}  # fmt: skip
+"""How a selected task column becomes the field's value (see :func:`common.compile_decoder`)."""
+
+
+def _decoder(cls: type, columns: Sequence[str], codec: Mapping[str, str]) -> Callable[..., Any]:
+    """``decode(row, at=0)``: a ``cls`` from the row's columns from ``at`` on, by name."""
+    return common.compile_decoder(
+        cls, read=common.at(columns), codec=codec, helpers=_HELPERS, signature="row, at=0",
+        offset="at",
+    )  # fmt: skip
+
+
+# Every row decoded by column name (the indexes are the column lists').
+decode_task: Callable[..., Task] = _decoder(Task, TASK_COLS, _TASK_CODEC)
+decode_project: Callable[..., Project] = _decoder(
+    Project,
+    PROJECT_COLS,
+    {"status": "_project_status({0})", "created_at": "_req_utc({0})",
+     "updated_at": "_req_utc({0})"},
+)  # fmt: skip
+decode_attempt: Callable[..., Attempt] = _decoder(
+    Attempt,
+    ATTEMPT_COLS,
+    {"trigger": "_trigger({0})", "dispatched_at": "_req_utc({0})",
+     "available_at": "_req_utc({0})", "budget": "_budget({0})", "started_at": "_utc({0})",
+     "finished_at": "_utc({0})", "outcome": "_outcome({0})"},
+)  # fmt: skip
+decode_entry: Callable[..., DispatchEntry] = _decoder(
+    DispatchEntry,
+    OUTBOX_COLS,
+    {"state": "_state({0})", "available_at": "_req_utc({0})", "created_at": "_req_utc({0})",
+     "claimed_until": "_utc({0})", "delivered_at": "_utc({0})"},
+)  # fmt: skip
+decode_idem: Callable[..., IdempotencyRecord] = _decoder(
+    IdempotencyRecord,
+    IDEM_COLS,
+    {"created_at": "_req_utc({0})", "expires_at": "_req_utc({0})"},
+)  # fmt: skip
+decode_progress: Callable[..., Progress] = _decoder(Progress, PROGRESS_COLS, {})
 
 
 def _released(project_id: str, row: Row, at: int) -> list[DispatchEntry]:
@@ -568,12 +512,12 @@ gbad AS (
 _RELEASE_CTE = """
 rel AS (
     UPDATE {s}.outbox AS o
-    SET state = 'pending', claimed_until = %(claimed_until)s::timestamptz,
+    SET state = {pending}, claimed_until = %(claimed_until)s::timestamptz,
         pending_seq = nextval({order})
     FROM unnest(%(r_task_ids)s::text[], %(r_attempts)s::bigint[]) WITH ORDINALITY
         AS r(task_id, attempt, ord)
     WHERE o.project_id = %(pid)s AND o.task_id = r.task_id AND o.attempt = r.attempt
-      AND o.state = 'deferred' AND EXISTS (SELECT 1 FROM upd)
+      AND o.state = {deferred} AND EXISTS (SELECT 1 FROM upd)
     RETURNING r.ord, o.task_id, o.attempt, o.available_at, o.created_at, o.claimed_until,
               o.tries, o.last_error, o.delivered_at
 ),"""
@@ -613,14 +557,27 @@ class _Shape:
     notify_released: bool
 
 
-# Column offsets in the apply statement's result row.
-_A_FOUND, _A_GBAD, _A_GID, _A_GEXP, _A_GFOUND, _A_PVER = range(6)
-_A_IDEM = 6
-_A_DUP = _A_IDEM + len(IDEM_COLS)
-_A_NEXT = _A_DUP + 1
-_A_TASK = _A_NEXT + 1
-_A_PROGRESS = _A_TASK + len(TASK_COLS)
-_A_RELEASED = _A_PROGRESS + len(PROGRESS_COLS)
+_APPLY_ROW = common.at(
+    (
+        "found", "guard_bad", "guard_id", "guard_expected", "guard_found", "project_version",
+        *(f"idem.{c}" for c in IDEM_COLS), "duplicate", "next", *(f"task.{c}" for c in TASK_COLS),
+        *(f"progress.{c}" for c in PROGRESS_COLS), "released",
+    )
+)  # fmt: skip
+"""The apply statement's result row, by column name (see :func:`_apply_text`)."""
+_PROJECT_ROW = common.at(
+    (
+        "found", "guard_bad", "guard_id", "guard_expected", "guard_found",
+        *(f"project.{c}" for c in PROJECT_COLS), "released",
+    )
+)  # fmt: skip
+"""The apply_project statement's result row, by column name."""
+_A_FOUND, _A_GBAD = _APPLY_ROW["found"], _APPLY_ROW["guard_bad"]
+_A_GID, _A_GEXP = _APPLY_ROW["guard_id"], _APPLY_ROW["guard_expected"]
+_A_GFOUND, _A_PVER = _APPLY_ROW["guard_found"], _APPLY_ROW["project_version"]
+_A_IDEM, _A_DUP = _APPLY_ROW["idem.key"], _APPLY_ROW["duplicate"]
+_A_NEXT, _A_TASK = _APPLY_ROW["next"], _APPLY_ROW["task.project_id"]
+_A_PROGRESS, _A_RELEASED = _APPLY_ROW["progress.project_id"], _APPLY_ROW["released"]
 
 
 @attrs.frozen
@@ -631,6 +588,22 @@ class ApplyOutcome:
     error: DeepworkError | None
     reread_idempotency: bool = False
     """The key was taken by a transaction that committed during the statement."""
+
+
+_STATES = {
+    name: sql.SQL(common.literal(value))
+    for name, value in {
+        "pending": DispatchState.PENDING,
+        "deferred": DispatchState.DEFERRED,
+        "delivered": DispatchState.DELIVERED,
+        "awaiting_start": retention.AWAITING_START,
+        "running": TaskStatus.IN_PROGRESS,
+    }.items()
+}
+"""The core's states the statements name, as ``{pending}`` and so on: an outbox entry
+turns pending when released or redelivered, delivered when handed over; only a
+task still awaiting its start (:data:`~deepwork_retry._core.retention.AWAITING_START`)
+has its delivered entry handed out again."""
 
 
 class Queries:
@@ -702,7 +675,7 @@ class Queries:
         )
         self.deferred = q(
             f"SELECT {_cols(OUTBOX_COLS)} FROM {{s}}.outbox"
-            " WHERE project_id = %s AND state = 'deferred' ORDER BY seq"
+            " WHERE project_id = %s AND state = {deferred} ORDER BY seq"
         )
         self.existing_projects = q(
             "SELECT id FROM {s}.projects WHERE id = ANY(%s::text[]) FOR KEY SHARE"
@@ -733,7 +706,7 @@ class Queries:
         )
         self.claim_due = q(
             "WITH c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
-            " WHERE state = 'pending' AND available_at <= %(now)s"
+            " WHERE state = {pending} AND available_at <= %(now)s"
             " AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
             " ORDER BY pending_seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
             " UPDATE {s}.outbox AS o SET claimed_until = %(until)s FROM c"
@@ -741,16 +714,16 @@ class Queries:
             f" AND o.attempt = c.attempt RETURNING o.pending_seq, {_cols(OUTBOX_COLS, 'o.')}"
         )
         self.mark_delivered = q(
-            "UPDATE {s}.outbox AS o SET state = 'delivered', delivered_at = %s,"
+            "UPDATE {s}.outbox AS o SET state = {delivered}, delivered_at = %s,"
             " tries = o.tries + 1, claimed_until = NULL, pending_seq = NULL"
             " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(project_id, task_id, attempt)"
             " WHERE o.project_id = k.project_id AND o.task_id = k.task_id"
-            " AND o.attempt = k.attempt AND o.state = 'pending'"
+            " AND o.attempt = k.attempt AND o.state = {pending}"
         )
         self.mark_failed = q(
             "UPDATE {s}.outbox SET tries = tries + 1, last_error = %s, available_at = %s,"
             " claimed_until = NULL"
-            " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = 'pending'"
+            " WHERE project_id = %s AND task_id = %s AND attempt = %s AND state = {pending}"
         )
         # Driven by the assigned tasks; the entry row is locked (skipped when
         # another reaper holds it) and so is the task's, so a start committing
@@ -760,11 +733,11 @@ class Queries:
             "WITH s AS (SELECT o.project_id, o.task_id, o.attempt FROM {s}.tasks AS t"
             " JOIN {s}.outbox AS o ON o.project_id = t.project_id AND o.task_id = t.id"
             " AND o.attempt = t.attempt"
-            " WHERE t.status = 'assigned' AND o.state = 'delivered'"
+            " WHERE t.status = {awaiting_start} AND o.state = {delivered}"
             " AND o.delivered_at <= %(before)s"
             " ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT %(limit)s"
             " FOR NO KEY UPDATE OF o SKIP LOCKED FOR SHARE OF t SKIP LOCKED)"
-            " UPDATE {s}.outbox AS o SET state = 'pending', available_at = %(now)s,"
+            " UPDATE {s}.outbox AS o SET state = {pending}, available_at = %(now)s,"
             " claimed_until = NULL, last_error = %(error)s, pending_seq = nextval({order})"
             " FROM s WHERE o.project_id = s.project_id AND o.task_id = s.task_id"
             f" AND o.attempt = s.attempt RETURNING {_cols(OUTBOX_COLS, 'o.')},"
@@ -772,7 +745,7 @@ class Queries:
         )
         self.expired_leases = q(
             f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks"
-            " WHERE status = 'in_progress' AND lease_expires_at <= %s"
+            " WHERE status = {running} AND lease_expires_at <= %s"
             " ORDER BY lease_expires_at, project_id, id LIMIT %s"
         )
         self.get_idempotency = q(f"SELECT {_cols(IDEM_COLS)} FROM {{s}}.idempotency WHERE key = %s")
@@ -792,11 +765,14 @@ class Queries:
         )
         self.listen = q("LISTEN {c}")
         self._prune = tuple(q(text) for text in _PRUNE)
+        # The one-step retry, rendered from the core's description of the move.
+        move = effects.MANUAL_RETRY
         self._retry = {
-            (keyed, claimed): q(_retry_text(keyed=keyed, claimed=claimed))
+            (keyed, claimed): q(_retry_text(move, keyed=keyed, claimed=claimed))
             for keyed in (False, True)
             for claimed in (False, True)
         }
+        self.retried = RetryReader(move)
 
     def render(self, text: str) -> bytes:
         """``text`` for this schema, its whitespace collapsed.
@@ -810,6 +786,7 @@ class Queries:
             c=sql.Identifier(self.channel),
             chan=sql.Literal(self.channel),
             order=sql.SQL("{}::regclass").format(order),
+            **_STATES,
         )
         return composed.as_bytes(None)
 
@@ -1082,7 +1059,7 @@ disp AS (
            %(d_state)s::text, %(d_available_at)s::timestamptz, %(d_created_at)s::timestamptz,
            %(d_claimed_until)s::timestamptz, %(d_tries)s::bigint, %(d_last_error)s::text,
            %(d_delivered_at)s::timestamptz, n.v,
-           CASE WHEN %(d_state)s::text = 'pending' THEN n.v END
+           CASE WHEN %(d_state)s::text = {{pending}} THEN n.v END
     FROM (SELECT nextval({{order}}) AS v) AS n
     WHERE {done}
 ),"""
@@ -1193,31 +1170,39 @@ FROM (SELECT 1) AS one LEFT JOIN upd ON true"""
 
 def _in(values: Iterable[str]) -> str:
     """``'a', 'b'`` for ``IN (...)``; ``NULL`` (matching nothing) when empty."""
-    quoted = sorted(f"'{v}'" for v in values)
+    quoted = sorted(common.literal(v) for v in values)
     return ", ".join(quoted) if quoted else "NULL"
 
 
-_RETRY_TARGET = TaskStatus.ASSIGNED
-"""The status a manual retry leaves the task in (checked against the core's table)."""
-
-_RETRY_TASK_COLS = (
-    "title", "retry_count", "max_retries", "retries_left", "blocked_by", "attempt",
-    "created_at", "started_at", "completed_at", "version", "metadata",
-)  # fmt: skip
-"""The task columns the one-step retry returns. The others it knows already: the
-ids it was given, ``updated_at`` (its ``now``) and the columns the statement sets
-to constants (status, error, blocked reason, lease)."""
-
 _RETRY_COUNTERS = COUNTERS
-_R_COUNTERS = len(_RETRY_TASK_COLS)
-_R_READY = _R_COUNTERS + len(_RETRY_COUNTERS)
+_NOW = "%(n)s::timestamptz"
+_FULL = f"%(b)s::text = {common.literal(RetryBudget.FULL)}"
+_ARGS = {"actor": "%(a)s::text", "reason": "%(r)s::text", "budget": "%(b)s::text"}
+_COLUMN_TYPES = {
+    **dict.fromkeys(("title", "status", "error_message", "error_type", "blocked_reason"), "text"),
+    **dict.fromkeys(("retry_count", "max_retries", "retries_left", "attempt", "version"), "bigint"),
+    **dict.fromkeys(
+        ("lease_expires_at", "created_at", "updated_at", "started_at", "completed_at"),
+        "timestamptz",
+    ),
+    **dict.fromkeys(("trigger", "actor", "reason", "budget", "outcome"), "text"),
+    **dict.fromkeys(("dispatched_at", "available_at", "finished_at"), "timestamptz"),
+}
+"""The types of the task and attempt columns a move may set (schema.sql)."""
+_RETURNED = {
+    "blocked_by": "NULLIF(u.blocked_by, '{{}}'::text[])",
+    "metadata": "NULLIF(u.metadata, '{{}}'::jsonb)",
+}
+"""Read-back columns returned as NULL when empty (fewer bytes to send and decode)."""
 
 
-def _retry_text(*, keyed: bool, claimed: bool) -> str:
+def _retry_text(move: effects.Move, *, keyed: bool, claimed: bool) -> str:
     """The manual retry decided and applied in one statement.
 
     The checks and choices of :func:`deepwork_retry._core.decide.manual_retry`
-    are rendered from the core's tables, never copied: the states a manual
+    are rendered from the core, never copied: what the move changes (``move``,
+    the data of :data:`~deepwork_retry._core.effects.MANUAL_RETRY`: the task's
+    new values and the attempt record), the states a manual
     retry leaves (:data:`~deepwork_retry._core.machine.TRANSITIONS`), the
     project states that accept a retry and those that dispatch now
     (:data:`~deepwork_retry._core.machine.PROJECT_RULES`) and the finished
@@ -1236,12 +1221,19 @@ def _retry_text(*, keyed: bool, claimed: bool) -> str:
     it as briefly as they can. The progress returned is that stripe as
     updated plus the project's other stripes as of the statement's snapshot.
     """
-    target = _RETRY_TARGET
-    sources = [s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, target)]
+    target = move.target
+    sources = [s.value for s in move.sources]
     accepting = _in(s.value for s in machine.ACCEPTS_RETRY)
     dispatching = _in(s.value for s in machine.DISPATCHES)
     finished = _in(s.value for s in TERMINAL)
-    full = f"%(b)s::text = '{RetryBudget.FULL.value}'"
+    spelling = common.Spelling(
+        column="t.{}".format, now=_NOW, full=_FULL, args=_ARGS, types=_COLUMN_TYPES
+    )
+    change = common.set_clause(move, spelling)
+    read_back = common.read_back(move)
+    fields = [name for name, _ in move.attempt]  # the others are NULL
+    record = ", ".join(common.record_values(move, spelling, fields))
+    available = common.render(dict(move.attempt)["available_at"], spelling)
     pending, deferred = DispatchState.PENDING.value, DispatchState.DEFERRED.value
     moved = ", ".join(
         [f"{c} = {c} - (c.status = '{c}')::int" for c in sorted(sources)]
@@ -1266,16 +1258,9 @@ i AS (INSERT INTO {{s}}.idempotency ({_cols(IDEM_COLS)})
     notify = (
         "NULL"
         if claimed
-        else "CASE WHEN u.title IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
+        else "CASE WHEN u.id IS NOT NULL AND ok.ready THEN pg_notify({chan}, '') IS NULL END"
     )
-    returned = ", ".join(
-        "NULLIF(u.blocked_by, '{{}}'::text[])"
-        if c == "blocked_by"
-        else "NULLIF(u.metadata, '{{}}'::jsonb)"
-        if c == "metadata"
-        else f"u.{c}"
-        for c in _RETRY_TASK_COLS
-    )
+    returned = ", ".join(_RETURNED.get(c, f"u.{c}") for c in read_back)
     # Parameters: p project, t task, n now, k idempotency key, b budget, a actor,
     # r reason, c claimed_until. The task is looked up with the states it may
     # leave, as the floor's statement does: an exact key of both the primary key
@@ -1302,23 +1287,16 @@ ok AS (SELECT COALESCE(c.status IN ({_in(sources)}) AND j.status IN ({accepting}
     AND NOT EXISTS (SELECT FROM unnest(c.blocked_by) AS b(id) LEFT JOIN d ON d.id = b.id
         WHERE d.status IS NULL OR d.status NOT IN ({finished})) AS ready
     FROM (SELECT) AS one LEFT JOIN c ON true LEFT JOIN j ON true),{reserve}
-u AS (UPDATE {{s}}.tasks AS t SET status = '{target.value}', retry_count = retry_count + 1,
-    retries_left = CASE WHEN {full} THEN max_retries ELSE 0 END,
-    error_message = NULL, error_type = NULL, blocked_reason = NULL,
-    attempt = t.attempt + 1, lease_expires_at = NULL,
-    started_at = CASE WHEN {full} THEN NULL ELSE started_at END,
-    updated_at = %(n)s::timestamptz, version = t.version + 1
+u AS (UPDATE {{s}}.tasks AS t SET {change}
     FROM c, ok WHERE t.project_id = %(p)s AND t.status IN ({_in(sources)}) AND t.id = %(t)s
     AND t.version = c.version AND ok.v
     {reserved}
-    RETURNING t.project_id, t.id, {_cols(_RETRY_TASK_COLS, "t.")}),
-a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, trigger, dispatched_at,
-        available_at, actor, reason, budget)
-    SELECT project_id, id, attempt, '{Trigger.MANUAL_RETRY.value}', %(n)s::timestamptz,
-        %(n)s::timestamptz, %(a)s::text, %(r)s::text, %(b)s::text FROM u RETURNING 1),
+    RETURNING t.project_id, t.id, {_cols(read_back, "t.")}),
+a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, {_cols(fields)})
+    SELECT project_id, id, attempt, {record} FROM u RETURNING 1),
 o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
     SELECT x.project_id, x.id, x.attempt, CASE WHEN ok.ready THEN '{pending}' ELSE '{deferred}' END,
-        %(n)s::timestamptz, %(n)s::timestamptz, {claim}, 0, NULL, NULL,
+        {available}, {_NOW}, {claim}, 0, NULL, NULL,
         x.seq, CASE WHEN ok.ready THEN x.seq END
     FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok
     RETURNING 1),
@@ -1365,70 +1343,77 @@ def retry_params(
     return params
 
 
-def retried(
-    project_id: str,
-    task_id: str,
-    row: Row,
-    *,
-    now: datetime,
-    claimed_until: datetime | None,
-) -> Applied | None:
-    """Read the one-step retry's row: what :meth:`Storage.apply` would return, or
-    ``None`` when the statement changed nothing.
+def _pg_blocked_by(value: list[str] | None) -> tuple[str, ...]:
+    return () if value is None else tuple(value)
 
-    ``now`` must be timezone-aware (it is what the statement stored as
-    ``updated_at``, read back as UTC).
-    """
-    if row[0] is None:
-        return None
-    (
-        title, retry_count, max_retries, retries_left, blocked_by, attempt,
-        created_at, started_at, completed_at, version, metadata,
-    ) = row[:_R_COUNTERS]  # fmt: skip
-    task = Task(
-        id=task_id,
-        project_id=project_id,
-        title=title,
-        status=_RETRY_TARGET,
-        retry_count=retry_count,
-        max_retries=max_retries,
-        retries_left=retries_left,
-        error_message=None,
-        error_type=None,
-        blocked_reason=None,
-        blocked_by=() if blocked_by is None else blocked_by,
-        attempt=attempt,
-        lease_expires_at=None,
-        created_at=_req_utc(created_at),
-        updated_at=now if now.tzinfo is timezone.utc else _req_utc(now),
-        started_at=None if started_at is None else _req_utc(started_at),
-        completed_at=None if completed_at is None else _req_utc(completed_at),
-        version=version,
-        metadata={} if metadata is None else metadata,
-    )
-    ready = bool(row[_R_READY])
-    made: tuple[DispatchEntry, ...] = ()
-    if ready and claimed_until is not None:
-        made = (
-            DispatchEntry(
-                project_id=project_id,
-                task_id=task_id,
-                attempt=attempt,
-                state=DispatchState.PENDING,
-                available_at=now,
-                created_at=now,
-                claimed_until=claimed_until,
-            ),
+
+def _pg_metadata(value: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if value is None else dict(value)
+
+
+_RETRY_CODEC = {**_TASK_CODEC, "blocked_by": "_blocked_by({0})", "metadata": "_metadata({0})"}
+"""The one-step retry returns an empty ``blocked_by`` and ``metadata`` as NULL."""
+_RETRY_HELPERS = {**_HELPERS, "_blocked_by": _pg_blocked_by, "_metadata": _pg_metadata}
+
+
+class RetryReader:
+    """Reads the one-step retry's row for one move: what :meth:`Storage.apply` would
+    return, or ``None`` when the statement changed nothing."""
+
+    def __init__(self, move: effects.Move) -> None:
+        read_back = common.read_back(move)
+        given, consts = common.known_values(
+            move, now="(now if now.tzinfo is _UTC else _req_utc(now))"
         )
-    return Applied(
-        task=task,
-        progress=Progress(
-            project_id=project_id,
-            **dict(zip(_RETRY_COUNTERS, row[_R_COUNTERS:_R_READY], strict=True)),
-        ),
-        dispatches=made,
-        deferred=not ready,
-    )
+        self._decode = common.compile_decoder(
+            Task,
+            read=common.at(read_back),
+            codec=_RETRY_CODEC,
+            helpers={**_RETRY_HELPERS, **consts},
+            given={"project_id": "project_id", "id": "task_id", **given},
+            signature="row, project_id, task_id, now",
+        )
+        self._counters = len(read_back)
+        self._ready = self._counters + len(_RETRY_COUNTERS)
+
+    def __call__(
+        self,
+        project_id: str,
+        task_id: str,
+        row: Row,
+        *,
+        now: datetime,
+        claimed_until: datetime | None,
+    ) -> Applied | None:
+        """``now`` must be timezone-aware (it is what the statement stored as
+        ``updated_at``, read back as UTC)."""
+        counters, ready_at = self._counters, self._ready
+        if row[counters] is None:
+            return None  # nothing written: no progress stripe was moved
+        task: Task = self._decode(row, project_id, task_id, now)
+        ready = bool(row[ready_at])
+        made: tuple[DispatchEntry, ...] = ()
+        if ready and claimed_until is not None:
+            made = (
+                DispatchEntry(
+                    project_id=project_id,
+                    task_id=task_id,
+                    attempt=task.attempt,
+                    state=DispatchState.PENDING,
+                    available_at=now,
+                    created_at=now,
+                    claimed_until=claimed_until,
+                ),
+            )
+        return Applied(
+            task=task,
+            progress=Progress(
+                project_id=project_id,
+                **dict(zip(_RETRY_COUNTERS, row[counters:ready_at], strict=True)),
+            ),
+            dispatches=made,
+            deferred=not ready,
+        )
 
 
 def apply_outcome(plan: Plan, row: Row) -> ApplyOutcome:
@@ -1474,15 +1459,17 @@ def apply_project_outcome(
     plan: ProjectPlan, row: Row
 ) -> tuple[Project, list[DispatchEntry]] | DeepworkError:
     """Read the apply_project statement's row, as :func:`apply_outcome` does."""
-    found, guard_bad = row[0], row[1]
-    at = 5
-    if row[at] is not None:
-        released = _released(plan.before.id, row, at + len(PROJECT_COLS))
-        return decode_project(row, at), released if plan.claimed_until is not None else []
+    at = _PROJECT_ROW
+    found, guard_bad = row[at["found"]], row[at["guard_bad"]]
+    if row[at["project.id"]] is not None:
+        released = _released(plan.before.id, row, at["released"])
+        project = decode_project(row, at["project.id"])
+        return project, released if plan.claimed_until is not None else []
     if found is None:
         return ProjectNotFound(plan.before.id)
     if found == plan.before.version and guard_bad:
-        return VersionConflict(row[2], row[3], row[4])
+        guard = row[at["guard_id"]], row[at["guard_expected"]], row[at["guard_found"]]
+        return VersionConflict(*guard)
     return VersionConflict(plan.before.id, plan.before.version, found)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from deepwork_retry._core.inputs import check_id, check_limit
+from deepwork_retry._core.inputs import check_id
 from deepwork_retry._core.model import Task
 from deepwork_retry.exceptions import InvalidInput
 
@@ -31,4 +31,4 @@ def check_new_tasks(tasks: Sequence[Task]) -> None:
             check_id("blocked_by task", dep)
 
 
-__all__ = ["check_limit", "check_new_tasks"]
+__all__ = ["check_new_tasks"]

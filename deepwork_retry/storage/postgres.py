@@ -40,12 +40,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         ) from exc
     raise missing_extra("postgres", __name__, exc) from exc
 
-from deepwork_retry._async.postgres import AsyncPostgresStorage
-from deepwork_retry._async.postgres import check_migrated as acheck_migrated
-from deepwork_retry._async.postgres import migrate as amigrate
-from deepwork_retry._sync.postgres import PostgresStorage, check_migrated, migrate
 from deepwork_retry.exceptions import DeepworkError
+from deepwork_retry.storage._async_postgres import AsyncPostgresStorage
+from deepwork_retry.storage._async_postgres import check_migrated as acheck_migrated
+from deepwork_retry.storage._async_postgres import migrate as amigrate
 from deepwork_retry.storage._postgres_sql import DEFAULT_SCHEMA, channel
+from deepwork_retry.storage._sync_postgres import PostgresStorage, check_migrated, migrate
 
 __all__ = [
     "DEFAULT_SCHEMA",

@@ -33,14 +33,14 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import attrs
 from typing_extensions import ParamSpec
 
-from deepwork_retry._core import machine, retention
+from deepwork_retry._core import effects, machine, retention
+from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -57,7 +57,6 @@ from deepwork_retry._core.states import (
     Outcome,
     ProjectStatus,
     RetryBudget,
-    TaskEvent,
     TaskStatus,
     Trigger,
 )
@@ -76,13 +75,14 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
+from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
     AsyncFromSync,
 )
-from deepwork_retry.storage._validate import check_limit, check_new_tasks
+from deepwork_retry.storage._validate import check_new_tasks
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteStorage", "migrations"]
 
@@ -90,7 +90,6 @@ APPLICATION_ID = 0x64777274
 """``PRAGMA application_id`` of a deepwork_retry database ("dwrt")."""
 
 _TABLES = frozenset({"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency"})
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _IN_CHUNK = 500
 """Ids per ``IN (...)`` list, well below SQLite's bound on parameters."""
 _KEEP_IDLE = 8
@@ -117,17 +116,9 @@ _MICROSECOND = timedelta(microseconds=1)
 Synchronous = Literal["NORMAL", "FULL"]
 
 
-@functools.cache
-def migrations() -> tuple[tuple[int, str, str], ...]:
+def migrations() -> tuple[common.Migration, ...]:
     """The shipped migrations as ``(number, file name, SQL)``, in order (read once)."""
-    folder = resources.files("deepwork_retry.storage").joinpath("sql").joinpath("sqlite")
-    found = []
-    for item in folder.iterdir():
-        match = _MIGRATION_NAME.match(item.name)
-        if match:
-            found.append((int(match.group(1)), item.name, item.read_text(encoding="utf-8")))
-    found.sort()
-    return tuple(found)
+    return common.migrations("sqlite")
 
 
 def _statements(script: str) -> list[str]:
@@ -212,18 +203,13 @@ def _valid_id(kind: str, value: str) -> str:
     return value
 
 
-def _after_bound(after: str) -> tuple[str, str | bytes]:
-    """``id > after`` as a comparison SQLite can make on stored (encodable) ids.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-    An ``after`` holding a lone surrogate cannot be bound as TEXT; no stored id
-    holds one, so ``id > P + surrogate + ...`` is ``id >= P + U+E000``, where P
-    is the part before the first surrogate (code point order, as in Python).
-    """
-    if isinstance(after, str):
-        for i, char in enumerate(after):
-            if "\ud800" <= char <= "\udfff":
-                return ">=", after[:i] + "\ue000"
-    return ">", after
+
+def _after_bound(after: str) -> tuple[str, str]:
+    """``id > after`` as a comparison SQLite can make on stored (encodable) ids
+    (see :func:`common.after_bound`; SQLite stores NUL, not lone surrogates)."""
+    return common.after_bound(after, _SURROGATE) if isinstance(after, str) else (">", after)
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -271,24 +257,26 @@ def _json(kind: str, value: Any) -> str:
         raise InvalidInput(f"{kind} must be JSON-serialisable: {exc}") from None
 
 
-_TASK_COLUMNS = (
-    "project_id, id, title, status, retry_count, max_retries, retries_left, error_message, "
-    "error_type, blocked_reason, blocked_by, attempt, lease_expires_at, created_at, "
-    "updated_at, started_at, completed_at, version, metadata"
-)
-_TASK_SET = ", ".join(f"{c.strip()} = ?" for c in _TASK_COLUMNS.split(",")[2:])
-_PROJECT_COLUMNS = "id, status, name, created_at, updated_at, version"
-_COUNTERS = ("total", *(status.value for status in TaskStatus))
-_ATTEMPT_COLUMNS = (
-    "project_id, task_id, number, triggered_by, dispatched_at, available_at, actor, reason, "
-    "budget, started_at, finished_at, outcome, error_type, error_message"
-)
-_ENTRY_COLUMNS = (
-    "project_id, task_id, attempt, state, available_at, created_at, claimed_until, tries, "
-    "last_error, delivered_at"
-)
-_IDEM_COLUMNS = "key, project_id, task_id, created_at, status_code, body, expires_at"
+_ATTEMPT_COLUMN = {"trigger": "triggered_by"}
+"""Attempt fields whose SQLite column has another name."""
+_TASK_COLUMNS = common.cols(common.TASK_COLUMNS)
+_TASK_SET = ", ".join(f"{c} = ?" for c in common.TASK_COLUMNS[2:])
+_PROJECT_COLUMNS = common.cols(common.PROJECT_COLUMNS)
+_COUNTERS = ("total", *common.STATUSES)
+_ATTEMPT_COLUMNS = common.cols(_ATTEMPT_COLUMN.get(c, c) for c in common.ATTEMPT_COLUMNS)
+_ENTRY_COLUMNS = common.cols(common.ENTRY_COLUMNS)
+_IDEM_COLUMNS = common.cols(common.IDEM_COLUMNS)
+_SEQ_ENTRY = common.at(("seq", *common.ENTRY_COLUMNS))
+"""``SELECT seq, {_ENTRY_COLUMNS}``'s row, by column name."""
 _O_ENTRY_COLUMNS = ", ".join(f"o.{c.strip()}" for c in _ENTRY_COLUMNS.split(","))
+
+
+_PENDING = common.literal(DispatchState.PENDING)
+_DEFERRED = common.literal(DispatchState.DEFERRED)
+_DELIVERED = common.literal(DispatchState.DELIVERED)
+_AWAITING_START = common.literal(retention.AWAITING_START)
+"""Only a task still awaiting its start has its delivered entry handed out again."""
+_RUNNING = common.literal(TaskStatus.IN_PROGRESS)
 
 
 def _all_text(*values: object) -> bool:
@@ -307,7 +295,7 @@ _LOAD = (
 )
 """The project and one of its tasks in one statement (task columns NULL when it is missing)."""
 _NEXT_PENDING_SEQ = (
-    "COALESCE((SELECT pending_seq FROM outbox WHERE state = 'pending' "
+    f"COALESCE((SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
     "ORDER BY pending_seq DESC LIMIT 1), 0) + 1"
 )
 _INSERT_PENDING = (
@@ -324,14 +312,6 @@ _INSERT_NEXT_ATTEMPT = (
 """Insert an attempt only if it is the next one (the count of earlier attempts matches)."""
 _UPDATE_TASK = f"UPDATE tasks SET {_TASK_SET} WHERE project_id = ? AND id = ? AND version = ?"
 """The compare-and-set: the write itself, taking effect only at the expected version."""
-_LOAD_COUNTED = (
-    f"SELECT {', '.join('p.' + c.strip() for c in _PROJECT_COLUMNS.split(','))}, "
-    f"{', '.join('t.' + c.strip() for c in _TASK_COLUMNS.split(','))}, "
-    f"{', '.join('p.' + c for c in _COUNTERS)} "
-    "FROM projects AS p LEFT JOIN tasks AS t ON t.project_id = p.id AND t.id = ? WHERE p.id = ?"
-)
-""":data:`_LOAD` plus the project's progress counters, read inside a write transaction."""
-_TASK_WIDTH = len(_TASK_COLUMNS.split(","))
 _SHIFT = {
     (old.value, new.value): f"UPDATE projects SET {old.value} = {old.value} - 1, "
     f"{new.value} = {new.value} + 1 WHERE id = ?"
@@ -349,7 +329,6 @@ _PlanParams = tuple[
 ]
 """A plan's rows as bound parameters: task, new attempt, outbox entry, idempotency, claim."""
 
-_COUNTER_AT = {name: i for i, name in enumerate(_COUNTERS)}
 assert _COUNTERS == ("total", "inbox", "assigned", "in_progress", "review", "done", "blocked",
                      "skipped")  # fmt: skip
 
@@ -401,109 +380,104 @@ _SHIFT_RETURNING = {
 
 
 # -- the manual retry in one transaction ------------------------------------------------
-# The checks and choices of decide.manual_retry, rendered from the core's tables
-# (never copied): the states a manual retry leaves and the one it reaches
-# (machine.TRANSITIONS), the project states that accept a retry and those that
-# dispatch now (machine.PROJECT_RULES). A test holds the result equal to the
-# core's decision applied by the general path.
+# Rendered from the core, never restated: the move's effects are the data of
+# effects.MANUAL_RETRY (the task's new values, the attempt record), the states
+# it leaves and reaches come from machine.TRANSITIONS, the project states that
+# accept a retry and those that dispatch now from machine.PROJECT_RULES. A
+# storage renders the move it is given when it is made (see _render_retry); a
+# test holds the result equal to the core's decision applied by the general path.
 #
 # The statements avoid RETURNING, which costs SQLite more (a buffered result
 # table per execution) than one SELECT of the changed rows afterwards.
 
-_RETRY_TARGET = TaskStatus.ASSIGNED.value
-_RETRY_SOURCES = tuple(
-    s.value for s in machine.sources(TaskEvent.MANUAL_RETRY, TaskStatus(_RETRY_TARGET))
-)
 _ACCEPTING = frozenset(s.value for s in machine.ACCEPTS_RETRY)
 _DISPATCHING = frozenset(s.value for s in machine.DISPATCHES)
 _INT64_MAX = 2**63 - 1
-_RETRY_UPDATE = {
-    source: "UPDATE tasks SET "
-    f"status = '{_RETRY_TARGET}', retry_count = retry_count + 1, "
-    "retries_left = CASE WHEN ?1 THEN max_retries ELSE 0 END, "
-    "error_message = NULL, error_type = NULL, blocked_reason = NULL, attempt = attempt + 1, "
-    "lease_expires_at = NULL, started_at = CASE WHEN ?1 THEN NULL ELSE started_at END, "
-    "updated_at = ?2, version = version + 1 "
-    f"WHERE project_id = ?3 AND id = ?4 AND status = '{source}' "
+
+
+@attrs.frozen
+class _RetrySQL:
+    """The one-step retry's statements for one move, and the decoder of what it reads."""
+
+    sources: tuple[str, ...]
+    update: dict[str, str]
+    """Per state the move leaves: the task changed as the core changes it, only from
+    that state. Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id."""
+    shift: dict[str, str]
+    """Per state the move leaves: the project's counters moved along."""
+    read: str
+    """After the changes: the project's status and counters, the task's columns the
+    move did not set to a value known beforehand, its attempt records counted and
+    the last pending outbox position."""
+    count_at: int
+    decode: Callable[..., Task]
+    """The task after the move, from :attr:`read`'s row and what the move set."""
+    insert_pending: str
+    insert_deferred: str
+    insert_attempt: str
+
+
+@functools.cache
+def _render_retry(move: effects.Move) -> _RetrySQL:
+    target = move.target.value
+    sources = tuple(s.value for s in move.sources)
+    change = common.set_clause(move, common.Spelling(column=str, now="?2", full="?1"))
     # Python's ints have no bound; SQLite's would turn REAL instead of failing.
-    f"AND retry_count < {_INT64_MAX} AND attempt < {_INT64_MAX} AND version < {_INT64_MAX}"
-    for source in _RETRY_SOURCES
-}
-"""The task changed as the core changes it, only from a state the retry leaves.
-
-Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id.
-"""
-_RETRY_SHIFT = {source: _SHIFT[(source, _RETRY_TARGET)] for source in _RETRY_SOURCES}
-"""The counters of the project moved along."""
-_RETRY_READ = (
-    "title, retry_count, max_retries, retries_left, blocked_by, attempt, created_at, "
-    "started_at, completed_at, version, metadata"
-)
-"""The task's columns read back after :data:`_RETRY_UPDATE`: all but the ids and
-those it sets to a value known beforehand (see :func:`_retried_task`)."""
-_RETRY_KNOWN = {
-    "project_id", "id", "status", "error_message", "error_type", "blocked_reason",
-    "lease_expires_at", "updated_at",
-}  # fmt: skip
-assert _RETRY_KNOWN == {c.strip() for c in _TASK_COLUMNS.split(",")} - {
-    c.strip() for c in _RETRY_READ.split(",")
-}
-_RETRIED = (
-    f"SELECT p.status, {', '.join('p.' + c for c in _COUNTERS)}, "
-    f"{', '.join('t.' + c.strip() for c in _RETRY_READ.split(','))}, "
-    "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
-    "(SELECT pending_seq FROM outbox WHERE state = 'pending' "
-    "ORDER BY pending_seq DESC LIMIT 1) "
-    "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
-)
-"""After the changes: the project's status and counters, the task, its attempt
-records counted and the last pending outbox position."""
-_RETRIED_TASK = 1 + len(_COUNTERS)
-_RETRIED_COUNT = _RETRIED_TASK + len(_RETRY_READ.split(","))
-_RETRIED_ATTEMPT = _RETRIED_TASK + [c.strip() for c in _RETRY_READ.split(",")].index("attempt")
-_ASSIGNED = TaskStatus(_RETRY_TARGET)
-
-
-def _retried_task(row: tuple[Any, ...], project_id: str, task_id: str, now: datetime) -> Task:
-    """The task after :data:`_RETRY_UPDATE`, from :data:`_RETRIED`'s row and what it set."""
-    task = _new(Task)
-    _t_project_id(task, project_id)
-    _t_id(task, task_id)
-    _t_title(task, _str(row[_RETRIED_TASK]))
-    _t_status(task, _ASSIGNED)
-    _t_retry_count(task, row[_RETRIED_TASK + 1])
-    _t_max_retries(task, row[_RETRIED_TASK + 2])
-    _t_retries_left(task, row[_RETRIED_TASK + 3])
-    _t_error_message(task, None)
-    _t_error_type(task, None)
-    _t_blocked_reason(task, None)
-    blocked_by = row[_RETRIED_TASK + 4]
-    _t_blocked_by(task, () if blocked_by == "[]" else tuple(json.loads(blocked_by)))
-    _t_attempt(task, row[_RETRIED_ATTEMPT])
-    _t_lease_expires_at(task, None)
-    _t_created_at(task, _dt(row[_RETRIED_TASK + 6]))
-    _t_updated_at(task, now)
-    _t_started_at(task, _odt(row[_RETRIED_TASK + 7]))
-    _t_completed_at(task, _odt(row[_RETRIED_TASK + 8]))
-    _t_version(task, row[_RETRIED_TASK + 9])
-    metadata = row[_RETRIED_TASK + 10]
-    _t_metadata(task, {} if metadata == "{}" else dict(json.loads(metadata)))
-    return task
+    bounded = "".join(
+        f" AND {name} <= {_INT64_MAX - delta}" for name, delta in move.increments().items()
+    )
+    update = {
+        source: f"UPDATE tasks SET {change} WHERE project_id = ?3 AND id = ?4 "
+        f"AND status = {common.literal(source)}{bounded}"
+        for source in sources
+    }
+    read_back = common.read_back(move)
+    task_at = 1 + len(_COUNTERS)
+    read = (
+        f"SELECT p.status, {common.cols(_COUNTERS, 'p.')}, {common.cols(read_back, 't.')}, "
+        "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
+        f"(SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
+        "ORDER BY pending_seq DESC LIMIT 1) "
+        "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
+    )
+    given, consts = common.known_values(move, now="now")
+    decode = common.compile_decoder(
+        Task,
+        read=common.at(read_back, task_at),
+        codec=_TASK_CODEC,
+        helpers={**_CODEC_HELPERS, **consts},
+        given={"project_id": "project_id", "id": "task_id", **given},
+        signature="row, project_id, task_id, now",
+    )
+    # The new attempt: ?1 project, ?2 task, ?3 number, ?4 now, ?5 actor, ?6 reason, ?7 budget.
+    spelling = common.Spelling(
+        column=str, now="?4", full=f"?7 = {common.literal(RetryBudget.FULL)}",
+        args={"actor": "?5", "reason": "?6", "budget": "?7"},
+    )  # fmt: skip
+    fields = common.ATTEMPT_COLUMNS[3:]
+    record = common.record_values(move, spelling, fields)
+    available = common.render(dict(move.attempt)["available_at"], spelling)
+    insert_attempt = (
+        f"INSERT INTO attempts (project_id, task_id, number, "
+        f"{common.cols(_ATTEMPT_COLUMN.get(f, f) for f in fields)}) "
+        f"VALUES (?1, ?2, ?3, {', '.join(record)})"
+    )
+    entry = f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) VALUES (?1, ?2, ?3"
+    return _RetrySQL(
+        sources=sources,
+        update=update,
+        shift={source: _SHIFT[(source, target)] for source in sources},
+        read=read,
+        count_at=task_at + len(read_back),
+        decode=decode,
+        insert_pending=f"{entry}, '{DispatchState.PENDING.value}', {available}, ?4, ?5, 0, "
+        "NULL, NULL, ?6)",
+        insert_deferred=f"{entry}, '{DispatchState.DEFERRED.value}', {available}, ?4, NULL, 0, "
+        "NULL, NULL, NULL)",
+        insert_attempt=insert_attempt,
+    )
 
 
-_INSERT_RETRY_PENDING = (
-    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
-    f"VALUES (?1, ?2, ?3, '{DispatchState.PENDING.value}', ?4, ?4, ?5, 0, NULL, NULL, ?6)"
-)
-_INSERT_RETRY_DEFERRED = (
-    f"INSERT INTO outbox ({_ENTRY_COLUMNS}, pending_seq) "
-    f"VALUES (?1, ?2, ?3, '{DispatchState.DEFERRED.value}', ?4, ?4, NULL, 0, NULL, NULL, NULL)"
-)
-_INSERT_RETRY_ATTEMPT = (
-    f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES "
-    f"(?1, ?2, ?3, '{Trigger.MANUAL_RETRY.value}', ?4, ?4, ?5, ?6, ?7, "
-    "NULL, NULL, NULL, NULL, NULL)"
-)
 _INSERT_NEW_IDEM = (
     f"INSERT INTO idempotency ({_IDEM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, NULL, NULL, ?5) "
     "ON CONFLICT (key) DO UPDATE SET project_id = ?2, task_id = ?3, created_at = ?4, "
@@ -586,39 +560,42 @@ def _task_params(task: Task) -> tuple[Any, ...]:
     )
 
 
-(_t_project_id, _t_id, _t_title, _t_status, _t_retry_count, _t_max_retries, _t_retries_left,
- _t_error_message, _t_error_type, _t_blocked_reason, _t_blocked_by, _t_attempt,
- _t_lease_expires_at, _t_created_at, _t_updated_at, _t_started_at, _t_completed_at, _t_version,
- _t_metadata) = _setters(Task, _TASK_COLUMNS.replace(",", " "))  # fmt: skip
+def _blocked_by(value: str) -> tuple[str, ...]:
+    return () if value == "[]" else tuple(json.loads(value))
 
 
-def _task(row: sqlite3.Row | tuple[Any, ...]) -> Task:
-    """The task of a row in :data:`_TASK_COLUMNS` order (see :func:`_setters`)."""
-    task = _new(Task)
-    _t_project_id(task, row[0])
-    _t_id(task, row[1])
-    _t_title(task, _str(row[2]))
-    _t_status(task, _member(_TASK_STATUSES, TaskStatus, row[3]))
-    _t_retry_count(task, row[4])
-    _t_max_retries(task, row[5])
-    _t_retries_left(task, row[6])
-    _t_error_message(task, _ostr(row[7]))
-    _t_error_type(task, _ostr(row[8]))
-    reason = row[9]
-    _t_blocked_reason(
-        task, None if reason is None else _member(_BLOCKED_REASONS, BlockedReason, reason)
-    )
-    # The converters' work: a tuple of ids, a fresh dict.
-    _t_blocked_by(task, () if row[10] == "[]" else tuple(json.loads(row[10])))
-    _t_attempt(task, row[11])
-    _t_lease_expires_at(task, _odt(row[12]))
-    _t_created_at(task, _dt(row[13]))
-    _t_updated_at(task, _dt(row[14]))
-    _t_started_at(task, _odt(row[15]))
-    _t_completed_at(task, _odt(row[16]))
-    _t_version(task, row[17])
-    _t_metadata(task, {} if row[18] == "{}" else dict(json.loads(row[18])))
-    return task
+def _metadata(value: str) -> dict[str, Any]:
+    return {} if value == "{}" else dict(json.loads(value))
+
+
+def _reason(value: str | None) -> BlockedReason | None:
+    return None if value is None else _member(_BLOCKED_REASONS, BlockedReason, value)
+
+
+_TASK_CODEC = {
+    "title": "_str({0})",
+    "status": "_member(_TASK_STATUSES, TaskStatus, {0})",
+    "error_message": "_ostr({0})",
+    "error_type": "_ostr({0})",
+    "blocked_reason": "_reason({0})",
+    "blocked_by": "_blocked_by({0})",  # the converters' work: a tuple of ids, a fresh dict
+    "lease_expires_at": "_odt({0})",
+    "created_at": "_dt({0})",
+    "updated_at": "_dt({0})",
+    "started_at": "_odt({0})",
+    "completed_at": "_odt({0})",
+    "metadata": "_metadata({0})",
+}
+"""How a stored task column becomes the field's value (see :func:`common.compile_decoder`)."""
+_CODEC_HELPERS: dict[str, object] = {
+    "_str": _str, "_ostr": _ostr, "_dt": _dt, "_odt": _odt, "_member": _member,
+    "_TASK_STATUSES": _TASK_STATUSES, "TaskStatus": TaskStatus, "_reason": _reason,
+    "_blocked_by": _blocked_by, "_metadata": _metadata,
+}  # fmt: skip
+_task: Callable[[Any], Task] = common.compile_decoder(
+    Task, read=common.at(common.TASK_COLUMNS), codec=_TASK_CODEC, helpers=_CODEC_HELPERS
+)
+"""The task of a row in :data:`_TASK_COLUMNS` order, decoded by column name."""
 
 
 def _project_params(project: Project) -> tuple[Any, ...]:
@@ -629,17 +606,6 @@ def _project_params(project: Project) -> tuple[Any, ...]:
         _ts(project.created_at),
         _ts(project.updated_at),
         project.version,
-    )
-
-
-def _project(row: tuple[Any, ...]) -> Project:
-    return Project(
-        id=row[0],
-        status=_member(_PROJECT_STATUSES, ProjectStatus, row[1]),
-        name=_str(row[2]),
-        created_at=_dt(row[3]),
-        updated_at=_dt(row[4]),
-        version=row[5],
     )
 
 
@@ -662,25 +628,6 @@ def _attempt_params(attempt: Attempt) -> tuple[Any, ...]:
     )
 
 
-def _attempt(row: tuple[Any, ...]) -> Attempt:
-    return Attempt(
-        project_id=row[0],
-        task_id=row[1],
-        number=row[2],
-        trigger=Trigger(row[3]),
-        dispatched_at=_dt(row[4]),
-        available_at=_dt(row[5]),
-        actor=_ostr(row[6]),
-        reason=_ostr(row[7]),
-        budget=None if row[8] is None else RetryBudget(row[8]),
-        started_at=_odt(row[9]),
-        finished_at=_odt(row[10]),
-        outcome=None if row[11] is None else Outcome(row[11]),
-        error_type=_ostr(row[12]),
-        error_message=_ostr(row[13]),
-    )
-
-
 def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
     return (
         entry.project_id,
@@ -696,21 +643,6 @@ def _entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
     )
 
 
-def _entry(row: tuple[Any, ...]) -> DispatchEntry:
-    return DispatchEntry(
-        project_id=_str(row[0]),
-        task_id=_str(row[1]),
-        attempt=row[2],
-        state=DispatchState(row[3]),
-        available_at=_dt(row[4]),
-        created_at=_dt(row[5]),
-        claimed_until=_odt(row[6]),
-        tries=row[7],
-        last_error=_ostr(row[8]),
-        delivered_at=_odt(row[9]),
-    )
-
-
 def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
     return (
         _text(record.key),
@@ -723,16 +655,48 @@ def _idem_params(record: IdempotencyRecord) -> tuple[Any, ...]:
     )
 
 
-def _idem(row: tuple[Any, ...]) -> IdempotencyRecord:
-    return IdempotencyRecord(
-        key=_str(row[0]),
-        project_id=_str(row[1]),
-        task_id=_str(row[2]),
-        created_at=_dt(row[3]),
-        status_code=row[4],
-        body=_ostr(row[5]),
-        expires_at=_dt(row[6]),
-    )
+def _optional(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else kind(value)
+
+
+_HELPERS: dict[str, object] = {
+    **_CODEC_HELPERS,
+    "_project_status": lambda v: _member(_PROJECT_STATUSES, ProjectStatus, v),
+    "_trigger": Trigger, "_budget": _optional(RetryBudget), "_outcome": _optional(Outcome),
+    "_state": DispatchState,
+}  # fmt: skip
+# Every other row decoded by column name, as tasks are (see common.compile_decoder).
+_project: Callable[[Any], Project] = common.compile_decoder(
+    Project,
+    read=common.at(common.PROJECT_COLUMNS),
+    codec={"status": "_project_status({0})", "name": "_str({0})", "created_at": "_dt({0})",
+           "updated_at": "_dt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_attempt: Callable[[Any], Attempt] = common.compile_decoder(
+    Attempt,
+    read=common.at(common.ATTEMPT_COLUMNS),
+    codec={"trigger": "_trigger({0})", "dispatched_at": "_dt({0})", "available_at": "_dt({0})",
+           "actor": "_ostr({0})", "reason": "_ostr({0})", "budget": "_budget({0})",
+           "started_at": "_odt({0})", "finished_at": "_odt({0})", "outcome": "_outcome({0})",
+           "error_type": "_ostr({0})", "error_message": "_ostr({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_entry: Callable[[Any], DispatchEntry] = common.compile_decoder(
+    DispatchEntry,
+    read=common.at(common.ENTRY_COLUMNS),
+    codec={"project_id": "_str({0})", "task_id": "_str({0})", "state": "_state({0})",
+           "available_at": "_dt({0})", "created_at": "_dt({0})", "claimed_until": "_odt({0})",
+           "last_error": "_ostr({0})", "delivered_at": "_odt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
+_idem: Callable[[Any], IdempotencyRecord] = common.compile_decoder(
+    IdempotencyRecord,
+    read=common.at(common.IDEM_COLUMNS),
+    codec={"key": "_str({0})", "project_id": "_str({0})", "task_id": "_str({0})",
+           "created_at": "_dt({0})", "body": "_ostr({0})", "expires_at": "_dt({0})"},
+    helpers=_HELPERS,
+)  # fmt: skip
 
 
 # -- error translation ----------------------------------------------------------------
@@ -896,6 +860,8 @@ class SQLiteStorage:
         # When a caller queued this thread's write before running it (see
         # AsyncSQLiteStorage), the time its wait for the lock must end by.
         self._due = threading.local()
+        # The one-step retry, rendered from the core's description of the move.
+        self._retry = _render_retry(effects.MANUAL_RETRY)
         self._open()
 
     # -- connections -----------------------------------------------------------
@@ -1027,20 +993,20 @@ class SQLiteStorage:
                     f"{str(self.path)!r} has schema version {version}, newer than this "
                     f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
                 )
-            pending = [m for m in shipped if m[0] > version]
+            pending = common.pending(shipped, range(version + 1))
             if pending and not self.create:
                 lacks = (
                     "has no deepwork_retry schema"
                     if version == 0
-                    else (f"lacks schema migrations {', '.join(m[1] for m in pending)}")
+                    else (f"lacks schema migrations {', '.join(m.file for m in pending)}")
                 )
                 raise StorageMissing(f"SQLite database {str(self.path)!r} {lacks}")
             if pending and self.read_only:
                 raise StorageReadOnly(
                     f"{str(self.path)!r} needs schema migrations "
-                    f"({', '.join(m[1] for m in pending)}) but is opened read-only"
+                    f"({', '.join(m.file for m in pending)}) but is opened read-only"
                 )
-            for number, _name, sql in pending:
+            for number, _file, sql in pending:
                 for statement in _statements(sql):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {int(number)}")
@@ -1389,7 +1355,7 @@ class SQLiteStorage:
         with self._tx(write=False) as c:
             rows = c.execute(
                 f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE project_id = ? "
-                "AND state = 'deferred' ORDER BY seq",
+                f"AND state = {_DEFERRED} ORDER BY seq",
                 (_text(project_id),),
             )
             return [_entry(row) for row in rows]
@@ -1413,7 +1379,7 @@ class SQLiteStorage:
     def apply(self, plan: Plan) -> Applied:
         params = self._plan_params(plan)
         with self._tx(write=True) as c:
-            return self._apply_in(c, plan, params, None)
+            return self._apply_in(c, plan, params)
 
     def _plan_params(self, plan: Plan) -> _PlanParams:
         """Serialise everything first: a value SQLite cannot hold fails before any write."""
@@ -1433,13 +1399,8 @@ class SQLiteStorage:
         c: sqlite3.Connection,
         plan: Plan,
         params: _PlanParams,
-        loaded: tuple[int, tuple[int, ...]] | None,
     ) -> Applied:
-        """Apply ``plan`` in the open write transaction ``c``.
-
-        ``loaded`` is the project's version and counters when this same
-        transaction read them already: then neither is read again.
-        """
+        """Apply ``plan`` in the open write transaction ``c``."""
         before, after = plan.before, plan.after
         pid, tid = before.project_id, before.id
         task_row, new_attempt, entry, idem, claimed_until = params
@@ -1455,16 +1416,9 @@ class SQLiteStorage:
             self._check_guards(c, pid, plan)
         moved = before.status != after.status
         counters: tuple[Any, ...] | None = None
-        if (
-            loaded is not None
-            and plan.project_version is not None
-            and loaded[0] != plan.project_version
-        ):
-            # Read in this transaction: the version is checked here, before the key.
-            raise VersionConflict(tid, before.version, before.version)
         if plan.idempotency is not None or not moved:
             # The project's version is checked before the idempotency key.
-            if loaded is None and plan.project_version is not None:
+            if plan.project_version is not None:
                 row = c.execute("SELECT version FROM projects WHERE id = ?", (pid,)).fetchone()
                 if row[0] != plan.project_version:
                     raise VersionConflict(tid, before.version, before.version)
@@ -1475,23 +1429,14 @@ class SQLiteStorage:
         if moved:
             old = _value(_TASK_STATUS_VALUES, TaskStatus, before.status)
             new = _value(_TASK_STATUS_VALUES, TaskStatus, after.status)
-            if loaded is not None:
-                c.execute(_SHIFT[(old, new)], (pid,))
-                shifted = list(loaded[1])
-                shifted[_COUNTER_AT[old]] -= 1
-                shifted[_COUNTER_AT[new]] += 1
-                counters = tuple(shifted)
-            else:
-                row = c.execute(_SHIFT_RETURNING[(old, new)], (pid,)).fetchall()[0]
-                if (
-                    plan.idempotency is None
-                    and plan.project_version is not None
-                    and row[0] != plan.project_version
-                ):
-                    raise VersionConflict(tid, before.version, before.version)
-                counters = row[1:]
-        elif loaded is not None:
-            counters = loaded[1]
+            row = c.execute(_SHIFT_RETURNING[(old, new)], (pid,)).fetchall()[0]
+            if (
+                plan.idempotency is None
+                and plan.project_version is not None
+                and row[0] != plan.project_version
+            ):
+                raise VersionConflict(tid, before.version, before.version)
+            counters = row[1:]
         made: list[DispatchEntry] = []
         dispatch = plan.dispatch
         if dispatch is not None and entry is not None:
@@ -1545,9 +1490,11 @@ class SQLiteStorage:
         """The manual retry decided and applied in one write transaction.
 
         :func:`~deepwork_retry._core.decide.manual_retry`'s change is made by
-        :data:`_RETRY_UPDATE`, only from a state the core lets a retry leave;
+        :meth:`_RetrySQL.update`, rendered from the core's description of the move
+        (:data:`~deepwork_retry._core.effects.MANUAL_RETRY`), only from a state the
+        core lets a retry leave;
         the rest of its checks and choices are made on one read of what
-        changed (:data:`_RETRIED`), and each insert refuses what
+        changed (:attr:`_RetrySQL.read`), and each insert refuses what
         :meth:`apply` would refuse (a taken idempotency key, an existing
         outbox entry, an attempt that is not next). The write lock is held
         throughout, so nothing read can go stale. ``None`` (nothing changed,
@@ -1583,33 +1530,34 @@ class SQLiteStorage:
             ):
                 return None  # the key is taken
             full = budget is RetryBudget.FULL
-            for source in _RETRY_SOURCES:
-                if cur.execute(_RETRY_UPDATE[source], (full, at, pid, tid)).rowcount:
+            r = self._retry
+            for source in r.sources:
+                if cur.execute(r.update[source], (full, at, pid, tid)).rowcount:
                     break
             else:
                 return None  # no such task, or not in a state a retry leaves
-            cur.execute(_RETRY_SHIFT[source], (pid,))
-            rows = cur.execute(_RETRIED, (pid, tid)).fetchall()
+            cur.execute(r.shift[source], (pid,))
+            rows = cur.execute(r.read, (pid, tid)).fetchall()
             if not rows or rows[0][0] not in _ACCEPTING:
                 return None  # the project does not accept retries
             row = rows[0]
-            task = _retried_task(row, project_id, task_id, now)
+            task = r.decode(row, project_id, task_id, now)
             number = task.attempt
-            if row[_RETRIED_COUNT] != number - 1:
+            if row[r.count_at] != number - 1:
                 return None  # the attempt is not next
             ready = row[0] in _DISPATCHING and (
                 not task.blocked_by or self._dependencies_met(c, task)
             )
             try:
                 if ready:
-                    last = row[_RETRIED_COUNT + 1]  # pending after every pending entry
+                    last = row[r.count_at + 1]  # pending after every pending entry
                     seq = 1 if last is None else last + 1
                     until = _ots(claimed_until)
-                    cur.execute(_INSERT_RETRY_PENDING, (pid, tid, number, at, until, seq))
+                    cur.execute(r.insert_pending, (pid, tid, number, at, until, seq))
                 else:
-                    cur.execute(_INSERT_RETRY_DEFERRED, (pid, tid, number, at))
+                    cur.execute(r.insert_deferred, (pid, tid, number, at))
                 cur.execute(
-                    _INSERT_RETRY_ATTEMPT,
+                    r.insert_attempt,
                     (pid, tid, number, at, _otext(actor), _otext(reason), _BUDGET_VALUES[budget]),
                 )
             except sqlite3.IntegrityError:
@@ -1642,7 +1590,7 @@ class SQLiteStorage:
                 ),
             )  # fmt: skip
         return Applied(
-            task=task, progress=_progress_of(project_id, row[1:_RETRIED_TASK]),
+            task=task, progress=_progress_of(project_id, row[1 : 1 + len(_COUNTERS)]),
             dispatches=made, deferred=not ready,
         )  # fmt: skip
 
@@ -1689,7 +1637,7 @@ class SQLiteStorage:
     def _next_pending(self, c: sqlite3.Connection) -> int:
         """A pending_seq after every pending entry: claim order is the order made pending."""
         row = c.execute(
-            "SELECT pending_seq FROM outbox WHERE state = 'pending' "
+            f"SELECT pending_seq FROM outbox WHERE state = {_PENDING} "
             "ORDER BY pending_seq DESC LIMIT 1"
         ).fetchone()
         return 1 if row is None or row[0] is None else int(row[0]) + 1
@@ -1708,10 +1656,10 @@ class SQLiteStorage:
                 "WHERE project_id = ? AND task_id = ? AND attempt = ?",
                 (pid, _text(rel.task_id), rel.attempt),
             ).fetchone()
-            if row is None or row[4] != DispatchState.DEFERRED.value:
+            if row is None or row[_SEQ_ENTRY["state"]] != DispatchState.DEFERRED.value:
                 continue
             c.execute(
-                "UPDATE outbox SET state = 'pending', claimed_until = ?, pending_seq = ? "
+                f"UPDATE outbox SET state = {_PENDING}, claimed_until = ?, pending_seq = ? "
                 "WHERE seq = ?",
                 (claimed_until, self._next_pending(c), row[0]),
             )
@@ -1751,7 +1699,7 @@ class SQLiteStorage:
         at, until = _ts(now), _ts(claimed_until)
         with self._tx(write=True) as c:
             rows = c.execute(
-                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox WHERE state = 'pending' "
+                f"SELECT seq, {_ENTRY_COLUMNS} FROM outbox WHERE state = {_PENDING} "
                 "AND available_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?) "
                 "ORDER BY pending_seq LIMIT ?",
                 (at, at, limit),
@@ -1766,9 +1714,9 @@ class SQLiteStorage:
         keys = [(_text(e.project_id), _text(e.task_id), e.attempt) for e in entries]
         with self._tx(write=True) as c:
             c.executemany(
-                "UPDATE outbox SET state = 'delivered', delivered_at = ?, tries = tries + 1, "
+                f"UPDATE outbox SET state = {_DELIVERED}, delivered_at = ?, tries = tries + 1, "
                 "claimed_until = NULL, pending_seq = NULL "
-                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                f"WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = {_PENDING}",
                 [(at, *key) for key in keys],
             )
 
@@ -1778,7 +1726,7 @@ class SQLiteStorage:
             c.execute(
                 "UPDATE outbox SET tries = tries + 1, last_error = ?, available_at = ?, "
                 "claimed_until = NULL "
-                "WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = 'pending'",
+                f"WHERE project_id = ? AND task_id = ? AND attempt = ? AND state = {_PENDING}",
                 (*params, entry.attempt),
             )
 
@@ -1792,13 +1740,14 @@ class SQLiteStorage:
             rows = c.execute(
                 f"SELECT o.seq, {_O_ENTRY_COLUMNS} FROM tasks AS t JOIN outbox AS o "
                 "ON o.project_id = t.project_id AND o.task_id = t.id AND o.attempt = t.attempt "
-                "WHERE t.status = 'assigned' AND o.state = 'delivered' AND o.delivered_at <= ? "
+                f"WHERE t.status = {_AWAITING_START} AND o.state = {_DELIVERED} "
+                "AND o.delivered_at <= ? "
                 "ORDER BY o.delivered_at, o.project_id, o.task_id, o.attempt LIMIT ?",
                 (_ts(delivered_before), limit),
             ).fetchall()
             first = self._next_pending(c)
             c.executemany(
-                "UPDATE outbox SET state = 'pending', available_at = ?, claimed_until = NULL, "
+                f"UPDATE outbox SET state = {_PENDING}, available_at = ?, claimed_until = NULL, "
                 "last_error = ?, pending_seq = ? WHERE seq = ?",
                 [(at, error, first + n, row[0]) for n, row in enumerate(rows)],
             )
@@ -1819,7 +1768,7 @@ class SQLiteStorage:
         at = _ts(now)
         with self._tx(write=False) as c:
             rows = c.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = 'in_progress' "
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE status = {_RUNNING} "
                 "AND lease_expires_at <= ? ORDER BY lease_expires_at, project_id, id LIMIT ?",
                 (at, limit),
             )
