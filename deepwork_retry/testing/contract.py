@@ -1747,7 +1747,7 @@ async def _build_case(s: AsyncStorage, pid: str, case: OneStepCase, t0: datetime
         error_type="Failure" if fabricated else None,
         blocked_reason=BlockedReason.NON_RETRYABLE if fabricated else None,
         blocked_by=names,
-        attempt=0 if case.history else 2,
+        attempt=0,
         started_at=t0 if case.started else None,
         created_at=t0,
         updated_at=t0,
@@ -1833,8 +1833,13 @@ async def _one_step_retry_does_what_the_core_decides(h: Harness) -> None:
             "idempotency_expires_at": None if case.key is None else now + timedelta(hours=1),
         }
         expected = await _core_retry(reference, pid, case.task_id, **options)
-        got = await one_step.retry_blocked(pid, case.task_id, **options)
         what = f"case {case.name!r}"
+        try:
+            got = await one_step.retry_blocked(pid, case.task_id, **options)
+        except Exception as exc:
+            raise AssertionError(
+                f"{what}: retry_blocked raised {exc!r}; expected (the core's) {expected!r}"
+            ) from exc
         check_same(expected, got, f"{what}: retry_blocked's answer (expected: the core's)")
         check_same(
             await _case_state(reference, pid, key),
