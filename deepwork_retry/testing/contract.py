@@ -1815,38 +1815,64 @@ async def _one_step_retry_does_what_the_core_decides(h: Harness) -> None:
     if one_step is None:
         return
     for n, case in enumerate(ONE_STEP_CASES):
-        pid = f"c{n}"
-        t0 = h.now()
-        await _build_case(h.s, pid, case, t0)
-        reference = inline_port(MemoryStorage())
-        await _build_case(reference, pid, case, t0)
-        h.clock.advance(7.5)
-        now = h.now()
-        key = f"{pid}-k"
-        options: dict[str, Any] = {
-            "now": now,
-            "actor": case.actor,
-            "reason": case.reason,
-            "budget": case.budget,
-            "claimed_until": now + timedelta(seconds=30) if case.claimed else None,
-            "idempotency_key": None if case.key is None else key,
-            "idempotency_expires_at": None if case.key is None else now + timedelta(hours=1),
-        }
-        expected = await _core_retry(reference, pid, case.task_id, **options)
-        what = f"case {case.name!r}"
-        try:
-            got = await one_step.retry_blocked(pid, case.task_id, **options)
-        except Exception as exc:
-            raise AssertionError(
-                f"{what}: retry_blocked raised {exc!r}; expected (the core's) {expected!r}"
-            ) from exc
-        check_same(expected, got, f"{what}: retry_blocked's answer (expected: the core's)")
-        check_same(
-            await _case_state(reference, pid, key),
-            await _case_state(h.s, pid, key),
-            f"{what}: the state after retry_blocked (expected: the core's)",
-        )
+        await _check_one_step_case(h, one_step, f"c{n}", case)
     assert await one_step.retry_blocked("nope", "t", now=h.now()) is None
+
+
+async def _check_one_step_case(
+    h: Harness, one_step: AsyncRetryInOneStep, pid: str, case: OneStepCase
+) -> None:
+    """Build ``case`` in project ``pid`` here and on a MemoryStorage, retry it in one step
+    here and through the core there, and compare the answers and the states after."""
+    t0 = h.now()
+    await _build_case(h.s, pid, case, t0)
+    reference = inline_port(MemoryStorage())
+    await _build_case(reference, pid, case, t0)
+    h.clock.advance(7.5)
+    now = h.now()
+    key = f"{pid}-k"
+    options: dict[str, Any] = {
+        "now": now,
+        "actor": case.actor,
+        "reason": case.reason,
+        "budget": case.budget,
+        "claimed_until": now + timedelta(seconds=30) if case.claimed else None,
+        "idempotency_key": None if case.key is None else key,
+        "idempotency_expires_at": None if case.key is None else now + timedelta(hours=1),
+    }
+    expected = await _core_retry(reference, pid, case.task_id, **options)
+    what = f"case {case!r}"
+    try:
+        got = await one_step.retry_blocked(pid, case.task_id, **options)
+    except Exception as exc:
+        raise AssertionError(
+            f"{what}: retry_blocked raised {exc!r}; expected (the core's) {expected!r}"
+        ) from exc
+    check_same(expected, got, f"{what}: retry_blocked's answer (expected: the core's)")
+    check_same(
+        await _case_state(reference, pid, key),
+        await _case_state(h.s, pid, key),
+        f"{what}: the state after retry_blocked (expected: the core's)",
+    )
+
+
+one_step_cases = st.builds(
+    OneStepCase,
+    name=st.just("drawn"),
+    project=st.one_of(st.just(ProjectStatus.EXECUTING), st.sampled_from(ProjectStatus)),
+    status=st.one_of(st.just(TaskStatus.BLOCKED), st.sampled_from(TaskStatus)),
+    history=st.booleans(),
+    blockers=st.lists(st.sampled_from([*TaskStatus, None]), max_size=3).map(tuple),
+    budget=st.sampled_from(RetryBudget),
+    actor=st.sampled_from([None, "alice", "zoë"]),
+    reason=st.sampled_from([None, "fixed the input"]),
+    claimed=st.booleans(),
+    key=st.sampled_from([None, "new", "used", "expired"]),
+    started=st.booleans(),
+    max_retries=st.integers(0, 3),
+    retries_left=st.integers(0, 3),
+)
+"""Any :class:`OneStepCase` (finished blockers, executing projects and blocked tasks often)."""
 
 
 @scenario
@@ -2283,6 +2309,32 @@ class StorageContract:
 
         check()
 
+    def test_one_step_retry_does_what_the_core_decides_in_any_case(self, storage: Storage) -> None:
+        """A storage with the one-step retry answers and stores what the core decides, for
+        any drawn combination of project, task, blockers, budget, actor, claim and key."""
+        wrapped = inline_port(storage)
+        if not isinstance(wrapped, AsyncRetryInOneStep):
+            return
+
+        def run(pid: str, case: OneStepCase) -> None:
+            h = Harness(wrapped)
+            one_step = _one_step(h)
+            assert one_step is not None
+            asyncio.run(_check_one_step_case(h, one_step, pid, case))
+
+        _one_step_property(run)
+
+
+def _one_step_property(run: Callable[[str, OneStepCase], None]) -> None:
+    examples = iter(range(1_000_000))
+
+    @_PROPERTY_SETTINGS
+    @given(case=one_step_cases)
+    def check(case: OneStepCase) -> None:
+        run(f"h{next(examples)}", case)
+
+    check()
+
 
 class AsyncStorageContract:
     """The conformance tests for an :class:`~deepwork_retry.ports.AsyncStorage`.
@@ -2325,6 +2377,32 @@ class AsyncStorageContract:
             asyncio.run(main(f"r{next(examples)}", case))
 
         check()
+
+    def test_one_step_retry_does_what_the_core_decides_in_any_case(
+        self, async_storage_factory: AsyncStorageFactory
+    ) -> None:
+        """A storage with the one-step retry answers and stores what the core decides, for
+        any drawn combination of project, task, blockers, budget, actor, claim and key."""
+
+        async def main(pid: str, case: OneStepCase) -> bool:
+            storage = await async_storage_factory()
+            try:
+                h = Harness(storage)
+                one_step = _one_step(h)
+                if one_step is None:
+                    return False
+                await _check_one_step_case(h, one_step, pid, case)
+                return True
+            finally:
+                await storage.close()
+
+        if not asyncio.run(main("h-probe", ONE_STEP_CASES[0])):
+            return
+
+        def run(pid: str, case: OneStepCase) -> None:
+            asyncio.run(main(pid, case))
+
+        _one_step_property(run)
 
 
 for _name, _fn in SCENARIOS.items():
