@@ -951,3 +951,35 @@ def test_the_kit_catches_the_variant(variant: type[MemoryStorage]) -> None:
     assert not isinstance(exc, BROKEN_VARIANT), f"{variant.__name__} broke in {name}: {exc!r}"
     assert str(exc).strip(), f"{variant.__name__} was caught by {name} with an empty message"
     assert took < 30, f"{variant.__name__} took {took:.1f} s to catch"
+
+
+@pytest.mark.parametrize(
+    ("variant", "fragments"),
+    [
+        (ApplyDropsTitle, ["title", "expected 'Write the report', got ''"]),
+        (ApplyDropsMetadata, ["metadata", "'owner'", "got []"]),
+        (ApplyReturnsOldProgress, ["progress", ".inbox: expected 1, got 0"]),
+        (OneStepIgnoresUnfinishedBlockers, ["an unfinished blocker", ".dispatches", "got 1"]),
+        (OneStepReturnsOldProgress, ["retry_blocked returned a progress", "expected 0, got 1"]),
+        (SaveSplitsCheckAndInsert, [".task_id: expected"]),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
+def test_a_failure_names_the_field_and_both_values(
+    variant: type[MemoryStorage], fragments: list[str]
+) -> None:
+    failure = first_failure(variant)
+    assert failure is not None
+    message = str(failure[1])
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_a_plain_assert_of_the_kit_shows_both_sides() -> None:
+    """The kit's modules are assertion-rewritten under pytest (registered on import)."""
+    failure = first_failure(ApplyForgetsNewAttempt)
+    assert failure is not None
+    name, exc = failure
+    assert (name, type(exc)) == ("apply_writes_plan", AssertionError)
+    assert "assert [" in str(exc)
+    assert "==" in str(exc)
