@@ -483,8 +483,11 @@ async def _create_and_get_project(h: Harness) -> None:
 async def _duplicate_project_rejected(h: Harness) -> None:
     """Creating a project whose id is taken raises AlreadyExists and keeps the original."""
     original = await h.project("p", ProjectStatus.EXECUTING)
-    with pytest.raises(AlreadyExists):
-        await h.s.create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name="other"))
+    await refused(
+        h.s.create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name="other")),
+        AlreadyExists,
+        "create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name='other'))",
+    )
     assert original == await h.s.get_project("p")
 
 
@@ -492,14 +495,10 @@ async def _duplicate_project_rejected(h: Harness) -> None:
 async def _unknown_project_not_found(h: Harness) -> None:
     """Every project read of an unknown id raises ProjectNotFound."""
     await h.project("p")
-    with pytest.raises(ProjectNotFound):
-        await h.s.get_project("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.progress("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.list_tasks("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.load("nope", "t")
+    await refused(h.s.get_project("nope"), ProjectNotFound, "get_project('nope')")
+    await refused(h.s.progress("nope"), ProjectNotFound, "progress('nope')")
+    await refused(h.s.list_tasks("nope"), ProjectNotFound, "list_tasks('nope')")
+    await refused(h.s.load("nope", "t"), ProjectNotFound, "load('nope', 't')")
 
 
 @scenario
@@ -511,8 +510,7 @@ async def _apply_project_changes_status(h: Harness) -> None:
     assert plan.after == stored
     assert [] == released
     assert plan.after == await h.s.get_project("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply_project(plan)
+    await refused(h.s.apply_project(plan), VersionConflict, "apply_project(plan)")
     assert plan.after == await h.s.get_project("p")
 
 
@@ -544,8 +542,11 @@ async def _add_duplicate_task_rejected(h: Harness) -> None:
     await h.project("p")
     await h.task("p", "a")
     before = await h.snapshot("p")
-    with pytest.raises(AlreadyExists):
-        await h.s.add_tasks([h.new_task("p", "b"), h.new_task("p", "a", title="again")])
+    await refused(
+        h.s.add_tasks([h.new_task("p", "b"), h.new_task("p", "a", title="again")]),
+        AlreadyExists,
+        "add_tasks([h.new_task('p', 'b'), h.new_task('p', 'a', title='again')])",
+    )
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
@@ -553,8 +554,11 @@ async def _add_duplicate_task_rejected(h: Harness) -> None:
 async def _add_task_to_unknown_project(h: Harness) -> None:
     """A batch with a task of an unknown project raises ProjectNotFound and adds nothing."""
     await h.project("p")
-    with pytest.raises(ProjectNotFound):
-        await h.s.add_tasks([h.new_task("p", "a"), h.new_task("nope", "b")])
+    await refused(
+        h.s.add_tasks([h.new_task("p", "a"), h.new_task("nope", "b")]),
+        ProjectNotFound,
+        "add_tasks([h.new_task('p', 'a'), h.new_task('nope', 'b')])",
+    )
     assert [] == await h.s.list_tasks("p")
     assert Progress(project_id="p") == await h.s.progress("p")
 
@@ -571,8 +575,7 @@ async def _add_bad_batch_rejected(h: Harness) -> None:
         [h.new_task("p", "a\x00b")],
     ]
     for batch in bad_batches:
-        with pytest.raises(InvalidInput):
-            await h.s.add_tasks(batch)
+        await refused(h.s.add_tasks(batch), InvalidInput, "add_tasks(batch)")
     assert [] == await h.s.list_tasks("p")
 
 
@@ -600,14 +603,10 @@ async def _task_of_other_project_not_found(h: Harness) -> None:
     await h.project("p2")
     await h.task("p1", "x")
     await h.task("p2", "y")
-    with pytest.raises(TaskNotFound):
-        await h.s.load("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.attempts("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.dispatches("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.load("p1", "missing")
+    await refused(h.s.load("p2", "x"), TaskNotFound, "load('p2', 'x')")
+    await refused(h.s.attempts("p2", "x"), TaskNotFound, "attempts('p2', 'x')")
+    await refused(h.s.dispatches("p2", "x"), TaskNotFound, "dispatches('p2', 'x')")
+    await refused(h.s.load("p1", "missing"), TaskNotFound, "load('p1', 'missing')")
     assert ["y"] == sorted(await h.s.get_tasks("p2", ["x", "y", "missing"]))
 
 
@@ -658,8 +657,9 @@ async def _list_tasks_rejects_bad_limit(h: Harness) -> None:
     """A limit outside 1..1000 raises InvalidInput."""
     await h.project("p")
     for limit in (0, -1, 1001):
-        with pytest.raises(InvalidInput):
-            await h.s.list_tasks("p", limit=limit)
+        await refused(
+            h.s.list_tasks("p", limit=limit), InvalidInput, "list_tasks('p', limit=limit)"
+        )
 
 
 # -- apply: compare-and-set --------------------------------------------------------
@@ -691,11 +691,9 @@ async def _stale_version_conflicts(h: Harness) -> None:
     plan = decide.assign(task, project, now=h.now(), blockers={})
     await h.s.apply(plan)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan on a stale task version")
     skip = decide.skip(task, project, now=h.now())
-    with pytest.raises(VersionConflict):
-        await h.s.apply(skip)
+    await refused(h.s.apply(skip), VersionConflict, "apply of a plan on a stale task version")
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
@@ -712,8 +710,9 @@ async def _concurrent_decisions_one_wins(h: Harness) -> None:
     )
     await h.s.apply(first)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(second)
+    await refused(
+        h.s.apply(second), VersionConflict, "apply of the second retry decided on the same read"
+    )
     check_same(before, await h.snapshot("p"), "the state after a refused write")
     assert 1 == (await h.get("p", "t")).retry_count
     assert 2 == len(await h.s.dispatches("p", "t"))
@@ -731,8 +730,7 @@ async def _guard_conflicts(h: Harness) -> None:
     assert 1 == len(plan.guards)
     await h.ex.assign("p", "a")
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan whose guarded task changed")
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
@@ -745,8 +743,7 @@ async def _project_version_conflicts(h: Harness) -> None:
     plan = decide.assign(task, project, now=h.now(), blockers={})
     await h.s.apply_project(decide.change_project(project, ProjectStatus.PAUSED, now=h.now()))
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan whose project changed")
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
@@ -1125,8 +1122,7 @@ async def _redeliver_stale_limit(h: Harness) -> None:
         h.clock.advance(1)
     h.clock.advance(START)
     for limit in (0, -1, 1001):
-        with pytest.raises(InvalidInput):
-            await _stale(h, limit=limit)
+        await refused(_stale(h, limit=limit), InvalidInput, "_stale(h, limit=limit)")
     assert [("p", "c", 1), ("p", "a", 1)] == [e.key for e in await _stale(h, limit=2)]
     assert [("p", "b", 1)] == [e.key for e in await _stale(h, limit=2)]
     assert [] == await _stale(h, limit=2)
@@ -1151,8 +1147,7 @@ async def _reap_redelivers_lost_message(h: Harness) -> None:
     started = await h.live.start("p", "t", 1)
     assert TaskStatus.IN_PROGRESS == started.task.status
     before = await h.snapshot("p")
-    with pytest.raises(InvalidTransition):
-        await h.live.start("p", "t", 1)
+    await refused(h.live.start("p", "t", 1), InvalidTransition, "live.start('p', 't', 1)")
     check_same(before, await h.snapshot("p"), "the state after a refused write")
     h.clock.advance(START)
     assert [] == await h.live.redeliver()
@@ -1309,8 +1304,9 @@ async def _expired_idempotency_key_is_free_again(h: Harness) -> None:
     await h.ex.fail("p", "t", 2, TaskError(type="Fatal", message="again", retryable=False))
     project, task = await h.s.load("p", "t")
     again = decide.manual_retry(task, project, now=h.now(), blockers={}, idempotency_key="k")
-    with pytest.raises(IdempotencyConflict):
-        await h.s.apply(again)
+    await refused(
+        h.s.apply(again), IdempotencyConflict, "apply reserving a key that has not expired"
+    )
 
 
 @scenario
@@ -1500,8 +1496,7 @@ async def _review_waits_then_approval_finishes(h: Harness) -> None:
     assert [("p", "b", 1)] == [e.key for e in await h.s.deferred("p")]
     assert [] == await h.s.expired_leases(now=h.now() + timedelta(days=1), limit=10)
     before = await h.snapshot("p")
-    with pytest.raises(TaskNotBlocked):
-        await h.retrier.retry("p", "a")
+    await refused(h.retrier.retry("p", "a"), TaskNotBlocked, "retrier.retry('p', 'a')")
     check_same(before, await h.snapshot("p"), "the state after a refused retry")
     h.clock.advance(5)
     approved = await h.live.approve("p", "a")
@@ -1537,8 +1532,7 @@ async def _projects_in_every_status(h: Harness) -> None:
             assert [("t", "dispatched")] == [(o.task_id, o.status) for o in outcomes]
             continue
         before = await h.snapshot(pid)
-        with pytest.raises(ProjectNotRunnable):
-            await h.retrier.retry(pid, "t")
+        await refused(h.retrier.retry(pid, "t"), ProjectNotRunnable, "retrier.retry(pid, 't')")
         check_same(before, await h.snapshot(pid), f"the {status.value} project after a retry")
 
 
@@ -1614,16 +1608,22 @@ async def _stale_plan_keeping_the_status_conflicts(h: Harness) -> None:
     second = decide.heartbeat(running, 1, now=h.now() + timedelta(seconds=1), policy=h.policy)
     await h.s.apply(first)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(second)
+    await refused(
+        h.s.apply(second),
+        VersionConflict,
+        "apply of a stale heartbeat (same status, older version)",
+    )
     check_same(before, await h.snapshot("p"), "the state after a stale heartbeat")
     # A guard whose task kept its status but moved on.
     project, b = await h.s.load("p", "b")
     plan = decide.assign(b, project, now=h.now(), blockers=await h.s.get_tasks("p", ["a"]))
     await h.ex.heartbeat("p", "a", 1)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(
+        h.s.apply(plan),
+        VersionConflict,
+        "apply of a plan whose guard kept its status but not its version",
+    )
     check_same(before, await h.snapshot("p"), "the state after a plan with a stale guard")
     # A project paused again since the plan read it.
     await h.ex.set_project_status("p", ProjectStatus.PAUSED)
@@ -1632,12 +1632,18 @@ async def _stale_plan_keeping_the_status_conflicts(h: Harness) -> None:
     await h.ex.set_project_status("p", ProjectStatus.EXECUTING)
     await h.ex.set_project_status("p", ProjectStatus.PAUSED)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(
+        h.s.apply(plan),
+        VersionConflict,
+        "apply of a plan on a project paused again (same status, older version)",
+    )
     check_same(before, await h.snapshot("p"), "the state after a plan on a stale project")
     stale = decide.change_project(project, ProjectStatus.EXECUTING, now=h.now())
-    with pytest.raises(VersionConflict):
-        await h.s.apply_project(stale)
+    await refused(
+        h.s.apply_project(stale),
+        VersionConflict,
+        "apply_project of a plan on a stale project version",
+    )
     check_same(before, await h.snapshot("p"), "the state after a stale project plan")
 
 
@@ -1659,8 +1665,11 @@ async def _project_plan_guards_conflict(h: Harness) -> None:
     assert plan.guards, "the plan guards the unfinished blocker"
     await h.ex.heartbeat("p", "a", 1)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply_project(plan)
+    await refused(
+        h.s.apply_project(plan),
+        VersionConflict,
+        "apply_project of a plan whose guarded task changed",
+    )
     check_same(before, await h.snapshot("p"), "the state after a project plan with a stale guard")
 
 
@@ -1901,10 +1910,8 @@ async def _one_step_retry_through_the_service(h: Harness) -> None:
     result = await h.retrier.retry("p", "a", budget=RetryBudget.FULL)
     assert ("dispatched", 3) == (result.dispatch.status, result.task.retries_left)
     before = await h.snapshot("p")
-    with pytest.raises(TaskNotBlocked):
-        await h.retrier.retry("p", "a")
-    with pytest.raises(TaskNotFound):
-        await h.retrier.retry("p", "nope")
+    await refused(h.retrier.retry("p", "a"), TaskNotBlocked, "retrier.retry('p', 'a')")
+    await refused(h.retrier.retry("p", "nope"), TaskNotFound, "retrier.retry('p', 'nope')")
     check_same(before, await h.snapshot("p"), "the state after refused retries")
 
 
