@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import attrs
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +79,7 @@ from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock
 __all__ = ["AsyncStorageContract", "StorageContract", "recount"]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 LEASE = 60.0
 BACKOFF = 10.0
@@ -442,12 +442,13 @@ class Harness:
         )
 
 
-async def refused(call: Awaitable[Any], error: type[BaseException], what: str) -> None:
-    """Await ``call`` and check that it raised ``error``; the failure names ``what``."""
+async def refused(call: Awaitable[Any], error: type[E], what: str) -> E:
+    """Await ``call`` and check that it raised ``error`` (returned); a failure names ``what``
+    and what the call returned instead."""
     try:
         result = await call
-    except error:
-        return
+    except error as exc:
+        return exc
     raise AssertionError(f"{what}: expected {error.__name__} to be raised, got {result!r}")
 
 
@@ -762,9 +763,10 @@ async def _idempotency_reservation_conflicts(h: Harness) -> None:
     _, t2 = await h.s.load("p", "t2")
     second = decide.manual_retry(t2, project, now=h.now(), blockers={}, idempotency_key="k-1")
     before = await h.snapshot("p")
-    with pytest.raises(IdempotencyConflict) as caught:
-        await h.s.apply(second)
-    assert first.idempotency == caught.value.record
+    caught = await refused(
+        h.s.apply(second), IdempotencyConflict, "apply of a second plan reserving the same key"
+    )
+    check_same(first.idempotency, caught.record, "the record IdempotencyConflict carries")
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
@@ -1188,9 +1190,10 @@ async def _manual_retry_end_to_end(h: Harness) -> None:
     assert [("p", "t", 2)] == h.dispatcher.keys
     assert "disk full" == (await h.s.attempts("p", "t"))[0].error_message
     before = await h.snapshot("p")
-    with pytest.raises(TaskNotBlocked) as caught:
-        await h.retrier.retry("p", "t")
-    assert "Can only retry tasks with status 'blocked', got 'assigned'" == str(caught.value)
+    refusal = await refused(
+        h.retrier.retry("p", "t"), TaskNotBlocked, "a retry of an assigned task"
+    )
+    assert "Can only retry tasks with status 'blocked', got 'assigned'" == str(refusal)
     check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
