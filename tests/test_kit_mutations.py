@@ -32,11 +32,11 @@ from deepwork_retry._core.states import DispatchState, ProjectStatus, RetryBudge
 from deepwork_retry.exceptions import (
     DeepworkError,
     IdempotencyConflict,
+    InvalidInput,
     ProjectNotFound,
     TaskNotFound,
 )
 from deepwork_retry.ports import REDELIVERED, RetryInOneStep, Storage
-from deepwork_retry.storage._validate import check_limit
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.testing.contract import SCENARIOS, play_sync
 
@@ -46,6 +46,12 @@ GAP = 0.0
 
 def _gap() -> None:
     time.sleep(GAP)
+
+
+def check_limit(limit: int) -> None:
+    """The port's rule for limits (1..1000), as an adapter would check it."""
+    if not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise InvalidInput(f"limit must be an integer from 1 to 1000, got {limit!r}")
 
 
 def _current_versions(storage: MemoryStorage, plan: Plan) -> Plan:
