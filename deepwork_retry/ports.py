@@ -46,8 +46,13 @@ class Storage(Protocol):
 
     Lookups raise :class:`~deepwork_retry.exceptions.ProjectNotFound` /
     :class:`~deepwork_retry.exceptions.TaskNotFound`; a task id that exists in
-    another project is "not found" too. Connection failures and timeouts raise
+    another project is "not found" too. Every ``limit`` must be an integer from
+    1 to 1000, else :class:`~deepwork_retry.exceptions.InvalidInput`.
+    Connection failures and timeouts raise
     :class:`~deepwork_retry.exceptions.StorageUnavailable` and change nothing.
+    Every method is safe to call from several threads (or, on an
+    :class:`AsyncStorage`, tasks) at once. The conformance kit
+    (:mod:`deepwork_retry.testing`) checks all of this.
     """
 
     # -- setup -------------------------------------------------------------
@@ -56,7 +61,15 @@ class Storage(Protocol):
         ...
 
     def add_tasks(self, tasks: Sequence[Task]) -> None:
-        """Store new tasks of existing projects and count them in progress."""
+        """Store new tasks of existing projects and count them in progress.
+
+        All or nothing: a malformed batch (an id empty, longer than 255
+        characters or holding NUL, a task twice in the batch, a negative
+        retry counter, a task blocked by itself or by such an id) raises
+        :class:`~deepwork_retry.exceptions.InvalidInput`, a task of an
+        unknown project ``ProjectNotFound``, a taken id ``AlreadyExists``,
+        and none of the batch is stored.
+        """
         ...
 
     # -- reads ---------------------------------------------------------------
@@ -103,13 +116,19 @@ class Storage(Protocol):
     def apply(self, plan: Plan) -> Applied:
         """Apply ``plan`` in one transaction.
 
-        Compare-and-set: the task must still be at ``plan.before.version``,
-        each guard at its version, the project at ``plan.project_version``
-        (when set), else :class:`~deepwork_retry.exceptions.VersionConflict`
-        and nothing changes. Writes the task, the attempt record(s), the
-        outbox entry, the releases, the progress counters and the
-        idempotency reservation, and returns the task, the progress after the
-        change and the entries made pending.
+        Compare-and-set on versions, never on statuses (a heartbeat keeps the
+        status and still moves the version on): the task must still be at
+        ``plan.before.version``, each guard at its version, the project at
+        ``plan.project_version`` (when set), else
+        :class:`~deepwork_retry.exceptions.VersionConflict` and nothing
+        changes; a key reserved and not expired raises
+        :class:`~deepwork_retry.exceptions.IdempotencyConflict` carrying the
+        stored record. Checks and writes are one atomic step: of plans
+        decided on the same read and applied at once, exactly one applies.
+        Writes the task (every field, ``metadata`` included), the attempt
+        record(s), the outbox entry, the releases, the progress counters and
+        the idempotency reservation, and returns the task, the progress after
+        the change and the entries made pending.
         """
         ...
 
@@ -149,7 +168,8 @@ class Storage(Protocol):
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
-        """Tasks ``in_progress`` whose lease expired before ``now``."""
+        """Tasks ``in_progress`` whose lease has expired at ``now``
+        (``lease_expires_at <= now``), at most ``limit``."""
         ...
 
     # -- idempotency -----------------------------------------------------------------
@@ -167,6 +187,8 @@ class Storage(Protocol):
         request's refusal never displaces the retry that reserved the key.
         A key whose record has expired at ``record.created_at`` is free (and so
         in :meth:`apply`'s reservation): the new record replaces the old.
+        Of records saved at once for one free key, one is stored and every
+        caller gets that one back.
         """
         ...
 
@@ -245,9 +267,13 @@ class RetryInOneStep(Protocol):
     returns. When it cannot (the task is missing or not blocked, the project
     refuses retries, the key is taken, a conflict), it changes nothing and
     returns ``None``; the service then takes the load, decide and apply
-    path, which raises the core's own error. A storage that renders the
-    decision into its own language should be checked against the core, as
-    the PostgreSQL storage's differential test does.
+    path, which raises the core's own error; it never raises a refusal
+    itself. Of retries of one task, or under one key, made at once, exactly
+    one applies. The conformance kit (:mod:`deepwork_retry.testing`) checks
+    a storage that has this capability against the core's decide and apply
+    on the in-memory storage, case by case (project and task status,
+    finished, unfinished and missing blockers, budget, actor, reason, claim,
+    new, taken and expired keys), and under concurrency.
 
     ``idempotency_expires_at`` is when the reserved key expires (by default
     :data:`~deepwork_retry._core.model.IDEMPOTENCY_PERIOD` after ``now``); a

@@ -24,14 +24,24 @@ from deepwork_retry.exceptions import missing_extra
 
 try:
     import hypothesis  # noqa: F401 - fail here, with the extra's name, when it is missing
-    import pytest  # noqa: F401
+    import pytest
 except ImportError as exc:
     raise missing_extra("testing", __name__, exc) from exc
 
-from deepwork_retry.testing import strategies
-from deepwork_retry.testing.contract import AsyncStorageContract, StorageContract
-from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher
-from deepwork_retry.testing.machine import async_storage_machine, storage_machine
+# Under pytest, the kit's own asserts show both values when they fail: its
+# modules are rewritten like test modules (they are imported just below, after
+# this registration). Outside pytest this does nothing.
+pytest.register_assert_rewrite(
+    "deepwork_retry.testing.contract",
+    "deepwork_retry.testing.machine",
+    "deepwork_retry.testing.strategies",
+    "deepwork_retry.testing._compare",
+)
+
+from deepwork_retry.testing import strategies  # noqa: E402
+from deepwork_retry.testing.contract import AsyncStorageContract, StorageContract  # noqa: E402
+from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher  # noqa: E402
+from deepwork_retry.testing.machine import async_storage_machine, storage_machine  # noqa: E402
 
 __all__ = [
     "AsyncRecordingDispatcher",

@@ -15,12 +15,13 @@ and checks the stored progress counters against the recount.
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import attrs
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,21 +54,32 @@ from deepwork_retry._core.states import (
 )
 from deepwork_retry.exceptions import (
     AlreadyExists,
+    DeepworkError,
     IdempotencyConflict,
     InvalidInput,
     InvalidTransition,
     ProjectNotFound,
+    ProjectNotRunnable,
     TaskNotBlocked,
     TaskNotFound,
     VersionConflict,
 )
-from deepwork_retry.ports import REDELIVERED, AsyncStorage, Storage
+from deepwork_retry.ports import (
+    REDELIVERED,
+    AsyncRetryInOneStep,
+    AsyncStorage,
+    RetryInOneStep,
+    Storage,
+)
 from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry.testing._compare import check_same
 from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock
 
 __all__ = ["AsyncStorageContract", "StorageContract", "recount"]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 LEASE = 60.0
 BACKOFF = 10.0
@@ -99,7 +111,15 @@ class _Checked:
         for pid in sorted(self.projects):
             expected = await recount(self.inner, pid)
             actual = await self.inner.progress(pid)
-            assert expected == actual, f"progress of {pid!r} differs from a recount"
+            check_same(expected, actual, f"the stored progress of {pid!r} (expected: a recount)")
+
+    async def _verify_applied(self, applied: Applied, what: str) -> None:
+        """What a write returned is what it stored: the task (every field) and the progress."""
+        task = applied.task
+        stored = await self.inner.load(task.project_id, task.id)
+        check_same(applied.task, stored[1], f"{what} returned a task unlike the stored one")
+        progress = await self.inner.progress(task.project_id)
+        check_same(applied.progress, progress, f"{what} returned a progress unlike the stored one")
 
     async def _write(self, call: Awaitable[T]) -> T:
         try:
@@ -149,10 +169,15 @@ class _Checked:
         return await self.inner.deferred(project_id)
 
     async def apply(self, plan: Plan) -> Applied:
-        return await self._write(self.inner.apply(plan))
+        applied = await self._write(self.inner.apply(plan))
+        await self._verify_applied(applied, "apply")
+        return applied
 
     async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
-        return await self._write(self.inner.apply_project(plan))
+        project, released = await self._write(self.inner.apply_project(plan))
+        stored = await self.inner.get_project(project.id)
+        check_same(project, stored, "apply_project returned a project unlike the stored one")
+        return project, released
 
     async def claim_due(
         self, *, now: datetime, limit: int, claimed_until: datetime
@@ -192,6 +217,130 @@ class _Checked:
         await self.inner.close()
 
 
+class _CheckedOneStep(_Checked):
+    """:class:`_Checked` over a storage that retries in one step, passing the capability on."""
+
+    inner: Any
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
+    ) -> Applied | None:
+        applied: Applied | None = await self._write(
+            self.inner.retry_blocked(
+                project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+                claimed_until=claimed_until, idempotency_key=idempotency_key,
+                idempotency_expires_at=idempotency_expires_at,
+            )
+        )  # fmt: skip
+        if applied is not None:
+            await self._verify_applied(applied, "retry_blocked")
+        return applied
+
+
+def checked(storage: AsyncStorage) -> _Checked:
+    """``storage`` with the suite's checks after every write (and its one-step retry, if any)."""
+    if isinstance(storage, AsyncRetryInOneStep):
+        return _CheckedOneStep(storage)
+    return _Checked(storage)
+
+
+class _InlineOneStep(AsyncFromSync[Any]):
+    """The inline async port over a sync storage that retries in one step."""
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
+    ) -> Applied | None:
+        result: Applied | None = self.sync.retry_blocked(
+            project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+            claimed_until=claimed_until, idempotency_key=idempotency_key,
+            idempotency_expires_at=idempotency_expires_at,
+        )  # fmt: skip
+        return result
+
+
+def inline_port(storage: Storage) -> AsyncStorage:
+    """The async port over a sync ``storage``, calls run inline; keeps its one-step retry."""
+    if isinstance(storage, RetryInOneStep):
+        return _InlineOneStep(storage, offload=False)
+    return AsyncFromSync(storage, offload=False)
+
+
+Racer = Callable[[AsyncStorage], Awaitable[Any]]
+Race = Callable[[Sequence[Racer]], Awaitable[list[Any]]]
+RACE_TIMEOUT = 30.0
+
+
+def thread_race(storage: Storage) -> Race:
+    """Run racing calls on a sync storage, each on its own thread, released together.
+
+    Each call gets its own inline port (and event loop) on its thread; the
+    interpreter switches threads as often as it can meanwhile, so that
+    interleavings inside the storage's methods happen.
+    """
+
+    async def race(calls: Sequence[Racer]) -> list[Any]:
+        barrier = threading.Barrier(len(calls))
+        results: list[Any] = [None] * len(calls)
+
+        def run(index: int) -> None:
+            port = inline_port(storage)
+
+            async def go() -> Any:
+                barrier.wait(RACE_TIMEOUT)
+                return await calls[index](port)
+
+            try:
+                results[index] = asyncio.run(go())
+            except BaseException as exc:  # noqa: BLE001 - handed to the scenario
+                results[index] = exc
+
+        threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(len(calls))]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(RACE_TIMEOUT)
+        finally:
+            sys.setswitchinterval(interval)
+        stuck = sum(thread.is_alive() for thread in threads)
+        assert not stuck, f"{stuck} racing calls did not finish within {RACE_TIMEOUT:g} s"
+        return results
+
+    return race
+
+
+def task_race(storage: AsyncStorage) -> Race:
+    """Run racing calls on an async storage as concurrent tasks of the running loop."""
+
+    async def race(calls: Sequence[Racer]) -> list[Any]:
+        gathered = asyncio.gather(*(call(storage) for call in calls), return_exceptions=True)
+        return list(await asyncio.wait_for(gathered, RACE_TIMEOUT))
+
+    return race
+
+
 @attrs.frozen
 class Snapshot:
     """Everything a storage holds about one project, for "nothing changed" checks."""
@@ -208,9 +357,13 @@ class Snapshot:
 class Harness:
     """A scenario's view of the storage under test, with services and a fake clock."""
 
-    def __init__(self, storage: AsyncStorage) -> None:
-        self.checked = _Checked(storage)
+    def __init__(self, storage: AsyncStorage, race: Race | None = None) -> None:
+        self.raw = storage
+        self.checked = checked(storage)
         self.s: AsyncStorage = self.checked
+        self.race: Race = race or task_race(storage)
+        """Runs calls concurrently on the storage (threads for a sync one); returns each
+        call's result or the exception it raised, in order."""
         self.clock = FakeClock()
         self.policy = RetryPolicy(
             backoff=FixedBackoff(wait=BACKOFF), lease=LEASE, start_timeout=START
@@ -289,6 +442,16 @@ class Harness:
         )
 
 
+async def refused(call: Awaitable[Any], error: type[E], what: str) -> E:
+    """Await ``call`` and check that it raised ``error`` (returned); a failure names ``what``
+    and what the call returned instead."""
+    try:
+        result = await call
+    except error as exc:
+        return exc
+    raise AssertionError(f"{what}: expected {error.__name__} to be raised, got {result!r}")
+
+
 Scenario = Callable[[Harness], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {}
 
@@ -321,8 +484,11 @@ async def _create_and_get_project(h: Harness) -> None:
 async def _duplicate_project_rejected(h: Harness) -> None:
     """Creating a project whose id is taken raises AlreadyExists and keeps the original."""
     original = await h.project("p", ProjectStatus.EXECUTING)
-    with pytest.raises(AlreadyExists):
-        await h.s.create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name="other"))
+    await refused(
+        h.s.create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name="other")),
+        AlreadyExists,
+        "create_project(attrs.evolve(original, status=ProjectStatus.DRAFT, name='other'))",
+    )
     assert original == await h.s.get_project("p")
 
 
@@ -330,14 +496,10 @@ async def _duplicate_project_rejected(h: Harness) -> None:
 async def _unknown_project_not_found(h: Harness) -> None:
     """Every project read of an unknown id raises ProjectNotFound."""
     await h.project("p")
-    with pytest.raises(ProjectNotFound):
-        await h.s.get_project("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.progress("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.list_tasks("nope")
-    with pytest.raises(ProjectNotFound):
-        await h.s.load("nope", "t")
+    await refused(h.s.get_project("nope"), ProjectNotFound, "get_project('nope')")
+    await refused(h.s.progress("nope"), ProjectNotFound, "progress('nope')")
+    await refused(h.s.list_tasks("nope"), ProjectNotFound, "list_tasks('nope')")
+    await refused(h.s.load("nope", "t"), ProjectNotFound, "load('nope', 't')")
 
 
 @scenario
@@ -349,8 +511,7 @@ async def _apply_project_changes_status(h: Harness) -> None:
     assert plan.after == stored
     assert [] == released
     assert plan.after == await h.s.get_project("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply_project(plan)
+    await refused(h.s.apply_project(plan), VersionConflict, "apply_project(plan)")
     assert plan.after == await h.s.get_project("p")
 
 
@@ -382,17 +543,23 @@ async def _add_duplicate_task_rejected(h: Harness) -> None:
     await h.project("p")
     await h.task("p", "a")
     before = await h.snapshot("p")
-    with pytest.raises(AlreadyExists):
-        await h.s.add_tasks([h.new_task("p", "b"), h.new_task("p", "a", title="again")])
-    assert before == await h.snapshot("p")
+    await refused(
+        h.s.add_tasks([h.new_task("p", "b"), h.new_task("p", "a", title="again")]),
+        AlreadyExists,
+        "add_tasks([h.new_task('p', 'b'), h.new_task('p', 'a', title='again')])",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 @scenario
 async def _add_task_to_unknown_project(h: Harness) -> None:
     """A batch with a task of an unknown project raises ProjectNotFound and adds nothing."""
     await h.project("p")
-    with pytest.raises(ProjectNotFound):
-        await h.s.add_tasks([h.new_task("p", "a"), h.new_task("nope", "b")])
+    await refused(
+        h.s.add_tasks([h.new_task("p", "a"), h.new_task("nope", "b")]),
+        ProjectNotFound,
+        "add_tasks([h.new_task('p', 'a'), h.new_task('nope', 'b')])",
+    )
     assert [] == await h.s.list_tasks("p")
     assert Progress(project_id="p") == await h.s.progress("p")
 
@@ -409,8 +576,7 @@ async def _add_bad_batch_rejected(h: Harness) -> None:
         [h.new_task("p", "a\x00b")],
     ]
     for batch in bad_batches:
-        with pytest.raises(InvalidInput):
-            await h.s.add_tasks(batch)
+        await refused(h.s.add_tasks(batch), InvalidInput, "add_tasks(batch)")
     assert [] == await h.s.list_tasks("p")
 
 
@@ -438,14 +604,10 @@ async def _task_of_other_project_not_found(h: Harness) -> None:
     await h.project("p2")
     await h.task("p1", "x")
     await h.task("p2", "y")
-    with pytest.raises(TaskNotFound):
-        await h.s.load("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.attempts("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.dispatches("p2", "x")
-    with pytest.raises(TaskNotFound):
-        await h.s.load("p1", "missing")
+    await refused(h.s.load("p2", "x"), TaskNotFound, "load('p2', 'x')")
+    await refused(h.s.attempts("p2", "x"), TaskNotFound, "attempts('p2', 'x')")
+    await refused(h.s.dispatches("p2", "x"), TaskNotFound, "dispatches('p2', 'x')")
+    await refused(h.s.load("p1", "missing"), TaskNotFound, "load('p1', 'missing')")
     assert ["y"] == sorted(await h.s.get_tasks("p2", ["x", "y", "missing"]))
 
 
@@ -496,8 +658,9 @@ async def _list_tasks_rejects_bad_limit(h: Harness) -> None:
     """A limit outside 1..1000 raises InvalidInput."""
     await h.project("p")
     for limit in (0, -1, 1001):
-        with pytest.raises(InvalidInput):
-            await h.s.list_tasks("p", limit=limit)
+        await refused(
+            h.s.list_tasks("p", limit=limit), InvalidInput, "list_tasks('p', limit=limit)"
+        )
 
 
 # -- apply: compare-and-set --------------------------------------------------------
@@ -529,12 +692,10 @@ async def _stale_version_conflicts(h: Harness) -> None:
     plan = decide.assign(task, project, now=h.now(), blockers={})
     await h.s.apply(plan)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan on a stale task version")
     skip = decide.skip(task, project, now=h.now())
-    with pytest.raises(VersionConflict):
-        await h.s.apply(skip)
-    assert before == await h.snapshot("p")
+    await refused(h.s.apply(skip), VersionConflict, "apply of a plan on a stale task version")
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 @scenario
@@ -550,9 +711,10 @@ async def _concurrent_decisions_one_wins(h: Harness) -> None:
     )
     await h.s.apply(first)
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(second)
-    assert before == await h.snapshot("p")
+    await refused(
+        h.s.apply(second), VersionConflict, "apply of the second retry decided on the same read"
+    )
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
     assert 1 == (await h.get("p", "t")).retry_count
     assert 2 == len(await h.s.dispatches("p", "t"))
 
@@ -569,9 +731,8 @@ async def _guard_conflicts(h: Harness) -> None:
     assert 1 == len(plan.guards)
     await h.ex.assign("p", "a")
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
-    assert before == await h.snapshot("p")
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan whose guarded task changed")
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 @scenario
@@ -583,9 +744,8 @@ async def _project_version_conflicts(h: Harness) -> None:
     plan = decide.assign(task, project, now=h.now(), blockers={})
     await h.s.apply_project(decide.change_project(project, ProjectStatus.PAUSED, now=h.now()))
     before = await h.snapshot("p")
-    with pytest.raises(VersionConflict):
-        await h.s.apply(plan)
-    assert before == await h.snapshot("p")
+    await refused(h.s.apply(plan), VersionConflict, "apply of a plan whose project changed")
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 @scenario
@@ -603,10 +763,11 @@ async def _idempotency_reservation_conflicts(h: Harness) -> None:
     _, t2 = await h.s.load("p", "t2")
     second = decide.manual_retry(t2, project, now=h.now(), blockers={}, idempotency_key="k-1")
     before = await h.snapshot("p")
-    with pytest.raises(IdempotencyConflict) as caught:
-        await h.s.apply(second)
-    assert first.idempotency == caught.value.record
-    assert before == await h.snapshot("p")
+    caught = await refused(
+        h.s.apply(second), IdempotencyConflict, "apply of a second plan reserving the same key"
+    )
+    check_same(first.idempotency, caught.record, "the record IdempotencyConflict carries")
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 # -- attempts ----------------------------------------------------------------------
@@ -963,8 +1124,7 @@ async def _redeliver_stale_limit(h: Harness) -> None:
         h.clock.advance(1)
     h.clock.advance(START)
     for limit in (0, -1, 1001):
-        with pytest.raises(InvalidInput):
-            await _stale(h, limit=limit)
+        await refused(_stale(h, limit=limit), InvalidInput, "_stale(h, limit=limit)")
     assert [("p", "c", 1), ("p", "a", 1)] == [e.key for e in await _stale(h, limit=2)]
     assert [("p", "b", 1)] == [e.key for e in await _stale(h, limit=2)]
     assert [] == await _stale(h, limit=2)
@@ -989,9 +1149,8 @@ async def _reap_redelivers_lost_message(h: Harness) -> None:
     started = await h.live.start("p", "t", 1)
     assert TaskStatus.IN_PROGRESS == started.task.status
     before = await h.snapshot("p")
-    with pytest.raises(InvalidTransition):
-        await h.live.start("p", "t", 1)
-    assert before == await h.snapshot("p")
+    await refused(h.live.start("p", "t", 1), InvalidTransition, "live.start('p', 't', 1)")
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
     h.clock.advance(START)
     assert [] == await h.live.redeliver()
 
@@ -1031,10 +1190,11 @@ async def _manual_retry_end_to_end(h: Harness) -> None:
     assert [("p", "t", 2)] == h.dispatcher.keys
     assert "disk full" == (await h.s.attempts("p", "t"))[0].error_message
     before = await h.snapshot("p")
-    with pytest.raises(TaskNotBlocked) as caught:
-        await h.retrier.retry("p", "t")
-    assert "Can only retry tasks with status 'blocked', got 'assigned'" == str(caught.value)
-    assert before == await h.snapshot("p")
+    refusal = await refused(
+        h.retrier.retry("p", "t"), TaskNotBlocked, "a retry of an assigned task"
+    )
+    assert "Can only retry tasks with status 'blocked', got 'assigned'" == str(refusal)
+    check_same(before, await h.snapshot("p"), "the state after a refused write")
 
 
 @scenario
@@ -1147,8 +1307,9 @@ async def _expired_idempotency_key_is_free_again(h: Harness) -> None:
     await h.ex.fail("p", "t", 2, TaskError(type="Fatal", message="again", retryable=False))
     project, task = await h.s.load("p", "t")
     again = decide.manual_retry(task, project, now=h.now(), blockers={}, idempotency_key="k")
-    with pytest.raises(IdempotencyConflict):
-        await h.s.apply(again)
+    await refused(
+        h.s.apply(again), IdempotencyConflict, "apply reserving a key that has not expired"
+    )
 
 
 @scenario
@@ -1276,6 +1437,726 @@ async def _nothing_live_is_lost_to_a_prune(h: Harness) -> None:
     assert {("p", "w", 1), ("p", "q", 1)} <= set(h.dispatcher.keys[-3:])
 
 
+# -- every field, every state ------------------------------------------------------------------
+
+
+@scenario
+async def _every_field_survives_every_move(h: Harness) -> None:
+    """A task's title, metadata and every other field read back as each move left them
+    (assign, start, heartbeat, fail, retry, submit for review, approve)."""
+    await h.project("p")
+    metadata = {"owner": "zoë", "tags": [1, "two"], "nested": {"n": None}}
+    added = h.new_task("p", "t", title="Write the report", max_retries=1, metadata=metadata)
+    await h.s.add_tasks([added])
+    check_same(added, await h.get("p", "t"), "the added task")
+    moves: list[Callable[[], Awaitable[Any]]] = [
+        lambda: h.ex.assign("p", "t"),
+        lambda: h.ex.start("p", "t", 1),
+        lambda: h.ex.heartbeat("p", "t", 1),
+        lambda: h.ex.fail("p", "t", 1, TaskError(type="Flaky", message="try again")),
+        lambda: h.ex.start("p", "t", 2),
+        lambda: h.ex.fail("p", "t", 2, TaskError(type="Fatal", message="no", retryable=False)),
+        lambda: h.retrier.retry("p", "t", actor="alice", reason="fixed"),
+        lambda: h.ex.start("p", "t", 3),
+        lambda: h.ex.succeed("p", "t", 3, review=True),
+        lambda: h.ex.approve("p", "t"),
+    ]
+    for n, move in enumerate(moves):
+        h.clock.advance(1)
+        result = await move()
+        stored = await h.get("p", "t")
+        check_same(result.task, stored, f"the task after move {n}")
+        check_same(dict(metadata), dict(stored.metadata), f"the metadata after move {n}")
+        check_same("Write the report", stored.title, f"the title after move {n}")
+    assert TaskStatus.DONE == (await h.get("p", "t")).status
+
+
+@scenario
+async def _review_waits_then_approval_finishes(h: Harness) -> None:
+    """A task submitted for review keeps its attempt open and its dependants waiting; approval
+    finishes it, closes the attempt and releases them."""
+    await h.project("p")
+    await h.task("p", "a")
+    await h.task("p", "b", blocked_by=["a"])
+    await h.ex.assign("p", "b")
+    await h.running("p", "a")
+    h.clock.advance(5)
+    submitted = await h.ex.succeed("p", "a", 1, review=True)
+    stored = await h.get("p", "a")
+    check_same(submitted.task, stored, "the task in review")
+    assert (TaskStatus.REVIEW, None, None) == (
+        stored.status,
+        stored.lease_expires_at,
+        stored.completed_at,
+    )
+    check_same(
+        Progress(project_id="p", total=2, review=1, assigned=1),
+        await h.s.progress("p"),
+        "the progress with a task in review",
+    )
+    (attempt,) = await h.s.attempts("p", "a")
+    assert (None, None) == (attempt.outcome, attempt.finished_at), "review closed the attempt"
+    assert [("p", "b", 1)] == [e.key for e in await h.s.deferred("p")]
+    assert [] == await h.s.expired_leases(now=h.now() + timedelta(days=1), limit=10)
+    before = await h.snapshot("p")
+    await refused(h.retrier.retry("p", "a"), TaskNotBlocked, "retrier.retry('p', 'a')")
+    check_same(before, await h.snapshot("p"), "the state after a refused retry")
+    h.clock.advance(5)
+    approved = await h.live.approve("p", "a")
+    check_same(approved.task, await h.get("p", "a"), "the approved task")
+    assert (TaskStatus.DONE, h.now()) == (approved.task.status, approved.task.completed_at)
+    (attempt,) = await h.s.attempts("p", "a")
+    assert (Outcome.SUCCEEDED, h.now()) == (attempt.outcome, attempt.finished_at)
+    assert [] == await h.s.deferred("p")
+    assert [("p", "b", 1)] == h.dispatcher.keys
+
+
+@scenario
+async def _projects_in_every_status(h: Harness) -> None:
+    """A project of every status reads back equal; a cancelled or completed project refuses
+    retries and changing nothing, a paused one defers them until it resumes."""
+    for status in ProjectStatus:
+        project = Project(
+            id=f"p-{status.value}", status=status, created_at=h.now(), updated_at=h.now()
+        )
+        await h.s.create_project(project)
+        check_same(project, await h.s.get_project(project.id), f"the {status.value} project")
+    for status in (ProjectStatus.CANCELLED, ProjectStatus.COMPLETED, ProjectStatus.PAUSED):
+        pid = f"q-{status.value}"
+        await h.project(pid)
+        await h.task(pid, "t")
+        await h.blocked(pid, "t")
+        await h.ex.set_project_status(pid, status)
+        if status is ProjectStatus.PAUSED:
+            result = await h.retrier.retry(pid, "t")
+            assert ("deferred", TaskStatus.ASSIGNED) == (result.dispatch.status, result.task.status)
+            assert [(pid, "t", 2)] == [e.key for e in await h.s.deferred(pid)]
+            _, outcomes = await h.live.set_project_status(pid, ProjectStatus.EXECUTING)
+            assert [("t", "dispatched")] == [(o.task_id, o.status) for o in outcomes]
+            continue
+        before = await h.snapshot(pid)
+        await refused(h.retrier.retry(pid, "t"), ProjectNotRunnable, "retrier.retry(pid, 't')")
+        check_same(before, await h.snapshot(pid), f"the {status.value} project after a retry")
+
+
+@scenario
+async def _projects_sharing_task_ids_stay_apart(h: Harness) -> None:
+    """Two projects with the same task ids: every move, release, retry and read of one leaves
+    the other exactly as it was."""
+    for pid in ("p1", "p2"):
+        await h.project(pid)
+        await h.task(pid, "a")
+        await h.task(pid, "b", blocked_by=["a"])
+        await h.ex.assign(pid, "b")
+    untouched = await h.snapshot("p2")
+    await h.running("p1", "a")
+    await h.ex.heartbeat("p1", "a", 1)
+    await h.ex.succeed("p1", "a", 1)
+    await h.ex.start("p1", "b", 1)
+    await h.ex.fail("p1", "b", 1, TaskError(type="Fatal", retryable=False))
+    await h.retrier.retry("p1", "b", idempotency_key="shared-k")
+    check_same(untouched, await h.snapshot("p2"), "project p2 after moves in p1")
+    assert [("p2", "b", 1)] == [e.key for e in await h.s.deferred("p2")]
+    assert [("p2", "b")] == [(t.project_id, t.id) for t in await h.s.dependants("p2", "a")]
+    assert {"a": "p2", "b": "p2"} == {
+        tid: t.project_id for tid, t in (await h.s.get_tasks("p2", ["a", "b"])).items()
+    }
+    await h.running("p2", "a")
+    h.clock.advance(LEASE)
+    expired = await h.s.expired_leases(now=h.now(), limit=10)
+    assert [("p2", "a")] == [(t.project_id, t.id) for t in expired]
+    p1 = await h.snapshot("p1")
+    await h.ex.reap()
+    check_same(p1, await h.snapshot("p1"), "project p1 after a reap in p2")
+
+
+@scenario
+async def _limits_and_batches_checked(h: Harness) -> None:
+    """Every method taking a limit rejects one outside 1..1000 with InvalidInput and accepts
+    1 and 1000; a malformed batch of tasks raises InvalidInput and adds nothing."""
+    await h.project("p")
+    now = h.now()
+    calls: dict[str, Callable[[int], Awaitable[Any]]] = {
+        "list_tasks": lambda n: h.s.list_tasks("p", limit=n),
+        "claim_due": lambda n: h.s.claim_due(now=now, limit=n, claimed_until=now),
+        "redeliver_stale": lambda n: h.s.redeliver_stale(now=now, delivered_before=now, limit=n),
+        "expired_leases": lambda n: h.s.expired_leases(now=now, limit=n),
+    }
+    for name, call in calls.items():
+        for limit in (0, -1, 1001):
+            await refused(call(limit), InvalidInput, f"{name}(limit={limit})")
+        for limit in (1, 1000):
+            assert [] == await call(limit), f"{name}(limit={limit})"
+    long_id = "x" * 256
+    for batch in ([h.new_task("p", "ok"), h.new_task("p", long_id)],
+                  [h.new_task("p", "ok"), h.new_task("p", "r", retries_left=-1)],
+                  [h.new_task("p", "ok"), h.new_task("p", "c", retry_count=-1)],
+                  [h.new_task("p", "ok"), h.new_task("p", "d", blocked_by=[""])]):  # fmt: skip
+        await refused(h.s.add_tasks(batch), InvalidInput, f"add_tasks of {[t.id for t in batch]}")
+    assert [] == await h.s.list_tasks("p")
+
+
+# -- stale plans that keep the status -------------------------------------------------------
+
+
+@scenario
+async def _stale_plan_keeping_the_status_conflicts(h: Harness) -> None:
+    """The compare-and-set is on versions: a stale plan conflicts even where the task, the
+    guarded task or the project it read still has the same status."""
+    project = await h.project("p")
+    await h.task("p", "a")
+    await h.task("p", "b", blocked_by=["a"])
+    running = await h.running("p", "a")
+    first = decide.heartbeat(running, 1, now=h.now(), policy=h.policy)
+    second = decide.heartbeat(running, 1, now=h.now() + timedelta(seconds=1), policy=h.policy)
+    await h.s.apply(first)
+    before = await h.snapshot("p")
+    await refused(
+        h.s.apply(second),
+        VersionConflict,
+        "apply of a stale heartbeat (same status, older version)",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a stale heartbeat")
+    # A guard whose task kept its status but moved on.
+    project, b = await h.s.load("p", "b")
+    plan = decide.assign(b, project, now=h.now(), blockers=await h.s.get_tasks("p", ["a"]))
+    await h.ex.heartbeat("p", "a", 1)
+    before = await h.snapshot("p")
+    await refused(
+        h.s.apply(plan),
+        VersionConflict,
+        "apply of a plan whose guard kept its status but not its version",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a plan with a stale guard")
+    # A project paused again since the plan read it.
+    await h.ex.set_project_status("p", ProjectStatus.PAUSED)
+    project, b = await h.s.load("p", "b")
+    plan = decide.assign(b, project, now=h.now(), blockers=await h.s.get_tasks("p", ["a"]))
+    await h.ex.set_project_status("p", ProjectStatus.EXECUTING)
+    await h.ex.set_project_status("p", ProjectStatus.PAUSED)
+    before = await h.snapshot("p")
+    await refused(
+        h.s.apply(plan),
+        VersionConflict,
+        "apply of a plan on a project paused again (same status, older version)",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a plan on a stale project")
+    stale = decide.change_project(project, ProjectStatus.EXECUTING, now=h.now())
+    await refused(
+        h.s.apply_project(stale),
+        VersionConflict,
+        "apply_project of a plan on a stale project version",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a stale project plan")
+
+
+@scenario
+async def _project_plan_guards_conflict(h: Harness) -> None:
+    """A project plan whose guarded task changed since it was decided raises VersionConflict
+    and changes nothing."""
+    project = await h.project("p", ProjectStatus.PAUSED)
+    await h.task("p", "a")
+    await h.task("p", "b", blocked_by=["a"])
+    await h.ex.assign("p", "b")
+    await h.running("p", "a")
+    project = await h.s.get_project("p")
+    deferred = await h.s.deferred("p")
+    tasks = await h.s.get_tasks("p", ["a", "b"])
+    plan = decide.change_project(
+        project, ProjectStatus.EXECUTING, now=h.now(), deferred=deferred, tasks=tasks
+    )
+    assert plan.guards, "the plan guards the unfinished blocker"
+    await h.ex.heartbeat("p", "a", 1)
+    before = await h.snapshot("p")
+    await refused(
+        h.s.apply_project(plan),
+        VersionConflict,
+        "apply_project of a plan whose guarded task changed",
+    )
+    check_same(before, await h.snapshot("p"), "the state after a project plan with a stale guard")
+
+
+# -- the one-step retry (RetryInOneStep), against the core ---------------------------------------
+
+
+@attrs.frozen
+class OneStepCase:
+    """An initial state and the arguments of one manual retry."""
+
+    name: str
+    project: ProjectStatus = ProjectStatus.EXECUTING
+    status: TaskStatus = TaskStatus.BLOCKED
+    history: bool = True
+    """The task reached ``status`` through attempt 1 (record and outbox entry), or was added so."""
+    blockers: tuple[TaskStatus | None, ...] = ()
+    """The blockers' statuses; ``None`` names a blocker that does not exist."""
+    budget: RetryBudget = RetryBudget.ONE_MORE
+    actor: str | None = "alice"
+    reason: str | None = "fixed the input"
+    claimed: bool = True
+    key: str | None = None
+    """``None``, ``"new"``, ``"used"`` (taken by another retry) or ``"expired"``."""
+    started: bool = True
+    max_retries: int = 2
+    retries_left: int = 0
+    task_id: str = "t"
+
+
+_DONE, _SKIPPED = TaskStatus.DONE, TaskStatus.SKIPPED
+ONE_STEP_CASES: tuple[OneStepCase, ...] = (
+    OneStepCase("plain"),
+    OneStepCase("full budget", budget=RetryBudget.FULL),
+    OneStepCase("full budget, never started", budget=RetryBudget.FULL, started=False),
+    OneStepCase("one more, never started", started=False, retries_left=1),
+    OneStepCase("unclaimed", claimed=False),
+    OneStepCase("no actor or reason", actor=None, reason=None),
+    OneStepCase("no history", history=False),
+    OneStepCase("no history, full budget", history=False, budget=RetryBudget.FULL, max_retries=0),
+    OneStepCase("finished blockers", blockers=(_DONE, _SKIPPED)),
+    OneStepCase("an unfinished blocker", blockers=(_DONE, TaskStatus.IN_PROGRESS)),
+    OneStepCase("a blocked blocker", blockers=(TaskStatus.BLOCKED,)),
+    OneStepCase("a blocker in review", blockers=(TaskStatus.REVIEW,), claimed=False),
+    OneStepCase("a missing blocker", blockers=(None,)),
+    OneStepCase("finished and missing blockers", blockers=(_DONE, None)),
+    OneStepCase("a new key", key="new"),
+    OneStepCase("a new key, deferred", key="new", blockers=(TaskStatus.INBOX,)),
+    OneStepCase("a used key", key="used"),
+    OneStepCase("an expired key", key="expired", budget=RetryBudget.FULL),
+    OneStepCase("a missing task", task_id="missing"),
+    *(
+        OneStepCase(f"a {status.value} project", project=status, key="new")
+        for status in ProjectStatus
+        if status is not ProjectStatus.EXECUTING
+    ),
+    *(
+        OneStepCase(f"a task {status.value}", status=status, history=False)
+        for status in TaskStatus
+        if status is not TaskStatus.BLOCKED
+    ),
+    OneStepCase("an assigned task with history", status=TaskStatus.ASSIGNED),
+)
+
+
+async def _build_case(s: AsyncStorage, pid: str, case: OneStepCase, t0: datetime) -> None:
+    """The case's initial state, written through the port and the core."""
+    await s.create_project(Project(id=pid, status=case.project, created_at=t0, updated_at=t0))
+    names = [f"b{n}" for n in range(len(case.blockers))]
+    blockers = [
+        Task(id=name, project_id=pid, status=status, created_at=t0, updated_at=t0)
+        for name, status in zip(names, case.blockers, strict=True)
+        if status is not None
+    ]
+    fabricated = case.status is TaskStatus.BLOCKED and not case.history
+    task = Task(
+        id="t",
+        project_id=pid,
+        title="the task",
+        status=TaskStatus.INBOX if case.history else case.status,
+        max_retries=case.max_retries,
+        retries_left=case.retries_left,
+        retry_count=1,
+        error_message="failed" if fabricated else None,
+        error_type="Failure" if fabricated else None,
+        blocked_reason=BlockedReason.NON_RETRYABLE if fabricated else None,
+        blocked_by=names,
+        attempt=0,
+        started_at=t0 if case.started else None,
+        created_at=t0,
+        updated_at=t0,
+        metadata={"owner": "zoë", "tags": [1, "two"]},
+    )
+    await s.add_tasks([*blockers, task])
+    if case.history:
+        project, task = await s.load(pid, "t")
+        blocking = await s.get_tasks(pid, task.blocked_by)
+        await s.apply(decide.assign(task, project, now=t0, blockers=blocking))
+        if case.status is TaskStatus.BLOCKED:
+            _, task = await s.load(pid, "t")
+            await s.apply(decide.block(task, now=t0, message="stuck"))
+    key = f"{pid}-k"
+    if case.key == "used":
+        await s.save_idempotency(
+            IdempotencyRecord(key=key, project_id=pid, task_id="b0", created_at=t0)
+        )
+    if case.key == "expired":
+        created = t0 - timedelta(days=2)
+        await s.save_idempotency(
+            IdempotencyRecord(
+                key=key, project_id=pid, task_id="b0", created_at=created,
+                expires_at=created + timedelta(days=1),
+            )
+        )  # fmt: skip
+
+
+async def _case_state(s: AsyncStorage, pid: str, key: str) -> dict[str, Any]:
+    """Everything a retry could change in the case's project."""
+    tasks = await s.list_tasks(pid)
+    return {
+        "project": await s.get_project(pid),
+        "tasks": tasks,
+        "attempts": {t.id: await s.attempts(pid, t.id) for t in tasks},
+        "outbox": {t.id: await s.dispatches(pid, t.id) for t in tasks},
+        "deferred": sorted((e.key for e in await s.deferred(pid)), key=repr),
+        "progress": await s.progress(pid),
+        "idempotency": await s.get_idempotency(key),
+    }
+
+
+async def _core_retry(s: AsyncStorage, pid: str, task_id: str, **options: Any) -> Applied | None:
+    """The retry the core decides, applied; ``None`` where the core or the apply refuses."""
+    try:
+        project, task = await s.load(pid, task_id)
+        blockers = await s.get_tasks(pid, task.blocked_by)
+        plan = decide.manual_retry(task, project, blockers=blockers, **options)
+        return await s.apply(plan)
+    except DeepworkError:
+        return None
+
+
+def _one_step(h: Harness) -> AsyncRetryInOneStep | None:
+    return h.s if isinstance(h.s, AsyncRetryInOneStep) else None
+
+
+@scenario
+async def _one_step_retry_does_what_the_core_decides(h: Harness) -> None:
+    """A storage that retries in one step (RetryInOneStep) returns and stores exactly what the
+    core's decide and apply do on the in-memory storage, for every case of project and task
+    status, blockers (finished, unfinished, missing), budget, actor, reason, claim and key;
+    and changes nothing, returning None, wherever the core refuses."""
+    one_step = _one_step(h)
+    if one_step is None:
+        return
+    for n, case in enumerate(ONE_STEP_CASES):
+        await _check_one_step_case(h, one_step, f"c{n}", case)
+    assert await one_step.retry_blocked("nope", "t", now=h.now()) is None
+
+
+async def _check_one_step_case(
+    h: Harness, one_step: AsyncRetryInOneStep, pid: str, case: OneStepCase
+) -> None:
+    """Build ``case`` in project ``pid`` here and on a MemoryStorage, retry it in one step
+    here and through the core there, and compare the answers and the states after."""
+    t0 = h.now()
+    await _build_case(h.s, pid, case, t0)
+    reference = inline_port(MemoryStorage())
+    await _build_case(reference, pid, case, t0)
+    h.clock.advance(7.5)
+    now = h.now()
+    key = f"{pid}-k"
+    options: dict[str, Any] = {
+        "now": now,
+        "actor": case.actor,
+        "reason": case.reason,
+        "budget": case.budget,
+        "claimed_until": now + timedelta(seconds=30) if case.claimed else None,
+        "idempotency_key": None if case.key is None else key,
+        "idempotency_expires_at": None if case.key is None else now + timedelta(hours=1),
+    }
+    expected = await _core_retry(reference, pid, case.task_id, **options)
+    what = f"case {case!r}"
+    try:
+        got = await one_step.retry_blocked(pid, case.task_id, **options)
+    except Exception as exc:
+        raise AssertionError(
+            f"{what}: retry_blocked raised {exc!r}; expected (the core's) {expected!r}"
+        ) from exc
+    check_same(expected, got, f"{what}: retry_blocked's answer (expected: the core's)")
+    check_same(
+        await _case_state(reference, pid, key),
+        await _case_state(h.s, pid, key),
+        f"{what}: the state after retry_blocked (expected: the core's)",
+    )
+
+
+one_step_cases = st.builds(
+    OneStepCase,
+    name=st.just("drawn"),
+    project=st.one_of(st.just(ProjectStatus.EXECUTING), st.sampled_from(ProjectStatus)),
+    status=st.one_of(st.just(TaskStatus.BLOCKED), st.sampled_from(TaskStatus)),
+    history=st.booleans(),
+    blockers=st.lists(st.sampled_from([*TaskStatus, None]), max_size=3).map(tuple),
+    budget=st.sampled_from(RetryBudget),
+    actor=st.sampled_from([None, "alice", "zoë"]),
+    reason=st.sampled_from([None, "fixed the input"]),
+    claimed=st.booleans(),
+    key=st.sampled_from([None, "new", "used", "expired"]),
+    started=st.booleans(),
+    max_retries=st.integers(0, 3),
+    retries_left=st.integers(0, 3),
+)
+"""Any :class:`OneStepCase` (finished blockers, executing projects and blocked tasks often)."""
+
+
+@scenario
+async def _one_step_retry_through_the_service(h: Harness) -> None:
+    """Through the retry service, a one-step storage keeps the actor, reason, budget, key and
+    its life, and waits for unfinished blockers; refusals raise the core's errors."""
+    if _one_step(h) is None:
+        return
+    await h.project("p")
+    await h.task("p", "a")
+    await h.task("p", "b", blocked_by=["a"])
+    await h.blocked("p", "a")
+    await h.s.apply(decide.block(await h.get("p", "b"), now=h.now(), message="held"))
+    result = await h.retrier.retry("p", "b", actor="bob", reason="unblocked", idempotency_key="k")
+    assert ("deferred", TaskStatus.ASSIGNED) == (result.dispatch.status, result.task.status)
+    stored = await h.s.get_idempotency("k", now=h.now())
+    check_same(result.idempotency, stored, "the key reserved by the one-step retry")
+    (attempt,) = await h.s.attempts("p", "b")
+    assert ("bob", "unblocked", RetryBudget.ONE_MORE, Trigger.MANUAL_RETRY) == (
+        attempt.actor,
+        attempt.reason,
+        attempt.budget,
+        attempt.trigger,
+    )
+    assert [("p", "b", 1)] == [e.key for e in await h.s.deferred("p")]
+    result = await h.retrier.retry("p", "a", budget=RetryBudget.FULL)
+    assert ("dispatched", 3) == (result.dispatch.status, result.task.retries_left)
+    before = await h.snapshot("p")
+    await refused(h.retrier.retry("p", "a"), TaskNotBlocked, "retrier.retry('p', 'a')")
+    await refused(h.retrier.retry("p", "nope"), TaskNotFound, "retrier.retry('p', 'nope')")
+    check_same(before, await h.snapshot("p"), "the state after refused retries")
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+ROUNDS = 12
+RACERS = 4
+
+
+def _wins(results: Sequence[Any], refusal: type[BaseException], what: str) -> list[Any]:
+    """The results that are not ``refusal``; any other exception is re-raised."""
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, refusal):
+            raise result
+    wins = [r for r in results if not isinstance(r, BaseException)]
+    assert len(wins) == 1, (
+        f"{what}: expected exactly one of {len(results)} racing calls to succeed, "
+        f"got {len(wins)}: {results!r}"
+    )
+    return wins
+
+
+def _applier(plan: Plan) -> Racer:
+    async def call(s: AsyncStorage) -> Applied:
+        return await s.apply(plan)
+
+    return call
+
+
+@scenario
+async def _racing_plans_one_wins(h: Harness) -> None:
+    """Of plans decided on the same read and applied at once from several threads (manual
+    retries, heartbeats that keep the status), exactly one applies; the others conflict."""
+    await h.project("p")
+    for r in range(ROUNDS):
+        tid = f"t{r}"
+        await h.task("p", tid)
+        blocked = await h.blocked("p", tid)
+        project = await h.s.get_project("p")
+        plans = [
+            decide.manual_retry(
+                blocked, project, now=h.now(), blockers={}, actor=f"actor-{n}",
+                budget=RetryBudget.FULL if n % 2 else RetryBudget.ONE_MORE,
+            )
+            for n in range(RACERS)
+        ]  # fmt: skip
+        (won,) = _wins(await h.race([_applier(p) for p in plans]), VersionConflict, "retries")
+        check_same(won.task, await h.get("p", tid), f"{tid} after racing retries")
+        assert 2 == len(await h.s.attempts("p", tid)), f"{tid}: attempts after racing retries"
+        assert 2 == len(await h.s.dispatches("p", tid)), f"{tid}: entries after racing retries"
+        await h.ex.start("p", tid, 2)
+        running = await h.get("p", tid)
+        beats = [
+            decide.heartbeat(running, 2, now=h.now() + timedelta(seconds=n), policy=h.policy)
+            for n in range(RACERS)
+        ]
+        (won,) = _wins(await h.race([_applier(p) for p in beats]), VersionConflict, "heartbeats")
+        check_same(won.task, await h.get("p", tid), f"{tid} after racing heartbeats")
+
+
+@scenario
+async def _racing_guarded_plans_one_wins(h: Harness) -> None:
+    """A blocker's success and its dependant's assignment, decided on the same reads and applied
+    at once, guard each other: exactly one applies, and no dispatch is left waiting on a
+    finished blocker."""
+    await h.project("p")
+    for r in range(ROUNDS):
+        a, b = f"a{r}", f"b{r}"
+        await h.task("p", a)
+        await h.task("p", b, blocked_by=[a])
+        running = await h.running("p", a)
+        project, dependant = await h.s.load("p", b)
+        succeed = decide.succeed(
+            running, 1, project, now=h.now(), dependants=[dependant], blockers={}
+        )
+        assign = decide.assign(dependant, project, now=h.now(), blockers={a: running})
+        results = await h.race([_applier(succeed), _applier(assign)])
+        _wins(results, VersionConflict, f"round {r}: succeed({a}) and assign({b})")
+    assert [] == [
+        e.key
+        for e in await h.s.deferred("p")
+        if (await h.get("p", f"a{e.task_id[1:]}")).status is TaskStatus.DONE
+    ], "deferred entries whose blocker is done"
+
+
+@scenario
+async def _racing_reservations_one_wins(h: Harness) -> None:
+    """Retries of different tasks reserving the same idempotency key at once: exactly one
+    applies and holds the key; the others raise IdempotencyConflict."""
+    await h.project("p")
+    for r in range(ROUNDS):
+        project = await h.s.get_project("p")
+        plans = []
+        for n in range(RACERS):
+            tid = f"t{r}-{n}"
+            await h.task("p", tid)
+            blocked = await h.blocked("p", tid)
+            plans.append(
+                decide.manual_retry(
+                    blocked, project, now=h.now(), blockers={}, idempotency_key=f"k{r}"
+                )
+            )
+        (won,) = _wins(await h.race([_applier(p) for p in plans]), IdempotencyConflict, f"key k{r}")
+        record = await h.s.get_idempotency(f"k{r}")
+        assert record is not None, f"key k{r} is not stored"
+        assert won.task.id == record.task_id, f"key k{r} is held by {record!r}, {won.task.id} won"
+        moved = [
+            tid
+            for tid in (f"t{r}-{n}" for n in range(RACERS))
+            if (await h.get("p", tid)).status is TaskStatus.ASSIGNED
+        ]
+        assert [won.task.id] == moved, f"tasks moved under key k{r}"
+
+
+@scenario
+async def _racing_claims_are_exclusive(h: Harness) -> None:
+    """Relays claiming at once from several threads never receive the same entry, and
+    together receive every due entry."""
+    await h.project("p")
+    total = 48
+    for n in range(total):
+        await h.task("p", f"t{n:02}")
+        await h.ex.assign("p", f"t{n:02}")
+    now = h.now()
+
+    async def relay(s: AsyncStorage) -> list[tuple[str, str, int]]:
+        keys: list[tuple[str, str, int]] = []
+        for _ in range(total):
+            batch = await s.claim_due(now=now, limit=2, claimed_until=now + timedelta(seconds=30))
+            if not batch:
+                break
+            keys.extend(e.key for e in batch)
+        return keys
+
+    results = await h.race([relay] * RACERS)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    claimed = [key for keys in results for key in keys]
+    twice = sorted({key for key in claimed if claimed.count(key) > 1})
+    assert not twice, f"entries claimed by two relays at once: {twice}"
+    assert total == len(claimed), f"expected all {total} entries claimed, got {len(claimed)}"
+
+
+@scenario
+async def _racing_redeliveries_are_exclusive(h: Harness) -> None:
+    """Reapers turning back unstarted deliveries at once never both turn back the same entry."""
+    await h.project("p")
+    total = 24
+    for n in range(total):
+        await h.task("p", f"t{n:02}")
+        await h.live.assign("p", f"t{n:02}")
+    h.clock.advance(START)
+    now = h.now()
+
+    async def reaper(s: AsyncStorage) -> list[tuple[str, str, int]]:
+        keys: list[tuple[str, str, int]] = []
+        for _ in range(total):
+            batch = await s.redeliver_stale(now=now, delivered_before=now, limit=2)
+            if not batch:
+                break
+            keys.extend(e.key for e in batch)
+        return keys
+
+    results = await h.race([reaper] * RACERS)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    turned = [key for keys in results for key in keys]
+    twice = sorted({key for key in turned if turned.count(key) > 1})
+    assert not twice, f"entries turned back by two reapers at once: {twice}"
+    assert total == len(turned), f"expected all {total} entries turned back, got {len(turned)}"
+
+
+@scenario
+async def _racing_idempotency_saves_agree(h: Harness) -> None:
+    """Requests saving records for the same free key at once all get back the one record
+    stored, and it is one of theirs."""
+    await h.project("p")
+    for r in range(ROUNDS):
+        records = [
+            IdempotencyRecord(
+                key=f"k{r}", project_id="p", task_id=f"t{n}",
+                created_at=h.now() + timedelta(microseconds=n), status_code=200 + n, body="{}",
+            )
+            for n in range(RACERS)
+        ]  # fmt: skip
+
+        def saver(record: IdempotencyRecord) -> Racer:
+            async def call(s: AsyncStorage) -> IdempotencyRecord:
+                return await s.save_idempotency(record)
+
+            return call
+
+        results = await h.race([saver(record) for record in records])
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        stored = await h.s.get_idempotency(f"k{r}")
+        assert stored in records, f"k{r}: stored {stored!r}, which nobody saved"
+        for n, result in enumerate(results):
+            check_same(
+                stored, result, f"k{r}: what racing save {n} got back (expected: the stored)"
+            )
+
+
+@scenario
+async def _racing_one_step_retries_one_wins(h: Harness) -> None:
+    """One-step retries of the same task, or under the same key, at once: exactly one applies."""
+    if _one_step(h) is None:
+        return
+    await h.project("p")
+    for r in range(ROUNDS):
+        tid = f"t{r}"
+        await h.task("p", tid)
+        await h.blocked("p", tid)
+
+        def retry(task_id: str, key: str | None) -> Racer:
+            async def call(s: AsyncStorage) -> Applied | None:
+                assert isinstance(s, AsyncRetryInOneStep)
+                return await s.retry_blocked("p", task_id, now=h.now(), idempotency_key=key)
+
+            return call
+
+        results = await h.race([retry(tid, None)] * RACERS)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        wins = [result for result in results if result is not None]
+        assert 1 == len(wins), f"{tid}: {len(wins)} of {RACERS} racing one-step retries applied"
+        assert 2 == len(await h.s.attempts("p", tid)), f"{tid}: attempts after racing retries"
+        others = [f"u{r}-{n}" for n in range(RACERS)]
+        for other in others:
+            await h.task("p", other)
+            await h.blocked("p", other)
+        results = await h.race([retry(other, f"k{r}") for other in others])
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        wins = [result for result in results if result is not None]
+        assert 1 == len(wins), f"key k{r}: {len(wins)} of {RACERS} racing one-step retries applied"
+
+
 # -- retention: the property ------------------------------------------------------------------
 _PATHS = ("inbox", "assigned", "delivered", "running", "blocked", "retried", "done", "skipped",
           "retried_done")  # fmt: skip
@@ -1377,13 +2258,18 @@ _PROPERTY_SETTINGS = settings(
 # -- running the scenarios ----------------------------------------------------------------
 
 
-async def _play(fn: Scenario, storage: AsyncStorage) -> None:
-    await fn(Harness(storage))
+async def _play(fn: Scenario, storage: AsyncStorage, race: Race | None = None) -> None:
+    await fn(Harness(storage, race))
+
+
+def play_sync(fn: Scenario, storage: Storage) -> None:
+    """Run one scenario against a sync ``storage`` (its races on threads)."""
+    asyncio.run(_play(fn, inline_port(storage), thread_race(storage)))
 
 
 def _sync_test(name: str, fn: Scenario) -> Callable[..., None]:
     def test(self: object, storage: Storage) -> None:
-        asyncio.run(_play(fn, AsyncFromSync(storage, offload=False)))
+        play_sync(fn, storage)
 
     test.__name__ = test.__qualname__ = f"test_{name}"
     test.__doc__ = fn.__doc__
@@ -1422,7 +2308,7 @@ class StorageContract:
     def test_prune_keeps_exactly_what_the_rule_keeps(self, storage: Storage) -> None:
         """After a prune, every row left is one the retention rule keeps, and every row it
         keeps is left unchanged (any history, any periods, any batch size)."""
-        wrapped = AsyncFromSync(storage, offload=False)
+        wrapped = inline_port(storage)
         examples = iter(range(1_000_000))
 
         @_PROPERTY_SETTINGS
@@ -1432,6 +2318,32 @@ class StorageContract:
             asyncio.run(_prune_keeps_exactly_what_the_rule_keeps(wrapped, pid, case))
 
         check()
+
+    def test_one_step_retry_does_what_the_core_decides_in_any_case(self, storage: Storage) -> None:
+        """A storage with the one-step retry answers and stores what the core decides, for
+        any drawn combination of project, task, blockers, budget, actor, claim and key."""
+        wrapped = inline_port(storage)
+        if not isinstance(wrapped, AsyncRetryInOneStep):
+            return
+
+        def run(pid: str, case: OneStepCase) -> None:
+            h = Harness(wrapped)
+            one_step = _one_step(h)
+            assert one_step is not None
+            asyncio.run(_check_one_step_case(h, one_step, pid, case))
+
+        _one_step_property(run)
+
+
+def _one_step_property(run: Callable[[str, OneStepCase], None]) -> None:
+    examples = iter(range(1_000_000))
+
+    @_PROPERTY_SETTINGS
+    @given(case=one_step_cases)
+    def check(case: OneStepCase) -> None:
+        run(f"h{next(examples)}", case)
+
+    check()
 
 
 class AsyncStorageContract:
@@ -1475,6 +2387,32 @@ class AsyncStorageContract:
             asyncio.run(main(f"r{next(examples)}", case))
 
         check()
+
+    def test_one_step_retry_does_what_the_core_decides_in_any_case(
+        self, async_storage_factory: AsyncStorageFactory
+    ) -> None:
+        """A storage with the one-step retry answers and stores what the core decides, for
+        any drawn combination of project, task, blockers, budget, actor, claim and key."""
+
+        async def main(pid: str, case: OneStepCase) -> bool:
+            storage = await async_storage_factory()
+            try:
+                h = Harness(storage)
+                one_step = _one_step(h)
+                if one_step is None:
+                    return False
+                await _check_one_step_case(h, one_step, pid, case)
+                return True
+            finally:
+                await storage.close()
+
+        if not asyncio.run(main("h-probe", ONE_STEP_CASES[0])):
+            return
+
+        def run(pid: str, case: OneStepCase) -> None:
+            asyncio.run(main(pid, case))
+
+        _one_step_property(run)
 
 
 for _name, _fn in SCENARIOS.items():

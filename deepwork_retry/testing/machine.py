@@ -3,13 +3,16 @@
 :func:`storage_machine` (sync) and :func:`async_storage_machine` build a
 :class:`~hypothesis.stateful.RuleBasedStateMachine` whose rules are what
 happens to a project in production: tasks are created (with dependencies),
-assigned, started, heartbeated, finished, failed, lost, retried by hand,
-skipped and blocked; executors send stale reports; the dispatcher goes down
-and comes back; messages are lost; the outbox relay runs. Each rule runs through the real
+assigned, started, heartbeated, finished, failed, lost, retried by hand
+(any budget, actor, reason and idempotency key), skipped and blocked; the
+project is paused and resumed; executors send stale reports; the dispatcher
+goes down and comes back; messages are lost; the outbox relay runs. Each rule runs through the real
 services over the storage under test and through a small reference model
 written here, and after every step the machine checks that they agree and
 that the invariants hold:
 
+- the stored tasks and attempts equal the model's in every field it tracks,
+  and what each service call returned is what is stored;
 - progress equals a recount of the tasks (and the model's counts);
 - ``retry_count`` never decreases; terminal states stay terminal;
 - ``blocked -> assigned`` happens only through a manual retry;
@@ -53,13 +56,15 @@ from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
     Outcome,
+    ProjectStatus,
     RetryBudget,
     TaskStatus,
     Trigger,
 )
 from deepwork_retry._sync.services import ExecutorService, OutboxRelay, RetryService
-from deepwork_retry.exceptions import InvalidTransition, StaleAttempt
+from deepwork_retry.exceptions import IdempotencyConflict, InvalidTransition, StaleAttempt
 from deepwork_retry.ports import AsyncStorage, Storage
+from deepwork_retry.testing._compare import check_same
 from deepwork_retry.testing.doubles import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher
 
 __all__ = ["async_storage_machine", "storage_machine"]
@@ -69,6 +74,8 @@ LEASE = 60.0
 BACKOFF = 5.0
 START = 120.0
 CLAIM = 30.0
+SERVICE_CLAIM = 30.0
+"""How long the executor service claims the entries it releases (its default)."""
 MAX_TASKS = 8
 NON_RETRYABLE = "Fatal"
 _NON_RETRYABLE: frozenset[str] = frozenset({NON_RETRYABLE})
@@ -92,6 +99,9 @@ class _Attempt:
     budget: RetryBudget | None = None
     outcome: Outcome | None = None
     error_type: str | None = None
+    actor: str | None = None
+    reason: str | None = None
+    started_at: datetime | None = None
 
 
 @attrs.define
@@ -119,6 +129,8 @@ class _Task:
     error_message: str | None = None
     blocked_reason: BlockedReason | None = None
     lease_expires_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
     attempts: list[_Attempt] = attrs.field(factory=list)
 
 
@@ -130,10 +142,16 @@ class Model:
         self.tasks: dict[str, _Task] = {}
         self.entries: dict[tuple[str, int], _Entry] = {}
         self.dispatcher_up = True
+        self.paused = False
+        self.keys: dict[str, str] = {}
+        """Idempotency keys reserved by manual retries, and the task of each."""
 
     # -- helpers -------------------------------------------------------------
     def deps_met(self, task: _Task) -> bool:
         return all(self.tasks[dep].status in TERMINAL for dep in task.blocked_by)
+
+    def ready(self, task: _Task) -> bool:
+        return not self.paused and self.deps_met(task)
 
     def _deliver(self, key: tuple[str, int]) -> None:
         entry = self.entries[key]
@@ -149,12 +167,22 @@ class Model:
         entry.tries += 1
 
     def _new_attempt(
-        self, task: _Task, trigger: Trigger, delay: float, budget: RetryBudget | None = None
+        self,
+        task: _Task,
+        trigger: Trigger,
+        delay: float,
+        budget: RetryBudget | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> None:
         task.attempt += 1
-        task.attempts.append(_Attempt(number=task.attempt, trigger=trigger, budget=budget))
+        task.attempts.append(
+            _Attempt(
+                number=task.attempt, trigger=trigger, budget=budget, actor=actor, reason=reason
+            )
+        )
         now = self.clock.now()
-        ready = self.deps_met(task)
+        ready = self.ready(task)
         key = (task.id, task.attempt)
         self.entries[key] = _Entry(
             state=DispatchState.PENDING if ready else DispatchState.DEFERRED,
@@ -171,6 +199,7 @@ class Model:
     def _finish(self, task: _Task, target: TaskStatus) -> None:
         task.status = target
         task.lease_expires_at = None
+        task.completed_at = self.clock.now()
         if target is TaskStatus.DONE:
             task.error_message = None
             task.error_type = None
@@ -178,9 +207,31 @@ class Model:
             if task.id not in dep.blocked_by or dep.status is not TaskStatus.ASSIGNED:
                 continue
             key = (dep.id, dep.attempt)
-            if self.deps_met(dep) and self.entries[key].state is DispatchState.DEFERRED:
-                self.entries[key].state = DispatchState.PENDING
-                self._deliver(key)
+            if self.ready(dep) and self.entries[key].state is DispatchState.DEFERRED:
+                self._release(key)
+
+    def _release(self, key: tuple[str, int]) -> None:
+        """A deferred entry made pending and claimed by the service that released it, which
+        delivers it at once, or leaves it to the relay while its backoff lasts."""
+        entry = self.entries[key]
+        entry.state = DispatchState.PENDING
+        now = self.clock.now()
+        if entry.available_at > now:
+            entry.claimed_until = now + timedelta(seconds=SERVICE_CLAIM)
+        else:
+            self._deliver(key)
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause the project, or resume it and release what its pause held back."""
+        self.paused = paused
+        if paused:
+            return
+        for task in sorted(self.tasks.values(), key=lambda t: t.id):
+            if task.status is not TaskStatus.ASSIGNED:
+                continue
+            key = (task.id, task.attempt)
+            if self.deps_met(task) and self.entries[key].state is DispatchState.DEFERRED:
+                self._release(key)
 
     # -- events ----------------------------------------------------------------
     def add(self, task_id: str, max_retries: int, blocked_by: tuple[str, ...]) -> None:
@@ -194,9 +245,12 @@ class Model:
         self._new_attempt(task, Trigger.INITIAL, 0.0)
 
     def start(self, task: _Task) -> None:
+        now = self.clock.now()
         task.version += 1
         task.status = TaskStatus.IN_PROGRESS
-        task.lease_expires_at = self.clock.now() + timedelta(seconds=LEASE)
+        task.lease_expires_at = now + timedelta(seconds=LEASE)
+        task.started_at = task.started_at or now
+        task.attempts[-1].started_at = now
 
     def heartbeat(self, task: _Task) -> None:
         task.version += 1
@@ -226,7 +280,14 @@ class Model:
         task.retries_left -= 1
         self._new_attempt(task, Trigger.AUTO_RETRY, BACKOFF)
 
-    def manual_retry(self, task: _Task, budget: RetryBudget) -> None:
+    def manual_retry(
+        self,
+        task: _Task,
+        budget: RetryBudget,
+        actor: str | None = None,
+        reason: str | None = None,
+        key: str | None = None,
+    ) -> None:
         task.version += 1
         task.status = TaskStatus.ASSIGNED
         task.retry_count += 1
@@ -234,7 +295,11 @@ class Model:
         task.error_type = task.error_message = None
         task.blocked_reason = None
         task.lease_expires_at = None
-        self._new_attempt(task, Trigger.MANUAL_RETRY, 0.0, budget)
+        if budget is RetryBudget.FULL:
+            task.started_at = None
+        if key is not None:
+            self.keys[key] = task.id
+        self._new_attempt(task, Trigger.MANUAL_RETRY, 0.0, budget, actor, reason)
 
     def skip(self, task: _Task) -> None:
         task.version += 1
@@ -374,7 +439,14 @@ class _ServiceMachine(RuleBasedStateMachine):
             pass
         else:
             raise AssertionError(f"{error.__name__} was not raised for {task_id}")
-        assert before == self._state(task_id), "a rejected report changed state"
+        check_same(before, self._state(task_id), f"{task_id} after a rejected call")
+
+    def _check_result(self, result: Any) -> None:
+        """What a service returned (task, progress) is what the storage holds now."""
+        _, stored = self._do(self.storage.load, PROJECT, result.task.id)
+        check_same(result.task, stored, f"the task {result.task.id} returned")
+        progress = self._do(self.storage.progress, PROJECT)
+        check_same(result.progress, progress, f"the progress returned with {result.task.id}")
 
     # -- rules ---------------------------------------------------------------------------------
     def _add(self, data: st.DataObject, max_retries: int) -> None:
@@ -407,28 +479,28 @@ class _ServiceMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def assign(self, data: st.DataObject) -> None:
         task = self._pick(data, self._ids(TaskStatus.INBOX))
-        self._do(self.executor.assign, PROJECT, task.id)
+        self._check_result(self._do(self.executor.assign, PROJECT, task.id))
         self.model.assign(task)
 
     @precondition(lambda self: self._startable())
     @rule(data=st.data())
     def start(self, data: st.DataObject) -> None:
         task = self._pick(data, self._startable())
-        self._do(self.executor.start, PROJECT, task.id, task.attempt)
+        self._check_result(self._do(self.executor.start, PROJECT, task.id, task.attempt))
         self.model.start(task)
 
     @precondition(lambda self: self._ids(TaskStatus.IN_PROGRESS))
     @rule(data=st.data())
     def heartbeat(self, data: st.DataObject) -> None:
         task = self._pick(data, self._ids(TaskStatus.IN_PROGRESS))
-        self._do(self.executor.heartbeat, PROJECT, task.id, task.attempt)
+        self._check_result(self._do(self.executor.heartbeat, PROJECT, task.id, task.attempt))
         self.model.heartbeat(task)
 
     @precondition(lambda self: self._ids(TaskStatus.IN_PROGRESS))
     @rule(data=st.data())
     def succeed(self, data: st.DataObject) -> None:
         task = self._pick(data, self._ids(TaskStatus.IN_PROGRESS))
-        self._do(self.executor.succeed, PROJECT, task.id, task.attempt)
+        self._check_result(self._do(self.executor.succeed, PROJECT, task.id, task.attempt))
         self.model.succeed(task)
 
     @precondition(lambda self: self._ids(TaskStatus.IN_PROGRESS))
@@ -436,7 +508,20 @@ class _ServiceMachine(RuleBasedStateMachine):
     def fail(self, data: st.DataObject, retryable: bool) -> None:
         task = self._pick(data, self._ids(TaskStatus.IN_PROGRESS))
         error = TaskError(type="Flaky" if retryable else NON_RETRYABLE, message="it broke")
-        self._do(self.executor.fail, PROJECT, task.id, task.attempt, error)
+        self._check_result(self._do(self.executor.fail, PROJECT, task.id, task.attempt, error))
+        self.model.fail(task, error, Outcome.FAILED)
+
+    @precondition(lambda self: self._startable())
+    @rule(data=st.data())
+    def start_and_fail_for_good(self, data: st.DataObject) -> None:
+        """A delivered attempt starts and fails with a non-retryable error (a blocked task
+        with a history, for the manual retry to take on)."""
+        task = self._pick(data, self._startable())
+        self._check_result(self._do(self.executor.start, PROJECT, task.id, task.attempt))
+        self.model.start(task)
+        self.clock.advance(1.0)
+        error = TaskError(type=NON_RETRYABLE, message="it broke for good")
+        self._check_result(self._do(self.executor.fail, PROJECT, task.id, task.attempt, error))
         self.model.fail(task, error, Outcome.FAILED)
 
     @precondition(lambda self: self._ids(TaskStatus.IN_PROGRESS))
@@ -487,19 +572,58 @@ class _ServiceMachine(RuleBasedStateMachine):
         self.model.redeliver()
 
     @precondition(lambda self: self._ids(TaskStatus.BLOCKED))
-    @rule(data=st.data(), budget=st.sampled_from(RetryBudget))
-    def manual_retry(self, data: st.DataObject, budget: RetryBudget) -> None:
+    @rule(
+        data=st.data(),
+        budget=st.sampled_from(RetryBudget),
+        actor=st.sampled_from([None, "operator", "zoë"]),
+        reason=st.sampled_from([None, "fixed the input"]),
+        keyed=st.booleans(),
+    )
+    def manual_retry(
+        self,
+        data: st.DataObject,
+        budget: RetryBudget,
+        actor: str | None,
+        reason: str | None,
+        keyed: bool,
+    ) -> None:
         task = self._pick(data, self._ids(TaskStatus.BLOCKED))
-        self._do(self.retrier.retry, PROJECT, task.id, budget=budget, actor="operator")
-        self.model.manual_retry(task, budget)
+        key = f"key-{len(self.model.keys)}" if keyed else None
+        result = self._do(
+            self.retrier.retry, PROJECT, task.id, budget=budget, actor=actor, reason=reason,
+            idempotency_key=key,
+        )  # fmt: skip
+        self.model.manual_retry(task, budget, actor, reason, key)
         self._manual.add(task.id)
+        self._check_result(result)
+
+    @precondition(lambda self: self._ids(TaskStatus.BLOCKED) and self.model.keys)
+    @rule(data=st.data())
+    def retry_with_a_used_key(self, data: st.DataObject) -> None:
+        """A retry under a key another retry reserved is refused and changes nothing."""
+        task = self._pick(data, self._ids(TaskStatus.BLOCKED))
+        key = data.draw(st.sampled_from(sorted(self.model.keys)), label="key")
+        retry = self.retrier.retry
+        self._rejected(
+            task.id,
+            IdempotencyConflict,
+            lambda: self._do(retry, PROJECT, task.id, idempotency_key=key),
+        )
+
+    @rule(paused=st.booleans())
+    def project_status(self, paused: bool) -> None:
+        """Pause the project (new work is deferred) or resume it (deferred work is released)."""
+        status = ProjectStatus.PAUSED if paused else ProjectStatus.EXECUTING
+        project, _ = self._do(self.executor.set_project_status, PROJECT, status)
+        assert status == project.status
+        self.model.set_paused(paused)
 
     @precondition(lambda self: self._ids(TaskStatus.INBOX, TaskStatus.ASSIGNED, TaskStatus.BLOCKED))
     @rule(data=st.data())
     def skip(self, data: st.DataObject) -> None:
         ids = self._ids(TaskStatus.INBOX, TaskStatus.ASSIGNED, TaskStatus.BLOCKED)
         task = self._pick(data, ids)
-        self._do(self.executor.skip, PROJECT, task.id)
+        self._check_result(self._do(self.executor.skip, PROJECT, task.id))
         self.model.skip(task)
 
     @precondition(
@@ -509,7 +633,9 @@ class _ServiceMachine(RuleBasedStateMachine):
     def block(self, data: st.DataObject) -> None:
         ids = self._ids(TaskStatus.INBOX, TaskStatus.ASSIGNED, TaskStatus.IN_PROGRESS)
         task = self._pick(data, ids)
-        self._do(self.executor.block, PROJECT, task.id, message="held by an operator")
+        self._check_result(
+            self._do(self.executor.block, PROJECT, task.id, message="held by an operator")
+        )
         self.model.block(task, "held by an operator")
 
     @precondition(lambda self: self.model.tasks)
@@ -607,43 +733,36 @@ class _ServiceMachine(RuleBasedStateMachine):
         assert +expected == Counter(keys), "deliveries differ from the model"
         assert set(delivered) <= set(keys)
         self._check_history(tasks)
+        for key, task_id in self.model.keys.items():
+            record = self._do(self.storage.get_idempotency, key, now=self.clock.now())
+            assert record is not None, f"the key {key!r} reserved by a retry of {task_id} is gone"
+            assert (PROJECT, task_id) == (record.project_id, record.task_id), key
         self._manual = set()
         self._prev = {t.id: t for t in tasks}
 
     def _check_task(self, task: Task) -> None:
         want = self.model.tasks[task.id]
-        expected = (
-            want.status,
-            want.retry_count,
-            want.retries_left,
-            want.max_retries,
-            want.attempt,
-            want.version,
-            want.error_type,
-            want.error_message,
-            want.blocked_reason,
-            want.lease_expires_at,
-            want.blocked_by,
+        fields = (
+            "status", "retry_count", "retries_left", "max_retries", "attempt", "version",
+            "error_type", "error_message", "blocked_reason", "lease_expires_at", "blocked_by",
+            "started_at", "completed_at",
+        )  # fmt: skip
+        check_same(
+            {name: getattr(want, name) for name in fields},
+            {name: getattr(task, name) for name in fields},
+            f"task {task.id} (expected: the model's)",
         )
-        actual = (
-            task.status,
-            task.retry_count,
-            task.retries_left,
-            task.max_retries,
-            task.attempt,
-            task.version,
-            task.error_type,
-            task.error_message,
-            task.blocked_reason,
-            task.lease_expires_at,
-            task.blocked_by,
-        )
-        assert expected == actual, task.id
+        check_same({"n": int(task.id[1:])}, dict(task.metadata), f"the metadata of {task.id}")
         attempts = self._do(self.storage.attempts, PROJECT, task.id)
         assert list(range(1, task.attempt + 1)) == [a.number for a in attempts]
-        assert [
-            (a.number, a.trigger, a.budget, a.outcome, a.error_type) for a in want.attempts
-        ] == [(a.number, a.trigger, a.budget, a.outcome, a.error_type) for a in attempts]
+        kept = (
+            "number", "trigger", "budget", "outcome", "error_type", "actor", "reason", "started_at",
+        )  # fmt: skip
+        check_same(
+            [{name: getattr(a, name) for name in kept} for a in want.attempts],
+            [{name: getattr(a, name) for name in kept} for a in attempts],
+            f"the attempts of {task.id} (expected: the model's)",
+        )
         open_attempts = [a.number for a in attempts if a.outcome is None]
         assert ([task.attempt] if task.status in _OPEN else []) == open_attempts
         entries = self._do(self.storage.dispatches, PROJECT, task.id)
