@@ -2028,6 +2028,32 @@ async def _racing_reservations_one_wins(h: Harness) -> None:
         assert [won.task.id] == moved, f"tasks moved under key k{r}"
 
 
+_Take = Callable[[AsyncStorage], Awaitable[list[DispatchEntry]]]
+
+
+async def _race_exclusive(h: Harness, take: _Take, total: int, who: str, did: str) -> None:
+    """Racing callers each ``take`` batches until none is left: no entry goes to two of
+    them, and together they get all ``total``."""
+
+    async def caller(s: AsyncStorage) -> list[tuple[str, str, int]]:
+        keys: list[tuple[str, str, int]] = []
+        for _ in range(total):
+            batch = await take(s)
+            if not batch:
+                break
+            keys.extend(e.key for e in batch)
+        return keys
+
+    results = await h.race([caller] * RACERS)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    taken = [key for keys in results for key in keys]
+    twice = sorted({key for key in taken if taken.count(key) > 1})
+    assert not twice, f"entries {did} by two {who} at once: {twice}"
+    assert total == len(taken), f"expected all {total} entries {did}, got {len(taken)}"
+
+
 @scenario
 async def _racing_claims_are_exclusive(h: Harness) -> None:
     """Relays claiming at once from several threads never receive the same entry, and
@@ -2039,23 +2065,10 @@ async def _racing_claims_are_exclusive(h: Harness) -> None:
         await h.ex.assign("p", f"t{n:02}")
     now = h.now()
 
-    async def relay(s: AsyncStorage) -> list[tuple[str, str, int]]:
-        keys: list[tuple[str, str, int]] = []
-        for _ in range(total):
-            batch = await s.claim_due(now=now, limit=2, claimed_until=now + timedelta(seconds=30))
-            if not batch:
-                break
-            keys.extend(e.key for e in batch)
-        return keys
+    async def claim(s: AsyncStorage) -> list[DispatchEntry]:
+        return await s.claim_due(now=now, limit=2, claimed_until=now + timedelta(seconds=30))
 
-    results = await h.race([relay] * RACERS)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    claimed = [key for keys in results for key in keys]
-    twice = sorted({key for key in claimed if claimed.count(key) > 1})
-    assert not twice, f"entries claimed by two relays at once: {twice}"
-    assert total == len(claimed), f"expected all {total} entries claimed, got {len(claimed)}"
+    await _race_exclusive(h, claim, total, "relays", "claimed")
 
 
 @scenario
@@ -2069,23 +2082,10 @@ async def _racing_redeliveries_are_exclusive(h: Harness) -> None:
     h.clock.advance(START)
     now = h.now()
 
-    async def reaper(s: AsyncStorage) -> list[tuple[str, str, int]]:
-        keys: list[tuple[str, str, int]] = []
-        for _ in range(total):
-            batch = await s.redeliver_stale(now=now, delivered_before=now, limit=2)
-            if not batch:
-                break
-            keys.extend(e.key for e in batch)
-        return keys
+    async def redeliver(s: AsyncStorage) -> list[DispatchEntry]:
+        return await s.redeliver_stale(now=now, delivered_before=now, limit=2)
 
-    results = await h.race([reaper] * RACERS)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    turned = [key for keys in results for key in keys]
-    twice = sorted({key for key in turned if turned.count(key) > 1})
-    assert not twice, f"entries turned back by two reapers at once: {twice}"
-    assert total == len(turned), f"expected all {total} entries turned back, got {len(turned)}"
+    await _race_exclusive(h, redeliver, total, "reapers", "turned back")
 
 
 @scenario
