@@ -1,9 +1,10 @@
 """Every error the library raises to its callers.
 
-The web API has a few more of its own (in ``deepwork_retry/web/_http.py``: an
-unknown route, a method not allowed, a body too large, late, cut short or
-malformed, a retry still in progress or committed but not rendered); they never
-leave it, since each is answered as an HTTP response there.
+The web API has more of its own, about the HTTP request itself (its route,
+method and body, a key still in use, an API the host has not configured);
+they live in ``deepwork_retry/web/_http.py``, each with its status and code
+in ``ERRORS`` there, and never leave the API, which answers each as an HTTP
+response.
 
 One root, :class:`DeepworkError`; each subclass also inherits the builtin it
 behaves like (``LookupError`` for a missing row, ``ValueError`` for a bad

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from deepwork_retry import AsyncStorage, Project, RetryService, Task, TaskStatus
 from deepwork_retry._core.model import Attempt, DispatchEntry
-from deepwork_retry._core.states import DispatchState, Outcome, RetryBudget, Trigger
+from deepwork_retry._core.states import DispatchState
 from deepwork_retry.storage import memory
 from deepwork_retry.storage.memory import AsyncMemoryStorage, MemoryStorage
 from deepwork_retry.testing import (
@@ -20,7 +20,7 @@ from deepwork_retry.testing import (
     async_storage_machine,
     storage_machine,
 )
-from deepwork_retry.testing.strategies import ids, timestamps
+from deepwork_retry.testing.strategies import any_attempts, ids, timestamps
 
 
 @pytest.fixture
@@ -61,23 +61,7 @@ _maybe = st.none() | st.text(max_size=20)
 
 
 @given(
-    attempt=st.builds(
-        Attempt,
-        task_id=ids(),
-        project_id=ids(),
-        number=st.integers(min_value=1, max_value=10**6),
-        trigger=st.sampled_from(Trigger),
-        dispatched_at=timestamps(),
-        available_at=timestamps(),
-        actor=_maybe,
-        reason=_maybe,
-        budget=st.none() | st.sampled_from(RetryBudget),
-        started_at=st.none() | timestamps(),
-        finished_at=st.none() | timestamps(),
-        outcome=st.none() | st.sampled_from(Outcome),
-        error_type=_maybe,
-        error_message=_maybe,
-    ),
+    attempt=any_attempts(texts=ids(), times=timestamps()),
     entry=st.builds(
         DispatchEntry,
         project_id=ids(),

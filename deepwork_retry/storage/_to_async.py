@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from typing_extensions import ParamSpec, Self
 
@@ -24,11 +24,17 @@ from deepwork_retry._core.model import (
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.retention import Pruned, PruneRule
-from deepwork_retry._core.states import TaskStatus
+from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry.exceptions import InvalidInput, StorageUnavailable
-from deepwork_retry.ports import Storage
+from deepwork_retry.ports import RetryInOneStep, Storage
+
+
+class OneStepStorage(Storage, RetryInOneStep, Protocol):
+    """A sync storage that also retries in one step."""
+
 
 S = TypeVar("S", bound=Storage)
+O = TypeVar("O", bound=OneStepStorage)  # noqa: E741
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -61,7 +67,19 @@ class AsyncFromSync(Generic[S]):
     turn comes, without touching the storage (a subclass's :meth:`_write`
     may also hand the time left to the storage). :meth:`close` stops the
     threads.
+
+    The port has the optional one-step retry
+    (:class:`~deepwork_retry.ports.AsyncRetryInOneStep`) exactly when the
+    wrapped storage has it (:class:`~deepwork_retry.ports.RetryInOneStep`):
+    ``AsyncFromSync(storage, ...)`` is then an :class:`AsyncFromSyncOneStep`,
+    whose ``retry_blocked`` is one write like :meth:`apply`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        sync = args[0] if args else kwargs.get("sync")
+        if cls is AsyncFromSync and isinstance(sync, RetryInOneStep):
+            return cast(Self, object.__new__(AsyncFromSyncOneStep))
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -247,3 +265,31 @@ class AsyncFromSync(Generic[S]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncFromSyncOneStep(AsyncFromSync[O]):
+    """:class:`AsyncFromSync` over a storage that retries in one step, keeping that step.
+
+    ``AsyncFromSync(storage, ...)`` builds one whenever ``storage`` has
+    ``retry_blocked``; a subclass for such a storage derives from it.
+    """
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
+    ) -> Applied | None:
+        """The wrapped storage's ``retry_blocked``, run as a write."""
+        return await self._call(
+            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
+            budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
+            idempotency_expires_at=idempotency_expires_at,
+        )  # fmt: skip

@@ -80,7 +80,7 @@ from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
-    AsyncFromSync,
+    AsyncFromSyncOneStep,
 )
 from deepwork_retry.storage._validate import check_new_tasks
 
@@ -1840,7 +1840,7 @@ _ABANDONED: list[sqlite3.Connection] = []
 """Connections inherited through fork: kept referenced so they are never closed in the child."""
 
 
-class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
+class AsyncSQLiteStorage(AsyncFromSyncOneStep[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage
@@ -1888,23 +1888,3 @@ class AsyncSQLiteStorage(AsyncFromSync[SQLiteStorage]):
         """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
         with self.sync._due_by(sent + self.sync.timeout):
             return super()._write(sent, fn, *args, **kwargs)
-
-    async def retry_blocked(
-        self,
-        project_id: str,
-        task_id: str,
-        *,
-        now: datetime,
-        actor: str | None = None,
-        reason: str | None = None,
-        budget: RetryBudget = RetryBudget.ONE_MORE,
-        claimed_until: datetime | None = None,
-        idempotency_key: str | None = None,
-        idempotency_expires_at: datetime | None = None,
-    ) -> Applied | None:
-        """:meth:`SQLiteStorage.retry_blocked` in a worker thread."""
-        return await self._call(
-            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
-            budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-            idempotency_expires_at=idempotency_expires_at,
-        )  # fmt: skip

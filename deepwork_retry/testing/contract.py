@@ -68,7 +68,6 @@ from deepwork_retry.ports import (
     REDELIVERED,
     AsyncRetryInOneStep,
     AsyncStorage,
-    RetryInOneStep,
     Storage,
 )
 from deepwork_retry.storage._to_async import AsyncFromSync
@@ -254,34 +253,8 @@ def checked(storage: AsyncStorage) -> _Checked:
     return _Checked(storage)
 
 
-class _InlineOneStep(AsyncFromSync[Any]):
-    """The inline async port over a sync storage that retries in one step."""
-
-    async def retry_blocked(
-        self,
-        project_id: str,
-        task_id: str,
-        *,
-        now: datetime,
-        actor: str | None = None,
-        reason: str | None = None,
-        budget: RetryBudget = RetryBudget.ONE_MORE,
-        claimed_until: datetime | None = None,
-        idempotency_key: str | None = None,
-        idempotency_expires_at: datetime | None = None,
-    ) -> Applied | None:
-        result: Applied | None = self.sync.retry_blocked(
-            project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
-            claimed_until=claimed_until, idempotency_key=idempotency_key,
-            idempotency_expires_at=idempotency_expires_at,
-        )  # fmt: skip
-        return result
-
-
 def inline_port(storage: Storage) -> AsyncStorage:
     """The async port over a sync ``storage``, calls run inline; keeps its one-step retry."""
-    if isinstance(storage, RetryInOneStep):
-        return _InlineOneStep(storage, offload=False)
     return AsyncFromSync(storage, offload=False)
 
 

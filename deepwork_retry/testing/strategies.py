@@ -5,18 +5,23 @@ checks, a task's dependencies name tasks of its own project created before
 it (so there are no cycles), retry counters are consistent. Use
 :func:`event_sequences` with :func:`apply_event` to put a project through a
 random history using the real services.
+
+The ``any_*`` strategies and :func:`retry_results` build records with any
+field values, consistent or not (any text, any count, naive times on
+request): for code that only writes values out, such as the JSON answers
+and the wire format, never for a storage, which refuses many of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import attrs
 from hypothesis import strategies as st
 
-from deepwork_retry._core.model import Project, Task
+from deepwork_retry._core.model import Attempt, Progress, Project, Task
 from deepwork_retry._core.policy import (
     Backoff,
     ExponentialBackoff,
@@ -25,8 +30,15 @@ from deepwork_retry._core.policy import (
     RetryPolicy,
     TaskError,
 )
-from deepwork_retry._core.results import ChangeResult, RetryResult
-from deepwork_retry._core.states import BlockedReason, ProjectStatus, RetryBudget, TaskStatus
+from deepwork_retry._core.results import ChangeResult, DispatchOutcome, DispatchStatus, RetryResult
+from deepwork_retry._core.states import (
+    BlockedReason,
+    Outcome,
+    ProjectStatus,
+    RetryBudget,
+    TaskStatus,
+    Trigger,
+)
 from deepwork_retry._sync.services import ExecutorService, RetryService
 from deepwork_retry.exceptions import DeepworkError
 
@@ -34,14 +46,21 @@ __all__ = [
     "EXECUTOR_EVENTS",
     "MANUAL_EVENTS",
     "Event",
+    "any_attempts",
+    "any_tasks",
+    "any_timestamps",
     "apply_event",
     "backoffs",
+    "dispatch_outcomes",
     "event_sequences",
     "events",
     "ids",
+    "json_values",
+    "progresses",
     "project_statuses",
     "projects",
     "retry_policies",
+    "retry_results",
     "task_errors",
     "task_lists",
     "task_statuses",
@@ -188,6 +207,117 @@ def retry_policies() -> st.SearchStrategy[RetryPolicy]:
         respect_retry_after=st.booleans(),
         timeout=st.none() | st.floats(0, 86_400, allow_nan=False),
         lease=st.floats(1, 3600, allow_nan=False),
+    )
+
+
+# -- records with any field values, for code that writes them out ----------------------------
+
+_TEXTS = st.text(max_size=30)
+_COUNTS = st.integers(min_value=0, max_value=10**12)
+_ZONES = (timezone.utc, timezone(timedelta(hours=5, minutes=30)))
+
+
+def any_timestamps(*, naive: bool = False) -> st.SearchStrategy[datetime]:
+    """Times from 1970 to 2200 with microseconds, in UTC or at +05:30; naive ones too
+    with ``naive``."""
+    zones = st.sampled_from([*_ZONES, None] if naive else list(_ZONES))
+    return st.builds(
+        lambda moment, zone: moment.replace(tzinfo=zone),
+        st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
+        zones,
+    )
+
+
+def json_values(*, max_leaves: int = 8) -> st.SearchStrategy[object]:
+    """JSON data: null, booleans, integers, finite floats and text, in lists and objects."""
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXTS,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXTS, inner, max_size=3),
+        max_leaves=max_leaves,
+    )
+
+
+def any_tasks(*, naive: bool = False) -> st.SearchStrategy[Task]:
+    """Tasks with any field values (see the module's note); ``naive`` as in
+    :func:`any_timestamps`."""
+    times = any_timestamps(naive=naive)
+    return st.builds(
+        Task,
+        id=_TEXTS,
+        project_id=_TEXTS,
+        title=_TEXTS,
+        status=st.sampled_from(TaskStatus),
+        retry_count=_COUNTS,
+        max_retries=_COUNTS,
+        retries_left=_COUNTS,
+        error_message=st.none() | _TEXTS,
+        error_type=st.none() | _TEXTS,
+        blocked_reason=st.none() | st.sampled_from(BlockedReason),
+        blocked_by=st.lists(_TEXTS, max_size=3),
+        attempt=_COUNTS,
+        lease_expires_at=st.none() | times,
+        created_at=times,
+        updated_at=times,
+        started_at=st.none() | times,
+        completed_at=st.none() | times,
+        metadata=st.dictionaries(_TEXTS, json_values(), max_size=3),
+    )
+
+
+@st.composite
+def progresses(draw: st.DrawFn) -> Progress:
+    """A project's counts by status, any size; the total is their sum."""
+    counts = {status.value: draw(st.integers(0, 10**6)) for status in TaskStatus}
+    return Progress(project_id=draw(_TEXTS), total=sum(counts.values()), **counts)
+
+
+def dispatch_outcomes() -> st.SearchStrategy[DispatchOutcome]:
+    """What became of a move's dispatch, in any of its statuses."""
+    return st.builds(
+        DispatchOutcome,
+        status=st.sampled_from(get_args(DispatchStatus)),
+        task_id=_TEXTS,
+        attempt=_COUNTS,
+        error=st.none() | _TEXTS,
+    )
+
+
+def retry_results(*, naive: bool = False) -> st.SearchStrategy[RetryResult]:
+    """A retry's answer built of :func:`any_tasks`, :func:`progresses` and
+    :func:`dispatch_outcomes`."""
+    return st.builds(
+        RetryResult,
+        task=any_tasks(naive=naive),
+        progress=progresses(),
+        dispatch=dispatch_outcomes(),
+    )
+
+
+def any_attempts(
+    *,
+    texts: st.SearchStrategy[str] = _TEXTS,
+    times: st.SearchStrategy[datetime] | None = None,
+) -> st.SearchStrategy[Attempt]:
+    """Attempt records with any field values; ``texts`` draws the ids and messages,
+    ``times`` the times (by default :func:`any_timestamps`)."""
+    times = any_timestamps() if times is None else times
+    maybe = st.none() | texts
+    return st.builds(
+        Attempt,
+        task_id=texts,
+        project_id=texts,
+        number=_COUNTS,
+        trigger=st.sampled_from(Trigger),
+        dispatched_at=times,
+        available_at=times,
+        actor=maybe,
+        reason=maybe,
+        budget=st.none() | st.sampled_from(RetryBudget),
+        started_at=st.none() | times,
+        finished_at=st.none() | times,
+        outcome=st.none() | st.sampled_from(Outcome),
+        error_type=maybe,
+        error_message=maybe,
     )
 
 

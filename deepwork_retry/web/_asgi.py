@@ -11,7 +11,7 @@ it is, so a request costs the API's own work plus little more.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from starlette.convertors import Convertor, register_url_convertor
@@ -127,19 +127,20 @@ async def read_body(receive: Receive) -> bytes:
         raise Disconnected
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
-        return body[:CAP]
-    chunks = [body]
-    size = len(body)
-    while size < CAP:
+        return body[:CAP]  # the whole body in one message, as it mostly comes
+    return await read_capped_stream(_chunks(body, receive))
+
+
+async def _chunks(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
+    """``first``, then the body of each further ``http.request`` message, to the last."""
+    yield first
+    while True:
         message = await receive()
         if message["type"] != "http.request":
             raise Disconnected
-        chunk: bytes = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)[:CAP]
+            return
 
 
 async def api_request(request: Request, path: str, timeout: float) -> ApiRequest:

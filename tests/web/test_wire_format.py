@@ -12,7 +12,6 @@ import asyncio
 import enum
 import json
 import typing
-from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -23,12 +22,11 @@ from hypothesis import strategies as st
 from web_harness import ALICE, PREFIX, World, authorize
 
 from deepwork_retry._core import wire
-from deepwork_retry._core.model import Attempt, Progress, Task
+from deepwork_retry._core.model import Attempt, Task
 from deepwork_retry._core.results import (
     BulkItem,
     BulkResult,
     BulkStop,
-    DispatchOutcome,
     DispatchStatus,
     RetryResult,
     attempt_json,
@@ -61,6 +59,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
+from deepwork_retry.testing.strategies import any_attempts, any_tasks, retry_results
 from deepwork_retry.web import RetryAPI
 from deepwork_retry.web._http import (
     ERROR_CODES,
@@ -94,72 +93,6 @@ from deepwork_retry.web.openapi import (
 # -- generated values -----------------------------------------------------------------------
 
 texts = st.text(max_size=20)
-counts = st.integers(min_value=0, max_value=10**9)
-stamps = st.datetimes(
-    min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(timezone.utc)
-)
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
-    max_leaves=6,
-)
-tasks = st.builds(
-    Task,
-    id=texts,
-    project_id=texts,
-    title=texts,
-    status=st.sampled_from(TaskStatus),
-    retry_count=counts,
-    max_retries=counts,
-    retries_left=counts,
-    error_message=st.none() | texts,
-    error_type=st.none() | texts,
-    blocked_reason=st.none() | st.sampled_from(BlockedReason),
-    blocked_by=st.lists(texts, max_size=3),
-    attempt=counts,
-    lease_expires_at=st.none() | stamps,
-    created_at=stamps,
-    updated_at=stamps,
-    started_at=st.none() | stamps,
-    completed_at=st.none() | stamps,
-    metadata=st.dictionaries(texts, json_values, max_size=3),
-)
-
-
-@st.composite
-def progresses(draw: st.DrawFn) -> Progress:
-    parts = {
-        name: draw(st.integers(0, 10**6))
-        for name in ("inbox", "assigned", "in_progress", "review", "done", "blocked", "skipped")
-    }
-    return Progress(project_id=draw(texts), total=sum(parts.values()), **parts)
-
-
-dispatches = st.builds(
-    DispatchOutcome,
-    status=st.sampled_from(typing.get_args(DispatchStatus)),
-    task_id=texts,
-    attempt=counts,
-    error=st.none() | texts,
-)
-results = st.builds(RetryResult, task=tasks, progress=progresses(), dispatch=dispatches)
-attempts = st.builds(
-    Attempt,
-    task_id=texts,
-    project_id=texts,
-    number=counts,
-    trigger=st.sampled_from(Trigger),
-    dispatched_at=stamps,
-    available_at=stamps,
-    actor=st.none() | texts,
-    reason=st.none() | texts,
-    budget=st.none() | st.sampled_from(RetryBudget),
-    started_at=st.none() | stamps,
-    finished_at=st.none() | stamps,
-    outcome=st.none() | st.sampled_from(Outcome),
-    error_type=st.none() | texts,
-    error_message=st.none() | texts,
-)
 bulk_items = st.builds(
     BulkItem,
     task_id=texts,
@@ -192,7 +125,7 @@ def conforms(body: wire.Body, value: Any) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(results)
+@given(retry_results())
 def test_the_retry_answer_is_the_defined_body(result: RetryResult) -> None:
     """The retry's answer, as JSON text (what the API sends) and as dicts, is a RetryResponse
     whose task, progress and dispatch have exactly the defined fields."""
@@ -208,13 +141,13 @@ def test_the_retry_answer_is_the_defined_body(result: RetryResult) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(tasks, max_size=3), st.none() | texts)
+@given(st.lists(any_tasks(), max_size=3), st.none() | texts)
 def test_a_tasks_page_is_the_defined_body(page: list[Task], next_after: str | None) -> None:
     conforms(wire.TASKS_PAGE, tasks_page_json(page, next_after))
 
 
 @settings(max_examples=100, deadline=None)
-@given(attempts)
+@given(any_attempts())
 def test_an_attempt_is_the_defined_body(attempt: Attempt) -> None:
     found = attempt_json(attempt)
     assert list(wire.ATTEMPT.names) == list(found)

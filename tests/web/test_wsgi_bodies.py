@@ -1,9 +1,12 @@
 """How the adapters read what a server hands them: WSGI bodies, whatever the server does
-with chunked framing, and the one decoding of query strings and paths."""
+with chunked framing, ASGI bodies in any number of messages, and the one decoding of
+query strings and paths."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +20,7 @@ from web_harness import World, auth, authorize, configure_django, task_url
 
 from deepwork_retry._core.inputs import check_id
 from deepwork_retry.exceptions import InvalidInput
+from deepwork_retry.web._asgi import Disconnected, read_body
 from deepwork_retry.web._bodies import CAP, read_wsgi_body
 from deepwork_retry.web._http import (
     BadRequestBody,
@@ -155,6 +159,47 @@ def test_chunked_without_a_dechunking_server_is_length_required() -> None:
     environ = {"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input": io.BytesIO(b"5\r\nhello")}
     with pytest.raises(LengthRequired):
         read_wsgi_body(environ)
+
+
+@given(
+    body=bodies,
+    cuts=st.lists(st.integers(0, CAP + 20), max_size=4),
+    gone=st.none() | st.integers(0, 5),
+)
+def test_an_asgi_body_is_read_from_its_messages_up_to_cap(
+    body: bytes, cuts: list[int], gone: int | None
+) -> None:
+    """However the body is split into ``http.request`` messages, the reader returns it up
+    to CAP and asks for no message past the one that reaches CAP; a disconnect before
+    then raises Disconnected."""
+    edges = sorted({0, len(body), *(c for c in cuts if c < len(body))})
+    parts = [body[a:b] for a, b in itertools.pairwise(edges)] or [b""]
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": part, "more_body": n < len(parts) - 1}
+        for n, part in enumerate(parts)
+    ]
+    if gone is not None and gone < len(messages):
+        messages[gone:] = [{"type": "http.disconnect"}]
+    sent = iter(messages)
+    taken: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        taken.append(next(sent))
+        return taken[-1]
+
+    # Messages the reader needs: up to the one where the body reaches CAP, or the last.
+    needed, size = 0, 0
+    for needed, part in enumerate(parts, 1):  # noqa: B007 - its value after the loop is used
+        size += len(part)
+        if size >= CAP:
+            break
+    if gone is not None and gone < needed:
+        with pytest.raises(Disconnected):
+            asyncio.run(read_body(receive))
+        assert gone + 1 == len(taken)
+        return
+    assert body[:CAP] == asyncio.run(read_body(receive))
+    assert needed == len(taken)
 
 
 # -- properties of the query decoding ------------------------------------------------------

@@ -1,0 +1,121 @@
+"""The async port over a sync storage keeps the storage's optional one-step retry.
+
+:class:`~deepwork_retry.storage._to_async.AsyncFromSync` offers
+``retry_blocked`` exactly when the storage it wraps has it
+(:class:`~deepwork_retry.ports.RetryInOneStep`), so the runtime check the
+services and the conformance kit make tells the truth either way: a
+one-step storage keeps its one round trip behind the port, and a storage
+without it is never taken for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepwork_retry import AsyncRetryService
+from deepwork_retry._core.model import Project, Task
+from deepwork_retry._core.plans import Applied
+from deepwork_retry._core.states import ProjectStatus, TaskStatus
+from deepwork_retry.ports import AsyncRetryInOneStep, RetryInOneStep
+from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage.memory import MemoryStorage
+from deepwork_retry.storage.sqlite import SQLiteStorage
+
+T0 = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+NOW = T0 + timedelta(minutes=5)
+
+
+class FixedClock:
+    def now(self) -> datetime:
+        return NOW
+
+
+class CountingSQLite(SQLiteStorage):
+    """A SQLite storage that notes the thread of every one-step retry it runs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, synchronous="NORMAL")
+        self.one_step_threads: list[str] = []
+
+    def retry_blocked(self, project_id: str, task_id: str, **options: Any) -> Applied | None:
+        self.one_step_threads.append(threading.current_thread().name)
+        return super().retry_blocked(project_id, task_id, **options)
+
+
+def blocked_task(storage: SQLiteStorage | MemoryStorage, pid: str) -> None:
+    storage.create_project(
+        Project(id=pid, status=ProjectStatus.EXECUTING, created_at=T0, updated_at=T0)
+    )
+    storage.add_tasks(
+        [
+            Task(
+                id="t",
+                project_id=pid,
+                status=TaskStatus.BLOCKED,
+                max_retries=2,
+                retries_left=0,
+                error_message="failed",
+                created_at=T0,
+                updated_at=T0,
+            )
+        ]
+    )
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "offloaded"])
+def test_the_port_over_a_one_step_storage_retries_in_one_step(
+    tmp_path: Path, offload: bool
+) -> None:
+    """Wrapped, a storage with ``retry_blocked`` still has it (an offloaded one runs it
+    on a writer thread), and the async service's retry goes through it."""
+    sync = CountingSQLite(tmp_path / "one.db")
+    port = AsyncFromSync(sync, offload=offload)
+    assert isinstance(sync, RetryInOneStep)
+    assert isinstance(port, AsyncRetryInOneStep)
+
+    async def scenario() -> tuple[Applied | None, Any, str | None]:
+        try:
+            blocked_task(sync, "direct")
+            applied = await port.retry_blocked("direct", "t", now=NOW, actor="zoë")
+            blocked_task(sync, "service")
+            answer = await AsyncRetryService(port, clock=FixedClock()).retry(
+                "service", "t", actor="zoë"
+            )
+            return applied, answer, sync.attempts("direct", "t")[-1].actor
+        finally:
+            await port.close()
+
+    applied, answer, actor = asyncio.run(scenario())
+    assert applied is not None
+    assert (TaskStatus.ASSIGNED, 1) == (applied.task.status, applied.task.attempt)
+    assert "zoë" == actor
+    assert TaskStatus.ASSIGNED == answer.task.status
+    assert 2 == len(sync.one_step_threads)
+    on_writers = [name.startswith("deepwork-storage-write") for name in sync.one_step_threads]
+    assert [offload, offload] == on_writers
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "offloaded"])
+def test_the_port_over_a_plain_storage_does_not_claim_the_capability(offload: bool) -> None:
+    """Wrapped, a storage without ``retry_blocked`` has none, so the service takes the
+    load, decide and apply path rather than calling a method that is not there."""
+    sync = MemoryStorage()
+    port = AsyncFromSync(sync, offload=offload)
+    assert not isinstance(sync, RetryInOneStep)
+    assert not isinstance(port, AsyncRetryInOneStep)
+    assert not hasattr(port, "retry_blocked")
+
+    async def scenario() -> Any:
+        try:
+            blocked_task(sync, "p")
+            return await AsyncRetryService(port, clock=FixedClock()).retry("p", "t")
+        finally:
+            await port.close()
+
+    assert TaskStatus.ASSIGNED == asyncio.run(scenario()).task.status
