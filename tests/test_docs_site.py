@@ -22,8 +22,8 @@ from conftest import REQUIRE_SERVICES
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def require_docs_tools() -> None:
+    """Skip (or, with DEEPWORK_REQUIRE_SERVICES=1, fail) without the `docs` group."""
     if sys.version_info < (3, 11):
         pytest.skip(
             "the documentation tools need Python 3.11+ (on 3.10 the `docs` group installs"
@@ -31,7 +31,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     missing = [
         name
-        for name in ("mkdocs", "material", "mkdocstrings_handlers.python")
+        for name in ("mkdocs", "material", "mkdocstrings_handlers.python", "griffe")
         if importlib.util.find_spec(name.split(".")[0]) is None
         or importlib.util.find_spec(name) is None
     ]
@@ -43,6 +43,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if REQUIRE_SERVICES:
             pytest.fail(f"{message}, and DEEPWORK_REQUIRE_SERVICES=1", pytrace=False)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_docs_tools()
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     done = subprocess.run(
@@ -71,12 +76,17 @@ def test_the_readme_is_the_home_page_and_its_links_reach_the_pages(site: Path) -
 
 
 def test_the_state_diagram_is_drawn_without_a_script(site: Path) -> None:
-    """The generated state machine page shows the diagram as SVG, with every state in it."""
+    """The generated state machine page shows its diagram as SVG, every state and edge in it."""
     html = page(site, "state-machine")
     start = html.index('<figure class="state-diagram">')
     svg = html[start : html.index("</svg>", start)]
     for state in ("inbox", "assigned", "in_progress", "review", "blocked", "done", "skipped"):
         assert f">{state}<" in svg
+    block = (ROOT / "docs" / "state-machine.md").read_text().split("```mermaid\n")[1]
+    edges = re.findall(r"^    (\w+) --> (\w+): (.+)$", block.split("```")[0], re.M)
+    assert 15 <= len(edges)
+    for source, target, events in edges:
+        assert f"{source} to {target} on {events}" in svg
     assert "language-mermaid" not in html
 
 
@@ -108,3 +118,34 @@ def test_the_site_loads_nothing_from_another_host(site: Path) -> None:
         text = html.read_text()
         found = outside.search(text)
         assert found is None, f"{html.relative_to(site)}: {found and found.group(0)}"
+
+
+def test_a_docstring_role_becomes_a_checked_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sphinx roles in docstrings become autorefs links; a name found nowhere is a warning."""
+    require_docs_tools()
+    import griffe
+
+    package = tmp_path / "deepwork_retry"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        '"""See :class:`Thing`, :meth:`Thing.go`, :class:`~deepwork_retry.Thing`,\n'
+        ":class:`datetime.datetime`, :func:`_helper` and :class:`Missing`.\n\n"
+        'Example::\n\n    Thing().go()\n"""\n\n'
+        "class Thing:\n    def go(self) -> None: ...\n\n\n"
+        "def _helper() -> None: ...\n"
+    )
+    extensions = griffe.load_extensions(str(ROOT / "scripts" / "docs_roles.py"))
+    with caplog.at_level("WARNING"):
+        module = griffe.load(package, extensions=extensions, allow_inspection=False)
+    docstring = module.docstring.value
+    assert "[`Thing`][deepwork_retry.Thing]" in docstring
+    assert "[`Thing.go`][deepwork_retry.Thing.go]" in docstring
+    assert docstring.count("[deepwork_retry.Thing]") == 2  # the ~ form shows the last name only
+    assert "`datetime.datetime`" in docstring  # another project's: plain code
+    assert '<autoref optional identifier="deepwork_retry._helper">' in docstring
+    assert "Example:\n\n    Thing().go()" in docstring
+    assert ["Missing"] == [
+        r.args[2] for r in caplog.records if r.name.endswith("deepwork_retry.roles")
+    ]
