@@ -35,6 +35,7 @@ OUTSIDE = {
     "benchmarks/README.md": "benchmarks.md",
 }
 EXAMPLES_PAGE = "examples.md"
+PUBLISHED = {**OUTSIDE, "examples": EXAMPLES_PAGE}  # every link target that is not docs/*
 LINK = re.compile(r"(?<!!)\]\((?P<target>[^)\s]+)\)")
 
 
@@ -47,8 +48,7 @@ def on_files(files: Files, config: Any) -> Files:
 
 def on_page_markdown(markdown: str, page: Page, config: Any, files: Files) -> str:
     origin = _origin(page.file.src_uri)
-    published = {**{k: v for k, v in OUTSIDE.items()}, "examples": EXAMPLES_PAGE}
-    markdown = LINK.sub(lambda m: _relink(m, origin, page.file.src_uri, published, files), markdown)
+    markdown = LINK.sub(lambda m: _relink(m, origin, page.file.src_uri, files), markdown)
     return render_mermaid_blocks(markdown)
 
 
@@ -62,15 +62,14 @@ def _origin(src_uri: str) -> str:
     return f"docs/{src_uri}"
 
 
-def _relink(
-    match: re.Match[str], origin: str, src_uri: str, published: dict[str, str], files: Files
-) -> str:
+def _relink(match: re.Match[str], origin: str, src_uri: str, files: Files) -> str:
+    """The link as the site needs it: to the page that publishes what it reaches."""
     target = match["target"]
     if "://" in target or target.startswith(("#", "mailto:", "/")):
         return match.group(0)
     path, hash_, anchor = target.partition("#")
     repo_path = posixpath.normpath(posixpath.join(posixpath.dirname(origin), path))
-    uri: str | None = published.get(repo_path)
+    uri: str | None = PUBLISHED.get(repo_path)
     if uri is None and repo_path.startswith("docs/"):
         inside = repo_path.removeprefix("docs/")
         if path.endswith("/") or files.get_file_from_path(inside) is None:
@@ -86,7 +85,7 @@ def _relink(
 
 
 def _examples_page() -> str:
-    """The single-file examples, each with its docstring and its code."""
+    """The single-file examples, each file's code under its name."""
     lines = [
         "# Examples",
         "",
