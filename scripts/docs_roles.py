@@ -3,15 +3,23 @@
 The docstrings name other objects the way Sphinx does (``:class:`Storage```,
 ``:meth:`~deepwork_retry.ports.Storage.apply```); mkdocstrings renders Markdown.
 This extension rewrites each such reference, once the package is loaded, into
-a cross-reference that mkdocs-autorefs resolves to the object's heading, so a
-reference to something that is not documented fails the strict build. Names
-outside the package (the standard library, drivers, frameworks) become plain
-code: the site fetches no other project's inventory.
+a cross-reference that mkdocs-autorefs resolves to the object's heading.
+mkdocs-autorefs checks only what a page shows, so the checks below apply to
+the docstrings the reference renders, wherever they are written:
+
+- a public object is a required link: if the reference does not document it,
+  ``mkdocs build --strict`` fails;
+- an internal object (a name with a leading underscore on its path, such as
+  the core's functions) is linked where the reference shows it under a public
+  name, and is plain code otherwise;
+- a name found nowhere becomes a link to ``not-found:NAME``, which never
+  resolves: the strict build fails, naming it and the docstring;
+- a name outside the package (the standard library, drivers, frameworks) is
+  plain code: the site fetches no other project's inventory.
 
 A name is looked up as Sphinx would: a full dotted path, else from the
-docstring's own object outwards (its members, its class, its module and what
-the module imports). A name found nowhere is reported as a warning, which
-``mkdocs build --strict`` turns into a failure.
+docstring's own object outwards (its members, inherited ones too, its class,
+its module and what the module imports).
 
 The reST literal-block marker (a paragraph ending in ``::`` before an indented
 block) becomes a plain colon, since Markdown shows the indented block as code.
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
-import logging
 import re
 import sys
 from typing import Any
@@ -29,7 +36,7 @@ from typing import Any
 import griffe
 
 PACKAGE = "deepwork_retry"
-log = logging.getLogger("mkdocs.plugins.deepwork_retry.roles")
+UNKNOWN = "not-found:"  # prefix of the identifier a name found nowhere links to
 
 ROLE = re.compile(
     r":(?:py:)?(?P<role>class|meth|func|mod|attr|data|exc|obj|const):"
@@ -75,14 +82,9 @@ def _link(obj: griffe.Object, match: re.Match[str]) -> str:
     if path is None:
         return f"`{text}`"
     if path == "":
-        log.warning(
-            "%s: the docstring of %s names %r, which is found neither in %s nor outside it",
-            obj.relative_filepath,
-            obj.path,
-            target,
-            PACKAGE,
-        )
-        return f"`{text}`"
+        # A name found nowhere: a reference that can never resolve, so the
+        # build fails wherever this docstring is shown (and only there).
+        return f"[`{text}`][{UNKNOWN}{target}]"
     if any(part.startswith("_") for part in path.split(".")):
         # A private object (the core's functions, a storage's helpers) is linked
         # where the reference shows it (under a public name) and plain text
