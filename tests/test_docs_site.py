@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REQUIRE_SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SERVICES = os.environ.get("DEEPWORK_REQUIRE_SERVICES") == "1"
 
 
 def require_docs_tools() -> None:
