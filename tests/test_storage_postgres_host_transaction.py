@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from pg_support import schema_dropped_after
@@ -212,6 +213,23 @@ def test_refused_retries_do_not_poison_the_host_transaction(host: Host) -> None:
     assert [1, 2] == host.orders()
     assert ["assigned", "assigned"] == [host.seen(t)[0].status for t in ("t", "u")]
     assert [("p", "t", 2)] == host.dispatcher.keys
+
+
+def test_failures_again_and_again_never_poison_the_host_transaction(host: Host) -> None:
+    """Statements PostgreSQL refuses, many times over and between successes (past the
+    driver's prepare threshold), each leave the host's transaction usable."""
+    project, task = host.storage.load("p", "t")
+    plan = decide.manual_retry(task, project, now=host.clock.now(), blockers={})
+    unstorable = attrs.evolve(plan, after=attrs.evolve(plan.after, metadata={"a": "\x00"}))
+    with host.storage.transaction():
+        for number in range(12):
+            host.order(number)
+            with pytest.raises(InvalidInput):
+                host.storage.apply(unstorable)  # jsonb refuses NUL, in the server
+            assert "blocked" == host.storage.load("p", "t")[1].status
+        host.storage.apply(plan)
+    assert list(range(12)) == host.orders()
+    assert "assigned" == host.seen()[0].status
 
 
 def test_manual_commit_through_the_storage_dispatches_after_it(host: Host) -> None:

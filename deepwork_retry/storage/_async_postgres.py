@@ -645,6 +645,8 @@ class AsyncPostgresStorage:
             return notified
 
 
+# The savepoint commands are never prepared: in a pipeline that an error
+# aborted, the driver would count as prepared a command the server skipped.
 _SAVEPOINT = b"SAVEPOINT deepwork_retry"
 _RELEASE = b"RELEASE SAVEPOINT deepwork_retry"
 _UNDO = b"ROLLBACK TO SAVEPOINT deepwork_retry"
@@ -785,13 +787,13 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
                     async with conn.transaction():
                         yield conn
                     return
-                await conn.execute(_SAVEPOINT)
+                await conn.execute(_SAVEPOINT, prepare=False)
                 try:
                     yield conn
                 except BaseException:
                     await _undo(conn)
                     raise
-                await conn.execute(_RELEASE)
+                await conn.execute(_RELEASE, prepare=False)
             finally:
                 conn.row_factory = rows
 
@@ -852,9 +854,9 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
 
 
 async def _in_savepoint(conn: _Conn, cur: AsyncCursor[TupleRow], query: bytes, params: Any) -> None:
-    await conn.execute(_SAVEPOINT)
+    await conn.execute(_SAVEPOINT, prepare=False)
     await cur.execute(query, params)
-    await conn.execute(_RELEASE)
+    await conn.execute(_RELEASE, prepare=False)
 
 
 async def _undo(conn: _Conn) -> None:
@@ -862,8 +864,8 @@ async def _undo(conn: _Conn) -> None:
     if conn.closed or conn.info.transaction_status not in _OPEN:
         return
     try:
-        await conn.execute(_UNDO)
-        await conn.execute(_RELEASE)
+        await conn.execute(_UNDO, prepare=False)
+        await conn.execute(_RELEASE, prepare=False)
     except psycopg.Error:
         # No savepoint to return to: the host's transaction had failed before
         # this call, and only the host can roll it back.

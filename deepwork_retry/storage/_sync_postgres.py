@@ -642,6 +642,8 @@ class PostgresStorage:
             return notified
 
 
+# The savepoint commands are never prepared: in a pipeline that an error
+# aborted, the driver would count as prepared a command the server skipped.
 _SAVEPOINT = b"SAVEPOINT deepwork_retry"
 _RELEASE = b"RELEASE SAVEPOINT deepwork_retry"
 _UNDO = b"ROLLBACK TO SAVEPOINT deepwork_retry"
@@ -781,13 +783,13 @@ class JoinedPostgresStorage(PostgresStorage):
                     with conn.transaction():
                         yield conn
                     return
-                conn.execute(_SAVEPOINT)
+                conn.execute(_SAVEPOINT, prepare=False)
                 try:
                     yield conn
                 except BaseException:
                     _undo(conn)
                     raise
-                conn.execute(_RELEASE)
+                conn.execute(_RELEASE, prepare=False)
             finally:
                 conn.row_factory = rows
 
@@ -848,9 +850,9 @@ class JoinedPostgresStorage(PostgresStorage):
 
 
 def _in_savepoint(conn: _Conn, cur: Cursor[TupleRow], query: bytes, params: Any) -> None:
-    conn.execute(_SAVEPOINT)
+    conn.execute(_SAVEPOINT, prepare=False)
     cur.execute(query, params)
-    conn.execute(_RELEASE)
+    conn.execute(_RELEASE, prepare=False)
 
 
 def _undo(conn: _Conn) -> None:
@@ -858,8 +860,8 @@ def _undo(conn: _Conn) -> None:
     if conn.closed or conn.info.transaction_status not in _OPEN:
         return
     try:
-        conn.execute(_UNDO)
-        conn.execute(_RELEASE)
+        conn.execute(_UNDO, prepare=False)
+        conn.execute(_RELEASE, prepare=False)
     except psycopg.Error:
         # No savepoint to return to: the host's transaction had failed before
         # this call, and only the host can roll it back.
