@@ -277,6 +277,27 @@ def test_a_commit_the_storage_did_not_see_leaves_the_delivery_to_the_relay(
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_a_rollback_the_storage_did_not_see_is_never_dispatched_by_a_later_commit(
+    host: Host,
+) -> None:
+    """Rolled back with ``conn.rollback()``, then a new transaction committed through the
+    storage with no call of it in between: the rolled-back retry is not dispatched, the
+    new transaction's own retry is."""
+    host.order(1)
+    host.retries.retry("p", "t")
+    host.conn.rollback()
+    host.order(2)  # a new transaction of the host's
+    host.storage.commit()
+    assert [] == host.dispatcher.keys
+    assert ([2], "blocked") == (host.orders(), host.seen("t")[0].status)
+    host.order(3)
+    host.retries.retry("p", "u")
+    host.conn.commit()
+    with host.storage.transaction():  # begins after the unseen commit: drops its delivery
+        host.retries.retry("p", "t")
+    assert [("p", "t", 2)] == host.dispatcher.keys
+
+
 def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
     host: Host,
 ) -> None:
@@ -289,7 +310,8 @@ def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
 
 
 def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
-    """Savepoint, retry and release go together: one round trip inside the host's transaction."""
+    """Savepoint, retry, release and the transaction's id go together: one round trip
+    inside the host's transaction."""
     wire: list[str] = []
     retries = RetryService(host.storage, clock=host.clock)
     with host.storage.transaction():
@@ -298,7 +320,7 @@ def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
             retries.retry("p", "t")
     trips = sum(1 for line in wire if line.startswith("B\t") and "\tReadyForQuery" in line)
     statements = sum(1 for line in wire if line.startswith("F\t") and "\tExecute" in line)
-    assert (1, 3) == (trips, statements)
+    assert (1, 4) == (trips, statements)
 
 
 def test_a_host_row_factory_is_left_as_it_was(postgres_dsn: str, schema: str) -> None:
