@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -296,6 +298,59 @@ def test_a_rollback_the_storage_did_not_see_is_never_dispatched_by_a_later_commi
     with host.storage.transaction():  # begins after the unseen commit: drops its delivery
         host.retries.retry("p", "t")
     assert [("p", "t", 2)] == host.dispatcher.keys
+
+
+def test_two_host_transactions_retrying_one_task_apply_it_once(
+    postgres_dsn: str, schema: str, host: Host
+) -> None:
+    """Two hosts retry one task, each in its own transaction, on threads: the second
+    waits for the first's commit, then is refused; its own write still commits, and
+    the task is dispatched once."""
+    other = Host(postgres_dsn, schema)
+    other.dispatcher = host.dispatcher
+    other.retries = RetryService(other.storage, host.dispatcher, clock=other.clock)
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            with other.storage.transaction():
+                other.order(2)
+                try:
+                    other.retries.retry("p", "t")
+                except TaskNotBlocked as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append("retried")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    try:
+        with host.storage.transaction():
+            host.order(1)
+            host.retries.retry("p", "t")
+            thread = threading.Thread(target=second, daemon=True)
+            thread.start()
+            _until_waiting_for_a_lock(host.observer, other.conn.info.backend_pid)
+        thread.join(30)
+        assert not thread.is_alive()
+        [result] = outcome
+        assert isinstance(result, TaskNotBlocked)
+        assert [1, 2] == host.orders()
+        assert [("p", "t", 2)] == host.dispatcher.keys
+    finally:
+        other.close()
+
+
+def _until_waiting_for_a_lock(observer: PostgresStorage, pid: int) -> None:
+    """Return once backend ``pid`` waits for a lock (generous bound: 30 s)."""
+    query = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
+    with observer.pool.connection() as conn:
+        for _ in range(3000):
+            row = conn.execute(query, (pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for the first host's lock")
 
 
 def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
