@@ -362,7 +362,7 @@ def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
 ) -> None:
     """No transaction open: the retry commits by itself and is delivered at once."""
     result = host.retries.retry("p", "t")
-    assert "pending" == result.dispatch.status
+    assert "dispatched" == result.dispatch.status
     assert [("p", "t", 2)] == host.dispatcher.keys
     assert ["delivered"] == [e.state for e in host.seen()[2] if e.attempt == 2]
     assert "IDLE" == host.conn.info.transaction_status.name
