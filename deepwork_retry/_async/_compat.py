@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 ASYNCHRONOUS = True
 """Whether the services built on this module await their storage and dispatcher."""
 
 Event = asyncio.Event
+
+log = logging.getLogger("deepwork_retry")
+
+Lock = asyncio.Lock
+"""Held across the awaits of one storage call on a shared connection."""
+
+_STARTED: set[asyncio.Task[None]] = set()
+"""Tasks of :func:`start_soon` still running (the loop keeps only weak references)."""
 
 
 async def wait_or_stop(stop: Event, timeout: float) -> bool:
@@ -17,3 +27,17 @@ async def wait_or_stop(stop: Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+def start_soon(call: Callable[[], Awaitable[None]]) -> None:
+    """Run ``call()`` on the running loop without waiting for it; a failure is logged."""
+
+    async def run() -> None:
+        try:
+            await call()
+        except Exception:  # nobody awaits it: the log is where a failure can go
+            log.error("a callback started after a commit failed", exc_info=True)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _STARTED.add(task)
+    task.add_done_callback(_STARTED.discard)
