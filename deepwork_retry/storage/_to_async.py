@@ -34,7 +34,7 @@ class OneStepStorage(Storage, RetryInOneStep, Protocol):
 
 
 S = TypeVar("S", bound=Storage)
-O = TypeVar("O", bound=OneStepStorage)  # noqa: E741
+W = TypeVar("W", bound=OneStepStorage)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -267,7 +267,7 @@ class AsyncFromSync(Generic[S]):
         await self.close()
 
 
-class AsyncFromSyncOneStep(AsyncFromSync[O]):
+class AsyncFromSyncOneStep(AsyncFromSync[W]):
     """:class:`AsyncFromSync` over a storage that retries in one step, keeping that step.
 
     ``AsyncFromSync(storage, ...)`` builds one whenever ``storage`` has
