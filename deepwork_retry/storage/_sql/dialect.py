@@ -15,6 +15,8 @@ may change is a class attribute or a method of :class:`Dialect`:
   database, as SQLite's ``BEGIN IMMEDIATE`` does).
 - ``returning``: whether ``UPDATE … RETURNING`` exists (else an ``UPDATE``
   and a ``SELECT``).
+- ``sequential_set``: whether ``UPDATE … SET a = …, b = a`` reads the new ``a``
+  (MySQL); the rendered updates are then ordered to read old values only.
 - ``conditional_upsert``: whether :meth:`upsert` with ``only_if`` can tell by
   its row count that it wrote nothing (else a locked read and a plain upsert).
 - :meth:`upsert`, :meth:`insert_ignore`, :meth:`limited`, ``from_nothing``:
@@ -84,6 +86,9 @@ class Dialect:
     lock: ClassVar[str] = ""
     returning: ClassVar[bool] = True
     conditional_upsert: ClassVar[bool] = True
+    sequential_set: ClassVar[bool] = False
+    """Whether an ``UPDATE``'s ``SET`` assigns left to right, later expressions seeing
+    the new values (MySQL): the one-step retry orders its assignments to read old ones."""
     from_nothing: ClassVar[str] = ""
     """Appended to a ``SELECT`` of values with a ``WHERE`` but no table (``" FROM DUAL"``)."""
     errors: ClassVar[Mapping[int, Kind]] = {}

@@ -501,7 +501,7 @@ class Engine:
 
     def _next_pending(self, ex: Executor) -> int:
         """A pending_seq after every pending entry: claim order is the order made pending."""
-        row = ex.execute(self.sql.next_pending).fetchone()
+        row = ex.execute(self.sql.next_pending, ()).fetchone()
         return 1 if row is None or row[0] is None else int(row[0]) + 1
 
     def _release(

@@ -372,8 +372,35 @@ class RetrySQL:
     """1 project, 2 task, 3 number, 4 now, 5 actor, 6 reason, 7 budget."""
 
 
+def _reads(expr: effects.Expr) -> set[str]:
+    """The task fields ``expr`` reads."""
+    if isinstance(expr, (effects.Field, effects.Plus)):
+        return {expr.name}
+    if isinstance(expr, effects.ByBudget):
+        return _reads(expr.full) | _reads(expr.one_more)
+    return set()
+
+
+def sequential(move: effects.Move) -> effects.Move:
+    """``move`` with its task effects ordered so that, where an ``UPDATE`` assigns left to
+    right and later expressions see the new values (MySQL), each field is read before it
+    is assigned; a ``ValueError`` when no order can (two fields reading each other)."""
+    left = list(move.task)
+    ordered: list[tuple[str, effects.Expr]] = []
+    while left:
+        for i, (name, _expr) in enumerate(left):
+            if not any(name in _reads(e) for n, e in left if n != name):
+                ordered.append(left.pop(i))
+                break
+        else:
+            raise ValueError(f"no order of assignments keeps every old value: {left}")
+    return attrs.evolve(move, task=tuple(ordered))
+
+
 def render_retry(statements: Statements, move: effects.Move) -> RetrySQL:
     q = statements.dialect.sql
+    if statements.dialect.sequential_set:
+        move = sequential(move)
     target = move.target.value
     sources = tuple(s.value for s in move.sources)
     change = common.set_clause(move, common.Spelling(column=str, now="?2", full="?1"))
