@@ -137,7 +137,7 @@ class SQLiteDialect(Dialect):
     """
 
     # Primary result codes (https://sqlite.org/rescode.html).
-    errors: ClassVar[dict[int, Kind]] = {
+    errors: ClassVar[dict[int | str, Kind]] = {
         5: Kind.BUSY,  # SQLITE_BUSY
         6: Kind.BUSY,  # SQLITE_LOCKED
         11: Kind.CORRUPT,  # SQLITE_CORRUPT
@@ -162,7 +162,7 @@ class SQLiteDialect(Dialect):
         ("disk is full", 13),
     )
 
-    def error_code(self, exc: BaseException) -> int | None:
+    def error_code(self, exc: BaseException) -> int | str | None:
         code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
         if isinstance(code, int):
             return code & 0xFF
@@ -185,10 +185,6 @@ SQLITE = SQLiteDialect()
 """The dialect of every SQLite database (used by any storage that opens one)."""
 _ENGINE = Engine(SQLITE)
 _prune_statements = _ENGINE.prune_statements
-
-
-def _code(exc: sqlite3.Error) -> int | None:
-    return SQLITE.error_code(exc)
 
 
 class _Connection(sqlite3.Connection):

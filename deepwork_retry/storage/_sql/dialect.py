@@ -62,6 +62,10 @@ class Kind(enum.Enum):
     SCHEMA = "schema"
     """A table or column the statements need is missing."""
     CANNOT_OPEN = "cannot-open"
+    INVALID = "invalid"
+    """The database cannot hold a value (out of range, malformed, a constraint)."""
+    TIMEOUT = "timeout"
+    """A statement was cancelled for taking too long."""
     UNAVAILABLE = "unavailable"
     """The database cannot be reached, or failed (I/O, disk full, connection lost)."""
 
@@ -91,8 +95,9 @@ class Dialect:
     the new values (MySQL): the one-step retry orders its assignments to read old ones."""
     from_nothing: ClassVar[str] = ""
     """Appended to a ``SELECT`` of values with a ``WHERE`` but no table (``" FROM DUAL"``)."""
-    errors: ClassVar[Mapping[int, Kind]] = {}
-    """Driver error code (see :meth:`error_code`) -> what it means."""
+    errors: ClassVar[Mapping[int | str, Kind]] = {}
+    """Driver error code (see :meth:`error_code`: a number, or an SQLSTATE) -> what it
+    means."""
     statements_class: ClassVar[type[Any] | None] = None
     """A :class:`~deepwork_retry.storage._sql.statements.Statements` subclass, or
     ``None`` for the shared one."""
@@ -172,7 +177,7 @@ class Dialect:
         orig = getattr(exc, "orig", None)
         return orig if isinstance(orig, BaseException) else exc
 
-    def error_code(self, exc: BaseException) -> int | None:
+    def error_code(self, exc: BaseException) -> int | str | None:
         """The driver's error code of ``exc`` (already :meth:`original`), if it has one."""
         args = getattr(exc, "args", ())
         return args[0] if args and isinstance(args[0], int) else None
@@ -217,6 +222,10 @@ def translate(
         return StorageUnavailable(f"Cannot open {title} database {where}: {said}")
     if kind is Kind.UNAVAILABLE:
         return StorageUnavailable(f"{title} database {where} failed: {said}")
+    if kind is Kind.INVALID:
+        return InvalidInput(f"{title} cannot store this value: {said}")
+    if kind is Kind.TIMEOUT:
+        return StorageUnavailable(f"{title} database {where} did not answer in time")
     if kind is Kind.SCHEMA:
         return StorageCorrupt(f"{title} database {where} does not have the expected schema: {said}")
     return StorageError(f"{title} database {where} failed: {said}")
