@@ -106,6 +106,49 @@ _ENTRY_STATE = 1 + common.ENTRY_COLUMNS.index("state")
 """The entry's state in a row of ``seq`` and the entry's columns."""
 
 
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (number INTEGER NOT NULL PRIMARY KEY, "
+    "name VARCHAR(200) NOT NULL, applied_at BIGINT NOT NULL)"
+)
+"""Where a dialect without a schema version of its own (SQLite has ``user_version``)
+records the migrations applied (see :meth:`Engine.migrate`)."""
+
+
+def split_script(script: str) -> list[str]:
+    """A migration file's statements: split at each ``;`` outside quotes, ``--`` comments
+    dropped (a driver runs one statement per call)."""
+    out: list[str] = []
+    part: list[str] = []
+    i, n = 0, len(script)
+    while i < n:
+        ch = script[i]
+        if ch == "-" and script.startswith("--", i):
+            end = script.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if ch in "'\"`":
+            end = script.find(ch, i + 1)
+            while end >= 0 and script.startswith(ch * 2, end):
+                end = script.find(ch, end + 2)  # a doubled quote is part of the literal
+            if end < 0:
+                raise InvalidInput(f"unterminated quote in SQL script: {script[i : i + 40]!r}")
+            part.append(script[i : end + 1])
+            i = end + 1
+            continue
+        if ch == ";":
+            statement = "".join(part).strip()
+            if statement:
+                out.append(statement)
+            part = []
+        else:
+            part.append(ch)
+        i += 1
+    statement = "".join(part).strip()
+    if statement:
+        out.append(statement)
+    return out
+
+
 def all_text(*values: object) -> bool:
     return all(isinstance(v, str) for v in values)
 
@@ -639,6 +682,34 @@ class Engine:
             (outbox, bound(rule.delivered_before)),
             (attempts, bound(rule.finished_before)),
         ]
+
+    # -- migrations (a dialect recording them in a table) ------------------------------------
+    def pending_migrations(self, ex: Executor) -> list[common.Migration]:
+        """The dialect's shipped migrations (``sql/<name>/``) not yet recorded as applied;
+        the table must exist (else the driver's error: a database without our schema)."""
+        rows = ex.execute(self.dialect.sql("SELECT number FROM schema_migrations"), ())
+        return common.pending(common.migrations(self.dialect.name), [r[0] for r in rows.fetchall()])
+
+    def migrate(self, ex: Executor, *, now: datetime) -> list[int]:
+        """*write*: apply the pending migrations in order, each recorded as applied right
+        after its statements (where DDL commits by itself, as on MySQL, a failed run
+        resumes at the migration that failed); the numbers applied.
+
+        The caller serialises processes migrating one database at once (an
+        advisory lock: ``GET_LOCK`` on MySQL) around this call.
+        """
+        q = self.dialect.sql
+        ex.execute(q(MIGRATIONS_TABLE), ())
+        applied = []
+        for migration in self.pending_migrations(ex):
+            for statement in split_script(migration.text):
+                ex.execute(q(statement), ())
+            ex.execute(
+                q("INSERT INTO schema_migrations (number, name, applied_at) VALUES (?, ?, ?)"),
+                (migration.number, migration.name, codec.ts(now)),
+            )
+            applied.append(migration.number)
+        return applied
 
     @staticmethod
     def pruned(counts: Sequence[int]) -> Pruned:
