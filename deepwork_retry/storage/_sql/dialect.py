@@ -81,9 +81,9 @@ _TOKEN = re.compile(r"'(?:[^']|'')*'|\?(\d*)|%")
 class Dialect:
     """A SQL dialect's differences from the statements as :mod:`.statements` writes them.
 
-    The defaults are SQLite's, which PostgreSQL shares for every hook
-    (``ON CONFLICT``, ``RETURNING``); see the module's documentation for what
-    a new dialect sets.
+    The defaults are SQLite's (``ON CONFLICT``, ``RETURNING``, ``INSERT OR
+    IGNORE``, no row locks); see the module's documentation for what a new
+    dialect sets.
     """
 
     name: ClassVar[str] = "sqlite"

@@ -23,7 +23,7 @@ them in its executor (:meth:`Dialect.bind <deepwork_retry.storage._sql.dialect.D
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -265,7 +265,7 @@ class Engine:
         status: TaskStatus | None = None,
         after: str | None = None,
         limit: int = 100,
-        after_bound: Any = None,
+        after_bound: Callable[[str], tuple[str, Any]] | None = None,
     ) -> list[Task]:
         """A page of tasks by id; ``after_bound(after)`` gives ``(operator, value)`` for
         an ``after`` the dialect cannot compare as given (see :func:`common.after_bound`)."""
