@@ -110,11 +110,15 @@ def test_host_rollback_after_the_retry_leaves_nothing_and_dispatches_nothing(
     class Abandoned(Exception):
         pass
 
-    with pytest.raises(Abandoned), transaction.atomic(using=storage.using):
-        Group.objects.using(storage.using).create(name="host-row")
-        result = service.retry("p", "t", actor="alice", idempotency_key="k1")
-        assert "assigned" == result.task.status.value  # the retry's statements succeeded
-        raise Abandoned
+    def host_work() -> None:
+        with transaction.atomic(using=storage.using):
+            Group.objects.using(storage.using).create(name="host-row")
+            result = service.retry("p", "t", actor="alice", idempotency_key="k1")
+            assert "assigned" == result.task.status.value  # the retry's statements succeeded
+            raise Abandoned
+
+    with pytest.raises(Abandoned):
+        host_work()
     assert not Group.objects.using(storage.using).filter(name="host-row").exists()
     after = storage.load("p", "t")[1]
     assert (before.status, before.version) == (after.status, after.version)
