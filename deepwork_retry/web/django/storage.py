@@ -114,6 +114,25 @@ _LOCK_SQLITE = "UPDATE deepwork_retry_project SET version = version WHERE 0 = 1"
 """A write that changes nothing: it takes SQLite's write lock as a transaction begins."""
 
 
+_LOST_RACE = frozenset({"40P01", "40001"})
+"""SQLSTATEs of a deadlock and a serialisation failure: another writer won."""
+
+
+def _lost_race(exc: BaseException) -> bool:
+    """Whether ``exc`` (a translated error) came from a deadlock or serialisation failure.
+
+    Rows are locked in one order, so this is rare; inside a plan's apply it means
+    another writer changed what the plan read: a conflict, which the services
+    answer by deciding again, not an outage.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) in _LOST_RACE:
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _findable(value: object) -> bool:
     """Whether ``value`` could be a stored id (anything else is simply not found)."""
     return isinstance(value, str) and _UNSTORABLE.search(value) is None
@@ -588,8 +607,13 @@ class DjangoStorage:
         for guard in plan.guards:
             if not _findable(guard.task_id):
                 raise VersionConflict(guard.task_id, guard.version, None)
-        with self._tx(write=True) as db:
-            return self._apply_in(db, plan, fields, new_attempt, entry, idem)
+        try:
+            with self._tx(write=True) as db:
+                return self._apply_in(db, plan, fields, new_attempt, entry, idem)
+        except StorageUnavailable as exc:
+            if _lost_race(exc):
+                raise VersionConflict(tid, before.version, None) from exc
+            raise
 
     def _apply_in(
         self,
@@ -767,6 +791,17 @@ class DjangoStorage:
         if not _findable(pid):
             raise ProjectNotFound(pid)
         fields = _project_fields(plan.after)
+        try:
+            return self._apply_project_in(plan, fields)
+        except StorageUnavailable as exc:
+            if _lost_race(exc):
+                raise VersionConflict(pid, plan.before.version, None) from exc
+            raise
+
+    def _apply_project_in(
+        self, plan: ProjectPlan, fields: dict[str, Any]
+    ) -> tuple[Project, list[DispatchEntry]]:
+        pid = plan.before.id
         with self._tx(write=True) as db:
             # Tasks before the project, as apply() takes them: no two writers wait in a circle.
             versions = self._lock_versions(db, pid, [g.task_id for g in plan.guards])
