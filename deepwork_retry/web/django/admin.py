@@ -135,6 +135,7 @@ class _ReadOnly(admin.ModelAdmin):  # type: ignore[misc]
 
 @admin.register(models.Project)
 class ProjectAdmin(_ReadOnly):
+    ordering = ("id",)
     list_display = ("id", "name", "status", "total", "blocked", "done", "percent")
     list_filter = ("status",)
     search_fields = ("id", "name")
@@ -147,6 +148,7 @@ class ProjectAdmin(_ReadOnly):
 
 @admin.register(models.Attempt)
 class AttemptAdmin(_ReadOnly):
+    ordering = ("project", "task_id", "number")
     list_display = ("project", "task_id", "number", "trigger", "actor", "outcome", "dispatched_at")
     list_filter = ("trigger", "outcome")
     search_fields = ("task_id", "actor", "reason")
@@ -154,6 +156,7 @@ class AttemptAdmin(_ReadOnly):
 
 @admin.register(models.Task)
 class TaskAdmin(_ReadOnly):
+    ordering = ("project", "task_id")
     list_display = (
         "task_id",
         "project",

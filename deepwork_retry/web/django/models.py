@@ -55,7 +55,6 @@ class Project(models.Model):  # type: ignore[misc]  # Django ships no type hints
 
     class Meta:
         db_table = "deepwork_retry_project"
-        ordering = ["id"]
 
     def __str__(self) -> str:
         return str(self.id)
@@ -89,7 +88,6 @@ class Task(models.Model):  # type: ignore[misc]
 
     class Meta:
         db_table = "deepwork_retry_task"
-        ordering = ["project", "task_id"]
         constraints = [
             models.UniqueConstraint(fields=["project", "task_id"], name="deepwork_retry_task_key")
         ]
@@ -140,7 +138,6 @@ class Attempt(models.Model):  # type: ignore[misc]
 
     class Meta:
         db_table = "deepwork_retry_attempt"
-        ordering = ["project", "task_id", "number"]
         constraints = [
             models.UniqueConstraint(
                 fields=["project", "task_id", "number"], name="deepwork_retry_attempt_key"

@@ -383,6 +383,19 @@ class DjangoStorage:
                 connection.close_if_unusable_or_obsolete()
             raise self._translated(exc) from exc
 
+    @contextmanager
+    def _reading(self) -> Iterator[str]:
+        """One read statement: atomic by itself, in the host's transaction or on its own
+        (no block, so on SQLite a read never waits for the write lock)."""
+        connection = connections[self.using]
+        joined = connection.in_atomic_block
+        try:
+            yield self.using
+        except (DatabaseError, OverflowError, UnicodeEncodeError) as exc:
+            if not joined and isinstance(exc, (OperationalError, InterfaceError)):
+                connection.close_if_unusable_or_obsolete()
+            raise self._translated(exc) from exc
+
     def _translated(self, exc: BaseException) -> Exception:
         """The library error for a driver error (see :meth:`_tx`)."""
         where = f"Django database {self.using!r}"
@@ -472,30 +485,39 @@ class DjangoStorage:
 
     # -- reads ---------------------------------------------------------------
     def _get_project(self, db: str, project_id: str) -> Project:
-        row = m.Project.objects.using(db).filter(id=project_id).first()
-        if row is None:
+        rows = list(m.Project.objects.using(db).filter(id=project_id)[:1])
+        if not rows:
             raise ProjectNotFound(project_id)
-        return _project(row)
+        return _project(rows[0])
 
     def _get_task(self, db: str, project_id: str, task_id: str) -> Task:
         if not (_findable(project_id) and _findable(task_id)):
             raise TaskNotFound(project_id, task_id)
-        row = m.Task.objects.using(db).filter(project_id=project_id, task_id=task_id).first()
-        if row is None:
+        rows = list(m.Task.objects.using(db).filter(project_id=project_id, task_id=task_id)[:1])
+        if not rows:
             raise TaskNotFound(project_id, task_id)
-        return _task(row)
+        return _task(rows[0])
 
     def get_project(self, project_id: str) -> Project:
         if not _findable(project_id):
             raise ProjectNotFound(project_id)
-        with self._tx(write=False) as db:
+        with self._reading() as db:
             return self._get_project(db, project_id)
 
     def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
         if not _findable(project_id):
             raise ProjectNotFound(project_id)
-        with self._tx(write=False) as db:
-            return self._get_project(db, project_id), self._get_task(db, project_id, task_id)
+        if not _findable(task_id):
+            self.get_project(project_id)
+            raise TaskNotFound(project_id, task_id)
+        with self._reading() as db:
+            # One statement: the task with its project, read together.
+            tasks = m.Task.objects.using(db).select_related("project")
+            rows = list(tasks.filter(project_id=project_id, task_id=task_id)[:1])
+            if rows:
+                return _project(rows[0].project), _task(rows[0])
+            self._get_project(db, project_id)
+        raise TaskNotFound(project_id, task_id)
 
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         wanted = [tid for tid in dict.fromkeys(task_ids) if _findable(tid)]
@@ -550,14 +572,11 @@ class DjangoStorage:
     def progress(self, project_id: str) -> Progress:
         if not _findable(project_id):
             raise ProjectNotFound(project_id)
-        with self._tx(write=False) as db:
-            return self._progress(db, project_id)
-
-    def _progress(self, db: str, project_id: str) -> Progress:
-        row = m.Project.objects.using(db).filter(id=project_id).values_list(*_COUNTERS).first()
-        if row is None:
+        with self._reading() as db:
+            rows = list(m.Project.objects.using(db).filter(id=project_id).values_list(*_COUNTERS))
+        if not rows:
             raise ProjectNotFound(project_id)
-        return _progress(project_id, row)
+        return _progress(project_id, rows[0])
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._tx(write=False) as db:
@@ -576,7 +595,7 @@ class DjangoStorage:
     def deferred(self, project_id: str) -> list[DispatchEntry]:
         if not _findable(project_id):
             return []
-        with self._tx(write=False) as db:
+        with self._reading() as db:
             rows = m.OutboxEntry.objects.using(db).filter(project_id=project_id, state=_DEFERRED)
             return [_entry(row) for row in rows.order_by("seq")]
 
@@ -638,11 +657,20 @@ class DjangoStorage:
             if found != guard.version:
                 raise VersionConflict(guard.task_id, guard.version, found)
         moved = before.status != after.status
-        if plan.project_version is not None or moved:
-            projects = m.Project.objects.using(db).select_for_update().filter(id=pid)
-            project_version = projects.values_list("version", flat=True).first()
-            if plan.project_version is not None and project_version != plan.project_version:
-                raise VersionConflict(tid, before.version, current)
+        projects = m.Project.objects.using(db).filter(id=pid)
+        counters: Sequence[int] | None = None
+        project_version: int | None = None
+        if moved:
+            # The counters' update locks the project's row; its version and the
+            # counters after the change are read back in one statement.
+            old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
+            projects.update(**{old: F(old) - 1, new: F(new) + 1})
+            project_version, *counters = projects.values_list("version", *_COUNTERS)[0]
+        elif plan.project_version is not None:
+            locked = projects.select_for_update().values_list("version", *_COUNTERS)
+            project_version, *counters = locked[0]
+        if plan.project_version is not None and project_version != plan.project_version:
+            raise VersionConflict(tid, before.version, current)
         stored_idem: m.IdempotencyRecord | None = None
         if plan.idempotency is not None:
             key = plan.idempotency.key
@@ -675,9 +703,6 @@ class DjangoStorage:
         )
         if written != 1:  # the rows are locked: only a database without row locks gets here
             raise VersionConflict(tid, before.version, None)
-        if moved:
-            old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
-            m.Project.objects.using(db).filter(id=pid).update(**{old: F(old) - 1, new: F(new) + 1})
         made: list[DispatchEntry] = []
         if dispatch is not None and entry is not None:
             pending = dispatch.state is DispatchState.PENDING
@@ -698,9 +723,11 @@ class DjangoStorage:
             made.extend(self._release(db, pid, plan.releases, plan.claimed_until))
         if plan.idempotency is not None and idem is not None:
             self._store_idem(db, plan.idempotency, idem, stored_idem)
+        if counters is None:
+            counters = projects.values_list(*_COUNTERS)[0]
         return Applied(
             task=after,
-            progress=self._progress(db, pid),
+            progress=_progress(pid, counters),
             dispatches=tuple(made),
             deferred=dispatch is not None and dispatch.state is DispatchState.DEFERRED,
         )
@@ -922,7 +949,7 @@ class DjangoStorage:
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         check_limit(limit)
         now = _aware(now)
-        with self._tx(write=False) as db:
+        with self._reading() as db:
             rows = (
                 m.Task.objects.using(db)
                 .filter(status=TaskStatus.IN_PROGRESS.value, lease_expires_at__lte=now)
@@ -936,11 +963,11 @@ class DjangoStorage:
     def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         if not _findable(key):
             return None
-        with self._tx(write=False) as db:
-            row = m.IdempotencyRecord.objects.using(db).filter(key=key).first()
-        if row is None:
+        with self._reading() as db:
+            rows = list(m.IdempotencyRecord.objects.using(db).filter(key=key)[:1])
+        if not rows:
             return None
-        record = _idem(row)
+        record = _idem(rows[0])
         if now is not None and record.expired(now):
             return None
         return record
