@@ -74,6 +74,18 @@ def configure() -> None:
                 # read-then-write transactions wait instead of failing.
                 "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
             },
+            # Error paths: a database never migrated, and a server that is not there.
+            "unmigrated": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": os.path.join(_directory, "unmigrated.db"),
+            },
+            "unreachable": {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": "nowhere",
+                "HOST": "127.0.0.1",
+                "PORT": "9",
+                "OPTIONS": {"connect_timeout": 2},
+            },
             PG_ALIAS: {
                 "ENGINE": "django.db.backends.postgresql",
                 "NAME": PG_DATABASE,

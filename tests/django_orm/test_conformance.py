@@ -39,14 +39,6 @@ def test_storage_machine(alias: str) -> None:
     run_state_machine_as_test(storage_machine(make), settings=MACHINE_SETTINGS)
 
 
-def test_an_unknown_alias_is_refused() -> None:
-    """A storage on an alias the settings do not name is refused at once, naming the alias."""
-    from deepwork_retry.exceptions import ConfigurationError
-
-    with pytest.raises(ConfigurationError, match="'nope'"):
-        DjangoStorage(using="nope")
-
-
 class InHostBlocks:
     """A DjangoStorage whose every call is made inside a host's own ``atomic`` block,
     which commits even when the call was refused: the storage's own block is then a

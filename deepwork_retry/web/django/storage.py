@@ -403,9 +403,10 @@ class DjangoStorage:
             return InvalidInput(f"a value {where} cannot store: {exc}")
         if isinstance(exc, UnicodeEncodeError):
             return InvalidInput(f"text {where} cannot store (lone surrogates)")
-        if isinstance(exc, (OperationalError, InterfaceError)):
+        missing = "no such table" in str(exc) or "no such column" in str(exc)  # SQLite's words
+        if isinstance(exc, (OperationalError, InterfaceError)) and not missing:
             return StorageUnavailable(f"{where} failed: {exc}")
-        if isinstance(exc, ProgrammingError):
+        if isinstance(exc, ProgrammingError) or missing:
             return StorageCorrupt(
                 f"{where} does not have the expected tables (run manage.py migrate): {exc}"
             )
