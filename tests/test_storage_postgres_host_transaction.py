@@ -9,14 +9,21 @@ observer saw at that moment.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pg_support import schema_dropped_after
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -214,6 +221,23 @@ def test_refused_retries_do_not_poison_the_host_transaction(host: Host) -> None:
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_failures_again_and_again_never_poison_the_host_transaction(host: Host) -> None:
+    """Statements PostgreSQL refuses, many times over and between successes (past the
+    driver's prepare threshold), each leave the host's transaction usable."""
+    project, task = host.storage.load("p", "t")
+    plan = decide.manual_retry(task, project, now=host.clock.now(), blockers={})
+    unstorable = attrs.evolve(plan, after=attrs.evolve(plan.after, metadata={"a": "\x00"}))
+    with host.storage.transaction():
+        for number in range(12):
+            host.order(number)
+            with pytest.raises(InvalidInput):
+                host.storage.apply(unstorable)  # jsonb refuses NUL, in the server
+            assert "blocked" == host.storage.load("p", "t")[1].status
+        host.storage.apply(plan)
+    assert list(range(12)) == host.orders()
+    assert "assigned" == host.seen()[0].status
+
+
 def test_manual_commit_through_the_storage_dispatches_after_it(host: Host) -> None:
     """A host that commits by hand calls ``storage.commit()``; ``rollback()`` drops."""
     host.order(1)  # psycopg opens the host's transaction here
@@ -259,19 +283,94 @@ def test_a_commit_the_storage_did_not_see_leaves_the_delivery_to_the_relay(
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_a_rollback_the_storage_did_not_see_is_never_dispatched_by_a_later_commit(
+    host: Host,
+) -> None:
+    """Rolled back with ``conn.rollback()``, then a new transaction committed through the
+    storage with no call of it in between: the rolled-back retry is not dispatched, the
+    new transaction's own retry is."""
+    host.order(1)
+    host.retries.retry("p", "t")
+    host.conn.rollback()
+    host.order(2)  # a new transaction of the host's
+    host.storage.commit()
+    assert [] == host.dispatcher.keys
+    assert ([2], "blocked") == (host.orders(), host.seen("t")[0].status)
+    host.order(3)
+    host.retries.retry("p", "u")
+    host.conn.commit()
+    with host.storage.transaction():  # begins after the unseen commit: drops its delivery
+        host.retries.retry("p", "t")
+    assert [("p", "t", 2)] == host.dispatcher.keys
+
+
+def test_two_host_transactions_retrying_one_task_apply_it_once(
+    postgres_dsn: str, schema: str, host: Host
+) -> None:
+    """Two hosts retry one task, each in its own transaction, on threads: the second
+    waits for the first's commit, then is refused; its own write still commits, and
+    the task is dispatched once."""
+    other = Host(postgres_dsn, schema)
+    other.dispatcher = host.dispatcher
+    other.retries = RetryService(other.storage, host.dispatcher, clock=other.clock)
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            with other.storage.transaction():
+                other.order(2)
+                try:
+                    other.retries.retry("p", "t")
+                except TaskNotBlocked as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append("retried")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    try:
+        with host.storage.transaction():
+            host.order(1)
+            host.retries.retry("p", "t")
+            thread = threading.Thread(target=second, daemon=True)
+            thread.start()
+            _until_waiting_for_a_lock(host.observer, other.conn.info.backend_pid)
+        thread.join(30)
+        assert not thread.is_alive()
+        [result] = outcome
+        assert isinstance(result, TaskNotBlocked)
+        assert [1, 2] == host.orders()
+        assert [("p", "t", 2)] == host.dispatcher.keys
+    finally:
+        other.close()
+
+
+def _until_waiting_for_a_lock(observer: PostgresStorage, pid: int) -> None:
+    """Return once backend ``pid`` waits for a lock (generous bound: 30 s)."""
+    query = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
+    with observer.pool.connection() as conn:
+        for _ in range(3000):
+            row = conn.execute(query, (pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for the first host's lock")
+
+
 def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
     host: Host,
 ) -> None:
     """No transaction open: the retry commits by itself and is delivered at once."""
     result = host.retries.retry("p", "t")
-    assert "pending" == result.dispatch.status
+    assert "dispatched" == result.dispatch.status
     assert [("p", "t", 2)] == host.dispatcher.keys
     assert ["delivered"] == [e.state for e in host.seen()[2] if e.attempt == 2]
     assert "IDLE" == host.conn.info.transaction_status.name
 
 
 def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
-    """Savepoint, retry and release go together: one round trip inside the host's transaction."""
+    """Savepoint, retry, release and the transaction's id go together: one round trip
+    inside the host's transaction."""
     wire: list[str] = []
     retries = RetryService(host.storage, clock=host.clock)
     with host.storage.transaction():
@@ -280,7 +379,7 @@ def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
             retries.retry("p", "t")
     trips = sum(1 for line in wire if line.startswith("B\t") and "\tReadyForQuery" in line)
     statements = sum(1 for line in wire if line.startswith("F\t") and "\tExecute" in line)
-    assert (1, 3) == (trips, statements)
+    assert (1, 4) == (trips, statements)
 
 
 def test_a_host_row_factory_is_left_as_it_was(postgres_dsn: str, schema: str) -> None:
@@ -433,3 +532,138 @@ def _trace(conn: psycopg.Connection[Any], lines: list[str]) -> Iterator[None]:
             conn.pgconn.untrace()
         trace.seek(0)
         lines.extend(trace.read().splitlines())
+
+
+# -- any sequence of host transactions -----------------------------------------------------
+
+TASKS = 4
+ORDER_NUMBERS = itertools.count(1000)
+_retry_op = st.tuples(st.just("retry"), st.integers(0, TASKS - 1))
+_end_op = st.sampled_from(
+    [("commit",), ("rollback",), ("conn_commit",), ("conn_rollback",), ("order",)]
+)
+_block_op = st.tuples(
+    st.just("block"), st.lists(st.integers(0, TASKS - 1), max_size=3), st.booleans()
+)
+
+
+class HostModel:
+    """What must have happened: retries committed, dispatched, left to the relay."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.in_tx: set[int] = set()
+        self.orders_in_tx: list[int] = []
+        self.committed: set[int] = set()
+        self.orders: list[int] = []
+        self.dispatched: list[int] = []
+        self.to_relay: set[int] = set()
+
+    def retry(self, task: int) -> bool:
+        if task in self.committed or task in self.in_tx:
+            return False
+        if self.open:
+            self.in_tx.add(task)
+        else:  # no transaction open: the storage commits it by itself, and delivers it
+            self.committed.add(task)
+            self.dispatched.append(task)
+        return True
+
+    def end(self, *, commit: bool, seen: bool) -> None:
+        if commit:
+            self.committed |= self.in_tx
+            self.orders += self.orders_in_tx
+            if seen:
+                self.dispatched += sorted(self.in_tx)
+            else:
+                self.to_relay |= self.in_tx
+        self.in_tx, self.orders_in_tx, self.open = set(), [], False
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(st.one_of(_retry_op, _end_op, _block_op), max_size=12))
+def test_any_sequence_of_host_transactions_dispatches_exactly_what_committed(
+    postgres_dsn: str, schema: str, ops: list[tuple[Any, ...]]
+) -> None:
+    """Retries in host transactions committed and rolled back in any way (through the
+    storage, behind its back, in nested blocks): a retry is dispatched once, after its
+    commit, if and only if it committed; what committed behind the storage's back is
+    the relay's, once its claim lapses; nothing rolled back is ever sent."""
+    h = Host(postgres_dsn, schema)
+    pid = f"p{uuid.uuid4().hex[:12]}"
+    model = HostModel()
+    used: set[int] = set()
+
+    def keys() -> list[int]:
+        return sorted(int(t[1:]) for p, t, _ in h.dispatcher.keys if p == pid)
+
+    def retry(task: int) -> None:
+        expected = model.retry(task)
+        try:
+            h.retries.retry(pid, f"t{task}")
+        except TaskNotBlocked:
+            assert not expected
+        else:
+            assert expected
+
+    try:
+        _blocked_tasks(h.storage, pid, TASKS)
+        for op in ops:
+            if op[0] == "retry":
+                retry(op[1])
+            elif op[0] == "order":
+                number = next(ORDER_NUMBERS)
+                used.add(number)
+                h.order(number)
+                model.orders_in_tx.append(number)
+                model.open = True
+            elif op[0] in ("commit", "rollback"):
+                getattr(h.storage, op[0])()
+                model.end(commit=op[0] == "commit", seen=True)
+            elif op[0] in ("conn_commit", "conn_rollback"):
+                getattr(h.conn, op[0].removeprefix("conn_"))()
+                model.end(commit=op[0] == "conn_commit", seen=False)
+            else:
+                _, tasks, keep = op
+                outer, saved = not model.open, set(model.in_tx)
+                with h.storage.transaction():
+                    model.open = True
+                    for task in tasks:
+                        retry(task)
+                    if not keep:
+                        raise psycopg.Rollback
+                if outer:
+                    model.end(commit=keep, seen=True)
+                elif not keep:
+                    model.in_tx = saved
+            assert sorted(model.dispatched) == keys()
+        h.conn.rollback()
+        model.end(commit=False, seen=True)
+        statuses = {t.id: t.status.value for t in h.observer.list_tasks(pid)}
+        assert {
+            f"t{n}": "assigned" if n in model.committed else "blocked" for n in range(TASKS)
+        } == (statuses)
+        relay = OutboxRelay(h.observer, h.dispatcher, clock=h.clock)
+        h.clock.advance(h.retries.claim_timeout + 1)
+        while relay.run_once():
+            pass
+        assert sorted(model.dispatched + sorted(model.to_relay)) == keys()
+        assert sorted(model.committed) == keys()  # each committed retry sent once
+        assert set(h.dispatcher.seen) <= {"assigned"}  # never before its commit
+        assert sorted(model.orders) == sorted(set(h.orders()) & used)  # the host's own writes
+    finally:
+        h.close()
+
+
+def _blocked_tasks(storage: PostgresStorage, pid: str, count: int) -> None:
+    executor = ExecutorService(storage)
+    executor.create_project(pid)
+    for n in range(count):
+        executor.add_task(pid, f"t{n}", max_retries=0)
+        executor.assign(pid, f"t{n}")
+        executor.start(pid, f"t{n}", 1)
+        executor.fail(pid, f"t{n}", 1, TaskError(type="E", message="boom"))

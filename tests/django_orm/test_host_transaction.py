@@ -153,10 +153,11 @@ def test_a_refused_retry_does_not_spoil_the_host_transaction(storage: DjangoStor
 
 def test_outside_a_host_transaction_the_dispatch_is_at_once(storage: DjangoStorage) -> None:
     """Without a host block the retry commits on its own and is dispatched before the call
-    returns (the answer still says ``pending``: the service cannot tell the two apart)."""
+    returns, and the answer says so."""
     blocked_task(storage)
     dispatcher = Watching(storage)
-    RetryService(storage, dispatcher).retry("p", "t")
+    result = RetryService(storage, dispatcher).retry("p", "t")
+    assert "dispatched" == result.dispatch.status
     assert [("p", "t", 2)] == dispatcher.keys
     assert [False] == dispatcher.in_block
     assert "delivered" == storage.dispatches("p", "t")[-1].state.value
