@@ -35,8 +35,7 @@ FLOOR_UPDATE = (
     "WHERE project_id = %s AND task_id = %s AND status = 'blocked' RETURNING attempt"
 )
 FLOOR_COUNTERS = (
-    "UPDATE deepwork_retry_project SET blocked = blocked - 1, assigned = assigned + 1 "
-    "WHERE id = %s"
+    "UPDATE deepwork_retry_project SET blocked = blocked - 1, assigned = assigned + 1 WHERE id = %s"
 )
 FLOOR_OUTBOX = (
     "INSERT INTO deepwork_retry_outbox (project_id, task_id, attempt, state, available_at, "
