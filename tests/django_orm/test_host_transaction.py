@@ -8,10 +8,14 @@ block was still open and what another connection (another thread's) saw.
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 
 import pytest
+from conftest import empty
 from django.contrib.auth.models import Group
 from django.db import connections, transaction
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deepwork_retry import (
     ExecutorService,
@@ -161,3 +165,96 @@ def test_outside_a_host_transaction_the_dispatch_is_at_once(storage: DjangoStora
     assert [("p", "t", 2)] == dispatcher.keys
     assert [False] == dispatcher.in_block
     assert "delivered" == storage.dispatches("p", "t")[-1].state.value
+
+
+def test_two_host_blocks_retrying_one_task_apply_it_once(storage: DjangoStorage) -> None:
+    """Two host blocks on two threads retry one task at once: exactly one retry applies;
+    the other is refused by the rules once the first has committed, and its host's own
+    row still commits."""
+    blocked_task(storage)
+    dispatcher = Watching(storage)
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def host(name: str) -> None:
+        service = RetryService(storage, dispatcher)
+        try:
+            barrier.wait(30)  # (inside the blocks, SQLite's hosts would wait for each other)
+            with transaction.atomic(using=storage.using):
+                Group.objects.using(storage.using).create(name=name)
+                try:
+                    service.retry("p", "t", actor=name)
+                    outcomes[name] = "retried"
+                except TaskNotBlocked:
+                    outcomes[name] = "refused"
+        finally:
+            connections[storage.using].close()
+
+    threads = [threading.Thread(target=host, args=(name,)) for name in ("h1", "h2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert ["refused", "retried"] == sorted(outcomes.values())
+    assert {"h1", "h2"} == set(Group.objects.using(storage.using).values_list("name", flat=True))
+    _, task = storage.load("p", "t")
+    assert (1, 2) == (task.retry_count, task.attempt)
+    assert [("p", "t", 2)] == dispatcher.keys
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_each_retry_is_dispatched_once_after_its_commit_and_only_then(
+    storage: DjangoStorage, steps: list[tuple[str, bool, bool]]
+) -> None:
+    """For any sequence of host blocks (each retrying one task, then committing or rolling
+    back, some nested in an outer block): a retry is dispatched once, after its commit,
+    exactly when its block committed; a rolled-back retry leaves the task blocked."""
+    empty(storage.using)
+    Group.objects.using(storage.using).all().delete()
+    blocked_task(storage, "p", "a")
+    executor = ExecutorService(storage)
+    for tid in ("b", "c"):
+        executor.add_task("p", tid, max_retries=0)
+        executor.assign("p", tid)
+        executor.start("p", tid, token=1)
+        executor.fail("p", tid, 1, TaskError(type="Timeout", message="timed out"))
+    dispatcher = Watching(storage)
+    service = RetryService(storage, dispatcher)
+    retried: set[str] = set()
+    expected: list[tuple[str, str, int]] = []
+
+    class Abandoned(Exception):
+        pass
+
+    for step, (tid, commit, nested) in enumerate(steps):
+        try:
+            with transaction.atomic(using=storage.using):
+                Group.objects.using(storage.using).create(name=f"outer-{step}")
+                inner = transaction.atomic(using=storage.using) if nested else nullcontext()
+                with inner:
+                    try:
+                        service.retry("p", tid)
+                    except TaskNotBlocked:
+                        assert tid in retried
+                    assert [] == dispatcher.in_block[len(expected) :]
+                    if not commit:
+                        raise Abandoned
+        except Abandoned:
+            pass
+        if commit and tid not in retried:
+            retried.add(tid)
+            expected.append(("p", tid, 2))
+        assert expected == dispatcher.keys
+        assert all(seen == "assigned" for seen in dispatcher.seen)
+        for one in ("a", "b", "c"):
+            status = storage.load("p", one)[1].status.value
+            assert ("assigned" if one in retried else "blocked") == status
