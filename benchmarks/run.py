@@ -10,11 +10,12 @@ missed target is a row marked ``no``, a comparison that cannot run here is a
 row marked ``unavailable: <reason>``.
 
 NAMES: memory, sqlite, sqlite-scale, postgres, postgres-scale, concurrency,
-http, pocketpaw, procrastinate.
+http, pocketpaw, procrastinate, django.
 
 PostgreSQL: ``$DEEPWORK_BENCH_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); the benchmarks create and drop
-schemas named ``bench_*`` and the database ``bench_procrastinate``. The peers
+schemas named ``bench_*`` and the databases ``bench_procrastinate`` and
+``bench_django_*``. The peers
 are installed into ``benchmarks/.peers/`` on first use and ``wrk`` with
 apt-get when it is missing.
 """
@@ -38,6 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import _peers  # noqa: E402
+import suite_django  # noqa: E402
 import suite_http  # noqa: E402
 import suite_local  # noqa: E402
 import suite_pg  # noqa: E402
@@ -53,6 +55,7 @@ NAMES = (
     "http",
     "pocketpaw",
     "procrastinate",
+    "django",
 )
 
 
@@ -71,6 +74,7 @@ class Plan:
             self.http = (4, 2.0, 16)
             self.pocketpaw = (4, 2.0, 16, 300)
             self.procrastinate = (6, 100)
+            self.django = (6, 100)
         else:
             self.memory = (20, 5000)
             self.sqlite = (20, 500)
@@ -81,6 +85,7 @@ class Plan:
             self.http = (10, 4.0, 16)
             self.pocketpaw = (6, 4.0, 16, 500)
             self.procrastinate = (20, 200)
+            self.django = (20, 200)
 
 
 def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callable[[], list[Row]]]]:
@@ -108,6 +113,7 @@ def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callab
             "procrastinate",
             lambda: suite_pg.procrastinate(*p.procrastinate, _peers.ensure("procrastinate"), logs),
         ),
+        ("django", lambda: suite_django.django_orm(*p.django, scratch)),
     ]
 
 

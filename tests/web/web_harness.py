@@ -247,25 +247,10 @@ def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
 
 
 def configure_django() -> None:
-    import django
-    from django.conf import settings
+    """Django for this process: one configuration shared with the Django ORM tests."""
+    from django_support import configure
 
-    if not settings.configured:
-        settings.configure(
-            DEBUG=False,
-            SECRET_KEY="tests-only-not-a-secret",
-            ALLOWED_HOSTS=["127.0.0.1", "localhost", "testserver"],
-            ROOT_URLCONF="deepwork_retry.web.django.urls",
-            INSTALLED_APPS=["deepwork_retry.web.django"],
-            MIDDLEWARE=[
-                "django.middleware.common.CommonMiddleware",
-                "django.middleware.csrf.CsrfViewMiddleware",
-            ],
-            DATABASES={},
-            USE_TZ=True,
-            DEEPWORK_RETRY={"PREFIX": PREFIX},
-        )
-        django.setup()
+    configure()
 
 
 def serve_django() -> tuple[str, Callable[[], None]]:
