@@ -99,3 +99,18 @@ def configure() -> None:
         DEEPWORK_RETRY={"PREFIX": PREFIX},
     )
     django.setup()
+
+
+def empty(alias: str) -> None:
+    """Remove every row of the storage's tables on ``alias`` (after :func:`configure`)."""
+    from deepwork_retry.web.django import models
+
+    for model in (
+        models.Attempt,
+        models.OutboxEntry,
+        models.TaskDependency,
+        models.IdempotencyRecord,
+        models.Task,
+        models.Project,
+    ):
+        model.objects.using(alias).all().delete()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from django_support import PG_ALIAS, PG_DATABASE, configure
+from django_support import PG_ALIAS, PG_DATABASE, configure, empty
 from psycopg import sql
 
 configure()
@@ -19,18 +19,9 @@ configure()
 from django.core.management import call_command  # noqa: E402 - after configure()
 from django.db import connections  # noqa: E402
 
-from deepwork_retry.web.django import models  # noqa: E402
 from deepwork_retry.web.django.storage import DjangoStorage  # noqa: E402
 
 ALIASES = ["default", PG_ALIAS]
-_TABLES = (
-    models.Attempt,
-    models.OutboxEntry,
-    models.TaskDependency,
-    models.IdempotencyRecord,
-    models.Task,
-    models.Project,
-)
 _migrated: set[str] = set()
 
 
@@ -64,12 +55,6 @@ def django_pg(postgres_dsn: str) -> Iterator[str]:
                     sql.Identifier(PG_DATABASE)
                 )
             )
-
-
-def empty(alias: str) -> None:
-    """Remove every row of the storage's tables on ``alias``."""
-    for model in _TABLES:
-        model.objects.using(alias).all().delete()
 
 
 @pytest.fixture(params=ALIASES)

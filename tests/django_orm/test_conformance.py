@@ -7,8 +7,8 @@ import functools
 from typing import Any
 
 import pytest
-from conftest import empty
 from django.db import transaction
+from django_support import empty
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 

@@ -11,9 +11,9 @@ import threading
 from contextlib import nullcontext
 
 import pytest
-from conftest import empty
 from django.contrib.auth.models import Group
 from django.db import connections, transaction
+from django_support import empty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
