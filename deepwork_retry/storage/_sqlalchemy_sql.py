@@ -1,0 +1,277 @@
+"""The SQL engine on a SQLAlchemy connection: the executor, the dialect of each database
+and the schema's migrations.
+
+Sync code only: the sync storage calls it on its ``Connection``, the async one
+through ``AsyncConnection.run_sync``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from sqlalchemy.engine import Connection, Engine
+
+from deepwork_retry.exceptions import StorageCorrupt, StorageMissing
+from deepwork_retry.storage._sql import common
+from deepwork_retry.storage._sql.dialect import Dialect, translate
+from deepwork_retry.storage._sql.engine import Engine as SQLEngine
+from deepwork_retry.storage._sql.engine import Result
+from deepwork_retry.storage._sql.mysql import MySQLDialect
+from deepwork_retry.storage._sqlalchemy_tx import Kind, begin, kind_of
+from deepwork_retry.storage.sqlite import APPLICATION_ID
+
+__all__ = ["Bound", "Refused", "bound_to", "check_schema", "migrate_schema"]
+
+
+class Refused(Exception):
+    """The one-step retry changed nothing it may keep: its transaction is rolled back."""
+
+
+class Executor:
+    """The engine's executor over ``Connection.exec_driver_sql`` (the driver's paramstyle)."""
+
+    __slots__ = ("_conn", "_dialect", "_format")
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self._format = dialect.paramstyle == "format"
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Result:
+        if not parameters:
+            # Without parameters the driver does not format the text: undo the doubling.
+            return self._conn.exec_driver_sql(sql.replace("%%", "%") if self._format else sql)
+        if self._format:
+            parameters = self._dialect.bind(sql, parameters)
+        return self._conn.exec_driver_sql(sql, tuple(parameters))
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
+        bind = self._dialect.bind
+        rows = [tuple(bind(sql, row)) for row in parameters]
+        return self._conn.exec_driver_sql(sql, rows) if rows else None
+
+
+_ENGINES: dict[Kind, SQLEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _sql_engine(kind: Kind) -> SQLEngine:
+    """The SQL engine of ``kind`` (its statements rendered once per process)."""
+    with _ENGINES_LOCK:
+        if kind not in _ENGINES:
+            _ENGINES[kind] = SQLEngine(MySQLDialect() if kind == "mysql" else Dialect())
+        return _ENGINES[kind]
+
+
+@attrs.define(eq=False)
+class Bound:
+    """The SQL engine for one SQLAlchemy engine's database."""
+
+    kind: Kind
+    engine: SQLEngine
+    where: str
+    """The database, for messages (its URL without the password)."""
+    schema_ok: bool = False
+    """The schema was found migrated (or migrated) once: later storages skip the check."""
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.engine.dialect
+
+    def call(
+        self,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        conn: Connection,
+    ) -> Any:
+        """``op(executor, *args, **kwargs)`` on ``conn`` (in the transaction open there)."""
+        return op(Executor(conn, self.dialect), *args, **kwargs)
+
+    def one_step(self, ex: Executor, *args: Any, **kwargs: Any) -> Any:
+        """The engine's one-step retry; :class:`Refused` (rolling back) instead of ``None``."""
+        applied = self.engine.retry_blocked(ex, *args, **kwargs)
+        if applied is None:
+            raise Refused
+        return applied
+
+    @staticmethod
+    def rowcount(ex: Executor, statement: str, params: Sequence[Any]) -> int:
+        return ex.execute(statement, params).rowcount
+
+    def translated(self, exc: BaseException) -> Exception:
+        return translate(self.dialect, exc, where=self.where)
+
+
+_BOUND: weakref.WeakKeyDictionary[Engine, Bound] = weakref.WeakKeyDictionary()
+
+
+def bound_to(engine: Engine) -> Bound:
+    """The :class:`Bound` of ``engine`` (one per engine; ``InvalidInput`` for a database
+    the storage does not support)."""
+    with _ENGINES_LOCK:
+        found = _BOUND.get(engine)
+    if found is None:
+        kind = kind_of(engine)
+        found = Bound(
+            kind=kind,
+            engine=_sql_engine(kind),
+            where=repr(engine.url.render_as_string(hide_password=True)),
+        )
+        with _ENGINES_LOCK:
+            found = _BOUND.setdefault(engine, found)
+    return found
+
+
+# -- migrations -------------------------------------------------------------------------
+
+
+def statements(script: str) -> list[str]:
+    """The statements of a migration file (each ends with ``;`` at the end of a line)."""
+    out, pending = [], []
+    for line in script.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        pending.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(pending).strip().removesuffix(";"))
+            pending = []
+    if "".join(pending).strip():
+        raise StorageCorrupt(f"incomplete SQL statement in a migration: {pending!r}")
+    return out
+
+
+def migrate_schema(conn: Connection, bound: Bound) -> list[int]:
+    """Apply the pending migrations; the numbers applied."""
+    if bound.schema_ok:
+        return []
+    applied = _SCHEMA[bound.kind](conn, bound, True)
+    bound.schema_ok = True
+    return applied
+
+
+def check_schema(conn: Connection, bound: Bound) -> None:
+    """``StorageMissing`` unless every migration is applied (nothing is created)."""
+    if not bound.schema_ok:
+        _SCHEMA[bound.kind](conn, bound, False)
+        bound.schema_ok = True
+
+
+def _missing(bound: Bound, pending: Sequence[common.Migration], none: bool) -> StorageMissing:
+    lacks = "has no deepwork_retry schema" if none else (
+        f"lacks schema migrations {', '.join(m.file for m in pending)}"
+    )  # fmt: skip
+    return StorageMissing(
+        f"{bound.dialect.title} database {bound.where} {lacks}; run the storage with "
+        "migrate=True, or deepwork_retry.storage.sqlalchemy.migrate()"
+    )
+
+
+def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
+    """SQLite's migrations exactly as :class:`~deepwork_retry.storage.sqlite.SQLiteStorage`
+    applies them (``PRAGMA user_version``, ``application_id``), so one file serves
+    both; the host's own tables may share the file."""
+    shipped = common.migrations("sqlite")
+    latest = shipped[-1].number if shipped else 0
+    try:
+        begin(conn, "sqlite", write=apply)
+        app_id = conn.exec_driver_sql("PRAGMA application_id").scalar()
+        version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+        if app_id not in (0, APPLICATION_ID):
+            raise StorageCorrupt(
+                f"SQLite database {bound.where} belongs to another application "
+                f"(application_id {app_id}); deepwork_retry will not use or change it"
+            )
+        if version > latest:
+            raise StorageCorrupt(
+                f"SQLite database {bound.where} has schema version {version}, newer than "
+                f"this deepwork_retry knows ({latest}); upgrade deepwork_retry"
+            )
+        pending = common.pending(shipped, range(version + 1))
+        if pending and not apply:
+            raise _missing(bound, pending, version == 0)
+        for migration in pending:
+            for statement in statements(migration.text):
+                conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(f"PRAGMA user_version = {int(migration.number)}")
+        if pending:
+            conn.exec_driver_sql(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction():
+            conn.rollback()
+        raise
+    return [m.number for m in pending]
+
+
+_MYSQL_LOCK = "deepwork_retry.migrate"
+_MYSQL_RECORD = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (number INT NOT NULL PRIMARY KEY, "
+    "name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB"
+)
+
+
+def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
+    """MySQL's migrations, recorded in ``schema_migrations`` and applied under a named
+    lock, so several processes may migrate at once. MySQL commits each DDL statement
+    at once: each migration is recorded as soon as it is applied."""
+    shipped = common.migrations("mysql")
+    if not apply:
+        exists = conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+        ).scalar()
+        done = (
+            {int(n) for n in conn.exec_driver_sql("SELECT number FROM schema_migrations").scalars()}
+            if exists
+            else set()
+        )
+        conn.rollback()
+        _check_newer(bound, shipped, done)
+        pending = common.pending(shipped, done)
+        if pending:
+            raise _missing(bound, pending, not done)
+        return []
+    if not conn.exec_driver_sql("SELECT GET_LOCK(%s, 60)", (_MYSQL_LOCK,)).scalar():
+        raise StorageCorrupt(f"MySQL database {bound.where}: another migration holds the lock")
+    try:
+        conn.exec_driver_sql(_MYSQL_RECORD)
+        done = {
+            int(n) for n in conn.exec_driver_sql("SELECT number FROM schema_migrations").scalars()
+        }
+        _check_newer(bound, shipped, done)
+        pending = common.pending(shipped, done)
+        for migration in pending:
+            for statement in statements(migration.text):
+                conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(
+                "INSERT INTO schema_migrations (number, name, applied_at) VALUES (%s, %s, %s)",
+                (migration.number, migration.name, int(time.time() * 1_000_000)),
+            )
+            conn.commit()
+    finally:
+        conn.rollback()
+        conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (_MYSQL_LOCK,))
+        conn.commit()
+    return [m.number for m in pending]
+
+
+def _check_newer(bound: Bound, shipped: Sequence[common.Migration], done: set[int]) -> None:
+    latest = shipped[-1].number if shipped else 0
+    newer = sorted(n for n in done if n > latest)
+    if newer:
+        raise StorageCorrupt(
+            f"MySQL database {bound.where} has schema migrations {newer}, newer than this "
+            f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
+        )
+
+
+_SCHEMA: dict[str, Callable[[Connection, Bound, bool], list[int]]] = {
+    "sqlite": _sqlite,
+    "mysql": _mysql,
+}
