@@ -35,7 +35,7 @@ from deepwork_retry._core import decide, effects
 from deepwork_retry._core.model import Attempt, DispatchEntry, evolve_task
 from deepwork_retry._core.states import DispatchState, RetryBudget, Trigger
 from deepwork_retry.storage import sqlite as sqlite_storage
-from deepwork_retry.storage._sql import common
+from deepwork_retry.storage._sql import common, statements
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.storage.sqlite import SQLiteStorage
 
@@ -204,9 +204,9 @@ class LibraryStatements:
         self.conn.execute(f"PRAGMA synchronous = {synchronous}")
         self.conn.execute("PRAGMA busy_timeout = 5000")
         # The library's own statements, rendered from the core's description of the move.
-        self.statements = sqlite_storage._render_retry(effects.MANUAL_RETRY)
+        self.statements = sqlite_storage._ENGINE.retry_sql(effects.MANUAL_RETRY)
         read_back = common.read_back(effects.MANUAL_RETRY)
-        self.attempt_at = 1 + len(sqlite_storage._COUNTERS) + read_back.index("attempt")
+        self.attempt_at = 1 + len(statements.COUNTERS) + read_back.index("attempt")
 
     def retry(self, pid: str, tid: str) -> None:
         r = self.statements

@@ -14,11 +14,11 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import psycopg
-from psycopg import errors, sql
+from psycopg import sql
 
 from deepwork_retry._core import effects, machine, retention
 from deepwork_retry._core.model import (
@@ -53,6 +53,7 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.storage._sql import common
+from deepwork_retry.storage._sql.dialect import Dialect, Kind
 
 DEFAULT_SCHEMA = "deepwork"
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,49}")
@@ -146,31 +147,68 @@ class DriverErrors:
 
     def translate(self, exc: Exception) -> DeepworkError | None:
         """The library error for ``exc``, or ``None`` to let it through."""
-        if isinstance(exc, (errors.SerializationFailure, errors.DeadlockDetected)):
+        kind = POSTGRES.classify(exc)
+        if kind is Kind.BUSY:
             if self._conflict is not None:
                 return self._conflict()
             return StorageUnavailable(
                 "PostgreSQL aborted the transaction to resolve a conflict; try again",
                 retry_after=1,
             )
-        if isinstance(exc, errors.QueryCanceled):
+        if kind is Kind.TIMEOUT:
             return StorageUnavailable("PostgreSQL did not answer in time", retry_after=1)
-        if isinstance(exc, (errors.UndefinedTable, errors.InvalidSchemaName)):
+        if kind is Kind.SCHEMA:
             return StorageCorrupt(
                 f"The PostgreSQL schema is missing or out of date ({_first_line(exc)}); "
                 "run: deepwork-retry migrate"
             )
-        if isinstance(exc, errors.UniqueViolation):
+        if kind is Kind.CONFLICT:
             return AlreadyExists("A row with this key exists already")
-        if isinstance(exc, (errors.IntegrityError, errors.DataError)):
+        if kind is Kind.INVALID:
             return InvalidInput(f"PostgreSQL cannot store this value: {_first_line(exc)}")
         if isinstance(exc, UnicodeEncodeError):
             return InvalidInput("text must be valid Unicode (no lone surrogates)")
-        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        if kind is Kind.UNAVAILABLE:
             return StorageUnavailable(
                 f"PostgreSQL is unavailable: {_first_line(exc)}", retry_after=1
             )
         return None
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL's error table, in the shape every SQL storage shares (its statements
+    are its own: one-round-trip CTEs, below)."""
+
+    name = "postgres"
+    title = "PostgreSQL"
+    errors: ClassVar[dict[int | str, Kind]] = {
+        "40001": Kind.BUSY,  # serialization_failure
+        "40P01": Kind.BUSY,  # deadlock_detected
+        "57014": Kind.TIMEOUT,  # query_canceled
+        "42P01": Kind.SCHEMA,  # undefined_table
+        "3F000": Kind.SCHEMA,  # invalid_schema_name
+        "23505": Kind.CONFLICT,  # unique_violation
+        "23": Kind.INVALID,  # integrity_constraint_violation (the class)
+        "22": Kind.INVALID,  # data_exception (the class)
+    }
+
+    def error_code(self, exc: BaseException) -> int | str | None:
+        return getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
+
+    def classify(self, exc: BaseException) -> Kind | None:
+        code = self.error_code(exc)
+        if isinstance(code, str):
+            kind = self.errors.get(code) or self.errors.get(code[:2])
+            if kind is not None:
+                return kind
+        if isinstance(exc, (psycopg.IntegrityError, psycopg.DataError)):
+            return Kind.INVALID  # raised by the driver itself (a NUL in text), no SQLSTATE
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return Kind.UNAVAILABLE
+        return None
+
+
+POSTGRES = PostgresDialect()
 
 
 def open_async_now(opener: Callable[[], Awaitable[None]]) -> None:
