@@ -187,8 +187,9 @@ class AsyncSQLAlchemyStorage:
     ) -> list[Task]:
         check_limit(limit)
         return await self._read(
-            self._bound.engine.list_tasks, project_id, status=status, after=after, limit=limit
-        )
+            self._bound.engine.list_tasks, project_id, status=status, after=after, limit=limit,
+            after_bound=self._bound.after_bound,
+        )  # fmt: skip
 
     async def progress(self, project_id: str) -> Progress:
         return await self._read(self._bound.engine.progress, project_id)

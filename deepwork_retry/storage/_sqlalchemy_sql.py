@@ -7,25 +7,29 @@ through ``AsyncConnection.run_sync``.
 
 from __future__ import annotations
 
+import re
 import threading
-import time
 import weakref
+from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 from sqlalchemy.engine import Connection, Engine
 
-from deepwork_retry.exceptions import StorageCorrupt, StorageMissing
+from deepwork_retry.exceptions import StorageCorrupt, StorageMissing, StorageUnavailable
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.dialect import Dialect, translate
 from deepwork_retry.storage._sql.engine import Engine as SQLEngine
-from deepwork_retry.storage._sql.engine import Result
+from deepwork_retry.storage._sql.engine import Result, split_script
 from deepwork_retry.storage._sql.mysql import MySQLDialect
 from deepwork_retry.storage._sqlalchemy_tx import Kind, begin, kind_of
-from deepwork_retry.storage.sqlite import APPLICATION_ID
+from deepwork_retry.storage.sqlite import APPLICATION_ID, SQLITE
 
 __all__ = ["Bound", "Refused", "bound_to", "check_schema", "migrate_schema"]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Refused(Exception):
@@ -64,7 +68,7 @@ def _sql_engine(kind: Kind) -> SQLEngine:
     """The SQL engine of ``kind`` (its statements rendered once per process)."""
     with _ENGINES_LOCK:
         if kind not in _ENGINES:
-            _ENGINES[kind] = SQLEngine(MySQLDialect() if kind == "mysql" else Dialect())
+            _ENGINES[kind] = SQLEngine(MySQLDialect() if kind == "mysql" else SQLITE)
         return _ENGINES[kind]
 
 
@@ -101,6 +105,12 @@ class Bound:
         return applied
 
     @staticmethod
+    def after_bound(after: str) -> tuple[str, str]:
+        """``id > after`` as the database can compare it: no stored id holds a lone
+        surrogate (see :func:`common.after_bound`)."""
+        return common.after_bound(after, _SURROGATE) if isinstance(after, str) else (">", after)
+
+    @staticmethod
     def rowcount(ex: Executor, statement: str, params: Sequence[Any]) -> int:
         return ex.execute(statement, params).rowcount
 
@@ -129,21 +139,6 @@ def bound_to(engine: Engine) -> Bound:
 
 
 # -- migrations -------------------------------------------------------------------------
-
-
-def statements(script: str) -> list[str]:
-    """The statements of a migration file (each ends with ``;`` at the end of a line)."""
-    out, pending = [], []
-    for line in script.splitlines():
-        if line.strip().startswith("--"):
-            continue
-        pending.append(line)
-        if line.rstrip().endswith(";"):
-            out.append("\n".join(pending).strip().removesuffix(";"))
-            pending = []
-    if "".join(pending).strip():
-        raise StorageCorrupt(f"incomplete SQL statement in a migration: {pending!r}")
-    return out
 
 
 def migrate_schema(conn: Connection, bound: Bound) -> list[int]:
@@ -196,7 +191,7 @@ def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
         if pending and not apply:
             raise _missing(bound, pending, version == 0)
         for migration in pending:
-            for statement in statements(migration.text):
+            for statement in split_script(migration.text):
                 conn.exec_driver_sql(statement)
             conn.exec_driver_sql(f"PRAGMA user_version = {int(migration.number)}")
         if pending:
@@ -209,66 +204,41 @@ def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
     return [m.number for m in pending]
 
 
-_MYSQL_LOCK = "deepwork_retry.migrate"
-_MYSQL_RECORD = (
-    "CREATE TABLE IF NOT EXISTS schema_migrations (number INT NOT NULL PRIMARY KEY, "
-    "name VARCHAR(255) NOT NULL, applied_at BIGINT NOT NULL) ENGINE = InnoDB"
-)
+_MYSQL_LOCK = "deepwork_retry_migrate"
 
 
 def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
-    """MySQL's migrations, recorded in ``schema_migrations`` and applied under a named
-    lock, so several processes may migrate at once. MySQL commits each DDL statement
-    at once: each migration is recorded as soon as it is applied."""
-    shipped = common.migrations("mysql")
+    """MySQL's migrations by the engine's shared runner (recorded in
+    ``schema_migrations``), under a named lock, so several processes may migrate at
+    once. MySQL commits each DDL statement by itself: a failed run resumes at the
+    migration that failed."""
+    ex = Executor(conn, bound.dialect)
     if not apply:
         exists = conn.exec_driver_sql(
             "SELECT COUNT(*) FROM information_schema.tables "
             "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
         ).scalar()
-        done = (
-            {int(n) for n in conn.exec_driver_sql("SELECT number FROM schema_migrations").scalars()}
-            if exists
-            else set()
-        )
+        pending = bound.engine.pending_migrations(ex) if exists else list(_shipped(bound))
         conn.rollback()
-        _check_newer(bound, shipped, done)
-        pending = common.pending(shipped, done)
         if pending:
-            raise _missing(bound, pending, not done)
+            raise _missing(bound, pending, not exists)
         return []
     if not conn.exec_driver_sql("SELECT GET_LOCK(%s, 60)", (_MYSQL_LOCK,)).scalar():
-        raise StorageCorrupt(f"MySQL database {bound.where}: another migration holds the lock")
+        raise StorageUnavailable(
+            f"MySQL database {bound.where}: another process is migrating it (waited 60s)"
+        )
     try:
-        conn.exec_driver_sql(_MYSQL_RECORD)
-        done = {
-            int(n) for n in conn.exec_driver_sql("SELECT number FROM schema_migrations").scalars()
-        }
-        _check_newer(bound, shipped, done)
-        pending = common.pending(shipped, done)
-        for migration in pending:
-            for statement in statements(migration.text):
-                conn.exec_driver_sql(statement)
-            conn.exec_driver_sql(
-                "INSERT INTO schema_migrations (number, name, applied_at) VALUES (%s, %s, %s)",
-                (migration.number, migration.name, int(time.time() * 1_000_000)),
-            )
-            conn.commit()
+        applied = bound.engine.migrate(ex, now=datetime.now(timezone.utc))
+        conn.commit()
     finally:
         conn.rollback()
         conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (_MYSQL_LOCK,))
         conn.commit()
-    return [m.number for m in pending]
+    return applied
 
 
-def _check_newer(bound: Bound, shipped: Sequence[common.Migration], done: set[int]) -> None:
-    latest = shipped[-1].number if shipped else 0
-    newer = sorted(n for n in done if n > latest)
-    if newer:
-        raise StorageCorrupt(
-            f"MySQL database {bound.where} has schema migrations {newer}, newer than this "
-            f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
-        )
+def _shipped(bound: Bound) -> tuple[common.Migration, ...]:
+    return common.migrations(bound.dialect.name)
 
 
 _SCHEMA: dict[str, Callable[[Connection, Bound, bool], list[int]]] = {

@@ -188,8 +188,9 @@ class SQLAlchemyStorage:
     ) -> list[Task]:
         check_limit(limit)
         return self._read(
-            self._bound.engine.list_tasks, project_id, status=status, after=after, limit=limit
-        )
+            self._bound.engine.list_tasks, project_id, status=status, after=after, limit=limit,
+            after_bound=self._bound.after_bound,
+        )  # fmt: skip
 
     def progress(self, project_id: str) -> Progress:
         return self._read(self._bound.engine.progress, project_id)

@@ -27,8 +27,8 @@ from deepwork_retry.storage._sql.statements import Statements
 
 __all__ = ["MySQLDialect"]
 
-_KEY = re.compile(r"'(?:[^']|'')*'|\bkey\b")
-"""A quoted literal (kept whole) or the column ``key``."""
+_KEY = re.compile(r"'(?:[^']|'')*'|`[^`]*`|\bkey\b")
+"""A quoted literal or name (kept whole), or the column ``key``."""
 _NEXT = re.compile(r"\(SELECT pending_seq FROM outbox (.*?) LIMIT 1\)")
 """The last pending position, read inside an ``INSERT INTO outbox``."""
 
@@ -55,8 +55,9 @@ class MySQLDialect(Dialect):
     lock: ClassVar[str] = " FOR UPDATE"
     returning: ClassVar[bool] = False
     conditional_upsert: ClassVar[bool] = False
+    sequential_set: ClassVar[bool] = True
     from_nothing: ClassVar[str] = " FROM DUAL"
-    errors: ClassVar[Mapping[int, Kind]] = {
+    errors: ClassVar[Mapping[int | str, Kind]] = {
         1205: Kind.BUSY,  # ER_LOCK_WAIT_TIMEOUT
         1213: Kind.BUSY,  # ER_LOCK_DEADLOCK
         1062: Kind.CONFLICT,  # ER_DUP_ENTRY
