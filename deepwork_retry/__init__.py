@@ -71,9 +71,11 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import (
     AsyncDispatcher,
+    AsyncJoinsHostTransaction,
     AsyncStorage,
     Clock,
     Dispatcher,
+    JoinsHostTransaction,
     Storage,
     SystemClock,
 )
@@ -136,6 +138,8 @@ __all__ = [
     "AsyncStorage",
     "Dispatcher",
     "AsyncDispatcher",
+    "JoinsHostTransaction",
+    "AsyncJoinsHostTransaction",
     "Clock",
     "SystemClock",
     # errors

@@ -7,7 +7,7 @@ conformance suite (:mod:`deepwork_retry.testing`) checks a Storage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Protocol, runtime_checkable
 
@@ -312,6 +312,41 @@ class AsyncRetryInOneStep(Protocol):
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
     ) -> Applied | None: ...
+
+
+@runtime_checkable
+class JoinsHostTransaction(Protocol):
+    """Optional storage capability: its calls run inside a transaction that the host owns.
+
+    A storage built on the host application's own connection (or session)
+    writes the retry, its attempt record, its outbox entry and its
+    idempotency record in the host's current transaction, so they commit or
+    roll back with the host's own writes; it never commits or rolls back the
+    host's transaction itself. A call that fails leaves the host's
+    transaction usable (the storage wraps each call in a savepoint).
+
+    The services see this capability and hand nothing to the dispatcher
+    before the host commits: the delivery is registered with
+    :meth:`after_commit` and the answer reports the dispatch ``pending``.
+    If the host rolls back, nothing of the retry remains and nothing is
+    dispatched; the delivery's bookkeeping runs afterwards in a short
+    transaction of the storage's own.
+    """
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the host's current transaction commits, and never
+        if it rolls back; at once when no host transaction is open."""
+        ...
+
+
+@runtime_checkable
+class AsyncJoinsHostTransaction(Protocol):
+    """:class:`JoinsHostTransaction` for an :class:`AsyncStorage`."""
+
+    def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """As :meth:`JoinsHostTransaction.after_commit`; the storage schedules the
+        coroutine on the running loop (it is not awaited by the caller)."""
+        ...
 
 
 @runtime_checkable

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 ASYNCHRONOUS = True
 """Whether the services built on this module await their storage and dispatcher."""
 
 Event = asyncio.Event
+
+Lock = asyncio.Lock
+"""Held across the awaits of one storage call on a shared connection."""
+
+_STARTED: set[asyncio.Task[None]] = set()
+"""Tasks of :func:`start_soon` still running (the loop keeps only weak references)."""
 
 
 async def wait_or_stop(stop: Event, timeout: float) -> bool:
@@ -17,3 +24,14 @@ async def wait_or_stop(stop: Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+def start_soon(call: Callable[[], Awaitable[None]]) -> None:
+    """Run ``call()`` on the running loop without waiting for it."""
+
+    async def run() -> None:
+        await call()
+
+    task = asyncio.get_running_loop().create_task(run())
+    _STARTED.add(task)
+    task.add_done_callback(_STARTED.discard)

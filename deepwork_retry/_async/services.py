@@ -51,6 +51,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import (
     AsyncDispatcher,
+    AsyncJoinsHostTransaction,
     AsyncRetryInOneStep,
     AsyncStorage,
     Clock,
@@ -131,6 +132,7 @@ class _AsyncShell:
         self.claim_timeout = claim_timeout
         self.max_conflicts = max_conflicts
         self._one_step: tuple[object, AsyncRetryInOneStep | None] = (None, None)
+        self._joined: tuple[object, AsyncJoinsHostTransaction | None] = (None, None)
 
     def _one_step_storage(self) -> AsyncRetryInOneStep | None:
         """``storage`` when it retries in one step; the (slow) protocol check runs once."""
@@ -140,6 +142,15 @@ class _AsyncShell:
             capable = storage if isinstance(storage, AsyncRetryInOneStep) else None
             self._one_step = (storage, capable)
         return capable
+
+    def _host_transaction(self) -> AsyncJoinsHostTransaction | None:
+        """``storage`` when it joins the host's transaction; the protocol check runs once."""
+        seen, joined = self._joined
+        if seen is not self.storage:
+            storage = self.storage
+            joined = storage if isinstance(storage, AsyncJoinsHostTransaction) else None
+            self._joined = (storage, joined)
+        return joined
 
     def _claim(self, now: datetime) -> datetime | None:
         # Without a dispatcher nothing is delivered here: leave entries unclaimed
@@ -181,6 +192,28 @@ class _AsyncShell:
                 exc_info=True,
             )
         return results
+
+    async def _deliver_committed(
+        self, entries: Sequence[DispatchEntry]
+    ) -> dict[tuple[str, int], str | None]:
+        """:meth:`_deliver` once what made ``entries`` pending has committed.
+
+        On a storage that joins the host's transaction the commit is the
+        host's, still to come: the delivery is registered with the storage's
+        ``after_commit`` (so it never happens if the host rolls back), nothing
+        is handed over now, and every entry reports pending. Otherwise the
+        storage has committed already and the entries are delivered at once.
+        """
+        joined = self._host_transaction()
+        if joined is None or self.dispatcher is None or not entries:
+            return await self._deliver(entries)
+        claimed = tuple(entries)
+
+        async def deliver() -> None:
+            await self._deliver(claimed)
+
+        joined.after_commit(deliver)
+        return {}
 
     async def _hand_over(
         self,
@@ -230,9 +263,10 @@ class _AsyncShell:
                 return ()
             status0: DispatchStatus = "deferred" if applied.deferred else "pending"
             return (DispatchOutcome(status=status0, task_id=own.task_id, attempt=own.attempt),)
-        results = await self._deliver(applied.dispatches)
+        results = await self._deliver_committed(applied.dispatches)
         outcomes = [_outcome(results, e.task_id, e.attempt) for e in applied.dispatches]
-        if own is not None and (own.task_id, own.attempt) not in results:
+        listed = {(e.task_id, e.attempt) for e in applied.dispatches}
+        if own is not None and (own.task_id, own.attempt) not in listed:
             status: DispatchStatus = "deferred" if applied.deferred else "pending"
             outcomes.insert(
                 0, DispatchOutcome(status=status, task_id=own.task_id, attempt=own.attempt)
@@ -334,7 +368,7 @@ class AsyncRetryService(_AsyncShell):
         )  # fmt: skip
         if applied is None:
             return None
-        results = await self._deliver(applied.dispatches)
+        results = await self._deliver_committed(applied.dispatches)
         attempt = applied.task.attempt
         if (task_id, attempt) in results:
             dispatch = _outcome(results, task_id, attempt)
@@ -516,7 +550,7 @@ class AsyncExecutorService(_AsyncShell):
             except VersionConflict as exc:
                 conflict = exc
                 continue
-            results = await self._deliver(released)
+            results = await self._deliver_committed(released)
             return project, tuple(_outcome(results, e.task_id, e.attempt) for e in released)
         assert conflict is not None
         raise conflict

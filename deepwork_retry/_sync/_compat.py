@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 ASYNCHRONOUS = False
 """Whether the services built on this module await their storage and dispatcher."""
 
 Event = threading.Event
 
+Lock = threading.Lock
+"""Held across the statements of one storage call on a shared connection."""
+
 
 def wait_or_stop(stop: Event, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds; True when ``stop`` was set."""
     return stop.wait(timeout)
+
+
+def start_soon(call: Callable[[], None]) -> None:
+    """Run ``call()`` now (the async twin schedules it on the running loop)."""
+    call()

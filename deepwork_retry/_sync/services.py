@@ -53,6 +53,7 @@ from deepwork_retry.exceptions import (
 from deepwork_retry.ports import (
     Clock,
     Dispatcher,
+    JoinsHostTransaction,
     RetryInOneStep,
     Storage,
     SystemClock,
@@ -132,6 +133,7 @@ class _Shell:
         self.claim_timeout = claim_timeout
         self.max_conflicts = max_conflicts
         self._one_step: tuple[object, RetryInOneStep | None] = (None, None)
+        self._joined: tuple[object, JoinsHostTransaction | None] = (None, None)
 
     def _one_step_storage(self) -> RetryInOneStep | None:
         """``storage`` when it retries in one step; the (slow) protocol check runs once."""
@@ -141,6 +143,15 @@ class _Shell:
             capable = storage if isinstance(storage, RetryInOneStep) else None
             self._one_step = (storage, capable)
         return capable
+
+    def _host_transaction(self) -> JoinsHostTransaction | None:
+        """``storage`` when it joins the host's transaction; the protocol check runs once."""
+        seen, joined = self._joined
+        if seen is not self.storage:
+            storage = self.storage
+            joined = storage if isinstance(storage, JoinsHostTransaction) else None
+            self._joined = (storage, joined)
+        return joined
 
     def _claim(self, now: datetime) -> datetime | None:
         # Without a dispatcher nothing is delivered here: leave entries unclaimed
@@ -182,6 +193,28 @@ class _Shell:
                 exc_info=True,
             )
         return results
+
+    def _deliver_committed(
+        self, entries: Sequence[DispatchEntry]
+    ) -> dict[tuple[str, int], str | None]:
+        """:meth:`_deliver` once what made ``entries`` pending has committed.
+
+        On a storage that joins the host's transaction the commit is the
+        host's, still to come: the delivery is registered with the storage's
+        ``after_commit`` (so it never happens if the host rolls back), nothing
+        is handed over now, and every entry reports pending. Otherwise the
+        storage has committed already and the entries are delivered at once.
+        """
+        joined = self._host_transaction()
+        if joined is None or self.dispatcher is None or not entries:
+            return self._deliver(entries)
+        claimed = tuple(entries)
+
+        def deliver() -> None:
+            self._deliver(claimed)
+
+        joined.after_commit(deliver)
+        return {}
 
     def _hand_over(
         self,
@@ -231,9 +264,10 @@ class _Shell:
                 return ()
             status0: DispatchStatus = "deferred" if applied.deferred else "pending"
             return (DispatchOutcome(status=status0, task_id=own.task_id, attempt=own.attempt),)
-        results = self._deliver(applied.dispatches)
+        results = self._deliver_committed(applied.dispatches)
         outcomes = [_outcome(results, e.task_id, e.attempt) for e in applied.dispatches]
-        if own is not None and (own.task_id, own.attempt) not in results:
+        listed = {(e.task_id, e.attempt) for e in applied.dispatches}
+        if own is not None and (own.task_id, own.attempt) not in listed:
             status: DispatchStatus = "deferred" if applied.deferred else "pending"
             outcomes.insert(
                 0, DispatchOutcome(status=status, task_id=own.task_id, attempt=own.attempt)
@@ -333,7 +367,7 @@ class RetryService(_Shell):
         )  # fmt: skip
         if applied is None:
             return None
-        results = self._deliver(applied.dispatches)
+        results = self._deliver_committed(applied.dispatches)
         attempt = applied.task.attempt
         if (task_id, attempt) in results:
             dispatch = _outcome(results, task_id, attempt)
@@ -513,7 +547,7 @@ class ExecutorService(_Shell):
             except VersionConflict as exc:
                 conflict = exc
                 continue
-            results = self._deliver(released)
+            results = self._deliver_committed(released)
             return project, tuple(_outcome(results, e.task_id, e.attempt) for e in released)
         assert conflict is not None
         raise conflict

@@ -22,16 +22,20 @@ snapshot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from psycopg import AsyncConnection, AsyncCursor
-from psycopg.rows import TupleRow
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from deepwork_retry._async._compat import Event, Lock, start_soon, wait_or_stop
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -47,6 +51,7 @@ from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry._wiring import not_opened
 from deepwork_retry.exceptions import (
     AlreadyExists,
+    ConfigurationError,
     IdempotencyConflict,
     ProjectNotFound,
     StorageMissing,
@@ -58,6 +63,8 @@ from deepwork_retry.ports import REDELIVERED
 from deepwork_retry.storage import _postgres_sql as q
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._validate import check_new_tasks
+
+log = logging.getLogger("deepwork_retry")
 
 _Conn = AsyncConnection[TupleRow]
 _Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
@@ -180,12 +187,29 @@ class AsyncPostgresStorage:
     def from_pool(cls, pool: _Pool, *, schema: str = q.DEFAULT_SCHEMA) -> AsyncPostgresStorage:
         """A storage over a pool the host opens, configures and closes.
 
-        The pool's connections must be in autocommit mode; the schema must be
-        migrated (:func:`migrate`).
+        Closing the storage leaves the pool open. Each call commits its own
+        work, whether the pool's connections are in autocommit mode or not;
+        to join a transaction of the host, use :meth:`joining` on the
+        connection that holds it. The schema must be migrated (:func:`migrate`).
         """
         storage = cls.__new__(cls)
         storage._setup(pool, schema, owns_pool=False, migrate=False)
         return storage
+
+    @classmethod
+    def joining(
+        cls, connection: AsyncConnection[Any], *, schema: str = q.DEFAULT_SCHEMA
+    ) -> AsyncJoinedPostgresStorage:
+        """A storage on the host's own ``connection``, inside the host's transaction.
+
+        Every call runs on ``connection``: in the host's current transaction
+        when one is open (within a savepoint, so a call that fails leaves the
+        transaction usable), else in a transaction of its own. The storage
+        never commits or rolls back the host's transaction. See
+        :class:`AsyncJoinedPostgresStorage`. The schema must be migrated
+        (:func:`migrate`).
+        """
+        return AsyncJoinedPostgresStorage(connection, schema=schema)
 
     def _setup(self, pool: _Pool, schema: str, *, owns_pool: bool, migrate: bool) -> None:
         self._q = q.Queries(schema)
@@ -464,24 +488,32 @@ class AsyncPostgresStorage:
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
         )  # fmt: skip
-        if not self._opened or self.pool.closed:
-            raise self._unopened()
-        pool = self.pool
         try:
-            # The pool's own context manager and the connection's (a commit
-            # that has nothing to do in autocommit mode) cost more than the
-            # two calls they make.
             async with _DECLINE:
-                conn = await pool.getconn()
-                try:
-                    cur = await _execute_prepared(conn, query, params)
-                    row = await cur.fetchone()
-                finally:
-                    await pool.putconn(conn)
+                row = await self._hot_row(query, params)
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
         return self._q.retried(project_id, task_id, row, now=now, claimed_until=claimed_until)
+
+    async def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
+        """Run the hottest statement (prepared) and return its row."""
+        if not self._opened or self.pool.closed:
+            raise self._unopened()
+        pool = self.pool
+        # The pool's own context manager and the connection's (a commit that
+        # has nothing to do in autocommit mode) cost more than the two calls
+        # they make.
+        conn = await pool.getconn()
+        try:
+            if conn.autocommit:
+                cur = await _execute_prepared(conn, query, params)
+            else:  # a host's pool whose connections open transactions: commit this one
+                async with conn.transaction():
+                    cur = await _execute_prepared(conn, query, params)
+            return await cur.fetchone()
+        finally:
+            await pool.putconn(conn)
 
     async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         query, params = self._q.apply_project(plan)
@@ -611,6 +643,231 @@ class AsyncPostgresStorage:
                 await listener.close()
                 raise
             return notified
+
+
+_SAVEPOINT = b"SAVEPOINT deepwork_retry"
+_RELEASE = b"RELEASE SAVEPOINT deepwork_retry"
+_UNDO = b"ROLLBACK TO SAVEPOINT deepwork_retry"
+_IDLE = TransactionStatus.IDLE
+_OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+
+class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
+    """An :class:`AsyncPostgresStorage` on the host's own psycopg connection.
+
+    Made by :meth:`AsyncPostgresStorage.joining`. Each call runs on the
+    host's connection:
+
+    - while the host's transaction is open, inside it, between a
+      ``SAVEPOINT`` and its release sent together with the statement (one
+      round trip); a call that fails rolls back to its savepoint, so the
+      host's own writes can still commit;
+    - when no transaction is open, in one of its own (an autocommit
+      connection runs the single statements as they are).
+
+    It never commits or rolls back the host's transaction. Deliveries the
+    services register with :meth:`after_commit` run when the host commits
+    through the storage: at the end of the outermost :meth:`transaction`
+    block, or in :meth:`commit`. A transaction committed or rolled back
+    some other way (``conn.commit()``, the connection's own
+    ``transaction()`` block) drops them: nothing is dispatched for it here,
+    and the outbox relay delivers what was committed once its claim lapses.
+
+    Calls are serialised (one at a time on the connection); the connection's
+    row factory is set aside during a call. Expect PostgreSQL's default
+    isolation (read committed) in the host's transaction.
+    """
+
+    def __init__(self, connection: AsyncConnection[Any], *, schema: str = q.DEFAULT_SCHEMA) -> None:
+        if not isinstance(connection, AsyncConnection):
+            raise ConfigurationError(
+                f"{type(self).__name__} needs a psycopg.AsyncConnection,"
+                f" not {type(connection).__name__}"
+            )
+        self._q = q.Queries(schema)
+        self.schema = schema
+        self.connection: _Conn = cast(_Conn, connection)
+        """The host's connection."""
+        self._owns_pool = False
+        self._migrate = False
+        self._opened = True
+        self._closed = False
+        self._listener = None
+        self._lock = Lock()
+        self._pending: list[Callable[[], Awaitable[None]]] = []
+
+    # -- the host's transaction ----------------------------------------------
+    def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` once the host's current transaction commits (see the class);
+        at once (scheduled on the running loop) when no transaction is open."""
+        if self.connection.info.transaction_status == _IDLE:
+            start_soon(callback)
+        else:
+            self._pending.append(callback)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        """The connection's ``transaction()`` block, after which the deliveries registered
+        in it run if it committed the host's transaction.
+
+        Nested in the host's transaction it is a savepoint: rolled back, it
+        drops what was registered inside it; released, its deliveries wait
+        for the enclosing transaction.
+        """
+        conn = self.connection
+        mark = len(self._pending)
+        committed = False
+        try:
+            async with conn.transaction() as tx:
+                yield tx
+            committed = tx.status is tx.Status.COMMITTED
+        finally:
+            if not committed:
+                del self._pending[mark:]
+        if conn.info.transaction_status == _IDLE:
+            await self._run_pending()
+
+    async def commit(self) -> None:
+        """Commit the host's transaction (``connection.commit()``) and run its deliveries."""
+        try:
+            async with q.DriverErrors():
+                await self.connection.commit()
+        except BaseException:
+            self._pending.clear()  # committed or not, the relay sees to it
+            raise
+        await self._run_pending()
+
+    async def rollback(self) -> None:
+        """Roll back the host's transaction (``connection.rollback()``); nothing of it is
+        delivered."""
+        self._pending.clear()
+        async with q.DriverErrors():
+            await self.connection.rollback()
+
+    async def _run_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for callback in pending:
+            try:
+                await callback()
+            except Exception:  # the commit is made: nothing here may make it look undone
+                log.error("a callback after the host's commit failed", exc_info=True)
+
+    def _usable(self) -> _Conn:
+        """The connection, once stale deliveries are dropped; refused when closed."""
+        conn = self.connection
+        if self._closed:
+            raise StorageUnavailable(f"{type(self).__name__} is closed")
+        if conn.closed:
+            raise StorageUnavailable("the host's PostgreSQL connection is closed")
+        if conn.info.transaction_status == TransactionStatus.INERROR:
+            raise StorageUnavailable(
+                "the host's transaction has failed: roll it back before using the storage"
+            )
+        if self._pending and conn.info.transaction_status == _IDLE:
+            log.warning(
+                "the host's transaction ended without the storage; %d deliveries are left"
+                " to the outbox relay",
+                len(self._pending),
+            )
+            self._pending.clear()
+        return conn
+
+    # -- calls on the host's connection ----------------------------------------
+    @asynccontextmanager
+    async def _connection(self, conflict: VersionConflict | None = None) -> AsyncIterator[_Conn]:
+        errors = q.DriverErrors(None if conflict is None else lambda: conflict)
+        async with self._lock, errors:
+            conn = self._usable()
+            rows = conn.row_factory
+            conn.row_factory = tuple_row
+            try:
+                if conn.info.transaction_status not in _OPEN:
+                    async with conn.transaction():
+                        yield conn
+                    return
+                await conn.execute(_SAVEPOINT)
+                try:
+                    yield conn
+                except BaseException:
+                    await _undo(conn)
+                    raise
+                await conn.execute(_RELEASE)
+            finally:
+                conn.row_factory = rows
+
+    async def _statement(
+        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+    ) -> AsyncCursor[TupleRow]:
+        """Run one statement; its cursor, with every row fetched."""
+        errors = q.DriverErrors(None if conflict is None else lambda: conflict)
+        async with self._lock, errors:
+            conn = self._usable()
+            cur = conn.cursor(row_factory=tuple_row)
+            status = conn.info.transaction_status
+            if status not in _OPEN:
+                if conn.autocommit:
+                    return await cur.execute(query, params)  # one statement, one transaction
+                async with conn.transaction():
+                    return await cur.execute(query, params)
+            try:
+                if q.PIPELINE:
+                    async with conn.pipeline():
+                        await _in_savepoint(conn, cur, query, params)
+                else:
+                    await _in_savepoint(conn, cur, query, params)
+            except BaseException:
+                await _undo(conn)
+                raise
+            return cur
+
+    async def _one(
+        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+    ) -> tuple[Any, ...] | None:
+        return await (await self._statement(query, params, conflict)).fetchone()
+
+    async def _write(
+        self, query: bytes, params: Any, conflict: VersionConflict
+    ) -> tuple[Any, ...] | None:
+        return await (await self._statement(query, params, conflict)).fetchone()
+
+    async def _all(self, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        return await (await self._statement(query, params)).fetchall()
+
+    async def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
+        return await (await self._statement(query, params, _declined())).fetchone()
+
+    # -- lifecycle -------------------------------------------------------------
+    async def open(self) -> None:
+        """Nothing to open: the host opened the connection."""
+
+    async def close(self) -> None:
+        """Stop using the host's connection (which stays open)."""
+        self._closed = True
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds and return False: a storage on the host's connection
+        hears no announcements, so a relay on it polls."""
+        await wait_or_stop(Event(), timeout)
+        return False
+
+
+async def _in_savepoint(conn: _Conn, cur: AsyncCursor[TupleRow], query: bytes, params: Any) -> None:
+    await conn.execute(_SAVEPOINT)
+    await cur.execute(query, params)
+    await conn.execute(_RELEASE)
+
+
+async def _undo(conn: _Conn) -> None:
+    """Roll back to the call's savepoint, so that the host's transaction can go on."""
+    if conn.closed or conn.info.transaction_status not in _OPEN:
+        return
+    try:
+        await conn.execute(_UNDO)
+        await conn.execute(_RELEASE)
+    except psycopg.Error:
+        # No savepoint to return to: the host's transaction had failed before
+        # this call, and only the host can roll it back.
+        log.debug("no savepoint to roll back to", exc_info=True)
 
 
 async def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> AsyncCursor[TupleRow]:

@@ -4,6 +4,10 @@
 - :class:`PostgresStorage` / :class:`AsyncPostgresStorage`: the storages.
   The sync one opens its pool when constructed; the async one opens inside
   the event loop that uses it (``await storage.open()`` or ``async with``).
+  ``from_pool(pool)`` uses a pool the host owns.
+- :class:`JoinedPostgresStorage` / :class:`AsyncJoinedPostgresStorage`: made by
+  ``PostgresStorage.joining(conn)`` / ``AsyncPostgresStorage.joining(conn)``,
+  on the host's own connection, inside the host's transaction.
 - :func:`migrate` / :func:`amigrate`: apply the schema's pending migrations
   (``deepwork_retry/storage/sql/postgres/*.sql``); safe to run from several
   processes at once.
@@ -41,15 +45,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("postgres", __name__, exc) from exc
 
 from deepwork_retry.exceptions import DeepworkError
-from deepwork_retry.storage._async_postgres import AsyncPostgresStorage
+from deepwork_retry.storage._async_postgres import AsyncJoinedPostgresStorage, AsyncPostgresStorage
 from deepwork_retry.storage._async_postgres import check_migrated as acheck_migrated
 from deepwork_retry.storage._async_postgres import migrate as amigrate
 from deepwork_retry.storage._postgres_sql import DEFAULT_SCHEMA, channel
-from deepwork_retry.storage._sync_postgres import PostgresStorage, check_migrated, migrate
+from deepwork_retry.storage._sync_postgres import (
+    JoinedPostgresStorage,
+    PostgresStorage,
+    check_migrated,
+    migrate,
+)
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "AsyncJoinedPostgresStorage",
     "AsyncPostgresStorage",
+    "JoinedPostgresStorage",
     "PostgresStorage",
     "acheck_migrated",
     "amigrate",
