@@ -14,8 +14,7 @@ transaction is begun, joined and ended is :mod:`._sqlalchemy_tx`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from deepwork_retry.exceptions import (
     StorageUnavailable,
 )
 from deepwork_retry.storage import _sqlalchemy_tx as tx
+from deepwork_retry.storage._sql.engine import all_text
 from deepwork_retry.storage._sqlalchemy_io import (
     AsyncBridge,
     AsyncConnection,
@@ -56,6 +56,10 @@ from deepwork_retry.storage._sqlalchemy_sql import (
 )
 
 T = TypeVar("T")
+
+FAILURES = (sqlalchemy.exc.SQLAlchemyError, OverflowError, UnicodeEncodeError)
+"""What the driver and SQLAlchemy raise that :meth:`AsyncSQLAlchemyStorage._translated`
+turns into library errors."""
 
 __all__ = ["AsyncJoinedSQLAlchemyStorage", "AsyncSQLAlchemyStorage"]
 
@@ -115,18 +119,15 @@ class AsyncSQLAlchemyStorage:
         SQLAlchemy's ``create_async_engine``), disposed on :meth:`close`."""
         return cls(AsyncBridge.create_engine(url, **engine_options), migrate=migrate, dispose=True)
 
-    # -- transactions --------------------------------------------------------------
-    @contextmanager
-    def _translating(self) -> Iterator[None]:
-        """The one place driver and SQLAlchemy errors become library errors."""
-        try:
-            yield
-        except (sqlalchemy.exc.DBAPIError, OverflowError, UnicodeEncodeError) as exc:
-            raise self._bound.translated(exc) from exc
-        except sqlalchemy.exc.TimeoutError as exc:
-            raise StorageUnavailable(f"{self!r}: no connection free in the pool: {exc}") from exc
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise StorageError(f"{self!r} failed: {exc}") from exc
+    # -- transactions ------------------------------------------------------------------------
+    def _translated(self, exc: Exception) -> Exception:
+        """The one place driver and SQLAlchemy errors (:data:`FAILURES`) become library
+        errors; the caller raises it ``from`` the original."""
+        if isinstance(exc, (sqlalchemy.exc.DBAPIError, OverflowError, UnicodeEncodeError)):
+            return self._bound.translated(exc)
+        if isinstance(exc, sqlalchemy.exc.TimeoutError):
+            return StorageUnavailable(f"{self!r}: no connection free in the pool: {exc}")
+        return StorageError(f"{self!r} failed: {exc}")
 
     async def open(self) -> None:
         """Migrate (or check) the schema now rather than on first use."""
@@ -134,12 +135,14 @@ class AsyncSQLAlchemyStorage:
             raise StorageUnavailable(f"{self!r} is closed")
         if self._ready:
             return
-        with self._translating():
+        try:
             async with AsyncBridge.connect(self._engine) as conn:
                 if self._migrate:
                     await AsyncBridge.run(conn, migrate_schema, self._bound)
                 else:
                     await AsyncBridge.run(conn, check_schema, self._bound)
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
         self._ready = True
 
     async def _run(self, write: bool, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -147,9 +150,12 @@ class AsyncSQLAlchemyStorage:
         if not self._ready:
             await self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
-        with self._translating():
+        try:
             async with AsyncBridge.connect(self._engine) as conn:
-                return await AsyncBridge.run(conn, tx.own, self._bound.kind, write, body)
+                result: T = await AsyncBridge.run(conn, tx.own, self._bound.kind, write, body)
+                return result
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
 
     async def _write(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run(True, op, *args, **kwargs)
@@ -157,14 +163,14 @@ class AsyncSQLAlchemyStorage:
     async def _read(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run(False, op, *args, **kwargs)
 
-    # -- setup -------------------------------------------------------------------
+    # -- setup ------------------------------------------------------------------------
     async def create_project(self, project: Project) -> None:
         await self._write(self._bound.engine.create_project, project)
 
     async def add_tasks(self, tasks: Sequence[Task]) -> None:
         await self._write(self._bound.engine.add_tasks, tasks)
 
-    # -- reads ---------------------------------------------------------------------
+    # -- reads ------------------------------------------------------------------------
     async def get_project(self, project_id: str) -> Project:
         return await self._read(self._bound.engine.get_project, project_id)
 
@@ -203,7 +209,7 @@ class AsyncSQLAlchemyStorage:
     async def deferred(self, project_id: str) -> list[DispatchEntry]:
         return await self._read(self._bound.engine.deferred, project_id)
 
-    # -- writes ----------------------------------------------------------------------
+    # -- writes ------------------------------------------------------------------------
     async def apply(self, plan: Plan) -> Applied:
         params = self._bound.engine.plan_params(plan)
         return await self._write(self._bound.engine.apply, plan, params)
@@ -229,7 +235,7 @@ class AsyncSQLAlchemyStorage:
         :class:`~deepwork_retry.ports.RetryInOneStep` capability), or ``None`` with
         nothing changed when it cannot be made so; the service then takes the
         step-by-step path, which raises the core's own error."""
-        if not isinstance(project_id, str) or not isinstance(task_id, str):
+        if not all_text(project_id, task_id):
             return None
         try:
             return await self._write(
@@ -244,7 +250,7 @@ class AsyncSQLAlchemyStorage:
         except DeepworkError:
             return None  # rolled back; the general path raises it again
 
-    # -- outbox -----------------------------------------------------------------------------
+    # -- outbox ------------------------------------------------------------------------
     async def claim_due(
         self, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[DispatchEntry]:
@@ -270,12 +276,12 @@ class AsyncSQLAlchemyStorage:
             limit=limit,
         )
 
-    # -- leases ------------------------------------------------------------------------------
+    # -- leases ------------------------------------------------------------------------
     async def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         check_limit(limit)
         return await self._read(self._bound.engine.expired_leases, now=now, limit=limit)
 
-    # -- idempotency ---------------------------------------------------------------------------
+    # -- idempotency ------------------------------------------------------------------------
     async def get_idempotency(
         self, key: str, *, now: datetime | None = None
     ) -> IdempotencyRecord | None:
@@ -287,7 +293,7 @@ class AsyncSQLAlchemyStorage:
     async def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         return await self._write(self._bound.engine.save_idempotency, record)
 
-    # -- retention --------------------------------------------------------------------------------
+    # -- retention ------------------------------------------------------------------------
     async def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, each its own write transaction."""
         counts = []
@@ -298,7 +304,7 @@ class AsyncSQLAlchemyStorage:
             counts.append(await self._write(self._bound.rowcount, statement, params))
         return self._bound.engine.pruned(counts)
 
-    # -- lifetime ------------------------------------------------------------------------------------
+    # -- lifetime ------------------------------------------------------------------------
     async def close(self) -> None:
         """Refuse later calls; dispose of the engine when it is the storage's own."""
         if self._closed:
@@ -361,12 +367,15 @@ class AsyncJoinedSQLAlchemyStorage(AsyncSQLAlchemyStorage):
         if not self._ready:
             await self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
-        with self._translating():
+        try:
             conn = await AsyncBridge.host_connection(self._host)
-            result, self._last_savepoint = await AsyncBridge.run(
+            joined: tuple[T, int] = await AsyncBridge.run(
                 conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
             )
-        return result
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
+        self._last_savepoint = joined[1]
+        return joined[0]
 
     def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` once the host's transaction commits, and never if it rolls

@@ -13,15 +13,15 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Connection, Engine
 import sqlalchemy
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
-from typing_extensions import Concatenate, ParamSpec
+
+from deepwork_retry.storage._sqlalchemy_tx import AFTER_COMMIT
 
 T = TypeVar("T")
 _LOG = logging.getLogger("deepwork_retry")
-P = ParamSpec("P")
 
 __all__ = [
     "AsyncBridge",
@@ -43,7 +43,7 @@ class Bridge:
         return engine.connect()
 
     @staticmethod
-    def run(conn: Connection, fn: Callable[Concatenate[Connection, P], T], /, *args: Any) -> T:
+    def run(conn: Connection, fn: Callable[..., T], /, *args: Any) -> T:
         return fn(conn, *args)
 
     @staticmethod
@@ -93,9 +93,7 @@ class AsyncBridge:
         return engine.connect()
 
     @staticmethod
-    async def run(
-        conn: AsyncConnection, fn: Callable[Concatenate[Connection, P], T], /, *args: Any
-    ) -> T:
+    async def run(conn: AsyncConnection, fn: Callable[..., T], /, *args: Any) -> T:
         return await conn.run_sync(fn, *args)
 
     @staticmethod
@@ -135,8 +133,6 @@ class AsyncBridge:
         referenced until it ends, and its calls take their own transactions."""
 
         async def run() -> None:
-            from deepwork_retry.storage._sqlalchemy_tx import AFTER_COMMIT
-
             AFTER_COMMIT.set(True)  # in this task's own context
             try:
                 await callback()

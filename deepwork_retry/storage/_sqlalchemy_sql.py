@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from datetime import datetime, timezone
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
 from sqlalchemy.engine import Connection, Engine
 
+from deepwork_retry._core.plans import Applied
 from deepwork_retry.exceptions import StorageCorrupt, StorageMissing, StorageUnavailable
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.dialect import Dialect, translate
@@ -97,7 +98,7 @@ class Bound:
         """``op(executor, *args, **kwargs)`` on ``conn`` (in the transaction open there)."""
         return op(Executor(conn, self.dialect), *args, **kwargs)
 
-    def one_step(self, ex: Executor, *args: Any, **kwargs: Any) -> Any:
+    def one_step(self, ex: Executor, *args: Any, **kwargs: Any) -> Applied:
         """The engine's one-step retry; :class:`Refused` (rolling back) instead of ``None``."""
         applied = self.engine.retry_blocked(ex, *args, **kwargs)
         if applied is None:

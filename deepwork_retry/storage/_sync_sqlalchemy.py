@@ -15,8 +15,7 @@ transaction is begun, joined and ended is :mod:`._sqlalchemy_tx`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -42,6 +41,7 @@ from deepwork_retry.exceptions import (
     StorageUnavailable,
 )
 from deepwork_retry.storage import _sqlalchemy_tx as tx
+from deepwork_retry.storage._sql.engine import all_text
 from deepwork_retry.storage._sqlalchemy_io import (
     Bridge,
     Connection,
@@ -57,6 +57,10 @@ from deepwork_retry.storage._sqlalchemy_sql import (
 )
 
 T = TypeVar("T")
+
+FAILURES = (sqlalchemy.exc.SQLAlchemyError, OverflowError, UnicodeEncodeError)
+"""What the driver and SQLAlchemy raise that :meth:`SQLAlchemyStorage._translated`
+turns into library errors."""
 
 __all__ = ["JoinedSQLAlchemyStorage", "SQLAlchemyStorage"]
 
@@ -116,18 +120,15 @@ class SQLAlchemyStorage:
         SQLAlchemy's ``create_async_engine``), disposed on :meth:`close`."""
         return cls(Bridge.create_engine(url, **engine_options), migrate=migrate, dispose=True)
 
-    # -- transactions --------------------------------------------------------------
-    @contextmanager
-    def _translating(self) -> Iterator[None]:
-        """The one place driver and SQLAlchemy errors become library errors."""
-        try:
-            yield
-        except (sqlalchemy.exc.DBAPIError, OverflowError, UnicodeEncodeError) as exc:
-            raise self._bound.translated(exc) from exc
-        except sqlalchemy.exc.TimeoutError as exc:
-            raise StorageUnavailable(f"{self!r}: no connection free in the pool: {exc}") from exc
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise StorageError(f"{self!r} failed: {exc}") from exc
+    # -- transactions ------------------------------------------------------------------------
+    def _translated(self, exc: Exception) -> Exception:
+        """The one place driver and SQLAlchemy errors (:data:`FAILURES`) become library
+        errors; the caller raises it ``from`` the original."""
+        if isinstance(exc, (sqlalchemy.exc.DBAPIError, OverflowError, UnicodeEncodeError)):
+            return self._bound.translated(exc)
+        if isinstance(exc, sqlalchemy.exc.TimeoutError):
+            return StorageUnavailable(f"{self!r}: no connection free in the pool: {exc}")
+        return StorageError(f"{self!r} failed: {exc}")
 
     def open(self) -> None:
         """Migrate (or check) the schema now rather than on first use."""
@@ -135,12 +136,14 @@ class SQLAlchemyStorage:
             raise StorageUnavailable(f"{self!r} is closed")
         if self._ready:
             return
-        with self._translating():
+        try:
             with Bridge.connect(self._engine) as conn:
                 if self._migrate:
                     Bridge.run(conn, migrate_schema, self._bound)
                 else:
                     Bridge.run(conn, check_schema, self._bound)
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
         self._ready = True
 
     def _run(self, write: bool, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -148,9 +151,12 @@ class SQLAlchemyStorage:
         if not self._ready:
             self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
-        with self._translating():
+        try:
             with Bridge.connect(self._engine) as conn:
-                return Bridge.run(conn, tx.own, self._bound.kind, write, body)
+                result: T = Bridge.run(conn, tx.own, self._bound.kind, write, body)
+                return result
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
 
     def _write(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._run(True, op, *args, **kwargs)
@@ -158,14 +164,14 @@ class SQLAlchemyStorage:
     def _read(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._run(False, op, *args, **kwargs)
 
-    # -- setup -------------------------------------------------------------------
+    # -- setup ------------------------------------------------------------------------
     def create_project(self, project: Project) -> None:
         self._write(self._bound.engine.create_project, project)
 
     def add_tasks(self, tasks: Sequence[Task]) -> None:
         self._write(self._bound.engine.add_tasks, tasks)
 
-    # -- reads ---------------------------------------------------------------------
+    # -- reads ------------------------------------------------------------------------
     def get_project(self, project_id: str) -> Project:
         return self._read(self._bound.engine.get_project, project_id)
 
@@ -204,7 +210,7 @@ class SQLAlchemyStorage:
     def deferred(self, project_id: str) -> list[DispatchEntry]:
         return self._read(self._bound.engine.deferred, project_id)
 
-    # -- writes ----------------------------------------------------------------------
+    # -- writes ------------------------------------------------------------------------
     def apply(self, plan: Plan) -> Applied:
         params = self._bound.engine.plan_params(plan)
         return self._write(self._bound.engine.apply, plan, params)
@@ -230,7 +236,7 @@ class SQLAlchemyStorage:
         :class:`~deepwork_retry.ports.RetryInOneStep` capability), or ``None`` with
         nothing changed when it cannot be made so; the service then takes the
         step-by-step path, which raises the core's own error."""
-        if not isinstance(project_id, str) or not isinstance(task_id, str):
+        if not all_text(project_id, task_id):
             return None
         try:
             return self._write(
@@ -245,7 +251,7 @@ class SQLAlchemyStorage:
         except DeepworkError:
             return None  # rolled back; the general path raises it again
 
-    # -- outbox -----------------------------------------------------------------------------
+    # -- outbox ------------------------------------------------------------------------
     def claim_due(
         self, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[DispatchEntry]:
@@ -271,12 +277,12 @@ class SQLAlchemyStorage:
             limit=limit,
         )
 
-    # -- leases ------------------------------------------------------------------------------
+    # -- leases ------------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         check_limit(limit)
         return self._read(self._bound.engine.expired_leases, now=now, limit=limit)
 
-    # -- idempotency ---------------------------------------------------------------------------
+    # -- idempotency ------------------------------------------------------------------------
     def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         record = self._read(self._bound.engine.get_idempotency, key)
         if record is not None and now is not None and record.expired(now):
@@ -286,7 +292,7 @@ class SQLAlchemyStorage:
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         return self._write(self._bound.engine.save_idempotency, record)
 
-    # -- retention --------------------------------------------------------------------------------
+    # -- retention ------------------------------------------------------------------------
     def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, each its own write transaction."""
         counts = []
@@ -297,7 +303,7 @@ class SQLAlchemyStorage:
             counts.append(self._write(self._bound.rowcount, statement, params))
         return self._bound.engine.pruned(counts)
 
-    # -- lifetime ------------------------------------------------------------------------------------
+    # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Refuse later calls; dispose of the engine when it is the storage's own."""
         if self._closed:
@@ -359,12 +365,15 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
         if not self._ready:
             self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
-        with self._translating():
+        try:
             conn = Bridge.host_connection(self._host)
-            result, self._last_savepoint = Bridge.run(
+            joined: tuple[T, int] = Bridge.run(
                 conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
             )
-        return result
+        except FAILURES as exc:
+            raise self._translated(exc) from exc
+        self._last_savepoint = joined[1]
+        return joined[0]
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the host's transaction commits, and never if it rolls

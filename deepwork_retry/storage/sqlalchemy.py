@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 from sqlalchemy.engine import Engine
 
 from deepwork_retry.storage._async_sqlalchemy import (
+    FAILURES,
     AsyncJoinedSQLAlchemyStorage,
     AsyncSQLAlchemyStorage,
 )
@@ -48,5 +49,8 @@ def migrate(engine: Engine) -> list[int]:
     storage = SQLAlchemyStorage(engine, migrate=False)
     bound = bound_to(engine)
     bound.schema_ok = False
-    with storage._translating(), engine.connect() as conn:
-        return migrate_schema(conn, bound)
+    try:
+        with engine.connect() as conn:
+            return migrate_schema(conn, bound)
+    except FAILURES as exc:
+        raise storage._translated(exc) from exc
