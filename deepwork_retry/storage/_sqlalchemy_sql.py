@@ -18,7 +18,12 @@ import attrs
 from sqlalchemy.engine import Connection, Engine
 
 from deepwork_retry._core.plans import Applied
-from deepwork_retry.exceptions import StorageCorrupt, StorageMissing, StorageUnavailable
+from deepwork_retry.exceptions import (
+    InvalidInput,
+    StorageCorrupt,
+    StorageMissing,
+    StorageUnavailable,
+)
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.dialect import Dialect, translate
 from deepwork_retry.storage._sql.engine import Engine as SQLEngine
@@ -50,15 +55,41 @@ class Executor:
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Result:
         if not parameters:
             # Without parameters the driver does not format the text: undo the doubling.
-            return self._conn.exec_driver_sql(sql.replace("%%", "%") if self._format else sql)
-        if self._format:
-            parameters = self._dialect.bind(sql, parameters)
-        return self._conn.exec_driver_sql(sql, tuple(parameters))
+            result = self._conn.exec_driver_sql(sql.replace("%%", "%") if self._format else sql)
+        else:
+            if self._format:
+                parameters = self._dialect.bind(sql, parameters)
+            result = self._conn.exec_driver_sql(sql, tuple(parameters))
+        return _TextRows(result) if self._format else result
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
         bind = self._dialect.bind
         rows = [tuple(bind(sql, row)) for row in parameters]
         return self._conn.exec_driver_sql(sql, rows) if rows else None
+
+
+class _TextRows:
+    """A MySQL result whose ids (``VARBINARY``: their UTF-8 bytes) are read back as text."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: Result) -> None:
+        self._result = result
+
+    @property
+    def rowcount(self) -> int:
+        return self._result.rowcount
+
+    def fetchone(self) -> Any:
+        row = self._result.fetchone()
+        return None if row is None else _text(row)
+
+    def fetchall(self) -> list[Any]:
+        return [_text(row) for row in self._result.fetchall()]
+
+
+def _text(row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(v.decode("utf-8") if v.__class__ is bytes else v for v in row)
 
 
 _ENGINES: dict[Kind, SQLEngine] = {}
@@ -116,6 +147,12 @@ class Bound:
         return ex.execute(statement, params).rowcount
 
     def translated(self, exc: BaseException) -> Exception:
+        code = self.dialect.error_code(self.dialect.original(exc))
+        if code in getattr(self.dialect, "refused_values", ()):
+            return InvalidInput(
+                f"{self.dialect.title} database {self.where} cannot store a value: "
+                f"{self.dialect.original(exc)}"
+            )
         return translate(self.dialect, exc, where=self.where)
 
 
@@ -215,20 +252,18 @@ def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
     migration that failed."""
     ex = Executor(conn, bound.dialect)
     if not apply:
-        exists = conn.exec_driver_sql(
-            "SELECT COUNT(*) FROM information_schema.tables "
-            "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
-        ).scalar()
-        pending = bound.engine.pending_migrations(ex) if exists else list(_shipped(bound))
+        recorded = _recorded(conn, bound)
+        pending = bound.engine.pending_migrations(ex) if recorded else list(_shipped(bound))
         conn.rollback()
         if pending:
-            raise _missing(bound, pending, not exists)
+            raise _missing(bound, pending, not recorded)
         return []
     if not conn.exec_driver_sql("SELECT GET_LOCK(%s, 60)", (_MYSQL_LOCK,)).scalar():
         raise StorageUnavailable(
             f"MySQL database {bound.where}: another process is migrating it (waited 60s)"
         )
     try:
+        _recorded(conn, bound)
         applied = bound.engine.migrate(ex, now=datetime.now(timezone.utc))
         conn.commit()
     finally:
@@ -236,6 +271,24 @@ def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
         conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (_MYSQL_LOCK,))
         conn.commit()
     return applied
+
+
+def _recorded(conn: Connection, bound: Bound) -> bool:
+    """Whether migrations are recorded; ``StorageCorrupt`` when one is newer than this
+    release knows."""
+    if not conn.exec_driver_sql(
+        "SELECT COUNT(*) FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'"
+    ).scalar():
+        return False
+    latest = max((m.number for m in _shipped(bound)), default=0)
+    newest = conn.exec_driver_sql("SELECT MAX(number) FROM schema_migrations").scalar()
+    if newest is not None and newest > latest:
+        raise StorageCorrupt(
+            f"MySQL database {bound.where} has schema migration {newest}, newer than this "
+            f"deepwork_retry knows ({latest}); upgrade deepwork_retry"
+        )
+    return True
 
 
 def _shipped(bound: Bound) -> tuple[common.Migration, ...]:

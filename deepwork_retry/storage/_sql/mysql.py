@@ -79,6 +79,9 @@ class MySQLDialect(Dialect):
         1969: Kind.BUSY,  # ER_STATEMENT_TIMEOUT (MariaDB max_statement_time)
     }
     statements_class: ClassVar[type[Any] | None] = _MySQLStatements
+    refused_values: ClassVar[frozenset[int]] = frozenset({1366, 1406, 1264})
+    """Codes of a value the columns cannot hold (text outside utf8mb4, such as lone
+    surrogates; too long; out of range): the caller's input, refused as such."""
 
     def sql(self, text: str) -> str:
         return super().sql(_KEY.sub(lambda m: "`key`" if m.group() == "key" else m.group(), text))

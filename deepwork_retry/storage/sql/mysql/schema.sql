@@ -2,17 +2,18 @@
 --
 -- The same encodings as the SQLite storage: timestamps are BIGINT microseconds
 -- since 1970-01-01 UTC (exact and ordered), lists and objects are JSON text.
--- Ids and keys use the binary collation utf8mb4_bin, so they compare and sort
--- by code point, exactly as in Python and in the other storages (the default
--- collations would call 'a' and 'A' the same id). Ids are at most 255
--- characters (deepwork_retry._core.inputs.MAX_ID_LENGTH), which keeps every
--- key within InnoDB's 3072 bytes.
+-- Ids and keys are their UTF-8 bytes (VARBINARY), so they compare and sort by
+-- code point, exactly as in Python and in the other storages: a collation
+-- would call 'a' and 'A' the same id, and every utf8mb4 collation that MySQL
+-- and MariaDB share ignores trailing spaces ('a' = 'a '). Ids are at most 255
+-- characters (deepwork_retry._core.inputs.MAX_ID_LENGTH), 1020 bytes, which
+-- keeps every key within InnoDB's 3072 bytes. Free text is utf8mb4.
 --
 -- MySQL has no partial indexes: where SQLite indexes the rows of one state,
 -- these indexes lead with the state.
 
 CREATE TABLE projects (
-    id          VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    id          VARBINARY(1020) NOT NULL,
     status      VARCHAR(32)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     name        LONGTEXT     CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     created_at  BIGINT NOT NULL,
@@ -31,8 +32,8 @@ CREATE TABLE projects (
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 CREATE TABLE tasks (
-    project_id       VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    id               VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    project_id       VARBINARY(1020) NOT NULL,
+    id               VARBINARY(1020) NOT NULL,
     title            LONGTEXT     CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     status           VARCHAR(32)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     retry_count      BIGINT NOT NULL,
@@ -61,15 +62,15 @@ CREATE TABLE tasks (
 
 -- One row per (task, task it waits for): dependants() is a key lookup.
 CREATE TABLE task_deps (
-    project_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    blocker_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    task_id    VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    project_id VARBINARY(1020) NOT NULL,
+    blocker_id VARBINARY(1020) NOT NULL,
+    task_id    VARBINARY(1020) NOT NULL,
     PRIMARY KEY (project_id, blocker_id, task_id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 CREATE TABLE attempts (
-    project_id    VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    task_id       VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    project_id    VARBINARY(1020) NOT NULL,
+    task_id       VARBINARY(1020) NOT NULL,
     number        BIGINT NOT NULL,
     triggered_by  VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     dispatched_at BIGINT NOT NULL,
@@ -92,8 +93,8 @@ CREATE TABLE attempts (
 -- claim_due hands them out.
 CREATE TABLE outbox (
     seq           BIGINT NOT NULL AUTO_INCREMENT,
-    project_id    VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    task_id       VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    project_id    VARBINARY(1020) NOT NULL,
+    task_id       VARBINARY(1020) NOT NULL,
     attempt       BIGINT NOT NULL,
     state         VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     available_at  BIGINT NOT NULL,
@@ -114,9 +115,9 @@ CREATE TABLE outbox (
 
 -- expires_at: when the key is free again (see deepwork_retry/_core/retention.py).
 CREATE TABLE idempotency (
-    `key`       VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    project_id  VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    task_id     VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    `key`       VARBINARY(1020) NOT NULL,
+    project_id  VARBINARY(1020) NOT NULL,
+    task_id     VARBINARY(1020) NOT NULL,
     created_at  BIGINT NOT NULL,
     status_code BIGINT,
     body        LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
