@@ -118,6 +118,27 @@ def test_without_migrate_an_empty_database_is_refused_and_left_empty(database: U
         engine.dispose()
 
 
+def _race(services: list[RetryService], task_id: str) -> list[str]:
+    """Each service retries ``task_id`` on a thread of its own, all released at once."""
+    barrier = threading.Barrier(len(services))
+    outcomes: list[str] = []
+
+    def retry(service: RetryService) -> None:
+        barrier.wait()
+        try:
+            service.retry("p", task_id)
+            outcomes.append("applied")
+        except TaskNotBlocked:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=retry, args=(s,)) for s in services]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
 def test_two_storages_racing_the_same_retry_one_wins(database: URL) -> None:
     """Two storages on engines of their own (as two processes would be) retry the same
     blocked task at once, many times over: each time exactly one retry applies, the
@@ -135,23 +156,7 @@ def test_two_storages_racing_the_same_retry_one_wins(database: URL) -> None:
             executor.fail("p", f"t{n}", 1, TaskError(type="E", message="boom"))
         services = [RetryService(first), RetryService(second)]
         for n in range(rounds):
-            barrier = threading.Barrier(2)
-            outcomes: list[str] = []
-
-            def retry(service: RetryService, task_id: str = f"t{n}") -> None:
-                barrier.wait()
-                try:
-                    service.retry("p", task_id)
-                    outcomes.append("applied")
-                except TaskNotBlocked:
-                    outcomes.append("refused")
-
-            threads = [threading.Thread(target=retry, args=(s,)) for s in services]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert ["applied", "refused"] == sorted(outcomes)
+            assert ["applied", "refused"] == sorted(_race(services, f"t{n}"))
             assert 2 == len(first.attempts("p", f"t{n}"))
         progress = second.progress("p")
         assert (rounds, rounds, 0) == (progress.total, progress.assigned, progress.blocked)
