@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from pg_support import schema_dropped_after
@@ -214,6 +215,23 @@ def test_refused_retries_do_not_poison_the_host_transaction(host: Host) -> None:
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_failures_again_and_again_never_poison_the_host_transaction(host: Host) -> None:
+    """Statements PostgreSQL refuses, many times over and between successes (past the
+    driver's prepare threshold), each leave the host's transaction usable."""
+    project, task = host.storage.load("p", "t")
+    plan = decide.manual_retry(task, project, now=host.clock.now(), blockers={})
+    unstorable = attrs.evolve(plan, after=attrs.evolve(plan.after, metadata={"a": "\x00"}))
+    with host.storage.transaction():
+        for number in range(12):
+            host.order(number)
+            with pytest.raises(InvalidInput):
+                host.storage.apply(unstorable)  # jsonb refuses NUL, in the server
+            assert "blocked" == host.storage.load("p", "t")[1].status
+        host.storage.apply(plan)
+    assert list(range(12)) == host.orders()
+    assert "assigned" == host.seen()[0].status
+
+
 def test_manual_commit_through_the_storage_dispatches_after_it(host: Host) -> None:
     """A host that commits by hand calls ``storage.commit()``; ``rollback()`` drops."""
     host.order(1)  # psycopg opens the host's transaction here
@@ -259,6 +277,27 @@ def test_a_commit_the_storage_did_not_see_leaves_the_delivery_to_the_relay(
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_a_rollback_the_storage_did_not_see_is_never_dispatched_by_a_later_commit(
+    host: Host,
+) -> None:
+    """Rolled back with ``conn.rollback()``, then a new transaction committed through the
+    storage with no call of it in between: the rolled-back retry is not dispatched, the
+    new transaction's own retry is."""
+    host.order(1)
+    host.retries.retry("p", "t")
+    host.conn.rollback()
+    host.order(2)  # a new transaction of the host's
+    host.storage.commit()
+    assert [] == host.dispatcher.keys
+    assert ([2], "blocked") == (host.orders(), host.seen("t")[0].status)
+    host.order(3)
+    host.retries.retry("p", "u")
+    host.conn.commit()
+    with host.storage.transaction():  # begins after the unseen commit: drops its delivery
+        host.retries.retry("p", "t")
+    assert [("p", "t", 2)] == host.dispatcher.keys
+
+
 def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
     host: Host,
 ) -> None:
@@ -271,7 +310,8 @@ def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
 
 
 def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
-    """Savepoint, retry and release go together: one round trip inside the host's transaction."""
+    """Savepoint, retry, release and the transaction's id go together: one round trip
+    inside the host's transaction."""
     wire: list[str] = []
     retries = RetryService(host.storage, clock=host.clock)
     with host.storage.transaction():
@@ -280,7 +320,7 @@ def test_the_retry_in_a_host_transaction_is_one_round_trip(host: Host) -> None:
             retries.retry("p", "t")
     trips = sum(1 for line in wire if line.startswith("B\t") and "\tReadyForQuery" in line)
     statements = sum(1 for line in wire if line.startswith("F\t") and "\tExecute" in line)
-    assert (1, 3) == (trips, statements)
+    assert (1, 4) == (trips, statements)
 
 
 def test_a_host_row_factory_is_left_as_it_was(postgres_dsn: str, schema: str) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 ASYNCHRONOUS = True
 """Whether the services built on this module await their storage and dispatcher."""
 
 Event = asyncio.Event
+
+log = logging.getLogger("deepwork_retry")
 
 Lock = asyncio.Lock
 """Held across the awaits of one storage call on a shared connection."""
@@ -27,10 +30,13 @@ async def wait_or_stop(stop: Event, timeout: float) -> bool:
 
 
 def start_soon(call: Callable[[], Awaitable[None]]) -> None:
-    """Run ``call()`` on the running loop without waiting for it."""
+    """Run ``call()`` on the running loop without waiting for it; a failure is logged."""
 
     async def run() -> None:
-        await call()
+        try:
+            await call()
+        except Exception:  # nobody awaits it: the log is where a failure can go
+            log.error("a callback started after a commit failed", exc_info=True)
 
     task = asyncio.get_running_loop().create_task(run())
     _STARTED.add(task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -9,6 +10,8 @@ ASYNCHRONOUS = False
 """Whether the services built on this module await their storage and dispatcher."""
 
 Event = threading.Event
+
+log = logging.getLogger("deepwork_retry")
 
 Lock = threading.Lock
 """Held across the statements of one storage call on a shared connection."""
@@ -20,5 +23,9 @@ def wait_or_stop(stop: Event, timeout: float) -> bool:
 
 
 def start_soon(call: Callable[[], None]) -> None:
-    """Run ``call()`` now (the async twin schedules it on the running loop)."""
-    call()
+    """Run ``call()`` now (the async twin schedules it on the running loop); a failure
+    is logged."""
+    try:
+        call()
+    except Exception:  # as in the async twin, whose caller cannot see it either
+        log.error("a callback started after a commit failed", exc_info=True)

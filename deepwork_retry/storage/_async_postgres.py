@@ -645,9 +645,13 @@ class AsyncPostgresStorage:
             return notified
 
 
+# The savepoint commands are never prepared: in a pipeline that an error
+# aborted, the driver would count as prepared a command the server skipped.
 _SAVEPOINT = b"SAVEPOINT deepwork_retry"
 _RELEASE = b"RELEASE SAVEPOINT deepwork_retry"
 _UNDO = b"ROLLBACK TO SAVEPOINT deepwork_retry"
+_XID = b"SELECT txid_current_if_assigned()"
+"""The host's transaction, once it has written: tells one transaction from the next."""
 _IDLE = TransactionStatus.IDLE
 _OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
@@ -668,10 +672,13 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
     It never commits or rolls back the host's transaction. Deliveries the
     services register with :meth:`after_commit` run when the host commits
     through the storage: at the end of the outermost :meth:`transaction`
-    block, or in :meth:`commit`. A transaction committed or rolled back
-    some other way (``conn.commit()``, the connection's own
-    ``transaction()`` block) drops them: nothing is dispatched for it here,
-    and the outbox relay delivers what was committed once its claim lapses.
+    block, or in :meth:`commit` (which runs only those registered in the
+    transaction it commits: each is marked with the server's id of the
+    transaction, read in the same round trip as the call before it). A
+    transaction committed or rolled back some other way (``conn.commit()``,
+    the connection's own ``transaction()`` block) drops them: nothing is
+    dispatched for it here, and the outbox relay delivers what was committed
+    once its claim lapses.
 
     Calls are serialised (one at a time on the connection); the connection's
     row factory is set aside during a call. Expect PostgreSQL's default
@@ -694,16 +701,17 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         self._closed = False
         self._listener = None
         self._lock = Lock()
-        self._pending: list[Callable[[], Awaitable[None]]] = []
+        self._pending: list[tuple[int | None, Callable[[], Awaitable[None]]]] = []
+        self._xid: int | None = None
 
     # -- the host's transaction ----------------------------------------------
     def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` once the host's current transaction commits (see the class);
         at once (scheduled on the running loop) when no transaction is open."""
-        if self.connection.info.transaction_status == _IDLE:
+        if self._drop_stale():
             start_soon(callback)
         else:
-            self._pending.append(callback)
+            self._pending.append((self._xid, callback))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncTransaction]:
@@ -715,6 +723,7 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         for the enclosing transaction.
         """
         conn = self.connection
+        self._drop_stale()
         mark = len(self._pending)
         committed = False
         try:
@@ -725,17 +734,27 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
             if not committed:
                 del self._pending[mark:]
         if conn.info.transaction_status == _IDLE:
-            await self._run_pending()
+            pending, self._pending = self._pending, []
+            await _run_after_commit([callback for _, callback in pending])
 
     async def commit(self) -> None:
         """Commit the host's transaction (``connection.commit()``) and run its deliveries."""
+        conn = self.connection
+        xid = None
         try:
             async with q.DriverErrors():
-                await self.connection.commit()
+                if not self._drop_stale() and self._pending:
+                    cur = await conn.cursor(row_factory=tuple_row).execute(_XID, prepare=False)
+                    xid = _xid(await cur.fetchone())
+                await conn.commit()
         except BaseException:
             self._pending.clear()  # committed or not, the relay sees to it
             raise
-        await self._run_pending()
+        pending, self._pending = self._pending, []
+        ours = [callback for tag, callback in pending if tag is not None and tag == xid]
+        if len(ours) < len(pending):
+            _left_to_relay(len(pending) - len(ours))
+        await _run_after_commit(ours)
 
     async def rollback(self) -> None:
         """Roll back the host's transaction (``connection.rollback()``); nothing of it is
@@ -744,13 +763,14 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         async with q.DriverErrors():
             await self.connection.rollback()
 
-    async def _run_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for callback in pending:
-            try:
-                await callback()
-            except Exception:  # the commit is made: nothing here may make it look undone
-                log.error("a callback after the host's commit failed", exc_info=True)
+    def _drop_stale(self) -> bool:
+        """Whether no transaction is open; if so, drop what an ended one left pending."""
+        if self.connection.info.transaction_status != _IDLE:
+            return False
+        if self._pending:
+            _left_to_relay(len(self._pending))
+            self._pending.clear()
+        return True
 
     def _usable(self) -> _Conn:
         """The connection, once stale deliveries are dropped; refused when closed."""
@@ -763,13 +783,7 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
             raise StorageUnavailable(
                 "the host's transaction has failed: roll it back before using the storage"
             )
-        if self._pending and conn.info.transaction_status == _IDLE:
-            log.warning(
-                "the host's transaction ended without the storage; %d deliveries are left"
-                " to the outbox relay",
-                len(self._pending),
-            )
-            self._pending.clear()
+        self._drop_stale()
         return conn
 
     # -- calls on the host's connection ----------------------------------------
@@ -785,13 +799,13 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
                     async with conn.transaction():
                         yield conn
                     return
-                await conn.execute(_SAVEPOINT)
+                await conn.execute(_SAVEPOINT, prepare=False)
                 try:
                     yield conn
                 except BaseException:
                     await _undo(conn)
                     raise
-                await conn.execute(_RELEASE)
+                await conn.execute(_RELEASE, prepare=False)
             finally:
                 conn.row_factory = rows
 
@@ -812,12 +826,13 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
             try:
                 if q.PIPELINE:
                     async with conn.pipeline():
-                        await _in_savepoint(conn, cur, query, params)
+                        xid = await _in_savepoint(conn, cur, query, params)
                 else:
-                    await _in_savepoint(conn, cur, query, params)
+                    xid = await _in_savepoint(conn, cur, query, params)
             except BaseException:
                 await _undo(conn)
                 raise
+            self._xid = _xid(await xid.fetchone())
             return cur
 
     async def _one(
@@ -851,10 +866,35 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         return False
 
 
-async def _in_savepoint(conn: _Conn, cur: AsyncCursor[TupleRow], query: bytes, params: Any) -> None:
-    await conn.execute(_SAVEPOINT)
+async def _in_savepoint(
+    conn: _Conn, cur: AsyncCursor[TupleRow], query: bytes, params: Any
+) -> AsyncCursor[TupleRow]:
+    """Run ``query`` on ``cur`` within the call's savepoint; the cursor of the
+    transaction's id, read after it."""
+    await conn.execute(_SAVEPOINT, prepare=False)
     await cur.execute(query, params)
-    await conn.execute(_RELEASE)
+    await conn.execute(_RELEASE, prepare=False)
+    return await conn.cursor(row_factory=tuple_row).execute(_XID, prepare=False)
+
+
+def _xid(row: tuple[Any, ...] | None) -> int | None:
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _left_to_relay(count: int) -> None:
+    log.warning(
+        "the host's transaction ended without the storage; %d deliveries are left"
+        " to the outbox relay",
+        count,
+    )
+
+
+async def _run_after_commit(callbacks: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    for callback in callbacks:
+        try:
+            await callback()
+        except Exception:  # the commit is made: nothing here may make it look undone
+            log.error("a callback after the host's commit failed", exc_info=True)
 
 
 async def _undo(conn: _Conn) -> None:
@@ -862,8 +902,8 @@ async def _undo(conn: _Conn) -> None:
     if conn.closed or conn.info.transaction_status not in _OPEN:
         return
     try:
-        await conn.execute(_UNDO)
-        await conn.execute(_RELEASE)
+        await conn.execute(_UNDO, prepare=False)
+        await conn.execute(_RELEASE, prepare=False)
     except psycopg.Error:
         # No savepoint to return to: the host's transaction had failed before
         # this call, and only the host can roll it back.
