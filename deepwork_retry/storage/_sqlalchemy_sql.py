@@ -32,7 +32,14 @@ from deepwork_retry.storage._sql.mysql import MySQLDialect
 from deepwork_retry.storage._sqlalchemy_tx import Kind, begin, kind_of
 from deepwork_retry.storage.sqlite import APPLICATION_ID, SQLITE
 
-__all__ = ["Bound", "Refused", "bound_to", "check_schema", "migrate_schema"]
+__all__ = ["TABLES", "Bound", "Refused", "bound_to", "check_schema", "migrate_schema"]
+
+TABLES = frozenset(
+    {"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency", "writer_turn",
+     "schema_migrations"}
+)  # fmt: skip
+"""The storage's tables (in any of its databases): for a host's Alembic autogenerate
+to leave alone."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -179,19 +186,19 @@ def bound_to(engine: Engine) -> Bound:
 # -- migrations -------------------------------------------------------------------------
 
 
-def migrate_schema(conn: Connection, bound: Bound) -> list[int]:
-    """Apply the pending migrations; the numbers applied."""
-    if bound.schema_ok:
-        return []
-    applied = _SCHEMA[bound.kind](conn, bound, True)
-    bound.schema_ok = True
+def migrate_schema(conn: Connection, bound: Bound, *, own: bool = True) -> list[int]:
+    """Apply the pending migrations; the numbers applied. With ``own=False`` they run
+    in the transaction open on ``conn`` (an Alembic revision's), which the caller
+    commits (MySQL commits DDL by itself whatever the caller does)."""
+    applied = _SCHEMA[bound.kind](conn, bound, True, own)
+    bound.schema_ok = own  # else only once the caller commits, which is not seen here
     return applied
 
 
 def check_schema(conn: Connection, bound: Bound) -> None:
     """``StorageMissing`` unless every migration is applied (nothing is created)."""
     if not bound.schema_ok:
-        _SCHEMA[bound.kind](conn, bound, False)
+        _SCHEMA[bound.kind](conn, bound, False, True)
         bound.schema_ok = True
 
 
@@ -205,7 +212,7 @@ def _missing(bound: Bound, pending: Sequence[common.Migration], none: bool) -> S
     )
 
 
-def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
+def _sqlite(conn: Connection, bound: Bound, apply: bool, own: bool) -> list[int]:
     """SQLite's migrations exactly as :class:`~deepwork_retry.storage.sqlite.SQLiteStorage`
     applies them (``PRAGMA user_version``, ``application_id``), so one file serves
     both; the host's own tables may share the file."""
@@ -234,9 +241,10 @@ def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
             conn.exec_driver_sql(f"PRAGMA user_version = {int(migration.number)}")
         if pending:
             conn.exec_driver_sql(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.commit()
+        if own:
+            conn.commit()
     except BaseException:
-        if conn.in_transaction():
+        if own and conn.in_transaction():
             conn.rollback()
         raise
     return [m.number for m in pending]
@@ -245,7 +253,7 @@ def _sqlite(conn: Connection, bound: Bound, apply: bool) -> list[int]:
 _MYSQL_LOCK = "deepwork_retry_migrate"
 
 
-def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
+def _mysql(conn: Connection, bound: Bound, apply: bool, own: bool) -> list[int]:
     """MySQL's migrations by the engine's shared runner (recorded in
     ``schema_migrations``), under a named lock, so several processes may migrate at
     once. MySQL commits each DDL statement by itself: a failed run resumes at the
@@ -254,7 +262,8 @@ def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
     if not apply:
         recorded = _recorded(conn, bound)
         pending = bound.engine.pending_migrations(ex) if recorded else list(_shipped(bound))
-        conn.rollback()
+        if own:
+            conn.rollback()
         if pending:
             raise _missing(bound, pending, not recorded)
         return []
@@ -265,11 +274,14 @@ def _mysql(conn: Connection, bound: Bound, apply: bool) -> list[int]:
     try:
         _recorded(conn, bound)
         applied = bound.engine.migrate(ex, now=datetime.now(timezone.utc))
-        conn.commit()
+        if own:
+            conn.commit()
     finally:
-        conn.rollback()
+        if own:
+            conn.rollback()
         conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (_MYSQL_LOCK,))
-        conn.commit()
+        if own:
+            conn.commit()
     return applied
 
 
@@ -295,7 +307,7 @@ def _shipped(bound: Bound) -> tuple[common.Migration, ...]:
     return common.migrations(bound.dialect.name)
 
 
-_SCHEMA: dict[str, Callable[[Connection, Bound, bool], list[int]]] = {
+_SCHEMA: dict[str, Callable[[Connection, Bound, bool, bool], list[int]]] = {
     "sqlite": _sqlite,
     "mysql": _mysql,
 }
