@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 from mysql_support import database_dropped_after
+from pg_support import schema_dropped_after
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -67,20 +68,40 @@ class AsyncWatching:
         self.inner.dispatch(entry)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mysql)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("mariadb", marks=pytest.mark.mysql),
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ]
+)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database with the storage's schema, blocked tasks ``t`` and ``u`` in project
-    ``p``, and the host's own ``orders`` table."""
+    ``p``, and the host's own ``orders`` table. On PostgreSQL a schema of its own, which
+    the URL makes the connections' search path (see :func:`_schema`)."""
     if request.param == "sqlite":
         found = f"sqlite:///{tmp_path / 'host.db'}"
         yield from _prepared(found)
-        return
-    with database_dropped_after(request.getfixturevalue("mysql_url"), "sqla") as made:
-        yield from _prepared(made.render_as_string(hide_password=False))
+    elif request.param == "mariadb":
+        with database_dropped_after(request.getfixturevalue("mysql_url"), "sqla") as made:
+            yield from _prepared(made.render_as_string(hide_password=False))
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        with schema_dropped_after(dsn, "sqla") as schema:
+            base = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+            yield from _prepared(f"{base}?options=-csearch_path%3D{schema}")
+
+
+def _schema(url: str) -> dict[str, Any]:
+    """The storage's ``schema`` argument: on PostgreSQL, the search path the URL sets."""
+    options = make_url(url).query.get("options")
+    if not isinstance(options, str):
+        return {}
+    return {"schema": options.removeprefix("-csearch_path=")}
 
 
 def _prepared(url: str) -> Iterator[str]:
-    storage = SQLAlchemyStorage.from_url(url)
+    storage = SQLAlchemyStorage.from_url(url, **_schema(url))
     try:
         executor = ExecutorService(storage)
         executor.create_project("p")
@@ -110,7 +131,7 @@ class Host:
         self.url = url
         self.mode = mode
         self.engine = create_engine(url, **_host_options(url))
-        self.observer = SQLAlchemyStorage.from_url(url)
+        self.observer = SQLAlchemyStorage.from_url(url, **_schema(url))
         self.clock = FakeClock()
         self.dispatcher = Watching(self.observer)
 
@@ -130,7 +151,7 @@ class Host:
     def _parts(
         self, bind: Connection | Session, execute: Callable[..., Any]
     ) -> tuple[RetryService, SQLAlchemyStorage, Callable[[int], None]]:
-        storage = SQLAlchemyStorage(bind)
+        storage = SQLAlchemyStorage(bind, **_schema(self.url))
         retries = RetryService(storage, self.dispatcher, clock=self.clock)
 
         def order(number: int) -> None:
@@ -274,7 +295,8 @@ def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
     """No transaction open: the retry commits by itself and is delivered at once."""
     bind: Any
     with host.engine.connect() if host.mode == "connection" else Session(host.engine) as bind:
-        retries = RetryService(SQLAlchemyStorage(bind), host.dispatcher, clock=host.clock)
+        storage = SQLAlchemyStorage(bind, **_schema(host.url))
+        retries = RetryService(storage, host.dispatcher, clock=host.clock)
         retries.retry("p", "t")
         assert [("p", "t", 2)] == host.dispatcher.keys
         assert not bind.in_transaction()
@@ -285,7 +307,7 @@ def test_a_mysql_host_at_repeatable_read_is_refused_clearly(url: str) -> None:
     """On MySQL, a host transaction whose reads see an old snapshot is refused, saying
     how to fix it, and nothing is changed."""
     if not url.startswith("mysql"):
-        pytest.skip("MySQL only: SQLite transactions are serializable")
+        pytest.skip("MySQL only: the other databases read committed data at their defaults")
     engine = create_engine(url)  # MySQL's default: REPEATABLE READ
     try:
         with engine.connect() as conn, conn.begin():
@@ -299,7 +321,7 @@ def test_a_mysql_host_at_repeatable_read_is_refused_clearly(url: str) -> None:
 def test_closing_a_joined_storage_leaves_the_host_connection_open(host: Host) -> None:
     """``close`` stops the storage; the host's connection and engine stay the host's."""
     with host.engine.connect() as conn:
-        storage = SQLAlchemyStorage(conn)
+        storage = SQLAlchemyStorage(conn, **_schema(host.url))
         storage.close()
         assert not conn.closed
         assert 1 == conn.exec_driver_sql("SELECT 1").scalar()
@@ -322,10 +344,10 @@ async def _async_host(
     try:
         if mode == "connection":
             async with engine.connect() as conn, conn.begin():
-                yield _async_parts(conn, conn.execute, dispatcher, clock)
+                yield _async_parts(conn, conn.execute, dispatcher, clock, _schema(url))
         else:
             async with AsyncSession(engine) as session, session.begin():
-                yield _async_parts(session, session.execute, dispatcher, clock)
+                yield _async_parts(session, session.execute, dispatcher, clock, _schema(url))
     finally:
         # Deliveries run as tasks after the commit, on the host's engine: let them end first.
         await asyncio.gather(*_sqlalchemy_io._RUNNING)
@@ -337,8 +359,9 @@ def _async_parts(
     execute: Callable[..., Any],
     dispatcher: AsyncWatching,
     clock: FakeClock,
+    schema: dict[str, Any],
 ) -> tuple[AsyncRetryService, AsyncSQLAlchemyStorage, Callable[[int], Any]]:
-    storage = AsyncSQLAlchemyStorage(bind)
+    storage = AsyncSQLAlchemyStorage(bind, **schema)
     assert isinstance(storage, AsyncJoinedSQLAlchemyStorage)
     assert isinstance(storage, AsyncJoinsHostTransaction)
 
@@ -361,7 +384,7 @@ def test_async_commit_and_rollback_with_the_host(url: str, mode: str) -> None:
     """Async: committed together and delivered after the commit; rolled back after the
     retry succeeded, nothing remains and nothing is delivered; a refused retry leaves the
     host's transaction usable."""
-    observer = SQLAlchemyStorage.from_url(url)
+    observer = SQLAlchemyStorage.from_url(url, **_schema(url))
     dispatcher = AsyncWatching(observer)
     clock = FakeClock()
 

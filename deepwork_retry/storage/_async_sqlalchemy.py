@@ -79,7 +79,8 @@ class AsyncSQLAlchemyStorage:
     migrations on first use; otherwise the schema must be migrated already
     (``StorageMissing`` names what is missing). ``dispose=True`` disposes
     the engine on :meth:`close` (:meth:`from_url` sets it: the engine is the
-    storage's own).
+    storage's own). ``schema`` names the PostgreSQL schema of the tables
+    (``deepwork`` by default); on SQLite and MySQL they live in the database given.
     """
 
     def __new__(cls, bind: Any, **kwargs: Any) -> AsyncSQLAlchemyStorage:
@@ -93,6 +94,7 @@ class AsyncSQLAlchemyStorage:
         *,
         migrate: bool = True,
         dispose: bool = False,
+        schema: str | None = None,
     ) -> None:
         if isinstance(bind, AsyncEngine):
             self._engine = bind
@@ -104,7 +106,7 @@ class AsyncSQLAlchemyStorage:
                 "AsyncSQLAlchemyStorage needs an AsyncEngine, AsyncConnection or "
                 f"AsyncSession, not {type(bind).__name__}"
             )
-        self._bound: Bound = bound_to(AsyncBridge.sync_engine(self._engine))
+        self._bound: Bound = bound_to(AsyncBridge.sync_engine(self._engine), schema)
         self._migrate = migrate
         self._dispose = dispose
         self._ready = False
@@ -113,11 +115,12 @@ class AsyncSQLAlchemyStorage:
 
     @classmethod
     def from_url(
-        cls, url: str, *, migrate: bool = True, **engine_options: Any
+        cls, url: str, *, migrate: bool = True, schema: str | None = None, **engine_options: Any
     ) -> AsyncSQLAlchemyStorage:
         """A storage on an engine of its own for ``url`` (``engine_options`` go to
         SQLAlchemy's ``create_async_engine``), disposed on :meth:`close`."""
-        return cls(AsyncBridge.create_engine(url, **engine_options), migrate=migrate, dispose=True)
+        engine = AsyncBridge.create_engine(url, **engine_options)
+        return cls(engine, migrate=migrate, dispose=True, schema=schema)
 
     # -- transactions ------------------------------------------------------------------------
     def _translated(self, exc: Exception) -> Exception:
@@ -296,6 +299,10 @@ class AsyncSQLAlchemyStorage:
     # -- retention ------------------------------------------------------------------------
     async def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, each its own write transaction."""
+        if self._bound.kind == "postgresql":
+            postgres: Any = self._bound.engine  # PostgresOps: the PostgreSQL storage prunes
+            pruned: Pruned = await self._write(postgres.prune, rule)
+            return pruned
         counts = []
         for statement, params in self._bound.engine.prune_statements(rule):
             if params is None:
@@ -344,13 +351,14 @@ class AsyncJoinedSQLAlchemyStorage(AsyncSQLAlchemyStorage):
         *,
         migrate: bool = False,
         dispose: bool = False,
+        schema: str | None = None,
     ) -> None:
         if not isinstance(bind, (AsyncConnection, AsyncSession)):
             raise InvalidInput(
                 f"{type(self).__name__} needs an AsyncConnection or AsyncSession, "
                 f"not {type(bind).__name__}"
             )
-        super().__init__(bind, migrate=False, dispose=False)
+        super().__init__(bind, migrate=False, dispose=False, schema=schema)
         self._host = bind
         self._last_savepoint = 0
         self._isolation_checked: set[int] = set()

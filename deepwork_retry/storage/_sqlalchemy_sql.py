@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from sqlalchemy.engine import Connection, Engine
@@ -117,6 +117,9 @@ class Bound:
 
     kind: Kind
     engine: SQLEngine
+    """The :class:`~deepwork_retry.storage._sql.engine.Engine` of the dialect, or on
+    PostgreSQL a :class:`~deepwork_retry.storage._sqlalchemy_pg.PostgresOps` with the
+    same entry points."""
     where: str
     """The database, for messages (its URL without the password)."""
     schema_ok: bool = False
@@ -124,7 +127,7 @@ class Bound:
 
     @property
     def dialect(self) -> Dialect:
-        return self.engine.dialect
+        return self.engine.dialect if self.kind != "postgresql" else _POSTGRES
 
     def call(
         self,
@@ -134,6 +137,10 @@ class Bound:
         conn: Connection,
     ) -> Any:
         """``op(executor, *args, **kwargs)`` on ``conn`` (in the transaction open there)."""
+        if self.kind == "postgresql":
+            from deepwork_retry.storage._sqlalchemy_pg import PostgresExecutor
+
+            return op(PostgresExecutor(conn, cast(Any, self.engine)), *args, **kwargs)
         return op(Executor(conn, self.dialect), *args, **kwargs)
 
     def one_step(self, ex: Executor, *args: Any, **kwargs: Any) -> Applied:
@@ -154,6 +161,10 @@ class Bound:
         return ex.execute(statement, params).rowcount
 
     def translated(self, exc: BaseException) -> Exception:
+        if self.kind == "postgresql":
+            from deepwork_retry.storage._sqlalchemy_pg import translate_postgres
+
+            return translate_postgres(exc, self.where)
         code = self.dialect.error_code(self.dialect.original(exc))
         if code in getattr(self.dialect, "refused_values", ()):
             return InvalidInput(
@@ -163,23 +174,30 @@ class Bound:
         return translate(self.dialect, exc, where=self.where)
 
 
-_BOUND: weakref.WeakKeyDictionary[Engine, Bound] = weakref.WeakKeyDictionary()
+_BOUND: weakref.WeakKeyDictionary[Engine, dict[str | None, Bound]] = weakref.WeakKeyDictionary()
 
 
-def bound_to(engine: Engine) -> Bound:
-    """The :class:`Bound` of ``engine`` (one per engine; ``InvalidInput`` for a database
-    the storage does not support)."""
+def bound_to(engine: Engine, schema: str | None = None) -> Bound:
+    """The :class:`Bound` of ``engine`` (and on PostgreSQL ``schema``): one each;
+    ``InvalidInput`` for a database the storage does not support."""
     with _ENGINES_LOCK:
-        found = _BOUND.get(engine)
+        found = _BOUND.get(engine, {}).get(schema)
     if found is None:
         kind = kind_of(engine)
-        found = Bound(
-            kind=kind,
-            engine=_sql_engine(kind),
-            where=repr(engine.url.render_as_string(hide_password=True)),
-        )
+        ops: Any
+        if kind == "postgresql":
+            from deepwork_retry.storage._postgres_sql import DEFAULT_SCHEMA
+            from deepwork_retry.storage._sqlalchemy_pg import PostgresOps
+
+            ops = PostgresOps(schema or DEFAULT_SCHEMA)  # the engine's entry points
+        elif schema is not None:
+            raise InvalidInput("schema= is for PostgreSQL; SQLite and MySQL use the database given")
+        else:
+            ops = _sql_engine(kind)
+        where = engine.url.render_as_string(hide_password=True)
+        found = Bound(kind=kind, engine=cast(SQLEngine, ops), where=repr(where))
         with _ENGINES_LOCK:
-            found = _BOUND.setdefault(engine, found)
+            found = _BOUND.setdefault(engine, {}).setdefault(schema, found)
     return found
 
 
@@ -307,7 +325,22 @@ def _shipped(bound: Bound) -> tuple[common.Migration, ...]:
     return common.migrations(bound.dialect.name)
 
 
+def _postgres(conn: Connection, bound: Bound, apply: bool, own: bool) -> list[int]:
+    from deepwork_retry.storage._sqlalchemy_pg import migrate_postgres
+
+    return migrate_postgres(conn, cast(Any, bound.engine), apply)
+
+
+class _PostgresDialect(Dialect):
+    name = "postgres"
+    title = "PostgreSQL"
+
+
+_POSTGRES = _PostgresDialect()
+"""For messages only: on PostgreSQL the PostgreSQL storage runs its own statements."""
+
 _SCHEMA: dict[str, Callable[[Connection, Bound, bool, bool], list[int]]] = {
+    "postgresql": _postgres,
     "sqlite": _sqlite,
     "mysql": _mysql,
 }

@@ -80,7 +80,8 @@ class SQLAlchemyStorage:
     migrations on first use; otherwise the schema must be migrated already
     (``StorageMissing`` names what is missing). ``dispose=True`` disposes
     the engine on :meth:`close` (:meth:`from_url` sets it: the engine is the
-    storage's own).
+    storage's own). ``schema`` names the PostgreSQL schema of the tables
+    (``deepwork`` by default); on SQLite and MySQL they live in the database given.
     """
 
     def __new__(cls, bind: Any, **kwargs: Any) -> SQLAlchemyStorage:
@@ -94,6 +95,7 @@ class SQLAlchemyStorage:
         *,
         migrate: bool = True,
         dispose: bool = False,
+        schema: str | None = None,
     ) -> None:
         if isinstance(bind, Engine):
             self._engine = bind
@@ -105,7 +107,7 @@ class SQLAlchemyStorage:
                 "SQLAlchemyStorage needs an Engine, Connection or "
                 f"Session, not {type(bind).__name__}"
             )
-        self._bound: Bound = bound_to(Bridge.sync_engine(self._engine))
+        self._bound: Bound = bound_to(Bridge.sync_engine(self._engine), schema)
         self._migrate = migrate
         self._dispose = dispose
         self._ready = False
@@ -114,11 +116,12 @@ class SQLAlchemyStorage:
 
     @classmethod
     def from_url(
-        cls, url: str, *, migrate: bool = True, **engine_options: Any
+        cls, url: str, *, migrate: bool = True, schema: str | None = None, **engine_options: Any
     ) -> SQLAlchemyStorage:
         """A storage on an engine of its own for ``url`` (``engine_options`` go to
         SQLAlchemy's ``create_async_engine``), disposed on :meth:`close`."""
-        return cls(Bridge.create_engine(url, **engine_options), migrate=migrate, dispose=True)
+        engine = Bridge.create_engine(url, **engine_options)
+        return cls(engine, migrate=migrate, dispose=True, schema=schema)
 
     # -- transactions ------------------------------------------------------------------------
     def _translated(self, exc: Exception) -> Exception:
@@ -295,6 +298,10 @@ class SQLAlchemyStorage:
     # -- retention ------------------------------------------------------------------------
     def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, each its own write transaction."""
+        if self._bound.kind == "postgresql":
+            postgres: Any = self._bound.engine  # PostgresOps: the PostgreSQL storage prunes
+            pruned: Pruned = self._write(postgres.prune, rule)
+            return pruned
         counts = []
         for statement, params in self._bound.engine.prune_statements(rule):
             if params is None:
@@ -343,12 +350,13 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
         *,
         migrate: bool = False,
         dispose: bool = False,
+        schema: str | None = None,
     ) -> None:
         if not isinstance(bind, (Connection, Session)):
             raise InvalidInput(
                 f"{type(self).__name__} needs an Connection or Session, not {type(bind).__name__}"
             )
-        super().__init__(bind, migrate=False, dispose=False)
+        super().__init__(bind, migrate=False, dispose=False, schema=schema)
         self._host = bind
         self._last_savepoint = 0
         self._isolation_checked: set[int] = set()
