@@ -340,8 +340,9 @@ class AsyncJoinedSQLAlchemyStorage(AsyncSQLAlchemyStorage):
     has a transaction open, each call runs inside it, in a savepoint released
     on success and rolled back on failure (so a refused retry leaves the
     host's transaction usable); the host commits or rolls back, never the
-    storage. With no transaction open, and for the calls of after-commit
-    callbacks, a call takes a short transaction of its own on the engine.
+    storage. Calls on the host's connection take turns (one at a time). With
+    no transaction open, and for the calls of after-commit callbacks, a call
+    takes a short transaction of its own on the engine.
     The schema must be migrated already (never DDL in the host's transaction).
     """
 
@@ -363,6 +364,8 @@ class AsyncJoinedSQLAlchemyStorage(AsyncSQLAlchemyStorage):
         self._last_savepoint = 0
         self._isolation_checked: set[int] = set()
         self._callbacks = tx.AfterCommit(AsyncBridge.call)
+        self._turn = AsyncBridge.lock()
+        """Calls on the host's connection take turns: a connection runs one at a time."""
         if isinstance(bind, AsyncSession):
             self._callbacks.hook_session(AsyncBridge.sync_session(bind))
 
@@ -376,10 +379,11 @@ class AsyncJoinedSQLAlchemyStorage(AsyncSQLAlchemyStorage):
             await self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
         try:
-            conn = await AsyncBridge.host_connection(self._host)
-            joined: tuple[T, int] = await AsyncBridge.run(
-                conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
-            )
+            async with self._turn:
+                conn = await AsyncBridge.host_connection(self._host)
+                joined: tuple[T, int] = await AsyncBridge.run(
+                    conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
+                )
         except FAILURES as exc:
             raise self._translated(exc) from exc
         self._last_savepoint = joined[1]

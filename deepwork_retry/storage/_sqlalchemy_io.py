@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, TypeVar
@@ -84,6 +85,10 @@ class Bridge:
     def dispose(engine: Engine) -> None:
         engine.dispose()
 
+    @staticmethod
+    def lock() -> threading.Lock:
+        return threading.Lock()
+
 
 class AsyncBridge:
     """The async API: sync code runs on ``AsyncConnection.run_sync``'s connection."""
@@ -146,6 +151,10 @@ class AsyncBridge:
     @staticmethod
     async def dispose(engine: AsyncEngine) -> None:
         await engine.dispose()
+
+    @staticmethod
+    def lock() -> asyncio.Lock:
+        return asyncio.Lock()
 
 
 _RUNNING: set[asyncio.Task[None]] = set()

@@ -339,8 +339,9 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
     has a transaction open, each call runs inside it, in a savepoint released
     on success and rolled back on failure (so a refused retry leaves the
     host's transaction usable); the host commits or rolls back, never the
-    storage. With no transaction open, and for the calls of after-commit
-    callbacks, a call takes a short transaction of its own on the engine.
+    storage. Calls on the host's connection take turns (one at a time). With
+    no transaction open, and for the calls of after-commit callbacks, a call
+    takes a short transaction of its own on the engine.
     The schema must be migrated already (never DDL in the host's transaction).
     """
 
@@ -361,6 +362,8 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
         self._last_savepoint = 0
         self._isolation_checked: set[int] = set()
         self._callbacks = tx.AfterCommit(Bridge.call)
+        self._turn = Bridge.lock()
+        """Calls on the host's connection take turns: a connection runs one at a time."""
         if isinstance(bind, Session):
             self._callbacks.hook_session(Bridge.sync_session(bind))
 
@@ -374,10 +377,11 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
             self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
         try:
-            conn = Bridge.host_connection(self._host)
-            joined: tuple[T, int] = Bridge.run(
-                conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
-            )
+            with self._turn:
+                conn = Bridge.host_connection(self._host)
+                joined: tuple[T, int] = Bridge.run(
+                    conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
+                )
         except FAILURES as exc:
             raise self._translated(exc) from exc
         self._last_savepoint = joined[1]

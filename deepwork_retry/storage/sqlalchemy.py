@@ -46,17 +46,18 @@ __all__ = [
 ]
 
 
-def migrate(bind: Engine | Connection) -> list[int]:
+def migrate(bind: Engine | Connection, *, schema: str | None = None) -> list[int]:
     """Apply the pending migrations of the storage's schema; the numbers applied.
 
     On an ``Engine``, on a connection of its own, committed (safe to run from
     several processes at once). On a ``Connection`` (an Alembic revision's
     ``op.get_bind()``), in the transaction open there, which its owner
-    commits; MySQL commits DDL by itself all the same.
+    commits; MySQL commits DDL by itself all the same. ``schema``: the PostgreSQL
+    schema (``deepwork`` by default).
     """
     engine = bind if isinstance(bind, Engine) else bind.engine
-    storage = SQLAlchemyStorage(engine, migrate=False)
-    bound = bound_to(engine)
+    storage = SQLAlchemyStorage(engine, migrate=False, schema=schema)
+    bound = bound_to(engine, schema)
     try:
         if isinstance(bind, Connection):
             return migrate_schema(bind, bound, own=False)
