@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+from pg_support import schema_dropped_after
 from sqlalchemy import create_engine
 
 from deepwork_retry import ExecutorService
@@ -100,3 +101,24 @@ def test_migrate_runs_in_the_host_transaction_as_an_alembic_revision_would(
     assert [] == migrate(fresh)
     engine.dispose()
     fresh.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_schema_is_migrated_by_name_and_checked(postgres_dsn: str) -> None:
+    """On PostgreSQL the tables live in ``schema``: ``migrate(engine, schema=...)`` makes
+    them, a storage that does not migrate checks them, and a schema without them is
+    refused as missing, with nothing created."""
+    url = postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = create_engine(url)
+    try:
+        with schema_dropped_after(postgres_dsn, "sqla") as schema:
+            with pytest.raises(StorageMissing, match=schema):
+                SQLAlchemyStorage(engine, migrate=False, schema=schema).get_project("p")
+            assert [1, 2, 3, 4] == migrate(engine, schema=schema)
+            storage = SQLAlchemyStorage(engine, migrate=False, schema=schema)
+            ExecutorService(storage).create_project("p")
+            assert "p" == storage.get_project("p").id
+            with pytest.raises(InvalidInput, match="PostgreSQL"):
+                SQLAlchemyStorage(create_engine("sqlite://"), schema=schema)
+    finally:
+        engine.dispose()
