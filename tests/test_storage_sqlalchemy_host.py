@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from mysql_support import database_dropped_after
 from pg_support import schema_dropped_after
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -425,3 +425,45 @@ def test_async_commit_and_rollback_with_the_host(url: str, mode: str) -> None:
         assert [] == observer.attempts("p", "u")[1:]
     finally:
         observer.close()
+
+
+def _savepoints_inside_transactions(engine: Any) -> None:
+    """SQLAlchemy's recipe for pysqlite, which begins no transaction for a SAVEPOINT (so
+    releasing the outermost one would commit): SQLAlchemy's begin emits ``BEGIN``."""
+
+    @event.listens_for(engine, "connect")
+    def autocommit_driver(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+def test_a_session_joined_to_an_outer_connection_transaction_waits_for_that(
+    url: str,
+) -> None:
+    """A session bound to a connection whose transaction it joins (SQLAlchemy's recipe
+    for test suites): the session's commit sends nothing; the outer commit does, and an
+    outer rollback leaves nothing and sends nothing."""
+    host = Host(url, "session")
+    if url.startswith("sqlite"):
+        _savepoints_inside_transactions(host.engine)
+    try:
+        for outer_commits in (False, True):
+            with host.engine.connect() as conn:
+                outer = conn.begin()
+                with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
+                    with session.begin():
+                        storage = SQLAlchemyStorage(session, **_schema(url))
+                        RetryService(storage, host.dispatcher, clock=host.clock).retry("p", "t")
+                    assert [] == host.dispatcher.keys
+                if outer_commits:
+                    outer.commit()
+                else:
+                    outer.rollback()
+                    assert "blocked" == host.seen()[0].status
+        assert [("p", "t", 2)] == host.dispatcher.keys
+        assert ["assigned"] == host.dispatcher.seen
+    finally:
+        host.close()

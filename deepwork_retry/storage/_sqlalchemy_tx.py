@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
@@ -83,6 +84,8 @@ def _sqlite_in_transaction(conn: Connection) -> bool:
 def begin(conn: Connection, kind: Kind, *, write: bool) -> None:
     """Start the database's transaction on ``conn`` as the storage needs it."""
     if kind == "sqlite":
+        if not conn.in_transaction():
+            conn.begin()  # first: an engine that emits its own BEGIN does so here
         if not _sqlite_in_transaction(conn):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
     elif kind == "mysql" and write:
@@ -191,7 +194,11 @@ class AfterCommit:
         self._run = run
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, Any]] = []
-        self._hooked: set[int] = set()
+        self._hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._commits: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._outer = False
+        """The session committed into an outer transaction of its connection: the
+        callbacks wait for that one."""
 
     def add(self, callback: Any, number: int) -> None:
         """Wait for the commit to run ``callback`` (registered after a call whose
@@ -201,19 +208,19 @@ class AfterCommit:
 
     # -- hooks --------------------------------------------------------------------
     def hook_session(self, session: Session) -> None:
-        if id(session) in self._hooked:
+        if session in self._hooked:
             return
-        self._hooked.add(id(session))
+        self._hooked.add(session)
         event.listen(session, "after_commit", self._session_committed)
         event.listen(session, "after_transaction_end", self._session_ended)
 
     def hook_connection(self, conn: Connection, *, commits: bool) -> None:
         """Watch ``conn``'s savepoints; with ``commits``, its commit and rollback too."""
-        if id(conn) in self._hooked:
-            return
-        self._hooked.add(id(conn))
-        event.listen(conn, "rollback_savepoint", self._savepoint_rolled_back)
-        if commits:
+        if conn not in self._hooked:
+            self._hooked.add(conn)
+            event.listen(conn, "rollback_savepoint", self._savepoint_rolled_back)
+        if commits and conn not in self._commits:
+            self._commits.add(conn)
             event.listen(conn, "commit", self._connection_commits)
             event.listen(conn, "rollback", self._rolled_back)
 
@@ -221,6 +228,7 @@ class AfterCommit:
     def _take(self) -> list[Any]:
         with self._lock:
             taken, self._waiting = self._waiting, []
+            self._outer = False
         return [callback for _, callback in taken]
 
     def _fire(self) -> None:
@@ -231,11 +239,19 @@ class AfterCommit:
                     self._run(callback)
 
     def _session_committed(self, session: Session) -> None:
-        if not session.in_nested_transaction():  # a savepoint's release commits nothing
-            self._fire()
+        if session.in_nested_transaction():
+            return  # a savepoint's release commits nothing
+        bind = session.get_bind()
+        if isinstance(bind, Connection) and bind.in_transaction():
+            # A session joined to an outer transaction of a Connection (the usual
+            # test-suite recipe): its commit is a savepoint's; wait for the outer one.
+            self.hook_connection(bind, commits=True)
+            self._outer = True
+            return
+        self._fire()
 
     def _session_ended(self, session: Session, transaction: SessionTransaction) -> None:
-        if transaction.parent is None:
+        if transaction.parent is None and not self._outer:
             self._take()  # ended without a commit (after one, nothing is left)
 
     def _connection_commits(self, conn: Connection) -> None:
