@@ -148,7 +148,7 @@ class DriverErrors:
     def translate(self, exc: Exception) -> DeepworkError | None:
         """The library error for ``exc``, or ``None`` to let it through."""
         kind = POSTGRES.classify(exc)
-        if kind is Kind.BUSY:
+        if kind is Kind.DEADLOCK:
             if self._conflict is not None:
                 return self._conflict()
             return StorageUnavailable(
@@ -182,8 +182,8 @@ class PostgresDialect(Dialect):
     name = "postgres"
     title = "PostgreSQL"
     errors: ClassVar[dict[int | str, Kind]] = {
-        "40001": Kind.BUSY,  # serialization_failure
-        "40P01": Kind.BUSY,  # deadlock_detected
+        "40001": Kind.DEADLOCK,  # serialization_failure
+        "40P01": Kind.DEADLOCK,  # deadlock_detected
         "57014": Kind.TIMEOUT,  # query_canceled
         "42P01": Kind.SCHEMA,  # undefined_table
         "3F000": Kind.SCHEMA,  # invalid_schema_name

@@ -1,2 +1,3 @@
-"""The SQL layer the SQL storages share (:mod:`.common`); each dialect's own part lives
-with its storage."""
+"""The SQL layer the SQL storages share: columns and effect rendering (:mod:`.common`),
+stored encodings (:mod:`.codec`), statements (:mod:`.statements`), the operations
+(:mod:`.engine`) and what a dialect spells its own way (:mod:`.dialect`)."""

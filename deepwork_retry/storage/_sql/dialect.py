@@ -19,7 +19,8 @@ may change is a class attribute or a method of :class:`Dialect`:
   (MySQL); the rendered updates are then ordered to read old values only.
 - ``conditional_upsert``: whether :meth:`upsert` with ``only_if`` can tell by
   its row count that it wrote nothing (else a locked read and a plain upsert).
-- :meth:`upsert`, :meth:`insert_ignore`, :meth:`limited`, ``from_nothing``:
+- :meth:`identifier`, :meth:`upsert`, :meth:`insert_ignore`, :meth:`limited`,
+  ``from_nothing``:
   the statements' shapes that differ.
 - ``errors`` (driver error code -> :class:`Kind`) and :meth:`error_code`: the
   error classification behind :func:`translate`, the one place a driver error
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from deepwork_retry.exceptions import (
@@ -54,6 +55,9 @@ class Kind(enum.Enum):
 
     BUSY = "busy"
     """Another writer holds a lock (lock wait timed out, deadlock): nothing changed."""
+    DEADLOCK = "deadlock"
+    """The database aborted the transaction to resolve a conflict (a deadlock, a
+    serialization failure): a write decided again on fresh reads succeeds."""
     CONFLICT = "conflict"
     """A unique key (or another constraint) refused a row."""
     READ_ONLY = "read-only"
@@ -77,9 +81,9 @@ _TOKEN = re.compile(r"'(?:[^']|'')*'|\?(\d*)|%")
 class Dialect:
     """A SQL dialect's differences from the statements as :mod:`.statements` writes them.
 
-    The defaults are SQLite's, which PostgreSQL shares for every hook
-    (``ON CONFLICT``, ``RETURNING``); see the module's documentation for what
-    a new dialect sets.
+    The defaults are SQLite's (``ON CONFLICT``, ``RETURNING``, ``INSERT OR
+    IGNORE``, no row locks); see the module's documentation for what a new
+    dialect sets.
     """
 
     name: ClassVar[str] = "sqlite"
@@ -138,6 +142,10 @@ class Dialect:
         return params if order is None else tuple(params[i] for i in order)
 
     # -- shapes ----------------------------------------------------------------------
+    def identifier(self, name: str) -> str:
+        """A column name as the statements write it (MySQL quotes its keyword ``key``)."""
+        return name
+
     def upsert(
         self,
         table: str,
@@ -189,12 +197,21 @@ class Dialect:
 
 
 def translate(
-    dialect: Dialect, exc: BaseException, *, where: str, waited: float | None = None
+    dialect: Dialect,
+    exc: BaseException,
+    *,
+    where: str,
+    waited: float | None = None,
+    conflict: Callable[[], Exception] | None = None,
 ) -> Exception:
     """The library error for a driver error, the same for every dialect.
 
     ``where`` names the database in the message (a path, a host); ``waited``
-    is how long a busy write waited for its lock, when known.
+    is how long a busy write waited for its lock, when known. ``conflict``
+    builds the error for a transaction the database aborted to resolve a
+    deadlock (:attr:`Kind.DEADLOCK`): in ``apply``, whose caller decides again
+    on :class:`~deepwork_retry.exceptions.VersionConflict`, a conflict;
+    elsewhere ``StorageUnavailable``.
     """
     title = dialect.title
     if isinstance(exc, OverflowError):
@@ -207,6 +224,13 @@ def translate(
         how = "" if waited is None else f" (waited {waited:g}s)"
         return StorageUnavailable(
             f"{title} database {where} is locked by another writer{how}: {said}"
+        )
+    if kind is Kind.DEADLOCK:
+        if conflict is not None:
+            return conflict()
+        return StorageUnavailable(
+            f"{title} database {where} aborted the transaction to resolve a conflict; "
+            f"try again: {said}"
         )
     if kind is Kind.CONFLICT:
         return AlreadyExists(f"A row with this key exists already in {title} database {where}")

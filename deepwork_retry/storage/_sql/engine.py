@@ -23,7 +23,7 @@ them in its executor (:meth:`Dialect.bind <deepwork_retry.storage._sql.dialect.D
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -265,7 +265,7 @@ class Engine:
         status: TaskStatus | None = None,
         after: str | None = None,
         limit: int = 100,
-        after_bound: Any = None,
+        after_bound: Callable[[str], tuple[str, Any]] | None = None,
     ) -> list[Task]:
         """A page of tasks by id; ``after_bound(after)`` gives ``(operator, value)`` for
         an ``after`` the dialect cannot compare as given (see :func:`common.after_bound`)."""
@@ -346,6 +346,7 @@ class Engine:
             self.check_guards(ex, pid, plan)
         moved = before.status != after.status
         counters: Any = None
+        key_free = False  # the key was absent: reserved by an insert, not an upsert
         if plan.idempotency is not None or not moved:
             # The project's version is checked before the idempotency key.
             if plan.project_version is not None:
@@ -356,6 +357,7 @@ class Engine:
                 existing = self.get_idempotency(ex, plan.idempotency.key, lock=True)
                 if existing is not None and not existing.expired(plan.idempotency.created_at):
                     raise IdempotencyConflict(existing)
+                key_free = existing is None
         if moved:
             values = codec.TASK_STATUS_VALUES
             key = (
@@ -400,8 +402,13 @@ class Engine:
             self._update_attempt(ex, pid, tid, plan.attempt_update)
         if plan.releases:
             made.extend(self._release(ex, pid, plan.releases, claimed_until))
-        if idem is not None:
-            ex.execute(s.upsert_idem, idem)  # the key is free: absent, or its record expired
+        if idem is not None and plan.idempotency is not None:
+            # The key is free: absent (an insert; where rows are locked, a write reserving
+            # it meanwhile makes that a conflict), or its record expired (an upsert).
+            if not key_free:
+                ex.execute(s.upsert_idem, idem)
+            elif not self._inserted(ex, s.insert_idem, idem):
+                raise IdempotencyConflict(self._taken(ex, plan.idempotency.key))
         return Applied(
             task=after,
             progress=(
@@ -504,11 +511,37 @@ class Engine:
         has not expired holds it."""
         if self.dialect.conditional_upsert:
             return bool(ex.execute(self.sql.reserve_idem, (key, pid, tid, at, until)).rowcount)
-        row = ex.execute(self.sql.idem_locked, (key,)).fetchone()
-        if row is not None and codec.idem(row).expires_at > codec.dt(at):
+        row = (key, pid, tid, at, None, None, until)
+        if self._inserted(ex, self.sql.insert_idem, row):
+            return True
+        held = ex.execute(self.sql.idem_locked, (key,)).fetchone()
+        if held is None or codec.idem(held).expires_at > codec.dt(at):
             return False
-        ex.execute(self.sql.upsert_idem, (key, pid, tid, at, None, None, until))
+        ex.execute(self.sql.upsert_idem, row)
         return True
+
+    def _inserted(self, ex: Executor, sql: str, row: Sequence[Any]) -> bool:
+        """Insert ``row``; False when a unique key refuses it (the statement alone is
+        undone: SQLite and MySQL keep the transaction)."""
+        try:
+            ex.execute(sql, row)
+        except Exception as exc:
+            if self._is_conflict(exc):
+                return False
+            raise
+        return True
+
+    def _taken(self, ex: Executor, key: str) -> IdempotencyRecord:
+        """The record that took ``key`` while this write had found it absent.
+
+        The write that took it has committed (else the insert would have waited,
+        not been refused), so a plain read sees it under ``READ COMMITTED``; a
+        locking read would deadlock with the other writes refused at once, which
+        hold a shared lock on the key from their own refused insert.
+        """
+        record = self.get_idempotency(ex, key)
+        assert record is not None  # a refused insert of the key leaves it stored
+        return record
 
     def _dependencies_met(self, ex: Executor, task: Task) -> bool:
         """Whether every task ``task`` waits for is finished (a missing one is not).
@@ -659,6 +692,10 @@ class Engine:
         """*write*"""
         params = codec.idem_params(record)
         existing = self.get_idempotency(ex, record.key, lock=True)
+        if existing is None:
+            if self._inserted(ex, self.sql.insert_idem, params):
+                return record
+            existing = self._taken(ex, record.key)  # saved meanwhile, where rows are locked
         if (
             existing is not None
             and not existing.expired(record.created_at)

@@ -65,7 +65,9 @@ class Statements:
         self.dialect = d = dialect
         q, lock = d.sql, d.lock
         task, project = common.TASK_COLUMNS, common.PROJECT_COLUMNS
-        entry, idem = common.ENTRY_COLUMNS, common.IDEM_COLUMNS
+        entry = common.ENTRY_COLUMNS
+        idem = tuple(d.identifier(c) for c in common.IDEM_COLUMNS)
+        key_col = d.identifier("key")
         self.task_cols = common.cols(task)
         self.project_width = len(project)
 
@@ -229,17 +231,27 @@ class Statements:
 
         # -- idempotency
         # (key)
-        self.idem = q(f"SELECT {common.cols(idem)} FROM idempotency WHERE key = ?")
-        self.idem_locked = q(f"SELECT {common.cols(idem)} FROM idempotency WHERE key = ?{lock}")
+        self.idem = q(f"SELECT {common.cols(idem)} FROM idempotency WHERE {key_col} = ?")
+        self.idem_locked = q(
+            f"SELECT {common.cols(idem)} FROM idempotency WHERE {key_col} = ?{lock}"
+        )
         # (idempotency columns)
-        self.upsert_idem = q(d.upsert("idempotency", idem, "key"))
+        self.insert_idem = q(
+            f"INSERT INTO idempotency ({common.cols(idem)}) VALUES ({marks(idem)})"
+        )
+        self.upsert_idem = q(d.upsert("idempotency", idem, key_col))
         # (key, project, task, now, expires): reserve a key unless a record that has not
         # expired holds it (then nothing is written); an expired record gives its key up
-        self.reserve_idem = q(
-            d.upsert(
-                "idempotency", idem, "key",
-                values=["?1", "?2", "?3", "?4", "NULL", "NULL", "?5"], only_if="expires_at <= ?4",
+        self.reserve_idem = (
+            q(
+                d.upsert(
+                    "idempotency", idem, key_col,
+                    values=["?1", "?2", "?3", "?4", "NULL", "NULL", "?5"],
+                    only_if="expires_at <= ?4",
+                )
             )
+            if d.conditional_upsert
+            else ""  # a locked read and a plain upsert instead (see Engine._reserve)
         )  # fmt: skip
 
         # -- retention: the prune rule (deepwork_retry._core.retention) rendered;
@@ -247,9 +259,9 @@ class Statements:
         finished = ", ".join(sorted(common.literal(s) for s in retention.FINISHED))
         self.prune = (
             q(
-                "DELETE FROM idempotency WHERE key IN ("
+                f"DELETE FROM idempotency WHERE {key_col} IN ("
                 + d.limited(
-                    "SELECT key FROM idempotency WHERE expires_at <= ?1 "
+                    f"SELECT {key_col} FROM idempotency WHERE expires_at <= ?1 "
                     "ORDER BY expires_at LIMIT ?2"
                 )
                 + ")"
