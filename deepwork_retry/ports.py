@@ -327,7 +327,9 @@ class JoinsHostTransaction(Protocol):
 
     The services see this capability and hand nothing to the dispatcher
     before the host commits: the delivery is registered with
-    :meth:`after_commit` and the answer reports the dispatch ``pending``.
+    :meth:`after_commit` and the answer reports the dispatch ``pending``
+    (``dispatched`` when the callback ran at once, no host transaction being
+    open).
     If the host rolls back, nothing of the retry remains and nothing is
     dispatched; the delivery's bookkeeping runs afterwards in a short
     transaction of the storage's own.

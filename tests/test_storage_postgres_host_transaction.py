@@ -9,8 +9,12 @@ observer saw at that moment.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +22,8 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pg_support import schema_dropped_after
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -298,12 +304,65 @@ def test_a_rollback_the_storage_did_not_see_is_never_dispatched_by_a_later_commi
     assert [("p", "t", 2)] == host.dispatcher.keys
 
 
+def test_two_host_transactions_retrying_one_task_apply_it_once(
+    postgres_dsn: str, schema: str, host: Host
+) -> None:
+    """Two hosts retry one task, each in its own transaction, on threads: the second
+    waits for the first's commit, then is refused; its own write still commits, and
+    the task is dispatched once."""
+    other = Host(postgres_dsn, schema)
+    other.dispatcher = host.dispatcher
+    other.retries = RetryService(other.storage, host.dispatcher, clock=other.clock)
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            with other.storage.transaction():
+                other.order(2)
+                try:
+                    other.retries.retry("p", "t")
+                except TaskNotBlocked as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append("retried")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    try:
+        with host.storage.transaction():
+            host.order(1)
+            host.retries.retry("p", "t")
+            thread = threading.Thread(target=second, daemon=True)
+            thread.start()
+            _until_waiting_for_a_lock(host.observer, other.conn.info.backend_pid)
+        thread.join(30)
+        assert not thread.is_alive()
+        [result] = outcome
+        assert isinstance(result, TaskNotBlocked)
+        assert [1, 2] == host.orders()
+        assert [("p", "t", 2)] == host.dispatcher.keys
+    finally:
+        other.close()
+
+
+def _until_waiting_for_a_lock(observer: PostgresStorage, pid: int) -> None:
+    """Return once backend ``pid`` waits for a lock (generous bound: 30 s)."""
+    query = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
+    with observer.pool.connection() as conn:
+        for _ in range(3000):
+            row = conn.execute(query, (pid,)).fetchone()
+            if row is not None and row[0] == "Lock":
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for the first host's lock")
+
+
 def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
     host: Host,
 ) -> None:
     """No transaction open: the retry commits by itself and is delivered at once."""
     result = host.retries.retry("p", "t")
-    assert "pending" == result.dispatch.status
+    assert "dispatched" == result.dispatch.status
     assert [("p", "t", 2)] == host.dispatcher.keys
     assert ["delivered"] == [e.state for e in host.seen()[2] if e.attempt == 2]
     assert "IDLE" == host.conn.info.transaction_status.name
@@ -473,3 +532,138 @@ def _trace(conn: psycopg.Connection[Any], lines: list[str]) -> Iterator[None]:
             conn.pgconn.untrace()
         trace.seek(0)
         lines.extend(trace.read().splitlines())
+
+
+# -- any sequence of host transactions -----------------------------------------------------
+
+TASKS = 4
+ORDER_NUMBERS = itertools.count(1000)
+_retry_op = st.tuples(st.just("retry"), st.integers(0, TASKS - 1))
+_end_op = st.sampled_from(
+    [("commit",), ("rollback",), ("conn_commit",), ("conn_rollback",), ("order",)]
+)
+_block_op = st.tuples(
+    st.just("block"), st.lists(st.integers(0, TASKS - 1), max_size=3), st.booleans()
+)
+
+
+class HostModel:
+    """What must have happened: retries committed, dispatched, left to the relay."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.in_tx: set[int] = set()
+        self.orders_in_tx: list[int] = []
+        self.committed: set[int] = set()
+        self.orders: list[int] = []
+        self.dispatched: list[int] = []
+        self.to_relay: set[int] = set()
+
+    def retry(self, task: int) -> bool:
+        if task in self.committed or task in self.in_tx:
+            return False
+        if self.open:
+            self.in_tx.add(task)
+        else:  # no transaction open: the storage commits it by itself, and delivers it
+            self.committed.add(task)
+            self.dispatched.append(task)
+        return True
+
+    def end(self, *, commit: bool, seen: bool) -> None:
+        if commit:
+            self.committed |= self.in_tx
+            self.orders += self.orders_in_tx
+            if seen:
+                self.dispatched += sorted(self.in_tx)
+            else:
+                self.to_relay |= self.in_tx
+        self.in_tx, self.orders_in_tx, self.open = set(), [], False
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(st.one_of(_retry_op, _end_op, _block_op), max_size=12))
+def test_any_sequence_of_host_transactions_dispatches_exactly_what_committed(
+    postgres_dsn: str, schema: str, ops: list[tuple[Any, ...]]
+) -> None:
+    """Retries in host transactions committed and rolled back in any way (through the
+    storage, behind its back, in nested blocks): a retry is dispatched once, after its
+    commit, if and only if it committed; what committed behind the storage's back is
+    the relay's, once its claim lapses; nothing rolled back is ever sent."""
+    h = Host(postgres_dsn, schema)
+    pid = f"p{uuid.uuid4().hex[:12]}"
+    model = HostModel()
+    used: set[int] = set()
+
+    def keys() -> list[int]:
+        return sorted(int(t[1:]) for p, t, _ in h.dispatcher.keys if p == pid)
+
+    def retry(task: int) -> None:
+        expected = model.retry(task)
+        try:
+            h.retries.retry(pid, f"t{task}")
+        except TaskNotBlocked:
+            assert not expected
+        else:
+            assert expected
+
+    try:
+        _blocked_tasks(h.storage, pid, TASKS)
+        for op in ops:
+            if op[0] == "retry":
+                retry(op[1])
+            elif op[0] == "order":
+                number = next(ORDER_NUMBERS)
+                used.add(number)
+                h.order(number)
+                model.orders_in_tx.append(number)
+                model.open = True
+            elif op[0] in ("commit", "rollback"):
+                getattr(h.storage, op[0])()
+                model.end(commit=op[0] == "commit", seen=True)
+            elif op[0] in ("conn_commit", "conn_rollback"):
+                getattr(h.conn, op[0].removeprefix("conn_"))()
+                model.end(commit=op[0] == "conn_commit", seen=False)
+            else:
+                _, tasks, keep = op
+                outer, saved = not model.open, set(model.in_tx)
+                with h.storage.transaction():
+                    model.open = True
+                    for task in tasks:
+                        retry(task)
+                    if not keep:
+                        raise psycopg.Rollback
+                if outer:
+                    model.end(commit=keep, seen=True)
+                elif not keep:
+                    model.in_tx = saved
+            assert sorted(model.dispatched) == keys()
+        h.conn.rollback()
+        model.end(commit=False, seen=True)
+        statuses = {t.id: t.status.value for t in h.observer.list_tasks(pid)}
+        assert {
+            f"t{n}": "assigned" if n in model.committed else "blocked" for n in range(TASKS)
+        } == (statuses)
+        relay = OutboxRelay(h.observer, h.dispatcher, clock=h.clock)
+        h.clock.advance(h.retries.claim_timeout + 1)
+        while relay.run_once():
+            pass
+        assert sorted(model.dispatched + sorted(model.to_relay)) == keys()
+        assert sorted(model.committed) == keys()  # each committed retry sent once
+        assert set(h.dispatcher.seen) <= {"assigned"}  # never before its commit
+        assert sorted(model.orders) == sorted(set(h.orders()) & used)  # the host's own writes
+    finally:
+        h.close()
+
+
+def _blocked_tasks(storage: PostgresStorage, pid: str, count: int) -> None:
+    executor = ExecutorService(storage)
+    executor.create_project(pid)
+    for n in range(count):
+        executor.add_task(pid, f"t{n}", max_retries=0)
+        executor.assign(pid, f"t{n}")
+        executor.start(pid, f"t{n}", 1)
+        executor.fail(pid, f"t{n}", 1, TaskError(type="E", message="boom"))

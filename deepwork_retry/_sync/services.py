@@ -201,20 +201,22 @@ class _Shell:
 
         On a storage that joins the host's transaction the commit is the
         host's, still to come: the delivery is registered with the storage's
-        ``after_commit`` (so it never happens if the host rolls back), nothing
-        is handed over now, and every entry reports pending. Otherwise the
-        storage has committed already and the entries are delivered at once.
+        ``after_commit`` (so it never happens if the host rolls back), and
+        the entries report pending unless it ran at once (no host
+        transaction was open). Otherwise the storage has committed already
+        and the entries are delivered at once.
         """
         joined = self._host_transaction()
         if joined is None or self.dispatcher is None or not entries:
             return self._deliver(entries)
         claimed = tuple(entries)
+        results: dict[tuple[str, int], str | None] = {}
 
         def deliver() -> None:
-            self._deliver(claimed)
+            results.update(self._deliver(claimed))
 
         joined.after_commit(deliver)
-        return {}
+        return dict(results)
 
     def _hand_over(
         self,

@@ -13,6 +13,10 @@ task and the progress. :meth:`AsyncPostgresStorage.retry_blocked` goes one
 step further for the manual retry: one statement loads, decides and applies
 it, so the service's retry costs one round trip in all.
 
+:class:`AsyncJoinedPostgresStorage` runs the same statements on a connection
+of the host's, inside the host's transaction (see
+:meth:`AsyncPostgresStorage.joining`).
+
 A project's counters are kept in a few rows, its stripes
 (:data:`~deepwork_retry.storage._postgres_sql.STRIPES`): each task's moves
 change its own stripe, and readers sum them. The progress a move returns is
