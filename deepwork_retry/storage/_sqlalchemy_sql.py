@@ -165,12 +165,6 @@ class Bound:
             from deepwork_retry.storage._sqlalchemy_pg import translate_postgres
 
             return translate_postgres(exc, self.where)
-        code = self.dialect.error_code(self.dialect.original(exc))
-        if code in getattr(self.dialect, "refused_values", ()):
-            return InvalidInput(
-                f"{self.dialect.title} database {self.where} cannot store a value: "
-                f"{self.dialect.original(exc)}"
-            )
         return translate(self.dialect, exc, where=self.where)
 
 

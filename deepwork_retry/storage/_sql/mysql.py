@@ -27,8 +27,6 @@ from deepwork_retry.storage._sql.statements import Statements
 
 __all__ = ["MySQLDialect"]
 
-_KEY = re.compile(r"'(?:[^']|'')*'|`[^`]*`|\bkey\b")
-"""A quoted literal or name (kept whole), or the column ``key``."""
 _NEXT = re.compile(r"\(SELECT pending_seq FROM outbox (.*?) LIMIT 1\)")
 """The last pending position, read inside an ``INSERT INTO outbox``."""
 
@@ -59,7 +57,10 @@ class MySQLDialect(Dialect):
     from_nothing: ClassVar[str] = " FROM DUAL"
     errors: ClassVar[Mapping[int | str, Kind]] = {
         1205: Kind.BUSY,  # ER_LOCK_WAIT_TIMEOUT
-        1213: Kind.BUSY,  # ER_LOCK_DEADLOCK
+        1213: Kind.DEADLOCK,  # ER_LOCK_DEADLOCK: the caller may decide again
+        1366: Kind.INVALID,  # ER_TRUNCATED_WRONG_VALUE_FOR_FIELD (text outside utf8mb4)
+        1406: Kind.INVALID,  # ER_DATA_TOO_LONG
+        1264: Kind.INVALID,  # ER_WARN_DATA_OUT_OF_RANGE
         1062: Kind.CONFLICT,  # ER_DUP_ENTRY
         1586: Kind.CONFLICT,  # ER_DUP_ENTRY_WITH_KEY_NAME
         1146: Kind.SCHEMA,  # ER_NO_SUCH_TABLE
@@ -75,16 +76,13 @@ class MySQLDialect(Dialect):
         2013: Kind.UNAVAILABLE,  # CR_SERVER_LOST
         2055: Kind.UNAVAILABLE,  # CR_SERVER_LOST_EXTENDED
         1927: Kind.UNAVAILABLE,  # ER_CONNECTION_KILLED (MariaDB)
-        3024: Kind.BUSY,  # ER_QUERY_TIMEOUT (max_execution_time)
-        1969: Kind.BUSY,  # ER_STATEMENT_TIMEOUT (MariaDB max_statement_time)
+        3024: Kind.TIMEOUT,  # ER_QUERY_TIMEOUT (max_execution_time)
+        1969: Kind.TIMEOUT,  # ER_STATEMENT_TIMEOUT (MariaDB max_statement_time)
     }
     statements_class: ClassVar[type[Any] | None] = _MySQLStatements
-    refused_values: ClassVar[frozenset[int]] = frozenset({1366, 1406, 1264})
-    """Codes of a value the columns cannot hold (text outside utf8mb4, such as lone
-    surrogates; too long; out of range): the caller's input, refused as such."""
 
-    def sql(self, text: str) -> str:
-        return super().sql(_KEY.sub(lambda m: "`key`" if m.group() == "key" else m.group(), text))
+    def identifier(self, name: str) -> str:
+        return "`key`" if name == "key" else name
 
     def upsert(
         self,
