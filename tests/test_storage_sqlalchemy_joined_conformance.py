@@ -1,5 +1,6 @@
 """The shipped conformance suite on the SQLAlchemy storage joined to a host's
-``Connection`` and ``Session``, on SQLite, MariaDB and PostgreSQL.
+``Connection`` and ``Session`` (and, async, ``AsyncConnection``), on SQLite,
+MariaDB and PostgreSQL.
 
 Two modes: the host's connection with no transaction open (each call then runs
 in a transaction of its own), and a host transaction held open for the whole
@@ -8,7 +9,7 @@ test (each call then runs in it, within a savepoint), rolled back at the end.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,17 @@ import pytest
 from mysql_support import database_dropped_after
 from pg_support import schema_dropped_after
 from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.orm import Session
 
-from deepwork_retry.storage.sqlalchemy import JoinedSQLAlchemyStorage, SQLAlchemyStorage, migrate
-from deepwork_retry.testing import StorageContract
+from deepwork_retry.ports import AsyncStorage
+from deepwork_retry.storage.sqlalchemy import (
+    AsyncJoinedSQLAlchemyStorage,
+    JoinedSQLAlchemyStorage,
+    SQLAlchemyStorage,
+    migrate,
+)
+from deepwork_retry.testing import AsyncStorageContract, StorageContract
 
 
 @pytest.fixture(
@@ -38,7 +46,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[st
             yield from _migrated(
                 {
                     "url": url.render_as_string(hide_password=False),
-                    "engine": {"isolation_level": "READ COMMITTED"},
+                    "options": {"isolation_level": "READ COMMITTED"},
                 }
             )
     else:
@@ -49,7 +57,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[st
 
 
 def _migrated(database: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    engine = create_engine(database["url"], **database.get("engine", {}))
+    engine = create_engine(database["url"], **database.get("options", {}))
     try:
         migrate(engine, schema=database.get("schema"))
         yield {**database, "engine": engine}
@@ -95,3 +103,54 @@ class TestJoinedInsideAHostSession(StorageContract):
             yield _joined(session, database)
             assert session.in_transaction()
             session.rollback()
+
+
+class _OwnedHost(AsyncJoinedSQLAlchemyStorage):
+    """The async joined storage with the host's part played by the test: closing it ends
+    the host's transaction (rolled back), its connection and its engine."""
+
+    async def close(self) -> None:
+        await super().close()
+        conn = self._host
+        assert isinstance(conn, AsyncConnection)
+        if conn.in_transaction():
+            await conn.rollback()
+        await conn.close()
+        await conn.engine.dispose()
+
+
+def _async_joined_factory(
+    database: dict[str, Any], *, in_transaction: bool
+) -> Callable[[], Awaitable[AsyncStorage]]:
+    url = database["url"].replace("sqlite://", "sqlite+aiosqlite://")
+    url = url.replace("mysql+pymysql://", "mysql+aiomysql://")
+
+    async def make() -> AsyncStorage:
+        engine = create_async_engine(url, **database.get("options", {}))
+        conn = await engine.connect()
+        if in_transaction:
+            await conn.begin()
+        return _OwnedHost(conn, schema=database.get("schema"))
+
+    return make
+
+
+class TestAsyncJoinedOnAnIdleConnection(AsyncStorageContract):
+    """The async contract on a host AsyncConnection with no transaction open."""
+
+    @pytest.fixture
+    def async_storage_factory(
+        self, database: dict[str, Any]
+    ) -> Callable[[], Awaitable[AsyncStorage]]:
+        return _async_joined_factory(database, in_transaction=False)
+
+
+class TestAsyncJoinedInsideAHostTransaction(AsyncStorageContract):
+    """The async contract inside a host AsyncConnection's transaction, rolled back at
+    the end of each test."""
+
+    @pytest.fixture
+    def async_storage_factory(
+        self, database: dict[str, Any]
+    ) -> Callable[[], Awaitable[AsyncStorage]]:
+        return _async_joined_factory(database, in_transaction=True)
