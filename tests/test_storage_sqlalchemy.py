@@ -122,3 +122,19 @@ def test_postgres_schema_is_migrated_by_name_and_checked(postgres_dsn: str) -> N
                 SQLAlchemyStorage(create_engine("sqlite://"), schema=schema)
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_migrate_in_a_host_transaction_rolls_back_with_it(postgres_dsn: str) -> None:
+    """``migrate(connection, schema=...)`` on PostgreSQL runs in the transaction open
+    there: rolled back, the schema's tables are gone again."""
+    engine = create_engine(postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with schema_dropped_after(postgres_dsn, "sqla") as schema:
+            with engine.connect() as conn, conn.begin() as transaction:
+                assert [1, 2, 3, 4] == migrate(conn, schema=schema)
+                transaction.rollback()
+            with pytest.raises(StorageMissing):
+                SQLAlchemyStorage(engine, migrate=False, schema=schema).get_project("p")
+    finally:
+        engine.dispose()

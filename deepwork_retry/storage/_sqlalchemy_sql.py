@@ -322,6 +322,8 @@ def _shipped(bound: Bound) -> tuple[common.Migration, ...]:
 def _postgres(conn: Connection, bound: Bound, apply: bool, own: bool) -> list[int]:
     from deepwork_retry.storage._sqlalchemy_pg import migrate_postgres
 
+    if not own:
+        conn.exec_driver_sql("SELECT 1")  # the caller's transaction, open on the server
     return migrate_postgres(conn, cast(Any, bound.engine), apply)
 
 
