@@ -11,6 +11,7 @@ REQUIRE_SERVICES = os.environ.get("DEEPWORK_REQUIRE_SERVICES") == "1"
 
 POSTGRES_DSN = os.environ.get("DEEPWORK_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("DEEPWORK_REDIS_URL", "redis://127.0.0.1:6379/0")
+MYSQL_URL = os.environ.get("DEEPWORK_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 RABBITMQ_URL = os.environ.get("DEEPWORK_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -36,6 +37,13 @@ def require_service(name: str, host: str, port: int) -> None:
 def postgres_dsn() -> str:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     return POSTGRES_DSN
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """The MySQL/MariaDB server's URL (SQLAlchemy form, PyMySQL driver)."""
+    require_service("MariaDB", "127.0.0.1", 3306)
+    return MYSQL_URL
 
 
 @pytest.fixture(scope="session")

@@ -278,3 +278,16 @@ def test_postgres_without_libpq_names_the_binary_extra() -> None:
     )
     assert out.startswith("ImportError deepwork_retry.storage.postgres needs libpq"), out
     assert out.endswith("pip install 'deepwork-retry[postgres-binary]'"), out
+
+
+def test_sqlalchemy_storage_without_sqlalchemy_names_the_extra() -> None:
+    """Importing the SQLAlchemy storage without SQLAlchemy names the `sqlalchemy` extra."""
+    assert (
+        "ImportError deepwork_retry.storage.sqlalchemy needs the optional dependency "
+        "'sqlalchemy'; install it with: pip install 'deepwork-retry[sqlalchemy]'"
+    ) == run_without(["sqlalchemy"], "deepwork_retry.storage.sqlalchemy")
+
+
+def test_the_sqlalchemy_extra_brings_sqlalchemy_only(built: Built) -> None:
+    """The `sqlalchemy` extra brings SQLAlchemy and no driver: the driver is the host's."""
+    assert ["sqlalchemy>=2.0"] == built.requires("sqlalchemy")
