@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from _fixtures import add_blocked, chunks
-from _harness import Figure, Row, alternate, per_op_rounds, unavailable
+from _harness import Figure, Row, alternate, per_op, per_op_rounds, unavailable
 
 from deepwork_retry import RetryService
 
@@ -258,6 +258,37 @@ class LibraryStatements:
             conn.commit()
 
 
+def read_back_sides(
+    engine: Any, storage: Any, items: list[list[tuple[str, str]]]
+) -> tuple[Callable[[int], list[float]], Callable[[int], list[float]]]:
+    """The library's read-back statement (its one ``SELECT`` of the retry) on one held
+    connection: through ``exec_driver_sql`` and through the DBAPI cursor of the same
+    connection. Read only: the same rows serve every round."""
+    from deepwork_retry.storage._sqlalchemy_sql import Executor, _text
+
+    bound = storage._bound
+    read = storage._retry.read
+    mysql = bound.kind == "mysql"
+
+    def through_sqlalchemy(r: int) -> list[float]:
+        with engine.connect() as conn:
+            ex = Executor(conn, bound.dialect)
+            return per_op(lambda pid, tid: ex.execute(read, (pid, tid)).fetchall(), items[r])
+
+    def through_driver(r: int) -> list[float]:
+        with engine.connect() as conn:
+            cur = conn.connection.driver_connection.cursor()
+
+            def op(pid: str, tid: str) -> object:
+                cur.execute(read, bound.dialect.bind(read, (pid, tid)) if mysql else (pid, tid))
+                rows = cur.fetchall()
+                return [_text(row) for row in rows] if mysql else rows
+
+            return per_op(op, items[r])
+
+    return through_sqlalchemy, through_driver
+
+
 class PyMySQLFloor:
     """The same statements with ``pymysql`` directly, on one connection."""
 
@@ -451,10 +482,16 @@ def _one(kind: str, rounds: int, per_round: int, scratch: Path) -> list[Row]:
             (ref, project("floor")(EngineFloor(engine, kind).retry)),
             (core, project("core")(CoreFloor(engine, kind).retry)),
         ]
-        raw = twin = alone = None
+        raw = twin = alone = read_sa = read_raw = None
         if kind != "postgresql":
             alone = Figure(f"the library's statements alone, {title}", "us")
             sides.append((alone, project("sql")(LibraryStatements(engine, storage).retry)))
+            read_sa = Figure(f"the retry's read-back through exec_driver_sql, {title}", "us")
+            read_raw = Figure(f"the same read through the DBAPI cursor, {title}", "us")
+            on_sa, on_driver = read_back_sides(
+                engine, storage, chunks([("lib", f"t{i:07d}") for i in range(total)], rounds)
+            )
+            sides += [(read_sa, on_sa), (read_raw, on_driver)]
         if kind == "mysql":
             direct = PyMySQLFloor(engine.url)
             closing.append(direct)
@@ -502,6 +539,17 @@ def _one(kind: str, rounds: int, per_round: int, scratch: Path) -> list[Row]:
                     target="report",
                     note=f"the library's {statements} statements, parameters computed "
                     "beforehand: its SQL share",
+                )
+            )
+        if read_sa is not None:
+            rows.append(
+                Row(
+                    "sqlalchemy",
+                    f"{title}: the retry's read-back, exec_driver_sql vs DBAPI cursor",
+                    read_sa,
+                    read_raw,
+                    target="report",
+                    note="its one SELECT (22 columns) on one held connection, same rows",
                 )
             )
         if raw is not None:
