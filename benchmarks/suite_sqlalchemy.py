@@ -460,7 +460,8 @@ def _one(kind: str, rounds: int, per_round: int, scratch: Path) -> list[Row]:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # noqa: BLE001 - the database is missing: the row says so
-        return [unavailable("sqlalchemy", name, f"{title}: {type(exc).__name__}: {exc}"[:150])]
+        reason = " ".join(f"{title}: {type(exc).__name__}: {exc}".split())[:150]
+        return [unavailable("sqlalchemy", name, reason, TARGET)]
     rows: list[Row] = []
     closing: list[Any] = []
     try:
