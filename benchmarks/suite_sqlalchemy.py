@@ -14,9 +14,13 @@ the other. Both sides take a connection from the engine's pool per retry
   statement itself), then commit. On SQLite the transaction begins with
   ``BEGIN IMMEDIATE``, as any writer there must to keep the guard atomic; on
   PostgreSQL the counters update names the task's progress stripe;
-- on MariaDB also the floor's statements with ``pymysql`` directly (one
-  connection, no SQLAlchemy): the cost of SQLAlchemy's connection and execution
-  layer itself.
+- report rows, what bounds the ratio: the floor's statements as SQLAlchemy
+  Core constructs; the library's own statements alone (parameters computed
+  beforehand, nothing decided or decoded; SQLite and MariaDB); the retry's
+  read-back ``SELECT`` through ``exec_driver_sql`` against the DBAPI cursor of
+  the same connection; on MariaDB the floor's statements with ``pymysql``
+  directly (one connection, no SQLAlchemy): SQLAlchemy's own cost; on SQLite
+  ``SQLiteStorage`` (the same engine code on ``sqlite3``) on a file of its own.
 
 MariaDB: ``$DEEPWORK_BENCH_MYSQL`` (default ``mysql+pymysql://root@127.0.0.1:3306``),
 database ``bench_sqla`` (dropped and created). PostgreSQL: ``$DEEPWORK_BENCH_DSN``
@@ -345,7 +349,7 @@ def mysql_url() -> Any:
     return make_url(os.environ.get("DEEPWORK_BENCH_MYSQL", DEFAULT_MYSQL))
 
 
-def _mysql_engine() -> tuple[Any, dict[str, Any]]:
+def _mysql_engine(_scratch: Path) -> tuple[Any, dict[str, Any]]:
     import pymysql
     from sqlalchemy import create_engine
 
@@ -361,7 +365,7 @@ def _mysql_engine() -> tuple[Any, dict[str, Any]]:
     return create_engine(url, isolation_level="READ COMMITTED"), {}
 
 
-def _postgres_engine() -> tuple[Any, dict[str, Any]]:
+def _postgres_engine(_scratch: Path) -> tuple[Any, dict[str, Any]]:
     import psycopg
     from sqlalchemy import create_engine
     from suite_pg import dsn
@@ -403,7 +407,7 @@ def _outbox_entries(engine: Any) -> dict[str, int]:
 
 
 def statements_per_retry(engine: Any, storage: Any, pid: str, tid: str, kind: str) -> int:
-    """Statements one library retry sends (``COMMIT`` not counted).
+    """Statements one library retry sends (see :data:`_UNCOUNTED`).
 
     SQLAlchemy's ``before_cursor_execute`` event on SQLite and MariaDB; on
     PostgreSQL the storage runs the PostgreSQL storage's code on the psycopg
@@ -428,7 +432,7 @@ def statements_per_retry(engine: Any, storage: Any, pid: str, tid: str, kind: st
     return len(seen)
 
 
-_MAKERS: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
+_MAKERS: dict[str, Callable[[Path], tuple[Any, dict[str, Any]]]] = {
     "sqlite": _sqlite_engine,
     "mysql": _mysql_engine,
     "postgresql": _postgres_engine,
@@ -457,7 +461,7 @@ def _one(kind: str, rounds: int, per_round: int, scratch: Path) -> list[Row]:
     title = _TITLES[kind]
     name = f"manual retry on {title} vs bare statements"
     try:
-        engine, options = _MAKERS[kind](scratch) if kind == "sqlite" else _MAKERS[kind]()
+        engine, options = _MAKERS[kind](scratch)
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # noqa: BLE001 - the database is missing: the row says so
