@@ -10,7 +10,7 @@ missed target is a row marked ``no``, a comparison that cannot run here is a
 row marked ``unavailable: <reason>``.
 
 NAMES: memory, sqlite, sqlite-scale, postgres, postgres-scale, concurrency,
-http, pocketpaw, procrastinate, django.
+http, pocketpaw, procrastinate, django, sqlalchemy.
 
 PostgreSQL: ``$DEEPWORK_BENCH_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); the benchmarks create and drop
@@ -43,6 +43,7 @@ import suite_django  # noqa: E402
 import suite_http  # noqa: E402
 import suite_local  # noqa: E402
 import suite_pg  # noqa: E402
+import suite_sqlalchemy  # noqa: E402
 from _harness import Row, fmt_value, unavailable  # noqa: E402
 
 NAMES = (
@@ -56,6 +57,7 @@ NAMES = (
     "pocketpaw",
     "procrastinate",
     "django",
+    "sqlalchemy",
 )
 
 
@@ -75,6 +77,7 @@ class Plan:
             self.pocketpaw = (4, 2.0, 16, 300)
             self.procrastinate = (6, 100)
             self.django = (6, 100)
+            self.sqlalchemy = (6, 100)
         else:
             self.memory = (20, 5000)
             self.sqlite = (20, 500)
@@ -86,6 +89,7 @@ class Plan:
             self.pocketpaw = (6, 4.0, 16, 500)
             self.procrastinate = (20, 200)
             self.django = (20, 200)
+            self.sqlalchemy = (16, 250)
 
 
 def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callable[[], list[Row]]]]:
@@ -114,6 +118,7 @@ def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callab
             lambda: suite_pg.procrastinate(*p.procrastinate, _peers.ensure("procrastinate"), logs),
         ),
         ("django", lambda: suite_django.django_orm(*p.django, scratch)),
+        ("sqlalchemy", lambda: suite_sqlalchemy.sqlalchemy(*p.sqlalchemy, scratch)),
     ]
 
 
