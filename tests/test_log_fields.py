@@ -9,6 +9,7 @@ the records the ``logging`` module really made.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -20,6 +21,9 @@ from typing import Any
 import pytest
 
 from deepwork_retry import (
+    AsyncExecutorService,
+    AsyncOutboxRelay,
+    AsyncRetryService,
     ExecutorService,
     NoBackoff,
     OutboxRelay,
@@ -29,13 +33,15 @@ from deepwork_retry import (
     RetryService,
     TaskError,
 )
-from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry._core.model import DispatchEntry, IdempotencyRecord
 from deepwork_retry._log import EVENTS, FIELDS, Ids, emit, fields
+from deepwork_retry.auth import StaticTokens
 from deepwork_retry.dispatch._worker import run_attempt
 from deepwork_retry.dispatch.threads import ThreadPoolDispatcher
 from deepwork_retry.exceptions import StorageUnavailable
-from deepwork_retry.storage.memory import MemoryStorage
-from deepwork_retry.testing import FakeClock, RecordingDispatcher
+from deepwork_retry.storage.memory import AsyncMemoryStorage, MemoryStorage
+from deepwork_retry.testing import AsyncRecordingDispatcher, FakeClock, RecordingDispatcher
+from deepwork_retry.web import ApiRequest, RetryAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = RetryPolicy(backoff=NoBackoff(), lease=30.0)
@@ -57,6 +63,11 @@ class FaultyStorage(MemoryStorage):
         if "mark_failed" in self.broken:
             raise StorageUnavailable("outbox unreachable")
         super().mark_failed(entry, error=error, retry_at=retry_at)
+
+    def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        if "save_idempotency" in self.broken and record.status_code is not None:
+            raise StorageUnavailable("keys unreachable")
+        return super().save_idempotency(record)
 
 
 class StoppingClock(FakeClock):
@@ -349,3 +360,65 @@ def test_the_pages_formatters_show_the_fields(capsys: pytest.CaptureFixture[str]
     parsed = [json.loads(line) for line in lines if line.startswith("{")]
     [failed] = [p for p in parsed if p.get("deepwork_event") == "deepwork.dispatch_failed"]
     assert ("proj", "t7", 2) == (failed["project_id"], failed["task_id"], failed["attempt"])
+
+
+def test_the_async_services_log_the_same_fields(records: pytest.LogCaptureFixture) -> None:
+    """The async twins (the source the sync services are generated from) log a failed
+    dispatch, a relay's delivery and a lost attempt with the same fields."""
+    sync = FaultyStorage()
+    storage = AsyncMemoryStorage(sync)
+    clock = FakeClock()
+    dispatcher = AsyncRecordingDispatcher()
+    executor = AsyncExecutorService(storage, dispatcher, clock=clock, policy=POLICY)
+    retries = AsyncRetryService(storage, dispatcher, clock=clock, policy=POLICY)
+    relay = AsyncOutboxRelay(storage, dispatcher, clock=clock)
+
+    async def main() -> None:
+        await executor.create_project("proj")
+        await executor.add_task("proj", "t1", max_retries=0)
+        await executor.assign("proj", "t1")
+        await executor.start("proj", "t1", 1)
+        await executor.fail("proj", "t1", 1, TaskError(type="E", message="boom"))
+        dispatcher.failing = True
+        await retries.retry("proj", "t1")
+        dispatcher.failing = False
+        clock.advance(120)
+        assert 1 == await relay.run_once()
+        await executor.start("proj", "t1", 2)
+        clock.advance(POLICY.lease + 1)
+        assert 1 == len(await executor.reap())
+
+    asyncio.run(main())
+    found = {
+        event: [_ids(r) for r in _about(records, event)]
+        for event in ("deepwork.dispatch_failed", "deepwork.delivered", "deepwork.attempt_lost")
+    }
+    assert {
+        "deepwork.dispatch_failed": [("proj", "t1", 2)],
+        "deepwork.delivered": [("proj", "t1", 1), ("proj", "t1", 2)],
+        "deepwork.attempt_lost": [("proj", "t1", 2)],
+    } == found
+
+
+def test_the_web_api_logs_an_unrecorded_response_with_the_tasks_ids(
+    records: pytest.LogCaptureFixture,
+) -> None:
+    """A retry whose response cannot be saved under its Idempotency-Key: the warning names
+    the project and the task, and the retry is answered."""
+    w = World()
+    w.block("t1")
+    w.storage.broken.add("save_idempotency")
+    tokens = StaticTokens()
+    tokens.add("s3cret-token", "alice")
+    api = RetryAPI(w.retries, tokens)
+    response = api.handle(
+        ApiRequest(
+            method="POST",
+            path="/projects/proj/tasks/t1/retry",
+            headers={"Authorization": "Bearer s3cret-token", "Idempotency-Key": "k1"},
+        )
+    )
+    assert 200 == response.status
+    [record] = _about(records, "deepwork.response_unrecorded")
+    assert ("proj", "t1", None) == _ids(record)
+    assert record.name == "deepwork_retry.web"
