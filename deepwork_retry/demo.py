@@ -18,6 +18,7 @@ import attrs
 
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._core.policy import NoBackoff, RetryPolicy, TaskError
+from deepwork_retry._log import emit
 from deepwork_retry._sync.services import ExecutorService
 from deepwork_retry.exceptions import DeepworkError
 from deepwork_retry.ports import Storage
@@ -102,8 +103,11 @@ class DemoDispatcher:
     def _run(self, entry: DispatchEntry) -> None:
         try:
             run_attempt(self._executor(), entry, pause=self._pause)
-        except Exception:
-            log.exception("demo attempt %s failed unexpectedly", entry.key)
+        except Exception:  # noqa: BLE001 - logged with its traceback
+            emit(
+                log, logging.ERROR, "deepwork.dispatched_work_raised",
+                "demo attempt %s failed unexpectedly", entry.key, about=entry, exc_info=True,
+            )  # fmt: skip
 
     def dispatch(self, entry: DispatchEntry) -> None:
         self._pool.submit(self._run, entry)

@@ -74,6 +74,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry.ports",
         "deepwork_retry.auth",
         "deepwork_retry._wiring",
+        "deepwork_retry._log",
         "deepwork_retry._async._compat",
         "deepwork_retry._sync._compat",
     ),

@@ -40,6 +40,7 @@ from deepwork_retry._core.results import (
 )
 from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
+from deepwork_retry._log import emit
 from deepwork_retry._sync._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
@@ -187,11 +188,16 @@ class _Shell:
             return results
         try:
             self._hand_over(self.dispatcher, entries, results)
-        except Exception:  # after a commit, whatever fails leaves the work to the relay
-            log.error(
+        except Exception:  # noqa: BLE001 - logged; after a commit, whatever fails leaves the work to the relay
+            # The fields name the entry when there is one, the project when all share it.
+            about = entries[0] if len(entries) == 1 else None
+            projects = {entry.project_id for entry in entries}
+            emit(
+                log, logging.ERROR, "deepwork.post_commit_failed",
                 "delivery after a commit failed; the outbox relay delivers what is left",
+                about=about, project_id=projects.pop() if len(projects) == 1 else None,
                 exc_info=True,
-            )
+            )  # fmt: skip
         return results
 
     def _deliver_committed(
@@ -235,28 +241,43 @@ class _Shell:
                 dispatcher.dispatch(entry)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
-                log.warning("dispatch of %s failed, it stays pending: %s", entry.key, error)
+                emit(
+                    log, logging.WARNING, "deepwork.dispatch_failed",
+                    "dispatch of %s failed, it stays pending: %s", entry.key, error, about=entry,
+                )  # fmt: skip
                 results[(entry.task_id, entry.attempt)] = error
                 retry_at = self.clock.now() + timedelta(
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
                 )
                 try:
                     self.storage.mark_failed(entry, error=error, retry_at=retry_at)
-                except Exception:  # the entry stays claimed, then a relay takes it
-                    log.warning("could not record failed delivery of %s", entry.key, exc_info=True)
+                except Exception:  # noqa: BLE001 - logged; the entry stays claimed, then a relay takes it
+                    emit(
+                        log, logging.WARNING, "deepwork.dispatch_failure_unrecorded",
+                        "could not record failed delivery of %s", entry.key,
+                        about=entry, exc_info=True,
+                    )  # fmt: skip
             else:
                 results[(entry.task_id, entry.attempt)] = None
                 delivered.append(entry)
+                emit(
+                    log, logging.DEBUG, "deepwork.delivered", "delivered %s", entry.key, about=entry
+                )
         if delivered:
             try:
                 self.storage.mark_delivered(delivered, now=self.clock.now())
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged with its traceback
                 # The entries stay claimed; once the claim lapses a relay delivers
                 # them again under the same (task, attempt) key, which executors
                 # deduplicate with the fencing token.
-                log.warning(
-                    "could not record delivery of %d entries", len(delivered), exc_info=True
-                )
+                # One record per entry, so that each can be found by its ids;
+                # the traceback comes with the first.
+                for n, entry in enumerate(delivered, 1):
+                    emit(
+                        log, logging.WARNING, "deepwork.delivery_unrecorded",
+                        "could not record delivery of %s (%d of %d)", entry.key, n, len(delivered),
+                        about=entry, exc_info=n == 1,
+                    )  # fmt: skip
 
     def _dispatch_outcomes(self, plan: Plan, applied: Applied) -> tuple[DispatchOutcome, ...]:
         """Deliver what ``applied`` made pending; the plan's own dispatch comes first."""
@@ -437,7 +458,11 @@ class RetryService(_Shell):
             except StorageError as exc:
                 if not any(item.retried for item in done):
                     raise
-                log.warning("bulk retry of %s stopped by the storage", project_id, exc_info=exc)
+                emit(
+                    log, logging.WARNING, "deepwork.bulk_retry_stopped",
+                    "bulk retry of %s stopped by the storage", project_id,
+                    project_id=project_id, task_id=task.id, exc_info=exc,
+                )  # fmt: skip
                 return bulk_outcome(False, done, tasks, limit=limit, stop=STORAGE_STOPPED)
             except DeepworkError as exc:
                 done.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
@@ -446,7 +471,11 @@ class RetryService(_Shell):
                     raise  # nothing committed yet: the request failed as a whole
                 # Retries are committed: the page ends here, and the caller
                 # continues from the task that failed.
-                log.error("bulk retry of %s stopped at %s", project_id, task.id, exc_info=True)
+                emit(
+                    log, logging.ERROR, "deepwork.bulk_retry_stopped",
+                    "bulk retry of %s stopped at %s", project_id, task.id,
+                    project_id=project_id, task_id=task.id, exc_info=True,
+                )  # fmt: skip
                 return bulk_outcome(False, done, tasks, limit=limit, stop=INTERRUPTED)
             else:
                 status = result.dispatch.status
@@ -664,10 +693,22 @@ class ExecutorService(_Shell):
         results = []
         for task in self.storage.expired_leases(now=self.clock.now(), limit=limit):
             try:
-                results.append(self.lose(task.project_id, task.id))
+                lost = self.lose(task.project_id, task.id)
             except DeepworkError:
                 # It heartbeated, finished or was reaped by someone else meanwhile.
-                log.debug("lease of %s/%s no longer expired", task.project_id, task.id)
+                emit(
+                    log, logging.DEBUG, "deepwork.lease_no_longer_expired",
+                    "lease of %s/%s no longer expired", task.project_id, task.id,
+                    project_id=task.project_id, task_id=task.id, attempt=task.attempt,
+                )  # fmt: skip
+            else:
+                results.append(lost)
+                emit(
+                    log, logging.WARNING, "deepwork.attempt_lost",
+                    "attempt %s/%s #%d lost: its lease expired at %s",
+                    task.project_id, task.id, task.attempt, task.lease_expires_at,
+                    project_id=task.project_id, task_id=task.id, attempt=task.attempt,
+                )  # fmt: skip
         self.redeliver(limit=limit)
         return results
 
@@ -691,13 +732,11 @@ class ExecutorService(_Shell):
             return []  # further back than any delivery
         entries = self.storage.redeliver_stale(now=now, delivered_before=before, limit=limit)
         for entry in entries:
-            log.warning(
+            emit(
+                log, logging.WARNING, "deepwork.redelivered",
                 "attempt %s/%s #%d not started %gs after its delivery; dispatching it again",
-                entry.project_id,
-                entry.task_id,
-                entry.attempt,
-                timeout,
-            )
+                entry.project_id, entry.task_id, entry.attempt, timeout, about=entry,
+            )  # fmt: skip
         return entries
 
 
@@ -869,7 +908,8 @@ class Pruner:
             log.warning("prune: storage unavailable", exc_info=True)
             pruned = Pruned()
         if pruned.total:
-            log.info(
+            emit(
+                log, logging.INFO, "deepwork.pruned",
                 "pruned %d idempotency records, %d delivered outbox entries, %d attempt records",
                 pruned.idempotency, pruned.outbox, pruned.attempts,
             )  # fmt: skip

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from deepwork_retry._core.model import Task
 from deepwork_retry._core.policy import TaskError
+from deepwork_retry._log import Ids, emit
 from deepwork_retry._sync.services import ExecutorService
 from deepwork_retry.exceptions import (
     InvalidTransition,
@@ -112,7 +113,7 @@ class _Heartbeat(threading.Thread):
     ) -> None:
         super().__init__(name=f"deepwork-heartbeat-{task_id}", daemon=True)
         self.service = service
-        self.ids = (project_id, task_id, token)
+        self.ids = Ids(project_id, task_id, token)
         self.interval = interval
         self.stop = threading.Event()
         self.lost = threading.Event()
@@ -126,23 +127,32 @@ class _Heartbeat(threading.Thread):
                 self.lost.set()
                 return
             except StorageError:
-                log.warning("heartbeat of %s/%s attempt %d failed", *self.ids, exc_info=True)
+                emit(
+                    log, logging.WARNING, "deepwork.heartbeat_failed",
+                    "heartbeat of %s/%s attempt %d failed", *self.ids,
+                    about=self.ids, exc_info=True,
+                )  # fmt: skip
 
 
-def _report(
-    report: Callable[[], object], ids: tuple[str, str, int], deadline: float
-) -> DeliveryOutcome:
+def _report(report: Callable[[], object], ids: Ids, deadline: float) -> DeliveryOutcome:
     """Record the outcome, retrying while storage is unavailable (until ``deadline``)."""
     delay = 0.2
     while True:
         try:
             report()
         except (StaleAttempt, InvalidTransition, NotFound):
-            log.warning("attempt %s/%s #%d is no longer current; outcome dropped", *ids)
+            emit(
+                log, logging.WARNING, "deepwork.attempt_stale",
+                "attempt %s/%s #%d is no longer current; outcome dropped", *ids, about=ids,
+            )  # fmt: skip
             return DeliveryOutcome.STALE
         except StorageError:
             if time.monotonic() + delay > deadline:
-                log.error("could not report attempt %s/%s #%d; its lease will lapse", *ids)
+                emit(
+                    log, logging.ERROR, "deepwork.attempt_unreported",
+                    "could not report attempt %s/%s #%d; its lease will lapse", *ids,
+                    about=ids,
+                )  # fmt: skip
                 return DeliveryOutcome.UNREPORTED
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -166,19 +176,32 @@ def run_attempt(
     down) escapes, leaving the attempt to the reaper.
     """
     if not valid_message(project_id, task_id, attempt):
-        log.error("dropping malformed delivery %r", (project_id, task_id, attempt))
+        # Only what has the right type is a field: a malformed id stays in the text.
+        emit(
+            log, logging.ERROR, "deepwork.attempt_malformed",
+            "dropping malformed delivery %r", (project_id, task_id, attempt),
+            project_id=project_id if isinstance(project_id, str) else None,
+            task_id=task_id if isinstance(task_id, str) else None,
+            attempt=attempt if type(attempt) is int else None,
+        )  # fmt: skip
         return DeliveryOutcome.MALFORMED
     assert isinstance(project_id, str)
     assert isinstance(task_id, str)
     assert isinstance(attempt, int)
-    ids = (project_id, task_id, attempt)
+    ids = Ids(project_id, task_id, attempt)
     try:
         started = service.start(project_id, task_id, attempt)
     except (StaleAttempt, InvalidTransition, NotFound) as exc:
-        log.info("skipping delivery of %s/%s #%d: %s", *ids, exc)
+        emit(
+            log, logging.INFO, "deepwork.attempt_skipped",
+            "skipping delivery of %s/%s #%d: %s", *ids, exc, about=ids,
+        )  # fmt: skip
         return DeliveryOutcome.SKIPPED
     except StorageError:
-        log.warning("storage unavailable at start of %s/%s #%d", *ids, exc_info=True)
+        emit(
+            log, logging.WARNING, "deepwork.attempt_start_unavailable",
+            "storage unavailable at start of %s/%s #%d", *ids, about=ids, exc_info=True,
+        )  # fmt: skip
         return DeliveryOutcome.RETRY_LATER
 
     beat = _Heartbeat(service, *ids, heartbeat_every(service, heartbeat_interval))
@@ -187,7 +210,10 @@ def run_attempt(
     try:
         fn(started.task, attempt)
     except Exception as exc:  # noqa: BLE001 - any error of the host's code fails the attempt
-        log.info("attempt %s/%s #%d failed: %r", *ids, exc)
+        emit(
+            log, logging.INFO, "deepwork.attempt_failed",
+            "attempt %s/%s #%d failed: %r", *ids, exc, about=ids,
+        )  # fmt: skip
         error = TaskError.from_exception(exc)
     finally:
         beat.stop.set()

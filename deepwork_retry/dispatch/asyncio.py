@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError
 
 __all__ = ["AsyncioDispatcher"]
@@ -53,11 +54,14 @@ class AsyncioDispatcher:
     async def _run(self, entry: DispatchEntry) -> None:
         try:
             await self.fn(entry)
-        except Exception as exc:  # reported here: the task must not die unobserved
+        except Exception as exc:  # noqa: BLE001 - logged; reported here: the task must not die unobserved
             if self.on_error is not None:
                 self.on_error(entry, exc)
             else:
-                log.error("dispatched work for %s raised", entry.key, exc_info=exc)
+                emit(
+                    log, logging.ERROR, "deepwork.dispatched_work_raised",
+                    "dispatched work for %s raised", entry.key, about=entry, exc_info=exc,
+                )  # fmt: skip
 
     async def aclose(self) -> None:
         """Refuse new work and wait for every dispatched task to finish."""

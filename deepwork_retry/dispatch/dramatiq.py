@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("dramatiq", __name__, exc) from exc
 
 from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry._log import emit
 from deepwork_retry.dispatch._to_async import AsyncFromSyncDispatcher
 from deepwork_retry.dispatch._worker import (
     DEFAULT_TASK_NAME,
@@ -139,7 +140,13 @@ def deepwork_actor(
                 )
             # Nothing is returned: without a results backend Dramatiq warns about
             # every returned value, and the outcome is already in storage.
-            log.debug("delivery of %r: %s", (project_id, task_id, attempt), outcome.value)
+            emit(
+                log, logging.DEBUG, "deepwork.delivery_outcome",
+                "delivery of %r: %s", (project_id, task_id, attempt), outcome.value,
+                project_id=project_id if isinstance(project_id, str) else None,
+                task_id=task_id if isinstance(task_id, str) else None,
+                attempt=attempt if type(attempt) is int else None,
+            )  # fmt: skip
 
         execute.__name__ = getattr(fn, "__name__", execute.__name__)
         execute.__doc__ = getattr(fn, "__doc__", None)

@@ -15,6 +15,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from types import TracebackType
 
 from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError
 
 __all__ = ["ThreadPoolDispatcher"]
@@ -69,7 +70,10 @@ class ThreadPoolDispatcher:
         if self.on_error is not None:
             self.on_error(entry, exc)
         else:
-            log.error("dispatched work for %s raised", entry.key, exc_info=exc)
+            emit(
+                log, logging.ERROR, "deepwork.dispatched_work_raised",
+                "dispatched work for %s raised", entry.key, about=entry, exc_info=exc,
+            )  # fmt: skip
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Refuse new work; with ``wait``, return when accepted work has finished."""

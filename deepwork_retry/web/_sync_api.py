@@ -32,6 +32,7 @@ from deepwork_retry._core.results import (
     tasks_page_json,
 )
 from deepwork_retry._core.states import DispatchState, Trigger
+from deepwork_retry._log import emit
 from deepwork_retry._sync._compat import ASYNCHRONOUS
 from deepwork_retry._sync.services import RetryService
 from deepwork_retry._wiring import check_kind
@@ -94,8 +95,13 @@ def _retried(result: RetryResult) -> ApiResponse:
     committed; never an error that would tell the client nothing happened."""
     try:
         return ApiResponse(status=200, body=retry_text(result).encode("utf-8"))
-    except Exception:  # the retry is committed whatever fails here
-        log.error("the answer to a committed retry could not be rendered", exc_info=True)
+    except Exception:  # noqa: BLE001 - logged; the retry is committed whatever fails here
+        emit(
+            log, logging.ERROR, "deepwork.retry_answer_unrendered",
+            "the answer to a committed retry could not be rendered",
+            project_id=result.task.project_id, task_id=result.task.id,
+            attempt=result.task.attempt, exc_info=True,
+        )  # fmt: skip
         return error_response(RetryCommitted(result.task.id))
 
 
@@ -259,11 +265,15 @@ class RetryAPI:
         record = attrs.evolve(base, status_code=response.status, body=response.body.decode("utf-8"))
         try:
             saved = self.service.storage.save_idempotency(record)
-        except Exception:  # a failure here must not hide the answer
+        except Exception:  # noqa: BLE001 - logged; a failure here must not hide the answer
             # The retry itself may be committed; the key stays reserved, and a
             # repeat is told to try again (or, once the reservation is old, is
             # answered from the stored state) rather than retrying a second time.
-            log.warning("could not record the response for an idempotency key", exc_info=True)
+            emit(
+                log, logging.WARNING, "deepwork.response_unrecorded",
+                "could not record the response for an idempotency key",
+                project_id=base.project_id, task_id=base.task_id, exc_info=True,
+            )  # fmt: skip
             return response
         if (saved.status_code, saved.body) != (record.status_code, record.body):
             return _replay(saved)
