@@ -1,9 +1,11 @@
 """The SQLAlchemy storage's own behaviour on MariaDB: its schema, its migrations, races
-between processes' worth of connections, and errors."""
+between processes' worth of connections, a deadlock with a host's locks, the isolation
+level it joins at, and errors."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +15,14 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
 
 from deepwork_retry import ExecutorService, RetryService, TaskError
-from deepwork_retry.exceptions import StorageCorrupt, StorageMissing, TaskNotBlocked
+from deepwork_retry._core import decide
+from deepwork_retry.exceptions import (
+    InvalidInput,
+    StorageCorrupt,
+    StorageMissing,
+    TaskNotBlocked,
+    VersionConflict,
+)
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.engine import split_script
 from deepwork_retry.storage.sqlalchemy import SQLAlchemyStorage, migrate
@@ -163,3 +172,90 @@ def test_two_storages_racing_the_same_retry_one_wins(database: URL) -> None:
     finally:
         first.close()
         second.close()
+
+
+def _blocked(storage: SQLAlchemyStorage, *task_ids: str) -> None:
+    """Project ``p`` with each of ``task_ids`` blocked (failed with no retries left)."""
+    executor = ExecutorService(storage)
+    executor.create_project("p")
+    for task_id in task_ids:
+        executor.add_task("p", task_id, max_retries=0)
+        executor.assign("p", task_id)
+        executor.start("p", task_id, 1)
+        executor.fail("p", task_id, 1, TaskError(type="E", message="boom"))
+
+
+def test_a_host_at_repeatable_read_is_refused_clearly(database: URL) -> None:
+    """A host transaction whose reads see an old snapshot (MySQL's default level) is
+    refused, saying how to fix it, and nothing is changed."""
+    storage = SQLAlchemyStorage.from_url(_url(database))
+    _blocked(storage, "t")
+    engine = create_engine(_url(database))  # MySQL's default: REPEATABLE READ
+    try:
+        with engine.connect() as conn, conn.begin():
+            retries = RetryService(SQLAlchemyStorage(conn))
+            with pytest.raises(InvalidInput, match="READ COMMITTED"):
+                retries.retry("p", "t")
+        assert "blocked" == storage.load("p", "t")[1].status
+    finally:
+        engine.dispose()
+        storage.close()
+
+
+def test_a_deadlock_inside_apply_is_a_version_conflict(database: URL) -> None:
+    """A host's transaction locks the project's row, the storage's ``apply`` (on a
+    thread of its own) updates the task and waits for that row, then the host locks
+    the task: a real deadlock. The server aborts the smaller transaction, the
+    storage's, and ``apply`` answers ``VersionConflict`` (on which the services decide
+    again), as the other SQL storages do; nothing of it remains, and once the host is
+    done the plan decided again applies."""
+    url = _url(database)
+    storage = SQLAlchemyStorage.from_url(url)
+    _blocked(storage, "t")
+    project, task = storage.load("p", "t")
+    plan = decide.manual_retry(task, project, now=task.updated_at, blockers={})
+    host = create_engine(url)
+    storage_connection: list[int] = []
+    outcome: list[BaseException | None] = []
+
+    def apply() -> None:
+        try:
+            storage.apply(plan)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            outcome.append(exc)
+
+    try:
+        with host.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER NOT NULL PRIMARY KEY)")
+        with host.connect() as conn, conn.begin():
+            # The host's transaction is the larger one: the server aborts the other.
+            conn.exec_driver_sql("INSERT INTO orders (id) SELECT seq FROM seq_1_to_200")
+            conn.exec_driver_sql("SELECT id FROM projects WHERE id = 'p' FOR UPDATE")
+            thread = threading.Thread(target=apply)
+            thread.start()
+            for _ in range(3000):  # until the storage waits for the project's row
+                waiting = conn.exec_driver_sql(
+                    "SELECT id FROM information_schema.processlist WHERE db = DATABASE() "
+                    "AND info LIKE 'UPDATE projects%%'"
+                ).scalars()
+                storage_connection.extend(waiting)
+                if storage_connection or not thread.is_alive():
+                    break
+                time.sleep(0.01)
+            assert storage_connection, "the storage never waited for the host's lock"
+            conn.exec_driver_sql("SELECT id FROM tasks WHERE id = 't' FOR UPDATE")
+            thread.join()
+            assert 1 == len(outcome)
+            assert isinstance(outcome[0], VersionConflict), outcome
+            conn.exec_driver_sql("INSERT INTO orders (id) VALUES (1000)")
+        assert "blocked" == storage.load("p", "t")[1].status
+        assert 1 == len(storage.attempts("p", "t"))
+        project, task = storage.load("p", "t")
+        again = decide.manual_retry(task, project, now=task.updated_at, blockers={})
+        assert "assigned" == storage.apply(again).task.status
+        with host.connect() as conn:
+            assert 201 == conn.exec_driver_sql("SELECT COUNT(*) FROM orders").scalar()
+    finally:
+        host.dispose()
+        storage.close()

@@ -125,9 +125,14 @@ def joined(
     try:
         result = fn(conn)
         savepoint.commit()
-    except BaseException:
+    except BaseException as exc:
         if savepoint.is_active:
-            savepoint.rollback()
+            try:
+                savepoint.rollback()
+            except Exception:  # noqa: BLE001
+                # MySQL ends the whole transaction on a deadlock, its savepoints with
+                # it: what ended it is the error to report.
+                raise exc from None
         raise
     return result, savepoint_number(savepoint._savepoint)
 
