@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,10 +16,12 @@ from sqlalchemy.engine import URL, Engine
 
 from deepwork_retry import ExecutorService, RetryService, TaskError
 from deepwork_retry._core import decide
+from deepwork_retry._core.plans import Plan
 from deepwork_retry.exceptions import (
     InvalidInput,
     StorageCorrupt,
     StorageMissing,
+    StorageUnavailable,
     TaskNotBlocked,
     VersionConflict,
 )
@@ -202,60 +204,110 @@ def test_a_host_at_repeatable_read_is_refused_clearly(database: URL) -> None:
         storage.close()
 
 
-def test_a_deadlock_inside_apply_is_a_version_conflict(database: URL) -> None:
-    """A host's transaction locks the project's row, the storage's ``apply`` (on a
-    thread of its own) updates the task and waits for that row, then the host locks
-    the task: a real deadlock. The server aborts the smaller transaction, the
-    storage's, and ``apply`` answers ``VersionConflict`` (on which the services decide
-    again), as the other SQL storages do; nothing of it remains, and once the host is
-    done the plan decided again applies."""
-    url = _url(database)
-    storage = SQLAlchemyStorage.from_url(url)
-    _blocked(storage, "t")
-    project, task = storage.load("p", "t")
-    plan = decide.manual_retry(task, project, now=task.updated_at, blockers={})
+def _deadlock(url: str, plan: Plan, apply: Callable[[Plan], object]) -> BaseException | None:
+    """A real deadlock between a host's transaction and ``apply(plan)`` run on a thread:
+    the host inserts 200 orders and locks the project's row; ``apply`` updates the task
+    and waits for that row; the host then locks the task. The server aborts the smaller
+    transaction, ``apply``'s. What ``apply`` raised (``None`` if it did not); the host's
+    transaction commits its orders and one more."""
     host = create_engine(url)
-    storage_connection: list[int] = []
+    waiting: list[int] = []
     outcome: list[BaseException | None] = []
 
-    def apply() -> None:
+    def run() -> None:
         try:
-            storage.apply(plan)
+            apply(plan)
             outcome.append(None)
         except BaseException as exc:  # noqa: BLE001 - reported to the main thread
             outcome.append(exc)
 
     try:
-        with host.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER NOT NULL PRIMARY KEY)")
         with host.connect() as conn, conn.begin():
-            # The host's transaction is the larger one: the server aborts the other.
             conn.exec_driver_sql("INSERT INTO orders (id) SELECT seq FROM seq_1_to_200")
             conn.exec_driver_sql("SELECT id FROM projects WHERE id = 'p' FOR UPDATE")
-            thread = threading.Thread(target=apply)
+            thread = threading.Thread(target=run)
             thread.start()
-            for _ in range(3000):  # until the storage waits for the project's row
-                waiting = conn.exec_driver_sql(
-                    "SELECT id FROM information_schema.processlist WHERE db = DATABASE() "
-                    "AND info LIKE 'UPDATE projects%%'"
-                ).scalars()
-                storage_connection.extend(waiting)
-                if storage_connection or not thread.is_alive():
+            for _ in range(3000):  # until apply waits for the project's row
+                waiting.extend(
+                    conn.exec_driver_sql(
+                        "SELECT id FROM information_schema.processlist WHERE db = DATABASE() "
+                        "AND info LIKE 'UPDATE projects%%'"
+                    ).scalars()
+                )
+                if waiting or not thread.is_alive():
                     break
                 time.sleep(0.01)
-            assert storage_connection, "the storage never waited for the host's lock"
+            assert waiting, "apply never waited for the host's lock"
             conn.exec_driver_sql("SELECT id FROM tasks WHERE id = 't' FOR UPDATE")
             thread.join()
-            assert 1 == len(outcome)
-            assert isinstance(outcome[0], VersionConflict), outcome
             conn.exec_driver_sql("INSERT INTO orders (id) VALUES (1000)")
-        assert "blocked" == storage.load("p", "t")[1].status
-        assert 1 == len(storage.attempts("p", "t"))
-        project, task = storage.load("p", "t")
-        again = decide.manual_retry(task, project, now=task.updated_at, blockers={})
-        assert "assigned" == storage.apply(again).task.status
-        with host.connect() as conn:
-            assert 201 == conn.exec_driver_sql("SELECT COUNT(*) FROM orders").scalar()
+        assert 1 == len(outcome)
+        return outcome[0]
     finally:
         host.dispose()
+
+
+@pytest.fixture
+def blocked_with_orders(database: URL) -> Iterator[tuple[str, SQLAlchemyStorage, Plan]]:
+    """The database's URL, a storage with task ``t`` blocked, the plan retrying it, and
+    the host's ``orders`` table."""
+    url = _url(database)
+    storage = SQLAlchemyStorage.from_url(url)
+    try:
+        _blocked(storage, "t")
+        with storage._engine.begin() as conn:  # type: ignore[attr-defined]
+            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER NOT NULL PRIMARY KEY)")
+        yield url, storage, _retry_plan(storage)
+    finally:
         storage.close()
+
+
+def _retry_plan(storage: SQLAlchemyStorage) -> Plan:
+    project, task = storage.load("p", "t")
+    return decide.manual_retry(task, project, now=task.updated_at, blockers={})
+
+
+def _orders(storage: SQLAlchemyStorage) -> list[int]:
+    with storage._engine.connect() as conn:  # type: ignore[attr-defined]
+        return list(conn.exec_driver_sql("SELECT id FROM orders ORDER BY id").scalars())
+
+
+def test_a_deadlock_inside_apply_is_a_version_conflict(
+    blocked_with_orders: tuple[str, SQLAlchemyStorage, Plan],
+) -> None:
+    """A real deadlock between a host's locks and the storage's ``apply`` (see
+    :func:`_deadlock`): ``apply`` answers ``VersionConflict``, on which the services
+    decide again, as the other SQL storages do; nothing of it remains, and the plan
+    decided again applies."""
+    url, storage, plan = blocked_with_orders
+    raised = _deadlock(url, plan, storage.apply)
+    assert isinstance(raised, VersionConflict), raised
+    assert ("t", plan.before.version) == (raised.task_id, raised.expected)
+    assert "blocked" == storage.load("p", "t")[1].status
+    assert 1 == len(storage.attempts("p", "t"))
+    assert "assigned" == storage.apply(_retry_plan(storage)).task.status
+    assert 201 == len(_orders(storage))
+
+
+def test_a_deadlock_inside_a_host_transaction_is_reported_to_the_host(
+    blocked_with_orders: tuple[str, SQLAlchemyStorage, Plan],
+) -> None:
+    """The same deadlock with the storage joined to another host's transaction: MySQL
+    rolled back that whole transaction (the host's own write with it), so deciding
+    again there is no answer: the call is ``StorageUnavailable`` saying to try again,
+    and nothing of that transaction remains."""
+    url, storage, plan = blocked_with_orders
+    engine = create_engine(url, isolation_level="READ COMMITTED")
+    try:
+        with engine.connect() as conn:
+            conn.begin()
+            conn.exec_driver_sql("INSERT INTO orders (id) VALUES (5000)")
+            joined = SQLAlchemyStorage(conn)
+            raised = _deadlock(url, plan, joined.apply)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert isinstance(raised, StorageUnavailable), raised
+    assert "try again" in str(raised)
+    assert 5000 not in _orders(storage)
+    assert "blocked" == storage.load("p", "t")[1].status
