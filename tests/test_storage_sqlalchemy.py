@@ -3,6 +3,7 @@ shared with SQLiteStorage, and its migrations run from a host's transaction."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import types
 from collections.abc import Callable
@@ -173,7 +174,7 @@ def test_postgres_joined_retry_is_one_round_trip_as_on_the_host_connection(
                 retries = RetryService(SQLAlchemyStorage(conn, schema=schema))
                 raw = conn.connection.driver_connection
                 assert isinstance(raw, psycopg.Connection)
-                counts = [_round_trips(raw, lambda t=t: retries.retry("p", t)) for t in "tu"]
+                counts = [_round_trips(raw, functools.partial(retries.retry, "p", t)) for t in "tu"]
                 assert [(1, 4), (1, 4)] == counts
                 with pytest.raises(TaskNotBlocked):
                     retries.retry("p", "t")

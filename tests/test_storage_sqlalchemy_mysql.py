@@ -255,7 +255,7 @@ def blocked_with_orders(database: URL) -> Iterator[tuple[str, SQLAlchemyStorage,
     storage = SQLAlchemyStorage.from_url(url)
     try:
         _blocked(storage, "t")
-        with storage._engine.begin() as conn:  # type: ignore[attr-defined]
+        with storage._engine.begin() as conn:
             conn.exec_driver_sql("CREATE TABLE orders (id INTEGER NOT NULL PRIMARY KEY)")
         yield url, storage, _retry_plan(storage)
     finally:
@@ -268,7 +268,7 @@ def _retry_plan(storage: SQLAlchemyStorage) -> Plan:
 
 
 def _orders(storage: SQLAlchemyStorage) -> list[int]:
-    with storage._engine.connect() as conn:  # type: ignore[attr-defined]
+    with storage._engine.connect() as conn:
         return list(conn.exec_driver_sql("SELECT id FROM orders ORDER BY id").scalars())
 
 
