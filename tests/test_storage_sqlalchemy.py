@@ -3,15 +3,25 @@ shared with SQLiteStorage, and its migrations run from a host's transaction."""
 
 from __future__ import annotations
 
+import functools
+import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from pg_support import schema_dropped_after
 from sqlalchemy import create_engine
 
-from deepwork_retry import ExecutorService
-from deepwork_retry.exceptions import InvalidInput, StorageCorrupt, StorageMissing
+from deepwork_retry import ExecutorService, RetryService, TaskError
+from deepwork_retry.exceptions import (
+    InvalidInput,
+    StorageCorrupt,
+    StorageMissing,
+    TaskNotBlocked,
+)
 from deepwork_retry.storage.sqlalchemy import TABLES, SQLAlchemyStorage, migrate
 from deepwork_retry.storage.sqlite import SQLiteStorage
 
@@ -138,3 +148,55 @@ def test_postgres_migrate_in_a_host_transaction_rolls_back_with_it(postgres_dsn:
                 SQLAlchemyStorage(engine, migrate=False, schema=schema).get_project("p")
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_joined_retry_is_one_round_trip_as_on_the_host_connection(
+    postgres_dsn: str,
+) -> None:
+    """Inside a host transaction on PostgreSQL, a retry through the SQLAlchemy storage
+    costs what it costs through ``PostgresStorage.joining``: one round trip (savepoint,
+    retry, release and the transaction's id), and a refused one leaves the host's
+    transaction usable."""
+    engine = create_engine(postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with schema_dropped_after(postgres_dsn, "sqla") as schema:
+            migrate(engine, schema=schema)
+            executor = ExecutorService(SQLAlchemyStorage(engine, schema=schema))
+            executor.create_project("p")
+            for task_id in ("t", "u"):
+                executor.add_task("p", task_id, max_retries=0)
+                executor.assign("p", task_id)
+                executor.start("p", task_id, 1)
+                executor.fail("p", task_id, 1, TaskError(type="E", message="boom"))
+            with engine.connect() as conn, conn.begin():
+                conn.exec_driver_sql("SELECT 1")  # the host's own first statement
+                retries = RetryService(SQLAlchemyStorage(conn, schema=schema))
+                raw = conn.connection.driver_connection
+                assert isinstance(raw, psycopg.Connection)
+                counts = [_round_trips(raw, functools.partial(retries.retry, "p", t)) for t in "tu"]
+                assert [(1, 4), (1, 4)] == counts
+                with pytest.raises(TaskNotBlocked):
+                    retries.retry("p", "t")
+                assert 1 == conn.exec_driver_sql("SELECT 1").scalar()
+            storage = SQLAlchemyStorage(engine, schema=schema)
+            assert ["assigned", "assigned"] == [storage.load("p", t)[1].status for t in "tu"]
+    finally:
+        engine.dispose()
+
+
+def _round_trips(conn: psycopg.Connection[Any], fn: Callable[[], object]) -> tuple[int, int]:
+    """``(round trips, statements executed)`` on ``conn`` while ``fn`` runs, from libpq's
+    protocol trace (a round trip ends with the server's ReadyForQuery)."""
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            fn()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        lines = trace.read().splitlines()
+    trips = sum(1 for line in lines if line.startswith("B\t") and "\tReadyForQuery" in line)
+    statements = sum(1 for line in lines if line.startswith("F\t") and "\tExecute" in line)
+    return trips, statements

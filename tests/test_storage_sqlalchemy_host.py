@@ -1,4 +1,5 @@
-"""A retry inside the host's own SQLAlchemy transaction, on SQLite and MariaDB.
+"""A retry inside the host's own SQLAlchemy transaction, on SQLite, MariaDB and
+PostgreSQL (what only MySQL does is in ``test_storage_sqlalchemy_mysql.py``).
 
 The host writes a row of its own (an order) and retries a task in the same
 transaction, through a ``Connection`` or a ``Session`` (sync) and an
@@ -301,21 +302,6 @@ def test_without_a_host_transaction_each_call_commits_and_dispatches_at_once(
         assert [("p", "t", 2)] == host.dispatcher.keys
         assert not bind.in_transaction()
     assert ["delivered"] == [e.state for e in host.seen()[2] if e.attempt == 2]
-
-
-def test_a_mysql_host_at_repeatable_read_is_refused_clearly(url: str) -> None:
-    """On MySQL, a host transaction whose reads see an old snapshot is refused, saying
-    how to fix it, and nothing is changed."""
-    if not url.startswith("mysql"):
-        pytest.skip("MySQL only: the other databases read committed data at their defaults")
-    engine = create_engine(url)  # MySQL's default: REPEATABLE READ
-    try:
-        with engine.connect() as conn, conn.begin():
-            retries = RetryService(SQLAlchemyStorage(conn))
-            with pytest.raises(InvalidInput, match="READ COMMITTED"):
-                retries.retry("p", "t")
-    finally:
-        engine.dispose()
 
 
 def test_closing_a_joined_storage_leaves_the_host_connection_open(host: Host) -> None:

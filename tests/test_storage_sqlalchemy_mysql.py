@@ -1,10 +1,12 @@
 """The SQLAlchemy storage's own behaviour on MariaDB: its schema, its migrations, races
-between processes' worth of connections, and errors."""
+between processes' worth of connections, a deadlock with a host's locks, the isolation
+level it joins at, and errors."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +15,16 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
 
 from deepwork_retry import ExecutorService, RetryService, TaskError
-from deepwork_retry.exceptions import StorageCorrupt, StorageMissing, TaskNotBlocked
+from deepwork_retry._core import decide
+from deepwork_retry._core.plans import Plan
+from deepwork_retry.exceptions import (
+    InvalidInput,
+    StorageCorrupt,
+    StorageMissing,
+    StorageUnavailable,
+    TaskNotBlocked,
+    VersionConflict,
+)
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.engine import split_script
 from deepwork_retry.storage.sqlalchemy import SQLAlchemyStorage, migrate
@@ -163,3 +174,140 @@ def test_two_storages_racing_the_same_retry_one_wins(database: URL) -> None:
     finally:
         first.close()
         second.close()
+
+
+def _blocked(storage: SQLAlchemyStorage, *task_ids: str) -> None:
+    """Project ``p`` with each of ``task_ids`` blocked (failed with no retries left)."""
+    executor = ExecutorService(storage)
+    executor.create_project("p")
+    for task_id in task_ids:
+        executor.add_task("p", task_id, max_retries=0)
+        executor.assign("p", task_id)
+        executor.start("p", task_id, 1)
+        executor.fail("p", task_id, 1, TaskError(type="E", message="boom"))
+
+
+def test_a_host_at_repeatable_read_is_refused_clearly(database: URL) -> None:
+    """A host transaction whose reads see an old snapshot (MySQL's default level) is
+    refused, saying how to fix it, and nothing is changed."""
+    storage = SQLAlchemyStorage.from_url(_url(database))
+    _blocked(storage, "t")
+    engine = create_engine(_url(database))  # MySQL's default: REPEATABLE READ
+    try:
+        with engine.connect() as conn, conn.begin():
+            retries = RetryService(SQLAlchemyStorage(conn))
+            with pytest.raises(InvalidInput, match="READ COMMITTED"):
+                retries.retry("p", "t")
+        assert "blocked" == storage.load("p", "t")[1].status
+    finally:
+        engine.dispose()
+        storage.close()
+
+
+def _deadlock(url: str, plan: Plan, apply: Callable[[Plan], object]) -> BaseException | None:
+    """A real deadlock between a host's transaction and ``apply(plan)`` run on a thread:
+    the host inserts 200 orders and locks the project's row; ``apply`` updates the task
+    and waits for that row; the host then locks the task. The server aborts the smaller
+    transaction, ``apply``'s. What ``apply`` raised (``None`` if it did not); the host's
+    transaction commits its orders and one more."""
+    host = create_engine(url)
+    waiting: list[int] = []
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            apply(plan)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            outcome.append(exc)
+
+    try:
+        with host.connect() as conn, conn.begin():
+            conn.exec_driver_sql("INSERT INTO orders (id) SELECT seq FROM seq_1_to_200")
+            conn.exec_driver_sql("SELECT id FROM projects WHERE id = 'p' FOR UPDATE")
+            thread = threading.Thread(target=run)
+            thread.start()
+            for _ in range(3000):  # until apply waits for the project's row
+                waiting.extend(
+                    conn.exec_driver_sql(
+                        "SELECT id FROM information_schema.processlist WHERE db = DATABASE() "
+                        "AND info LIKE 'UPDATE projects%%'"
+                    ).scalars()
+                )
+                if waiting or not thread.is_alive():
+                    break
+                time.sleep(0.01)
+            assert waiting, "apply never waited for the host's lock"
+            conn.exec_driver_sql("SELECT id FROM tasks WHERE id = 't' FOR UPDATE")
+            thread.join()
+            conn.exec_driver_sql("INSERT INTO orders (id) VALUES (1000)")
+        assert 1 == len(outcome)
+        return outcome[0]
+    finally:
+        host.dispose()
+
+
+@pytest.fixture
+def blocked_with_orders(database: URL) -> Iterator[tuple[str, SQLAlchemyStorage, Plan]]:
+    """The database's URL, a storage with task ``t`` blocked, the plan retrying it, and
+    the host's ``orders`` table."""
+    url = _url(database)
+    storage = SQLAlchemyStorage.from_url(url)
+    try:
+        _blocked(storage, "t")
+        with storage._engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER NOT NULL PRIMARY KEY)")
+        yield url, storage, _retry_plan(storage)
+    finally:
+        storage.close()
+
+
+def _retry_plan(storage: SQLAlchemyStorage) -> Plan:
+    project, task = storage.load("p", "t")
+    return decide.manual_retry(task, project, now=task.updated_at, blockers={})
+
+
+def _orders(storage: SQLAlchemyStorage) -> list[int]:
+    with storage._engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT id FROM orders ORDER BY id").scalars())
+
+
+def test_a_deadlock_inside_apply_is_a_version_conflict(
+    blocked_with_orders: tuple[str, SQLAlchemyStorage, Plan],
+) -> None:
+    """A real deadlock between a host's locks and the storage's ``apply`` (see
+    :func:`_deadlock`): ``apply`` answers ``VersionConflict``, on which the services
+    decide again, as the other SQL storages do; nothing of it remains, and the plan
+    decided again applies."""
+    url, storage, plan = blocked_with_orders
+    raised = _deadlock(url, plan, storage.apply)
+    assert isinstance(raised, VersionConflict), raised
+    assert ("t", plan.before.version) == (raised.task_id, raised.expected)
+    assert "blocked" == storage.load("p", "t")[1].status
+    assert 1 == len(storage.attempts("p", "t"))
+    assert "assigned" == storage.apply(_retry_plan(storage)).task.status
+    assert 201 == len(_orders(storage))
+
+
+def test_a_deadlock_inside_a_host_transaction_is_reported_to_the_host(
+    blocked_with_orders: tuple[str, SQLAlchemyStorage, Plan],
+) -> None:
+    """The same deadlock with the storage joined to another host's transaction: MySQL
+    rolled back that whole transaction (the host's own write with it), so deciding
+    again there is no answer: the call is ``StorageUnavailable`` saying to try again,
+    and nothing of that transaction remains."""
+    url, storage, plan = blocked_with_orders
+    engine = create_engine(url, isolation_level="READ COMMITTED")
+    try:
+        with engine.connect() as conn:
+            conn.begin()
+            conn.exec_driver_sql("INSERT INTO orders (id) VALUES (5000)")
+            joined = SQLAlchemyStorage(conn)
+            raised = _deadlock(url, plan, joined.apply)
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert isinstance(raised, StorageUnavailable), raised
+    assert "try again" in str(raised)
+    assert 5000 not in _orders(storage)
+    assert "blocked" == storage.load("p", "t")[1].status

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -25,7 +26,12 @@ from sqlalchemy.util import await_only
 
 from deepwork_retry._core.plans import Applied
 from deepwork_retry._core.retention import Pruned, PruneRule
-from deepwork_retry.exceptions import DeepworkError, StorageError, StorageMissing
+from deepwork_retry.exceptions import (
+    DeepworkError,
+    StorageError,
+    StorageMissing,
+    VersionConflict,
+)
 from deepwork_retry.storage import _async_postgres, _sync_postgres
 from deepwork_retry.storage import _postgres_sql as q
 from deepwork_retry.storage._sql import common
@@ -127,12 +133,15 @@ class PostgresOps:
         return ex.call("prune", rule)  # type: ignore[no-any-return]
 
 
-def translate_postgres(exc: BaseException, where: str) -> Exception:
+def translate_postgres(
+    exc: BaseException, where: str, conflict: Callable[[], VersionConflict] | None = None
+) -> Exception:
     """The PostgreSQL storage's own translation of a psycopg error (``.orig`` of
-    SQLAlchemy's wrapper)."""
+    SQLAlchemy's wrapper); ``conflict`` builds the error of a deadlock or a
+    serialisation failure, as in the PostgreSQL storage's ``apply``."""
     orig = getattr(exc, "orig", None) or exc
     if isinstance(orig, Exception):
-        found: DeepworkError | None = q.DriverErrors().translate(orig)
+        found: DeepworkError | None = q.DriverErrors(conflict).translate(orig)
         if found is not None:
             return found
     return StorageError(f"PostgreSQL database {where} failed: {orig}")

@@ -23,6 +23,7 @@ from deepwork_retry.exceptions import (
     StorageCorrupt,
     StorageMissing,
     StorageUnavailable,
+    VersionConflict,
 )
 from deepwork_retry.storage._sql import common
 from deepwork_retry.storage._sql.dialect import Dialect, translate
@@ -160,12 +161,16 @@ class Bound:
     def rowcount(ex: Executor, statement: str, params: Sequence[Any]) -> int:
         return ex.execute(statement, params).rowcount
 
-    def translated(self, exc: BaseException) -> Exception:
+    def translated(
+        self, exc: BaseException, conflict: Callable[[], VersionConflict] | None = None
+    ) -> Exception:
+        """The library error for ``exc``; ``conflict`` builds the one for a transaction the
+        database aborted to resolve a deadlock (see :func:`.dialect.translate`)."""
         if self.kind == "postgresql":
             from deepwork_retry.storage._sqlalchemy_pg import translate_postgres
 
-            return translate_postgres(exc, self.where)
-        return translate(self.dialect, exc, where=self.where)
+            return translate_postgres(exc, self.where, conflict)
+        return translate(self.dialect, exc, where=self.where, conflict=conflict)
 
 
 _BOUND: weakref.WeakKeyDictionary[Engine, dict[str | None, Bound]] = weakref.WeakKeyDictionary()

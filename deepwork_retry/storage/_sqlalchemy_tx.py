@@ -110,7 +110,18 @@ def joined(
 ) -> tuple[T, int]:
     """``fn`` inside a SAVEPOINT of the host's open transaction on ``conn``; the result
     and the savepoint's number (see :meth:`AfterCommit.add`). ``checked``: the DBAPI
-    connections whose isolation level was found fit already."""
+    connections whose isolation level was found fit already.
+
+    On PostgreSQL, once the driver's transaction is open, the savepoint is the
+    joined PostgreSQL storage's own (sent with each statement, one round trip,
+    and rolled back to when the call fails): the number is then the one of the
+    host's last savepoint, so that a later one rolled back keeps the call's work
+    and one open around it drops it, as for a savepoint of its own.
+    """
+    if kind == "postgresql":
+        last = _last_savepoint(conn)
+        if last is not None and _postgres_in_transaction(conn):
+            return fn(conn), last
     if kind == "sqlite" and not _sqlite_in_transaction(conn):
         # A SAVEPOINT outside a transaction would start one, and releasing it
         # would commit the host's work: open the real transaction first.
@@ -125,11 +136,30 @@ def joined(
     try:
         result = fn(conn)
         savepoint.commit()
-    except BaseException:
+    except BaseException as exc:
         if savepoint.is_active:
-            savepoint.rollback()
+            try:
+                savepoint.rollback()
+            except Exception:  # noqa: BLE001
+                # MySQL ends the whole transaction on a deadlock, its savepoints with
+                # it: what ended it is the error to report.
+                raise exc from None
         raise
     return result, savepoint_number(savepoint._savepoint)
+
+
+def _last_savepoint(conn: Connection) -> int | None:
+    """The number of the last savepoint SQLAlchemy opened on ``conn`` (0: none yet), or
+    ``None`` where its counter is not found."""
+    last = getattr(conn, "_Connection__savepoint_seq", None)
+    return last if isinstance(last, int) else None
+
+
+def _postgres_in_transaction(conn: Connection) -> bool:
+    """Whether psycopg has begun the transaction SQLAlchemy began (it does so with the
+    first statement: until then a block of the storage's own would commit)."""
+    status = getattr(conn.connection.driver_connection, "info", None)
+    return status is not None and status.transaction_status.name in ("INTRANS", "INERROR")
 
 
 def check_isolation(conn: Connection) -> None:

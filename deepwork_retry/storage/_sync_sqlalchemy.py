@@ -39,6 +39,7 @@ from deepwork_retry.exceptions import (
     InvalidInput,
     StorageError,
     StorageUnavailable,
+    VersionConflict,
 )
 from deepwork_retry.storage import _sqlalchemy_tx as tx
 from deepwork_retry.storage._sql.engine import all_text
@@ -124,11 +125,15 @@ class SQLAlchemyStorage:
         return cls(engine, migrate=migrate, dispose=True, schema=schema)
 
     # -- transactions ------------------------------------------------------------------------
-    def _translated(self, exc: Exception) -> Exception:
+    def _translated(
+        self, exc: Exception, conflict: Callable[[], VersionConflict] | None = None
+    ) -> Exception:
         """The one place driver and SQLAlchemy errors (:data:`FAILURES`) become library
-        errors; the caller raises it ``from`` the original."""
+        errors; the caller raises it ``from`` the original. ``conflict`` builds the error
+        of a transaction the database aborted to resolve a deadlock, for a write whose
+        caller decides again on it."""
         if isinstance(exc, (sqlalchemy.exc.DBAPIError, OverflowError, UnicodeEncodeError)):
-            return self._bound.translated(exc)
+            return self._bound.translated(exc, conflict)
         if isinstance(exc, sqlalchemy.exc.TimeoutError):
             return StorageUnavailable(f"{self!r}: no connection free in the pool: {exc}")
         return StorageError(f"{self!r} failed: {exc}")
@@ -149,8 +154,16 @@ class SQLAlchemyStorage:
             raise self._translated(exc) from exc
         self._ready = True
 
-    def _run(self, write: bool, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``op(executor, *args, **kwargs)`` in a transaction of the storage's own."""
+    def _run(
+        self,
+        write: bool,
+        op: Callable[..., T],
+        *args: Any,
+        conflict: Callable[[], VersionConflict] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """``op(executor, *args, **kwargs)`` in a transaction of the storage's own (a
+        deadlock there is ``conflict()`` when given, see :meth:`_translated`)."""
         if not self._ready:
             self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
@@ -159,10 +172,16 @@ class SQLAlchemyStorage:
                 result: T = Bridge.run(conn, tx.own, self._bound.kind, write, body)
                 return result
         except FAILURES as exc:
-            raise self._translated(exc) from exc
+            raise self._translated(exc, conflict) from exc
 
-    def _write(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self._run(True, op, *args, **kwargs)
+    def _write(
+        self,
+        op: Callable[..., T],
+        *args: Any,
+        conflict: Callable[[], VersionConflict] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        return self._run(True, op, *args, conflict=conflict, **kwargs)
 
     def _read(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._run(False, op, *args, **kwargs)
@@ -216,11 +235,19 @@ class SQLAlchemyStorage:
     # -- writes ------------------------------------------------------------------------
     def apply(self, plan: Plan) -> Applied:
         params = self._bound.engine.plan_params(plan)
-        return self._write(self._bound.engine.apply, plan, params)
+        before = plan.before
+        return self._write(
+            self._bound.engine.apply, plan, params,
+            conflict=lambda: VersionConflict(before.id, before.version, None),
+        )  # fmt: skip
 
     def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         params = self._bound.engine.project_params(plan)
-        return self._write(self._bound.engine.apply_project, plan, params)
+        before = plan.before
+        return self._write(
+            self._bound.engine.apply_project, plan, params,
+            conflict=lambda: VersionConflict(before.id, before.version, None),
+        )  # fmt: skip
 
     def retry_blocked(
         self,
@@ -246,6 +273,7 @@ class SQLAlchemyStorage:
                 self._bound.one_step, self._retry, project_id, task_id, now=now, actor=actor,
                 reason=reason, budget=RetryBudget(budget), claimed_until=claimed_until,
                 idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
+                conflict=lambda: VersionConflict(task_id, 0, None),
             )  # fmt: skip
         except Refused:
             return None
@@ -370,9 +398,16 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
     def _in_host_transaction(self) -> bool:
         return not tx.AFTER_COMMIT.get() and self._host.in_transaction()
 
-    def _run(self, write: bool, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _run(
+        self,
+        write: bool,
+        op: Callable[..., T],
+        *args: Any,
+        conflict: Callable[[], VersionConflict] | None = None,
+        **kwargs: Any,
+    ) -> T:
         if not self._in_host_transaction():
-            return super()._run(write, op, *args, **kwargs)
+            return super()._run(write, op, *args, conflict=conflict, **kwargs)
         if not self._ready:
             self.open()
         body = functools.partial(self._bound.call, op, args, kwargs)
@@ -383,7 +418,10 @@ class JoinedSQLAlchemyStorage(SQLAlchemyStorage):
                     conn, tx.joined, self._bound.kind, write, body, self._isolation_checked
                 )
         except FAILURES as exc:
-            raise self._translated(exc) from exc
+            # MySQL ends the whole transaction on a deadlock, the host's work with it:
+            # no conflict to decide again in there, the host must hear of it.
+            mine = conflict if self._bound.kind != "mysql" else None
+            raise self._translated(exc, mine) from exc
         self._last_savepoint = joined[1]
         return joined[0]
 
