@@ -3,7 +3,7 @@ Django's SQLite and PostgreSQL backends (each test starts from empty tables)."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -42,29 +42,44 @@ def test_storage_machine(alias: str) -> None:
 class InHostBlocks:
     """A DjangoStorage whose every call is made inside a host's own ``atomic`` block,
     which commits even when the call was refused: the storage's own block is then a
-    savepoint, and a refusal must leave nothing behind in a transaction that commits."""
+    savepoint, and a refusal must leave nothing behind in a transaction that commits.
+
+    The port's methods are defined on the class (below), not found through
+    ``__getattr__``: a runtime protocol check looks them up statically on 3.12+."""
 
     def __init__(self, inner: DjangoStorage) -> None:
         self.inner = inner
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.inner.after_commit(callback)
+
+    def close(self) -> None:
+        self.inner.close()
+
     def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _in_block(name: str) -> Callable[..., Any]:
+    def call(self: InHostBlocks, *args: Any, **kwargs: Any) -> Any:
         method = getattr(self.inner, name)
-        if name in ("after_commit", "close") or not callable(method):
-            return method
+        refused: DeepworkError | None = None
+        with transaction.atomic(using=self.inner.using):
+            try:
+                result = method(*args, **kwargs)
+            except DeepworkError as exc:
+                refused = exc
+        if refused is not None:
+            raise refused
+        return result
 
-        @functools.wraps(method)
-        def in_block(*args: Any, **kwargs: Any) -> Any:
-            refused: DeepworkError | None = None
-            with transaction.atomic(using=self.inner.using):
-                try:
-                    result = method(*args, **kwargs)
-                except DeepworkError as exc:
-                    refused = exc
-            if refused is not None:
-                raise refused
-            return result
+    call.__name__ = call.__qualname__ = name
+    return call
 
-        return in_block
+
+for _name, _member in vars(Storage).items():
+    if callable(_member) and not _name.startswith("_") and _name != "close":
+        setattr(InHostBlocks, _name, _in_block(_name))
 
 
 class TestDjangoStorageInHostBlocks(StorageContract):
