@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Protocol, runtime_checkable
 
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -149,7 +150,13 @@ class Storage(Protocol):
     def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None: ...
 
     def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
-        """Release the claim; the entry stays pending, due again at ``retry_at``."""
+        """Release the claim; the entry stays pending, due again at ``retry_at``.
+
+        A storage that is an :class:`EventLog` takes a keyword ``now`` too
+        (the services pass it only to such a storage; ``None``: the wall
+        clock) and writes :func:`~deepwork_retry._core.events.dispatch_failed`
+        in the same transaction.
+        """
         ...
 
     def redeliver_stale(
@@ -278,6 +285,12 @@ class RetryInOneStep(Protocol):
     ``idempotency_expires_at`` is when the reserved key expires (by default
     :data:`~deepwork_retry._core.model.IDEMPOTENCY_PERIOD` after ``now``); a
     key whose record has expired at ``now`` is free.
+
+    A storage that is an :class:`EventLog` writes
+    :func:`~deepwork_retry._core.events.manual_retry_events` in the same
+    transaction, and takes a keyword ``trace`` (the outbox entry's
+    :attr:`~deepwork_retry._core.model.DispatchEntry.trace`), which the
+    services pass only when telemetry made one.
     """
 
     def retry_blocked(
@@ -349,6 +362,113 @@ class AsyncJoinsHostTransaction(Protocol):
         """As :meth:`JoinsHostTransaction.after_commit`; the storage schedules the
         coroutine on the running loop (it is not awaited by the caller)."""
         ...
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """Storage capability: the durable lifecycle events (every shipped storage has it).
+
+    A storage that has it writes :func:`~deepwork_retry._core.events.events_of`
+    of every plan it applies (and
+    :func:`~deepwork_retry._core.events.manual_retry_events` of every one-step
+    retry, :func:`~deepwork_retry._core.events.added` of every task added,
+    :func:`~deepwork_retry._core.events.dispatch_failed` of every
+    :meth:`Storage.mark_failed`) in the same transaction, numbered per
+    project from 1 in commit order without gaps. A stored event is
+    ``pending`` until :meth:`settle_events`; a subscriber's failed delivery
+    is kept as an :class:`~deepwork_retry._core.events.EventRetry`.
+    The conformance kit (:mod:`deepwork_retry.testing`) checks all of this.
+    """
+
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        """The project's events with ``seq > after``, in order, at most ``limit``
+        (``ProjectNotFound`` for an unknown project; ``after`` must be >= 0)."""
+        ...
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        """Claim up to ``limit`` pending events not claimed (or whose claim expired
+        at ``now``), ordered by ``(project_id, seq)``; an event is claimed only
+        when no earlier event of its task is pending and claimed by another
+        caller, so each task's events are delivered in order. Two concurrent
+        callers never receive the same event."""
+        ...
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        """Mark ``events`` delivered and keep ``failures`` (each a subscriber's failed
+        delivery of one of them) in one transaction."""
+        ...
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        """Claim up to ``limit`` failed deliveries due at ``now``, not parked, not
+        claimed, earliest ``retry_at`` first."""
+        ...
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        """The retried delivery's outcome: ``error`` ``None``: delivered (forgotten);
+        with ``retry_at``: ``tries`` + 1, due then; without: ``tries`` + 1, parked."""
+        ...
+
+    def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        """Parked deliveries (of ``subscriber``, or all), oldest event first."""
+        ...
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Turn parked deliveries (of ``subscriber``; of ``event_ids`` only, when
+        given) back to due at ``now`` with ``tries`` 0; returns how many."""
+        ...
+
+
+@runtime_checkable
+class AsyncEventLog(Protocol):
+    """:class:`EventLog` with every method a coroutine."""
+
+    async def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]: ...
+    async def claim_events(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[Event]: ...
+    async def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None: ...
+    async def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]: ...
+    async def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None: ...
+    async def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]: ...
+    async def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int: ...
 
 
 @runtime_checkable

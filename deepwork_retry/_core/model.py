@@ -113,6 +113,10 @@ class DispatchEntry:
     tries: int = 0
     last_error: str | None = None
     delivered_at: datetime | None = None
+    trace: str | None = None
+    """The W3C trace context of the request that made the attempt
+    (``traceparent``, then ``;`` and ``tracestate`` when there is one), so the
+    worker's attempt continues that trace; ``None`` without telemetry."""
 
     @property
     def key(self) -> tuple[str, str, int]:

@@ -20,6 +20,12 @@ the conformance suite holds them to the predicates below):
   removed once both the record was dispatched and the task last changed
   longer ago than that period: a task's history goes as a whole, and the
   history of a task that can still move is never touched.
+- **lifecycle events** (:mod:`~deepwork_retry._core.events`) go as delivered
+  outbox entries do: once delivered to every subscriber longer ago than
+  :attr:`Retention.delivered_outbox`, except an event whose delivery to
+  some subscriber failed and is still to be retried or parked (it goes when
+  that delivery succeeds). Pending events are never removed. A project
+  keeps numbering its events where it was.
 
 Prunes run in small batches, each its own short transaction, so they never
 hold a lock for long; :class:`PruneRule` carries the batch size.
@@ -153,6 +159,16 @@ class PruneRule:
             and not (task.status is AWAITING_START and task.attempt == entry.attempt)
         )
 
+    def removes_event(self, delivered_at: datetime | None, *, retries: int) -> bool:
+        """Whether an event delivered at ``delivered_at`` (``None``: still pending)
+        with ``retries`` failed deliveries kept (to retry or parked) may be removed."""
+        return (
+            self.delivered_before is not None
+            and delivered_at is not None
+            and delivered_at <= self.delivered_before
+            and retries == 0
+        )
+
     def removes_attempt(self, attempt: Attempt, task: Task) -> bool:
         """Whether ``attempt`` (of ``task``, as it stands) may be removed."""
         return (
@@ -174,22 +190,24 @@ class Pruned:
     idempotency: int = 0
     outbox: int = 0
     attempts: int = 0
+    events: int = 0
     batches: int = 0
     complete: bool = True
 
     @property
     def total(self) -> int:
-        return self.idempotency + self.outbox + self.attempts
+        return self.idempotency + self.outbox + self.attempts + self.events
 
     def full(self, batch: int) -> bool:
         """Whether some table gave a whole batch (so more rows may be waiting)."""
-        return max(self.idempotency, self.outbox, self.attempts) >= batch
+        return max(self.idempotency, self.outbox, self.attempts, self.events) >= batch
 
     def __add__(self, other: Pruned) -> Pruned:
         return Pruned(
             idempotency=self.idempotency + other.idempotency,
             outbox=self.outbox + other.outbox,
             attempts=self.attempts + other.attempts,
+            events=self.events + other.events,
             batches=self.batches + other.batches,
             complete=other.complete,
         )
