@@ -324,6 +324,12 @@ class AsyncPostgresStorage:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
+    async def _rows_changed(self, query: bytes, params: Any) -> int:
+        """Run a statement that returns no rows; how many rows it changed."""
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            return max(cur.rowcount, 0)
+
     # -- setup ---------------------------------------------------------------
     async def create_project(self, project: Project) -> None:
         row = await self._one(self._q.create_project, q.project_params(project))
@@ -732,10 +738,10 @@ class AsyncPostgresStorage:
             "sub": retry.subscriber,
         }
         if error is None:
-            await self._one(self._q.forget_event_retry, params)
+            await self._rows_changed(self._q.forget_event_retry, params)
             return
         params.update(error=q.diagnostic(error), at=retry_at)
-        await self._one(self._q.fail_event_retry, params)
+        await self._rows_changed(self._q.fail_event_retry, params)
 
     async def parked_events(
         self, *, subscriber: str | None = None, limit: int = 100
@@ -766,9 +772,7 @@ class AsyncPostgresStorage:
             "pids": [k[0] for k in found],
             "seqs": [k[1] for k in found],
         }
-        async with self._connection() as conn:
-            cur = await conn.execute(self._q.replay_parked, params)
-            return max(cur.rowcount, 0)
+        return await self._rows_changed(self._q.replay_parked, params)
 
     # -- notifications -------------------------------------------------------
     async def wait_for_work(self, timeout: float) -> bool:

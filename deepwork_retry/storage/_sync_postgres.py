@@ -325,6 +325,12 @@ class PostgresStorage:
             cur = conn.execute(query, params)
             return cur.fetchall()
 
+    def _rows_changed(self, query: bytes, params: Any) -> int:
+        """Run a statement that returns no rows; how many rows it changed."""
+        with self._connection() as conn:
+            cur = conn.execute(query, params)
+            return max(cur.rowcount, 0)
+
     # -- setup ---------------------------------------------------------------
     def create_project(self, project: Project) -> None:
         row = self._one(self._q.create_project, q.project_params(project))
@@ -726,10 +732,10 @@ class PostgresStorage:
             "sub": retry.subscriber,
         }
         if error is None:
-            self._one(self._q.forget_event_retry, params)
+            self._rows_changed(self._q.forget_event_retry, params)
             return
         params.update(error=q.diagnostic(error), at=retry_at)
-        self._one(self._q.fail_event_retry, params)
+        self._rows_changed(self._q.fail_event_retry, params)
 
     def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
         check_limit(limit)
@@ -758,9 +764,7 @@ class PostgresStorage:
             "pids": [k[0] for k in found],
             "seqs": [k[1] for k in found],
         }
-        with self._connection() as conn:
-            cur = conn.execute(self._q.replay_parked, params)
-            return max(cur.rowcount, 0)
+        return self._rows_changed(self._q.replay_parked, params)
 
     # -- notifications -------------------------------------------------------
     def wait_for_work(self, timeout: float) -> bool:
