@@ -210,9 +210,11 @@ def test_every_committed_move_writes_the_core_events(
             elif move == "approve":
                 executor.approve(pid, tid)
             elif move == "fail":
-                executor.fail(pid, tid, token, TaskError(type="Flaky", message="again", retryable=True))
+                flaky = TaskError(type="Flaky", message="again", retryable=True)
+                executor.fail(pid, tid, token, flaky)
             elif move == "fatal":
-                executor.fail(pid, tid, token, TaskError(type="Bad", message="no", retryable=False))
+                fatal = TaskError(type="Bad", message="no", retryable=False)
+                executor.fail(pid, tid, token, fatal)
             elif move == "lose":
                 executor.lose(pid, tid)
             elif move == "block":
@@ -346,7 +348,7 @@ def test_mark_failed_writes_dispatch_failed(pg: PostgresStorage) -> None:
     last = all_events(pg, pid)[-1]
     expected = ev.dispatch_failed(entry, error="queue down \ufffd", retry_at=retry_at, now=now)
     assert last == attrs.evolve(expected, seq=last.seq)
-    assert last.type is EventType.DISPATCH_FAILED and last.data["tries"] == 1
+    assert (last.type, last.data["tries"]) == (EventType.DISPATCH_FAILED, 1)
     (again,) = pg.dispatches(pid, "t")
     assert (again.tries, again.available_at, again.trace) == (1, retry_at, TRACE)
     gone = attrs.evolve(entry, task_id="nope")
@@ -394,7 +396,7 @@ def test_concurrent_threads_number_events_gaplessly_in_commit_order(
             for _ in range(rounds):
                 executor.block(pid, f"t{n}", message="stop")
                 retries.retry(pid, f"t{n}", actor=f"w{n}")
-        except BaseException as exc:  # pragma: no cover - reported below
+        except DeepworkError as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     def reader() -> None:
@@ -449,14 +451,25 @@ def test_two_processes_number_events_gaplessly(postgres_dsn: str, pg: PostgresSt
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
             procs = [
                 subprocess.Popen(
-                    [sys.executable, str(WORKER), postgres_dsn, schema, prefix, str(tasks),
-                     str(rounds)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        str(WORKER),
+                        postgres_dsn,
+                        schema,
+                        prefix,
+                        str(tasks),
+                        str(rounds),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
                 for prefix in ("a", "b")
             ]
             for proc in procs:
-                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+                assert proc.stdout is not None
+                assert proc.stdout.readline().strip() == "ready"
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
@@ -604,9 +617,7 @@ def test_failed_deliveries_retry_then_park_then_replay(fresh: PostgresStorage) -
     claimed = fresh.claim_events(now=now, limit=100, claimed_until=now + timedelta(minutes=1))
     failures = [
         EventRetry(event=claimed[0], subscriber="hook", tries=1, retry_at=now, last_error="e1"),
-        EventRetry(
-            event=claimed[1], subscriber="web", tries=1, retry_at=now + timedelta(hours=1)
-        ),
+        EventRetry(event=claimed[1], subscriber="web", tries=1, retry_at=now + timedelta(hours=1)),
     ]
     fresh.settle_events(claimed, now=now, failures=failures)
     assert fresh.claim_events(now=now, limit=100, claimed_until=now) == []
@@ -625,9 +636,12 @@ def test_failed_deliveries_retry_then_park_then_replay(fresh: PostgresStorage) -
         (stored[0].id, "hook", 3, True)
     ]
     assert fresh.parked_events(subscriber="web") == []
-    assert fresh.claim_event_retries(now=soon + timedelta(days=1), limit=10, claimed_until=soon)[
-        0
-    ].subscriber == "web"  # the parked one is not due
+    assert (
+        fresh.claim_event_retries(now=soon + timedelta(days=1), limit=10, claimed_until=soon)[
+            0
+        ].subscriber
+        == "web"
+    )  # the parked one is not due
     assert fresh.replay_parked(now=soon, subscriber="web") == 0
     assert fresh.replay_parked(now=soon, event_ids=["a:999", "nonsense"]) == 0
     assert fresh.replay_parked(now=soon, event_ids=[stored[0].id]) == 1
@@ -679,9 +693,10 @@ def test_async_storage_writes_and_serves_events(postgres_dsn: str, schema: str) 
 
     found, applied, claimed = asyncio.run(main())
     assert applied is not None
-    expected = (ev.added(blocked_task(pid)),) + ev.manual_retry_events(
+    retried = ev.manual_retry_events(
         applied.task, now=T0, actor="a", reason=None, budget=RetryBudget.ONE_MORE, deferred=False
     )
+    expected = (ev.added(blocked_task(pid)), *retried)
     assert found == list(ev.numbered(expected, 0))
     assert [e.id for e in claimed if e.project_id == pid] == [e.id for e in found]
 
@@ -702,10 +717,11 @@ def test_sqlalchemy_on_postgres_writes_the_events(postgres_dsn: str, pg: Postgre
         storage.add_tasks([blocked_task(pid)])
         applied = storage.retry_blocked(pid, "t", now=T0, actor="s")
         assert applied is not None
-        expected = (ev.added(blocked_task(pid)),) + ev.manual_retry_events(
+        retried = ev.manual_retry_events(
             applied.task, now=T0, actor="s", reason=None, budget=RetryBudget.ONE_MORE,
             deferred=False,
         )  # fmt: skip
+        expected = (ev.added(blocked_task(pid)), *retried)
         assert all_events(pg, pid) == list(ev.numbered(expected, 0))
         with engine.connect() as conn, conn.begin() as tx:
             joined = SQLAlchemyStorage(conn, schema=pg.schema, migrate=False)
@@ -726,7 +742,8 @@ def test_released_entries_keep_their_trace(pg: PostgresStorage) -> None:
         blocked_task(pid, blocked_by=["b"]),
     )
     applied = pg.retry_blocked(pid, "t", now=T0, trace=TRACE)
-    assert applied is not None and applied.deferred
+    assert applied is not None
+    assert applied.deferred
     executor = ExecutorService(pg, clock=StepClock())
     executor.assign(pid, "b")
     token = pg.load(pid, "b")[1].attempt

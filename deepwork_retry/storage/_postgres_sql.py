@@ -846,9 +846,13 @@ class Queries:
         for a retry that dispatches and one deferred, merged."""
         fields, source = self._retry_template
         template = Task(project_id=project_id, id=task_id, **fields(now))
-        args = {"now": now, "actor": actor, "reason": reason, "budget": budget, "before": source}
-        ready = events.manual_retry_events(template, deferred=False, **args)
-        deferred = events.manual_retry_events(template, deferred=True, **args)
+        ready, deferred = (
+            events.manual_retry_events(
+                template, now=now, actor=actor, reason=reason, budget=budget,
+                deferred=case, before=source,
+            )
+            for case in (False, True)
+        )  # fmt: skip
         merged = _merge(ready, deferred)
         params = event_params([event for event, _ in merged])
         params["e_when"] = [when for _, when in merged]
