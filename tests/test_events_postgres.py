@@ -751,3 +751,30 @@ def test_released_entries_keep_their_trace(pg: PostgresStorage) -> None:
     executor.succeed(pid, "b", token)
     entry: DispatchEntry = pg.dispatches(pid, "t")[-1]
     assert (entry.state, entry.trace) == (DispatchState.PENDING, TRACE)
+
+
+def test_sqlalchemy_postgres_ops_serve_the_event_log(
+    postgres_dsn: str, pg: PostgresStorage
+) -> None:
+    """The SQL engine's entry points on PostgreSQL (PostgresOps) reach the joined
+    PostgreSQL storage's event log on SQLAlchemy's connection."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    from deepwork_retry.storage._sqlalchemy_pg import PostgresExecutor, PostgresOps
+
+    pid = new_pid("ops")
+    project_with(pg, pid, blocked_task(pid))
+    ops = PostgresOps(pg.schema)
+    engine = sqlalchemy.create_engine(
+        postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    )
+    try:
+        with engine.connect() as conn:
+            ex = PostgresExecutor(conn, ops)
+            assert ops.events(ex, pid) == all_events(pg, pid)
+            for name in ("claim_events", "settle_events", "claim_event_retries",
+                         "settle_event_retry", "parked_events", "replay_parked"):  # fmt: skip
+                assert callable(getattr(ops, name))
+            assert ops.parked_events(ex, subscriber="nobody") == []
+            conn.rollback()
+    finally:
+        engine.dispose()
