@@ -778,3 +778,17 @@ def test_sqlalchemy_postgres_ops_serve_the_event_log(
             conn.rollback()
     finally:
         engine.dispose()
+
+
+def test_settling_twice_or_an_unknown_event_changes_nothing(fresh: PostgresStorage) -> None:
+    """An event settled again keeps its first delivery time; a failure of an event that
+    does not exist (pruned, say) is dropped, not an error."""
+    stored = moved_tasks(fresh, "a", 1)
+    first, later = T0 + timedelta(days=1), T0 + timedelta(days=30)
+    fresh.settle_events(stored, now=first)
+    ghost = attrs.evolve(stored[0], seq=999)
+    failure = EventRetry(event=ghost, subscriber="hook", tries=1, retry_at=later)
+    fresh.settle_events(stored, now=later, failures=[failure])
+    rule = Retention(delivered_outbox=timedelta(days=7)).rule(first + timedelta(days=8))
+    assert fresh.prune(rule).events == len(stored)  # delivered at `first`, not `later`
+    assert fresh.claim_event_retries(now=later, limit=10, claimed_until=later) == []

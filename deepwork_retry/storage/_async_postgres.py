@@ -740,7 +740,7 @@ class AsyncPostgresStorage:
         if error is None:
             await self._rows_changed(self._q.forget_event_retry, params)
             return
-        params.update(error=q.diagnostic(error), at=retry_at)
+        params.update(error=q.diagnostic(error), at=retry_at, now=now)
         await self._rows_changed(self._q.fail_event_retry, params)
 
     async def parked_events(

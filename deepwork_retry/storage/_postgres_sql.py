@@ -1645,8 +1645,21 @@ def event_params(found: Sequence[Event]) -> dict[str, Any]:
         "e_task": [e.task_id for e in found],
         "e_attempt": [e.attempt for e in found],
         "e_at": [e.at for e in found],
-        "e_data": [events.data_text(_storable(e.data)) for e in found],
+        "e_data": [_data_text(e.data) for e in found],
     }
+
+
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(0000|d[89a-f])", re.IGNORECASE)
+"""An escape in JSON text that jsonb refuses (NUL, a surrogate: perhaps a lone one)."""
+
+
+def _data_text(data: Mapping[str, Any]) -> str:
+    """:func:`~deepwork_retry._core.events.data_text`, its text made storable when it
+    has to be (rarely: the check is one search of the text)."""
+    text = events.data_text(data)
+    if _UNSTORABLE_ESCAPE.search(text) is None:
+        return text
+    return events.data_text(_storable(data))
 
 
 def _storable(value: Any) -> Any:
@@ -1846,12 +1859,15 @@ UPDATE {{s}}.events AS e SET claimed_until = %(until)s FROM c
     "settle_events": """WITH
 d AS (UPDATE {s}.events AS e SET delivered_at = %(now)s, claimed_until = NULL
     FROM unnest(%(pids)s::text[], %(seqs)s::bigint[]) AS k(project_id, seq)
-    WHERE e.project_id = k.project_id AND e.seq = k.seq RETURNING 1),
+    WHERE e.project_id = k.project_id AND e.seq = k.seq AND e.delivered_at IS NULL
+    RETURNING 1),
 f AS (INSERT INTO {s}.event_retries AS r
     (project_id, seq, subscriber, tries, retry_at, last_error, parked, claimed_until)
-    SELECT * FROM unnest(%(f_pids)s::text[], %(f_seqs)s::bigint[], %(f_subs)s::text[],
+    SELECT f.* FROM unnest(%(f_pids)s::text[], %(f_seqs)s::bigint[], %(f_subs)s::text[],
         %(f_tries)s::bigint[], %(f_at)s::timestamptz[], %(f_errors)s::text[],
         %(f_parked)s::boolean[], %(f_claims)s::timestamptz[])
+        AS f(project_id, seq, subscriber, tries, retry_at, last_error, parked, claimed_until)
+    JOIN {s}.events AS e ON e.project_id = f.project_id AND e.seq = f.seq
     ON CONFLICT (project_id, seq, subscriber) DO UPDATE SET tries = EXCLUDED.tries,
         retry_at = EXCLUDED.retry_at, last_error = EXCLUDED.last_error,
         parked = EXCLUDED.parked, claimed_until = EXCLUDED.claimed_until
@@ -1868,14 +1884,14 @@ UPDATE {{s}}.event_retries AS r SET claimed_until = %(until)s FROM c, {{s}}.even
     "forget_event_retry": """DELETE FROM {s}.event_retries
     WHERE project_id = %(pid)s AND seq = %(seq)s AND subscriber = %(sub)s""",
     "fail_event_retry": """UPDATE {s}.event_retries SET tries = tries + 1,
-    last_error = %(error)s, retry_at = COALESCE(%(at)s::timestamptz, retry_at),
+    last_error = %(error)s, retry_at = COALESCE(%(at)s::timestamptz, %(now)s),
     parked = %(at)s::timestamptz IS NULL, claimed_until = NULL
     WHERE project_id = %(pid)s AND seq = %(seq)s AND subscriber = %(sub)s""",
     "parked_events": f"""SELECT {_cols(RETRY_COLS, "r.")}, {_EV}
     FROM {{s}}.event_retries AS r JOIN {{s}}.events AS e
         ON e.project_id = r.project_id AND e.seq = r.seq
     WHERE r.parked AND (%(sub)s::text IS NULL OR r.subscriber = %(sub)s::text)
-    ORDER BY e.at, r.project_id, r.seq, r.subscriber LIMIT %(limit)s""",
+    ORDER BY r.project_id, r.seq, r.subscriber LIMIT %(limit)s""",
     "replay_parked": """UPDATE {s}.event_retries AS r SET parked = false, tries = 0,
     retry_at = %(now)s, claimed_until = NULL
     WHERE r.parked AND (%(sub)s::text IS NULL OR r.subscriber = %(sub)s::text)

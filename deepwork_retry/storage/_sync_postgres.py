@@ -734,7 +734,7 @@ class PostgresStorage:
         if error is None:
             self._rows_changed(self._q.forget_event_retry, params)
             return
-        params.update(error=q.diagnostic(error), at=retry_at)
+        params.update(error=q.diagnostic(error), at=retry_at, now=now)
         self._rows_changed(self._q.fail_event_retry, params)
 
     def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
