@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import psycopg
-from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
+from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, AsyncTransaction
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool
@@ -88,7 +88,7 @@ class _Hot:
 
     __slots__ = ("cursor", "prepared")
 
-    def __init__(self, cursor: AsyncCursor[TupleRow]) -> None:
+    def __init__(self, cursor: AsyncRawCursor[TupleRow]) -> None:
         self.cursor = cursor
         self.prepared: set[bytes] = set()
 
@@ -513,7 +513,7 @@ class AsyncPostgresStorage:
         )  # fmt: skip
         try:
             async with _DECLINE:
-                row = await self._hot_row(query, params)
+                row = await self._hot_row(query.text, query.values(params))
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
@@ -973,13 +973,23 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
                 conn.row_factory = rows
 
     async def _statement(
-        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+        self,
+        query: bytes,
+        params: Any,
+        conflict: VersionConflict | None = None,
+        *,
+        raw: bool = False,
     ) -> AsyncCursor[TupleRow]:
-        """Run one statement; its cursor, with every row fetched."""
+        """Run one statement (``raw``: with ``$n`` placeholders); its cursor, with every
+        row fetched."""
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         async with self._lock, errors:
             conn = self._usable()
-            cur = conn.cursor(row_factory=tuple_row)
+            cur = (
+                AsyncRawCursor(conn, row_factory=tuple_row)
+                if raw
+                else conn.cursor(row_factory=tuple_row)
+            )
             status = conn.info.transaction_status
             if status not in _OPEN:
                 if conn.autocommit:
@@ -1012,7 +1022,7 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         return await (await self._statement(query, params)).fetchall()
 
     async def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
-        return await (await self._statement(query, params, _declined())).fetchone()
+        return await (await self._statement(query, params, _declined(), raw=True)).fetchone()
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -1087,18 +1097,20 @@ async def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> AsyncCur
         return await conn.execute(query, params)
 
 
-async def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> AsyncCursor[TupleRow]:
+async def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> AsyncRawCursor[TupleRow]:
     """Run a hot statement as a prepared statement, in one round trip every time.
 
     The first run on a connection sends the preparation and the execution
     together in one pipeline; later runs execute the prepared statement
     directly, without a pipeline's cost. Each connection keeps one cursor for
     these statements, so that the driver's loaders for their columns are
-    looked up once rather than on every call.
+    looked up once rather than on every call; a raw cursor
+    (:class:`~deepwork_retry.storage._postgres_sql.RawQuery`), so that the text
+    is not converted again on every call.
     """
     hot: _Hot | None = getattr(conn, _HOT, None)
     if hot is None:
-        hot = _Hot(conn.cursor())
+        hot = _Hot(AsyncRawCursor(conn))
         setattr(conn, _HOT, hot)
     cur = hot.cursor
     if query in hot.prepared or not q.PIPELINE:

@@ -824,7 +824,7 @@ class Queries:
         # The one-step retry, rendered from the core's description of the move.
         move = effects.MANUAL_RETRY
         self._retry = {
-            (keyed, claimed): q(_retry_text(move, keyed=keyed, claimed=claimed))
+            (keyed, claimed): raw_query(q(_retry_text(move, keyed=keyed, claimed=claimed)))
             for keyed in (False, True)
             for claimed in (False, True)
         }
@@ -882,7 +882,7 @@ class Queries:
             for query, cutoff in zip(self._prune, cutoffs, strict=True)
         ]
 
-    def retry_blocked(self, *, keyed: bool, claimed: bool) -> bytes:
+    def retry_blocked(self, *, keyed: bool, claimed: bool) -> RawQuery:
         """The one-step manual retry for a call with (or without) a key and a claim."""
         return self._retry[keyed, claimed]
 
@@ -1400,6 +1400,35 @@ SELECT {returned}, {_plus("g", "x", _RETRY_COUNTERS)}, ok.ready, {notify}
 FROM ok LEFT JOIN u ON true LEFT JOIN g ON true
     LEFT JOIN LATERAL (SELECT {_sums(_RETRY_COUNTERS)} FROM {{s}}.progress
         WHERE project_id = %(p)s AND stripe <> g.stripe) AS x ON true"""
+
+
+@attrs.frozen
+class RawQuery:
+    """A statement with PostgreSQL's own ``$n`` placeholders, run on a raw cursor.
+
+    The driver converts a ``%(name)s`` statement to ``$n`` on every execution,
+    and caches the conversion only for texts up to 4,096 bytes: the one-step
+    retry, events included, is longer. Converted once here, it is sent as it
+    is (:meth:`values` orders a call's parameters)."""
+
+    text: bytes
+    names: tuple[str, ...]
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+def raw_query(text: bytes) -> RawQuery:
+    """``text`` with each ``%(name)s`` replaced by ``$n`` (one number per name)."""
+    names: dict[bytes, int] = {}
+
+    def number(match: re.Match[bytes]) -> bytes:
+        return b"$%d" % names.setdefault(match.group(1), len(names) + 1)
+
+    converted = _PLACEHOLDER.sub(number, text)
+    if b"%" in converted:
+        raise ValueError("a raw statement holds a % that is not a named placeholder")
+    return RawQuery(converted, tuple(name.decode() for name in names))
 
 
 def _retry_events_ctes(move: effects.Move) -> str:

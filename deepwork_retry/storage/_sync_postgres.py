@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import psycopg
-from psycopg import Connection, Cursor, Transaction
+from psycopg import Connection, Cursor, RawCursor, Transaction
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import ConnectionPool
@@ -89,7 +89,7 @@ class _Hot:
 
     __slots__ = ("cursor", "prepared")
 
-    def __init__(self, cursor: Cursor[TupleRow]) -> None:
+    def __init__(self, cursor: RawCursor[TupleRow]) -> None:
         self.cursor = cursor
         self.prepared: set[bytes] = set()
 
@@ -514,7 +514,7 @@ class PostgresStorage:
         )  # fmt: skip
         try:
             with _DECLINE:
-                row = self._hot_row(query, params)
+                row = self._hot_row(query.text, query.values(params))
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
@@ -964,13 +964,23 @@ class JoinedPostgresStorage(PostgresStorage):
                 conn.row_factory = rows
 
     def _statement(
-        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+        self,
+        query: bytes,
+        params: Any,
+        conflict: VersionConflict | None = None,
+        *,
+        raw: bool = False,
     ) -> Cursor[TupleRow]:
-        """Run one statement; its cursor, with every row fetched."""
+        """Run one statement (``raw``: with ``$n`` placeholders); its cursor, with every
+        row fetched."""
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         with self._lock, errors:
             conn = self._usable()
-            cur = conn.cursor(row_factory=tuple_row)
+            cur = (
+                RawCursor(conn, row_factory=tuple_row)
+                if raw
+                else conn.cursor(row_factory=tuple_row)
+            )
             status = conn.info.transaction_status
             if status not in _OPEN:
                 if conn.autocommit:
@@ -1003,7 +1013,7 @@ class JoinedPostgresStorage(PostgresStorage):
         return (self._statement(query, params)).fetchall()
 
     def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
-        return (self._statement(query, params, _declined())).fetchone()
+        return (self._statement(query, params, _declined(), raw=True)).fetchone()
 
     # -- lifecycle -------------------------------------------------------------
     def open(self) -> None:
@@ -1078,18 +1088,20 @@ def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRo
         return conn.execute(query, params)
 
 
-def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> Cursor[TupleRow]:
+def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> RawCursor[TupleRow]:
     """Run a hot statement as a prepared statement, in one round trip every time.
 
     The first run on a connection sends the preparation and the execution
     together in one pipeline; later runs execute the prepared statement
     directly, without a pipeline's cost. Each connection keeps one cursor for
     these statements, so that the driver's loaders for their columns are
-    looked up once rather than on every call.
+    looked up once rather than on every call; a raw cursor
+    (:class:`~deepwork_retry.storage._postgres_sql.RawQuery`), so that the text
+    is not converted again on every call.
     """
     hot: _Hot | None = getattr(conn, _HOT, None)
     if hot is None:
-        hot = _Hot(conn.cursor())
+        hot = _Hot(RawCursor(conn))
         setattr(conn, _HOT, hot)
     cur = hot.cursor
     if query in hot.prepared or not q.PIPELINE:
