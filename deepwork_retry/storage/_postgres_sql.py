@@ -841,7 +841,7 @@ class Queries:
         reason: str | None,
         budget: RetryBudget,
     ) -> dict[str, Any]:
-        """The one-step retry's events as :class:`RetryEvents` describes: the core's
+        """The one-step retry's events (see the comment on ``_SENTINEL``): the core's
         :func:`~deepwork_retry._core.events.manual_retry_events` of a template task,
         for a retry that dispatches and one deferred, merged."""
         fields, source = self._retry_template
