@@ -95,7 +95,7 @@ def test_migrate_and_retry_on_postgres(
 
     with schema_dropped_after(postgres_dsn, "cli") as schema:
         assert 0 == main(["migrate", "--dsn", postgres_dsn, "--schema", schema])
-        assert "applied migrations: [1, 2, 3, 4]\n" == capsys.readouterr().out
+        assert "applied migrations: [1, 2, 3, 4, 5]\n" == capsys.readouterr().out
         assert 0 == main(["migrate", "--dsn", postgres_dsn, "--schema", schema])
         assert "applied migrations: none (up to date)\n" == capsys.readouterr().out
         storage = PostgresStorage(postgres_dsn, schema=schema)

@@ -124,7 +124,7 @@ def test_postgres_schema_is_migrated_by_name_and_checked(postgres_dsn: str) -> N
         with schema_dropped_after(postgres_dsn, "sqla") as schema:
             with pytest.raises(StorageMissing, match=schema):
                 SQLAlchemyStorage(engine, migrate=False, schema=schema).get_project("p")
-            assert [1, 2, 3, 4] == migrate(engine, schema=schema)
+            assert [1, 2, 3, 4, 5] == migrate(engine, schema=schema)
             storage = SQLAlchemyStorage(engine, migrate=False, schema=schema)
             ExecutorService(storage).create_project("p")
             assert "p" == storage.get_project("p").id
@@ -142,7 +142,7 @@ def test_postgres_migrate_in_a_host_transaction_rolls_back_with_it(postgres_dsn:
     try:
         with schema_dropped_after(postgres_dsn, "sqla") as schema:
             with engine.connect() as conn, conn.begin() as transaction:
-                assert [1, 2, 3, 4] == migrate(conn, schema=schema)
+                assert [1, 2, 3, 4, 5] == migrate(conn, schema=schema)
                 transaction.rollback()
             with pytest.raises(StorageMissing):
                 SQLAlchemyStorage(engine, migrate=False, schema=schema).get_project("p")

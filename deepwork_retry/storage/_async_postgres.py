@@ -29,17 +29,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, cast
 
 import psycopg
-from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
+from psycopg import AsyncConnection, AsyncCursor, AsyncRawCursor, AsyncTransaction
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from deepwork_retry._async._compat import Event, Lock, start_soon, wait_or_stop
+from deepwork_retry._core import events as ev
+from deepwork_retry._core.events import Event as LifecycleEvent
+from deepwork_retry._core.events import EventRetry
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -57,6 +60,7 @@ from deepwork_retry.exceptions import (
     AlreadyExists,
     ConfigurationError,
     IdempotencyConflict,
+    InvalidInput,
     ProjectNotFound,
     StorageMissing,
     StorageUnavailable,
@@ -84,7 +88,7 @@ class _Hot:
 
     __slots__ = ("cursor", "prepared")
 
-    def __init__(self, cursor: AsyncCursor[TupleRow]) -> None:
+    def __init__(self, cursor: AsyncRawCursor[TupleRow]) -> None:
         self.cursor = cursor
         self.prepared: set[bytes] = set()
 
@@ -320,6 +324,12 @@ class AsyncPostgresStorage:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
+    async def _rows_changed(self, query: bytes, params: Any) -> int:
+        """Run a statement that returns no rows; how many rows it changed."""
+        async with self._connection() as conn:
+            cur = await conn.execute(query, params)
+            return max(cur.rowcount, 0)
+
     # -- setup ---------------------------------------------------------------
     async def create_project(self, project: Project) -> None:
         row = await self._one(self._q.create_project, q.project_params(project))
@@ -349,6 +359,7 @@ class AsyncPostgresStorage:
             async with conn.cursor() as cur:
                 await cur.executemany(self._q.insert_task, params)
             await conn.execute(self._q.add_progress, deltas)
+            await conn.execute(self._q.add_events, q.added_params(tasks))
 
     # -- reads ---------------------------------------------------------------
     async def get_project(self, project_id: str) -> Project:
@@ -467,6 +478,7 @@ class AsyncPostgresStorage:
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
     ) -> Applied | None:
         """The manual retry loaded, decided and applied in one statement (one round trip).
 
@@ -491,14 +503,23 @@ class AsyncPostgresStorage:
             project_id, task_id, now=now, actor=actor, reason=reason,
             budget=RetryBudget(budget), claimed_until=claimed_until,
             idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
+            trace=trace,
+        )  # fmt: skip
+        params.update(
+            self._q.retry_events(
+                project_id, task_id, now=now, actor=actor, reason=reason,
+                budget=RetryBudget(budget),
+            )
         )  # fmt: skip
         try:
             async with _DECLINE:
-                row = await self._hot_row(query, params)
+                row = await self._hot_row(query.text, query.values(params))
         except VersionConflict:
             return None  # a deadlock or serialisation failure: the general path decides
         assert row is not None  # the statement always returns one row
-        return self._q.retried(project_id, task_id, row, now=now, claimed_until=claimed_until)
+        return self._q.retried(
+            project_id, task_id, row, now=now, claimed_until=claimed_until, trace=trace
+        )
 
     async def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
         """Run the hottest statement (prepared) and return its row."""
@@ -548,14 +569,30 @@ class AsyncPostgresStorage:
         async with self._connection() as conn:
             await conn.execute(self._q.mark_delivered, (now, project_ids, task_ids, attempts))
 
-    async def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+    async def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
+        """Release the claim, due again at ``retry_at``, and write the
+        ``dispatch.failed`` event (at ``now``, the wall clock by default) in the
+        same statement."""
         if not (q.findable(entry.project_id) and q.findable(entry.task_id)):
             return
-        async with self._connection() as conn:
-            await conn.execute(
-                self._q.mark_failed,
-                (q.diagnostic(error), retry_at, entry.project_id, entry.task_id, entry.attempt),
-            )
+        at = datetime.now(timezone.utc) if now is None else now
+        event = ev.dispatch_failed(entry, error=error, retry_at=retry_at, now=at)
+        params = {
+            "error": q.diagnostic(error),
+            "at": retry_at,
+            "pid": entry.project_id,
+            "tid": entry.task_id,
+            "n": entry.attempt,
+            **q.event_params([event]),
+        }
+        await self._one(self._q.mark_failed_event, params)
 
     async def redeliver_stale(
         self, *, now: datetime, delivered_before: datetime, limit: int
@@ -613,7 +650,129 @@ class AsyncPostgresStorage:
             async with self._connection() as conn:
                 cur = await conn.execute(query, params)
                 counts.append(max(cur.rowcount, 0))
-        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
+        return Pruned(
+            idempotency=counts[0],
+            outbox=counts[1],
+            attempts=counts[2],
+            events=counts[3],
+            batches=1,
+        )
+
+    # -- lifecycle events ----------------------------------------------------
+    async def events(
+        self, project_id: str, *, after: int = 0, limit: int = 100
+    ) -> list[LifecycleEvent]:
+        """The project's events with ``seq > after``, in order, at most ``limit``."""
+        check_limit(limit)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise InvalidInput(f"after must be an int >= 0, got {after!r}")
+        if not q.findable(project_id):
+            raise ProjectNotFound(project_id)
+        params = {"pid": project_id, "after": after, "limit": limit}
+        rows = await self._all(self._q.events, params)
+        if not rows:
+            raise ProjectNotFound(project_id)
+        return [q.decode_event(row, 1) for row in rows if row[2] is not None]
+
+    async def claim_events(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[LifecycleEvent]:
+        """Claim pending events in ``(project_id, seq)`` order; callers are serialised
+        by an advisory lock held to the commit, so each sees the claims before it and
+        a task's events are handed out in order."""
+        check_limit(limit)
+        params = {"now": now, "limit": limit, "until": claimed_until}
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(self._q.event_lock, (self.schema,))
+            cur = await conn.execute(self._q.claim_events, params)
+            rows = await cur.fetchall()
+        found = [q.decode_event(row) for row in rows]
+        found.sort(key=lambda e: (e.project_id, e.seq))
+        return found
+
+    async def settle_events(
+        self,
+        events: Sequence[LifecycleEvent],
+        *,
+        now: datetime,
+        failures: Sequence[EventRetry] = (),
+    ) -> None:
+        """Mark ``events`` delivered and keep ``failures``, in one statement."""
+        done = [e for e in events if q.findable(e.project_id)]
+        kept = [f for f in failures if q.findable(f.event.project_id)]
+        if not done and not kept:
+            return
+        params = {
+            "now": now,
+            "pids": [e.project_id for e in done],
+            "seqs": [e.seq for e in done],
+            **q.failure_params(kept),
+        }
+        await self._one(self._q.settle_events, params)
+
+    async def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        params = {"now": now, "limit": limit, "until": claimed_until}
+        found = [
+            q.decode_event_retry(row)
+            for row in await self._all(self._q.claim_event_retries, params)
+        ]
+        found.sort(key=lambda r: (r.retry_at, r.event.project_id, r.event.seq, r.subscriber))
+        return found
+
+    async def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        if not (q.findable(retry.event.project_id) and q.findable(retry.subscriber)):
+            return
+        params: dict[str, Any] = {
+            "pid": retry.event.project_id,
+            "seq": retry.event.seq,
+            "sub": retry.subscriber,
+        }
+        if error is None:
+            await self._rows_changed(self._q.forget_event_retry, params)
+            return
+        params.update(error=q.diagnostic(error), at=retry_at, now=now)
+        await self._rows_changed(self._q.fail_event_retry, params)
+
+    async def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        if subscriber is not None and not q.findable(subscriber):
+            return []
+        params = {"sub": subscriber, "limit": limit}
+        return [q.decode_event_retry(row) for row in await self._all(self._q.parked_events, params)]
+
+    async def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        if subscriber is not None and not q.findable(subscriber):
+            return 0
+        keys = [] if event_ids is None else [q.event_key(i) for i in event_ids]
+        found = [k for k in keys if k is not None]
+        if event_ids is not None and not found:
+            return 0
+        params = {
+            "now": now,
+            "sub": subscriber,
+            "some": event_ids is not None,
+            "pids": [k[0] for k in found],
+            "seqs": [k[1] for k in found],
+        }
+        return await self._rows_changed(self._q.replay_parked, params)
 
     # -- notifications -------------------------------------------------------
     async def wait_for_work(self, timeout: float) -> bool:
@@ -814,13 +973,23 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
                 conn.row_factory = rows
 
     async def _statement(
-        self, query: bytes, params: Any, conflict: VersionConflict | None = None
+        self,
+        query: bytes,
+        params: Any,
+        conflict: VersionConflict | None = None,
+        *,
+        raw: bool = False,
     ) -> AsyncCursor[TupleRow]:
-        """Run one statement; its cursor, with every row fetched."""
+        """Run one statement (``raw``: with ``$n`` placeholders); its cursor, with every
+        row fetched."""
         errors = q.DriverErrors(None if conflict is None else lambda: conflict)
         async with self._lock, errors:
             conn = self._usable()
-            cur = conn.cursor(row_factory=tuple_row)
+            cur = (
+                AsyncRawCursor(conn, row_factory=tuple_row)
+                if raw
+                else conn.cursor(row_factory=tuple_row)
+            )
             status = conn.info.transaction_status
             if status not in _OPEN:
                 if conn.autocommit:
@@ -853,7 +1022,7 @@ class AsyncJoinedPostgresStorage(AsyncPostgresStorage):
         return await (await self._statement(query, params)).fetchall()
 
     async def _hot_row(self, query: bytes, params: Any) -> tuple[Any, ...] | None:
-        return await (await self._statement(query, params, _declined())).fetchone()
+        return await (await self._statement(query, params, _declined(), raw=True)).fetchone()
 
     # -- lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -928,18 +1097,20 @@ async def _execute_pipelined(conn: _Conn, query: bytes, params: Any) -> AsyncCur
         return await conn.execute(query, params)
 
 
-async def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> AsyncCursor[TupleRow]:
+async def _execute_prepared(conn: _Conn, query: bytes, params: Any) -> AsyncRawCursor[TupleRow]:
     """Run a hot statement as a prepared statement, in one round trip every time.
 
     The first run on a connection sends the preparation and the execution
     together in one pipeline; later runs execute the prepared statement
     directly, without a pipeline's cost. Each connection keeps one cursor for
     these statements, so that the driver's loaders for their columns are
-    looked up once rather than on every call.
+    looked up once rather than on every call; a raw cursor
+    (:class:`~deepwork_retry.storage._postgres_sql.RawQuery`), so that the text
+    is not converted again on every call.
     """
     hot: _Hot | None = getattr(conn, _HOT, None)
     if hot is None:
-        hot = _Hot(conn.cursor())
+        hot = _Hot(AsyncRawCursor(conn))
         setattr(conn, _HOT, hot)
     cur = hot.cursor
     if query in hot.prepared or not q.PIPELINE:

@@ -20,7 +20,8 @@ import attrs
 import psycopg
 from psycopg import sql
 
-from deepwork_retry._core import effects, machine, retention
+from deepwork_retry._core import effects, events, machine, retention
+from deepwork_retry._core.events import Event, EventRetry, EventType
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -419,6 +420,7 @@ def entry_params(entry: DispatchEntry) -> dict[str, Any]:
         "d_tries": entry.tries,
         "d_last_error": diagnostic(entry.last_error),
         "d_delivered_at": entry.delivered_at,
+        "d_trace": entry.trace,
     }
 
 
@@ -492,10 +494,11 @@ decode_progress: Callable[..., Progress] = _decoder(Progress, PROGRESS_COLS, {})
 
 def _released(project_id: str, row: Row, at: int) -> list[DispatchEntry]:
     """Entries from the parallel arrays ``task_id, attempt, available_at, created_at,
-    claimed_until, tries, last_error, delivered_at`` (``None`` when nothing was released)."""
+    claimed_until, tries, last_error, delivered_at, trace`` (``None`` when nothing was
+    released)."""
     if row[at] is None:
         return []
-    columns = row[at : at + 8]
+    columns = row[at : at + 9]
     return [
         DispatchEntry(
             project_id=project_id,
@@ -508,9 +511,10 @@ def _released(project_id: str, row: Row, at: int) -> list[DispatchEntry]:
             tries=tries,
             last_error=last_error,
             delivered_at=_utc(delivered_at),
+            trace=trace,
         )
         for task_id, attempt, available_at, created_at, claimed_until, tries, last_error,
-        delivered_at in zip(*columns, strict=True)
+        delivered_at, trace in zip(*columns, strict=True)
     ]  # fmt: skip
 
 
@@ -557,7 +561,7 @@ rel AS (
     WHERE o.project_id = %(pid)s AND o.task_id = r.task_id AND o.attempt = r.attempt
       AND o.state = {deferred} AND EXISTS (SELECT 1 FROM upd)
     RETURNING r.ord, o.task_id, o.attempt, o.available_at, o.created_at, o.claimed_until,
-              o.tries, o.last_error, o.delivered_at
+              o.tries, o.last_error, o.delivered_at, o.trace
 ),"""
 
 _RELEASED_ARRAYS = """
@@ -568,9 +572,10 @@ _RELEASED_ARRAYS = """
     (SELECT array_agg(claimed_until ORDER BY ord) FROM rel),
     (SELECT array_agg(tries ORDER BY ord) FROM rel),
     (SELECT array_agg(last_error ORDER BY ord) FROM rel),
-    (SELECT array_agg(delivered_at ORDER BY ord) FROM rel)"""
+    (SELECT array_agg(delivered_at ORDER BY ord) FROM rel),
+    (SELECT array_agg(trace ORDER BY ord) FROM rel)"""
 
-_NO_RELEASES = ", ".join(["NULL"] * 8)
+_NO_RELEASES = ", ".join(["NULL"] * 9)
 
 _TAKE_EXPIRED = (
     ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEM_COLS[1:])
@@ -593,6 +598,7 @@ class _Shape:
     status: tuple[str, str] | None
     notify_own: bool
     notify_released: bool
+    events: bool
 
 
 _APPLY_ROW = common.at(
@@ -802,15 +808,55 @@ class Queries:
             " WHERE key = %(i_key)s AND NOT EXISTS (SELECT 1 FROM ins)"
         )
         self.listen = q("LISTEN {c}")
-        self._prune = tuple(q(text) for text in _PRUNE)
+        self._prune = tuple(q(text) for text in (*_PRUNE, _PRUNE_EVENTS))
+        self.event_lock = q(f"SELECT pg_advisory_xact_lock({EVENT_LOCK}, hashtext(%s))")
+        ev = {name: q(text) for name, text in _EVENT_TEXTS.items()}
+        self.events = ev["events"]
+        self.claim_events = ev["claim_events"]
+        self.settle_events = ev["settle_events"]
+        self.claim_event_retries = ev["claim_event_retries"]
+        self.forget_event_retry = ev["forget_event_retry"]
+        self.fail_event_retry = ev["fail_event_retry"]
+        self.parked_events = ev["parked_events"]
+        self.replay_parked = ev["replay_parked"]
+        self.add_events = ev["add_events"]
+        self.mark_failed_event = ev["mark_failed"]
         # The one-step retry, rendered from the core's description of the move.
         move = effects.MANUAL_RETRY
         self._retry = {
-            (keyed, claimed): q(_retry_text(move, keyed=keyed, claimed=claimed))
+            (keyed, claimed): raw_query(q(_retry_text(move, keyed=keyed, claimed=claimed)))
             for keyed in (False, True)
             for claimed in (False, True)
         }
         self.retried = RetryReader(move)
+        self._retry_template = _retry_template(move)
+
+    def retry_events(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None,
+        reason: str | None,
+        budget: RetryBudget,
+    ) -> dict[str, Any]:
+        """The one-step retry's events (see the comment on ``_SENTINEL``): the core's
+        :func:`~deepwork_retry._core.events.manual_retry_events` of a template task,
+        for a retry that dispatches and one deferred, merged."""
+        fields, source = self._retry_template
+        template = Task(project_id=project_id, id=task_id, **fields(now))
+        ready, deferred = (
+            events.manual_retry_events(
+                template, now=now, actor=actor, reason=reason, budget=budget,
+                deferred=case, before=source,
+            )
+            for case in (False, True)
+        )  # fmt: skip
+        merged = _merge(ready, deferred)
+        params = event_params([event for event, _ in merged])
+        params["e_when"] = [when for _, when in merged]
+        return params
 
     def render(self, text: str) -> bytes:
         """``text`` for this schema, its whitespace collapsed.
@@ -830,13 +876,13 @@ class Queries:
 
     def prune(self, rule: PruneRule) -> list[tuple[bytes, dict[str, Any] | None]]:
         """Each table's delete for ``rule`` and its parameters (``None``: nothing to do)."""
-        cutoffs = (rule.now, rule.delivered_before, rule.finished_before)
+        cutoffs = (rule.now, rule.delivered_before, rule.finished_before, rule.delivered_before)
         return [
             (query, None if cutoff is None else {"before": cutoff, "n": rule.batch})
             for query, cutoff in zip(self._prune, cutoffs, strict=True)
         ]
 
-    def retry_blocked(self, *, keyed: bool, claimed: bool) -> bytes:
+    def retry_blocked(self, *, keyed: bool, claimed: bool) -> RawQuery:
         """The one-step manual retry for a call with (or without) a key and a claim."""
         return self._retry[keyed, claimed]
 
@@ -874,6 +920,7 @@ class Queries:
     # -- apply -----------------------------------------------------------------------
     def apply(self, plan: Plan) -> tuple[bytes, dict[str, Any]]:
         before, after = plan.before, plan.after
+        found = events.events_of(plan)
         dispatch = plan.dispatch
         own_due = (
             dispatch is not None
@@ -894,6 +941,7 @@ class Queries:
             else (before.status.value, after.status.value),
             notify_own=own_due,
             notify_released=bool(plan.releases) and plan.claimed_until is None,
+            events=bool(found),
         )
         cached = self._apply_cache.get(shape)
         if cached is None:
@@ -928,6 +976,8 @@ class Queries:
                 u_error_message=diagnostic(update.error_message or None),
             )
         params.update(_release_params(plan.releases))
+        if found:
+            params.update(event_params(found))
         # Only the values the statement uses: psycopg caches the conversion of
         # statements with at most 50 parameters.
         return query, {name: params[name] for name in names}
@@ -1096,7 +1146,7 @@ disp AS (
     SELECT %(d_project_id)s::text, %(d_task_id)s::text, %(d_attempt)s::bigint,
            %(d_state)s::text, %(d_available_at)s::timestamptz, %(d_created_at)s::timestamptz,
            %(d_claimed_until)s::timestamptz, %(d_tries)s::bigint, %(d_last_error)s::text,
-           %(d_delivered_at)s::timestamptz, n.v,
+           %(d_delivered_at)s::timestamptz, %(d_trace)s::text, n.v,
            CASE WHEN %(d_state)s::text = {{pending}} THEN n.v END
     FROM (SELECT nextval({{order}}) AS v) AS n
     WHERE {done}
@@ -1130,6 +1180,10 @@ prog AS (
         WHERE project_id = %(pid)s AND stripe <> mine.stripe) AS rest
 )"""
         )
+    if shape.events:
+        # Last, so that the project's row is held from here to the commit only.
+        gate = done if shape.status is None else f"{done} AND EXISTS (SELECT 1 FROM mine)"
+        ctes.append("," + _events_ctes("%(pid)s::text", gate))
     notify = []
     if shape.notify_own:
         notify.append("true")
@@ -1334,18 +1388,68 @@ a AS (INSERT INTO {{s}}.attempts (project_id, task_id, number, {_cols(fields)})
     SELECT project_id, id, attempt, {record} FROM u RETURNING 1),
 o AS (INSERT INTO {{s}}.outbox ({_cols(OUTBOX_COLS)}, seq, pending_seq)
     SELECT x.project_id, x.id, x.attempt, CASE WHEN ok.ready THEN '{pending}' ELSE '{deferred}' END,
-        {available}, {_NOW}, {claim}, 0, NULL, NULL,
+        {available}, {_NOW}, {claim}, 0, NULL, NULL, %(tr)s::text,
         x.seq, CASE WHEN ok.ready THEN x.seq END
     FROM (SELECT project_id, id, attempt, nextval({{order}}) AS seq FROM u) AS x, ok
     RETURNING 1),
 g AS (UPDATE {{s}}.progress AS g SET {moved} FROM c
     WHERE g.project_id = %(p)s AND g.stripe = c.stripe
     AND EXISTS (SELECT FROM a) AND EXISTS (SELECT FROM o)
-    RETURNING g.stripe, {_cols(_RETRY_COUNTERS, "g.")})
+    RETURNING g.stripe, {_cols(_RETRY_COUNTERS, "g.")}),{_retry_events_ctes(move)}
 SELECT {returned}, {_plus("g", "x", _RETRY_COUNTERS)}, ok.ready, {notify}
 FROM ok LEFT JOIN u ON true LEFT JOIN g ON true
     LEFT JOIN LATERAL (SELECT {_sums(_RETRY_COUNTERS)} FROM {{s}}.progress
         WHERE project_id = %(p)s AND stripe <> g.stripe) AS x ON true"""
+
+
+@attrs.frozen
+class RawQuery:
+    """A statement with PostgreSQL's own ``$n`` placeholders, run on a raw cursor.
+
+    The driver converts a ``%(name)s`` statement to ``$n`` on every execution,
+    and caches the conversion only for texts up to 4,096 bytes: the one-step
+    retry, events included, is longer. Converted once here, it is sent as it
+    is (:meth:`values` orders a call's parameters)."""
+
+    text: bytes
+    names: tuple[str, ...]
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+def raw_query(text: bytes) -> RawQuery:
+    """``text`` with each ``%(name)s`` replaced by ``$n`` (one number per name)."""
+    names: dict[bytes, int] = {}
+
+    def number(match: re.Match[bytes]) -> bytes:
+        return b"$%d" % names.setdefault(match.group(1), len(names) + 1)
+
+    converted = _PLACEHOLDER.sub(number, text)
+    if b"%" in converted:
+        raise ValueError("a raw statement holds a % that is not a named placeholder")
+    return RawQuery(converted, tuple(name.decode() for name in names))
+
+
+def _retry_events_ctes(move: effects.Move) -> str:
+    """The one-step retry's events (see :meth:`Queries.retry_events`): those of its case,
+    numbered after the project's last, with the after-row's values patched in."""
+    data = _patched("kv.v", move, json=True)
+    return f"""
+ek AS (SELECT e.type, e.task_id, e.attempt, e.at, e.data,
+        row_number() OVER (ORDER BY e.ord) AS k, count(*) OVER () AS n
+    FROM ok, unnest(%(e_type)s::text[], %(e_task)s::text[], %(e_attempt)s::bigint[],
+        %(e_at)s::timestamptz[], %(e_data)s::text[], %(e_when)s::boolean[])
+        WITH ORDINALITY AS e(type, task_id, attempt, at, data, deferred, ord)
+    WHERE e.deferred IS NULL OR e.deferred = NOT ok.ready),
+es AS (UPDATE {{s}}.projects SET event_seq = event_seq + (SELECT count(*) FROM ek)
+    WHERE id = %(p)s AND EXISTS (SELECT FROM g) RETURNING event_seq),
+ei AS ({_EVENT_INSERT}
+    SELECT %(p)s::text, es.event_seq - ek.n + ek.k, ek.type, ek.task_id,
+        {_patched("ek.attempt", move)}, ek.at,
+        COALESCE((SELECT jsonb_object_agg(kv.key, {data})
+            FROM jsonb_each(ek.data::jsonb) AS kv(key, v)), jsonb_build_object())
+    FROM es, ek, u RETURNING 1)"""
 
 
 def retry_params(
@@ -1359,8 +1463,10 @@ def retry_params(
     claimed_until: datetime | None,
     idempotency_key: str | None,
     idempotency_expires_at: datetime | None = None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
-    """The values of the statement :meth:`Queries.retry_blocked` picks for them."""
+    """The values of the statement :meth:`Queries.retry_blocked` picks for them (its
+    events' aside: :meth:`Queries.retry_events`)."""
     params = {
         "p": project_id,
         "t": task_id,
@@ -1368,6 +1474,7 @@ def retry_params(
         "b": budget.value,
         "a": actor,
         "r": reason,
+        "tr": trace,
     }
     if idempotency_key is not None:
         params["k"] = idempotency_key
@@ -1422,6 +1529,7 @@ class RetryReader:
         *,
         now: datetime,
         claimed_until: datetime | None,
+        trace: str | None = None,
     ) -> Applied | None:
         """``now`` must be timezone-aware (it is what the statement stored as
         ``updated_at``, read back as UTC)."""
@@ -1441,6 +1549,7 @@ class RetryReader:
                     available_at=now,
                     created_at=now,
                     claimed_until=claimed_until,
+                    trace=trace,
                 ),
             )
         return Applied(
@@ -1535,3 +1644,309 @@ _PRUNE = (
         AND t.id = a.task_id AND t.status IN ({_FINISHED}) AND t.updated_at <= %(before)s)
     ORDER BY a.dispatched_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED))""",
 )
+
+
+# -- lifecycle events (deepwork_retry._core.events) ------------------------------------
+# The core computes every event a move makes; the statements only number them
+# (the project's events.event_seq, bumped in the move's own statement) and
+# store them. The bump is the last write of each statement, so the project's
+# row, which every writer of the project's events waits for, is held from the
+# bump to the commit only.
+
+EVENT_COLS = ("project_id", "seq", "type", "task_id", "attempt", "at", "data")
+RETRY_COLS = ("subscriber", "tries", "retry_at", "last_error", "parked", "claimed_until")
+EVENT_LOCK = 0x6478
+"""First key of the advisory lock that serialises :meth:`claim_events` (the second is the
+schema's hash)."""
+
+_EVENT_ARRAYS = (
+    "unnest(%(e_type)s::text[], %(e_task)s::text[], %(e_attempt)s::bigint[],"
+    " %(e_at)s::timestamptz[], %(e_data)s::text[])"
+    " WITH ORDINALITY AS e(type, task_id, attempt, at, data, ord)"
+)
+_EVENT_INSERT = "INSERT INTO {s}.events (project_id, seq, type, task_id, attempt, at, data)"
+
+
+def event_params(found: Sequence[Event]) -> dict[str, Any]:
+    """The parallel arrays of ``found`` (unnumbered) that the statements number and store."""
+    return {
+        "e_type": [e.type.value for e in found],
+        "e_task": [e.task_id for e in found],
+        "e_attempt": [e.attempt for e in found],
+        "e_at": [e.at for e in found],
+        "e_data": [_data_text(e.data) for e in found],
+    }
+
+
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(0000|d[89a-f])", re.IGNORECASE)
+"""An escape in JSON text that jsonb refuses (NUL, a surrogate: perhaps a lone one)."""
+
+
+def _data_text(data: Mapping[str, Any]) -> str:
+    """:func:`~deepwork_retry._core.events.data_text`, its text made storable when it
+    has to be (rarely: the check is one search of the text)."""
+    text = events.data_text(data)
+    if _UNSTORABLE_ESCAPE.search(text) is None:
+        return text
+    return events.data_text(_storable(data))
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with its text as jsonb holds it (see :func:`diagnostic`: no NUL, no
+    lone surrogate), as the task's own error text is stored."""
+    if isinstance(value, str):
+        return diagnostic(value)
+    if isinstance(value, Mapping):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _events_ctes(project: str, gate: str) -> str:
+    """Number and store the events of :func:`event_params` for ``project`` when ``gate``
+    holds: the project's sequence bumped by their count, then the rows."""
+    count = "cardinality(%(e_type)s::text[])"
+    return f"""
+ev_seq AS (UPDATE {{s}}.projects SET event_seq = event_seq + {count}
+    WHERE id = {project} AND {gate} RETURNING event_seq),
+ev_ins AS ({_EVENT_INSERT}
+    SELECT {project}, ev_seq.event_seq - {count} + e.ord, e.type, e.task_id, e.attempt,
+        e.at, e.data::jsonb
+    FROM ev_seq, {_EVENT_ARRAYS} RETURNING 1)"""
+
+
+def added_params(tasks: Sequence[Task]) -> dict[str, Any]:
+    """:func:`event_params` of the tasks added, with each event's project and its rank
+    among the batch's events of that project."""
+    found = [events.added(task) for task in tasks]
+    ranks: dict[str, int] = {}
+    rank = []
+    for event in found:
+        ranks[event.project_id] = ranks.get(event.project_id, 0) + 1
+        rank.append(ranks[event.project_id])
+    params = event_params(found)
+    params["e_project"] = [e.project_id for e in found]
+    params["e_rank"] = rank
+    return params
+
+
+_ADD_EVENTS = f"""WITH
+n AS (SELECT project_id, count(*) AS n FROM unnest(%(e_project)s::text[]) AS x(project_id)
+    GROUP BY project_id),
+l AS (SELECT id FROM {{s}}.projects WHERE id IN (SELECT project_id FROM n)
+    ORDER BY id FOR NO KEY UPDATE),
+b AS (UPDATE {{s}}.projects AS p SET event_seq = p.event_seq + n.n FROM n
+    WHERE p.id = n.project_id AND (SELECT count(*) FROM l) >= 0
+    RETURNING p.id, p.event_seq, n.n)
+{_EVENT_INSERT}
+SELECT b.id, b.event_seq - b.n + r.rank, e.type, e.task_id, e.attempt, e.at, e.data::jsonb
+FROM {_EVENT_ARRAYS}
+    JOIN unnest(%(e_project)s::text[], %(e_rank)s::bigint[]) WITH ORDINALITY
+        AS r(project_id, rank, ord) ON r.ord = e.ord
+    JOIN b ON b.id = r.project_id"""
+"""The events of an ``add_tasks`` batch; the projects' rows are locked in key order, so
+two batches never wait for each other in a cycle."""
+
+
+_MARK_FAILED = f"""WITH
+m AS (UPDATE {{s}}.outbox SET tries = tries + 1, last_error = %(error)s, available_at = %(at)s,
+    claimed_until = NULL
+    WHERE project_id = %(pid)s AND task_id = %(tid)s AND attempt = %(n)s AND state = {{pending}}
+    RETURNING 1),{_events_ctes("%(pid)s::text", "EXISTS (SELECT FROM m)")}
+SELECT count(*) FROM ev_ins"""
+"""An outbox delivery failed: the entry released, due again at ``at``, and its event."""
+
+
+# The events of the one-step manual retry are computed by the core before the
+# statement decides. The statement alone knows the task's counters after the
+# move (retry_count, attempt, ...) and whether its entry is deferred, so the
+# core's manual_retry_events runs on a template task whose read-back integer
+# fields hold sentinels, once for a retry that dispatches and once for one
+# deferred; the statement keeps the events of its case (e_when: NULL both,
+# true only deferred, false only ready) and puts the after-row's values where
+# the sentinels are (an event's attempt, any top-level data value). A second
+# statement pipelined after the retry would need a transaction around the two
+# (three more commands on an autocommit connection); this keeps the retry one
+# autocommit statement, one round trip.
+_SENTINEL = 9_007_199_254_740_000
+"""Template values for the read-back counters: far beyond any real counter."""
+
+
+def _sentinels(move: effects.Move) -> dict[str, int]:
+    """The read-back integer fields of ``move`` and each one's sentinel."""
+    ints = [
+        f.name
+        for f in attrs.fields(Task)
+        if f.name in common.read_back(move) and f.type in ("int", int)
+    ]
+    return {name: _SENTINEL + n for n, name in enumerate(ints)}
+
+
+def _retry_template(
+    move: effects.Move,
+) -> tuple[Callable[[datetime], dict[str, Any]], TaskStatus]:
+    """The template task's fields at ``now`` (ids aside), and the one state the move leaves."""
+    (source,) = move.sources  # a progress event's "from": the statement checks it
+    known = move.known()
+    consts = {n: e.value for n, e in known.items() if not isinstance(e, effects.Now)}
+    nows = [n for n, e in known.items() if isinstance(e, effects.Now)]
+    fixed = {**consts, **_sentinels(move)}
+
+    def fields(now: datetime) -> dict[str, Any]:
+        return {**fixed, **dict.fromkeys(nows, now)}
+
+    return fields, source
+
+
+def _patched(value: str, move: effects.Move, *, json: bool = False) -> str:
+    """SQL for ``value`` (an integer, or a jsonb value when ``json``) with each sentinel
+    replaced by the after-row's field (``u.``)."""
+    cases = []
+    for name, sentinel in _sentinels(move).items():
+        if json:
+            cases.append(f"WHEN '{sentinel}'::jsonb THEN to_jsonb(u.{name})")
+        else:
+            cases.append(f"WHEN {sentinel} THEN u.{name}")
+    whens = " ".join(cases)
+    return f"CASE {value} {whens} ELSE {value} END" if whens else value
+
+
+def _merge(ready: Sequence[Event], deferred: Sequence[Event]) -> list[tuple[Event, bool | None]]:
+    """One list holding both sequences in order: each event with ``None`` (in both),
+    ``True`` (only the deferred case's) or ``False`` (only the ready case's)."""
+    merged: list[tuple[Event, bool | None]] = []
+    i = 0
+    for event in deferred:
+        if i < len(ready) and ready[i] == event:
+            merged.append((event, None))
+            i += 1
+        elif event in ready[i:]:
+            while ready[i] != event:
+                merged.append((ready[i], False))
+                i += 1
+            merged.append((event, None))
+            i += 1
+        else:
+            merged.append((event, True))
+    merged.extend((event, False) for event in ready[i:])
+    return merged
+
+
+def decode_event(row: Row, at: int = 0) -> Event:
+    project_id, seq, kind, task_id, attempt, when, data = row[at : at + len(EVENT_COLS)]
+    return Event(
+        project_id=project_id,
+        seq=seq,
+        type=EventType(kind),
+        task_id=task_id,
+        attempt=attempt,
+        at=_req_utc(when),
+        data=events.data_value(data),
+    )
+
+
+def decode_event_retry(row: Row) -> EventRetry:
+    """A row of :data:`RETRY_COLS` then :data:`EVENT_COLS`."""
+    subscriber, tries, retry_at, last_error, parked, claimed_until = row[: len(RETRY_COLS)]
+    return EventRetry(
+        event=decode_event(row, len(RETRY_COLS)),
+        subscriber=subscriber,
+        tries=tries,
+        retry_at=_req_utc(retry_at),
+        last_error=last_error,
+        parked=parked,
+        claimed_until=_utc(claimed_until),
+    )
+
+
+def event_key(event_id: str) -> tuple[str, int] | None:
+    """``(project_id, seq)`` of an :attr:`Event.id`, ``None`` when it names no event."""
+    project_id, sep, seq = event_id.rpartition(":")
+    if not sep or not seq.isdigit() or not findable(project_id):
+        return None
+    return project_id, int(seq)
+
+
+_EV = _cols(EVENT_COLS, "e.")
+_EVENT_TEXTS = {
+    "events": f"""SELECT p.id, {_cols(EVENT_COLS, "x.")} FROM {{s}}.projects AS p
+    LEFT JOIN LATERAL (SELECT {_EV} FROM {{s}}.events AS e
+        WHERE e.project_id = p.id AND e.seq > %(after)s ORDER BY e.seq LIMIT %(limit)s) AS x
+    ON true WHERE p.id = %(pid)s ORDER BY x.seq""",
+    # Run after the advisory lock, in its transaction: the snapshot sees every
+    # claim committed before, so a task's earlier event claimed by another
+    # caller holds its later ones back.
+    "claim_events": f"""WITH c AS (SELECT e.project_id, e.seq FROM {{s}}.events AS e
+    WHERE e.delivered_at IS NULL AND (e.claimed_until IS NULL OR e.claimed_until <= %(now)s)
+    AND NOT EXISTS (SELECT FROM {{s}}.events AS b WHERE b.delivered_at IS NULL
+        AND b.project_id = e.project_id AND b.task_id = e.task_id AND b.seq < e.seq
+        AND b.claimed_until > %(now)s)
+    ORDER BY e.project_id, e.seq LIMIT %(limit)s FOR UPDATE)
+UPDATE {{s}}.events AS e SET claimed_until = %(until)s FROM c
+    WHERE e.project_id = c.project_id AND e.seq = c.seq RETURNING {_EV}""",
+    "settle_events": """WITH
+d AS (UPDATE {s}.events AS e SET delivered_at = %(now)s, claimed_until = NULL
+    FROM unnest(%(pids)s::text[], %(seqs)s::bigint[]) AS k(project_id, seq)
+    WHERE e.project_id = k.project_id AND e.seq = k.seq AND e.delivered_at IS NULL
+    RETURNING 1),
+f AS (INSERT INTO {s}.event_retries AS r
+    (project_id, seq, subscriber, tries, retry_at, last_error, parked, claimed_until)
+    SELECT f.* FROM unnest(%(f_pids)s::text[], %(f_seqs)s::bigint[], %(f_subs)s::text[],
+        %(f_tries)s::bigint[], %(f_at)s::timestamptz[], %(f_errors)s::text[],
+        %(f_parked)s::boolean[], %(f_claims)s::timestamptz[])
+        AS f(project_id, seq, subscriber, tries, retry_at, last_error, parked, claimed_until)
+    JOIN {s}.events AS e ON e.project_id = f.project_id AND e.seq = f.seq
+    ON CONFLICT (project_id, seq, subscriber) DO UPDATE SET tries = EXCLUDED.tries,
+        retry_at = EXCLUDED.retry_at, last_error = EXCLUDED.last_error,
+        parked = EXCLUDED.parked, claimed_until = EXCLUDED.claimed_until
+    RETURNING 1)
+SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM f)""",
+    "claim_event_retries": f"""WITH c AS (SELECT project_id, seq, subscriber
+    FROM {{s}}.event_retries WHERE NOT parked AND retry_at <= %(now)s
+    AND (claimed_until IS NULL OR claimed_until <= %(now)s)
+    ORDER BY retry_at, project_id, seq, subscriber LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+UPDATE {{s}}.event_retries AS r SET claimed_until = %(until)s FROM c, {{s}}.events AS e
+    WHERE r.project_id = c.project_id AND r.seq = c.seq AND r.subscriber = c.subscriber
+    AND e.project_id = r.project_id AND e.seq = r.seq
+    RETURNING {_cols(RETRY_COLS, "r.")}, {_EV}""",
+    "forget_event_retry": """DELETE FROM {s}.event_retries
+    WHERE project_id = %(pid)s AND seq = %(seq)s AND subscriber = %(sub)s""",
+    "fail_event_retry": """UPDATE {s}.event_retries SET tries = tries + 1,
+    last_error = %(error)s, retry_at = COALESCE(%(at)s::timestamptz, %(now)s),
+    parked = %(at)s::timestamptz IS NULL, claimed_until = NULL
+    WHERE project_id = %(pid)s AND seq = %(seq)s AND subscriber = %(sub)s""",
+    "parked_events": f"""SELECT {_cols(RETRY_COLS, "r.")}, {_EV}
+    FROM {{s}}.event_retries AS r JOIN {{s}}.events AS e
+        ON e.project_id = r.project_id AND e.seq = r.seq
+    WHERE r.parked AND (%(sub)s::text IS NULL OR r.subscriber = %(sub)s::text)
+    ORDER BY r.project_id, r.seq, r.subscriber LIMIT %(limit)s""",
+    "replay_parked": """UPDATE {s}.event_retries AS r SET parked = false, tries = 0,
+    retry_at = %(now)s, claimed_until = NULL
+    WHERE r.parked AND (%(sub)s::text IS NULL OR r.subscriber = %(sub)s::text)
+    AND (NOT %(some)s OR (r.project_id, r.seq) IN
+        (SELECT * FROM unnest(%(pids)s::text[], %(seqs)s::bigint[])))""",
+    "add_events": _ADD_EVENTS,
+    "mark_failed": _MARK_FAILED,
+}
+
+_PRUNE_EVENTS = """DELETE FROM {s}.events WHERE ctid = ANY(ARRAY(
+    SELECT e.ctid FROM {s}.events AS e WHERE e.delivered_at <= %(before)s
+    AND NOT EXISTS (SELECT FROM {s}.event_retries AS r
+        WHERE r.project_id = e.project_id AND r.seq = e.seq)
+    ORDER BY e.delivered_at LIMIT %(n)s FOR UPDATE OF e SKIP LOCKED))"""
+"""Delivered events (:meth:`~deepwork_retry._core.retention.PruneRule.removes_event`): none
+with a failed delivery kept (to retry or parked)."""
+
+
+def failure_params(failures: Sequence[EventRetry]) -> dict[str, Any]:
+    return {
+        "f_pids": [f.event.project_id for f in failures],
+        "f_seqs": [f.event.seq for f in failures],
+        "f_subs": [f.subscriber for f in failures],
+        "f_tries": [f.tries for f in failures],
+        "f_at": [f.retry_at for f in failures],
+        "f_errors": [diagnostic(f.last_error) for f in failures],
+        "f_parked": [f.parked for f in failures],
+        "f_claims": [f.claimed_until for f in failures],
+    }

@@ -10,6 +10,8 @@ CREATE TABLE projects (
     created_at  timestamptz NOT NULL,
     updated_at  timestamptz NOT NULL,
     version     bigint      NOT NULL,
+    -- The number of the project's last lifecycle event (migration 0005).
+    event_seq   bigint      NOT NULL DEFAULT 0,
     CONSTRAINT projects_status CHECK (status IN (
         'draft', 'planning', 'awaiting_approval', 'approved', 'executing',
         'paused', 'completed', 'failed', 'cancelled'))
@@ -110,6 +112,8 @@ CREATE TABLE outbox (
     delivered_at  timestamptz,
     seq           bigint      NOT NULL,
     pending_seq   bigint,
+    -- The trace context of the request that made the attempt (migration 0005).
+    trace         text,
     PRIMARY KEY (project_id, task_id, attempt),
     FOREIGN KEY (project_id, task_id) REFERENCES tasks (project_id, id),
     CONSTRAINT outbox_state CHECK (state IN ('deferred', 'pending', 'delivered', 'cancelled'))
@@ -135,3 +139,39 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
 CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE state = 'delivered';
 CREATE INDEX attempts_by_dispatch ON attempts (dispatched_at);
+
+-- Lifecycle events, numbered per project in commit order (projects.event_seq).
+CREATE TABLE events (
+    project_id    text COLLATE "C" NOT NULL REFERENCES projects (id),
+    seq           bigint      NOT NULL,
+    type          text        NOT NULL,
+    task_id       text COLLATE "C",
+    attempt       bigint,
+    at            timestamptz NOT NULL,
+    data          jsonb       NOT NULL,
+    -- NULL: pending (not yet delivered to every subscriber).
+    delivered_at  timestamptz,
+    claimed_until timestamptz,
+    PRIMARY KEY (project_id, seq)
+);
+
+CREATE INDEX events_pending ON events (project_id, seq) WHERE delivered_at IS NULL;
+CREATE INDEX events_pending_by_task ON events (project_id, task_id, seq)
+    WHERE delivered_at IS NULL;
+CREATE INDEX events_delivered ON events (delivered_at) WHERE delivered_at IS NOT NULL;
+
+-- A subscriber's failed delivery of an event: retried at retry_at, parked after its limit.
+CREATE TABLE event_retries (
+    project_id    text COLLATE "C" NOT NULL,
+    seq           bigint      NOT NULL,
+    subscriber    text COLLATE "C" NOT NULL,
+    tries         bigint      NOT NULL,
+    retry_at      timestamptz NOT NULL,
+    last_error    text,
+    parked        boolean     NOT NULL DEFAULT false,
+    claimed_until timestamptz,
+    PRIMARY KEY (project_id, seq, subscriber),
+    FOREIGN KEY (project_id, seq) REFERENCES events (project_id, seq)
+);
+
+CREATE INDEX event_retries_due ON event_retries (retry_at) WHERE NOT parked;
