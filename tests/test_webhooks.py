@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -230,3 +233,83 @@ def test_a_webhook_sends_only_its_types() -> None:
         Webhook("https://example.com", SECRET, types=["task.nope"])
     with pytest.raises(InvalidInput):
         Webhook("https://example.com", "")
+
+
+# -- the receiver's snippet in docs/events.md -------------------------------------------
+
+
+def docs_receiver() -> Callable[..., dict[str, Any]]:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "events.md").read_text()
+    code = page.split("<!-- receiver-snippet -->", 1)[1].split("```python\n", 1)[1]
+    namespace: dict[str, Any] = {}
+    exec(code.split("```", 1)[0], namespace)
+    fn: Callable[..., dict[str, Any]] = namespace["verify_deepwork"]
+    return fn
+
+
+def test_the_pages_stdlib_receiver_verifies_a_real_request_and_refuses_bad_ones() -> None:
+    """The few lines of standard library in docs/events.md accept what a Webhook sent,
+    under either secret of a rotation, and refuse an altered body and a replay."""
+    check = docs_receiver()
+    with receiving(["new", "old"]) as receiver:
+        Webhook(receiver.url, ["new", "old"])(blocked())
+        body, headers = receiver.requests[0]
+    header = headers["Deepwork-Signature"]
+    assert blocked().to_json() == check(body, header, "old")
+    assert blocked().to_json() == check(body, header, "new")
+    with pytest.raises(ValueError, match="bad signature"):
+        check(body.replace(b"boom", b"fine"), header, "new")
+    with pytest.raises(ValueError, match="bad signature"):
+        check(body, header, "other")
+    stamp = int(header.split(",")[0][2:])
+    old = signature_header(body, "new", timestamp=stamp - 301)
+    with pytest.raises(ValueError, match="replayed"):
+        check(body, old, "new")
+
+
+# -- through the event relay: retried, parked, replayed ---------------------------------
+
+
+def test_a_failing_receiver_is_retried_then_parked_then_replayed_and_delivered() -> None:
+    """The receiver answers 500 to the first tries: the relay retries with backoff,
+    parks the delivery after max_tries, and once replayed the receiver gets it; every
+    other event got through at once and nothing arrived twice."""
+    from deepwork_retry import ExecutorService, NoBackoff, RetryPolicy, TaskError
+    from deepwork_retry.events import EventRelay, Hooks
+    from deepwork_retry.storage.memory import MemoryStorage
+    from deepwork_retry.testing.doubles import FakeClock
+
+    clock = FakeClock()
+    storage = MemoryStorage()
+    ex = ExecutorService(storage, policy=RetryPolicy(backoff=NoBackoff()), clock=clock)
+    ex.create_project("p")
+    ex.add_task("p", "t1", max_retries=0)
+    ex.assign("p", "t1")
+    ex.start("p", "t1", 1)
+    ex.fail("p", "t1", 1, TaskError(type="Boom", message="boom"))
+    events = storage.events("p")
+    blocked_ids = [e.id for e in events if e.type is EventType.TASK_BLOCKED]
+    assert 1 == len(blocked_ids)
+    with receiving(SECRET) as receiver:
+        hooks = Hooks()
+        hooks.add(Webhook(receiver.url, SECRET, types=["task.blocked"], max_tries=3))
+        relay = EventRelay(storage, hooks, clock=clock)
+        receiver.fail_next = 10
+        relay.run_once()
+        for _ in range(5):
+            clock.advance(4000)
+            relay.run_once()
+        assert blocked_ids * 3 == receiver.failed
+        parked = storage.parked_events()
+        assert [(blocked_ids[0], f"webhook:{receiver.url}", 3)] == [
+            (r.event.id, r.subscriber, r.tries) for r in parked
+        ]
+        assert "HTTP 500" in (parked[0].last_error or "")
+        assert SECRET not in (parked[0].last_error or "")
+        receiver.fail_next = 0
+        assert 1 == storage.replay_parked(now=clock.now(), event_ids=blocked_ids)
+        relay.run_once()
+        assert blocked_ids == receiver.accepted_ids
+        assert [] == storage.parked_events()
+        relay.run_once()
+        assert blocked_ids == receiver.accepted_ids
