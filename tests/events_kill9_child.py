@@ -37,7 +37,7 @@ def relay(db: str, out: str) -> None:
     def record(event: Event) -> None:
         os.write(fd, f"{event.id}\t{event.type.value}\t{event.task_id}\n".encode())
         os.fsync(fd)
-        time.sleep(0.002)  # widen the window between the listener and the settle
+        time.sleep(0.01)  # slower than the writer: a backlog builds, and kills land in batches
 
     hooks = Hooks()
     hooks.on_any(record, name="record")
