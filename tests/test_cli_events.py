@@ -77,6 +77,7 @@ def test_relay_park_list_replay_deliver(db: str, capsys: pytest.CaptureFixture[s
         assert ExitCode.OK == main(["events", "replay", "--db", db, "--event", blocked])
         assert "replayed 1" in capsys.readouterr().out
         assert ExitCode.OK == main(relay)
+        assert "handled 1 " in capsys.readouterr().out
         assert [blocked] == receiver.accepted_ids
         assert ExitCode.OK == main(["events", "parked", "--db", db])
         assert [] == json.loads(capsys.readouterr().out)["parked"]
