@@ -395,3 +395,50 @@ def test_backoff_doubles_from_two_seconds_and_is_capped_at_an_hour() -> None:
         assert 0 == relay.retry_failed()
         clock.advance(0.01)
         assert 1 == relay.retry_failed()
+
+
+def test_run_relay_with_hooks_runs_both_relays_in_one_process() -> None:
+    """``run_relay(..., hooks=)`` delivers the outbox and the events until stopped."""
+    from deepwork_retry.dispatch.relay import run_relay
+    from deepwork_retry.testing.doubles import RecordingDispatcher
+
+    storage = MemoryStorage()
+    ex = ExecutorService(storage, policy=POLICY)
+    ex.create_project("p")
+    ex.add_task("p", "t1")
+    ex.assign("p", "t1")  # no dispatcher here: the entry waits for the relay
+    got: list[str] = []
+    hooks = Hooks()
+    hooks.on_any(lambda e: got.append(e.id), name="got")
+    dispatcher = RecordingDispatcher()
+    assert 1 == run_relay(storage, dispatcher, once=True, hooks=hooks)
+    assert [("p", "t1", 1)] == dispatcher.keys
+    assert [e.id for e in all_events(storage)] == got
+
+    ex.add_task("p", "t2")
+    ex.assign("p", "t2")
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_relay,
+        args=(storage, dispatcher),
+        kwargs={"stop": stop, "poll_interval": 0.01, "hooks": hooks},
+    )
+    thread.start()
+    try:
+        for _ in range(2000):
+            if len(dispatcher.keys) == 2 and len(got) == len(all_events(storage)):
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert [("p", "t1", 1), ("p", "t2", 1)] == dispatcher.keys
+    assert [e.id for e in all_events(storage)] == got
+
+    async def notify(e: Event) -> None: ...
+
+    coroutines = Hooks()
+    coroutines.on_any(notify, name="notify")
+    with pytest.raises(ConfigurationError, match="notify"):
+        run_relay(storage, dispatcher, once=True, hooks=coroutines)
