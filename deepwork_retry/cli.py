@@ -6,6 +6,9 @@ deepwork-retry blocked PROJECT        list a project's blocked tasks
 deepwork-retry migrate                create or upgrade a database's schema
 deepwork-retry reap                   fail attempts whose lease expired
 deepwork-retry prune                  remove what the retention rule allows
+deepwork-retry events parked          list the event deliveries parked after their retries
+deepwork-retry events replay          deliver parked events again
+deepwork-retry events relay           POST the lifecycle events to signed webhooks
 
 Only ``migrate`` (and ``serve``, for its demo database) creates a database or
 a schema; every other command opens what exists, read-only when it only
@@ -35,6 +38,7 @@ from deepwork_retry._core.results import retry_json, task_json
 from deepwork_retry._sync.services import ExecutorService, RetryService
 from deepwork_retry.exceptions import (
     AlreadyExists,
+    ConfigurationError,
     DeepworkError,
     IdempotencyKeyReused,
     InvalidInput,
@@ -286,6 +290,112 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+WEBHOOK_SECRET_ENV = "DEEPWORK_WEBHOOK_SECRET"
+"""The environment variable that holds the webhooks' secret (several, separated by
+spaces, while one is rotated): never given on the command line, where ``ps`` shows it."""
+
+
+def _event_log(args: argparse.Namespace, *, write: bool) -> Any:
+    from deepwork_retry.ports import EventLog
+
+    storage = open_storage(args, write=write)
+    if not isinstance(storage, EventLog):
+        storage.close()
+        raise ConfigurationError(f"{type(storage).__name__} keeps no lifecycle events")
+    return storage
+
+
+def _parked_json(retry: Any) -> dict[str, Any]:
+    return {
+        "event": retry.event.to_json(),
+        "subscriber": retry.subscriber,
+        "tries": retry.tries,
+        "last_error": retry.last_error,
+        "retry_at": retry.retry_at.isoformat(),
+    }
+
+
+def cmd_events_parked(args: argparse.Namespace) -> int:
+    storage = _event_log(args, write=False)
+    try:
+        parked = storage.parked_events(subscriber=args.subscriber, limit=args.limit)
+    finally:
+        storage.close()
+    if not args.table:
+        _print({"parked": [_parked_json(r) for r in parked]})
+        return ExitCode.OK
+    for r in parked:
+        error = (r.last_error or "").replace("\n", " ")
+        print(f"{r.event.id}\t{r.event.type.value}\t{r.event.task_id or '-'}\t"
+              f"{r.subscriber}\t{r.tries}\t{error}")  # fmt: skip
+    print(f"{len(parked)} parked delivery(ies)")
+    return ExitCode.OK
+
+
+def cmd_events_replay(args: argparse.Namespace) -> int:
+    from deepwork_retry.ports import SystemClock
+
+    storage = _event_log(args, write=True)
+    try:
+        count = storage.replay_parked(
+            now=SystemClock().now(), subscriber=args.subscriber, event_ids=args.event or None
+        )
+    finally:
+        storage.close()
+    print(f"replayed {count} parked delivery(ies); the event relay delivers them")
+    return ExitCode.OK
+
+
+def webhooks_from(args: argparse.Namespace) -> list[Any]:
+    """The :class:`~deepwork_retry.webhooks.Webhook` of each ``--webhook`` URL, signed
+    with the secret(s) of :data:`WEBHOOK_SECRET_ENV`."""
+    from deepwork_retry.webhooks import Webhook
+
+    secrets = os.environ.get(WEBHOOK_SECRET_ENV, "").split()
+    if not secrets:
+        raise InvalidInput(f"set ${WEBHOOK_SECRET_ENV} to the webhooks' secret")
+    types = [t for item in args.type or () for t in item.split(",") if t] or None
+    return [
+        Webhook(url, secrets, types=types, timeout=args.timeout, max_tries=args.max_tries)
+        for url in args.webhook
+    ]
+
+
+def cmd_events_relay(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from deepwork_retry.events import Hooks, run_events
+
+    hooks = Hooks()
+    for hook in webhooks_from(args):
+        hooks.add(hook)
+    storage = _event_log(args, write=True)
+    stop = threading.Event()
+
+    def stopping(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, stopping)
+    try:
+        claimed = run_events(
+            storage, hooks, poll_interval=args.poll_interval, once=args.once, stop=stop
+        )
+    except KeyboardInterrupt:
+        claimed = 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        storage.close()
+    if args.once:
+        print(f"handled {claimed} event(s) and failed deliveries")
+    return ExitCode.OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    run: Callable[[argparse.Namespace], int] = args.events_func
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deepwork_retry.server import serve
 
@@ -441,6 +551,65 @@ def _add_prune(prune: argparse.ArgumentParser) -> None:
     _add_storage_args(prune)
 
 
+def _add_events(events: argparse.ArgumentParser) -> None:
+    sub = events.add_subparsers(
+        dest="events_command", metavar="SUBCOMMAND", required=True,
+        help="parked, replay or relay; `deepwork-retry events SUBCOMMAND --help` for its options",
+    )  # fmt: skip
+    parked = sub.add_parser(
+        "parked", help="list parked deliveries (JSON; read-only)",
+        description="List the event deliveries parked after their listener's last try.",
+    )  # fmt: skip
+    parked.add_argument("--subscriber", help="only this subscriber's (e.g. webhook:https://…)")
+    parked.add_argument(
+        "--limit", type=_count(1, 1000), default=100, help="at most this many (default: 100)"
+    )
+    parked.add_argument(
+        "--table", action="store_true", help="one tab-separated line each instead of JSON"
+    )
+    _add_storage_args(parked)
+    parked.set_defaults(events_func=cmd_events_parked)
+    replay = sub.add_parser(
+        "replay", help="make parked deliveries due again",
+        description="Make parked deliveries due now with their tries reset; a running "
+        "event relay delivers them.",
+    )  # fmt: skip
+    replay.add_argument("--subscriber", help="only this subscriber's parked deliveries")
+    replay.add_argument(
+        "--event", action="append", metavar="ID",
+        help="only this event (PROJECT:SEQ, as `events parked` shows it); may be repeated",
+    )  # fmt: skip
+    _add_storage_args(replay)
+    replay.set_defaults(events_func=cmd_events_replay)
+    relay = sub.add_parser(
+        "relay", help="POST the lifecycle events to signed webhooks, until stopped",
+        description="Deliver every lifecycle event to each --webhook URL, signed with "
+        f"${WEBHOOK_SECRET_ENV}; failed deliveries are retried with backoff, then parked.",
+    )  # fmt: skip
+    relay.add_argument(
+        "--webhook", action="append", metavar="URL", required=True,
+        help="an http(s) URL to POST each event to; may be repeated",
+    )  # fmt: skip
+    relay.add_argument(
+        "--type", action="append", metavar="TYPE",
+        help="send only these event types (e.g. task.blocked; comma-separated or repeated)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--timeout", type=_seconds, default=10.0, help="seconds per request (default: 10)"
+    )
+    relay.add_argument(
+        "--max-tries", type=_count(1, 1000), default=10,
+        help="tries of one event before it is parked (default: 10)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--poll-interval", type=_seconds, default=1.0,
+        help="seconds between polls when idle (default: 1)",
+    )  # fmt: skip
+    relay.add_argument("--once", action="store_true", help="run one pass and exit")
+    _add_storage_args(relay)
+    relay.set_defaults(events_func=cmd_events_relay)
+
+
 Command = tuple[
     str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
 ]
@@ -456,6 +625,12 @@ COMMANDS: tuple[Command, ...] = (
         "remove what the retention rule allows (expired keys, old deliveries, finished attempts)",
         _add_prune,
         cmd_prune,
+    ),
+    (
+        "events",
+        "the lifecycle events: parked deliveries, replay, the webhook relay",
+        _add_events,
+        cmd_events,
     ),
 )
 """Every subcommand: name, one-line help, the function declaring its arguments, the command."""

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FILES = [
     ("deepwork_retry/_async/services.py", "deepwork_retry/_sync/services.py"),
+    ("deepwork_retry/_async/event_relay.py", "deepwork_retry/_sync/event_relay.py"),
     ("deepwork_retry/web/_async_api.py", "deepwork_retry/web/_sync_api.py"),
     ("deepwork_retry/storage/_async_postgres.py", "deepwork_retry/storage/_sync_postgres.py"),
     ("deepwork_retry/storage/_async_sqlalchemy.py", "deepwork_retry/storage/_sync_sqlalchemy.py"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 
 from deepwork_retry._core.retention import Retention
+from deepwork_retry._hooks import Hooks
+from deepwork_retry._sync.event_relay import EventRelay
 from deepwork_retry._sync.services import OutboxRelay
 from deepwork_retry.ports import Clock, Dispatcher, Storage
 
@@ -30,6 +32,7 @@ def run_relay(
     stop: threading.Event | None = None,
     prune_every: float | None = None,
     retention: Retention | None = None,
+    hooks: Hooks | None = None,
 ) -> int:
     """Deliver due outbox entries until ``stop`` is set, polling every ``poll_interval``.
 
@@ -38,6 +41,11 @@ def run_relay(
     (seconds), the relay also prunes what ``retention`` (by default
     :class:`~deepwork_retry.Retention`'s defaults) allows, at start and then
     every ``prune_every`` seconds, a few small batches between its deliveries.
+
+    With ``hooks`` (a :class:`~deepwork_retry.events.Hooks`), the same process
+    also runs the event relay (:func:`~deepwork_retry.events.run_events`) for
+    them, in a thread of its own, until ``stop``; with ``once``, one pass of
+    each (the count returned is the outbox's).
     """
     if poll_interval <= 0:
         raise ValueError("poll_interval must be positive")
@@ -51,7 +59,30 @@ def run_relay(
         prune_every=prune_every,
         retention=retention,
     )
+    events = None
+    if hooks is not None:
+        events = EventRelay(
+            storage,  # type: ignore[arg-type]  # EventRelay checks that it keeps events
+            hooks,
+            clock=clock,
+            batch=batch,
+            claim_timeout=claim_timeout,
+            poll_interval=poll_interval,
+        )
     if once:
-        return relay.run_once()
-    relay.run(stop if stop is not None else threading.Event())
+        delivered = relay.run_once()
+        if events is not None:
+            events.run_once()
+        return delivered
+    stop = stop if stop is not None else threading.Event()
+    if events is None:
+        relay.run(stop)
+        return 0
+    thread = threading.Thread(target=events.run, args=(stop,), name="deepwork-events", daemon=True)
+    thread.start()
+    try:
+        relay.run(stop)
+    finally:
+        stop.set()
+        thread.join()
     return 0
