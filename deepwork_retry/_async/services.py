@@ -54,6 +54,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import (
     AsyncDispatcher,
+    AsyncEventLog,
     AsyncJoinsHostTransaction,
     AsyncRetryInOneStep,
     AsyncStorage,
@@ -284,7 +285,15 @@ class _AsyncShell:
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
                 )
                 try:
-                    await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
+                    if isinstance(
+                        self.storage, AsyncEventLog
+                    ):  # it records the failure as an event
+                        recorder: Any = self.storage  # the port's mark_failed has no ``now``
+                        await recorder.mark_failed(
+                            entry, error=error, retry_at=retry_at, now=self.clock.now()
+                        )
+                    else:
+                        await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
                 except Exception:  # noqa: BLE001 - logged; the entry stays claimed, then a relay takes it
                     emit(
                         log, logging.WARNING, "deepwork.dispatch_failure_unrecorded",
@@ -945,7 +954,7 @@ class AsyncPruner:
             done = await self.storage.prune(rule)
             total += Pruned(
                 idempotency=done.idempotency, outbox=done.outbox, attempts=done.attempts,
-                batches=1, complete=not done.full(self.batch),
+                events=done.events, batches=1, complete=not done.full(self.batch),
             )  # fmt: skip
             if total.complete:
                 return total

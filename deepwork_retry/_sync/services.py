@@ -56,6 +56,7 @@ from deepwork_retry.exceptions import (
 from deepwork_retry.ports import (
     Clock,
     Dispatcher,
+    EventLog,
     JoinsHostTransaction,
     RetryInOneStep,
     Storage,
@@ -285,7 +286,13 @@ class _Shell:
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
                 )
                 try:
-                    self.storage.mark_failed(entry, error=error, retry_at=retry_at)
+                    if isinstance(self.storage, EventLog):  # it records the failure as an event
+                        recorder: Any = self.storage  # the port's mark_failed has no ``now``
+                        recorder.mark_failed(
+                            entry, error=error, retry_at=retry_at, now=self.clock.now()
+                        )
+                    else:
+                        self.storage.mark_failed(entry, error=error, retry_at=retry_at)
                 except Exception:  # noqa: BLE001 - logged; the entry stays claimed, then a relay takes it
                     emit(
                         log, logging.WARNING, "deepwork.dispatch_failure_unrecorded",
@@ -942,7 +949,7 @@ class Pruner:
             done = self.storage.prune(rule)
             total += Pruned(
                 idempotency=done.idempotency, outbox=done.outbox, attempts=done.attempts,
-                batches=1, complete=not done.full(self.batch),
+                events=done.events, batches=1, complete=not done.full(self.batch),
             )  # fmt: skip
             if total.complete:
                 return total
