@@ -26,6 +26,7 @@ message, so one trace spans the HTTP retry, the delivery and the attempt.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -165,21 +166,16 @@ class _Commit:
             elif found.type is EventType.TASK_BLOCKED:
                 reason = str(found.data.get("reason"))
                 telemetry.blocked.add(1, {"deepwork.reason": reason})
-        update, started = plan.attempt_update, plan.before.started_at
-        if update is not None and update.outcome is not None and started is not None:
-            finished = update.finished_at or plan.after.updated_at
-            telemetry.duration.record(
-                max((finished - started).total_seconds(), 0.0),
-                {"deepwork.outcome": update.outcome.value},
-            )
 
 
 class _Attempt:
     def __init__(self, span: trace.Span) -> None:
         self._span = span
+        self.labels: dict[str, str] = {}
 
     def outcome(self, outcome: str) -> None:
         self._span.set_attribute("deepwork.outcome", outcome)
+        self.labels["deepwork.outcome"] = outcome
 
 
 class _Server:
@@ -211,7 +207,7 @@ class _Telemetry:
             "deepwork.tasks.blocked", unit="{task}", description="Tasks newly blocked, by reason"
         )
         self.duration = meter.create_histogram(
-            "deepwork.attempt.duration", unit="s", description="From an attempt's start to its end"
+            "deepwork.attempt.duration", unit="s", description="How long a worker ran an attempt"
         )
         self.lag = meter.create_histogram(
             "deepwork.outbox.lag",
@@ -267,7 +263,12 @@ class _Telemetry:
             "deepwork attempt", context=_context_of(trace_text), kind=SpanKind.CONSUMER
         ) as span:
             _ids(span, project_id, task_id, attempt)
-            yield _Attempt(span)
+            handle = _Attempt(span)
+            began = time.monotonic()
+            try:
+                yield handle
+            finally:
+                self.duration.record(time.monotonic() - began, handle.labels)
 
     def run(self, fn: Callable[[DispatchEntry], object], entry: DispatchEntry) -> object:
         with self.running(entry):
