@@ -360,5 +360,16 @@ def prometheus_app(registry: CollectorRegistry | None = None, *, asgi: bool = Fa
 
     chosen = prometheus_client.REGISTRY if registry is None else registry
     if asgi:
-        return prometheus_client.make_asgi_app(registry=chosen)
+        return _AsgiApp(prometheus_client.make_asgi_app(registry=chosen))
     return prometheus_client.make_wsgi_app(registry=chosen)
+
+
+class _AsgiApp:
+    """An ASGI app as an object, not a function: a Starlette ``Route`` then serves it
+    as is, at its exact path (a function would be taken for a request handler)."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)

@@ -27,6 +27,7 @@ from deepwork_retry import (
     RetryPolicy,
     RetryService,
     TaskError,
+    TaskStatus,
 )
 from deepwork_retry.auth import StaticTokens
 from deepwork_retry.dispatch._worker import DeliveryOutcome, run_attempt
@@ -459,3 +460,36 @@ def test_prometheus_app_serves_the_metrics() -> None:
     assert 'deepwork_retries_total{deepwork_trigger="manual_retry"' in body
     assert 'deepwork_tasks_blocked_total{deepwork_reason="budget_exhausted"' in body
     assert "deepwork_outbox_deliveries_total" in body
+
+
+def test_the_demo_server_serves_metrics(tmp_path: Any) -> None:
+    """``serve --metrics``: after a retry over HTTP, GET /metrics shows it to Prometheus."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
+    pytest.importorskip("uvicorn")
+    from starlette.testclient import TestClient
+
+    from deepwork_retry.demo import create_demo_project
+    from deepwork_retry.server import build_app
+    from deepwork_retry.storage.sqlite import SQLiteStorage
+
+    db = str(tmp_path / "demo.db")
+    setup = SQLiteStorage(db)
+    try:
+        create_demo_project(setup, "demo")
+        blocked = setup.list_tasks("demo", status=TaskStatus.BLOCKED, limit=1)[0].id
+    finally:
+        setup.close()
+    app = build_app(db, StaticTokens({TOKEN: "alice"}), pause=0.01, metrics=True)
+    try:
+        with TestClient(app) as client:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            retried = client.post(
+                f"/api/deep-work/projects/demo/tasks/{blocked}/retry", headers=auth
+            )
+            assert 200 == retried.status_code
+            scrape = client.get("/metrics")
+    finally:
+        telemetry.uninstrument()
+    assert 200 == scrape.status_code
+    assert scrape.headers["content-type"].startswith("text/plain")
+    assert 'deepwork_retries_total{deepwork_trigger="manual_retry"' in scrape.text
