@@ -493,3 +493,26 @@ def test_the_demo_server_serves_metrics(tmp_path: Any) -> None:
     assert 200 == scrape.status_code
     assert scrape.headers["content-type"].startswith("text/plain")
     assert 'deepwork_retries_total{deepwork_trigger="manual_retry"' in scrape.text
+
+
+def test_without_the_extra_the_import_names_it() -> None:
+    """``deepwork_retry.telemetry`` without OpenTelemetry: an ImportError naming ``otel``;
+    the rest of the library works as before."""
+    code = """
+import sys
+sys.modules["opentelemetry"] = None
+from deepwork_retry import ExecutorService
+from deepwork_retry.storage.memory import MemoryStorage
+e = ExecutorService(MemoryStorage()); e.create_project("p"); e.add_task("p", "t")
+print(e.assign("p", "t").task.status.value)
+try:
+    import deepwork_retry.telemetry
+except ImportError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert [
+        "assigned",
+        "deepwork_retry.telemetry needs the optional dependency 'opentelemetry'; "
+        "install it with: pip install 'deepwork-retry[otel]'",
+    ] == done.stdout.strip().splitlines()
