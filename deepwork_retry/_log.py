@@ -27,7 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple, Protocol
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 
 __all__ = ["EVENTS", "FIELDS", "TRACE_FIELDS", "Ids", "emit", "fields"]
 

@@ -44,8 +44,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
     raise missing_extra("otel", __name__, exc) from exc
 
+import deepwork_retry._trace as _trace
 from deepwork_retry import __version__ as _version
-from deepwork_retry import _trace
 from deepwork_retry._core.events import EventType, events_of
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._core.plans import Applied, Plan

@@ -75,6 +75,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry.auth",
         "deepwork_retry._wiring",
         "deepwork_retry._log",
+        "deepwork_retry._trace",
         "deepwork_retry._async._compat",
         "deepwork_retry._sync._compat",
     ),
@@ -96,6 +97,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry.server",
         "deepwork_retry.cli",
         "deepwork_retry.__main__",
+        "deepwork_retry.telemetry",
     ),
 ]
 """The package's layers, lowest first: a module imports only from its own layer or below."""

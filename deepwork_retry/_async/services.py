@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
 from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id

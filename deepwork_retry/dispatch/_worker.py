@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import Task
 from deepwork_retry._core.policy import TaskError
 from deepwork_retry._log import Ids, emit

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from types import TracebackType
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError

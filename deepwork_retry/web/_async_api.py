@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._async._compat import ASYNCHRONOUS
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core.machine import can_retry

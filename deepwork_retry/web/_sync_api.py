@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from deepwork_retry import _trace
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.machine import can_retry
 from deepwork_retry._core.model import IdempotencyRecord
 from deepwork_retry._core.results import (
