@@ -197,6 +197,7 @@ def test_the_relay_continues_the_trace_the_entry_was_made_in(otel: Otel) -> None
     dispatch = otel.one("deepwork dispatch")
     assert retry.get_span_context().span_id == parent_of(dispatch)  # type: ignore[union-attr]
     assert "relay" == (dispatch.attributes or {})["deepwork.delivery.source"]
+    assert 1 == len(otel.spans("deepwork.storage claim_due"))
     assert [traceparent(dispatch)] == [e.trace for e in dispatcher.delivered]
 
 

@@ -842,9 +842,15 @@ class AsyncOutboxRelay:
     async def run_once(self) -> int:
         """Claim and deliver one batch; returns how many were delivered."""
         now = self.clock.now()
-        entries = await self.storage.claim_due(
-            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
-        )
+        until = now + timedelta(seconds=self.claim_timeout)
+        telemetry = _trace.current
+        if telemetry is None:
+            entries = await self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
+        else:
+            with telemetry.storage("claim_due"):
+                entries = await self.storage.claim_due(
+                    now=now, limit=self.batch, claimed_until=until
+                )
         results = await self._shell._deliver(entries)
         return sum(1 for error in results.values() if error is None)
 

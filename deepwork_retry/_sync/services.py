@@ -837,9 +837,13 @@ class OutboxRelay:
     def run_once(self) -> int:
         """Claim and deliver one batch; returns how many were delivered."""
         now = self.clock.now()
-        entries = self.storage.claim_due(
-            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
-        )
+        until = now + timedelta(seconds=self.claim_timeout)
+        telemetry = _trace.current
+        if telemetry is None:
+            entries = self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
+        else:
+            with telemetry.storage("claim_due"):
+                entries = self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
         results = self._shell._deliver(entries)
         return sum(1 for error in results.values() if error is None)
 
