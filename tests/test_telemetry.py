@@ -464,10 +464,10 @@ def test_prometheus_app_serves_the_metrics() -> None:
 
 
 def test_the_demo_server_serves_metrics(tmp_path: Any) -> None:
-    """``serve --metrics``: after a retry over HTTP, GET /metrics shows it to Prometheus."""
+    """``serve --metrics`` on uvicorn: after a retry over HTTP, GET /metrics shows it."""
     pytest.importorskip("opentelemetry.exporter.prometheus")
-    pytest.importorskip("uvicorn")
-    from starlette.testclient import TestClient
+    uvicorn = pytest.importorskip("uvicorn")
+    import httpx
 
     from deepwork_retry.demo import create_demo_project
     from deepwork_retry.server import build_app
@@ -481,15 +481,24 @@ def test_the_demo_server_serves_metrics(tmp_path: Any) -> None:
     finally:
         setup.close()
     app = build_app(db, StaticTokens({TOKEN: "alice"}), pause=0.01, metrics=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     try:
-        with TestClient(app) as client:
+        for _ in range(300):  # a bound on the start-up, not a timing
+            if server.started:
+                break
+            time.sleep(0.1)
+        assert server.started
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             auth = {"Authorization": f"Bearer {TOKEN}"}
-            retried = client.post(
-                f"/api/deep-work/projects/demo/tasks/{blocked}/retry", headers=auth
-            )
-            assert 200 == retried.status_code
+            path = f"/api/deep-work/projects/demo/tasks/{blocked}/retry"
+            assert 200 == client.post(path, headers=auth).status_code
             scrape = client.get("/metrics")
     finally:
+        server.should_exit = True
+        thread.join(timeout=30)
         telemetry.uninstrument()
     assert 200 == scrape.status_code
     assert scrape.headers["content-type"].startswith("text/plain")
