@@ -10,7 +10,7 @@ missed target is a row marked ``no``, a comparison that cannot run here is a
 row marked ``unavailable: <reason>``.
 
 NAMES: memory, sqlite, sqlite-scale, postgres, postgres-scale, concurrency,
-http, pocketpaw, procrastinate, django, sqlalchemy.
+http, pocketpaw, procrastinate, django, sqlalchemy, telemetry.
 
 PostgreSQL: ``$DEEPWORK_BENCH_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); the benchmarks create and drop
@@ -44,6 +44,7 @@ import suite_http  # noqa: E402
 import suite_local  # noqa: E402
 import suite_pg  # noqa: E402
 import suite_sqlalchemy  # noqa: E402
+import suite_telemetry  # noqa: E402
 from _harness import Row, fmt_value, unavailable  # noqa: E402
 
 NAMES = (
@@ -58,6 +59,7 @@ NAMES = (
     "procrastinate",
     "django",
     "sqlalchemy",
+    "telemetry",
 )
 
 
@@ -78,6 +80,7 @@ class Plan:
             self.procrastinate = (6, 100)
             self.django = (6, 100)
             self.sqlalchemy = (6, 100)
+            self.telemetry = (6, 2000)
         else:
             self.memory = (20, 5000)
             self.sqlite = (20, 500)
@@ -90,6 +93,7 @@ class Plan:
             self.procrastinate = (20, 200)
             self.django = (20, 200)
             self.sqlalchemy = (16, 250)
+            self.telemetry = (20, 5000)
 
 
 def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callable[[], list[Row]]]]:
@@ -119,6 +123,7 @@ def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callab
         ),
         ("django", lambda: suite_django.django_orm(*p.django, scratch)),
         ("sqlalchemy", lambda: suite_sqlalchemy.sqlalchemy(*p.sqlalchemy, scratch)),
+        ("telemetry", lambda: suite_telemetry.telemetry(*p.telemetry)),
     ]
 
 

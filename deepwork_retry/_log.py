@@ -7,7 +7,10 @@ log pipeline can filter and group by them without parsing the message:
 - ``project_id``, ``task_id``: strings, when the record is about a task;
 - ``attempt``: the attempt number (the fencing token), when known;
 - ``deepwork_event``: a short machine name of what happened, such as
-  ``deepwork.dispatch_failed`` (listed in :data:`EVENTS`).
+  ``deepwork.dispatch_failed`` (listed in :data:`EVENTS`);
+- ``trace_id``, ``span_id``: the current OpenTelemetry span's ids (32 and 16
+  hex digits), only with telemetry on (:mod:`deepwork_retry.telemetry`) and
+  inside a span (:data:`TRACE_FIELDS`).
 
 A field that is not known is absent from the record, never ``None``: a format
 string naming it needs a default (see docs/logging.md). The message text
@@ -24,10 +27,15 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple, Protocol
 
-__all__ = ["EVENTS", "FIELDS", "Ids", "emit", "fields"]
+import deepwork_retry._trace as _trace
+
+__all__ = ["EVENTS", "FIELDS", "TRACE_FIELDS", "Ids", "emit", "fields"]
 
 FIELDS: Final = ("project_id", "task_id", "attempt", "deepwork_event")
 """The attribute names the library sets on its records; none is a LogRecord attribute."""
+
+TRACE_FIELDS: Final = ("trace_id", "span_id")
+"""The attribute names telemetry adds to those records, inside a span."""
 
 EVENTS: Final = frozenset(
     {
@@ -103,6 +111,9 @@ def fields(
         extra["task_id"] = task_id
     if attempt is not None:
         extra["attempt"] = attempt
+    telemetry = _trace.current
+    if telemetry is not None:
+        telemetry.log_ids(extra)
     return extra
 
 

@@ -405,6 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         db=_db(args),
         token=args.token,
         demo=not args.no_demo,
+        metrics=args.metrics,
     )
 
 
@@ -465,6 +466,11 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--no-demo", action="store_true", help="do not create a demo project at start-up"
+    )
+    serve.add_argument(
+        "--metrics",
+        action="store_true",
+        help="turn telemetry on and serve GET /metrics for Prometheus (extra otel-prometheus)",
     )
 
 

@@ -56,9 +56,29 @@ def _tokens(token: str | None) -> tuple[StaticTokens, str]:
 OPENAPI_PATH = "/openapi.json"
 """Where the demo server serves the API's OpenAPI document (outside the API's prefix)."""
 
+METRICS_PATH = "/metrics"
+"""Where the demo server serves its metrics to Prometheus, with ``metrics=True``."""
 
-def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette:
-    """The demo application over the SQLite file ``db``."""
+
+def build_app(
+    db: str, tokens: StaticTokens, *, pause: float = 1.0, metrics: bool = False
+) -> Starlette:
+    """The demo application over the SQLite file ``db``.
+
+    With ``metrics``, telemetry is turned on (:mod:`deepwork_retry.telemetry`,
+    the extra ``otel-prometheus``) and ``GET /metrics`` serves its metrics to a
+    Prometheus scrape.
+    """
+    extra: list[Route] = []
+    if metrics:
+        from prometheus_client import CollectorRegistry
+
+        from deepwork_retry import telemetry
+
+        registry = CollectorRegistry()
+        telemetry.instrument(meter_provider=telemetry.prometheus_meter_provider(registry))
+        scrape = telemetry.prometheus_app(registry, asgi=True)
+        extra.append(Route(METRICS_PATH, scrape, methods=["GET"], name="metrics"))
     demo: DemoDispatcher
 
     def executor_factory() -> ExecutorService:
@@ -96,7 +116,7 @@ def build_app(db: str, tokens: StaticTokens, *, pause: float = 1.0) -> Starlette
     # The API's OpenAPI document beside (not under) its prefix: the same one the
     # FastAPI adapter serves, built without FastAPI.
     docs = Route(OPENAPI_PATH, openapi, methods=["GET"], name="openapi")
-    return Starlette(routes=[docs, *routes(service, tokens)], lifespan=lifespan)
+    return Starlette(routes=[docs, *extra, *routes(service, tokens)], lifespan=lifespan)
 
 
 def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
@@ -169,7 +189,9 @@ class _Server(uvicorn.Server):
             )
 
 
-def serve(*, host: str, port: int, db: str, token: str | None, demo: bool) -> int:
+def serve(
+    *, host: str, port: int, db: str, token: str | None, demo: bool, metrics: bool = False
+) -> int:
     """Run the demo server until interrupted.
 
     Raises :class:`CannotListen`, having seeded and printed nothing, when the
@@ -177,12 +199,20 @@ def serve(*, host: str, port: int, db: str, token: str | None, demo: bool) -> in
     """
     sock = listen(host, port)
     try:
-        return _serve_on(sock, host=host, db=db, token=token, demo=demo)
+        return _serve_on(sock, host=host, db=db, token=token, demo=demo, metrics=metrics)
     finally:
         sock.close()
 
 
-def _serve_on(sock: socket.socket, *, host: str, db: str, token: str | None, demo: bool) -> int:
+def _serve_on(
+    sock: socket.socket,
+    *,
+    host: str,
+    db: str,
+    token: str | None,
+    demo: bool,
+    metrics: bool = False,
+) -> int:
     port: int = sock.getsockname()[1]
     directory = os.path.dirname(db)
     if directory:
@@ -196,7 +226,7 @@ def _serve_on(sock: socket.socket, *, host: str, db: str, token: str | None, dem
             create_demo_project(setup, project_id)
         finally:
             setup.close()
-    app = build_app(db, tokens)
+    app = build_app(db, tokens, metrics=metrics)
     print(banner(host=host, port=port, project_id=project_id, token=token), flush=True)
     # A header up to MAX_HEADER_BYTES (an oversized token) reaches the API and gets
     # its JSON 401, rather than h11's plain-text 400 at 16 KiB.

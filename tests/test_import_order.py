@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry._wiring",
         "deepwork_retry._log",
         "deepwork_retry._hooks",
+        "deepwork_retry._trace",
         "deepwork_retry._async._compat",
         "deepwork_retry._sync._compat",
     ),
@@ -99,6 +100,7 @@ LAYERS: list[tuple[str, ...]] = [
         "deepwork_retry.server",
         "deepwork_retry.cli",
         "deepwork_retry.__main__",
+        "deepwork_retry.telemetry",
     ),
 ]
 """The package's layers, lowest first: a module imports only from its own layer or below."""

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
 from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id
@@ -136,6 +137,8 @@ class _AsyncShell:
         self.max_conflicts = max_conflicts
         self._one_step: tuple[object, AsyncRetryInOneStep | None] = (None, None)
         self._joined: tuple[object, AsyncJoinsHostTransaction | None] = (None, None)
+        self._source = "request"
+        """Who delivers here, for telemetry: ``request`` (a service) or ``relay``."""
 
     def _one_step_storage(self) -> AsyncRetryInOneStep | None:
         """``storage`` when it retries in one step; the (slow) protocol check runs once."""
@@ -165,6 +168,9 @@ class _AsyncShell:
     async def _commit(self, project_id: str, task_id: str, build: _Build) -> tuple[Plan, Applied]:
         """Load, decide and apply, deciding afresh after each lost race."""
         _lookup_ids(project_id, task_id)
+        telemetry = _trace.current
+        if telemetry is not None:
+            return await self._commit_traced(telemetry, project_id, task_id, build)
         conflict: VersionConflict | None = None
         for _ in range(self.max_conflicts):
             project, task = await self.storage.load(project_id, task_id)
@@ -175,6 +181,27 @@ class _AsyncShell:
                 conflict = exc
         assert conflict is not None
         raise conflict
+
+    async def _commit_traced(
+        self, telemetry: _trace.Hooks, project_id: str, task_id: str, build: _Build
+    ) -> tuple[Plan, Applied]:
+        """:meth:`_commit` in a span; the plan's outbox entry carries its trace context."""
+        with telemetry.commit(project_id, task_id) as span:
+            conflict: VersionConflict | None = None
+            for _ in range(self.max_conflicts):
+                with telemetry.storage("load"):
+                    project, task = await self.storage.load(project_id, task_id)
+                plan = span.stamped(await build(project, task, self.clock.now()))
+                try:
+                    with telemetry.storage("apply"):
+                        applied = await self.storage.apply(plan)
+                except VersionConflict as exc:
+                    conflict = exc
+                    continue
+                span.committed(plan, applied)
+                return plan, applied
+            assert conflict is not None
+            raise conflict
 
     async def _deliver(self, entries: Sequence[DispatchEntry]) -> dict[tuple[str, int], str | None]:
         """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``.
@@ -238,10 +265,17 @@ class _AsyncShell:
                 # A released entry still inside its backoff: the relay takes it
                 # once both the backoff and this claim have passed.
                 continue
+            telemetry = _trace.current
             try:
-                await dispatcher.dispatch(entry)
+                if telemetry is None:
+                    await dispatcher.dispatch(entry)
+                else:
+                    with telemetry.dispatch(entry, self._source) as carried:
+                        await dispatcher.dispatch(carried)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
+                if telemetry is not None:
+                    telemetry.dispatch_failed(entry, self._source)
                 emit(
                     log, logging.WARNING, "deepwork.dispatch_failed",
                     "dispatch of %s failed, it stays pending: %s", entry.key, error, about=entry,
@@ -273,8 +307,12 @@ class _AsyncShell:
                     log, logging.DEBUG, "deepwork.delivered", "delivered %s", entry.key, about=entry
                 )
         if delivered:
+            delivered_at = self.clock.now()
+            telemetry = _trace.current
+            if telemetry is not None:
+                telemetry.delivered(delivered, self._source, delivered_at)
             try:
-                await self.storage.mark_delivered(delivered, now=self.clock.now())
+                await self.storage.mark_delivered(delivered, now=delivered_at)
             except Exception:  # noqa: BLE001 - logged with its traceback
                 # The entries stay claimed; once the claim lapses a relay delivers
                 # them again under the same (task, attempt) key, which executors
@@ -394,11 +432,27 @@ class AsyncRetryService(_AsyncShell):
         _lookup_ids(project_id, task_id)
         now = self.clock.now()
         expires_at = self.retention.expires_at(now)
-        applied = await storage.retry_blocked(
-            project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
-            claimed_until=self._claim(now), idempotency_key=idempotency_key,
-            idempotency_expires_at=None if idempotency_key is None else expires_at,
-        )  # fmt: skip
+        telemetry = _trace.current
+        if telemetry is None:
+            applied = await storage.retry_blocked(
+                project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+                claimed_until=self._claim(now), idempotency_key=idempotency_key,
+                idempotency_expires_at=None if idempotency_key is None else expires_at,
+            )  # fmt: skip
+        else:
+            with telemetry.commit(project_id, task_id) as span:
+                trace = span.trace()
+                # Only when there is one: a storage that predates ``trace`` takes no such keyword.
+                carried: dict[str, Any] = {} if trace is None else {"trace": trace}
+                with telemetry.storage("retry_blocked"):
+                    applied = await storage.retry_blocked(
+                        project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+                        claimed_until=self._claim(now), idempotency_key=idempotency_key,
+                        idempotency_expires_at=None if idempotency_key is None else expires_at,
+                        **carried,
+                    )  # fmt: skip
+                if applied is not None:
+                    span.committed(None, applied)
         if applied is None:
             return None
         results = await self._deliver_committed(applied.dispatches)
@@ -776,6 +830,7 @@ class AsyncOutboxRelay:
     ) -> None:
         check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self._shell = _AsyncShell(storage, dispatcher, clock=clock, rng=rng)
+        self._shell._source = "relay"
         self.storage = storage
         self.clock = self._shell.clock
         self.batch = batch
@@ -787,9 +842,15 @@ class AsyncOutboxRelay:
     async def run_once(self) -> int:
         """Claim and deliver one batch; returns how many were delivered."""
         now = self.clock.now()
-        entries = await self.storage.claim_due(
-            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
-        )
+        until = now + timedelta(seconds=self.claim_timeout)
+        telemetry = _trace.current
+        if telemetry is None:
+            entries = await self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
+        else:
+            with telemetry.storage("claim_due"):
+                entries = await self.storage.claim_due(
+                    now=now, limit=self.batch, claimed_until=until
+                )
         results = await self._shell._deliver(entries)
         return sum(1 for error in results.values() if error is None)
 

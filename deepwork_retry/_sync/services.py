@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._core import decide
 from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id
 from deepwork_retry._core.machine import RetryCheck, can_retry
@@ -137,6 +138,8 @@ class _Shell:
         self.max_conflicts = max_conflicts
         self._one_step: tuple[object, RetryInOneStep | None] = (None, None)
         self._joined: tuple[object, JoinsHostTransaction | None] = (None, None)
+        self._source = "request"
+        """Who delivers here, for telemetry: ``request`` (a service) or ``relay``."""
 
     def _one_step_storage(self) -> RetryInOneStep | None:
         """``storage`` when it retries in one step; the (slow) protocol check runs once."""
@@ -166,6 +169,9 @@ class _Shell:
     def _commit(self, project_id: str, task_id: str, build: _Build) -> tuple[Plan, Applied]:
         """Load, decide and apply, deciding afresh after each lost race."""
         _lookup_ids(project_id, task_id)
+        telemetry = _trace.current
+        if telemetry is not None:
+            return self._commit_traced(telemetry, project_id, task_id, build)
         conflict: VersionConflict | None = None
         for _ in range(self.max_conflicts):
             project, task = self.storage.load(project_id, task_id)
@@ -176,6 +182,27 @@ class _Shell:
                 conflict = exc
         assert conflict is not None
         raise conflict
+
+    def _commit_traced(
+        self, telemetry: _trace.Hooks, project_id: str, task_id: str, build: _Build
+    ) -> tuple[Plan, Applied]:
+        """:meth:`_commit` in a span; the plan's outbox entry carries its trace context."""
+        with telemetry.commit(project_id, task_id) as span:
+            conflict: VersionConflict | None = None
+            for _ in range(self.max_conflicts):
+                with telemetry.storage("load"):
+                    project, task = self.storage.load(project_id, task_id)
+                plan = span.stamped(build(project, task, self.clock.now()))
+                try:
+                    with telemetry.storage("apply"):
+                        applied = self.storage.apply(plan)
+                except VersionConflict as exc:
+                    conflict = exc
+                    continue
+                span.committed(plan, applied)
+                return plan, applied
+            assert conflict is not None
+            raise conflict
 
     def _deliver(self, entries: Sequence[DispatchEntry]) -> dict[tuple[str, int], str | None]:
         """Hand claimed entries to the dispatcher; ``(task, attempt) -> error or None``.
@@ -239,10 +266,17 @@ class _Shell:
                 # A released entry still inside its backoff: the relay takes it
                 # once both the backoff and this claim have passed.
                 continue
+            telemetry = _trace.current
             try:
-                dispatcher.dispatch(entry)
+                if telemetry is None:
+                    dispatcher.dispatch(entry)
+                else:
+                    with telemetry.dispatch(entry, self._source) as carried:
+                        dispatcher.dispatch(carried)
             except Exception as exc:  # noqa: BLE001 - any dispatcher failure leaves the entry pending
                 error = f"{type(exc).__name__}: {exc}"
+                if telemetry is not None:
+                    telemetry.dispatch_failed(entry, self._source)
                 emit(
                     log, logging.WARNING, "deepwork.dispatch_failed",
                     "dispatch of %s failed, it stays pending: %s", entry.key, error, about=entry,
@@ -272,8 +306,12 @@ class _Shell:
                     log, logging.DEBUG, "deepwork.delivered", "delivered %s", entry.key, about=entry
                 )
         if delivered:
+            delivered_at = self.clock.now()
+            telemetry = _trace.current
+            if telemetry is not None:
+                telemetry.delivered(delivered, self._source, delivered_at)
             try:
-                self.storage.mark_delivered(delivered, now=self.clock.now())
+                self.storage.mark_delivered(delivered, now=delivered_at)
             except Exception:  # noqa: BLE001 - logged with its traceback
                 # The entries stay claimed; once the claim lapses a relay delivers
                 # them again under the same (task, attempt) key, which executors
@@ -391,11 +429,27 @@ class RetryService(_Shell):
         _lookup_ids(project_id, task_id)
         now = self.clock.now()
         expires_at = self.retention.expires_at(now)
-        applied = storage.retry_blocked(
-            project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
-            claimed_until=self._claim(now), idempotency_key=idempotency_key,
-            idempotency_expires_at=None if idempotency_key is None else expires_at,
-        )  # fmt: skip
+        telemetry = _trace.current
+        if telemetry is None:
+            applied = storage.retry_blocked(
+                project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+                claimed_until=self._claim(now), idempotency_key=idempotency_key,
+                idempotency_expires_at=None if idempotency_key is None else expires_at,
+            )  # fmt: skip
+        else:
+            with telemetry.commit(project_id, task_id) as span:
+                trace = span.trace()
+                # Only when there is one: a storage that predates ``trace`` takes no such keyword.
+                carried: dict[str, Any] = {} if trace is None else {"trace": trace}
+                with telemetry.storage("retry_blocked"):
+                    applied = storage.retry_blocked(
+                        project_id, task_id, now=now, actor=actor, reason=reason, budget=budget,
+                        claimed_until=self._claim(now), idempotency_key=idempotency_key,
+                        idempotency_expires_at=None if idempotency_key is None else expires_at,
+                        **carried,
+                    )  # fmt: skip
+                if applied is not None:
+                    span.committed(None, applied)
         if applied is None:
             return None
         results = self._deliver_committed(applied.dispatches)
@@ -771,6 +825,7 @@ class OutboxRelay:
     ) -> None:
         check_parts(type(self).__name__, storage, dispatcher, asynchronous=ASYNCHRONOUS)
         self._shell = _Shell(storage, dispatcher, clock=clock, rng=rng)
+        self._shell._source = "relay"
         self.storage = storage
         self.clock = self._shell.clock
         self.batch = batch
@@ -782,9 +837,13 @@ class OutboxRelay:
     def run_once(self) -> int:
         """Claim and deliver one batch; returns how many were delivered."""
         now = self.clock.now()
-        entries = self.storage.claim_due(
-            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
-        )
+        until = now + timedelta(seconds=self.claim_timeout)
+        telemetry = _trace.current
+        if telemetry is None:
+            entries = self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
+        else:
+            with telemetry.storage("claim_due"):
+                entries = self.storage.claim_due(now=now, limit=self.batch, claimed_until=until)
         results = self._shell._deliver(entries)
         return sum(1 for error in results.values() if error is None)
 

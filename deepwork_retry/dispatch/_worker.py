@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import Task
 from deepwork_retry._core.policy import TaskError
 from deepwork_retry._log import Ids, emit
@@ -168,13 +169,39 @@ def run_attempt(
     attempt: object,
     *,
     heartbeat_interval: float | None = None,
+    trace: object = None,
 ) -> DeliveryOutcome:
     """Start attempt ``attempt``, run ``fn(task, attempt)`` while heartbeating, report.
 
     Never raises for a delivery problem; the returned :class:`DeliveryOutcome` says what
     happened. Only ``BaseException`` from the host's code (a worker shutting
     down) escapes, leaving the attempt to the reaper.
+
+    ``trace`` is the trace context the message carried (the outbox entry's
+    :attr:`~deepwork_retry._core.model.DispatchEntry.trace`): with telemetry
+    on, the attempt's span continues it.
     """
+    telemetry = _trace.current
+    if telemetry is not None and valid_message(project_id, task_id, attempt):
+        assert isinstance(project_id, str)
+        assert isinstance(task_id, str)
+        assert isinstance(attempt, int)
+        carried = trace if isinstance(trace, str) else None
+        with telemetry.attempt(project_id, task_id, attempt, carried) as span:
+            outcome = _run_attempt(service, fn, project_id, task_id, attempt, heartbeat_interval)
+            span.outcome(outcome.value)
+        return outcome
+    return _run_attempt(service, fn, project_id, task_id, attempt, heartbeat_interval)
+
+
+def _run_attempt(
+    service: ExecutorService,
+    fn: HostFunction,
+    project_id: object,
+    task_id: object,
+    attempt: object,
+    heartbeat_interval: float | None,
+) -> DeliveryOutcome:
     if not valid_message(project_id, task_id, attempt):
         # Only what has the right type is a field: a malformed id stays in the text.
         emit(

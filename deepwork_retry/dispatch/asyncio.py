@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError
@@ -52,6 +53,14 @@ class AsyncioDispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, entry: DispatchEntry) -> None:
+        telemetry = _trace.current
+        if telemetry is None:
+            await self._call(entry)
+            return
+        with telemetry.running(entry):  # a child of the entry's trace
+            await self._call(entry)
+
+    async def _call(self, entry: DispatchEntry) -> None:
         try:
             await self.fn(entry)
         except Exception as exc:  # noqa: BLE001 - logged; reported here: the task must not die unobserved

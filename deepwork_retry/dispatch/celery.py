@@ -92,6 +92,9 @@ class CeleryDispatcher:
                 self.app.send_task(
                     self.task_name,
                     args=[entry.project_id, entry.task_id, entry.attempt],
+                    # The trace context only when there is one: the message
+                    # stays what workers without telemetry have always read.
+                    kwargs=None if entry.trace is None else {"trace": entry.trace},
                     connection=conn,
                     retry=False,
                     ignore_result=True,
@@ -139,10 +142,12 @@ def deepwork_task(
     def register(fn: HostFunction) -> celery.Task:
         source = ExecutorSource(executor_factory)
 
-        def execute(project_id: object, task_id: object, attempt: object) -> str:
+        def execute(
+            project_id: object, task_id: object, attempt: object, trace: object = None
+        ) -> str:
             outcome = run_attempt(
                 source.get(), fn, project_id, task_id, attempt,
-                heartbeat_interval=heartbeat_interval,
+                heartbeat_interval=heartbeat_interval, trace=trace,
             )  # fmt: skip
             if outcome is DeliveryOutcome.RETRY_LATER:
                 # Storage was down before the attempt started: hand the message

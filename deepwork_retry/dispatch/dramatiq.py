@@ -53,9 +53,14 @@ REQUEUE_DELAY_MS = 1000
 """Milliseconds before a message that could not start (storage down) is delivered again."""
 
 
-def _message(actor_name: str, queue_name: str, args: tuple[str, str, int]) -> dramatiq.Message[Any]:
+def _message(
+    actor_name: str, queue_name: str, args: tuple[str, str, int], trace: str | None = None
+) -> dramatiq.Message[Any]:
+    # The trace context is a keyword argument, and only when there is one: an
+    # actor reads its arguments, not the message's options, without a middleware.
+    kwargs = {} if trace is None else {"trace": trace}
     return dramatiq.Message(
-        queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={}
+        queue_name=queue_name, actor_name=actor_name, args=args, kwargs=kwargs, options={}
     )
 
 
@@ -82,7 +87,10 @@ class DramatiqDispatcher:
 
     def dispatch(self, entry: DispatchEntry) -> None:
         message = _message(
-            self.actor_name, self.queue_name, (entry.project_id, entry.task_id, entry.attempt)
+            self.actor_name,
+            self.queue_name,
+            (entry.project_id, entry.task_id, entry.attempt),
+            entry.trace,
         )
         try:
             self.broker.enqueue(message)
@@ -123,10 +131,12 @@ def deepwork_actor(
     def register(fn: HostFunction) -> dramatiq.Actor[..., None]:
         source = ExecutorSource(executor_factory)
 
-        def execute(project_id: object, task_id: object, attempt: object) -> None:
+        def execute(
+            project_id: object, task_id: object, attempt: object, trace: object = None
+        ) -> None:
             outcome = run_attempt(
                 source.get(), fn, project_id, task_id, attempt,
-                heartbeat_interval=heartbeat_interval,
+                heartbeat_interval=heartbeat_interval, trace=trace,
             )  # fmt: skip
             if outcome is DeliveryOutcome.RETRY_LATER:
                 # Storage was down before the attempt started: deliver the same
@@ -134,8 +144,9 @@ def deepwork_actor(
                 assert isinstance(project_id, str)
                 assert isinstance(task_id, str)
                 assert isinstance(attempt, int)
+                carried = trace if isinstance(trace, str) else None
                 broker.enqueue(
-                    _message(actor_name, queue_name, (project_id, task_id, attempt)),
+                    _message(actor_name, queue_name, (project_id, task_id, attempt), carried),
                     delay=REQUEUE_DELAY_MS,
                 )
             # Nothing is returned: without a results backend Dramatiq warns about

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from types import TracebackType
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.model import DispatchEntry
 from deepwork_retry._log import emit
 from deepwork_retry.exceptions import DispatchError
@@ -55,8 +56,12 @@ class ThreadPoolDispatcher:
         with self._lock:
             if self._closed:
                 raise DispatchError("thread pool dispatcher is shut down")
+            telemetry = _trace.current
             try:
-                future = self._executor.submit(self.fn, entry)
+                if telemetry is None:
+                    future = self._executor.submit(self.fn, entry)
+                else:  # fn runs in the attempt's span, a child of the entry's trace
+                    future = self._executor.submit(telemetry.run, self.fn, entry)
             except RuntimeError as exc:  # the pool was shut down behind our back
                 raise DispatchError(f"thread pool refused work: {exc}") from exc
         future.add_done_callback(lambda done: self._report(entry, done))

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._async._compat import ASYNCHRONOUS
 from deepwork_retry._async.services import AsyncRetryService
 from deepwork_retry._core.machine import can_retry
@@ -60,6 +61,7 @@ from deepwork_retry.web._http import (
     page_options,
     respond,
     retry_options,
+    route_template,
     scoped_key,
     storable_ids,
 )
@@ -136,7 +138,20 @@ class AsyncRetryAPI:
         self.body_timeout = body_timeout
 
     async def handle(self, request: ApiRequest) -> ApiResponse:
-        """The response to ``request``; never raises, never answers 500."""
+        """The response to ``request``; never raises, never answers 500.
+
+        With telemetry on, in a server span that continues the request's
+        ``traceparent`` (see :mod:`deepwork_retry.telemetry`).
+        """
+        telemetry = _trace.current
+        if telemetry is None:
+            return await self._answer(request)
+        with telemetry.server(request.method, route_template(request), request.headers) as span:
+            response = await self._answer(request)
+            span.status(response.status)
+        return response
+
+    async def _answer(self, request: ApiRequest) -> ApiResponse:
         try:
             check_path(request.raw_path)
             route, params = match(request.method, request.path)

@@ -320,6 +320,18 @@ def match(method: str, path: str) -> tuple[str, dict[str, str]]:
     raise RouteNotFound
 
 
+_TEMPLATES = {name: template for _, template, name in ROUTES}
+
+
+def route_template(request: ApiRequest) -> str | None:
+    """The template of the route ``request`` matches (below the prefix), or ``None``."""
+    try:
+        name, _ = match(request.method, request.path)
+    except (RouteNotFound, MethodNotAllowed):
+        return None
+    return _TEMPLATES[name]
+
+
 # -- authentication header ------------------------------------------------------------
 
 
@@ -633,6 +645,7 @@ __all__ = [
     "ERRORS",
     "ERROR_CODES",
     "ROUTES",
+    "route_template",
     "ApiRequest",
     "ApiResponse",
     "BadRequestBody",

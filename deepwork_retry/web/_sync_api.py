@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import attrs
 
+import deepwork_retry._trace as _trace
 from deepwork_retry._core.machine import can_retry
 from deepwork_retry._core.model import IdempotencyRecord
 from deepwork_retry._core.results import (
@@ -61,6 +62,7 @@ from deepwork_retry.web._http import (
     page_options,
     respond,
     retry_options,
+    route_template,
     scoped_key,
     storable_ids,
 )
@@ -137,7 +139,20 @@ class RetryAPI:
         self.body_timeout = body_timeout
 
     def handle(self, request: ApiRequest) -> ApiResponse:
-        """The response to ``request``; never raises, never answers 500."""
+        """The response to ``request``; never raises, never answers 500.
+
+        With telemetry on, in a server span that continues the request's
+        ``traceparent`` (see :mod:`deepwork_retry.telemetry`).
+        """
+        telemetry = _trace.current
+        if telemetry is None:
+            return self._answer(request)
+        with telemetry.server(request.method, route_template(request), request.headers) as span:
+            response = self._answer(request)
+            span.status(response.status)
+        return response
+
+    def _answer(self, request: ApiRequest) -> ApiResponse:
         try:
             check_path(request.raw_path)
             route, params = match(request.method, request.path)

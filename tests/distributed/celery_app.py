@@ -15,6 +15,11 @@ from deepwork_retry.dispatch.celery import CeleryDispatcher, deepwork_task
 
 QUEUE = os.environ["DEEPWORK_TEST_QUEUE"]
 
+if os.environ.get("DEEPWORK_TEST_SPANS"):  # telemetry tests only: the others need no SDK
+    from otel_support import instrument_from_env
+
+    instrument_from_env()
+
 app = Celery("deepwork_test", broker=os.environ["DEEPWORK_TEST_BROKER"])
 app.conf.update(
     task_default_queue=QUEUE,

@@ -144,6 +144,8 @@ class Workers:
         self.storage_spec = storage_spec
         self.runs = runs
         self.started: list[WorkerProcess] = []
+        self.extra_env: dict[str, str] = {}
+        """More environment for the workers started from now on."""
 
     def env(self, broker: str, queue: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -156,6 +158,7 @@ class Workers:
             DEEPWORK_TEST_RUNS=str(self.runs),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def celery(self, broker: str, queue: str) -> WorkerProcess:

@@ -192,8 +192,12 @@ def serve_api(storage: Storage, dispatcher: AsyncDispatcher) -> Iterator[ManualR
         base = f"http://127.0.0.1:{port}/api/deep-work"
         with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
 
-            def retry(project_id: str, task_id: str) -> dict[str, Any]:
-                response = client.post(f"{base}/projects/{project_id}/tasks/{task_id}/retry")
+            def retry(
+                project_id: str, task_id: str, headers: dict[str, str] | None = None
+            ) -> dict[str, Any]:
+                response = client.post(
+                    f"{base}/projects/{project_id}/tasks/{task_id}/retry", headers=headers
+                )
                 body: dict[str, Any] = response.json()
                 body["http_status"] = response.status_code
                 body["http_retry_after"] = response.headers.get("retry-after")

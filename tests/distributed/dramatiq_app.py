@@ -14,6 +14,11 @@ from deepwork_retry import ExecutorService
 from deepwork_retry.dispatch.dramatiq import DramatiqDispatcher, deepwork_actor
 
 QUEUE = os.environ["DEEPWORK_TEST_QUEUE"]
+
+if os.environ.get("DEEPWORK_TEST_SPANS"):  # telemetry tests only: the others need no SDK
+    from otel_support import instrument_from_env
+
+    instrument_from_env()
 BROKER_URL = os.environ["DEEPWORK_TEST_BROKER"]
 
 
