@@ -76,6 +76,10 @@ def routes(
                     raw_path=wsgi_path_bytes(request.environ),
                 )
             )
+        if result.stream is not None:
+            # The server writes each chunk as the stream yields it, and calls the
+            # stream's close() when it ends or the client is gone.
+            return Response(result.stream, status=result.status, headers=result.headers)
         return Response(result.body, status=result.status, headers=result.headers, mimetype=JSON)
 
     def register(state: BlueprintSetupState) -> None:
