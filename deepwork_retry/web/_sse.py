@@ -20,6 +20,9 @@ sync twin) live in ``_async_api.py``; this module has what both share.
 from __future__ import annotations
 
 import json
+import select
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -139,6 +142,33 @@ def resume_after(headers: Mapping[str, str], query: Mapping[str, str]) -> int:
     return 0
 
 
+WSGI_SOCKETS = ("werkzeug.socket", "gunicorn.socket")
+"""Where WSGI servers put the client's socket in the environ (werkzeug, gunicorn)."""
+
+
+def wsgi_disconnected(environ: Mapping[str, Any]) -> Callable[[], bool] | None:
+    """A check whether the client of this WSGI request has gone, where it can be told.
+
+    A WSGI application learns that its client left only when a write fails,
+    which for a quiet stream is at its next heartbeat; with the server's plain
+    socket at hand (werkzeug, gunicorn), a peek without waiting tells at once:
+    readable with nothing to read means the client closed its end. ``None``
+    for anything else (a TLS socket cannot be peeked at).
+    """
+    sock = next((environ[key] for key in WSGI_SOCKETS if key in environ), None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return None
+
+    def disconnected() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or already closed
+            return True
+
+    return disconnected
+
+
 class StreamSlots:
     """How many streams each principal has open, bounded; safe across threads."""
 
@@ -190,4 +220,5 @@ __all__ = [
     "progress_frame",
     "resume_after",
     "retry_frame",
+    "wsgi_disconnected",
 ]

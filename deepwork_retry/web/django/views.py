@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -21,6 +21,7 @@ from deepwork_retry.web._http import (
     path_bytes,
     wsgi_path_bytes,
 )
+from deepwork_retry.web._sse import wsgi_disconnected
 from deepwork_retry.web._sync_api import EventStream
 from deepwork_retry.web.django import get_api
 
@@ -38,7 +39,11 @@ def _stream(request: HttpRequest, stream: EventStream, result: ApiResponse) -> H
     """The event stream as a ``StreamingHttpResponse``: the sync stream itself under
     WSGI (Django closes it with the response), an async iterator over it under ASGI
     (Django would otherwise read a sync iterator to its end before sending any of it)."""
-    content = stream if "wsgi.input" in request.META else _async_chunks(stream)
+    if "wsgi.input" in request.META:
+        stream.disconnected = wsgi_disconnected(request.META)
+        content: Iterator[bytes] | AsyncIterator[bytes] = stream
+    else:
+        content = _async_chunks(stream)
     response = StreamingHttpResponse(content, status=result.status)
     for name, value in result.headers:
         response[name] = value
