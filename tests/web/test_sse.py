@@ -358,7 +358,7 @@ def test_bob_streams_his_own_projects(client: httpx.Client, world: World) -> Non
         stream.close()
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2x", "99999999999999999999", "１"])
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2x", "99999999999999999999", "\uff11"])
 def test_bad_last_event_id_is_400(client: httpx.Client, world: World, value: str) -> None:
     pid = world.project()
     answers = [client.get(events_path(pid), headers=auth(), params={"after": value})]
@@ -519,9 +519,9 @@ def test_closing_the_streams_ends_them_cleanly(
     stream = open_stream(client, pid)
     try:
         served.api.close_streams()
-        with pytest.raises(StopIteration):
-            while True:
-                stream.frame()
+        result: list[str] = []
+        _ended(stream, result)
+        assert result == ["ended"]
     finally:
         stream.close()
         served.api.streams_closing = False
