@@ -32,6 +32,7 @@ from deepwork_retry.web._http import (
     parse_query,
     path_bytes,
 )
+from deepwork_retry.web._sse import EVENT_STREAM
 
 log = logging.getLogger("deepwork_retry.web")
 
@@ -236,6 +237,8 @@ async def send_stream(receive: Receive, send: Send, result: ApiResponse) -> None
 class StreamResponseAdapter(Response):
     """A Starlette ``Response`` writing an :class:`ApiResponse`'s event stream, for FastAPI."""
 
+    media_type = EVENT_STREAM
+
     def __init__(self, result: ApiResponse) -> None:
         self.status_code = result.status
         self.background = None
@@ -306,4 +309,5 @@ __all__ = [
     "scope_request",
     "send_response",
     "send_stream",
+    "StreamResponseAdapter",
 ]
