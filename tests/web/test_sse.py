@@ -564,3 +564,77 @@ def test_a_server_shutting_down_ends_its_streams(world: World, adapter: str) -> 
     assert not stopped.is_alive(), "the server did not stop"
     assert result == ["ended"]
     assert api.stream_slots.open() == 0
+
+
+# -- the framework-free stream, without a server ---------------------------------------------
+
+
+def _sync_api(world: World, **options: Any) -> RetryAPI:
+    from web_harness import authorize
+
+    from deepwork_retry.web import StreamOptions
+
+    streams = StreamOptions(**{"poll_interval": 0.01, "heartbeat": 0.05, **options})
+    return RetryAPI(world.sync_service(), world.tokens, authorize, streams=streams)
+
+
+def _get(api: RetryAPI, project_id: str, method: str = "GET") -> Any:
+    from deepwork_retry.web import ApiRequest
+
+    return api.handle(
+        ApiRequest(method=method, path=f"/projects/{project_id}/events", headers=auth())
+    )
+
+
+def test_a_stream_ends_after_its_lifetime_and_frees_its_slot(world: World) -> None:
+    api = _sync_api(world, max_lifetime=0.2)
+    pid = world.project()
+    world.done(pid, "t1")
+    answer = _get(api, pid)
+    assert api.stream_slots.open("alice") == 1
+    chunks = list(answer.stream)  # ends by itself
+    assert chunks[0] == b"retry: 2000\n\n"
+    assert chunks[1].startswith(b"id: 1\nevent: ")
+    assert b": keepalive\n\n" in chunks
+    assert api.stream_slots.open("alice") == 0
+
+
+def test_a_stream_never_read_frees_its_slot_when_closed(world: World) -> None:
+    api = _sync_api(world)
+    pid = world.project()
+    answer = _get(api, pid)
+    assert api.stream_slots.open("alice") == 1
+    answer.stream.close()
+    answer.stream.close()  # twice: harmless, the slot is freed once
+    assert api.stream_slots.open("alice") == 0
+    assert list(answer.stream) == []
+
+
+def test_head_answers_the_stream_headers_and_holds_no_slot(world: World) -> None:
+    api = _sync_api(world)
+    pid = world.project()
+    answer = _get(api, pid, "HEAD")
+    assert (answer.status, answer.stream, answer.body) == (200, None, b"")
+    assert ("Content-Type", "text/event-stream; charset=utf-8") in answer.headers
+    assert api.stream_slots.open() == 0
+
+
+def test_a_full_batch_is_followed_at_once_by_the_next(world: World) -> None:
+    api = _sync_api(world, batch=2, heartbeat=60.0)
+    pid = world.project()
+    for number in range(3):
+        world.done(pid, f"t{number}")
+    want = [e.seq for e in world.memory.events(pid, limit=1000)]
+    answer = _get(api, pid)
+    seqs: list[int] = []
+    progress = 0
+    for chunk in answer.stream:
+        if chunk.startswith(b"id: "):
+            seqs.append(int(chunk.split(b"\n")[0][4:]))
+        elif chunk.startswith(b"event: progress"):
+            progress += 1
+        if seqs and seqs[-1] == want[-1] and chunk.startswith(b"event: progress"):
+            break
+    answer.stream.close()
+    assert seqs == want
+    assert progress == (len(want) + 1) // 2
