@@ -70,7 +70,6 @@ def served(request: pytest.FixtureRequest, world: World) -> Iterator[Served]:
     finally:
         api.close_streams()
         stop()
-        api.streams_closing = False  # Django's API is shared with the WSGI server
 
 
 def _eventually(check: Callable[[], bool], what: str) -> None:

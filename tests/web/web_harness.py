@@ -320,16 +320,16 @@ def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
 
 
 def django_api(world: World) -> RetryAPI:
-    """The API Django serves in this process (one, whichever server runs it)."""
-    api = world.apis.get("django")
-    if not isinstance(api, RetryAPI):
-        configure_django()
-        from deepwork_retry.web.django import mount as mount_django
+    """A fresh API over ``world``, now the one Django serves in this process (for
+    every server that runs Django: it serves one API, and other tests may have
+    mounted theirs since); a server stopped before closed its own API's streams."""
+    configure_django()
+    from deepwork_retry.web.django import mount as mount_django
 
-        api = world.apis["django"] = world.sync_api()
-        # The URLs come from ROOT_URLCONF (the app's urls module): the patterns
-        # mount would add are not needed, only the API it serves.
-        mount_django([], api)
+    api = world.apis["django"] = world.sync_api()
+    # The URLs come from ROOT_URLCONF (the app's urls module): the patterns
+    # mount would add are not needed, only the API it serves.
+    mount_django([], api)
     return api
 
 
