@@ -15,7 +15,8 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
 from typing import Any
 
 from deepwork_retry._async.services import AsyncOutboxRelay, AsyncRetryService
@@ -29,6 +30,7 @@ from deepwork_retry.demo import (
 )
 from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
+from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import DEFAULT_PREFIX, JSON, MAX_HEADER_BYTES, json_bytes
 from deepwork_retry.web.openapi import openapi_document
 
@@ -65,6 +67,8 @@ def build_app(
 ) -> Starlette:
     """The demo application over the SQLite file ``db``.
 
+    Its API is ``app.state.retry_api``: a server stopping calls its
+    ``close_streams()`` first, so that open event streams do not hold it up.
     With ``metrics``, telemetry is turned on (:mod:`deepwork_retry.telemetry`,
     the extra ``otel-prometheus``) and ``GET /metrics`` serves its metrics to a
     Prometheus scrape.
@@ -116,7 +120,10 @@ def build_app(
     # The API's OpenAPI document beside (not under) its prefix: the same one the
     # FastAPI adapter serves, built without FastAPI.
     docs = Route(OPENAPI_PATH, openapi, methods=["GET"], name="openapi")
-    return Starlette(routes=[docs, *extra, *routes(service, tokens)], lifespan=lifespan)
+    api = AsyncRetryAPI(service, tokens)
+    app = Starlette(routes=[docs, *extra, *routes(api)], lifespan=lifespan)
+    app.state.retry_api = api
+    return app
 
 
 def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
@@ -140,6 +147,9 @@ def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
             "",
             "See it run:",
             f'curl {base}/projects/{project_id}/progress -H "Authorization: Bearer {token}"',
+            "",
+            "Watch it live (Server-Sent Events):",
+            f'curl -N {base}/projects/{project_id}/events -H "Authorization: Bearer {token}"',
         ]
     lines += ["", "Press Ctrl-C to stop.", ""]
     return "\n".join(lines)
@@ -177,7 +187,19 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server on a socket bound beforehand, announcing itself as usual."""
+    """uvicorn's server on a socket bound beforehand, announcing itself as usual.
+
+    On Ctrl-C (or SIGTERM) it ends the API's event streams first: uvicorn waits
+    for every open response before it stops, and a stream never ends by itself.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -237,7 +259,7 @@ def _serve_on(
         log_level="info",
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
-    server = _Server(config)
+    server = _Server(config, on_exit=app.state.retry_api.close_streams)
     # uvicorn raises the Ctrl-C it handled again once shut down; stopping is the normal end.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock])

@@ -85,8 +85,9 @@ LAYERS: list[tuple[str, ...]] = [
     # the services (the hand-written async ones and their generated twins), and the
     # package's face that exports them
     ("deepwork_retry._async", "deepwork_retry._sync", "deepwork_retry"),
-    # the HTTP protocol: requests, responses, routes, the error table, option parsers
-    ("deepwork_retry.web._http",),
+    # the HTTP protocol: requests, responses, routes, the error table, option parsers,
+    # and the Server-Sent Events frames and bounds
+    ("deepwork_retry.web._http", "deepwork_retry.web._sse"),
     # the framework-free API over the services
     ("deepwork_retry.web._async_api", "deepwork_retry.web._sync_api", "deepwork_retry.web._api"),
     # what hosts plug in: web adapters, dispatchers and their workers, the kit, the programs

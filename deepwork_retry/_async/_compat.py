@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 ASYNCHRONOUS = True
 """Whether the services built on this module await their storage and dispatcher."""
@@ -41,3 +43,17 @@ def start_soon(call: Callable[[], Awaitable[None]]) -> None:
     task = asyncio.get_running_loop().create_task(run())
     _STARTED.add(task)
     task.add_done_callback(_STARTED.discard)
+
+
+async def sleep(seconds: float) -> None:
+    """Wait ``seconds`` (the sync twin blocks the thread)."""
+    await asyncio.sleep(seconds)
+
+
+async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+    """Close a generator that may be suspended mid-way (runs its ``finally``)."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        # "already running": in the task that is ending it: it ends by itself
+        with contextlib.suppress(RuntimeError):
+            await close()

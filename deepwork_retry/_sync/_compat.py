@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 ASYNCHRONOUS = False
 """Whether the services built on this module await their storage and dispatcher."""
@@ -29,3 +32,18 @@ def start_soon(call: Callable[[], None]) -> None:
         call()
     except Exception:  # as in the async twin, whose caller cannot see it either
         log.error("a callback started after a commit failed", exc_info=True)
+
+
+def sleep(seconds: float) -> None:
+    """Wait ``seconds``, blocking the thread."""
+    time.sleep(seconds)
+
+
+def close_iterator(iterator: Iterator[Any]) -> None:
+    """Close a generator that may be suspended mid-way (runs its ``finally``); one
+    running in another thread just now is left to end by itself."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        # "generator already executing", in another thread: it ends by itself
+        with contextlib.suppress(ValueError):
+            close()

@@ -11,6 +11,7 @@ it is, so a request costs the API's own work plus little more.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -31,6 +32,9 @@ from deepwork_retry.web._http import (
     parse_query,
     path_bytes,
 )
+from deepwork_retry.web._sse import EVENT_STREAM
+
+log = logging.getLogger("deepwork_retry.web")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -193,6 +197,57 @@ async def send_response(send: Send, result: ApiResponse) -> None:
     await send({"type": "http.response.body", "body": result.body})
 
 
+async def send_stream(receive: Receive, send: Send, result: ApiResponse) -> None:
+    """Write ``result``'s event stream: its headers, then each chunk as it comes.
+
+    The client's ``http.disconnect`` is watched meanwhile: when it comes the
+    stream is stopped at once (cancelled mid-wait) rather than at its next
+    write. The stream is closed (its slot freed) however this ends.
+    """
+    stream = result.stream
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in result.headers
+    ]
+
+    async def pump() -> None:
+        await send({"type": "http.response.start", "status": result.status, "headers": headers})
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            task.cancel()
+        outcomes = await asyncio.gather(pumping, watching, return_exceptions=True)
+        await stream.close()
+    failure = outcomes[0]
+    if isinstance(failure, Exception) and not isinstance(failure, OSError):
+        # A client that went away (OSError) is how streams end; anything else is logged.
+        log.error("an event stream failed", exc_info=failure)
+
+
+class StreamResponseAdapter(Response):
+    """A Starlette ``Response`` writing an :class:`ApiResponse`'s event stream, for FastAPI."""
+
+    media_type = EVENT_STREAM
+
+    def __init__(self, result: ApiResponse) -> None:
+        self.status_code = result.status
+        self.background = None
+        self.result = result
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_stream(receive, send, self.result)
+
+
 class ApiResponseAdapter(Response):
     """A Starlette ``Response`` carrying an :class:`ApiResponse` as it is, for FastAPI."""
 
@@ -206,6 +261,8 @@ class ApiResponseAdapter(Response):
 
 
 def response(result: ApiResponse) -> Response:
+    if result.stream is not None:
+        return StreamResponseAdapter(result)
     return ApiResponseAdapter(result)
 
 
@@ -233,6 +290,9 @@ class ApiEndpoint:
             await send_response(send, error_response(BodyTimeout()))
             return
         result = await self.api.handle(scope_request(scope, path, body))
+        if result.stream is not None:
+            await send_stream(receive, send, result)
+            return
         await send_response(send, result)
 
 
@@ -248,4 +308,6 @@ __all__ = [
     "response",
     "scope_request",
     "send_response",
+    "send_stream",
+    "StreamResponseAdapter",
 ]

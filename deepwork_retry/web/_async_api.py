@@ -12,13 +12,15 @@ translate their framework's request and response to and from
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import attrs
 
 import deepwork_retry._trace as _trace
-from deepwork_retry._async._compat import ASYNCHRONOUS
+from deepwork_retry._async._compat import ASYNCHRONOUS, close_iterator, sleep
 from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry._core.events import Event
 from deepwork_retry._core.machine import can_retry
 from deepwork_retry._core.model import IdempotencyRecord
 from deepwork_retry._core.results import (
@@ -50,6 +52,7 @@ from deepwork_retry.web._http import (
     BODY_TIMEOUT,
     ApiRequest,
     ApiResponse,
+    EventsNotKept,
     IdempotencyInProgress,
     RetryCommitted,
     bearer_token,
@@ -64,6 +67,17 @@ from deepwork_retry.web._http import (
     route_template,
     scoped_key,
     storable_ids,
+)
+from deepwork_retry.web._sse import (
+    DEFAULT_STREAMS,
+    KEEPALIVE,
+    STREAM_HEADERS,
+    StreamOptions,
+    StreamSlots,
+    event_frame,
+    progress_frame,
+    resume_after,
+    retry_frame,
 )
 
 log = logging.getLogger("deepwork_retry.web")
@@ -106,6 +120,140 @@ def _retried(result: RetryResult) -> ApiResponse:
         return error_response(RetryCommitted(result.task.id))
 
 
+_Events = list[Event]
+_ReadEvents = Callable[..., Awaitable[_Events]]
+"""The storage's ``events(project_id, *, after, limit)`` (its event log's read)."""
+
+
+class AsyncEventStream:
+    """One open stream of a project's events: iterate it for its bytes; :meth:`close` ends it.
+
+    :meth:`AsyncRetryAPI.handle` makes it for the events route, holding one of
+    the principal's stream slots, and hands it out as the response's
+    ``stream``. The adapter writes each chunk as it comes and closes the
+    stream when it ends or the client went away; closing frees the slot, once
+    however often it is called, and a stream that ends by itself (its
+    lifetime, the server closing its streams, its project gone) frees it too.
+
+    ``disconnected``, when the adapter sets it, is asked before every wait
+    whether the client is gone, so that the stream ends without waiting for
+    a write to fail.
+    """
+
+    def __init__(
+        self,
+        api: AsyncRetryAPI,
+        project_id: str,
+        *,
+        after: int,
+        first: _Events,
+        read: _ReadEvents,
+        release: Callable[[], None],
+    ) -> None:
+        self.api = api
+        self.project_id = project_id
+        self.last = after
+        """The number of the last event written (where a reconnect resumes)."""
+        self.closed = False
+        self.disconnected: Callable[[], bool] | None = None
+        self._first = first
+        self._read_events = read
+        self._release = release
+        self._started = time.monotonic()
+        self._frames = self._run()
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.closed:
+            raise StopAsyncIteration
+        return await self._frames.__anext__()
+
+    async def close(self) -> None:
+        """End the stream and free its slot (harmless when already closed)."""
+        self.closed = True
+        self._release()
+        await close_iterator(self._frames)
+
+    def _ending(self) -> bool:
+        options = self.api.streams
+        return (
+            self.closed
+            or self.api.streams_closing
+            or (self.disconnected is not None and self.disconnected())
+            or (
+                options.max_lifetime is not None
+                and time.monotonic() - self._started >= options.max_lifetime
+            )
+        )
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        options = self.api.streams
+        try:
+            yield retry_frame(options)
+            events: _Events | None = self._first
+            beat = time.monotonic()
+            while events is not None:
+                if events:
+                    for event in events:
+                        yield event_frame(event)
+                    self.last = events[-1].seq
+                    progress = await self._progress()
+                    if progress:
+                        yield progress
+                    beat = time.monotonic()
+                    if len(events) >= options.batch and not self._ending():
+                        events = await self._read()  # more are waiting: no pause
+                        continue
+                elif time.monotonic() - beat >= options.heartbeat:
+                    yield KEEPALIVE
+                    beat = time.monotonic()
+                if self._ending():
+                    return
+                wait = min(options.poll_interval, beat + options.heartbeat - time.monotonic())
+                if wait > 0:
+                    await sleep(wait)
+                if self._ending():
+                    return
+                events = await self._read()
+        finally:
+            self.closed = True
+            self._release()
+
+    async def _read(self) -> _Events | None:
+        """The events after the last one written; ``None`` when the project is gone.
+
+        A storage that fails meanwhile is logged and read again at the next
+        poll: the stream stays open (a browser would not reconnect after a 503).
+        """
+        try:
+            return await self._read_events(
+                self.project_id, after=self.last, limit=self.api.streams.batch
+            )
+        except ProjectNotFound:
+            return None
+        except Exception:
+            log.warning(
+                "event stream of project %r: reading its events failed; trying again",
+                self.project_id,
+                exc_info=True,
+            )
+            return []
+
+    async def _progress(self) -> bytes:
+        try:
+            progress = await self.api.service.progress(self.project_id)
+        except Exception:
+            log.warning(
+                "event stream of project %r: reading its progress failed",
+                self.project_id,
+                exc_info=True,
+            )
+            return b""
+        return progress_frame(self.project_id, progress)
+
+
 class AsyncRetryAPI:
     """Every route of the API: authenticate, authorise, call the service, render.
 
@@ -117,6 +265,11 @@ class AsyncRetryAPI:
     for the adapters that read it themselves (Starlette, FastAPI, aiohttp): a
     body that stops arriving is answered 408 and its connection closed. Under
     WSGI the server owns the socket and its timeout (see docs/web/routes.md).
+
+    ``streams`` (:class:`~deepwork_retry.web.StreamOptions`) says how the
+    project event streams are served: poll and heartbeat intervals, how many
+    one principal may have open (``max_streams``), their lifetime.
+    :meth:`close_streams` ends them all, for a server shutting down.
     """
 
     def __init__(
@@ -127,6 +280,7 @@ class AsyncRetryAPI:
         *,
         abandoned_after: float = 60.0,
         body_timeout: float = BODY_TIMEOUT,
+        streams: StreamOptions = DEFAULT_STREAMS,
     ) -> None:
         check_kind(type(self).__name__, "service", service, "retry", asynchronous=ASYNCHRONOUS)
         if not body_timeout > 0:
@@ -136,6 +290,14 @@ class AsyncRetryAPI:
         self.authorizer = authorizer
         self.abandoned_after = abandoned_after
         self.body_timeout = body_timeout
+        self.streams = streams
+        self.stream_slots = StreamSlots(streams.max_streams)
+        self.streams_closing = False
+
+    def close_streams(self) -> None:
+        """End every open event stream at its next poll, and any opened later at once
+        (for a server shutting down: its open streams would otherwise hold it up)."""
+        self.streams_closing = True
 
     async def handle(self, request: ApiRequest) -> ApiResponse:
         """The response to ``request``; never raises, never answers 500.
@@ -163,6 +325,8 @@ class AsyncRetryAPI:
                 return await self._retry(principal, project_id, params["task_id"], request)
             if route == "retry_blocked":
                 return await self._retry_blocked(principal, project_id, request)
+            if route == "events":
+                return await self._events(principal, project_id, request)
             return await self._read(route, project_id, params.get("task_id"), request)
         except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
             return error_response(exc)
@@ -311,6 +475,30 @@ class AsyncRetryAPI:
         )
         return respond(200, bulk_json(result))
 
+    # -- the event stream -----------------------------------------------------------------
+    async def _events(
+        self, principal: Principal, project_id: str, request: ApiRequest
+    ) -> ApiResponse:
+        after = resume_after(request.headers, request.query)
+        read: _ReadEvents | None = getattr(self.service.storage, "events", None)
+        if read is None:
+            raise EventsNotKept
+        release = self.stream_slots.take(principal.id)
+        try:
+            # Read before answering: an unknown project or a storage that is down
+            # is still a 404 or a 503, not a stream that ends at once.
+            first = await read(project_id, after=after, limit=self.streams.batch)
+        except BaseException:
+            release()
+            raise
+        if request.method == "HEAD":
+            release()
+            return ApiResponse(status=200, body=b"", headers=STREAM_HEADERS)
+        stream = AsyncEventStream(
+            self, project_id, after=after, first=first, read=read, release=release
+        )
+        return ApiResponse(status=200, body=b"", headers=STREAM_HEADERS, stream=stream)
+
     # -- reads --------------------------------------------------------------------------
     async def _read(
         self, route: str, project_id: str, task_id: str | None, request: ApiRequest
@@ -348,4 +536,4 @@ class AsyncRetryAPI:
         )
 
 
-__all__ = ["AsyncRetryAPI"]
+__all__ = ["AsyncEventStream", "AsyncRetryAPI"]

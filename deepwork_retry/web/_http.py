@@ -179,6 +179,11 @@ class ApiResponse:
     close: bool = False
     """Close the connection after this response (its request's body was not read
     to the end); each adapter does it in its server's way."""
+    stream: Any = None
+    """An open event stream (``AsyncEventStream`` from the async API, ``EventStream``
+    from the sync one) whose chunks are the body, in place of ``body``: the adapter
+    writes ``headers`` as they are (they carry the content type), then each chunk
+    as it comes, and closes the stream when it ends or the client goes away."""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -205,6 +210,7 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/projects/{project_id}/progress", "progress"),
     ("GET", "/projects/{project_id}/tasks", "tasks"),
     ("POST", "/projects/{project_id}/retry-blocked", "retry_blocked"),
+    ("GET", "/projects/{project_id}/events", "events"),
 )
 """``(method, path template, route name)`` for every operation, below the prefix."""
 
@@ -255,6 +261,28 @@ class BodyIncomplete(DeepworkError):
 
     def __init__(self) -> None:
         super().__init__("Request body ended before its declared length")
+
+
+class BadLastEventId(DeepworkError):
+    """``Last-Event-ID`` (or ``?after=``) is not an event number (400)."""
+
+    def __init__(self) -> None:
+        super().__init__("Last-Event-ID (or after) must be an event number: an integer >= 0")
+
+
+class TooManyStreams(DeepworkError):
+    """The principal already has as many event streams open as it may (429)."""
+
+    def __init__(self, limit: int, retry_after: int = 5) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"Too many event streams open for this token (at most {limit})")
+
+
+class EventsNotKept(DeepworkError):
+    """The storage keeps no lifecycle events, so there is nothing to stream (501)."""
+
+    def __init__(self) -> None:
+        super().__init__("This server's storage keeps no events to stream")
 
 
 class IdempotencyInProgress(DeepworkError):
@@ -582,6 +610,9 @@ ERRORS: Mapping[type[BaseException], tuple[int, str, Any, Any]] = {
     ProjectNotRunnable: (409, "project_not_runnable", _own_detail, _no_headers),
     InvalidTransition: (409, "invalid_transition", _own_detail, _no_headers),
     IdempotencyInProgress: (409, "idempotency_in_progress", _own_detail, _retry_after),
+    BadLastEventId: (400, "invalid_last_event_id", _own_detail, _no_headers),
+    TooManyStreams: (429, "too_many_streams", _own_detail, _retry_after),
+    EventsNotKept: (501, "events_not_kept", _own_detail, _no_headers),
     BodyTooLarge: (413, "body_too_large", _own_detail, _no_headers),
     LengthRequired: (411, "length_required", _own_detail, _no_headers),
     BodyTimeout: (408, "request_timeout", _own_detail, _no_headers),
@@ -648,13 +679,16 @@ __all__ = [
     "route_template",
     "ApiRequest",
     "ApiResponse",
+    "BadLastEventId",
     "BadRequestBody",
     "BodyIncomplete",
     "BodyTimeout",
+    "EventsNotKept",
     "IdempotencyInProgress",
     "LengthRequired",
     "NotConfigured",
     "RetryCommitted",
+    "TooManyStreams",
     "error_response",
     "match",
     "check_path",

@@ -56,7 +56,31 @@ async def _body(request: web.Request, timeout: float) -> bytes:
         raise BodyIncomplete from None
 
 
+async def _stream(request: web.Request, result: ApiResponse) -> web.StreamResponse:
+    """Write ``result``'s event stream chunk by chunk; closed however this ends."""
+    stream = result.stream
+
+    def disconnected() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    stream.disconnected = disconnected  # ends it at its next poll, not its next write
+    response = web.StreamResponse(status=result.status, headers=dict(result.headers))
+    try:
+        await response.prepare(request)
+        async for chunk in stream:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError:  # the client went away: how streams end
+        pass
+    finally:
+        await stream.close()
+    return response
+
+
 async def _respond(request: web.Request, result: ApiResponse) -> web.StreamResponse:
+    if result.stream is not None:
+        return await _stream(request, result)
     response = web.Response(
         body=result.body,
         status=result.status,
@@ -119,8 +143,14 @@ def mount(
     *,
     prefix: str = DEFAULT_PREFIX,
 ) -> None:
-    """Serve the API under ``prefix`` in ``app``."""
-    app.add_routes(routes(service, authenticator, authorizer, prefix=prefix))
+    """Serve the API under ``prefix`` in ``app``; its event streams end when ``app`` shuts down."""
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
+
+    async def close_streams(_: web.Application) -> None:
+        api.close_streams()
+
+    app.on_shutdown.append(close_streams)
+    app.add_routes(routes(api, prefix=prefix))
 
 
 def create_app(

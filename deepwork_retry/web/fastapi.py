@@ -43,7 +43,12 @@ try:
     from fastapi.security import HTTPBearer
     from pydantic import BaseModel, ConfigDict, Field, create_model
 
-    from deepwork_retry.web._asgi import ApiEndpoint, catch_all_path, handle
+    from deepwork_retry.web._asgi import (
+        ApiEndpoint,
+        StreamResponseAdapter,
+        catch_all_path,
+        handle,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("fastapi", __name__, exc) from exc
 
@@ -146,6 +151,12 @@ def routes(
         return endpoint
 
     for method, template, name in ROUTES:
+        # The stream's 200 is text/event-stream: FastAPI documents the response class's type.
+        streams: dict[str, Any] = (
+            {"response_class": StreamResponseAdapter, "status_code": 200}
+            if name == "events"
+            else {}
+        )
         found.add_api_route(
             template,
             endpoint(template),
@@ -154,6 +165,7 @@ def routes(
             operation_id=operation_id(name),
             summary=summary(name),
             openapi_extra=operation(name),
+            **streams,
         )
 
     # Anything else under the prefix (the prefix itself, empty ids, every other

@@ -26,6 +26,7 @@ from deepwork_retry.web._http import (
     parse_query,
     wsgi_path_bytes,
 )
+from deepwork_retry.web._sse import wsgi_disconnected
 from deepwork_retry.web._sync_api import RetryAPI
 
 try:
@@ -76,6 +77,11 @@ def routes(
                     raw_path=wsgi_path_bytes(request.environ),
                 )
             )
+        if result.stream is not None:
+            # The server writes each chunk as the stream yields it, and calls the
+            # stream's close() when it ends or the client is gone.
+            result.stream.disconnected = wsgi_disconnected(request.environ)
+            return Response(result.stream, status=result.status, headers=result.headers)
         return Response(result.body, status=result.status, headers=result.headers, mimetype=JSON)
 
     def register(state: BlueprintSetupState) -> None:

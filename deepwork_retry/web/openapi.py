@@ -15,9 +15,20 @@ import attrs
 
 from deepwork_retry import __version__
 from deepwork_retry._core import wire
+from deepwork_retry._core.events import EventType
 from deepwork_retry._core.inputs import MAX_LIMIT
 from deepwork_retry._core.states import RetryBudget
-from deepwork_retry._core.wire import BOOLEAN, INTEGER, STRING, Body, Choice, Field, choice
+from deepwork_retry._core.wire import (
+    BOOLEAN,
+    DATE_TIME,
+    INTEGER,
+    OBJECT,
+    STRING,
+    Body,
+    Choice,
+    Field,
+    choice,
+)
 from deepwork_retry.web._http import (
     DEFAULT_PAGE,
     DEFAULT_PREFIX,
@@ -96,6 +107,41 @@ BULK_OPTIONS = Body(
 
 REQUESTS = (RETRY_OPTIONS, BULK_OPTIONS)
 
+# -- the event stream's frames ------------------------------------------------------------
+
+EVENT = Body(
+    name="Event",
+    description="A lifecycle event: the `data` of a stream frame whose `event` is its type.",
+    fields=(
+        Field(name="id", kind=STRING, description="`project_id:seq`: deduplicate on it"),
+        Field(name="type", kind=choice(EventType), description="What happened"),
+        Field(name="project_id", kind=STRING),
+        Field(name="seq", kind=INTEGER, minimum=1, description="The frame's `id`: 1, 2, 3..."),
+        Field(name="task_id", kind=STRING, nullable=True),
+        Field(name="attempt", kind=INTEGER, nullable=True),
+        Field(name="at", kind=DATE_TIME),
+        Field(name="data", kind=OBJECT, description="What the type carries"),
+    ),
+)
+
+STREAM_PROGRESS = Body(
+    name="StreamProgress",
+    description="The `data` of a `progress` frame (no `id`): the counters after a batch.",
+    fields=(
+        Field(name="project_id", kind=STRING),
+        Field(name="progress", kind=wire.PROGRESS),
+    ),
+)
+
+EVENT_STREAM = "text/event-stream"
+
+STREAM_DESCRIPTION = (
+    "Server-Sent Events, until the client disconnects: a `retry:` hint, then one frame "
+    "per event (`id: <seq>`, `event: <type>`, `data: <Event JSON>`), a `progress` frame "
+    "after each batch, and `: keepalive` comments while quiet. Resume with "
+    "`Last-Event-ID` (or `?after=`): only events after it are sent."
+)
+
 
 def error_body(*statuses: int) -> Body:
     """The error body, its ``code`` one of those answered with ``statuses`` (all if none)."""
@@ -129,6 +175,8 @@ _STATUS_TEXT = {
     409: "The project cannot take work, or an earlier request with this key is running",
     413: "Request body too large",
     422: "Invalid body, query or Idempotency-Key, or a key reused for another task",
+    429: "Too many event streams open for this token; retry after the Retry-After delay",
+    501: "The storage keeps no events to stream",
     503: "Storage unavailable; retry after the Retry-After delay",
 }
 
@@ -146,6 +194,13 @@ _HEADERS: dict[int, dict[str, dict[str, Any]]] = {
         "Retry-After": {
             "description": "Seconds to wait, when a request with this key is still running",
             "required": False,
+            "schema": _SECONDS,
+        }
+    },
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before opening another stream",
+            "required": True,
             "schema": _SECONDS,
         }
     },
@@ -170,12 +225,15 @@ _REPLAYED = {
 @attrs.frozen(kw_only=True)
 class _Doc:
     summary: str
-    answer: Body
+    answer: Body | None
+    """The 200's JSON body; ``None`` for the event stream."""
     statuses: tuple[int, ...]
     parameters: tuple[dict[str, Any], ...]
     body: Body | None = None
     replays: bool = False
     """Answers an Idempotency-Key, so that any answer may be a replay."""
+    texts: tuple[tuple[int, str], ...] = ()
+    """What a status means for this route, where it differs from the usual text."""
 
 
 def _path(name: str) -> dict[str, Any]:
@@ -192,6 +250,14 @@ _IDEMPOTENCY_KEY = {
     "required": False,
     "description": "Repeat a request with the same key to get its first response again",
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+}
+
+_LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "The `id` of the last event received: the stream resumes after it",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
 }
 
 _TASK = (_path("project_id"), _path("task_id"))
@@ -245,6 +311,17 @@ _DOCS: dict[str, _Doc] = {
         parameters=_PROJECT,
         body=BULK_OPTIONS,
     ),
+    "events": _Doc(
+        summary="A project's lifecycle events and progress, live (Server-Sent Events)",
+        answer=None,
+        statuses=(400, 401, 404, 422, 429, 501, 503),
+        parameters=(
+            *_PROJECT,
+            _query("after", {"type": "integer", "minimum": 0, "default": 0}),
+            _LAST_EVENT_ID,
+        ),
+        texts=((400, "Last-Event-ID (or after) is not an event number"),),
+    ),
 }
 
 
@@ -252,8 +329,20 @@ def _content(body: Body) -> dict[str, Any]:
     return {JSON: {"schema": wire.json_schema(body)}}
 
 
+def _stream_content() -> dict[str, Any]:
+    return {
+        EVENT_STREAM: {
+            "schema": {"type": "string", "description": STREAM_DESCRIPTION},
+            "x-deepwork-frames": {
+                "event": wire.json_schema(EVENT),
+                "progress": wire.json_schema(STREAM_PROGRESS),
+            },
+        }
+    }
+
+
 def _response(status: int, doc: _Doc) -> dict[str, Any]:
-    found: dict[str, Any] = {"description": _STATUS_TEXT[status]}
+    found: dict[str, Any] = {"description": dict(doc.texts).get(status, _STATUS_TEXT[status])}
     headers = {**_HEADERS.get(status, {}), **(_REPLAYED if doc.replays else {})}
     if headers:
         found["headers"] = headers
@@ -273,7 +362,7 @@ def operation(route: str) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "Successful Response"}
     if doc.replays:
         ok["headers"] = dict(_REPLAYED)
-    ok["content"] = _content(doc.answer)
+    ok["content"] = _stream_content() if doc.answer is None else _content(doc.answer)
     found: dict[str, Any] = {"parameters": [dict(p) for p in doc.parameters]}
     if doc.body is not None:
         found["requestBody"] = {"required": False, "content": _content(doc.body)}
@@ -318,9 +407,11 @@ def openapi_document(
 __all__ = [
     "BULK_OPTIONS",
     "ERROR",
+    "EVENT",
     "OPERATION_PREFIX",
     "REQUESTS",
     "RETRY_OPTIONS",
+    "STREAM_PROGRESS",
     "error_body",
     "openapi_document",
     "operation",

@@ -34,7 +34,7 @@ from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.exceptions import StorageUnavailable
 from deepwork_retry.storage._to_async import AsyncFromSync
 from deepwork_retry.storage.memory import MemoryStorage
-from deepwork_retry.web import AsyncRetryAPI
+from deepwork_retry.web import AsyncRetryAPI, RetryAPI, StreamOptions
 from deepwork_retry.web._http import MAX_HEADER_BYTES
 
 ADAPTERS = ["starlette", "fastapi", "flask", "django", "aiohttp"]
@@ -44,6 +44,12 @@ ALICE = "alice-token-0123456789"
 """May act in every project."""
 BOB = "bob-token-0123456789"
 """May act only in projects whose id starts with ``bob-`` (see :func:`authorize`)."""
+CAROL = "carol-token-0123456789"
+"""May act in every project; only the event stream tests use it (their bound per principal)."""
+
+STREAMS = StreamOptions(poll_interval=0.05, heartbeat=0.5)
+"""The test servers' event streams: quick polls and heartbeats (a WSGI server learns
+that a client went away at its next write), the default bound of 4 per principal."""
 
 BODY_TIMEOUT = 2.0
 """Seconds a body may take to arrive: the async APIs' ``body_timeout`` and the WSGI
@@ -51,7 +57,7 @@ servers' socket timeout (kept short so the slow-body tests finish quickly)."""
 
 
 def authorize(principal: Principal, project_id: str) -> bool:
-    return principal.id == "alice" or project_id.startswith("bob-")
+    return principal.id in ("alice", "carol") or project_id.startswith("bob-")
 
 
 FAULT = "SQLite database '/srv/deepwork/private.db' is locked by another writer: SELECT 1"
@@ -123,8 +129,12 @@ class World:
         self.storage = FaultyStorage(self.memory)
         self.async_storage = AsyncFromSync(self.storage, offload=False)  # type: ignore[type-var]
         self.recorder = Recorder()
-        self.tokens = StaticTokens({ALICE: Principal(id="alice"), BOB: Principal(id="bob")})
+        self.tokens = StaticTokens(
+            {ALICE: Principal(id="alice"), BOB: Principal(id="bob"), CAROL: Principal(id="carol")}
+        )
         self.executor = ExecutorService(self.memory, policy=RetryPolicy(backoff=NoBackoff()))
+        self.apis: dict[str, AsyncRetryAPI | RetryAPI] = {}
+        """The API each adapter's server serves, by adapter name."""
 
     def sync_service(self) -> RetryService:
         return RetryService(self.storage, self.recorder)  # type: ignore[arg-type]
@@ -134,8 +144,15 @@ class World:
 
     def async_api(self) -> AsyncRetryAPI:
         return AsyncRetryAPI(
-            self.async_service(), self.tokens, authorize, body_timeout=BODY_TIMEOUT
+            self.async_service(),
+            self.tokens,
+            authorize,
+            body_timeout=BODY_TIMEOUT,
+            streams=STREAMS,
         )
+
+    def sync_api(self) -> RetryAPI:
+        return RetryAPI(self.sync_service(), self.tokens, authorize, streams=STREAMS)
 
     # -- arranging -------------------------------------------------------------------
     def project(self, status: str = "executing", *, prefix: str = "p-") -> str:
@@ -287,35 +304,66 @@ def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
 
 
 def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
-    """Serve ``world`` with ``adapter`` on a loopback port."""
+    """Serve ``world`` with ``adapter`` on a loopback port (its API in ``world.apis``).
+
+    Stopping it first ends its open event streams, as a host's shutdown does
+    (uvicorn would otherwise wait for them).
+    """
+    url, stop = _start_server(adapter, world)
+    api = world.apis[adapter]
+
+    def stop_all() -> None:
+        api.close_streams()
+        stop()
+
+    return url, stop_all
+
+
+def django_api(world: World) -> RetryAPI:
+    """A fresh API over ``world``, now the one Django serves in this process (for
+    every server that runs Django: it serves one API, and other tests may have
+    mounted theirs since); a server stopped before closed its own API's streams."""
+    configure_django()
+    from deepwork_retry.web.django import mount as mount_django
+
+    api = world.apis["django"] = world.sync_api()
+    # The URLs come from ROOT_URLCONF (the app's urls module): the patterns
+    # mount would add are not needed, only the API it serves.
+    mount_django([], api)
+    return api
+
+
+def _start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:
     if adapter == "starlette":
         from deepwork_retry.web.starlette import create_app
 
-        return serve_asgi(create_app(world.async_api()))
+        app = create_app(api := world.async_api())
+        world.apis[adapter] = api
+        return serve_asgi(app)
     if adapter == "fastapi":
         from deepwork_retry.web.fastapi import create_app as create_fastapi
 
-        return serve_asgi(create_fastapi(world.async_api()))
+        app = create_fastapi(api := world.async_api())
+        world.apis[adapter] = api
+        return serve_asgi(app)
     if adapter == "flask":
         from flask import Flask
 
         from deepwork_retry.web.flask import mount as mount_flask
 
-        app = Flask("deepwork_retry_tests")
-        mount_flask(app, world.sync_service(), world.tokens, authorize)
-        return serve_wsgi_werkzeug(app)
+        flask_app = Flask("deepwork_retry_tests")
+        mount_flask(flask_app, sync := world.sync_api())
+        world.apis[adapter] = sync
+        return serve_wsgi_werkzeug(flask_app)
     if adapter == "django":
-        configure_django()
-        from deepwork_retry.web.django import mount as mount_django
-
-        # The URLs come from ROOT_URLCONF (the app's urls module): the patterns
-        # mount would add are not needed, only the service it serves.
-        mount_django([], world.sync_service(), world.tokens, authorize)
+        django_api(world)
         return serve_django()
     if adapter == "aiohttp":
         from deepwork_retry.web.aiohttp import create_app as create_aiohttp
 
-        return serve_aiohttp(create_aiohttp(world.async_api()))
+        aiohttp_app = create_aiohttp(api := world.async_api())
+        world.apis[adapter] = api
+        return serve_aiohttp(aiohttp_app)
     raise AssertionError(adapter)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Iterator
 
-from django.http import HttpRequest, HttpResponse
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from deepwork_retry.exceptions import DeepworkError
@@ -19,6 +21,8 @@ from deepwork_retry.web._http import (
     path_bytes,
     wsgi_path_bytes,
 )
+from deepwork_retry.web._sse import wsgi_disconnected
+from deepwork_retry.web._sync_api import EventStream
 from deepwork_retry.web.django import get_api
 
 log = logging.getLogger("deepwork_retry.web")
@@ -31,9 +35,41 @@ def _response(result: ApiResponse) -> HttpResponse:
     return response
 
 
+def _stream(request: HttpRequest, stream: EventStream, result: ApiResponse) -> HttpResponseBase:
+    """The event stream as a ``StreamingHttpResponse``: the sync stream itself under
+    WSGI (Django closes it with the response), an async iterator over it under ASGI
+    (Django would otherwise read a sync iterator to its end before sending any of it)."""
+    if "wsgi.input" in request.META:
+        stream.disconnected = wsgi_disconnected(request.META)
+        content: Iterator[bytes] | AsyncIterator[bytes] = stream
+    else:
+        content = _async_chunks(stream)
+    response = StreamingHttpResponse(content, status=result.status)
+    for name, value in result.headers:
+        response[name] = value
+    return response
+
+
+def _next(stream: EventStream) -> bytes | None:
+    return next(stream, None)
+
+
+async def _async_chunks(stream: EventStream) -> AsyncIterator[bytes]:
+    """Each chunk of ``stream``, read in a worker thread; the stream is closed however
+    this ends (Django cancels it when the client disconnects)."""
+    try:
+        while True:
+            chunk = await sync_to_async(_next, thread_sensitive=False)(stream)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stream.close()
+
+
 # Bearer tokens, not cookies, authenticate these requests, so CSRF does not apply.
 @csrf_exempt  # type: ignore[untyped-decorator]  # Django ships no type hints
-def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
+def api_view(request: HttpRequest, rest: str = "") -> HttpResponseBase:
     try:
         api = get_api()
     except Exception:  # a configuration error must answer in JSON, not as a 500 page
@@ -53,6 +89,8 @@ def api_view(request: HttpRequest, rest: str = "") -> HttpResponse:
             raw_path=_raw_path(request),
         )
     )
+    if result.stream is not None:
+        return _stream(request, result.stream, result)
     return _response(result)
 
 
