@@ -106,6 +106,8 @@ def empty(alias: str) -> None:
     from deepwork_retry.web.django import models
 
     for model in (
+        models.EventRetry,
+        models.Event,
         models.Attempt,
         models.OutboxEntry,
         models.TaskDependency,

@@ -198,3 +198,71 @@ def test_csrf_is_enforced(storage: DjangoStorage) -> None:
             "budget": "one_more", "submission": "0" * 32}  # fmt: skip
     assert 403 == client.post(CHANGELIST, data).status_code
     assert "blocked" == storage.load("p", "b1")[1].status.value
+
+
+# -- lifecycle events ------------------------------------------------------------------
+
+
+def parked_deliveries(storage: DjangoStorage) -> None:
+    """Project ``p``'s first two events, each parked for ``hook``; the second also due
+    again for ``web`` (not parked)."""
+    from datetime import timedelta
+
+    from deepwork_retry._core.events import EventRetry
+
+    tasks(storage)
+    now = ExecutorService(storage).clock.now()
+    events = storage.claim_events(now=now, limit=2, claimed_until=now + timedelta(seconds=30))
+    failures = [
+        EventRetry(event=e, subscriber="hook", tries=5, retry_at=now, parked=True, last_error="x")
+        for e in events
+    ]
+    failures.append(
+        EventRetry(event=events[1], subscriber="web", tries=1, retry_at=now, last_error="503")
+    )
+    storage.settle_events(events, now=now, failures=failures)
+
+
+def test_events_are_listed_read_only(storage: DjangoStorage) -> None:
+    tasks(storage)
+    client = logged_in("ann", perms=("view_event",))
+    page = client.get("/admin/deepwork_retry/event/?type__exact=task.blocked")
+    assert 200 == page.status_code
+    shown = re.findall(r'<td class="field-type">([^<]*)</td>', page.content.decode())
+    assert shown == ["task.blocked", "task.blocked"]  # b1's and b2's
+    row = models.Event.objects.using(storage.using).order_by("seq").first()
+    assert row is not None
+    detail = client.get(f"/admin/deepwork_retry/event/{row.pk}/change/")
+    assert 200 == detail.status_code
+    assert 'name="_save"' not in detail.content.decode()
+    assert 403 == client.post(f"/admin/deepwork_retry/event/{row.pk}/delete/").status_code
+
+
+def test_replaying_parked_deliveries(storage: DjangoStorage) -> None:
+    parked_deliveries(storage)
+    retries = models.EventRetry.objects.using(storage.using)
+    pks = list(retries.filter(seq=2).values_list("pk", flat=True))  # hook (parked), web
+    client = logged_in("ann", perms=("view_eventretry", "change_eventretry"))
+    done = client.post(
+        "/admin/deepwork_retry/eventretry/",
+        {"action": "replay_parked", "_selected_action": pks},
+        follow=True,
+    )
+    assert 200 == done.status_code
+    assert "1 parked deliveries are due again." in done.content.decode()
+    assert [(r.event.seq, r.subscriber) for r in storage.parked_events()] == [(1, "hook")]
+    replayed = retries.get(seq=2, subscriber="hook")
+    assert (replayed.parked, replayed.tries) == (False, 0)
+    assert retries.get(seq=2, subscriber="web").tries == 1  # not parked: left as it was
+
+
+def test_replaying_needs_the_change_permission(storage: DjangoStorage) -> None:
+    parked_deliveries(storage)
+    pks = list(models.EventRetry.objects.using(storage.using).values_list("pk", flat=True))
+    client = logged_in("bob", perms=("view_eventretry",))
+    client.post(
+        "/admin/deepwork_retry/eventretry/",
+        {"action": "replay_parked", "_selected_action": pks},
+        follow=True,
+    )
+    assert len(storage.parked_events()) == 2

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from deepwork_retry.exceptions import DeepworkError
-from deepwork_retry.ports import Storage
+from deepwork_retry.ports import EventLog, Storage
 from deepwork_retry.testing import StorageContract, storage_machine
 from deepwork_retry.web.django.storage import DjangoStorage
 
@@ -77,9 +77,15 @@ def _in_block(name: str) -> Callable[..., Any]:
     return call
 
 
-for _name, _member in vars(Storage).items():
-    if callable(_member) and not _name.startswith("_") and _name != "close":
-        setattr(InHostBlocks, _name, _in_block(_name))
+for _port in (Storage, EventLog):
+    for _name, _member in vars(_port).items():
+        if callable(_member) and not _name.startswith("_") and _name != "close":
+            setattr(InHostBlocks, _name, _in_block(_name))
+
+
+def test_in_host_blocks_is_an_event_log(storage: DjangoStorage) -> None:
+    """The wrapper keeps the event log, so the kit's event scenarios run on it too."""
+    assert isinstance(InHostBlocks(storage), EventLog)
 
 
 class TestDjangoStorageInHostBlocks(StorageContract):

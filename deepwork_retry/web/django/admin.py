@@ -13,6 +13,11 @@ task's result:
 
 Both need a staff user with the change permission on tasks. The service is
 :func:`admin_service`'s (see its docstring for the settings it reads).
+
+Lifecycle events are listed read-only by project, type and number; failed
+event deliveries (to retry, or parked after their last try) are listed with
+a **Replay selected parked deliveries** action (change permission on them),
+which makes the parked ones due again with their tries reset.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
@@ -38,7 +43,15 @@ from deepwork_retry.exceptions import DeepworkError, IdempotencyConflict
 from deepwork_retry.web.django import SETTING, get_api, models
 from deepwork_retry.web.django.storage import DjangoStorage
 
-__all__ = ["AttemptAdmin", "ProjectAdmin", "RetryForm", "TaskAdmin", "admin_service"]
+__all__ = [
+    "AttemptAdmin",
+    "EventAdmin",
+    "EventRetryAdmin",
+    "ProjectAdmin",
+    "RetryForm",
+    "TaskAdmin",
+    "admin_service",
+]
 
 _REASON_LENGTH = 1000
 
@@ -272,3 +285,41 @@ class TaskAdmin(_ReadOnly):
                 row.update(retried=False, detail=exc.detail)
             results.append(row)
         return results
+
+
+@admin.register(models.Event)
+class EventAdmin(_ReadOnly):
+    """Lifecycle events, newest first; ``delivered at`` empty: still pending."""
+
+    ordering = ("project", "-seq")
+    list_display = ("project", "seq", "type", "task_id", "attempt", "at", "delivered_at")
+    list_filter = ("type", "project")
+    search_fields = ("task_id",)
+
+
+@admin.register(models.EventRetry)
+class EventRetryAdmin(_ReadOnly):
+    """Failed deliveries of events to subscribers; parked ones can be replayed."""
+
+    ordering = ("project", "seq", "subscriber")
+    list_display = ("project", "seq", "subscriber", "tries", "retry_at", "parked", "last_error")
+    list_filter = ("parked", "subscriber")
+    search_fields = ("subscriber", "last_error")
+    actions = ("replay_parked",)
+
+    @admin.action(description="Replay selected parked deliveries", permissions=["change"])  # type: ignore[untyped-decorator]
+    def replay_parked(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        service = admin_service()
+        storage = service.storage
+        assert isinstance(storage, DjangoStorage)
+        chosen: dict[str, list[str]] = {}
+        for row in queryset.filter(parked=True).order_by("subscriber", "project_id", "seq"):
+            chosen.setdefault(row.subscriber, []).append(f"{row.project_id}:{row.seq}")
+        now = service.clock.now()
+        count = sum(
+            storage.replay_parked(now=now, subscriber=subscriber, event_ids=ids)
+            for subscriber, ids in chosen.items()
+        )
+        self.message_user(
+            request, f"{count} parked deliveries are due again.", level=messages.SUCCESS
+        )

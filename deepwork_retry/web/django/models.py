@@ -2,8 +2,9 @@
 
 They hold what every other storage holds (projects with their progress
 counters, tasks, the dependency index, attempt records, the dispatch outbox,
-idempotency records), in tables named ``deepwork_retry_*`` and created by
-this app's migrations (``python manage.py migrate deepwork_retry``).
+idempotency records, lifecycle events and their failed deliveries), in
+tables named ``deepwork_retry_*`` and created by this app's migrations
+(``python manage.py migrate deepwork_retry``).
 
 Rows are written only through the storage, which applies the core's plans;
 the admin shows them read-only and changes tasks through the services.
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 
 from django.db import models
 
+from deepwork_retry._core.events import EventType
 from deepwork_retry._core.states import (
     BlockedReason,
     DispatchState,
@@ -52,6 +54,8 @@ class Project(models.Model):  # type: ignore[misc]  # Django ships no type hints
     done = models.BigIntegerField(default=0)
     blocked = models.BigIntegerField(default=0)
     skipped = models.BigIntegerField(default=0)
+    event_seq = models.BigIntegerField(default=0)
+    """The ``seq`` of the project's last lifecycle event (bumped with each move)."""
 
     class Meta:
         db_table = "deepwork_retry_project"
@@ -163,6 +167,8 @@ class OutboxEntry(models.Model):  # type: ignore[misc]
     delivered_at = models.DateTimeField(null=True, blank=True)
     pending_seq = models.BigIntegerField(null=True, blank=True)
     """Claim order: the order in which entries were made pending."""
+    trace = models.TextField(null=True, blank=True)
+    """The W3C trace context the worker's attempt continues (``None`` without telemetry)."""
 
     class Meta:
         db_table = "deepwork_retry_outbox"
@@ -191,4 +197,80 @@ class IdempotencyRecord(models.Model):  # type: ignore[misc]
         db_table = "deepwork_retry_idempotency"
 
 
-__all__ = ["Attempt", "IdempotencyRecord", "OutboxEntry", "Project", "Task", "TaskDependency"]
+class Event(models.Model):  # type: ignore[misc]
+    """A lifecycle event (:class:`deepwork_retry._core.events.Event`), numbered per project.
+
+    ``(project, seq)`` is its id; ``delivered_at`` ``NULL`` means pending. The
+    surrogate ``id`` key is Django's (its admin has no composite keys).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, db_column="project_id")
+    seq = models.BigIntegerField()
+    type = models.CharField(max_length=32, choices=_choices(EventType))
+    task_id = models.CharField("task id", max_length=ID_LENGTH, null=True, blank=True)
+    attempt = models.BigIntegerField(null=True, blank=True)
+    at = models.DateTimeField()
+    data = models.TextField(default="{}")
+    """The event's data as JSON text (:func:`deepwork_retry._core.events.data_text`)."""
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "deepwork_retry_event"
+        constraints = [
+            models.UniqueConstraint(fields=["project", "seq"], name="deepwork_retry_event_key")
+        ]
+        indexes = [
+            models.Index(
+                fields=["project", "seq"],
+                condition=models.Q(delivered_at__isnull=True),
+                name="deepwork_retry_event_pending",
+            ),
+            models.Index(fields=["delivered_at"], name="deepwork_retry_event_sent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project_id}:{self.seq}"
+
+
+class EventRetry(models.Model):  # type: ignore[misc]
+    """A subscriber's failed delivery of the event ``(project, seq)``: due again at
+    ``retry_at``, or ``parked`` after the subscriber's limit."""
+
+    id = models.BigAutoField(primary_key=True)
+    project = models.ForeignKey(Project, on_delete=models.PROTECT, db_column="project_id")
+    seq = models.BigIntegerField()
+    subscriber = models.CharField(max_length=ID_LENGTH)
+    tries = models.BigIntegerField()
+    retry_at = models.DateTimeField()
+    last_error = models.TextField(null=True, blank=True)
+    parked = models.BooleanField(default=False)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "deepwork_retry_event_retry"
+        verbose_name = "event delivery retry"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "seq", "subscriber"], name="deepwork_retry_event_retry_key"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["parked", "retry_at"], name="deepwork_retry_event_due"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project_id}:{self.seq} to {self.subscriber}"
+
+
+__all__ = [
+    "Attempt",
+    "Event",
+    "EventRetry",
+    "IdempotencyRecord",
+    "OutboxEntry",
+    "Project",
+    "Task",
+    "TaskDependency",
+]

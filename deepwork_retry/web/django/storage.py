@@ -15,6 +15,11 @@ one database alias (``using``):
   with an ``update()`` filtered on the version it expects;
 - on SQLite, where ``select_for_update()`` does nothing, every write first
   takes the database's write lock (SQLite has one lock for the whole file);
+- it is an :class:`~deepwork_retry.ports.EventLog`: every move writes its
+  lifecycle events (:mod:`deepwork_retry._core.events`) in its own
+  transaction, numbered per project with ``Project.event_seq``, whose
+  ``update()`` locks the project's row until the commit, so a project's
+  events commit in the order they are numbered;
 - it joins the host's transaction
   (:class:`~deepwork_retry.ports.JoinsHostTransaction`): the services hand
   the dispatch of a retry to :meth:`DjangoStorage.after_commit`, that is to
@@ -32,9 +37,11 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
+from deepwork_retry._core import events as ev
+from deepwork_retry._core.events import Event, EventRetry, EventType
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -90,7 +97,7 @@ try:
         connections,
         transaction,
     )
-    from django.db.models import Exists, F, Max, OuterRef, Q
+    from django.db.models import Exists, F, Max, OuterRef, Q, Subquery
     from django.db.models.functions import Collate
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     from deepwork_retry.exceptions import missing_extra
@@ -112,6 +119,10 @@ _ID_ORDER = {"postgresql": "C", "mysql": "utf8mb4_bin"}
 """The collation that sorts ids by code point, as Python sorts str (SQLite's default does)."""
 _LOCK_SQLITE = "UPDATE deepwork_retry_project SET version = version WHERE 0 = 1"
 """A write that changes nothing: it takes SQLite's write lock as a transaction begins."""
+
+
+_CLAIM_LOCK = 0x64775F6576656E74
+"""PostgreSQL advisory lock key that serialises event claims ("dw_event")."""
 
 
 _LOST_RACE = frozenset({"40P01", "40001"})
@@ -236,6 +247,7 @@ def _entry_fields(entry: DispatchEntry) -> dict[str, Any]:
         "tries": entry.tries,
         "last_error": _diagnostic(entry.last_error),
         "delivered_at": _oaware(entry.delivered_at),
+        "trace": None if entry.trace is None else _text(entry.trace),
     }
 
 
@@ -323,7 +335,42 @@ def _entry(row: m.OutboxEntry) -> DispatchEntry:
         tries=row.tries,
         last_error=row.last_error,
         delivered_at=row.delivered_at,
+        trace=row.trace,
     )
+
+
+def _event_row(event: Event) -> m.Event:
+    return m.Event(
+        project_id=event.project_id,
+        seq=event.seq,
+        type=EventType(event.type).value,
+        task_id=event.task_id,
+        attempt=event.attempt,
+        at=_aware(event.at),
+        data=ev.data_text(event.data),
+    )
+
+
+def _event(row: m.Event) -> Event:
+    return Event(
+        project_id=row.project_id,
+        seq=row.seq,
+        type=EventType(row.type),
+        task_id=row.task_id,
+        attempt=row.attempt,
+        at=row.at,
+        data=ev.data_value(row.data),
+    )
+
+
+def _event_id(value: object) -> tuple[str, int] | None:
+    """``(project_id, seq)`` of an :attr:`Event.id` (``None`` when it cannot be one)."""
+    if not isinstance(value, str) or ":" not in value:
+        return None
+    pid, _, seq = value.rpartition(":")
+    if not seq.isascii() or not seq.isdigit() or not _findable(pid):
+        return None
+    return pid, int(seq)
 
 
 def _idem(row: m.IdempotencyRecord) -> IdempotencyRecord:
@@ -474,15 +521,25 @@ class DjangoStorage:
                 deps, batch_size=_CHUNK, ignore_conflicts=True
             )
             added: dict[str, dict[str, int]] = {}
+            made: dict[str, list[Event]] = {}
             for task in tasks:
                 counts = added.setdefault(task.project_id, {})
                 status = TaskStatus(task.status).value
                 counts[status] = counts.get(status, 0) + 1
+                made.setdefault(task.project_id, []).append(ev.added(task))
+            events: list[m.Event] = []
             for pid, counts in added.items():
                 changes = {s: F(s) + n for s, n in counts.items()}
-                m.Project.objects.using(db).filter(id=pid).update(
-                    total=F("total") + sum(counts.values()), **changes
+                news = tuple(made[pid])
+                projects = m.Project.objects.using(db).filter(id=pid)
+                projects.update(
+                    total=F("total") + sum(counts.values()),
+                    event_seq=F("event_seq") + len(news),
+                    **changes,
                 )
+                last = projects.values_list("event_seq", flat=True)[0] - len(news)
+                events.extend(_event_row(e) for e in ev.numbered(news, last))
+            m.Event.objects.using(db).bulk_create(events, batch_size=_CHUNK)
 
     # -- reads ---------------------------------------------------------------
     def _get_project(self, db: str, project_id: str) -> Project:
@@ -661,12 +718,22 @@ class DjangoStorage:
         projects = m.Project.objects.using(db).filter(id=pid)
         counters: Sequence[int] | None = None
         project_version: int | None = None
+        events = ev.events_of(plan)
+        changes: dict[str, Any] = {}
         if moved:
-            # The counters' update locks the project's row; its version and the
-            # counters after the change are read back in one statement.
             old, new = TaskStatus(before.status).value, TaskStatus(after.status).value
-            projects.update(**{old: F(old) - 1, new: F(new) + 1})
-            project_version, *counters = projects.values_list("version", *_COUNTERS)[0]
+            changes.update({old: F(old) - 1, new: F(new) + 1})
+        if events:
+            changes["event_seq"] = F("event_seq") + len(events)
+        if changes:
+            # The update locks the project's row (so the events of one project
+            # commit in the order they are numbered); its version, last event
+            # number and counters after the change are read back in one statement.
+            projects.update(**changes)
+            project_version, last_seq, *counters = projects.values_list(
+                "version", "event_seq", *_COUNTERS
+            )[0]
+            events = ev.numbered(events, last_seq - len(events))
         elif plan.project_version is not None:
             locked = projects.select_for_update().values_list("version", *_COUNTERS)
             project_version, *counters = locked[0]
@@ -724,6 +791,8 @@ class DjangoStorage:
             made.extend(self._release(db, pid, plan.releases, plan.claimed_until))
         if plan.idempotency is not None and idem is not None:
             self._store_idem(db, plan.idempotency, idem, stored_idem)
+        if events:
+            m.Event.objects.using(db).bulk_create([_event_row(e) for e in events])
         if counters is None:
             counters = projects.values_list(*_COUNTERS)[0]
         return Applied(
@@ -880,22 +949,54 @@ class DjangoStorage:
                     pending_seq=None,
                 )
 
-    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+    def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
+        """Release the entry, due again at ``retry_at``, and write its
+        ``dispatch.failed`` event (at ``now``, by default the wall clock)."""
         retry_at = _aware(retry_at)
+        now = datetime.now(timezone.utc) if now is None else _aware(now)
         if not (_findable(entry.project_id) and _findable(entry.task_id)):
             return
         with self._tx(write=True) as db:
-            m.OutboxEntry.objects.using(db).filter(
+            # The project first, as apply() takes it before outbox rows.
+            projects = m.Project.objects.using(db).filter(id=entry.project_id)
+            if not list(projects.select_for_update().values_list("id", flat=True)):
+                return
+            entries = m.OutboxEntry.objects.using(db).filter(
                 project_id=entry.project_id,
                 task_id=entry.task_id,
                 attempt=entry.attempt,
                 state=_PENDING,
-            ).update(
+            )
+            row = entries.select_for_update().first()
+            if row is None:
+                return
+            entries.update(
                 tries=F("tries") + 1,
                 last_error=_diagnostic(error),
                 available_at=retry_at,
                 claimed_until=None,
             )
+            event = ev.dispatch_failed(_entry(row), error=error, retry_at=retry_at, now=now)
+            self._write_events(db, entry.project_id, (event,))
+
+    def _write_events(self, db: str, project_id: str, events: tuple[Event, ...]) -> None:
+        """Number ``events`` after the project's last and store them (the project's
+        row stays locked until the transaction ends)."""
+        if not events:
+            return
+        projects = m.Project.objects.using(db).filter(id=project_id)
+        projects.update(event_seq=F("event_seq") + len(events))
+        last = projects.values_list("event_seq", flat=True)[0] - len(events)
+        m.Event.objects.using(db).bulk_create(
+            [_event_row(e) for e in ev.numbered(events, last)], batch_size=_CHUNK
+        )
 
     def _awaiting_start(self) -> Exists:
         """The entry's task is still waiting to start the entry's attempt."""
@@ -945,6 +1046,235 @@ class DjangoStorage:
             )
             for row in rows
         ]
+
+    # -- lifecycle events ------------------------------------------------------------
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        check_limit(limit)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise InvalidInput(f"after must be an int >= 0, got {after!r}")
+        if not _findable(project_id):
+            raise ProjectNotFound(project_id)
+        with self._tx(write=False) as db:
+            self._get_project(db, project_id)
+            rows = m.Event.objects.using(db).filter(project_id=project_id, seq__gt=after)
+            return [_event(row) for row in rows.order_by("seq")[:limit]]
+
+    def _serialise_claims(self, db: str) -> None:
+        """Make this transaction's event claim the only one until it ends.
+
+        A claim reads which earlier events of a task others hold; two claims at
+        once would each miss the other's. PostgreSQL: a transaction-level
+        advisory lock; SQLite: the write lock :meth:`_tx` took; others: the
+        rows of the projects with pending events, in id order.
+        """
+        vendor = connections[db].vendor
+        if vendor == "postgresql":
+            with connections[db].cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CLAIM_LOCK])
+        elif vendor != "sqlite":
+            pending = m.Event.objects.using(db).filter(delivered_at__isnull=True)
+            list(
+                m.Project.objects.using(db)
+                .select_for_update()
+                .filter(id__in=pending.values("project_id"))
+                .order_by("id")
+                .values_list("id", flat=True)
+            )
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        check_limit(limit)
+        now, until = _aware(now), _aware(claimed_until)
+        with self._tx(write=True) as db:
+            self._serialise_claims(db)
+            events = m.Event.objects.using(db)
+            held = Q(claimed_until__isnull=False) & Q(claimed_until__gt=now)
+            held_before = Exists(
+                events.filter(
+                    held,
+                    project_id=OuterRef("project_id"),
+                    task_id=OuterRef("task_id"),
+                    seq__lt=OuterRef("seq"),
+                    delivered_at__isnull=True,
+                )
+            )
+            rows = list(
+                events.filter(delivered_at__isnull=True)
+                .exclude(held)
+                .exclude(held_before)
+                .order_by(self._id_order("project_id"), "seq")[:limit]
+            )
+            if rows:
+                events.filter(id__in=[row.id for row in rows]).update(claimed_until=until)
+        return [_event(row) for row in rows]
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        now = _aware(now)
+        keys: dict[str, list[int]] = {}
+        for event in events:
+            if _findable(event.project_id):
+                keys.setdefault(event.project_id, []).append(event.seq)
+        retries = [
+            m.EventRetry(
+                project_id=_text(f.event.project_id),
+                seq=f.event.seq,
+                subscriber=_text(f.subscriber),
+                tries=f.tries,
+                retry_at=_aware(f.retry_at),
+                last_error=_diagnostic(f.last_error),
+                parked=f.parked,
+                claimed_until=_oaware(f.claimed_until),
+            )
+            for f in failures
+        ]
+        with self._tx(write=True) as db:
+            for pid in sorted(keys):
+                seqs = sorted(set(keys[pid]))
+                for start in range(0, len(seqs), _CHUNK):
+                    m.Event.objects.using(db).filter(
+                        project_id=pid, seq__in=seqs[start : start + _CHUNK]
+                    ).update(delivered_at=now, claimed_until=None)
+            if retries:
+                m.EventRetry.objects.using(db).bulk_create(
+                    retries,
+                    batch_size=_CHUNK,
+                    update_conflicts=True,
+                    unique_fields=["project", "seq", "subscriber"],
+                    update_fields=["tries", "retry_at", "last_error", "parked", "claimed_until"],
+                )
+
+    def _retries(self, db: str, rows: Sequence[m.EventRetry]) -> list[EventRetry]:
+        """The failed deliveries of ``rows``, each with its event."""
+        wanted: dict[str, set[int]] = {}
+        for row in rows:
+            wanted.setdefault(row.project_id, set()).add(row.seq)
+        found: dict[tuple[str, int], Event] = {}
+        for pid, seqs in wanted.items():
+            ordered = sorted(seqs)
+            for start in range(0, len(ordered), _CHUNK):
+                chunk = m.Event.objects.using(db).filter(
+                    project_id=pid, seq__in=ordered[start : start + _CHUNK]
+                )
+                found.update(((pid, e.seq), _event(e)) for e in chunk)
+        return [
+            EventRetry(
+                event=found[(row.project_id, row.seq)],
+                subscriber=row.subscriber,
+                tries=row.tries,
+                retry_at=row.retry_at,
+                last_error=row.last_error,
+                parked=row.parked,
+                claimed_until=row.claimed_until,
+            )
+            for row in rows
+            if (row.project_id, row.seq) in found
+        ]
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        now, until = _aware(now), _aware(claimed_until)
+        with self._tx(write=True) as db:
+            retries = m.EventRetry.objects.using(db)
+            due = (
+                retries.select_for_update(skip_locked=True)
+                .filter(parked=False, retry_at__lte=now)
+                .filter(Q(claimed_until__isnull=True) | Q(claimed_until__lte=now))
+                .order_by(
+                    "retry_at", self._id_order("project_id"), "seq", self._id_order("subscriber")
+                )[:limit]
+            )
+            rows = list(due)
+            if rows:
+                retries.filter(id__in=[row.id for row in rows]).update(claimed_until=until)
+                for row in rows:
+                    row.claimed_until = until
+            return self._retries(db, rows)
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        now = _aware(now)
+        pid = retry.event.project_id
+        if not (_findable(pid) and _findable(retry.subscriber)):
+            return
+        with self._tx(write=True) as db:
+            rows = m.EventRetry.objects.using(db).filter(
+                project_id=pid, seq=retry.event.seq, subscriber=retry.subscriber
+            )
+            if error is None:
+                rows.delete()
+            elif retry_at is not None:
+                rows.update(
+                    tries=F("tries") + 1,
+                    retry_at=_aware(retry_at),
+                    last_error=_diagnostic(error),
+                    claimed_until=None,
+                )
+            else:
+                rows.update(
+                    tries=F("tries") + 1,
+                    last_error=_diagnostic(error),
+                    parked=True,
+                    claimed_until=None,
+                )
+
+    def _event_at(self) -> Subquery:
+        """A failed delivery's event time (for oldest-first orders)."""
+        return Subquery(
+            m.Event.objects.filter(project_id=OuterRef("project_id"), seq=OuterRef("seq")).values(
+                "at"
+            )[:1]
+        )
+
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
+        check_limit(limit)
+        if subscriber is not None and not _findable(subscriber):
+            return []
+        with self._tx(write=False) as db:
+            rows = m.EventRetry.objects.using(db).filter(parked=True)
+            if subscriber is not None:
+                rows = rows.filter(subscriber=subscriber)
+            ordered = rows.annotate(event_at=self._event_at()).order_by(
+                "event_at", self._id_order("project_id"), "seq", self._id_order("subscriber")
+            )
+            return self._retries(db, list(ordered[:limit]))
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        now = _aware(now)
+        if subscriber is not None and not _findable(subscriber):
+            return 0
+        which = Q(parked=True)
+        if subscriber is not None:
+            which &= Q(subscriber=subscriber)
+        if event_ids is not None:
+            keys = {key for key in map(_event_id, event_ids) if key is not None}
+            if not keys:
+                return 0
+            chosen = Q()
+            for pid, seq in sorted(keys):
+                chosen |= Q(project_id=pid, seq=seq)
+            which &= chosen
+        with self._tx(write=True) as db:
+            count: int = (
+                m.EventRetry.objects.using(db)
+                .filter(which)
+                .update(parked=False, tries=0, retry_at=now, claimed_until=None)
+            )
+        return count
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
@@ -1000,7 +1330,7 @@ class DjangoStorage:
     def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, oldest first, each its own
         transaction; rows another transaction holds are skipped."""
-        counts = [0, 0, 0]
+        counts = [0, 0, 0, 0]
         with self._tx(write=True) as db:
             records = m.IdempotencyRecord.objects.using(db)
             expired = records.select_for_update(skip_locked=True).filter(expires_at__lte=rule.now)
@@ -1043,7 +1373,31 @@ class DjangoStorage:
                 )
                 if seqs:
                     counts[2] = old_attempts.filter(seq__in=seqs).delete()[0]
-        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
+        if rule.delivered_before is not None:
+            with self._tx(write=True) as db:
+                # Delivered to every subscriber: no failed delivery kept (removes_event).
+                kept = Exists(
+                    m.EventRetry.objects.filter(
+                        project_id=OuterRef("project_id"), seq=OuterRef("seq")
+                    )
+                )
+                old_events = m.Event.objects.using(db).filter(
+                    ~kept, delivered_at__isnull=False, delivered_at__lte=rule.delivered_before
+                )
+                ids = list(
+                    old_events.select_for_update(skip_locked=True)
+                    .order_by("delivered_at", "id")
+                    .values_list("id", flat=True)[: rule.batch]
+                )
+                if ids:
+                    counts[3] = old_events.filter(id__in=ids).delete()[0]
+        return Pruned(
+            idempotency=counts[0],
+            outbox=counts[1],
+            attempts=counts[2],
+            events=counts[3],
+            batches=1,
+        )
 
     def close(self) -> None:
         """Nothing to release: the connections are Django's (and the host's)."""
