@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from typing_extensions import ParamSpec
 
 from deepwork_retry._core import effects
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -75,7 +76,10 @@ __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStora
 APPLICATION_ID = 0x64777274
 """``PRAGMA application_id`` of a deepwork_retry database ("dwrt")."""
 
-_TABLES = frozenset({"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency"})
+_TABLES = frozenset(
+    {"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency", "events",
+     "event_retries"}
+)  # fmt: skip
 _KEEP_IDLE = 8
 """Idle connections kept open for reuse; more are closed when returned."""
 
@@ -673,6 +677,7 @@ class SQLiteStorage:
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
     ) -> Applied | None:
         """The manual retry decided and applied in one write transaction
         (:meth:`Engine.retry_blocked <deepwork_retry.storage._sql.engine.Engine.retry_blocked>`).
@@ -703,7 +708,7 @@ class SQLiteStorage:
             applied = _ENGINE.retry_blocked(
                 cur, self._retry, project_id, task_id, now=now, actor=actor, reason=reason,
                 budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-                idempotency_expires_at=idempotency_expires_at,
+                idempotency_expires_at=idempotency_expires_at, trace=trace,
             )  # fmt: skip
             if applied is not None:
                 cur.execute("COMMIT")
@@ -742,9 +747,16 @@ class SQLiteStorage:
         with self._tx(write=True) as c:
             _ENGINE.mark_delivered(c, entries, now=now)
 
-    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+    def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
         with self._tx(write=True) as c:
-            _ENGINE.mark_failed(c, entry, error=error, retry_at=retry_at)
+            _ENGINE.mark_failed(c, entry, error=error, retry_at=retry_at, now=now)
 
     def redeliver_stale(
         self, *, now: datetime, delivered_before: datetime, limit: int
@@ -753,6 +765,57 @@ class SQLiteStorage:
             return _ENGINE.redeliver_stale(
                 c, now=now, delivered_before=delivered_before, limit=limit
             )
+
+    # -- lifecycle events (the EventLog capability) ---------------------------------
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        with self._tx(write=False) as c:
+            return _ENGINE.events(c, project_id, after=after, limit=limit)
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        """Claims are writes: SQLite's one writer at a time keeps the per-task order."""
+        with self._tx(write=True) as c:
+            return _ENGINE.claim_events(c, now=now, limit=limit, claimed_until=claimed_until)
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        with self._tx(write=True) as c:
+            _ENGINE.settle_events(c, events, now=now, failures=failures)
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        with self._tx(write=True) as c:
+            return _ENGINE.claim_event_retries(
+                c, now=now, limit=limit, claimed_until=claimed_until
+            )
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        with self._tx(write=True) as c:
+            _ENGINE.settle_event_retry(c, retry, now=now, error=error, retry_at=retry_at)
+
+    def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        with self._tx(write=False) as c:
+            return _ENGINE.parked_events(c, subscriber=subscriber, limit=limit)
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        with self._tx(write=True) as c:
+            return _ENGINE.replay_parked(c, now=now, subscriber=subscriber, event_ids=event_ids)
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
@@ -858,3 +921,84 @@ class AsyncSQLiteStorage(AsyncFromSyncOneStep[SQLiteStorage]):
         """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
         with self.sync._due_by(sent + self.sync.timeout):
             return super()._write(sent, fn, *args, **kwargs)
+
+    async def retry_blocked(
+        self,
+        project_id: str,
+        task_id: str,
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+        idempotency_key: str | None = None,
+        idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
+    ) -> Applied | None:
+        return await self._call(
+            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
+            budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
+            idempotency_expires_at=idempotency_expires_at, trace=trace,
+        )  # fmt: skip
+
+    async def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
+        await self._call(self.sync.mark_failed, entry, error=error, retry_at=retry_at, now=now)
+
+    # -- lifecycle events (the AsyncEventLog capability) --------------------------------
+    async def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        return await self._read_call(self.sync.events, project_id, after=after, limit=limit)
+
+    async def claim_events(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[Event]:
+        return await self._call(
+            self.sync.claim_events, now=now, limit=limit, claimed_until=claimed_until
+        )
+
+    async def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        await self._call(self.sync.settle_events, events, now=now, failures=failures)
+
+    async def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        return await self._call(
+            self.sync.claim_event_retries, now=now, limit=limit, claimed_until=claimed_until
+        )
+
+    async def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        await self._call(
+            self.sync.settle_event_retry, retry, now=now, error=error, retry_at=retry_at
+        )
+
+    async def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        return await self._read_call(self.sync.parked_events, subscriber=subscriber, limit=limit)
+
+    async def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        return await self._call(
+            self.sync.replay_parked, now=now, subscriber=subscriber, event_ids=event_ids
+        )
