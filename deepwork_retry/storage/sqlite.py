@@ -786,9 +786,7 @@ class SQLiteStorage:
         self, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[EventRetry]:
         with self._tx(write=True) as c:
-            return _ENGINE.claim_event_retries(
-                c, now=now, limit=limit, claimed_until=claimed_until
-            )
+            return _ENGINE.claim_event_retries(c, now=now, limit=limit, claimed_until=claimed_until)
 
     def settle_event_retry(
         self,
@@ -801,9 +799,7 @@ class SQLiteStorage:
         with self._tx(write=True) as c:
             _ENGINE.settle_event_retry(c, retry, now=now, error=error, retry_at=retry_at)
 
-    def parked_events(
-        self, *, subscriber: str | None = None, limit: int = 100
-    ) -> list[EventRetry]:
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
         with self._tx(write=False) as c:
             return _ENGINE.parked_events(c, subscriber=subscriber, limit=limit)
 

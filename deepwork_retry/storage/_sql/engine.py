@@ -831,9 +831,7 @@ class Engine:
         at, until = codec.ts(now), codec.ts(claimed_until)
         rows = ex.execute(self.sql.claimable_retries, (at, limit)).fetchall()
         if rows:
-            ex.executemany(
-                self.sql.claim_retry, [(until, row[0], row[1], row[2]) for row in rows]
-            )
+            ex.executemany(self.sql.claim_retry, [(until, row[0], row[1], row[2]) for row in rows])
         return [attrs.evolve(codec.event_retry(row), claimed_until=claimed_until) for row in rows]
 
     def settle_event_retry(

@@ -592,8 +592,6 @@ def render_retry(statements: Statements, move: effects.Move) -> RetrySQL:
         count_at=task_at + len(read_back),
         decode=decode,
         insert_pending=q(f"{entry}, {PENDING}, {available}, ?4, ?5, 0, NULL, NULL, ?7, ?6)"),
-        insert_deferred=q(
-            f"{entry}, {DEFERRED}, {available}, ?4, NULL, 0, NULL, NULL, ?5, NULL)"
-        ),
+        insert_deferred=q(f"{entry}, {DEFERRED}, {available}, ?4, NULL, 0, NULL, NULL, ?5, NULL)"),
         insert_attempt=insert_attempt,
     )
