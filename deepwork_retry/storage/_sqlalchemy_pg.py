@@ -102,6 +102,13 @@ class PostgresOps:
     expired_leases = _same("expired_leases")
     get_idempotency = _same("get_idempotency")
     save_idempotency = _same("save_idempotency")
+    events = _same("events")
+    claim_events = _same("claim_events")
+    settle_events = _same("settle_events")
+    claim_event_retries = _same("claim_event_retries")
+    settle_event_retry = _same("settle_event_retry")
+    parked_events = _same("parked_events")
+    replay_parked = _same("replay_parked")
 
     def list_tasks(
         self, ex: PostgresExecutor, project_id: str, *, after_bound: Any = None, **kwargs: Any
