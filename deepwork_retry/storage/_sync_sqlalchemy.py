@@ -308,7 +308,7 @@ class SQLAlchemyStorage:
     ) -> None:
         """Release the claim and write the ``dispatch.failed`` event (at ``now``, by default
         the wall clock) in the same transaction."""
-        at = {} if now is None else {"now": now}
+        at: dict[str, Any] = {} if now is None else {"now": now}
         self._write(self._bound.engine.mark_failed, entry, error=error, retry_at=retry_at, **at)
 
     def redeliver_stale(

@@ -533,7 +533,7 @@ class Engine:
         )  # fmt: skip
         if len(made_events) != READY_RETRY_EVENTS:
             ex.execute(self.sql.bump_events, (len(made_events) - READY_RETRY_EVENTS, pid))
-        self._store_events(ex, pid, made_events, row[r.count_at + 2] - READY_RETRY_EVENTS)
+        self._store_events(ex, project_id, made_events, row[r.count_at + 2] - READY_RETRY_EVENTS)
         made: tuple[DispatchEntry, ...] = ()
         if ready and claimed_until:
             made = (
