@@ -419,9 +419,7 @@ class EventLog(Protocol):
         with ``retry_at``: ``tries`` + 1, due then; without: ``tries`` + 1, parked."""
         ...
 
-    def parked_events(
-        self, *, subscriber: str | None = None, limit: int = 100
-    ) -> list[EventRetry]:
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
         """Parked deliveries (of ``subscriber``, or all), oldest event first."""
         ...
 

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
@@ -52,6 +53,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import (
     AsyncDispatcher,
+    AsyncEventLog,
     AsyncJoinsHostTransaction,
     AsyncRetryInOneStep,
     AsyncStorage,
@@ -249,7 +251,15 @@ class _AsyncShell:
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
                 )
                 try:
-                    await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
+                    if isinstance(
+                        self.storage, AsyncEventLog
+                    ):  # it records the failure as an event
+                        recorder: Any = self.storage  # the port's mark_failed has no ``now``
+                        await recorder.mark_failed(
+                            entry, error=error, retry_at=retry_at, now=self.clock.now()
+                        )
+                    else:
+                        await self.storage.mark_failed(entry, error=error, retry_at=retry_at)
                 except Exception:  # noqa: BLE001 - logged; the entry stays claimed, then a relay takes it
                     emit(
                         log, logging.WARNING, "deepwork.dispatch_failure_unrecorded",
@@ -889,7 +899,7 @@ class AsyncPruner:
             done = await self.storage.prune(rule)
             total += Pruned(
                 idempotency=done.idempotency, outbox=done.outbox, attempts=done.attempts,
-                batches=1, complete=not done.full(self.batch),
+                events=done.events, batches=1, complete=not done.full(self.batch),
             )  # fmt: skip
             if total.complete:
                 return total

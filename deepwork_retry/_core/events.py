@@ -70,6 +70,10 @@ RETRIES_EXHAUSTED = BlockedReason.BUDGET_EXHAUSTED
 """The ``task.blocked`` reason of a task whose automatic retries ran out."""
 
 
+def _data(value: Any) -> dict[str, Any]:
+    return dict(value)
+
+
 @attrs.frozen(kw_only=True)
 class Event:
     """One lifecycle event, as stored and delivered.
@@ -84,7 +88,7 @@ class Event:
     task_id: str | None = None
     attempt: int | None = None
     at: datetime
-    data: Mapping[str, Any] = attrs.field(factory=dict, converter=dict, eq=True, hash=False)
+    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_data, eq=True, hash=False)
 
     @property
     def id(self) -> str:
@@ -259,8 +263,8 @@ def events_of(plan: Plan) -> tuple[Event, ...]:
             )
     if after.status is TaskStatus.BLOCKED and before.status is not TaskStatus.BLOCKED:
         events.append(_blocked(after, kind, now))
-    attempt = plan.new_attempt
-    if attempt is not None and attempt.trigger is Trigger.AUTO_RETRY:
+    opened = plan.new_attempt
+    if opened is not None and opened.trigger is Trigger.AUTO_RETRY:
         events.append(
             _event(
                 after,
@@ -269,7 +273,7 @@ def events_of(plan: Plan) -> tuple[Event, ...]:
                 trigger=Trigger.AUTO_RETRY.value,
                 retry_count=after.retry_count,
                 retries_left=after.retries_left,
-                available_at=_ts(attempt.available_at),
+                available_at=_ts(opened.available_at),
             )
         )
     if plan.dispatch is not None and plan.dispatch.state is DispatchState.DEFERRED:

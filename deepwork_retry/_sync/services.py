@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from deepwork_retry._core import decide
 from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id
@@ -54,6 +55,7 @@ from deepwork_retry.exceptions import (
 from deepwork_retry.ports import (
     Clock,
     Dispatcher,
+    EventLog,
     JoinsHostTransaction,
     RetryInOneStep,
     Storage,
@@ -250,7 +252,13 @@ class _Shell:
                     seconds=REDELIVERY.delay(entry.tries + 1, self.rng)
                 )
                 try:
-                    self.storage.mark_failed(entry, error=error, retry_at=retry_at)
+                    if isinstance(self.storage, EventLog):  # it records the failure as an event
+                        recorder: Any = self.storage  # the port's mark_failed has no ``now``
+                        recorder.mark_failed(
+                            entry, error=error, retry_at=retry_at, now=self.clock.now()
+                        )
+                    else:
+                        self.storage.mark_failed(entry, error=error, retry_at=retry_at)
                 except Exception:  # noqa: BLE001 - logged; the entry stays claimed, then a relay takes it
                     emit(
                         log, logging.WARNING, "deepwork.dispatch_failure_unrecorded",
@@ -886,7 +894,7 @@ class Pruner:
             done = self.storage.prune(rule)
             total += Pruned(
                 idempotency=done.idempotency, outbox=done.outbox, attempts=done.attempts,
-                batches=1, complete=not done.full(self.batch),
+                events=done.events, batches=1, complete=not done.full(self.batch),
             )  # fmt: skip
             if total.complete:
                 return total

@@ -14,6 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from typing_extensions import ParamSpec, Self
 
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -26,7 +27,7 @@ from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry.exceptions import InvalidInput, StorageUnavailable
-from deepwork_retry.ports import RetryInOneStep, Storage
+from deepwork_retry.ports import EventLog, RetryInOneStep, Storage
 
 
 class OneStepStorage(Storage, RetryInOneStep, Protocol):
@@ -72,13 +73,21 @@ class AsyncFromSync(Generic[S]):
     (:class:`~deepwork_retry.ports.AsyncRetryInOneStep`) exactly when the
     wrapped storage has it (:class:`~deepwork_retry.ports.RetryInOneStep`):
     ``AsyncFromSync(storage, ...)`` is then an :class:`AsyncFromSyncOneStep`,
-    whose ``retry_blocked`` is one write like :meth:`apply`.
+    whose ``retry_blocked`` is one write like :meth:`apply`. Likewise it has
+    the event log (:class:`~deepwork_retry.ports.AsyncEventLog`) exactly
+    when the wrapped storage is an :class:`~deepwork_retry.ports.EventLog`.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         sync = args[0] if args else kwargs.get("sync")
-        if cls is AsyncFromSync and isinstance(sync, RetryInOneStep):
-            return cast(Self, object.__new__(AsyncFromSyncOneStep))
+        if cls is AsyncFromSync:
+            one_step, events = isinstance(sync, RetryInOneStep), isinstance(sync, EventLog)
+            if one_step and events:
+                return cast(Self, object.__new__(AsyncFromSyncOneStepEvents))
+            if one_step:
+                return cast(Self, object.__new__(AsyncFromSyncOneStep))
+            if events:
+                return cast(Self, object.__new__(AsyncFromSyncEvents))
         return object.__new__(cls)
 
     def __init__(
@@ -217,8 +226,14 @@ class AsyncFromSync(Generic[S]):
     async def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
         await self._call(self.sync.mark_delivered, entries, now=now)
 
-    async def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
-        await self._call(self.sync.mark_failed, entry, error=error, retry_at=retry_at)
+    async def mark_failed(
+        self, entry: DispatchEntry, *, error: str, retry_at: datetime, now: datetime | None = None
+    ) -> None:
+        if now is None:
+            await self._call(self.sync.mark_failed, entry, error=error, retry_at=retry_at)
+        else:  # only an event log takes it (the services pass it only then)
+            mark: Callable[..., None] = self.sync.mark_failed
+            await self._call(mark, entry, error=error, retry_at=retry_at, now=now)
 
     async def redeliver_stale(
         self, *, now: datetime, delivered_before: datetime, limit: int
@@ -286,10 +301,80 @@ class AsyncFromSyncOneStep(AsyncFromSync[W]):
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
     ) -> Applied | None:
-        """The wrapped storage's ``retry_blocked``, run as a write."""
+        """The wrapped storage's ``retry_blocked``, run as a write (``trace`` is passed on
+        only when given: only an event log takes it)."""
+        extra = {} if trace is None else {"trace": trace}
+        call: Callable[..., Applied | None] = self.sync.retry_blocked
         return await self._call(
-            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
+            call, project_id, task_id, now=now, actor=actor, reason=reason,
             budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-            idempotency_expires_at=idempotency_expires_at,
+            idempotency_expires_at=idempotency_expires_at, **extra,
         )  # fmt: skip
+
+
+class AsyncFromSyncEvents(AsyncFromSync[S]):
+    """:class:`AsyncFromSync` over a storage that is an event log, keeping it.
+
+    ``AsyncFromSync(storage, ...)`` builds one whenever ``storage`` is an
+    :class:`~deepwork_retry.ports.EventLog`.
+    """
+
+    @property
+    def _log(self) -> EventLog:
+        return cast(EventLog, self.sync)
+
+    async def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        return await self._read_call(self._log.events, project_id, after=after, limit=limit)
+
+    async def claim_events(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[Event]:
+        return await self._call(
+            self._log.claim_events, now=now, limit=limit, claimed_until=claimed_until
+        )
+
+    async def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        await self._call(self._log.settle_events, events, now=now, failures=failures)
+
+    async def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        return await self._call(
+            self._log.claim_event_retries, now=now, limit=limit, claimed_until=claimed_until
+        )
+
+    async def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        await self._call(
+            self._log.settle_event_retry, retry, now=now, error=error, retry_at=retry_at
+        )
+
+    async def parked_events(
+        self, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        return await self._read_call(self._log.parked_events, subscriber=subscriber, limit=limit)
+
+    async def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        return await self._call(
+            self._log.replay_parked, now=now, subscriber=subscriber, event_ids=event_ids
+        )
+
+
+class AsyncFromSyncOneStepEvents(AsyncFromSyncOneStep[W], AsyncFromSyncEvents[W]):
+    """:class:`AsyncFromSync` over a storage that retries in one step and is an event log."""

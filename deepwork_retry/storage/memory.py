@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import attrs
 
+from deepwork_retry._core import events as lifecycle
+from deepwork_retry._core.events import Event, EventRetry, EventType
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -49,11 +51,13 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._to_async import AsyncFromSync
+from deepwork_retry.storage._to_async import AsyncFromSyncEvents
 from deepwork_retry.storage._validate import check_new_tasks
 
 _Key = tuple[str, str]
 _EntryKey = tuple[str, str, int]
+_EventKey = tuple[str, int]
+_RetryKey = tuple[str, int, str]
 
 # -- the history as rows --------------------------------------------------------------------
 # An attempt row holds Attempt's fields in their declared order, an entry row
@@ -100,7 +104,7 @@ def _attempt(row: _AttemptRow) -> Attempt:
 def _entry_row(e: DispatchEntry) -> _EntryRow:
     return (
         e.project_id, e.task_id, e.attempt, e.state._value_, e.available_at, e.created_at,
-        e.claimed_until, e.tries, e.last_error, e.delivered_at,
+        e.claimed_until, e.tries, e.last_error, e.delivered_at, e.trace,
     )  # fmt: skip
 
 
@@ -108,7 +112,37 @@ def _entry(row: _EntryRow) -> DispatchEntry:
     return DispatchEntry(
         project_id=row[0], task_id=row[1], attempt=row[2], state=_STATES[row[3]],
         available_at=row[4], created_at=row[5], claimed_until=row[6], tries=row[7],
-        last_error=row[8], delivered_at=row[9],
+        last_error=row[8], delivered_at=row[9], trace=row[10],
+    )  # fmt: skip
+
+
+# An event row: (project_id, seq, type, task_id, attempt, at, data as JSON text,
+# delivered_at, claimed_until); a retry row: (tries, retry_at, last_error, parked,
+# claimed_until).
+_EventRow = tuple[Any, ...]
+_RetryRow = tuple[Any, ...]
+_TYPES = {t.value: t for t in EventType}
+_EV_DELIVERED, _EV_CLAIMED = 7, 8
+
+
+def _event_row(e: Event) -> _EventRow:
+    return (
+        e.project_id, e.seq, e.type._value_, e.task_id, e.attempt, e.at,
+        lifecycle.data_text(e.data), None, None,
+    )  # fmt: skip
+
+
+def _event(row: _EventRow) -> Event:
+    return Event(
+        project_id=row[0], seq=row[1], type=_TYPES[row[2]], task_id=row[3], attempt=row[4],
+        at=row[5], data=lifecycle.data_value(row[6]),
+    )  # fmt: skip
+
+
+def _retry(event: Event, subscriber: str, row: _RetryRow) -> EventRetry:
+    return EventRetry(
+        event=event, subscriber=subscriber, tries=row[0], retry_at=row[1], last_error=row[2],
+        parked=row[3], claimed_until=row[4],
     )  # fmt: skip
 
 
@@ -127,6 +161,10 @@ class MemoryStorage:
         self._in_progress: dict[_Key, None] = {}
         self._assigned: dict[_Key, None] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
+        self._event_seq: dict[str, int] = {}
+        self._events: dict[str, dict[int, _EventRow]] = {}
+        self._events_pending: dict[_EventKey, None] = {}
+        self._event_retries: dict[_RetryKey, _RetryRow] = {}
 
     # -- setup -------------------------------------------------------------
     def create_project(self, project: Project) -> None:
@@ -136,6 +174,8 @@ class MemoryStorage:
             self._projects[project.id] = project
             self._progress[project.id] = Progress(project_id=project.id)
             self._tasks[project.id] = {}
+            self._event_seq[project.id] = 0
+            self._events[project.id] = {}
 
     def add_tasks(self, tasks: Sequence[Task]) -> None:
         with self._lock:
@@ -151,6 +191,7 @@ class MemoryStorage:
                 self._progress[task.project_id] = self._progress[task.project_id].shifted(
                     None, task.status
                 )
+                self._record((lifecycle.added(task),))
 
     def _index(self, task: Task) -> None:
         for dep in task.blocked_by:
@@ -312,7 +353,20 @@ class MemoryStorage:
                 made += tuple(self._release(pid, plan.releases, plan.claimed_until))
             if idem is not None:
                 self._idempotency[idem.key] = idem
+            self._record(lifecycle.events_of(plan))
             return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
+
+    def _record(self, events: tuple[Event, ...]) -> None:
+        """Number ``events`` after their project's last and keep them pending (under the lock)."""
+        if not events:
+            return
+        pid = events[0].project_id
+        last = self._event_seq[pid]
+        stored = self._events[pid]
+        for event in lifecycle.numbered(events, last):
+            stored[event.seq] = _event_row(event)
+            self._events_pending[(pid, event.seq)] = None
+        self._event_seq[pid] = last + len(events)
 
     def _put_entry(self, entry: DispatchEntry) -> None:
         key = entry.key
@@ -389,12 +443,18 @@ class MemoryStorage:
                     )
                 )
 
-    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+    def mark_failed(
+        self, entry: DispatchEntry, *, error: str, retry_at: datetime, now: datetime | None = None
+    ) -> None:
         with self._lock:
             row = self._outbox.get(entry.key)
             if row is None or row[_E_STATE] != _PENDING:
                 return
             stored = _entry(row)
+            at = datetime.now(timezone.utc) if now is None else now
+            self._record(
+                (lifecycle.dispatch_failed(stored, error=error, retry_at=retry_at, now=at),)
+            )
             self._put_entry(
                 evolve_entry(
                     stored,
@@ -467,6 +527,138 @@ class MemoryStorage:
             self._idempotency[record.key] = record
             return record
 
+    # -- event log --------------------------------------------------------------------
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        check_limit(limit)
+        if after.__class__ is not int or after < 0:
+            raise InvalidInput(f"after must be an integer >= 0, got {after!r}")
+        with self._lock:
+            stored = self._events.get(project_id)
+            if stored is None:
+                raise ProjectNotFound(project_id)
+            last = self._event_seq[project_id]
+            found: list[_EventRow] = []
+            seq = after + 1
+            if stored and seq < next(iter(stored)):  # pruned before: skip the gap
+                seq = next(iter(stored))
+            while seq <= last and len(found) < limit:
+                row = stored.get(seq)
+                if row is not None:
+                    found.append(row)
+                seq += 1
+        return [_event(row) for row in found]
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        check_limit(limit)
+        with self._lock:
+            held: set[tuple[str, str | None]] = set()
+            claimed: list[_EventRow] = []
+            for pid, seq in sorted(self._events_pending):
+                if len(claimed) >= limit:
+                    break
+                row = self._events[pid][seq]
+                task = (pid, row[3])
+                if task in held:
+                    continue
+                until = row[_EV_CLAIMED]
+                if until is not None and until > now:
+                    held.add(task)  # an earlier event of the task is out with another caller
+                    continue
+                claimed.append(row)
+            for row in claimed:
+                self._events[row[0]][row[1]] = (*row[:_EV_CLAIMED], claimed_until)
+        return [_event(row) for row in claimed]
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        with self._lock:
+            for event in events:
+                key = (event.project_id, event.seq)
+                if key not in self._events_pending:
+                    continue
+                row = self._events[event.project_id][event.seq]
+                self._events[event.project_id][event.seq] = (*row[:_EV_DELIVERED], now, None)
+                del self._events_pending[key]
+            for failure in failures:
+                event = failure.event
+                if event.seq not in self._events.get(event.project_id, {}):
+                    continue
+                self._event_retries[(event.project_id, event.seq, failure.subscriber)] = (
+                    failure.tries, failure.retry_at, failure.last_error, failure.parked, None
+                )  # fmt: skip
+
+    def _retry_of(self, key: _RetryKey, row: _RetryRow) -> EventRetry:
+        return _retry(_event(self._events[key[0]][key[1]]), key[2], row)
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        with self._lock:
+            due = sorted(
+                (row[1], key)
+                for key, row in self._event_retries.items()
+                if not row[3] and row[1] <= now and (row[4] is None or row[4] <= now)
+            )[:limit]
+            claimed = []
+            for _, key in due:
+                row = (*self._event_retries[key][:4], claimed_until)
+                self._event_retries[key] = row
+                claimed.append(self._retry_of(key, row))
+        return claimed
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        key = (retry.event.project_id, retry.event.seq, retry.subscriber)
+        with self._lock:
+            row = self._event_retries.get(key)
+            if row is None:
+                return
+            if error is None:
+                del self._event_retries[key]
+            elif retry_at is None:
+                self._event_retries[key] = (row[0] + 1, now, error, True, None)
+            else:
+                self._event_retries[key] = (row[0] + 1, retry_at, error, False, None)
+
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
+        check_limit(limit)
+        with self._lock:
+            keys = sorted(
+                key
+                for key, row in self._event_retries.items()
+                if row[3] and (subscriber is None or key[2] == subscriber)
+            )[:limit]
+            return [self._retry_of(key, self._event_retries[key]) for key in keys]
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        wanted = None if event_ids is None else set(event_ids)
+        with self._lock:
+            keys = [
+                key
+                for key, row in self._event_retries.items()
+                if row[3]
+                and (subscriber is None or key[2] == subscriber)
+                and (wanted is None or f"{key[0]}:{key[1]}" in wanted)
+            ]
+            for key in keys:
+                row = self._event_retries[key]
+                self._event_retries[key] = (0, now, row[2], False, None)
+        return len(keys)
+
     # -- retention -------------------------------------------------------------------
     def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, oldest first, each under the lock once."""
@@ -506,15 +698,28 @@ class MemoryStorage:
                     self._attempts[task_key] = kept
                 else:
                     del self._attempts[task_key]
+        with self._lock:
+            held: dict[_EventKey, int] = {}
+            for retry_key in self._event_retries:
+                held[retry_key[:2]] = held.get(retry_key[:2], 0) + 1
+            gone = sorted(
+                (row[_EV_DELIVERED], pid, seq)
+                for pid, stored in self._events.items()
+                for seq, row in stored.items()
+                if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
+            )[:batch]
+            for _, pid, seq in gone:
+                del self._events[pid][seq]
         return Pruned(
-            idempotency=len(expired), outbox=len(entries), attempts=len(attempts), batches=1
-        )
+            idempotency=len(expired), outbox=len(entries), attempts=len(attempts),
+            events=len(gone), batches=1,
+        )  # fmt: skip
 
     def close(self) -> None:
         return None
 
 
-class AsyncMemoryStorage(AsyncFromSync[MemoryStorage]):
+class AsyncMemoryStorage(AsyncFromSyncEvents[MemoryStorage]):
     """:class:`MemoryStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     Dictionary operations never block, so they run on the event loop itself.

@@ -32,6 +32,8 @@ from deepwork_retry._async.services import (
     AsyncRetryService,
 )
 from deepwork_retry._core import decide
+from deepwork_retry._core import events as lifecycle
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -66,6 +68,7 @@ from deepwork_retry.exceptions import (
 )
 from deepwork_retry.ports import (
     REDELIVERED,
+    AsyncEventLog,
     AsyncRetryInOneStep,
     AsyncStorage,
     Storage,
@@ -105,6 +108,42 @@ class _Checked:
     def __init__(self, inner: AsyncStorage) -> None:
         self.inner = inner
         self.projects: set[str] = set()
+        self.log: AsyncEventLog | None = inner if isinstance(inner, AsyncEventLog) else None
+        self.seen: dict[str, int] = {}
+
+    async def _new_events(self, project_id: str) -> list[Event]:
+        """The project's events since the last look, checked to be numbered on without a gap."""
+        if self.log is None:
+            return []
+        found: list[Event] = []
+        last = self.seen.get(project_id, 0)
+        while True:
+            page = await self.log.events(project_id, after=last, limit=EVENT_PAGE)
+            for event in page:
+                if event.seq != last + 1 and not (last == 0 and not found):
+                    raise AssertionError(
+                        f"the events of {project_id!r} skip from {last} to {event.seq}"
+                    )
+                last = event.seq
+            found.extend(page)
+            if len(page) < EVENT_PAGE:
+                break
+        self.seen[project_id] = last
+        return found
+
+    async def _check_events(self, project_id: str, expected: Sequence[Event], what: str) -> None:
+        """The write recorded ``expected`` (unnumbered), in order, as consecutive events
+        among those written since the last look (other writers may have written too)."""
+        if self.log is None:
+            return
+        new = [attrs.evolve(e, seq=0) for e in await self._new_events(project_id)]
+        want = list(expected)
+        for start in range(len(new) - len(want) + 1):
+            if new[start : start + len(want)] == want:
+                return
+        raise AssertionError(
+            f"{what} did not record the core's events: expected {want!r} among {new!r}"
+        )
 
     async def _verify(self) -> None:
         for pid in sorted(self.projects):
@@ -132,6 +171,9 @@ class _Checked:
 
     async def add_tasks(self, tasks: Sequence[Task]) -> None:
         await self._write(self.inner.add_tasks(tasks))
+        for pid in dict.fromkeys(t.project_id for t in tasks):
+            added = [lifecycle.added(t) for t in tasks if t.project_id == pid]
+            await self._check_events(pid, added, "add_tasks")
 
     async def get_project(self, project_id: str) -> Project:
         return await self.inner.get_project(project_id)
@@ -170,6 +212,7 @@ class _Checked:
     async def apply(self, plan: Plan) -> Applied:
         applied = await self._write(self.inner.apply(plan))
         await self._verify_applied(applied, "apply")
+        await self._check_events(plan.before.project_id, lifecycle.events_of(plan), "apply")
         return applied
 
     async def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
@@ -243,6 +286,11 @@ class _CheckedOneStep(_Checked):
         )  # fmt: skip
         if applied is not None:
             await self._verify_applied(applied, "retry_blocked")
+            expected = lifecycle.manual_retry_events(
+                applied.task, now=now, actor=actor, reason=reason, budget=RetryBudget(budget),
+                deferred=applied.deferred,
+            )  # fmt: skip
+            await self._check_events(project_id, expected, "retry_blocked")
         return applied
 
 
@@ -259,6 +307,9 @@ def inline_port(storage: Storage) -> AsyncStorage:
 
 
 Racer = Callable[[AsyncStorage], Awaitable[Any]]
+EVENT_PAGE = 1000
+"""Events read per page by the suite's checks."""
+
 Race = Callable[[Sequence[Racer]], Awaitable[list[Any]]]
 RACE_TIMEOUT = 30.0
 
@@ -1650,6 +1701,302 @@ async def _project_plan_guards_conflict(h: Harness) -> None:
 
 
 # -- the one-step retry (RetryInOneStep), against the core ---------------------------------------
+
+
+# -- lifecycle events (storages that are an event log) ------------------------------------
+
+
+def _event_log(h: Harness) -> AsyncEventLog | None:
+    return h.raw if isinstance(h.raw, AsyncEventLog) else None
+
+
+async def _all_events(log: AsyncEventLog, project_id: str) -> list[Event]:
+    found: list[Event] = []
+    while True:
+        page = await log.events(project_id, after=found[-1].seq if found else 0, limit=EVENT_PAGE)
+        found.extend(page)
+        if len(page) < EVENT_PAGE:
+            return found
+
+
+def _kinds(events: Sequence[Event]) -> list[tuple[str, str | None, int | None]]:
+    return [(e.type.value, e.task_id, e.attempt) for e in events]
+
+
+@scenario
+async def _events_record_every_move_in_order(h: Harness) -> None:
+    """Each move's lifecycle events are stored with it, numbered 1, 2, 3 … per project."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    await h.task("p", "t", max_retries=1)
+    task = await h.running("p", "t")
+    await h.ex.fail("p", "t", task.attempt, TaskError(type="Flaky", message="again"))
+    h.clock.advance(BACKOFF)
+    await h.ex.start("p", "t", 2)
+    await h.ex.fail("p", "t", 2, TaskError(type="Flaky", message="still"))
+    await h.retrier.retry("p", "t", actor="alice", reason="fixed")
+    events = await _all_events(log, "p")
+    assert list(range(1, len(events) + 1)) == [e.seq for e in events]
+    assert [
+        ("project.progress", "t", None),
+        ("project.progress", "t", 1),
+        ("attempt.started", "t", 1),
+        ("project.progress", "t", 1),
+        ("attempt.failed", "t", 1),
+        ("task.retried", "t", 2),
+        ("project.progress", "t", 2),
+        ("attempt.started", "t", 2),
+        ("project.progress", "t", 2),
+        ("attempt.failed", "t", 2),
+        ("task.blocked", "t", 2),
+        ("project.progress", "t", 2),
+        ("task.retried", "t", 3),
+        ("project.progress", "t", 3),
+    ] == _kinds(events)
+    blocked = events[10]
+    assert "budget_exhausted" == blocked.data["reason"]
+    assert blocked.data["retries_exhausted"] is True
+    assert "still" == blocked.data["error_message"]
+    retried = events[12]
+    assert ("manual_retry", "alice", "fixed") == (
+        retried.data["trigger"],
+        retried.data["actor"],
+        retried.data["reason"],
+    )
+    assert {"from": "blocked", "to": "assigned"} == events[13].data
+    assert all(e.id == f"p:{e.seq}" for e in events)
+
+
+@scenario
+async def _events_are_read_per_project_in_pages(h: Harness) -> None:
+    """Events are read after a number, at most a limit, each project on its own."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("a")
+    await h.project("b")
+    for n in range(5):
+        await h.task("a", f"t{n}")
+        await h.task("b", f"t{n}")
+    assert [3, 4] == [e.seq for e in await log.events("a", after=2, limit=2)]
+    assert [] == await log.events("b", after=5)
+    assert {"a"} == {e.project_id for e in await log.events("a")}
+    await refused(log.events("nope"), ProjectNotFound, "events of an unknown project")
+    for bad in (-1, "1", 1.5, None):
+        await refused(log.events("a", after=bad), InvalidInput, f"events after {bad!r}")  # type: ignore[arg-type]
+    for limit in (0, 1001):
+        await refused(log.events("a", limit=limit), InvalidInput, f"events limit {limit}")
+
+
+@scenario
+async def _refused_writes_record_no_event(h: Harness) -> None:
+    """A write that is refused (stale plan, wrong state) leaves no event behind."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    task = await h.task("p", "t")
+    project = await h.s.get_project("p")
+    stale = decide.assign(task, project, now=h.now(), blockers={})
+    await h.ex.assign("p", "t")
+    before = await _all_events(log, "p")
+    await refused(h.raw.apply(stale), VersionConflict, "a stale plan")
+    await refused(h.retrier.retry("p", "t"), TaskNotBlocked, "a retry of an assigned task")
+    assert before == await _all_events(log, "p")
+
+
+@scenario
+async def _events_are_claimed_once_in_order_per_task(h: Harness) -> None:
+    """Pending events are claimed oldest first by one caller at a time; a task's later
+    event waits while an earlier one is out with another caller; settled ones are done."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    await h.task("p", "t")
+    await h.task("p", "u")
+    await h.ex.assign("p", "t")  # events 3 (t) and later
+    until = h.now() + timedelta(seconds=30)
+    first = await log.claim_events(now=h.now(), limit=1, claimed_until=until)
+    assert [1] == [e.seq for e in first]
+    rest = await log.claim_events(now=h.now(), limit=10, claimed_until=until)
+    # Event 1 is t's: t's later event (3) waits; u's (2) is free.
+    assert [2] == [e.seq for e in rest]
+    assert [] == await log.claim_events(now=h.now(), limit=10, claimed_until=until)
+    await log.settle_events(first, now=h.now())
+    third = await log.claim_events(now=h.now(), limit=10, claimed_until=until)
+    assert [3] == [e.seq for e in third]
+    # A claim that expired is taken again; a settled event never is.
+    later = until + timedelta(seconds=1)
+    again = await log.claim_events(now=later, limit=10, claimed_until=later + timedelta(1))
+    assert [2, 3] == [e.seq for e in again]
+    await log.settle_events(again, now=later)
+    assert [] == await log.claim_events(
+        now=later + timedelta(days=1), limit=10, claimed_until=later + timedelta(days=2)
+    )
+    results = await h.race(
+        [
+            lambda s: s.claim_events(now=later, limit=10, claimed_until=until)  # type: ignore[attr-defined]
+            for _ in range(3)
+        ]
+    )
+    assert all(r == [] for r in results), results
+
+
+@scenario
+async def _racing_claims_never_share_an_event(h: Harness) -> None:
+    """Of callers claiming events at once, no two receive the same event."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    for n in range(12):
+        await h.task("p", f"t{n:02}")
+    until = h.now() + timedelta(seconds=30)
+    results = await h.race(
+        [
+            lambda s: s.claim_events(now=h.now(), limit=5, claimed_until=until)  # type: ignore[attr-defined]
+            for _ in range(4)
+        ]
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    seqs = [e.seq for result in results for e in result]
+    assert len(seqs) == len(set(seqs)), seqs
+    assert set(range(1, 13)) == set(seqs)
+
+
+@scenario
+async def _failed_deliveries_are_retried_then_parked_and_replayed(h: Harness) -> None:
+    """A subscriber's failed delivery is due again when asked, parked after its last try,
+    listed, replayed by hand, and forgotten once delivered."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    await h.task("p", "t")
+    await h.task("p", "u")
+    until = h.now() + timedelta(seconds=30)
+    events = await log.claim_events(now=h.now(), limit=10, claimed_until=until)
+    due = h.now() + timedelta(seconds=5)
+    failures = [
+        EventRetry(event=events[0], subscriber="hook", tries=1, retry_at=due, last_error="boom"),
+        EventRetry(event=events[1], subscriber="web", tries=1, retry_at=due, last_error="503"),
+    ]
+    await log.settle_events(events, now=h.now(), failures=failures)
+    assert [] == await log.claim_events(now=h.now(), limit=10, claimed_until=until)
+    assert [] == await log.claim_event_retries(now=h.now(), limit=10, claimed_until=until)
+    h.clock.advance(5)
+    claimed = await log.claim_event_retries(now=h.now(), limit=10, claimed_until=until)
+    assert [("hook", 1, 1, "boom"), ("web", 2, 1, "503")] == [
+        (r.subscriber, r.event.seq, r.tries, r.last_error) for r in claimed
+    ]
+    assert events[0] == claimed[0].event
+    assert [] == await log.claim_event_retries(now=h.now(), limit=10, claimed_until=until)
+    hook, web = claimed
+    later = h.now() + timedelta(seconds=60)
+    await log.settle_event_retry(hook, now=h.now(), error="boom again", retry_at=later)
+    await log.settle_event_retry(web, now=h.now(), error="gone")  # parked
+    parked = await log.parked_events()
+    assert [("web", 2, 2, "gone", True)] == [
+        (r.subscriber, r.event.seq, r.tries, r.last_error, r.parked) for r in parked
+    ]
+    assert [] == await log.parked_events(subscriber="hook")
+    h.clock.advance(61)
+    (hook,) = await log.claim_event_retries(now=h.now(), limit=10, claimed_until=later)
+    assert (2, "boom again") == (hook.tries, hook.last_error)
+    await log.settle_event_retry(hook, now=h.now())  # delivered
+    assert 0 == await log.replay_parked(now=h.now(), subscriber="hook")
+    assert 0 == await log.replay_parked(now=h.now(), event_ids=["p:1"])
+    assert 1 == await log.replay_parked(now=h.now(), event_ids=["p:2"])
+    assert [] == await log.parked_events()
+    (web,) = await log.claim_event_retries(now=h.now(), limit=10, claimed_until=later)
+    assert ("web", 0) == (web.subscriber, web.tries)
+    await log.settle_event_retry(web, now=h.now())
+    assert [] == await log.claim_event_retries(
+        now=h.now() + timedelta(days=1), limit=10, claimed_until=later + timedelta(days=2)
+    )
+
+
+@scenario
+async def _dispatch_failure_is_an_event(h: Harness) -> None:
+    """A failed delivery of an outbox entry records ``dispatch.failed`` with the entry."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    await h.task("p", "t")
+    await h.ex.assign("p", "t")
+    (entry,) = await h.s.claim_due(
+        now=h.now(), limit=10, claimed_until=h.now() + timedelta(seconds=30)
+    )
+    retry_at = h.now() + timedelta(seconds=7)
+    recorder: Any = h.raw
+    await recorder.mark_failed(entry, error="broker down", retry_at=retry_at, now=h.now())
+    last = (await _all_events(log, "p"))[-1]
+    assert lifecycle.dispatch_failed(
+        entry, error="broker down", retry_at=retry_at, now=h.now()
+    ) == attrs.evolve(last, seq=0)
+
+
+@scenario
+async def _prune_removes_old_delivered_events_only(h: Harness) -> None:
+    """Events delivered longer ago than the period go, unless a delivery is still to be
+    retried or parked; pending ones stay; numbering goes on after a prune."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    for n in range(4):
+        await h.task("p", f"t{n}")
+    until = h.now() + timedelta(seconds=30)
+    claimed = await log.claim_events(now=h.now(), limit=3, claimed_until=until)
+    failure = EventRetry(
+        event=claimed[2], subscriber="hook", tries=1, retry_at=h.now(), last_error="x"
+    )
+    await log.settle_events(claimed, now=h.now(), failures=[failure])
+    h.clock.advance(8 * DAY)
+    pruned = await h.s.prune(Retention(delivered_outbox=timedelta(days=7)).rule(h.now()))
+    assert 2 == pruned.events
+    assert [3, 4] == [e.seq for e in await _all_events(log, "p")]
+    assert 0 == (await h.s.prune(Retention(delivered_outbox=None).rule(h.now()))).events
+    await h.task("p", "t9")
+    assert [3, 4, 5] == [e.seq for e in await _all_events(log, "p")]
+
+
+@scenario
+async def _concurrent_writers_number_events_without_gaps(h: Harness) -> None:
+    """Moves of one project made at once get consecutive numbers, each move's events
+    together, none lost."""
+    log = _event_log(h)
+    if log is None:
+        return
+    await h.project("p")
+    ids = [f"t{n}" for n in range(6)]
+    for tid in ids:
+        await h.task("p", tid)
+    project = await h.s.get_project("p")
+    plans = [decide.assign(await h.get("p", tid), project, now=h.now(), blockers={}) for tid in ids]
+    results = await h.race([_applier(plan) for plan in plans])
+    won = [
+        plan
+        for plan, result in zip(plans, results, strict=True)
+        if not isinstance(result, BaseException)
+    ]
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, VersionConflict):
+            raise result
+    events = await _all_events(log, "p")
+    assert list(range(1, len(events) + 1)) == [e.seq for e in events]
+    written = [attrs.evolve(e, seq=0) for e in events[len(ids) :]]
+    assert len(written) == sum(len(lifecycle.events_of(p)) for p in won)
+    for plan in won:
+        want = list(lifecycle.events_of(plan))
+        starts = [i for i in range(len(written)) if written[i : i + len(want)] == want]
+        assert starts, f"the events of {plan.before.id} are not together: {written!r}"
 
 
 @attrs.frozen
