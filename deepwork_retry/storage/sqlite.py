@@ -68,7 +68,7 @@ from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
-    AsyncFromSyncOneStep,
+    AsyncFromSyncOneStepEvents,
 )
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStorage", "migrations"]
@@ -869,7 +869,7 @@ _ABANDONED: list[sqlite3.Connection] = []
 """Connections inherited through fork: kept referenced so they are never closed in the child."""
 
 
-class AsyncSQLiteStorage(AsyncFromSyncOneStep[SQLiteStorage]):
+class AsyncSQLiteStorage(AsyncFromSyncOneStepEvents[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage
@@ -917,84 +917,3 @@ class AsyncSQLiteStorage(AsyncFromSyncOneStep[SQLiteStorage]):
         """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
         with self.sync._due_by(sent + self.sync.timeout):
             return super()._write(sent, fn, *args, **kwargs)
-
-    async def retry_blocked(
-        self,
-        project_id: str,
-        task_id: str,
-        *,
-        now: datetime,
-        actor: str | None = None,
-        reason: str | None = None,
-        budget: RetryBudget = RetryBudget.ONE_MORE,
-        claimed_until: datetime | None = None,
-        idempotency_key: str | None = None,
-        idempotency_expires_at: datetime | None = None,
-        trace: str | None = None,
-    ) -> Applied | None:
-        return await self._call(
-            self.sync.retry_blocked, project_id, task_id, now=now, actor=actor, reason=reason,
-            budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-            idempotency_expires_at=idempotency_expires_at, trace=trace,
-        )  # fmt: skip
-
-    async def mark_failed(
-        self,
-        entry: DispatchEntry,
-        *,
-        error: str,
-        retry_at: datetime,
-        now: datetime | None = None,
-    ) -> None:
-        await self._call(self.sync.mark_failed, entry, error=error, retry_at=retry_at, now=now)
-
-    # -- lifecycle events (the AsyncEventLog capability) --------------------------------
-    async def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
-        return await self._read_call(self.sync.events, project_id, after=after, limit=limit)
-
-    async def claim_events(
-        self, *, now: datetime, limit: int, claimed_until: datetime
-    ) -> list[Event]:
-        return await self._call(
-            self.sync.claim_events, now=now, limit=limit, claimed_until=claimed_until
-        )
-
-    async def settle_events(
-        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
-    ) -> None:
-        await self._call(self.sync.settle_events, events, now=now, failures=failures)
-
-    async def claim_event_retries(
-        self, *, now: datetime, limit: int, claimed_until: datetime
-    ) -> list[EventRetry]:
-        return await self._call(
-            self.sync.claim_event_retries, now=now, limit=limit, claimed_until=claimed_until
-        )
-
-    async def settle_event_retry(
-        self,
-        retry: EventRetry,
-        *,
-        now: datetime,
-        error: str | None = None,
-        retry_at: datetime | None = None,
-    ) -> None:
-        await self._call(
-            self.sync.settle_event_retry, retry, now=now, error=error, retry_at=retry_at
-        )
-
-    async def parked_events(
-        self, *, subscriber: str | None = None, limit: int = 100
-    ) -> list[EventRetry]:
-        return await self._read_call(self.sync.parked_events, subscriber=subscriber, limit=limit)
-
-    async def replay_parked(
-        self,
-        *,
-        now: datetime,
-        subscriber: str | None = None,
-        event_ids: Sequence[str] | None = None,
-    ) -> int:
-        return await self._call(
-            self.sync.replay_parked, now=now, subscriber=subscriber, event_ids=event_ids
-        )
