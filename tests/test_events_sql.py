@@ -754,3 +754,39 @@ def test_mariadb_migrations_add_the_event_tables(mysql_url: str) -> None:
     finally:
         engine.dispose()
         drop_database(mysql_url, make_url(url).database or name)
+
+
+def test_sqlite_migration_adds_the_event_tables_to_a_file_in_use(tmp_path: Path) -> None:
+    """A file at migration 0003 with a project in it is migrated when opened: its
+    projects number their events from 1, its outbox entries have no trace."""
+    import sqlite3
+
+    from deepwork_retry.storage.sqlite import APPLICATION_ID, migrations
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for number, _name, text in migrations()[:3]:
+        conn.executescript(text)
+        conn.execute(f"PRAGMA user_version = {number}")
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(
+        "INSERT INTO projects (id, status, name, created_at, updated_at, version) "
+        "VALUES ('old', 'executing', '', 0, 0, 1)"
+    )
+    conn.execute(
+        "INSERT INTO outbox (project_id, task_id, attempt, state, available_at, created_at, "
+        "tries) VALUES ('old', 'gone', 1, 'delivered', 0, 0, 1)"
+    )
+    conn.commit()
+    conn.close()
+    storage = SQLiteStorage(path, synchronous="NORMAL")
+    try:
+        storage.add_tasks([Task(id="t", project_id="old", created_at=T0, updated_at=T0)])
+        assert [1] == [e.seq for e in storage.events("old")]
+        claimed = storage.claim_due(now=T0, limit=10, claimed_until=T0)
+        assert [] == claimed  # delivered, and readable with the new column
+        assert [None] == [
+            row[0] for row in sqlite3.connect(path).execute("SELECT trace FROM outbox")
+        ]
+    finally:
+        storage.close()
