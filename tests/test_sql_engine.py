@@ -1,7 +1,7 @@
 """The shared SQL engine: one place for every SQL storage's statements.
 
 SQLite runs the engine's statements and nothing else but its connection setup;
-a one-step retry stays one transaction of seven statements; a dialect that
+a one-step retry stays one transaction of eight statements (its events one of them); a dialect that
 takes ``%s`` parameters gets the same statements with its parameters in the
 right order; a dialect whose ``UPDATE`` assigns left to right gets the retry's
 assignments ordered so each reads the old values; the shared migration runner
