@@ -1,7 +1,7 @@
 """The shared SQL engine: one place for every SQL storage's statements.
 
 SQLite runs the engine's statements and nothing else but its connection setup;
-a one-step retry stays one transaction of seven statements; a dialect that
+a one-step retry stays one transaction of eight statements (its events one of them); a dialect that
 takes ``%s`` parameters gets the same statements with its parameters in the
 right order; a dialect whose ``UPDATE`` assigns left to right gets the retry's
 assignments ordered so each reads the old values; the shared migration runner
@@ -74,11 +74,12 @@ def _traced(storage: SQLiteStorage) -> list[str]:
 
 
 @pytest.mark.parametrize("with_key", [False, True])
-def test_a_one_step_retry_is_one_transaction_of_seven_statements(
+def test_a_one_step_retry_is_one_transaction_of_eight_statements(
     storage: SQLiteStorage, with_key: bool
 ) -> None:
-    """BEGIN, the guarded update, the counters, the read back, the outbox entry, the
-    attempt record, COMMIT (and the idempotency key's reservation when one is given)."""
+    """BEGIN, the guarded update, the counters (numbering the events too), the read back,
+    the outbox entry, the attempt record, the events, COMMIT (and the idempotency key's
+    reservation when one is given)."""
     storage.create_project(Project(id="p", created_at=T0, updated_at=T0))
     storage.add_tasks(
         [
@@ -96,7 +97,7 @@ def test_a_one_step_retry_is_one_transaction_of_seven_statements(
     assert applied is not None
     assert applied.task.status is TaskStatus.ASSIGNED
     run = [s.split()[0] for s in seen if not s.startswith("PRAGMA")]
-    expected = ["BEGIN", "UPDATE", "UPDATE", "SELECT", "INSERT", "INSERT", "COMMIT"]
+    expected = ["BEGIN", "UPDATE", "UPDATE", "SELECT", "INSERT", "INSERT", "INSERT", "COMMIT"]
     if with_key:
         expected.insert(1, "INSERT")
     assert run == expected

@@ -37,7 +37,7 @@ __all__ = ["TABLES", "Bound", "Refused", "bound_to", "check_schema", "migrate_sc
 
 TABLES = frozenset(
     {"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency", "writer_turn",
-     "schema_migrations"}
+     "schema_migrations", "events", "event_retries"}
 )  # fmt: skip
 """The storage's tables (in any of its databases): for a host's Alembic autogenerate
 to leave alone."""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import sqlalchemy.exc
 
 from deepwork_retry._core import effects
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -261,19 +262,22 @@ class SQLAlchemyStorage:
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
     ) -> Applied | None:
         """The manual retry in one transaction (the optional
         :class:`~deepwork_retry.ports.RetryInOneStep` capability), or ``None`` with
         nothing changed when it cannot be made so; the service then takes the
-        step-by-step path, which raises the core's own error."""
+        step-by-step path, which raises the core's own error. Its events are written
+        in the same transaction; ``trace`` goes on the outbox entry."""
         if not all_text(project_id, task_id):
             return None
+        traced = {} if trace is None else {"trace": trace}
         try:
             return self._write(
                 self._bound.one_step, self._retry, project_id, task_id, now=now, actor=actor,
                 reason=reason, budget=RetryBudget(budget), claimed_until=claimed_until,
                 idempotency_key=idempotency_key, idempotency_expires_at=idempotency_expires_at,
-                conflict=lambda: VersionConflict(task_id, 0, None),
+                conflict=lambda: VersionConflict(task_id, 0, None), **traced,
             )  # fmt: skip
         except Refused:
             return None
@@ -294,8 +298,18 @@ class SQLAlchemyStorage:
     def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
         self._write(self._bound.engine.mark_delivered, entries, now=now)
 
-    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
-        self._write(self._bound.engine.mark_failed, entry, error=error, retry_at=retry_at)
+    def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
+        """Release the claim and write the ``dispatch.failed`` event (at ``now``, by default
+        the wall clock) in the same transaction."""
+        at: dict[str, Any] = {} if now is None else {"now": now}
+        self._write(self._bound.engine.mark_failed, entry, error=error, retry_at=retry_at, **at)
 
     def redeliver_stale(
         self, *, now: datetime, delivered_before: datetime, limit: int
@@ -306,6 +320,62 @@ class SQLAlchemyStorage:
             now=now,
             delivered_before=delivered_before,
             limit=limit,
+        )
+
+    # -- lifecycle events (the EventLog capability) ------------------------------------
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        check_limit(limit)
+        return self._read(self._bound.engine.events, project_id, after=after, limit=limit)
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        """A write: claimers take turns (SQLite's write lock, MySQL's writer turn), so
+        each task's events are handed out in order."""
+        check_limit(limit)
+        return self._write(
+            self._bound.engine.claim_events, now=now, limit=limit, claimed_until=claimed_until
+        )
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        self._write(self._bound.engine.settle_events, events, now=now, failures=failures)
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        return self._write(
+            self._bound.engine.claim_event_retries,
+            now=now,
+            limit=limit,
+            claimed_until=claimed_until,
+        )
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        self._write(
+            self._bound.engine.settle_event_retry, retry, now=now, error=error, retry_at=retry_at
+        )
+
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
+        check_limit(limit)
+        return self._read(self._bound.engine.parked_events, subscriber=subscriber, limit=limit)
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        return self._write(
+            self._bound.engine.replay_parked, now=now, subscriber=subscriber, event_ids=event_ids
         )
 
     # -- leases ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from typing_extensions import ParamSpec
 
 from deepwork_retry._core import effects
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -67,7 +68,7 @@ from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
-    AsyncFromSyncOneStep,
+    AsyncFromSyncOneStepEvents,
 )
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStorage", "migrations"]
@@ -75,7 +76,10 @@ __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStora
 APPLICATION_ID = 0x64777274
 """``PRAGMA application_id`` of a deepwork_retry database ("dwrt")."""
 
-_TABLES = frozenset({"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency"})
+_TABLES = frozenset(
+    {"projects", "tasks", "task_deps", "attempts", "outbox", "idempotency", "events",
+     "event_retries"}
+)  # fmt: skip
 _KEEP_IDLE = 8
 """Idle connections kept open for reuse; more are closed when returned."""
 
@@ -673,6 +677,7 @@ class SQLiteStorage:
         claimed_until: datetime | None = None,
         idempotency_key: str | None = None,
         idempotency_expires_at: datetime | None = None,
+        trace: str | None = None,
     ) -> Applied | None:
         """The manual retry decided and applied in one write transaction
         (:meth:`Engine.retry_blocked <deepwork_retry.storage._sql.engine.Engine.retry_blocked>`).
@@ -703,7 +708,7 @@ class SQLiteStorage:
             applied = _ENGINE.retry_blocked(
                 cur, self._retry, project_id, task_id, now=now, actor=actor, reason=reason,
                 budget=budget, claimed_until=claimed_until, idempotency_key=idempotency_key,
-                idempotency_expires_at=idempotency_expires_at,
+                idempotency_expires_at=idempotency_expires_at, trace=trace,
             )  # fmt: skip
             if applied is not None:
                 cur.execute("COMMIT")
@@ -742,9 +747,16 @@ class SQLiteStorage:
         with self._tx(write=True) as c:
             _ENGINE.mark_delivered(c, entries, now=now)
 
-    def mark_failed(self, entry: DispatchEntry, *, error: str, retry_at: datetime) -> None:
+    def mark_failed(
+        self,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
+    ) -> None:
         with self._tx(write=True) as c:
-            _ENGINE.mark_failed(c, entry, error=error, retry_at=retry_at)
+            _ENGINE.mark_failed(c, entry, error=error, retry_at=retry_at, now=now)
 
     def redeliver_stale(
         self, *, now: datetime, delivered_before: datetime, limit: int
@@ -753,6 +765,53 @@ class SQLiteStorage:
             return _ENGINE.redeliver_stale(
                 c, now=now, delivered_before=delivered_before, limit=limit
             )
+
+    # -- lifecycle events (the EventLog capability) ---------------------------------
+    def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
+        with self._tx(write=False) as c:
+            return _ENGINE.events(c, project_id, after=after, limit=limit)
+
+    def claim_events(self, *, now: datetime, limit: int, claimed_until: datetime) -> list[Event]:
+        """Claims are writes: SQLite's one writer at a time keeps the per-task order."""
+        with self._tx(write=True) as c:
+            return _ENGINE.claim_events(c, now=now, limit=limit, claimed_until=claimed_until)
+
+    def settle_events(
+        self, events: Sequence[Event], *, now: datetime, failures: Sequence[EventRetry] = ()
+    ) -> None:
+        with self._tx(write=True) as c:
+            _ENGINE.settle_events(c, events, now=now, failures=failures)
+
+    def claim_event_retries(
+        self, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        with self._tx(write=True) as c:
+            return _ENGINE.claim_event_retries(c, now=now, limit=limit, claimed_until=claimed_until)
+
+    def settle_event_retry(
+        self,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        with self._tx(write=True) as c:
+            _ENGINE.settle_event_retry(c, retry, now=now, error=error, retry_at=retry_at)
+
+    def parked_events(self, *, subscriber: str | None = None, limit: int = 100) -> list[EventRetry]:
+        with self._tx(write=False) as c:
+            return _ENGINE.parked_events(c, subscriber=subscriber, limit=limit)
+
+    def replay_parked(
+        self,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        with self._tx(write=True) as c:
+            return _ENGINE.replay_parked(c, now=now, subscriber=subscriber, event_ids=event_ids)
 
     # -- leases --------------------------------------------------------------------
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
@@ -810,7 +869,7 @@ _ABANDONED: list[sqlite3.Connection] = []
 """Connections inherited through fork: kept referenced so they are never closed in the child."""
 
 
-class AsyncSQLiteStorage(AsyncFromSyncOneStep[SQLiteStorage]):
+class AsyncSQLiteStorage(AsyncFromSyncOneStepEvents[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage

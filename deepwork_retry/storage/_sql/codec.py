@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
+from deepwork_retry._core.events import Event, EventRetry, EventType, data_text, data_value
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -228,6 +229,7 @@ def entry_params(entry: DispatchEntry) -> tuple[Any, ...]:
         entry.tries,
         otext(entry.last_error),
         ots(entry.delivered_at),
+        otext(entry.trace),
     )
 
 
@@ -301,7 +303,7 @@ entry: Callable[[Any], DispatchEntry] = common.compile_decoder(
     read=common.at(common.ENTRY_COLUMNS),
     codec={"project_id": "_str({0})", "task_id": "_str({0})", "state": "_state({0})",
            "available_at": "_dt({0})", "created_at": "_dt({0})", "claimed_until": "_odt({0})",
-           "last_error": "_ostr({0})", "delivered_at": "_odt({0})"},
+           "last_error": "_ostr({0})", "delivered_at": "_odt({0})", "trace": "_ostr({0})"},
     helpers=HELPERS,
 )  # fmt: skip
 idem: Callable[[Any], IdempotencyRecord] = common.compile_decoder(
@@ -324,3 +326,49 @@ progress: Callable[[Any, str, int], Progress] = common.compile_decoder(
 )
 """``progress(row, project_id, at)``: the progress from the counters ``total, <each
 status>`` starting at ``row[at]``."""
+
+
+# -- lifecycle events ---------------------------------------------------------------------
+
+EVENT_TYPES = members(EventType)
+
+
+def event_params(event: Event) -> tuple[Any, ...]:
+    """``event`` (numbered) as the parameters of its row (:data:`common.EVENT_COLUMNS`)."""
+    return (
+        text(event.project_id),
+        event.seq,
+        event.type.value,
+        otext(event.task_id),
+        event.attempt,
+        ts(event.at),
+        data_text(event.data),
+    )
+
+
+def event(row: Any, at: int = 0) -> Event:
+    """The event of a row whose :data:`common.EVENT_COLUMNS` start at ``row[at]``."""
+    return Event(
+        project_id=to_str(row[at]),
+        seq=int(row[at + 1]),
+        type=member(EVENT_TYPES, EventType, row[at + 2]),
+        task_id=to_ostr(row[at + 3]),
+        attempt=None if row[at + 4] is None else int(row[at + 4]),
+        at=dt(row[at + 5]),
+        data=data_value(row[at + 6]),
+    )
+
+
+def event_retry(row: Any) -> EventRetry:
+    """A failed delivery from a row of :data:`common.EVENT_RETRY_COLUMNS`, then the
+    event's :data:`common.EVENT_COLUMNS`."""
+    width = len(common.EVENT_RETRY_COLUMNS)
+    return EventRetry(
+        event=event(row, width),
+        subscriber=to_str(row[2]),
+        tries=int(row[3]),
+        retry_at=dt(row[4]),
+        last_error=to_ostr(row[5]),
+        parked=bool(row[6]),
+        claimed_until=odt(row[7]),
+    )

@@ -48,6 +48,13 @@ ATTEMPT_COLUMNS = (
 )  # fmt: skip
 ENTRY_COLUMNS = ENTRY_FIELDS
 IDEM_COLUMNS = IDEM_FIELDS
+EVENT_COLUMNS = ("project_id", "seq", "type", "task_id", "attempt", "at", "data")
+"""An event's stored fields (:class:`~deepwork_retry._core.events.Event`), in order."""
+EVENT_RETRY_COLUMNS = (
+    "project_id", "seq", "subscriber", "tries", "retry_at", "last_error", "parked",
+    "claimed_until",
+)  # fmt: skip
+"""A failed delivery's columns (:class:`~deepwork_retry._core.events.EventRetry`)."""
 
 
 def cols(columns: Iterable[str], prefix: str = "") -> str:

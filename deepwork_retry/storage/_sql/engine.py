@@ -24,12 +24,14 @@ them in its executor (:meth:`Dialect.bind <deepwork_retry.storage._sql.dialect.D
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import attrs
 
 from deepwork_retry._core import effects, machine
+from deepwork_retry._core import events as lifecycle
+from deepwork_retry._core.events import Event, EventRetry
 from deepwork_retry._core.inputs import check_limit
 from deepwork_retry._core.model import (
     Attempt,
@@ -55,6 +57,7 @@ from deepwork_retry.storage._sql import codec, common
 from deepwork_retry.storage._sql.dialect import Dialect, Kind
 from deepwork_retry.storage._sql.statements import (
     ACCEPTING,
+    COUNTERS,
     DISPATCHING,
     IN_CHUNK,
     RetrySQL,
@@ -104,6 +107,24 @@ PlanParams = tuple[
 
 _ENTRY_STATE = 1 + common.ENTRY_COLUMNS.index("state")
 """The entry's state in a row of ``seq`` and the entry's columns."""
+
+
+_EVENT_SEQ = 1 + len(COUNTERS)
+"""The project's last event number in a row of its version, counters and ``event_seq``."""
+
+READY_RETRY_EVENTS = len(
+    lifecycle.manual_retry_events(
+        Task(id="", project_id=""), now=codec.EPOCH, actor=None, reason=None,
+        budget=RetryBudget.ONE_MORE, deferred=False,
+    )
+)  # fmt: skip
+"""How many events a manual retry dispatched at once makes (the core's count): the
+one-step retry numbers them with the project's counters, and the others (a deferred
+one's) when it knows of them."""
+
+
+_EVENTS_PER_INSERT = 100
+"""Events per ``INSERT`` (a move makes a few; a batch of tasks added, one per task)."""
 
 
 MIGRATIONS_TABLE = (
@@ -207,6 +228,10 @@ class Engine:
             counts[status] = counts.get(status, 0) + 1
         for pid, counts in added.items():
             ex.execute(s.add_counts(tuple(counts)), (sum(counts.values()), *counts.values(), pid))
+        for pid in added:
+            self._store_events(
+                ex, pid, tuple(lifecycle.added(t) for t in tasks if t.project_id == pid)
+            )
 
     # -- reads ---------------------------------------------------------------------------
     def get_project(self, ex: Executor, project_id: str, *, lock: bool = False) -> Project:
@@ -345,6 +370,8 @@ class Engine:
         if plan.guards:
             self.check_guards(ex, pid, plan)
         moved = before.status != after.status
+        made_events = lifecycle.events_of(plan)
+        last_event: int | None = None
         counters: Any = None
         key_free = False  # the key was absent: reserved by an insert, not an upsert
         if plan.idempotency is not None or not moved:
@@ -364,11 +391,14 @@ class Engine:
                 codec.value(values, TaskStatus, before.status),
                 codec.value(values, TaskStatus, after.status),
             )
+            # The shift numbers the move's events too: one statement for both.
+            count = len(made_events)
             if self.dialect.returning:
-                row = ex.execute(s.shift_returning[key], (pid,)).fetchall()[0]
+                row = ex.execute(s.shift_events_returning[key], (count, pid)).fetchall()[0]
             else:
-                ex.execute(s.shift[key], (pid,))
+                ex.execute(s.shift_events[key], (count, pid))
                 row = ex.execute(s.counters, (pid,)).fetchone()
+            last_event = row[_EVENT_SEQ] - count
             if (
                 plan.idempotency is None
                 and plan.project_version is not None
@@ -409,6 +439,7 @@ class Engine:
                 ex.execute(s.upsert_idem, idem)
             elif not self._inserted(ex, s.insert_idem, idem):
                 raise IdempotencyConflict(self._taken(ex, plan.idempotency.key))
+        self._store_events(ex, pid, made_events, last_event)
         return Applied(
             task=after,
             progress=(
@@ -437,6 +468,7 @@ class Engine:
         claimed_until: datetime | None,
         idempotency_key: str | None,
         idempotency_expires_at: datetime | None,
+        trace: str | None = None,
     ) -> Applied | None:
         """*write*: the manual retry decided and applied in the caller's write transaction.
 
@@ -449,7 +481,10 @@ class Engine:
         entry, an attempt that is not next). ``None`` whenever anything
         refuses: the caller rolls the transaction back, and its step-by-step
         path then raises the core's own error. ``project_id`` and ``task_id``
-        are text; ``budget`` a :class:`RetryBudget`.
+        are text; ``budget`` a :class:`RetryBudget`. Its events
+        (:func:`~deepwork_retry._core.events.manual_retry_events`) are numbered by the
+        shift of the project's counters and stored with it; ``trace`` goes on the
+        outbox entry.
         """
         at = codec.ts(now)
         pid, tid = codec.text(project_id), codec.text(task_id)
@@ -463,7 +498,7 @@ class Engine:
                 break
         else:
             return None  # no such task, or not in a state a retry leaves
-        ex.execute(r.shift[source], (pid,))
+        ex.execute(r.shift_events[source], (READY_RETRY_EVENTS, pid))
         rows = ex.execute(r.read, (pid, tid)).fetchall()
         if not rows or rows[0][0] not in ACCEPTING:
             return None  # the project does not accept retries
@@ -478,9 +513,9 @@ class Engine:
             if ready:
                 last = row[r.count_at + 1]  # pending after every pending entry
                 seq = 1 if last is None else last + 1
-                ex.execute(r.insert_pending, (pid, tid, number, at, until, seq))
+                ex.execute(r.insert_pending, (pid, tid, number, at, until, seq, trace))
             else:
-                ex.execute(r.insert_deferred, (pid, tid, number, at))
+                ex.execute(r.insert_deferred, (pid, tid, number, at, trace))
             ex.execute(
                 r.insert_attempt,
                 (
@@ -492,13 +527,20 @@ class Engine:
             if self._is_conflict(exc):
                 return None  # the (task, attempt) outbox entry or attempt exists already
             raise
+        made_events = lifecycle.manual_retry_events(
+            task, now=now, actor=actor, reason=reason, budget=budget, deferred=not ready,
+            before=codec.member(codec.TASK_STATUSES, TaskStatus, source),
+        )  # fmt: skip
+        if len(made_events) != READY_RETRY_EVENTS:
+            ex.execute(self.sql.bump_events, (len(made_events) - READY_RETRY_EVENTS, pid))
+        self._store_events(ex, project_id, made_events, row[r.count_at + 2] - READY_RETRY_EVENTS)
         made: tuple[DispatchEntry, ...] = ()
         if ready and claimed_until:
             made = (
                 DispatchEntry(
                     project_id=project_id, task_id=task_id, attempt=number,
                     state=DispatchState.PENDING, available_at=now, created_at=now,
-                    claimed_until=claimed_until,
+                    claimed_until=claimed_until, trace=trace,
                 ),
             )  # fmt: skip
         return Applied(
@@ -640,16 +682,28 @@ class Engine:
             ex.executemany(self.sql.mark_delivered, [(at, *key) for key in keys])
 
     def mark_failed(
-        self, ex: Executor, entry: DispatchEntry, *, error: str, retry_at: datetime
+        self,
+        ex: Executor,
+        entry: DispatchEntry,
+        *,
+        error: str,
+        retry_at: datetime,
+        now: datetime | None = None,
     ) -> None:
-        """*write*"""
-        ex.execute(
+        """*write*: and, when the entry was pending, its
+        :func:`~deepwork_retry._core.events.dispatch_failed` event (at ``now``, by
+        default the wall clock)."""
+        written = ex.execute(
             self.sql.mark_failed,
             (
                 codec.text(error), codec.ts(retry_at), codec.text(entry.project_id),
                 codec.text(entry.task_id), entry.attempt,
             ),
-        )  # fmt: skip
+        ).rowcount  # fmt: skip
+        if written:
+            at = datetime.now(timezone.utc) if now is None else now
+            failed = lifecycle.dispatch_failed(entry, error=error, retry_at=retry_at, now=at)
+            self._store_events(ex, entry.project_id, (failed,))
 
     def redeliver_stale(
         self, ex: Executor, *, now: datetime, delivered_before: datetime, limit: int
@@ -705,19 +759,148 @@ class Engine:
         ex.execute(self.sql.upsert_idem, params)
         return record
 
+    # -- lifecycle events ----------------------------------------------------------------------
+    def _store_events(
+        self, ex: Executor, project_id: str, events: Sequence[Event], last: int | None = None
+    ) -> None:
+        """*write*: ``events`` numbered after ``last``, the project's last number before
+        them (``None``: the project's numbering is moved on here, by as many), stored."""
+        if not events:
+            return
+        pid = codec.text(project_id)
+        if last is None:
+            count = len(events)
+            if self.dialect.returning:
+                rows = ex.execute(self.sql.bump_events_returning, (count, pid)).fetchall()
+            else:
+                ex.execute(self.sql.bump_events, (count, pid))
+                rows = ex.execute(self.sql.event_seq, (pid,)).fetchall()
+            if not rows:
+                raise ProjectNotFound(project_id)
+            last = int(rows[0][0]) - count
+        for start in range(0, len(events), _EVENTS_PER_INSERT):
+            chunk = lifecycle.numbered(tuple(events[start : start + _EVENTS_PER_INSERT]), last)
+            last += len(chunk)
+            params = [value for e in chunk for value in codec.event_params(e)]
+            ex.execute(self.sql.insert_events(len(chunk)), params)
+
+    def events(
+        self, ex: Executor, project_id: str, *, after: int = 0, limit: int = 100
+    ) -> list[Event]:
+        check_limit(limit)
+        if after.__class__ is not int or after < 0:
+            raise InvalidInput("after must be an integer >= 0")
+        self.get_project(ex, project_id)
+        rows = ex.execute(self.sql.events, (codec.text(project_id), after, limit)).fetchall()
+        return [codec.event(row) for row in rows]
+
+    def claim_events(
+        self, ex: Executor, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[Event]:
+        """*write*: the caller's write transaction serialises claimers (SQLite's write
+        lock, MySQL's writer turn), so the per-task order rule holds between them."""
+        check_limit(limit)
+        at, until = codec.ts(now), codec.ts(claimed_until)
+        rows = ex.execute(self.sql.claimable_events, (at, limit)).fetchall()
+        if rows:
+            ex.executemany(self.sql.claim_event, [(until, row[0], row[1]) for row in rows])
+        return [codec.event(row) for row in rows]
+
+    def settle_events(
+        self,
+        ex: Executor,
+        events: Sequence[Event],
+        *,
+        now: datetime,
+        failures: Sequence[EventRetry] = (),
+    ) -> None:
+        """*write*"""
+        at = codec.ts(now)
+        if events:
+            ex.executemany(
+                self.sql.settle_event, [(at, codec.text(e.project_id), e.seq) for e in events]
+            )
+        if failures:
+            ex.executemany(self.sql.upsert_event_retry, [retry_params(f) for f in failures])
+
+    def claim_event_retries(
+        self, ex: Executor, *, now: datetime, limit: int, claimed_until: datetime
+    ) -> list[EventRetry]:
+        """*write*"""
+        check_limit(limit)
+        at, until = codec.ts(now), codec.ts(claimed_until)
+        rows = ex.execute(self.sql.claimable_retries, (at, limit)).fetchall()
+        if rows:
+            ex.executemany(self.sql.claim_retry, [(until, row[0], row[1], row[2]) for row in rows])
+        return [attrs.evolve(codec.event_retry(row), claimed_until=claimed_until) for row in rows]
+
+    def settle_event_retry(
+        self,
+        ex: Executor,
+        retry: EventRetry,
+        *,
+        now: datetime,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
+        """*write*"""
+        event = retry.event
+        key = (codec.text(event.project_id), event.seq, codec.text(retry.subscriber))
+        if error is None:
+            ex.execute(self.sql.retry_delivered, key)
+        elif retry_at is not None:
+            ex.execute(self.sql.retry_again, (codec.ts(retry_at), codec.text(error), *key))
+        else:
+            ex.execute(self.sql.retry_parked, (codec.text(error), *key))
+
+    def parked_events(
+        self, ex: Executor, *, subscriber: str | None = None, limit: int = 100
+    ) -> list[EventRetry]:
+        check_limit(limit)
+        if subscriber is None:
+            rows = ex.execute(self.sql.parked[False], (limit,)).fetchall()
+        else:
+            rows = ex.execute(self.sql.parked[True], (codec.text(subscriber), limit)).fetchall()
+        return [codec.event_retry(row) for row in rows]
+
+    def replay_parked(
+        self,
+        ex: Executor,
+        *,
+        now: datetime,
+        subscriber: str | None = None,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        """*write*: an id that names no event (``project_id:seq``) replays nothing."""
+        by_subscriber = subscriber is not None
+        head: tuple[Any, ...] = (codec.ts(now),)
+        if subscriber is not None:
+            head += (codec.text(subscriber),)
+        if event_ids is None:
+            return int(ex.execute(self.sql.replay[(by_subscriber, False)], head).rowcount)
+        replayed = 0
+        for event_id in dict.fromkeys(event_ids):
+            project_id, _, seq = str(event_id).rpartition(":")
+            if not project_id or not (seq.isascii() and seq.isdigit()):
+                continue
+            statement = self.sql.replay[(by_subscriber, True)]
+            replayed += ex.execute(statement, (*head, codec.text(project_id), int(seq))).rowcount
+        return replayed
+
     # -- retention ---------------------------------------------------------------------------
     def prune_statements(self, rule: PruneRule) -> list[tuple[str, tuple[int, int] | None]]:
-        """Each table's delete for ``rule`` (idempotency, outbox, attempts), with its
+        """Each table's delete for ``rule`` (idempotency, outbox, attempts, events), with its
         parameters (``None``: nothing to do). Each runs in its own write transaction."""
 
         def bound(cutoff: datetime | None) -> tuple[int, int] | None:
             return None if cutoff is None else (codec.ts(cutoff), rule.batch)
 
-        idempotency, outbox, attempts = self.sql.prune
+        idempotency, outbox, attempts, events = self.sql.prune
         return [
             (idempotency, bound(rule.now)),
             (outbox, bound(rule.delivered_before)),
             (attempts, bound(rule.finished_before)),
+            (events, bound(rule.delivered_before)),
         ]
 
     # -- migrations (a dialect recording them in a table) ------------------------------------
@@ -751,4 +934,17 @@ class Engine:
     @staticmethod
     def pruned(counts: Sequence[int]) -> Pruned:
         """The result of the statements of :meth:`prune_statements` (rows deleted by each)."""
-        return Pruned(idempotency=counts[0], outbox=counts[1], attempts=counts[2], batches=1)
+        return Pruned(
+            idempotency=counts[0], outbox=counts[1], attempts=counts[2], events=counts[3],
+            batches=1,
+        )  # fmt: skip
+
+
+def retry_params(retry: EventRetry) -> tuple[Any, ...]:
+    """A failed delivery as the parameters of its row (:data:`common.EVENT_RETRY_COLUMNS`)."""
+    event = retry.event
+    return (
+        codec.text(event.project_id), event.seq, codec.text(retry.subscriber), retry.tries,
+        codec.ts(retry.retry_at), codec.otext(retry.last_error), 1 if retry.parked else 0,
+        codec.ots(retry.claimed_until),
+    )  # fmt: skip

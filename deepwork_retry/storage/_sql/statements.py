@@ -140,7 +140,26 @@ class Statements:
             key: q(f"{sql} RETURNING version, {', '.join(COUNTERS)}")
             for key, sql in self.shift.items()
         }
-        self.counters = q(f"SELECT version, {', '.join(COUNTERS)} FROM projects WHERE id = ?")
+        self.counters = q(
+            f"SELECT version, {', '.join(COUNTERS)}, event_seq FROM projects WHERE id = ?"
+        )
+        # (events made, project) per (old, new) status: the shift, numbering the move's
+        # events too (the project's last event number is then read after it)
+        numbering = {
+            (old.value, new.value): (
+                f"UPDATE projects SET {old.value} = {old.value} - 1, "
+                f"{new.value} = {new.value} + 1, event_seq = event_seq + ?1 WHERE id = ?2"
+            )
+            for old in TaskStatus
+            for new in TaskStatus
+            if old is not new
+        }
+        self.shift_events = {key: q(sql) for key, sql in numbering.items()}
+        # ... and the project's version, counters and last event number after it
+        self.shift_events_returning = {
+            key: q(f"{sql} RETURNING version, {', '.join(COUNTERS)}, event_seq")
+            for key, sql in numbering.items()
+        }
         self.next_pending_seq = (
             f"COALESCE((SELECT pending_seq FROM outbox WHERE state = {PENDING} "
             "ORDER BY pending_seq DESC LIMIT 1), 0) + 1"
@@ -229,6 +248,83 @@ class Statements:
             "AND lease_expires_at <= ? ORDER BY lease_expires_at, project_id, id LIMIT ?"
         )
 
+        # -- lifecycle events (deepwork_retry._core.events)
+        ev, er = common.EVENT_COLUMNS, common.EVENT_RETRY_COLUMNS
+        # (events made, project): the project's numbering moved on; its last number after
+        bump = "UPDATE projects SET event_seq = event_seq + ? WHERE id = ?"
+        self.bump_events = q(bump)
+        self.bump_events_returning = q(f"{bump} RETURNING event_seq")
+        self.event_seq = q(f"SELECT event_seq FROM projects WHERE id = ?{lock}")
+        # (project, after, limit)
+        self.events = q(
+            f"SELECT {common.cols(ev)} FROM events WHERE project_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?"
+        )
+        # (now, limit): pending events not claimed, none of them behind an earlier pending
+        # event of its task that another caller holds (each task's events go in order)
+        self.claimable_events = q(
+            f"SELECT {common.cols(ev, 'e.')} FROM events AS e WHERE e.delivered_at IS NULL "
+            "AND (e.claimed_until IS NULL OR e.claimed_until <= ?1) "
+            "AND NOT EXISTS (SELECT 1 FROM events AS b WHERE b.project_id = e.project_id "
+            "AND b.task_id = e.task_id AND b.seq < e.seq AND b.delivered_at IS NULL "
+            "AND b.claimed_until > ?1) "
+            f"ORDER BY e.project_id, e.seq LIMIT ?2{lock}"
+        )
+        # (until, project, seq)
+        self.claim_event = q("UPDATE events SET claimed_until = ? WHERE project_id = ? AND seq = ?")
+        # (now, project, seq)
+        self.settle_event = q(
+            "UPDATE events SET delivered_at = ?, claimed_until = NULL "
+            "WHERE project_id = ? AND seq = ? AND delivered_at IS NULL"
+        )
+        # (failed delivery columns)
+        self.upsert_event_retry = q(d.upsert("event_retries", er, "project_id, seq, subscriber"))
+        retry_with_event = (
+            f"SELECT {common.cols(er, 'r.')}, {common.cols(ev, 'e.')} FROM event_retries AS r "
+            "JOIN events AS e ON e.project_id = r.project_id AND e.seq = r.seq "
+        )
+        # (now, limit)
+        self.claimable_retries = q(
+            f"{retry_with_event}WHERE r.parked = 0 AND r.retry_at <= ?1 "
+            "AND (r.claimed_until IS NULL OR r.claimed_until <= ?1) "
+            f"ORDER BY r.retry_at, r.project_id, r.seq, r.subscriber LIMIT ?2{lock}"
+        )
+        key3 = "WHERE project_id = ? AND seq = ? AND subscriber = ?"
+        # (until, project, seq, subscriber)
+        self.claim_retry = q(f"UPDATE event_retries SET claimed_until = ? {key3}")
+        # (project, seq, subscriber)
+        self.retry_delivered = q(f"DELETE FROM event_retries {key3}")
+        # (retry at, error, project, seq, subscriber)
+        self.retry_again = q(
+            "UPDATE event_retries SET tries = tries + 1, retry_at = ?, last_error = ?, "
+            f"claimed_until = NULL {key3}"
+        )
+        # (error, project, seq, subscriber)
+        self.retry_parked = q(
+            "UPDATE event_retries SET tries = tries + 1, last_error = ?, parked = 1, "
+            f"claimed_until = NULL {key3}"
+        )
+        # ([subscriber,] limit)
+        self.parked = {
+            by_subscriber: q(
+                f"{retry_with_event}WHERE r.parked = 1"
+                f"{' AND r.subscriber = ?' if by_subscriber else ''} "
+                "ORDER BY e.at, r.project_id, r.seq, r.subscriber LIMIT ?"
+            )
+            for by_subscriber in (False, True)
+        }
+        # (now[, subscriber][, project, seq])
+        self.replay = {
+            (by_subscriber, by_event): q(
+                "UPDATE event_retries SET parked = 0, tries = 0, retry_at = ?, "
+                "claimed_until = NULL WHERE parked = 1"
+                f"{' AND subscriber = ?' if by_subscriber else ''}"
+                f"{' AND project_id = ? AND seq = ?' if by_event else ''}"
+            )
+            for by_subscriber in (False, True)
+            for by_event in (False, True)
+        }
+
         # -- idempotency
         # (key)
         self.idem = q(f"SELECT {common.cols(idem)} FROM idempotency WHERE {key_col} = ?")
@@ -289,11 +385,24 @@ class Statements:
                 )
                 + ")"
             ),
+            # events delivered (to every subscriber) before the cutoff (PruneRule.removes_event)
+            q(
+                "DELETE FROM events WHERE (project_id, seq) IN ("
+                + d.limited(
+                    "SELECT e.project_id, e.seq FROM events AS e "
+                    "WHERE e.delivered_at IS NOT NULL AND e.delivered_at <= ?1 "
+                    "AND NOT EXISTS (SELECT 1 FROM event_retries AS r "
+                    "WHERE r.project_id = e.project_id AND r.seq = e.seq) "
+                    "ORDER BY e.delivered_at LIMIT ?2"
+                )
+                + ")"
+            ),
         )
         self._retry: dict[effects.Move, RetrySQL] = {}
         self._tasks_in: dict[tuple[int, bool], str] = {}
         self._list_tasks: dict[tuple[bool, str | None], str] = {}
         self._add_counts: dict[tuple[str, ...], str] = {}
+        self._insert_events: dict[int, str] = {}
 
     # -- statements whose shape depends on the call -------------------------------------
     def tasks_in(self, count: int, *, locked: bool = False) -> str:
@@ -336,6 +445,17 @@ class Statements:
             )
         return sql
 
+    def insert_events(self, count: int) -> str:
+        """(event columns of each of ``count`` events): one statement for a move's events."""
+        sql = self._insert_events.get(count)
+        if sql is None:
+            row = f"({marks(common.EVENT_COLUMNS)})"
+            sql = self._insert_events[count] = self.dialect.sql(
+                f"INSERT INTO events ({common.cols(common.EVENT_COLUMNS)}) "
+                f"VALUES {', '.join(row for _ in range(count))}"
+            )
+        return sql
+
     def retry(self, move: effects.Move) -> RetrySQL:
         """The one-step manual retry's statements for ``move`` (rendered once per move)."""
         found = self._retry.get(move)
@@ -369,17 +489,20 @@ class RetrySQL:
     that state. Parameters: 1 the budget is ``full``, 2 now, 3 project id, 4 task id."""
     shift: dict[str, str]
     """Per state the move leaves: the project's counters moved along (project id)."""
+    shift_events: dict[str, str]
+    """As :attr:`shift`, numbering events too: 1 events made, 2 project id."""
     read: str
     """After the changes (1 project id, 2 task id): the project's status and counters,
     the task's columns the move did not set to a value known beforehand, its attempt
-    records counted and the last pending outbox position."""
+    records counted, the last pending outbox position and the project's last event
+    number."""
     count_at: int
     decode: Callable[..., Task]
     """The task after the move, from :attr:`read`'s row and what the move set."""
     insert_pending: str
-    """1 project, 2 task, 3 number, 4 now, 5 claimed until, 6 pending position."""
+    """1 project, 2 task, 3 number, 4 now, 5 claimed until, 6 pending position, 7 trace."""
     insert_deferred: str
-    """1 project, 2 task, 3 number, 4 now."""
+    """1 project, 2 task, 3 number, 4 now, 5 trace."""
     insert_attempt: str
     """1 project, 2 task, 3 number, 4 now, 5 actor, 6 reason, 7 budget."""
 
@@ -433,7 +556,7 @@ def render_retry(statements: Statements, move: effects.Move) -> RetrySQL:
         f"SELECT p.status, {common.cols(COUNTERS, 'p.')}, {common.cols(read_back, 't.')}, "
         "(SELECT COUNT(*) FROM attempts WHERE project_id = ?1 AND task_id = ?2), "
         f"(SELECT pending_seq FROM outbox WHERE state = {PENDING} "
-        "ORDER BY pending_seq DESC LIMIT 1) "
+        "ORDER BY pending_seq DESC LIMIT 1), p.event_seq "
         "FROM projects AS p, tasks AS t WHERE p.id = ?1 AND t.project_id = ?1 AND t.id = ?2"
     )
     given, consts = common.known_values(move, now="now")
@@ -464,10 +587,11 @@ def render_retry(statements: Statements, move: effects.Move) -> RetrySQL:
         sources=sources,
         update=update,
         shift={source: statements.shift[(source, target)] for source in sources},
+        shift_events={source: statements.shift_events[(source, target)] for source in sources},
         read=read,
         count_at=task_at + len(read_back),
         decode=decode,
-        insert_pending=q(f"{entry}, {PENDING}, {available}, ?4, ?5, 0, NULL, NULL, ?6)"),
-        insert_deferred=q(f"{entry}, {DEFERRED}, {available}, ?4, NULL, 0, NULL, NULL, NULL)"),
+        insert_pending=q(f"{entry}, {PENDING}, {available}, ?4, ?5, 0, NULL, NULL, ?7, ?6)"),
+        insert_deferred=q(f"{entry}, {DEFERRED}, {available}, ?4, NULL, 0, NULL, NULL, ?5, NULL)"),
         insert_attempt=insert_attempt,
     )

@@ -28,6 +28,8 @@ CREATE TABLE projects (
     done        BIGINT NOT NULL DEFAULT 0,
     blocked     BIGINT NOT NULL DEFAULT 0,
     skipped     BIGINT NOT NULL DEFAULT 0,
+    -- The last event number given in the project (migration 0002).
+    event_seq   BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
@@ -104,6 +106,8 @@ CREATE TABLE outbox (
     last_error    LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     delivered_at  BIGINT,
     pending_seq   BIGINT,
+    -- The W3C trace context of the request that made the attempt (migration 0002).
+    trace         LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     PRIMARY KEY (seq),
     UNIQUE KEY outbox_entry (project_id, task_id, attempt),
     KEY outbox_pending (state, pending_seq),
@@ -134,3 +138,38 @@ CREATE TABLE writer_turn (
     PRIMARY KEY (id)
 ) ENGINE = InnoDB;
 INSERT INTO writer_turn (id) VALUES (1);
+
+-- Lifecycle events (migration 0002, see deepwork_retry/_core/events.py).
+-- The events: pending until delivered (delivered_at NULL); a relay claims
+-- them until claimed_until. data is a JSON object as text.
+CREATE TABLE events (
+    project_id    VARBINARY(1020) NOT NULL,
+    seq           BIGINT NOT NULL,
+    type          VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    task_id       VARBINARY(1020),
+    attempt       BIGINT,
+    at            BIGINT NOT NULL,
+    data          LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    delivered_at  BIGINT,
+    claimed_until BIGINT,
+    PRIMARY KEY (project_id, seq),
+    -- Claims: the pending events in order (delivered_at IS NULL leads).
+    KEY events_pending (delivered_at, project_id, seq),
+    -- Claims: a pending event's earlier events of its task.
+    KEY events_by_task (project_id, task_id, seq)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+-- A subscriber's failed delivery of an event: retried at retry_at, parked
+-- (parked = 1) after the subscriber's limit of tries.
+CREATE TABLE event_retries (
+    project_id    VARBINARY(1020) NOT NULL,
+    seq           BIGINT NOT NULL,
+    subscriber    VARBINARY(1020) NOT NULL,
+    tries         BIGINT NOT NULL,
+    retry_at      BIGINT NOT NULL,
+    last_error    LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
+    parked        TINYINT NOT NULL DEFAULT 0,
+    claimed_until BIGINT,
+    PRIMARY KEY (project_id, seq, subscriber),
+    KEY event_retries_due (parked, retry_at)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
