@@ -477,6 +477,23 @@ def test_claims_keep_each_tasks_order(backend: tuple[str, Make]) -> None:
     assert sorted(a[1:] + b, key=lambda e: e.seq) == again
 
 
+def test_claims_page_past_events_that_wait(backend: tuple[str, Make]) -> None:
+    """With a limit of one, a claim looks past a task's waiting events for a free one."""
+    _, make = backend
+    storage = make()
+    events = _two_tasks_events(storage)
+    until = T0 + timedelta(seconds=30)
+    a, b = ([e.seq for e in events if e.task_id == tid] for tid in "ab")
+    assert [a[0]] == [e.seq for e in storage.claim_events(now=T0, limit=1, claimed_until=until)]
+    second = storage.claim_events(now=T0, limit=1, claimed_until=until)
+    assert [b[0]] == [e.seq for e in second]
+    storage.settle_events(second, now=T0)
+    # a's second event waits behind a's first (held); b's second is free.
+    assert a[1] < b[1]
+    assert [b[1]] == [e.seq for e in storage.claim_events(now=T0, limit=1, claimed_until=until)]
+    assert [] == storage.claim_events(now=T0, limit=1, claimed_until=until)
+
+
 def test_concurrent_claimers_never_share_an_event(backend: tuple[str, Make]) -> None:
     """Threads claiming and settling at once: each event is received exactly once, and
     each task's events are received in order."""

@@ -798,10 +798,29 @@ class Engine:
         self, ex: Executor, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[Event]:
         """*write*: the caller's write transaction serialises claimers (SQLite's write
-        lock, MySQL's writer turn), so the per-task order rule holds between them."""
+        lock, MySQL's writer turn), so the per-task order rule holds between them: an
+        event is skipped while an earlier pending event of its task is held."""
         check_limit(limit)
         at, until = codec.ts(now), codec.ts(claimed_until)
-        rows = ex.execute(self.sql.claimable_events, (at, limit)).fetchall()
+        held: dict[tuple[Any, Any], int] = {}
+        for pid, tid, seq in ex.execute(self.sql.held_events, (at,)).fetchall():
+            if tid is not None:
+                held[(pid, tid)] = min(seq, held.get((pid, tid), seq))
+        rows: list[Any] = []
+        page = ex.execute(self.sql.claimable_events, (at, limit)).fetchall()
+        while page:
+            for row in page:
+                first = None if row[3] is None else held.get((row[0], row[3]))
+                if first is None or first > row[1]:
+                    rows.append(row)
+                    if len(rows) == limit:
+                        break
+            if len(rows) == limit or len(page) < limit:
+                break
+            last = page[-1]
+            page = ex.execute(
+                self.sql.claimable_events_after, (at, last[0], last[1], limit)
+            ).fetchall()
         if rows:
             ex.executemany(self.sql.claim_event, [(until, row[0], row[1]) for row in rows])
         return [codec.event(row) for row in rows]

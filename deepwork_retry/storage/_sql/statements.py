@@ -260,15 +260,23 @@ class Statements:
             f"SELECT {common.cols(ev)} FROM events WHERE project_id = ? AND seq > ? "
             "ORDER BY seq LIMIT ?"
         )
-        # (now, limit): pending events not claimed, none of them behind an earlier pending
-        # event of its task that another caller holds (each task's events go in order)
-        self.claimable_events = q(
-            f"SELECT {common.cols(ev, 'e.')} FROM events AS e WHERE e.delivered_at IS NULL "
-            "AND (e.claimed_until IS NULL OR e.claimed_until <= ?1) "
-            "AND NOT EXISTS (SELECT 1 FROM events AS b WHERE b.project_id = e.project_id "
-            "AND b.task_id = e.task_id AND b.seq < e.seq AND b.delivered_at IS NULL "
-            "AND b.claimed_until > ?1) "
-            f"ORDER BY e.project_id, e.seq LIMIT ?2{lock}"
+        # (now): the pending events out with a caller (their tasks' later events wait, so
+        # that each task's events go in order); locked, as every read a write acts on
+        # (a subquery would be a plain read: on MySQL, of an older snapshot)
+        self.held_events = q(
+            "SELECT project_id, task_id, seq FROM events "
+            f"WHERE delivered_at IS NULL AND claimed_until > ?{lock}"
+        )
+        # (now, limit): pending events not claimed (or whose claim expired), in order
+        pending = (
+            f"SELECT {common.cols(ev)} FROM events WHERE delivered_at IS NULL "
+            "AND (claimed_until IS NULL OR claimed_until <= ?1)"
+        )
+        self.claimable_events = q(f"{pending} ORDER BY project_id, seq LIMIT ?2{lock}")
+        # (now, after project, after seq, limit): the next page of them
+        self.claimable_events_after = q(
+            f"{pending} AND (project_id > ?2 OR (project_id = ?2 AND seq > ?3)) "
+            f"ORDER BY project_id, seq LIMIT ?4{lock}"
         )
         # (until, project, seq)
         self.claim_event = q("UPDATE events SET claimed_until = ? WHERE project_id = ? AND seq = ?")
