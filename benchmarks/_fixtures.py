@@ -102,3 +102,19 @@ def chunks(items: Sequence[tuple[str, str]], rounds: int) -> list[list[tuple[str
     """``items`` cut into ``rounds`` consecutive slices of equal size (the rest dropped)."""
     size = len(items) // rounds
     return [list(items[r * size : (r + 1) * size]) for r in range(rounds)]
+
+
+_FLOOR_RETRIED = (
+    '{"actor":null,"available_at":null,"budget":"one_more","reason":null,'
+    '"retry_count":1,"trigger":"manual_retry"}'
+)
+_FLOOR_PROGRESS = '{"from":"blocked","to":"assigned"}'
+
+
+def floor_events(pid: str, tid: str, attempt: int, now: int, seq: int) -> tuple[object, ...]:
+    """The two event rows of a manual retry as bare parameters (their JSON as constants):
+    the floor writes what the library writes, without building it from the core."""
+    return (
+        pid, seq + 1, "task.retried", tid, attempt, now, _FLOOR_RETRIED,
+        pid, seq + 2, "project.progress", tid, attempt, now, _FLOOR_PROGRESS,
+    )  # fmt: skip

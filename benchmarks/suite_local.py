@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from _fixtures import NOW, add_blocked, chunks, fill_sqlite
+from _fixtures import NOW, add_blocked, chunks, fill_sqlite, floor_events
 from _harness import Figure, Row, alternate, per_op_rounds, rate_rounds
 
 from deepwork_retry import RetryService, Task, TaskStatus
@@ -205,6 +205,7 @@ class LibraryStatements:
         self.conn.execute("PRAGMA busy_timeout = 5000")
         # The library's own statements, rendered from the core's description of the move.
         self.statements = sqlite_storage._ENGINE.retry_sql(effects.MANUAL_RETRY)
+        self.insert_events = sqlite_storage._ENGINE.sql.insert_events(2)
         read_back = common.read_back(effects.MANUAL_RETRY)
         self.attempt_at = 1 + len(statements.COUNTERS) + read_back.index("attempt")
 
@@ -216,11 +217,13 @@ class LibraryStatements:
         try:
             if not cur.execute(r.update["blocked"], (False, now, pid, tid)).rowcount:
                 raise RuntimeError(f"task {tid} not blocked")
-            cur.execute(r.shift["blocked"], (pid,))
+            cur.execute(r.shift_events["blocked"], (2, pid))
             row = cur.execute(r.read, (pid, tid)).fetchall()[0]
             attempt, last = row[self.attempt_at], row[r.count_at + 1]
-            cur.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1))
+            cur.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1, None))
             cur.execute(r.insert_attempt, (pid, tid, attempt, now, None, None, "one_more"))
+            seq = row[r.count_at + 2] - 2
+            cur.execute(self.insert_events, floor_events(pid, tid, attempt, now, seq))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _fixtures import add_blocked, chunks
+from _fixtures import add_blocked, chunks, floor_events
 from _harness import Figure, Row, alternate, per_op, per_op_rounds, unavailable
 
 from deepwork_retry import RetryService
@@ -240,6 +240,7 @@ class LibraryStatements:
         self.engine = engine
         self.bound = storage._bound
         self.r = storage._retry
+        self.insert_events = storage._bound.engine.sql.insert_events(2)
         read_back = common.read_back(effects.MANUAL_RETRY)
         self.attempt_at = 1 + len(statements.COUNTERS) + read_back.index("attempt")
 
@@ -254,11 +255,13 @@ class LibraryStatements:
             ex = Executor(conn, self.bound.dialect)
             if not ex.execute(r.update["blocked"], (False, now, pid, tid)).rowcount:
                 raise RuntimeError(f"task {tid} not blocked")
-            ex.execute(r.shift["blocked"], (pid,))
+            ex.execute(r.shift_events["blocked"], (2, pid))
             row = ex.execute(r.read, (pid, tid)).fetchall()[0]
             attempt, last = row[self.attempt_at], row[r.count_at + 1]
-            ex.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1))
+            ex.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1, None))
             ex.execute(r.insert_attempt, (pid, tid, attempt, now, None, None, "one_more"))
+            seq = row[r.count_at + 2] - 2
+            ex.execute(self.insert_events, floor_events(pid, tid, attempt, now, seq))
             conn.commit()
 
 

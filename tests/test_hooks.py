@@ -12,7 +12,7 @@ import asyncio
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -149,7 +149,7 @@ class Recorder:
         self.ok.append(e)
 
 
-def drain(relay: EventRelay, clock: FakeClock, *, passes: int = 200) -> None:
+def drain(relay: EventRelay, clock: FakeClock, *, passes: int = 5000) -> None:
     """Run passes, moving the clock past every backoff, until nothing is left."""
     for _ in range(passes):
         if relay.run_once() == 0:
@@ -442,3 +442,30 @@ def test_run_relay_with_hooks_runs_both_relays_in_one_process() -> None:
     coroutines.on_any(notify, name="notify")
     with pytest.raises(ConfigurationError, match="notify"):
         run_relay(storage, dispatcher, once=True, hooks=coroutines)
+
+
+def test_a_relay_stops_at_its_claim_and_has_recorded_each_event_it_delivered() -> None:
+    """A batch slower than the claim is cut where the claim runs out: every event
+    begun is recorded as delivered at once, the rest are left for the next claim, so
+    no two relays ever hold one event at the same time."""
+    clock = FakeClock()
+    storage = MemoryStorage()
+    executor = ExecutorService(storage, clock=clock)
+    executor.create_project("p")
+    for n in range(5):
+        executor.add_task("p", f"t{n}")  # one project.progress event each
+    calls: list[str] = []
+    hooks = Hooks()
+
+    @hooks.on_any
+    def slow(e: Event) -> None:
+        calls.append(e.id)
+        clock.advance(12)  # each delivery takes 12 s of a 30 s claim
+
+    relay = EventRelay(storage, hooks, clock=clock, claim_timeout=30.0)
+    assert 5 == relay.deliver_events()
+    assert ["p:1", "p:2", "p:3"] == calls  # begun at 0, 12 and 24 s; not at 36 s
+    # The claim has run out: another relay takes exactly the events never begun.
+    until = clock.now() + timedelta(seconds=30)
+    taken = storage.claim_events(now=clock.now(), limit=10, claimed_until=until)
+    assert [4, 5] == [e.seq for e in taken]

@@ -19,13 +19,13 @@ step-by-step apply calls :func:`events_of`, the one-step retries call
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 import attrs
 
-from deepwork_retry._core.model import DispatchEntry, Task
+from deepwork_retry._core.model import DispatchEntry, Task, _evolver, evolve_task
 from deepwork_retry._core.plans import Plan
 from deepwork_retry._core.states import (
     BlockedReason,
@@ -110,7 +110,7 @@ class Event:
 
     def dumps(self) -> str:
         """:meth:`to_json` as compact JSON text."""
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
+        return _ENCODE(self.to_json())
 
 
 @attrs.frozen(kw_only=True)
@@ -130,9 +130,14 @@ class EventRetry:
     claimed_until: datetime | None = None
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+"""Compact JSON, keys sorted (one encoder made once: ``json.dumps`` with options
+builds a new one on every call)."""
+
+
 def data_text(data: Mapping[str, Any]) -> str:
     """``data`` as the text a storage keeps (compact, keys sorted)."""
-    return json.dumps(dict(data), separators=(",", ":"), sort_keys=True)
+    return _ENCODE(data if data.__class__ is dict else dict(data))
 
 
 def data_value(text: str | bytes | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -248,7 +253,7 @@ def events_of(plan: Plan) -> tuple[Event, ...]:
         events.append(_event(after, EventType.ATTEMPT_SUCCEEDED, now, status=after.status.value))
     elif kind in (TaskEvent.FAIL, TaskEvent.LOSE) and update is not None:
         # The closed attempt is the one before the move (a retry opens the next).
-        closed = attrs.evolve(after, attempt=update.number)
+        closed = evolve_task(after, attempt=update.number)
         if update.outcome is Outcome.LOST:
             events.append(_event(closed, EventType.ATTEMPT_LOST, now))
         else:
@@ -302,9 +307,13 @@ def dispatch_failed(
     )
 
 
+evolve_event: Callable[..., Event] = _evolver(Event)
+"""``attrs.evolve`` for :class:`Event`, faster (see :mod:`~deepwork_retry._core.model`)."""
+
+
 def numbered(events: tuple[Event, ...], last: int) -> tuple[Event, ...]:
     """``events`` numbered after ``last``, the project's sequence before them."""
-    return tuple(attrs.evolve(e, seq=last + n) for n, e in enumerate(events, 1))
+    return tuple(evolve_event(e, seq=last + n) for n, e in enumerate(events, 1))
 
 
 __all__ = [

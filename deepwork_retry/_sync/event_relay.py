@@ -120,32 +120,40 @@ class EventRelay:
         return None
 
     def deliver_events(self) -> int:
-        """Claim one batch of pending events, call their listeners and settle the batch;
-        returns how many events were claimed."""
+        """Claim one batch of pending events, call their listeners and settle each event
+        as soon as its listeners are done; returns how many events were claimed.
+
+        Events not begun before the claim runs out are left to it (so a slow
+        listener never has two relays deliver one event at the same time):
+        another relay, or this one on its next pass, takes them.
+        """
         now = self.clock.now()
-        claimed = self.storage.claim_events(
-            now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
-        )
-        if not claimed:
-            return 0
-        failures: list[ev.EventRetry] = []
+        until = now + timedelta(seconds=self.claim_timeout)
+        claimed = self.storage.claim_events(now=now, limit=self.batch, claimed_until=until)
         for event in claimed:
-            for listener in self.hooks.matching(event):
-                error = self._call(listener, event)
-                if error is None:
-                    continue
-                failures.append(
-                    ev.EventRetry(
-                        event=event,
-                        subscriber=listener.name,
-                        tries=1,
-                        retry_at=self._due(1),
-                        last_error=error,
-                        parked=self._limit(listener) <= 1,
-                    )
-                )
-        self._settle(claimed, failures)
+            if self.clock.now() >= until:
+                break
+            self._deliver(event)
         return len(claimed)
+
+    def _deliver(self, event: ev.Event) -> None:
+        """Call ``event``'s listeners, then record it delivered and keep its failures."""
+        failures: list[ev.EventRetry] = []
+        for listener in self.hooks.matching(event):
+            error = self._call(listener, event)
+            if error is None:
+                continue
+            failures.append(
+                ev.EventRetry(
+                    event=event,
+                    subscriber=listener.name,
+                    tries=1,
+                    retry_at=self._due(1),
+                    last_error=error,
+                    parked=self._limit(listener) <= 1,
+                )
+            )
+        self._settle([event], failures)
 
     def _settle(self, claimed: Sequence[ev.Event], failures: list[ev.EventRetry]) -> None:
         try:
@@ -169,7 +177,10 @@ class EventRelay:
         retries = self.storage.claim_event_retries(
             now=now, limit=self.batch, claimed_until=now + timedelta(seconds=self.claim_timeout)
         )
+        until = now + timedelta(seconds=self.claim_timeout)
         for retry in retries:
+            if self.clock.now() >= until:
+                break  # the rest's claims lapse: taken again, never twice at once
             listener = self.hooks.get(retry.subscriber)
             if listener is None:
                 log.warning(

@@ -116,8 +116,9 @@ def _entry(row: _EntryRow) -> DispatchEntry:
     )  # fmt: skip
 
 
-# An event row: (project_id, seq, type, task_id, attempt, at, data as JSON text,
-# delivered_at, claimed_until); a retry row: (tries, retry_at, last_error, parked,
+# An event row: (project_id, seq, type, task_id, attempt, at, data (a dict of JSON
+# values, which the collector stops tracking as it holds only strings, numbers and
+# None), delivered_at, claimed_until); a retry row: (tries, retry_at, last_error, parked,
 # claimed_until).
 _EventRow = tuple[Any, ...]
 _RetryRow = tuple[Any, ...]
@@ -125,17 +126,17 @@ _TYPES = {t.value: t for t in EventType}
 _EV_DELIVERED, _EV_CLAIMED = 7, 8
 
 
-def _event_row(e: Event) -> _EventRow:
+def _event_row(e: Event, seq: int) -> _EventRow:
     return (
-        e.project_id, e.seq, e.type._value_, e.task_id, e.attempt, e.at,
-        lifecycle.data_text(e.data), None, None,
+        e.project_id, seq, e.type._value_, e.task_id, e.attempt, e.at, dict(e.data),
+        None, None,
     )  # fmt: skip
 
 
 def _event(row: _EventRow) -> Event:
     return Event(
         project_id=row[0], seq=row[1], type=_TYPES[row[2]], task_id=row[3], attempt=row[4],
-        at=row[5], data=lifecycle.data_value(row[6]),
+        at=row[5], data=row[6],
     )  # fmt: skip
 
 
@@ -363,9 +364,10 @@ class MemoryStorage:
         pid = events[0].project_id
         last = self._event_seq[pid]
         stored = self._events[pid]
-        for event in lifecycle.numbered(events, last):
-            stored[event.seq] = _event_row(event)
-            self._events_pending[(pid, event.seq)] = None
+        pending = self._events_pending
+        for seq, event in enumerate(events, last + 1):
+            stored[seq] = _event_row(event, seq)
+            pending[(pid, seq)] = None
         self._event_seq[pid] = last + len(events)
 
     def _put_entry(self, entry: DispatchEntry) -> None:

@@ -333,11 +333,12 @@ status>`` starting at ``row[at]``."""
 EVENT_TYPES = members(EventType)
 
 
-def event_params(event: Event) -> tuple[Any, ...]:
-    """``event`` (numbered) as the parameters of its row (:data:`common.EVENT_COLUMNS`)."""
+def event_params(event: Event, seq: int | None = None) -> tuple[Any, ...]:
+    """``event`` as the parameters of its row (:data:`common.EVENT_COLUMNS`), numbered
+    ``seq`` (by default its own)."""
     return (
         text(event.project_id),
-        event.seq,
+        event.seq if seq is None else seq,
         event.type.value,
         otext(event.task_id),
         event.attempt,

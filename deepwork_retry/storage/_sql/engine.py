@@ -779,9 +779,13 @@ class Engine:
                 raise ProjectNotFound(project_id)
             last = int(rows[0][0]) - count
         for start in range(0, len(events), _EVENTS_PER_INSERT):
-            chunk = lifecycle.numbered(tuple(events[start : start + _EVENTS_PER_INSERT]), last)
+            chunk = events[start : start + _EVENTS_PER_INSERT]
+            params = [
+                value
+                for seq, e in enumerate(chunk, last + 1)
+                for value in codec.event_params(e, seq)
+            ]
             last += len(chunk)
-            params = [value for e in chunk for value in codec.event_params(e)]
             ex.execute(self.sql.insert_events(len(chunk)), params)
 
     def events(
