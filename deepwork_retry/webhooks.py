@@ -184,8 +184,7 @@ def _check_url(url: object) -> None:
         raise InvalidInput("a webhook URL must be a string")
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         raise InvalidInput(
-            "a webhook URL must not contain whitespace or control characters "
-            "(percent-encode them)"
+            "a webhook URL must not contain whitespace or control characters (percent-encode them)"
         )
     try:
         parts = urllib.parse.urlsplit(url)
