@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -355,10 +356,20 @@ def webhooks_from(args: argparse.Namespace) -> list[Any]:
     if not secrets:
         raise InvalidInput(f"set ${WEBHOOK_SECRET_ENV} to the webhooks' secret")
     types = [t for item in args.type or () for t in item.split(",") if t] or None
-    return [
-        Webhook(url, secrets, types=types, timeout=args.timeout, max_tries=args.max_tries)
-        for url in args.webhook
-    ]
+    if len(set(args.webhook)) != len(args.webhook):
+        raise InvalidInput("a --webhook URL is given twice")
+    hooks: list[Any] = []
+    names: set[str] = set()
+    for url in args.webhook:
+        hook = Webhook(url, secrets, types=types, timeout=args.timeout, max_tries=args.max_tries)
+        # URLs that differ only in their query (not shown in names): #2, #3 … in order.
+        base, count = hook.subscriber, 1
+        while hook.subscriber in names:
+            count += 1
+            hook.subscriber = f"{base}#{count}"
+        names.add(hook.subscriber)
+        hooks.append(hook)
+    return hooks
 
 
 def cmd_events_relay(args: argparse.Namespace) -> int:
@@ -410,6 +421,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- the parser ------------------------------------------------------------------------
+
+
+def _event_id(text: str) -> str:
+    """An argparse type: an event id ``PROJECT:SEQ``, ``SEQ`` a positive integer."""
+    project, sep, seq = text.rpartition(":")
+    if not sep or not project or not re.fullmatch(r"[0-9]{1,18}", seq) or int(seq) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an event id: PROJECT:SEQ, SEQ a positive integer (e.g. p1:7)"
+        )
+    return f"{project}:{int(seq)}"
 
 
 def _count(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -582,7 +603,7 @@ def _add_events(events: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     replay.add_argument("--subscriber", help="only this subscriber's parked deliveries")
     replay.add_argument(
-        "--event", action="append", metavar="ID",
+        "--event", action="append", metavar="ID", type=_event_id,
         help="only this event (PROJECT:SEQ, as `events parked` shows it); may be repeated",
     )  # fmt: skip
     _add_storage_args(replay)
@@ -594,7 +615,9 @@ def _add_events(events: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     relay.add_argument(
         "--webhook", action="append", metavar="URL", required=True,
-        help="an http(s) URL to POST each event to; may be repeated",
+        help="an http(s) URL to POST each event to; may be repeated (failed deliveries "
+        "are kept under webhook:URL without its query, then #2, #3 … for URLs that "
+        "differ only in their query, in the order given)",
     )  # fmt: skip
     relay.add_argument(
         "--type", action="append", metavar="TYPE",

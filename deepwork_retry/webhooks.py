@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -96,20 +98,33 @@ def signature_header(
     return ",".join(parts)
 
 
-def _parse(header: str | None) -> tuple[int, list[str]]:
+_STAMP_DIGITS = 15
+"""At most this many digits in a signature's timestamp (exact as a float, never an overflow)."""
+
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
+
+
+def _parse(header: str | None) -> tuple[int, list[bytes]]:
+    """The timestamp and the well-formed ``v1`` signatures (as bytes) of a header.
+
+    Anything a sender put in the header either parses or raises
+    :class:`WebhookSignatureError`: the timestamp is one to
+    :data:`_STAMP_DIGITS` ASCII digits, and a ``v1`` that is not 64 hex
+    digits is no signature.
+    """
     if not header or not isinstance(header, str):
         raise WebhookSignatureError("missing signature header")
     stamps: list[str] = []
-    signatures: list[str] = []
+    signatures: list[bytes] = []
     for item in header.split(","):
         key, sep, value = item.strip().partition("=")
         if not sep:
             raise WebhookSignatureError("malformed signature header")
         if key == "t":
             stamps.append(value)
-        elif key == "v1":
-            signatures.append(value)
-    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit():
+        elif key == "v1" and _SIGNATURE.fullmatch(value):
+            signatures.append(value.encode("ascii"))
+    if len(stamps) != 1 or not re.fullmatch(rf"[0-9]{{1,{_STAMP_DIGITS}}}", stamps[0]):
         raise WebhookSignatureError("signature header needs exactly one timestamp t=")
     if not signatures:
         raise WebhookSignatureError("signature header has no v1 signature")
@@ -140,7 +155,7 @@ def verify(
     current = time.time() if now is None else now
     if abs(current - stamp) > tolerance:
         raise WebhookSignatureError("signature timestamp outside the tolerance (replayed?)")
-    expected = [sign(bytes(body), key, stamp) for key in _secrets(secret)]
+    expected = [sign(bytes(body), key, stamp).encode("ascii") for key in _secrets(secret)]
     if not any(hmac.compare_digest(want, got) for want in expected for got in signatures):
         raise WebhookSignatureError("signature does not match the body")
     try:
@@ -160,6 +175,46 @@ def _shown(url: str) -> str:
         host = f"[{host}]"
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _check_url(url: object) -> None:
+    """Refuse a URL a webhook could not POST to, or that holds credentials; the
+    message never repeats the URL (its query may hold a token)."""
+    if not isinstance(url, str):
+        raise InvalidInput("a webhook URL must be a string")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise InvalidInput(
+            "a webhook URL must not contain whitespace or control characters (percent-encode them)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # a port out of range raises ValueError
+    except ValueError:
+        raise InvalidInput("a webhook URL must have a valid host and port") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidInput(
+            "a webhook URL must start with http:// or https://; "
+            f"got the scheme {parts.scheme[:20] or 'none'!r}"
+        )
+    if not parts.hostname or port == 0:
+        raise InvalidInput("a webhook URL must name a host (and a port other than 0)")
+    if "@" in parts.netloc:
+        raise InvalidInput(
+            "a webhook URL must not hold credentials (user:password@); "
+            "send them in a header (headers=) instead"
+        )
+    if not (parts.path + parts.query).isascii():
+        raise InvalidInput("a webhook URL's path and query must be ASCII (percent-encode them)")
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """``text`` (an exception's) without ``url``'s query or fragment, raw or quoted."""
+    parts = urllib.parse.urlsplit(url)
+    for hidden in (parts.query, parts.fragment):
+        if hidden:
+            for form in {hidden, repr(hidden)[1:-1], urllib.parse.unquote(hidden)}:
+                text = text.replace(form, "…")
+    return text
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -191,16 +246,7 @@ class Webhook:
         max_tries: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        if not isinstance(url, str):
-            raise InvalidInput("a webhook URL must be a string")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise InvalidInput(
-                "a webhook URL must start with http:// or https://; "
-                f"got the scheme {parts.scheme or 'none'!r}"
-            )
-        if not parts.hostname:
-            raise InvalidInput("a webhook URL must name a host")
+        _check_url(url)
         if not timeout > 0:
             raise InvalidInput("timeout must be a positive number of seconds")
         if max_tries is not None and max_tries < 1:
@@ -248,8 +294,8 @@ class Webhook:
         except urllib.error.HTTPError as exc:
             exc.close()
             raise WebhookDeliveryError(f"{where} answered HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            reason = _scrubbed(str(getattr(exc, "reason", exc)), self.url)
             raise WebhookDeliveryError(f"{where} unreachable: {reason}") from None
         if not 200 <= status < 300:
             raise WebhookDeliveryError(f"{where} answered HTTP {status}")

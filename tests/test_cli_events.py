@@ -111,3 +111,64 @@ def test_events_commands_open_an_existing_database_only(tmp_path: Path) -> None:
     for command in (["events", "parked"], ["events", "replay"]):
         assert ExitCode.NO_DATABASE == main([*command, "--db", missing])
     assert not Path(missing).exists()
+
+
+def test_relay_names_webhooks_that_differ_only_in_their_query(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two URLs that differ only in their query share a shown name: the second is kept
+    under ``#2``; both receive every event, and their failures are parked apart."""
+    [blocked] = blocked_ids(db)
+    with receiving(SECRET) as receiver:
+        first, second = receiver.url + "?to=a", receiver.url + "?to=b"
+        relay = ["events", "relay", "--db", db, "--webhook", first, "--webhook", second,
+                 "--once", "--type", "task.blocked", "--max-tries", "1"]  # fmt: skip
+        receiver.fail_next = 100
+        assert ExitCode.OK == main(relay)
+        assert [blocked, blocked] == receiver.failed
+    capsys.readouterr()
+    assert ExitCode.OK == main(["events", "parked", "--db", db])
+    parked = json.loads(capsys.readouterr().out)["parked"]
+    assert sorted([f"webhook:{receiver.url}", f"webhook:{receiver.url}#2"]) == sorted(
+        p["subscriber"] for p in parked
+    )
+    assert all("to=a" not in p["last_error"] and "to=b" not in p["last_error"] for p in parked)
+
+
+def test_relay_refuses_one_url_given_twice(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "http://127.0.0.1:9/in?token=tk-456"
+    assert ExitCode.USAGE == main(["events", "relay", "--db", db, "--webhook", url,
+                                   "--webhook", url, "--once"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "twice" in err
+    assert "tk-456" not in err
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    ["p", "p:", ":1", "p:0", "p:-1", "p:x", "p:1.5", "p:\uff11", "p: 1", "p:" + "9" * 40],
+)
+def test_replay_refuses_a_malformed_event_id(
+    db: str, event_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["events", "replay", "--db", db, "--event", event_id])
+    assert ExitCode.USAGE == exited.value.code
+    assert "PROJECT:SEQ" in capsys.readouterr().err
+
+
+def test_replay_takes_a_project_with_colons_and_a_leading_zero(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last colon splits the id; ``p:01`` names event 1 of ``p``."""
+    [blocked] = blocked_ids(db)
+    project, _, seq = blocked.rpartition(":")
+    with receiving(SECRET) as receiver:
+        receiver.fail_next = 100
+        assert ExitCode.OK == main(["events", "relay", "--db", db, "--webhook", receiver.url,
+                                    "--once", "--max-tries", "1"])  # fmt: skip
+    capsys.readouterr()
+    assert ExitCode.OK == main(["events", "replay", "--db", db, "--event", "a:b:1"])
+    assert "replayed 0" in capsys.readouterr().out
+    assert ExitCode.OK == main(["events", "replay", "--db", db, "--event", f"{project}:0{seq}"])
+    assert "replayed 1" in capsys.readouterr().out

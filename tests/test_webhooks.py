@@ -47,6 +47,20 @@ def blocked(seq: int = 1, task: str = "t1", project: str = "p1") -> Event:
 secrets_ = st.text(min_size=1, max_size=40)
 bodies = st.binary(max_size=300).map(lambda b: json.dumps({"x": b.hex()}).encode())
 
+_values = st.one_of(
+    st.text(max_size=70),
+    st.integers(0, 10**500).map(str),
+    st.text(alphabet="0123456789abcdef", max_size=70),
+    st.sampled_from(["100", "9" * 400, "1" * 5000, "\uff11\uff10\uff10",
+                     "\u0661\u0660\u0660", "é" * 64, "é", sign(b"{}", SECRET, 100)]),
+)  # fmt: skip
+_fields = st.tuples(st.one_of(st.sampled_from(["t", "v1", "v2"]), st.text(max_size=3)), _values)
+headers = st.one_of(
+    st.text(max_size=200),
+    st.lists(_fields.map("=".join), max_size=5).map(",".join),
+)
+"""Header text a sender might send: anything, and fields ``key=value`` of hostile values."""
+
 
 @given(body=bodies, secret=secrets_, stamp=st.integers(0, 2**40))
 def test_a_signed_body_verifies_and_any_altered_byte_does_not(
@@ -217,8 +231,8 @@ def test_only_http_and_https_urls_are_accepted(url: str) -> None:
         Webhook(url, SECRET)
 
 
-def test_names_and_messages_never_show_credentials_or_the_query() -> None:
-    hook = Webhook("https://user:pw-123@example.com:8443/in?token=tk-456", SECRET)
+def test_names_and_messages_never_show_the_query() -> None:
+    hook = Webhook("https://example.com:8443/in?token=tk-456", SECRET)
     assert "webhook:https://example.com:8443/in" == hook.subscriber
     shown = repr(hook)
     assert [] == [s for s in ("pw-123", "tk-456", SECRET) if s in shown]
@@ -267,6 +281,33 @@ def test_the_pages_stdlib_receiver_verifies_a_real_request_and_refuses_bad_ones(
         check(body, old, "new")
 
 
+@given(header=headers)
+def test_the_pages_stdlib_receiver_refuses_any_bad_header_with_a_value_error(
+    header: str,
+) -> None:
+    """The page's receiver meets a hostile header with ValueError only: no StopIteration,
+    TypeError, OverflowError, and no non-ASCII digits taken for a timestamp."""
+    check = docs_receiver()
+    with pytest.raises(ValueError, match=r"malformed|replayed|bad signature"):
+        check(b"{}", header, SECRET)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["v1=" + "0" * 64, "t=100,v1=é", "t=" + "9" * 400 + ",v1=00", "t=" + "1" * 5000 + ",v1=00",
+     "", "t=1,t=2,v1=00"],
+)  # fmt: skip
+def test_the_pages_stdlib_receiver_refuses_known_bad_headers(header: str) -> None:
+    check = docs_receiver()
+    with pytest.raises(ValueError, match=r"malformed|replayed|bad signature"):
+        check(b"{}", header, SECRET)
+    stamp = int(time.time())
+    fullwidth = "".join(chr(0xFF10 + int(d)) for d in str(stamp))
+    good = signature_header(b"{}", SECRET, timestamp=stamp)
+    with pytest.raises(ValueError, match="malformed"):
+        check(b"{}", good.replace(f"t={stamp}", f"t={fullwidth}"), SECRET)
+
+
 # -- through the event relay: retried, parked, replayed ---------------------------------
 
 
@@ -313,3 +354,151 @@ def test_a_failing_receiver_is_retried_then_parked_then_replayed_and_delivered()
         assert [] == storage.parked_events()
         relay.run_once()
         assert blocked_ids == receiver.accepted_ids
+
+
+# -- what a sender may put in the header: a result or WebhookSignatureError, never a crash
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t=" + "9" * 400 + ",v1=" + "0" * 64,  # OverflowError against a float clock
+        "t=" + "1" * 5000 + ",v1=" + "0" * 64,  # int() digit limit: ValueError
+        "t=\uff11\uff10\uff10,v1=" + "0" * 64,  # fullwidth digits, which int() takes
+        "t=\u0661\u0660\u0660,v1=" + "0" * 64,  # Arabic-Indic digits
+        "t=100,v1=é",  # non-ASCII signature: TypeError in compare_digest
+        "t=100,v1=" + "é" * 64,
+        "v1=" + "0" * 64,  # no timestamp
+        "t=100,t=100,v1=" + "0" * 64,  # two timestamps
+        "t=,v1=" + "0" * 64,
+        "t= 100,v1=" + "0" * 64,
+        "t=100\n,v1=" + "0" * 64,
+        "",
+        ",",
+        "=",
+        "t=100,v1=",
+    ],
+)
+def test_a_hostile_header_is_only_ever_a_signature_error(header: str) -> None:
+    for now in (100, 100.0, None):  # an int clock, a float one, the wall clock
+        with pytest.raises(WebhookSignatureError):
+            verify(b"{}", header, SECRET, now=now)
+
+
+@given(header=headers)
+def test_any_header_text_gives_a_result_or_a_signature_error(header: str) -> None:
+    """Whatever text a sender puts in the header, verify returns the event or raises
+    WebhookSignatureError: never another exception."""
+    try:
+        event = verify(b"{}", header, SECRET, now=100.0)
+    except WebhookSignatureError:
+        return
+    assert {} == event
+    assert "t=100" in header
+
+
+def test_a_timestamp_is_at_most_fifteen_ascii_digits() -> None:
+    body = b"{}"
+    ok = signature_header(body, SECRET, timestamp=10**15 - 1)
+    assert {} == verify(body, ok, SECRET, now=10**15 - 1)
+    far = 10**15
+    with pytest.raises(WebhookSignatureError, match="timestamp"):
+        verify(body, signature_header(body, SECRET, timestamp=far), SECRET, now=far)
+
+
+# -- URLs refused when the webhook is made; queries never shown --------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com/in x", "https://example.com/in\tx", "https://example.com/in\n",
+     "https://example.com/in?token=a b", "https://example.com/\x00", "https://example.com/\x7f",
+     "https://exa\u200bmple.com/", " https://example.com/", "https://example.com/in\u2028"],
+)  # fmt: skip
+def test_urls_with_whitespace_or_control_characters_are_refused(url: str) -> None:
+    with pytest.raises(InvalidInput, match="whitespace or control"):
+        Webhook(url, SECRET)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://alice:pw-123@example.com/in?token=tk-456", "https://alice@example.com/in?token=tk-456",
+     "https://:pw-123@example.com/in?token=tk-456"],
+)  # fmt: skip
+def test_urls_with_credentials_are_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(InvalidInput, match="credentials") as refused:
+        Webhook(url, SECRET)
+    assert [] == [s for s in ("pw-123", "tk-456", "alice") if s in str(refused.value)]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://example.com:99999/in?token=tk-456", "https://[::1/in?token=tk-456",
+     "https://example.com/é?token=tk-456", "https://example.com:0/in?token=tk-456"],
+)  # fmt: skip
+def test_other_bad_urls_are_invalid_input_without_the_query(url: str) -> None:
+    with pytest.raises(InvalidInput, match="webhook URL") as refused:
+        Webhook(url, SECRET)
+    assert "tk-456" not in str(refused.value)
+
+
+def test_a_delivery_error_never_holds_the_query() -> None:
+    """An error raised inside the POST may quote the request's path and query (here
+    http.client refusing a control character): the kept text leaves the query out."""
+    with receiving(SECRET) as receiver:
+        hook = Webhook(receiver.url + "?token=tk-456", SECRET)
+        hook(blocked())
+        assert ["p1:1"] == receiver.accepted_ids
+        hook.url = receiver.url + "/in x?token=tk-456&x=\x01"
+        with pytest.raises(WebhookDeliveryError) as failed:
+            hook(blocked(seq=2))
+    text = str(failed.value)
+    assert "unreachable" in text
+    assert "tk-456" not in text
+    assert [] == [s for s in ("tk-456",) if s in repr(hook)]
+
+
+def test_the_relay_keeps_and_logs_no_query_of_a_failing_webhook(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from deepwork_retry import ExecutorService
+    from deepwork_retry.events import EventRelay, Hooks
+    from deepwork_retry.storage.memory import MemoryStorage
+
+    storage = MemoryStorage()
+    ex = ExecutorService(storage)
+    ex.create_project("p")
+    ex.add_task("p", "t1")
+    assert storage.events("p")
+    with receiving(SECRET) as receiver:
+        hook = Webhook(receiver.url + "?token=tk-456", SECRET, max_tries=1)
+        hook.url = receiver.url + "/in x?token=tk-456"
+        hooks = Hooks()
+        hooks.add(hook)
+        with caplog.at_level("WARNING", logger="deepwork_retry"):
+            EventRelay(storage, hooks).run_once()
+    parked = storage.parked_events()
+    assert parked
+    assert "unreachable" in (parked[0].last_error or "")
+    assert "tk-456" not in (parked[0].last_error or "")
+    assert "unreachable" in caplog.text
+    assert "tk-456" not in caplog.text
+
+
+# -- the relay's message for a storage without the event log ----------------------------
+
+
+def test_the_relay_says_a_storage_keeps_no_lifecycle_events() -> None:
+    from deepwork_retry.events import AsyncEventRelay, EventRelay, Hooks
+    from deepwork_retry.exceptions import ConfigurationError
+
+    class NoEvents:
+        def apply(self) -> None: ...
+
+    for relay in (EventRelay, AsyncEventRelay):
+        with pytest.raises(ConfigurationError) as refused:
+            relay(NoEvents(), Hooks())  # type: ignore[arg-type]
+        text = str(refused.value)
+        assert "NoEvents does not keep them" in text
+        assert "EventLog" in text
+        assert "claim_events" not in text

@@ -32,7 +32,7 @@ from deepwork_retry._core.policy import ExponentialBackoff, RandomSource
 from deepwork_retry._hooks import Hooks, Listener
 from deepwork_retry._log import emit
 from deepwork_retry._wiring import check_kind
-from deepwork_retry.exceptions import InvalidInput, StorageError
+from deepwork_retry.exceptions import ConfigurationError, InvalidInput, StorageError
 from deepwork_retry.ports import AsyncEventLog, Clock, SystemClock
 
 log = logging.getLogger("deepwork_retry")
@@ -78,6 +78,11 @@ class AsyncEventRelay:
         backoff: ExponentialBackoff = LISTENER_BACKOFF,
     ) -> None:
         owner = type(self).__name__
+        if not callable(getattr(storage, "claim_events", None)):
+            raise ConfigurationError(
+                f"{owner} needs a storage that keeps lifecycle events; "
+                f"{type(storage).__name__} does not keep them (it is not an AsyncEventLog)"
+            )
         check_kind(owner, "storage", storage, "claim_events", asynchronous=ASYNCHRONOUS)
         check_listeners(owner, hooks)
         if not 1 <= batch <= 1000:

@@ -33,7 +33,7 @@ from deepwork_retry._log import emit
 from deepwork_retry._sync._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._sync._listeners import call_listener, check_listeners
 from deepwork_retry._wiring import check_kind
-from deepwork_retry.exceptions import InvalidInput, StorageError
+from deepwork_retry.exceptions import ConfigurationError, InvalidInput, StorageError
 from deepwork_retry.ports import Clock, EventLog, SystemClock
 
 log = logging.getLogger("deepwork_retry")
@@ -79,6 +79,11 @@ class EventRelay:
         backoff: ExponentialBackoff = LISTENER_BACKOFF,
     ) -> None:
         owner = type(self).__name__
+        if not callable(getattr(storage, "claim_events", None)):
+            raise ConfigurationError(
+                f"{owner} needs a storage that keeps lifecycle events; "
+                f"{type(storage).__name__} does not keep them (it is not an EventLog)"
+            )
         check_kind(owner, "storage", storage, "claim_events", asynchronous=ASYNCHRONOUS)
         check_listeners(owner, hooks)
         if not 1 <= batch <= 1000:
