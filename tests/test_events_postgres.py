@@ -643,7 +643,9 @@ def test_failed_deliveries_retry_then_park_then_replay(fresh: PostgresStorage) -
         == "web"
     )  # the parked one is not due
     assert fresh.replay_parked(now=soon, subscriber="web") == 0
-    assert fresh.replay_parked(now=soon, event_ids=["a:999", "nonsense"]) == 0
+    assert (
+        fresh.replay_parked(now=soon, event_ids=["a:999", "nonsense", "a:\u00b2", "a:\u0661"]) == 0
+    )
     assert fresh.replay_parked(now=soon, event_ids=[stored[0].id]) == 1
     (back,) = fresh.claim_event_retries(now=soon, limit=10, claimed_until=soon)
     assert (back.subscriber, back.tries, back.parked) == ("hook", 0, False)

@@ -1863,7 +1863,7 @@ def decode_event_retry(row: Row) -> EventRetry:
 def event_key(event_id: str) -> tuple[str, int] | None:
     """``(project_id, seq)`` of an :attr:`Event.id`, ``None`` when it names no event."""
     project_id, sep, seq = event_id.rpartition(":")
-    if not sep or not seq.isdigit() or not findable(project_id):
+    if not sep or not (seq.isascii() and seq.isdigit()) or not findable(project_id):
         return None
     return project_id, int(seq)
 

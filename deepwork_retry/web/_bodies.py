@@ -49,7 +49,7 @@ async def read_capped_stream(stream: AsyncIterator[bytes]) -> bytes:
 
 def _declared_length(environ: Mapping[str, Any]) -> int | None:
     value = str(environ.get("CONTENT_LENGTH") or "").strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def read_wsgi_body(environ: Mapping[str, Any], read: Callable[[int], bytes] | None = None) -> bytes:

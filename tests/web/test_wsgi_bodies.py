@@ -256,3 +256,12 @@ def test_a_path_is_refused_exactly_when_its_bytes_are_not_utf8(raw: bytes) -> No
             check_path(found)
     else:
         check_path(found)
+
+
+def test_a_content_length_of_other_digits_is_no_length() -> None:
+    """Digits other than ASCII's (which ``int`` would read, or refuse with an error) are
+    not a declared length: the body is read to its end under the cap, never a 500."""
+    from deepwork_retry.web._bodies import _declared_length
+
+    for value in ("\u00b2", "\u0661\u0662", "12\u00b9", " 7 "):
+        assert (None if value.strip() != "7" else 7) == _declared_length({"CONTENT_LENGTH": value})
