@@ -28,7 +28,9 @@ from deepwork_retry.web._http import (
     ApiResponse,
     BodyIncomplete,
     BodyTimeout,
+    content_type,
     error_response,
+    other_headers,
     parse_query,
     path_bytes,
 )
@@ -177,12 +179,19 @@ async def handle(api: AsyncRetryAPI, request: Request, path: str) -> Response:
 
 
 def raw_headers(result: ApiResponse) -> list[tuple[bytes, bytes]]:
-    """The response's ASGI headers: its own, then ``content-length`` and ``content-type``."""
+    """The response's ASGI headers: its own, then ``content-length`` and ``content-type``
+    (its own content type in place of JSON's, with no length, for a stream's HEAD)."""
     headers = [
-        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in result.headers
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in other_headers(result)
     ]
     if result.close:
         headers.append((b"connection", b"close"))
+    own = content_type(result)
+    if own != JSON:
+        # Its own type (the HEAD of an event stream): the GET's body has no length.
+        headers.append((b"content-type", own.encode("latin-1")))
+        return headers
     if result.status >= 200 and result.status not in _NO_BODY_STATUSES:
         headers.append((b"content-length", str(len(result.body)).encode("latin-1")))
     headers.append(_CONTENT_TYPE)

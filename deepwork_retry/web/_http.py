@@ -139,12 +139,25 @@ def _is_text(value: str) -> bool:
     return True
 
 
-def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
+class Query(dict[str, str]):
+    """The query parameters, the first of each name; ``repeated`` names those given
+    more than once (a route that must not guess which one was meant refuses them)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def _query(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> Query:
+    if isinstance(pairs, Query):
+        return pairs
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    found: dict[str, str] = {}
+    found = Query()
+    repeated: set[str] = set()
     for name, value in items:
         if name not in found:
             found[name] = value
+        else:
+            repeated.add(name)
+    found.repeated = frozenset(repeated)
     return found
 
 
@@ -187,6 +200,20 @@ class ApiResponse:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def content_type(result: ApiResponse) -> str:
+    """The response's own ``Content-Type`` (an event stream's, say), else JSON: every
+    adapter writes this one content type, never the JSON default beside another."""
+    for name, value in result.headers:
+        if name.lower() == "content-type":
+            return value
+    return JSON
+
+
+def other_headers(result: ApiResponse) -> list[tuple[str, str]]:
+    """The response's headers but its ``Content-Type`` (see :func:`content_type`)."""
+    return [(name, value) for name, value in result.headers if name.lower() != "content-type"]
 
 
 def json_bytes(payload: Any) -> bytes:
@@ -679,6 +706,7 @@ __all__ = [
     "route_template",
     "ApiRequest",
     "ApiResponse",
+    "Query",
     "BadLastEventId",
     "BadRequestBody",
     "BodyIncomplete",
@@ -693,6 +721,8 @@ __all__ = [
     "match",
     "check_path",
     "normalise_prefix",
+    "content_type",
+    "other_headers",
     "parse_query",
     "path_bytes",
     "wsgi_path_bytes",

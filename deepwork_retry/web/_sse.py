@@ -6,7 +6,9 @@
 * one frame per lifecycle event, ``id: <seq>``, ``event: <type>`` and the
   event's JSON (:meth:`~deepwork_retry._core.events.Event.dumps`) as ``data``;
 * after each batch of events a ``progress`` frame (no ``id``) with the
-  project's counters as they stand then;
+  project's counters as they stand then, and one right after the ``retry:``
+  hint when the stream opens with no event to send (a client resuming after
+  its last event learns where the project stands at once);
 * a comment line ``: keepalive`` whenever the stream was quiet for the
   heartbeat interval, so that proxies keep it open.
 
@@ -128,11 +130,14 @@ def resume_after(headers: Mapping[str, str], query: Mapping[str, str]) -> int:
     Raises :class:`~deepwork_retry.web._http.BadLastEventId` (400) for a value
     that is not an event number, and
     :class:`~deepwork_retry.web._http.BadRequestBody` (422) for any other
-    query parameter.
+    query parameter, or one given twice (``?after=55&after=1``: which was meant?).
     """
     unknown = sorted(set(query) - QUERY)
     if unknown:
         raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
+    repeated = sorted(getattr(query, "repeated", ()))
+    if repeated:
+        raise BadRequestBody(f"Query parameter given more than once: {repeated[0]!r}"[:300])
     header = headers.get("last-event-id")
     if header is not None and header.strip():
         return _seq(header)

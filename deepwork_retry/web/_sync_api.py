@@ -194,6 +194,12 @@ class EventStream:
         try:
             yield retry_frame(options)
             events: _Events | None = self._first
+            if not events:
+                # Nothing new to send: the counters still come at once, so that a
+                # client resuming after its last event knows where the project stands.
+                progress = self._progress()
+                if progress:
+                    yield progress
             beat = time.monotonic()
             while events is not None:
                 if events:

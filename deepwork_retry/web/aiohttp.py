@@ -21,14 +21,15 @@ from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._bodies import read_capped_stream
 from deepwork_retry.web._http import (
     DEFAULT_PREFIX,
-    JSON,
     MAX_HEADER_BYTES,
     ApiRequest,
     ApiResponse,
     BodyIncomplete,
     BodyTimeout,
+    content_type,
     error_response,
     normalise_prefix,
+    other_headers,
     parse_query,
     path_bytes,
 )
@@ -81,12 +82,9 @@ async def _stream(request: web.Request, result: ApiResponse) -> web.StreamRespon
 async def _respond(request: web.Request, result: ApiResponse) -> web.StreamResponse:
     if result.stream is not None:
         return await _stream(request, result)
-    response = web.Response(
-        body=result.body,
-        status=result.status,
-        headers=dict(result.headers),
-        content_type=JSON,
-    )
+    headers = dict(other_headers(result))
+    headers["Content-Type"] = content_type(result)  # its own (HEAD of a stream), else JSON
+    response = web.Response(body=result.body, status=result.status, headers=headers)
     if result.close:
         # The rest of the body is not wanted: answer, then close at once rather
         # than let aiohttp linger reading it. A client that is gone gets nothing,

@@ -19,10 +19,11 @@ from deepwork_retry.web._bodies import read_wsgi_body
 from deepwork_retry.web._http import (
     ANY_PATH,
     DEFAULT_PREFIX,
-    JSON,
     ApiRequest,
+    content_type,
     error_response,
     normalise_prefix,
+    other_headers,
     parse_query,
     wsgi_path_bytes,
 )
@@ -82,7 +83,12 @@ def routes(
             # stream's close() when it ends or the client is gone.
             result.stream.disconnected = wsgi_disconnected(request.environ)
             return Response(result.stream, status=result.status, headers=result.headers)
-        return Response(result.body, status=result.status, headers=result.headers, mimetype=JSON)
+        return Response(
+            result.body,
+            status=result.status,
+            headers=other_headers(result),
+            content_type=content_type(result),  # its own (HEAD of a stream), else JSON
+        )
 
     def register(state: BlueprintSetupState) -> None:
         # Rules built here rather than with add_url_rule, which always lists methods

@@ -235,6 +235,7 @@ def test_heartbeats_arrive_when_idle(client: httpx.Client, world: World) -> None
     pid = world.project()
     stream = open_stream(client, pid)
     try:
+        assert stream.frame().event == "progress"  # the counters, at once
         beats = [stream.frame() for _ in range(3)]
         assert beats == [Frame(comment="keepalive")] * 3
     finally:
@@ -308,6 +309,7 @@ def test_resuming_after_the_last_event_waits_for_the_next(
     last = str(stored(world, pid)[-1]["seq"])
     stream = open_stream(client, pid, last=last)
     try:
+        assert stream.frame().event == "progress"
         assert stream.frame() == Frame(comment="keepalive")
         world.done(pid, "t2")
         first = stream.frame()
@@ -391,6 +393,7 @@ def test_a_storage_outage_mid_stream_keeps_the_stream(client: httpx.Client, worl
     pid = world.project()
     stream = open_stream(client, pid)
     try:
+        assert stream.frame().event == "progress"
         world.storage.down = True
         assert stream.frame() == Frame(comment="keepalive")
         world.storage.down = False
@@ -637,3 +640,47 @@ def test_a_full_batch_is_followed_at_once_by_the_next(world: World) -> None:
     answer.stream.close()
     assert seqs == want
     assert progress == (len(want) + 1) // 2
+
+
+# -- defects found in review -------------------------------------------------------------------
+
+
+def test_head_answers_200_with_the_stream_headers_only(
+    client: httpx.Client, world: World, served: Served
+) -> None:
+    pid = world.project()
+    world.done(pid, "t1")
+    answer = client.head(events_path(pid), headers=auth())
+    assert answer.status_code == 200, answer.headers
+    assert answer.headers.get_list("content-type") == ["text/event-stream; charset=utf-8"]
+    assert answer.headers["cache-control"] == "no-cache"
+    assert answer.content == b""
+    assert served.api.stream_slots.open() == 0
+
+
+def test_a_resumed_stream_with_nothing_new_sends_the_counters_at_once(
+    client: httpx.Client, world: World
+) -> None:
+    pid = world.project()
+    world.done(pid, "t1")
+    last = stored(world, pid)[-1]["seq"]
+    stream = open_stream(client, pid, last=str(last))
+    try:
+        frame = stream.frame()
+        assert frame.event == "progress", frame
+        assert frame.id is None
+        want = progress_json(world.sync_service().progress(pid))
+        assert frame.json() == {"project_id": pid, "progress": want}
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("query", ["?after=55&after=1", "?after=1&after=1", "?after=&after=3"])
+def test_a_repeated_query_parameter_is_422(client: httpx.Client, world: World, query: str) -> None:
+    pid = world.project()
+    # Streamed: were it answered 200, reading the body would wait for the stream's end.
+    with client.stream("GET", events_path(pid) + query, headers=auth()) as answer:
+        assert answer.status_code == 422
+        answer.read()
+    assert answer.json()["code"] == "invalid_input"
+    assert "after" in answer.json()["detail"]
