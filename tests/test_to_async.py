@@ -119,3 +119,32 @@ def test_the_port_over_a_plain_storage_does_not_claim_the_capability(offload: bo
             await port.close()
 
     assert TaskStatus.ASSIGNED == asyncio.run(scenario()).task.status
+
+
+class _Forwarding:
+    """A proxy forwarding every attribute to the storage it wraps (``__getattr__``)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_forwarding_proxy_keeps_the_event_log_on_every_python(tmp_path: Path) -> None:
+    """The port over a ``__getattr__`` proxy has the capabilities of what it forwards to,
+    also where ``isinstance`` on a protocol no longer sees such methods (3.12+)."""
+    from deepwork_retry.ports import AsyncEventLog, AsyncRetryInOneStep
+    from deepwork_retry.storage.memory import MemoryStorage
+    from deepwork_retry.storage.sqlite import SQLiteStorage
+
+    over_memory = AsyncFromSync(_Forwarding(MemoryStorage()), offload=False)
+    assert isinstance(over_memory, AsyncEventLog)
+    assert not isinstance(over_memory, AsyncRetryInOneStep)
+    sqlite = SQLiteStorage(str(tmp_path / "proxy.db"))
+    try:
+        over_sqlite = AsyncFromSync(_Forwarding(sqlite), offload=False)
+        assert isinstance(over_sqlite, AsyncEventLog)
+        assert isinstance(over_sqlite, AsyncRetryInOneStep)
+    finally:
+        sqlite.close()

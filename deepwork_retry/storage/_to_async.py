@@ -48,6 +48,17 @@ DEFAULT_MAX_WAITING_WRITES = 128
 """Writes an offloaded storage lets be queued or running at once; more are refused."""
 
 
+_ONE_STEP_METHODS = ("retry_blocked",)
+_EVENT_LOG_METHODS = (
+    "events", "claim_events", "settle_events", "claim_event_retries", "settle_event_retry",
+    "parked_events", "replay_parked",
+)  # fmt: skip
+
+
+def _has(storage: object, names: Sequence[str]) -> bool:
+    return all(callable(getattr(storage, name, None)) for name in names)
+
+
 class AsyncFromSync(Generic[S]):
     """Every method of the wrapped ``sync`` storage as a coroutine.
 
@@ -76,12 +87,18 @@ class AsyncFromSync(Generic[S]):
     whose ``retry_blocked`` is one write like :meth:`apply`. Likewise it has
     the event log (:class:`~deepwork_retry.ports.AsyncEventLog`) exactly
     when the wrapped storage is an :class:`~deepwork_retry.ports.EventLog`.
+    Both are found by the methods ``getattr`` finds, so a proxy that forwards
+    with ``__getattr__`` keeps them on every Python version.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         sync = args[0] if args else kwargs.get("sync")
         if cls is AsyncFromSync:
-            one_step, events = isinstance(sync, RetryInOneStep), isinstance(sync, EventLog)
+            # By the methods found, as ``getattr`` finds them: a proxy that forwards
+            # with ``__getattr__`` keeps its capabilities on every Python (the
+            # protocols' ``isinstance`` looks methods up statically from 3.12 on).
+            one_step = _has(sync, _ONE_STEP_METHODS)
+            events = _has(sync, _EVENT_LOG_METHODS)
             if one_step and events:
                 return cast(Self, object.__new__(AsyncFromSyncOneStepEvents))
             if one_step:
