@@ -34,7 +34,8 @@ def test_an_overview_scenario_skips_a_storage_without_the_reads(name: str) -> No
 
     with pytest.raises(
         pytest.skip.Exception,
-        match=r"_NoOverview has no reads across projects .*missing: list_projects, blocked_tasks",
+        match=r"_NoOverview over MemoryStorage has no reads across projects "
+        r".*missing: list_projects, blocked_tasks",
     ):
         asyncio.run(main())
 

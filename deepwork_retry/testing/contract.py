@@ -1718,17 +1718,26 @@ def _has_overview(storage: object) -> bool:
     return all(callable(getattr(storage, name, None)) for name in _OVERVIEW_NAMES)
 
 
-def _overview(h: Harness) -> AsyncProjectOverview:
-    """The storage under test as a project overview; the scenario is skipped (with the
-    reason) for a storage without the reads across projects."""
-    missing = [name for name in _OVERVIEW_NAMES if not callable(getattr(h.raw, name, None))]
+def _skip_without_overview(storage: object) -> None:
+    """Skip the test, naming the missing methods, unless ``storage`` reads across projects."""
+    missing = [name for name in _OVERVIEW_NAMES if not callable(getattr(storage, name, None))]
     if missing:
         import pytest
 
+        what = type(storage).__name__
+        inner = getattr(storage, "sync", None)
+        if inner is not None:  # the async port over a sync storage: name that one too
+            what += f" over {type(inner).__name__}"
         pytest.skip(
-            f"{type(h.raw).__name__} has no reads across projects (not a ProjectOverview; "
+            f"{what} has no reads across projects (not a ProjectOverview; "
             f"missing: {', '.join(missing)})"
         )
+
+
+def _overview(h: Harness) -> AsyncProjectOverview:
+    """The storage under test as a project overview; the scenario is skipped (with the
+    reason) for a storage without the reads across projects."""
+    _skip_without_overview(h.raw)
     return h.raw  # type: ignore[return-value]  # both methods found by getattr
 
 
@@ -3017,17 +3026,6 @@ class StorageContract:
             assert asyncio.run(_overview_matches_a_model(wrapped, f"ov{next(examples)}:", case))
 
         check()
-
-
-def _skip_without_overview(storage: object) -> None:
-    missing = [name for name in _OVERVIEW_NAMES if not callable(getattr(storage, name, None))]
-    if missing:
-        import pytest
-
-        pytest.skip(
-            f"{type(storage).__name__} has no reads across projects (not a ProjectOverview; "
-            f"missing: {', '.join(missing)})"
-        )
 
 
 def _one_step_property(run: Callable[[str, OneStepCase], None]) -> None:
