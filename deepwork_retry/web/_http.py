@@ -17,7 +17,12 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
-from deepwork_retry._core.inputs import MAX_LIMIT, check_id, parse_blocked_cursor
+from deepwork_retry._core.inputs import (
+    MAX_LIMIT,
+    check_error_type,
+    check_id,
+    parse_blocked_cursor,
+)
 from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
@@ -589,11 +594,10 @@ def blocked_options(query: Mapping[str, str]) -> BlockedOptions:
     cursor, as the previous page's ``next_after`` gave it) and ``limit``; an empty value
     is an absent one."""
     _only(query, _BLOCKED_QUERY)
-    error_type = query.get("error_type") or None
     after_text = query.get("after") or None
     return BlockedOptions(
         project_id=_optional_id(query, "project_id", "project"),
-        error_type=error_type,  # checked by the service (its length, no NUL)
+        error_type=check_error_type(query.get("error_type") or None),
         after=None if after_text is None else parse_blocked_cursor(after_text),
         limit=_limit(query.get("limit"), DEFAULT_PAGE),
     )

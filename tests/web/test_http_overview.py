@@ -170,6 +170,10 @@ def test_a_principal_sees_only_its_projects(http: httpx.Client, world: World) ->
     assert [] == blocked_keys(http, base, token=BOB)
     hidden = http.get(url("blocked"), params={"project_id": alice_pid}, headers=auth(BOB))
     assert (200, {"tasks": [], "next_after": None}) == (hidden.status_code, hidden.json())
+    bad = {"project_id": alice_pid, "error_type": "E" * 256}  # refused alike, seen or not
+    for token in (ALICE, BOB):
+        response = http.get(url("blocked"), params=bad, headers=auth(token))
+        assert_error(response, 422, "invalid_input", "error_type is longer than 255 characters")
     # A principal limited to one project: the storage is asked for that one only.
     token = f"dave-{uuid.uuid4().hex}"
     world.tokens.add(token, Principal(id="dave", projects=[bob_pids[1], alice_pid]))
