@@ -14,11 +14,14 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from web_harness import ALICE, BOB, STREAMS, World, authorize, serve_asgi
 
 from deepwork_retry.auth import Principal
@@ -711,3 +714,142 @@ def test_bulk_apply_takes_at_most_100(world: World, alice: Client) -> None:
     items = [("item", json.dumps(["p", f"t{i}"])) for i in range(101)]
     response = alice.post("/bulk/apply", [("csrf", csrf), ("key", "k"), *items])
     assert response.status == 422
+
+
+# -- escaping -------------------------------------------------------------------------------
+
+
+class Markup(HTMLParser):
+    """The start tags and attribute names of a page."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.attributes: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes |= {name for name, _ in attrs}
+
+
+def markup(page: str) -> Markup:
+    parser = Markup()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def hostile_pages(world: World, client: Client, pid: str, tid: str, payload: str) -> list[str]:
+    """Every page showing a task whose ids, title, error type and message carry ``payload``."""
+    if not any(s.project.id == pid for s in world.memory.list_projects(limit=1000)):
+        world.executor.create_project(pid, status="executing", name=payload)
+    error = type(payload, (Exception,), {})(
+        payload + "\nTraceback (most recent call last):\n" + payload
+    )
+    ex = world.executor
+    ex.add_task(pid, tid, title=payload, max_retries=0)
+    ex.assign(pid, tid)
+    ex.start(pid, tid, 1)
+    ex.fail(pid, tid, 1, error)
+    csrf = client.csrf()
+    pages = [
+        client.get("/"),
+        client.get("/project", project_id=pid),
+        client.get("/blocked"),
+        client.get("/blocked", project_id=pid, error_type=payload),
+        client.get("/task", project_id=pid, task_id=tid),
+        client.post("/bulk/preview", {"csrf": csrf, "project_id": pid}),
+    ]
+    fields = retry_form(pages[4])
+    pages.append(client.post("/retry", fields, headers={"hx-request": "true"}))
+    pages.append(
+        client.post("/bulk/apply", {"csrf": csrf, "key": "k", "item": json.dumps([pid, tid])})
+    )
+    for page in pages:
+        assert page.status == 200, text(page)
+    return [text(page) for page in pages]
+
+
+def test_an_error_message_with_a_script_renders_as_text(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "t1", RuntimeError("<script>alert(1)</script>"))
+    page = text(alice.get("/task", project_id=pid, task_id="t1"))
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    blocked = text(alice.get("/blocked", project_id=pid))
+    assert "<script>alert(1)" not in blocked
+
+
+SAFE_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=0,
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(a=SAFE_TEXT, b=SAFE_TEXT)
+def test_hostile_strings_never_become_markup(
+    world: World, dashboard: Dashboard, a: str, b: str
+) -> None:
+    payload = f'<b data-evil="{a}">\'&amp;{b}</b><script>x()</script>{a}"\''
+    pid = "p<i data-evil=1>" + uuid.uuid4().hex[:6] + a
+    tid = "t\"'<u data-evil>" + b + "\n/../?&x=1"
+    client = Client(dashboard)
+    client.login(ALICE)
+    pages = hostile_pages(world, client, pid, tid, payload)
+    for page in pages:
+        found = markup(page)
+        assert not {"b", "i", "u"} & set(found.tags)
+        assert found.tags.count("script") <= 2
+        assert "data-evil" not in found.attributes
+        assert payload not in page
+    # Links carry the ids URL-encoded: following one finds the task.
+    links = re.findall(r'href="' + P + r'/task\?([^"]*)"', pages[3])
+    assert links
+    query = parse_qsl(html.unescape(links[0]), keep_blank_values=True)
+    assert dict(query) == {"project_id": pid, "task_id": tid}
+    task = text(client.request("GET", "/task", query=query))
+    assert 'id="task-status"' in task
+
+
+# -- live updates, through a real server ---------------------------------------------------------
+
+
+def test_events_stream_for_the_session(world: World, served: str) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    other = project(world, fresh())
+    with httpx.Client(base_url=served, timeout=10) as anonymous:
+        assert anonymous.get(P + "/events", params={"project_id": pid}).status_code == 401
+    with httpx.Client(base_url=served, timeout=10) as http:
+        server_login(http, DAVE)
+        refused = http.get(P + "/events", params={"project_id": other})
+        assert refused.status_code == 404
+        assert refused.headers["content-security-policy"] == CSP
+    with httpx.Client(base_url=served, timeout=10) as http:
+        server_login(http, ALICE)
+        params = {"project_id": pid}
+        with http.stream("GET", P + "/events", params=params) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["content-security-policy"] == CSP
+            assert stream.headers["x-content-type-options"] == "nosniff"
+            chunks = stream.iter_bytes()
+            seen = b""
+            while b"event: task.blocked" not in seen:
+                seen += next(chunks)
+            # A retry through the dashboard shows on the stream.
+            page = http.get(P + "/task", params={"project_id": pid, "task_id": "t1"})
+            fields = re.findall(
+                r'<input type="hidden"[^>]*?name="([^"]+)" value="([^"]*)"', page.text
+            )
+            retried = http.post(P + "/retry", data=dict(fields), headers={"origin": served})
+            assert retried.status_code == 303
+            while b"event: task.retried" not in seen:
+                seen += next(chunks)
+        bad = http.get(P + "/events", params={"project_id": pid, "after": "x"})
+        assert bad.status_code == 400
+        assert http.get(P + "/events", params={"project_id": pid, "nope": "1"}).status_code == 422
