@@ -22,7 +22,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from web_harness import ALICE, BOB, STREAMS, World, authorize, serve_asgi
+from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
 from deepwork_retry.auth import Principal
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
@@ -288,12 +288,45 @@ def test_every_post_needs_the_csrf_token(alice: Client) -> None:
 
 def test_a_post_from_another_origin_is_refused(alice: Client) -> None:
     csrf = alice.csrf()
-    for origin in ("http://evil.test", "null", "https://dash.test"):
+    for origin in ("http://evil.test", "null", "http://dash.test.evil", "http://dash.test:81", ""):
         response = alice.post("/logout", {"csrf": csrf}, headers={"origin": origin})
         assert response.status == 403, origin
     assert alice.get("/").status == 200
     same = alice.post("/logout", {"csrf": csrf}, headers={"origin": "http://dash.test"})
     assert same.status == 303
+
+
+def test_over_https_the_origin_must_be_https(dashboard: Dashboard) -> None:
+    client = Client(dashboard, scheme="https")
+    client.login(ALICE)
+    csrf = client.csrf()
+    downgraded = client.post("/logout", {"csrf": csrf}, headers={"origin": "http://dash.test"})
+    assert downgraded.status == 403
+    same = client.post("/logout", {"csrf": csrf}, headers={"origin": "https://dash.test"})
+    assert same.status == 303
+
+
+def test_a_post_without_a_session_goes_to_the_login_page(client: Client) -> None:
+    for path in ("/retry", "/bulk/preview", "/bulk/apply"):
+        response = client.post(path, {"csrf": "x"})
+        assert response.status == 303
+        assert header(response, "location") == P + "/login"
+        htmx = client.post(path, {"csrf": "x"}, headers={"hx-request": "true"})
+        assert htmx.status == 401
+
+
+def test_a_storage_outage_is_a_503_page_that_hides_the_fault(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    world.storage.down = True
+    try:
+        for response in (alice.get("/"), alice.get("/task", project_id=pid, task_id="t1")):
+            assert response.status == 503
+            assert header(response, "retry-after")
+            assert FAULT not in text(response)
+            assert "<h1>" in text(response)
+    finally:
+        world.storage.down = False
 
 
 # -- headers -----------------------------------------------------------------------------------
@@ -853,3 +886,13 @@ def test_events_stream_for_the_session(world: World, served: str) -> None:
         bad = http.get(P + "/events", params={"project_id": pid, "after": "x"})
         assert bad.status_code == 400
         assert http.get(P + "/events", params={"project_id": pid, "nope": "1"}).status_code == 422
+
+
+def test_a_scope_too_large_for_a_cookie_is_refused_at_login(world: World, client: Client) -> None:
+    many = "many-token-0123456789"
+    world.tokens.add(many, Principal(id="many", projects=[f"project-{i:04d}" for i in range(400)]))
+    csrf = client.csrf("/login")
+    response = client.post("/login", {"token": many, "csrf": csrf})
+    assert response.status == 422
+    assert "too many projects" in text(response)
+    assert "deepwork_session" not in client.cookies
