@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
-from deepwork_retry.auth import Principal
+from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
 from deepwork_retry.web.dashboard._common import Signer
@@ -896,3 +896,61 @@ def test_a_scope_too_large_for_a_cookie_is_refused_at_login(world: World, client
     assert response.status == 422
     assert "too many projects" in text(response)
     assert "deepwork_session" not in client.cookies
+
+
+def test_blocked_tasks_come_in_pages(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    for i in range(52):
+        failing(world, pid, f"t{i:02d}", ValueError("v"))
+    first = text(alice.get("/blocked", project_id=pid))
+    assert first.count("<tr data-project-id=") == 50
+    found = re.search(r'<a rel="next" href="([^"]+)"', first)
+    assert found
+    link = html.unescape(found[1])
+    assert link.startswith(P + "/blocked?")
+    query = parse_qsl(link.split("?", 1)[1], keep_blank_values=True)
+    second = text(alice.request("GET", "/blocked", query=query))
+    assert re.findall(r'<tr data-project-id="[^"]*" data-task-id="([^"]+)"', second) == [
+        "t50",
+        "t51",
+    ]
+    assert 'rel="next"' not in second
+
+
+def test_asgi_requests_carry_their_scheme() -> None:
+    from deepwork_retry.web._asgi import scope_request
+
+    def scope(scheme: str) -> dict[str, Any]:
+        return {"method": "GET", "headers": [], "query_string": b"", "scheme": scheme}
+
+    assert scope_request(scope("https"), "/", b"").scheme == "https"
+    assert scope_request(scope("http"), "/", b"").scheme == "http"
+    assert scope_request({"method": "GET", "headers": []}, "/", b"").scheme == "http"
+
+
+def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
+    from deepwork_retry.demo import create_demo_project
+    from deepwork_retry.server import DASHBOARD_PATH, build_app
+    from deepwork_retry.storage.sqlite import SQLiteStorage
+
+    db = str(tmp_path / "demo.db")
+    setup = SQLiteStorage(db)
+    try:
+        create_demo_project(setup, "proj-demo")
+    finally:
+        setup.close()
+    token = "demo-token-0123456789"
+    app = build_app(db, StaticTokens({token: Principal(id="demo-user")}), pause=0.0)
+    base, stop = serve_asgi(app, lifespan="on")
+    try:
+        with httpx.Client(base_url=base, timeout=15) as http:
+            assert DASHBOARD_PATH == P
+            assert server_login(http, token).status_code == 303
+            page = http.get(P + "/")
+            assert page.status_code == 200
+            assert 'data-project-id="proj-demo"' in page.text
+            blocked = http.get(P + "/blocked")
+            assert 'data-task-id="task-3"' in blocked.text
+    finally:
+        app.state.retry_api.close_streams()
+        stop()
