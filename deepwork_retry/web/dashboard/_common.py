@@ -357,15 +357,21 @@ def is_htmx(request: ApiRequest) -> bool:
 
 
 def same_origin(request: ApiRequest) -> bool:
-    """False when the request carries an ``Origin`` that is not this site's.
+    """False when the request says it came from another site.
 
-    The origin's host and port must be the request's ``Host``; its scheme must
-    be ``https`` when the request came over HTTPS (a request that reached the
-    server as plain HTTP may have come through a proxy that ended TLS, so
-    either scheme is taken then: the CSRF token still has to match).
+    ``Sec-Fetch-Site``, when the browser sends it, must be ``same-origin`` (or
+    ``none``: typed by the user). ``Origin``, when present, must name this
+    host and port, with ``https`` when the request came over HTTPS (a request
+    that reached the server as plain HTTP may have come through a proxy that
+    ended TLS, so either scheme is taken then). ``Origin: null`` decides
+    nothing: browsers send it for a page's own forms under
+    ``Referrer-Policy: no-referrer``. The CSRF token is checked in every case.
     """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin.strip().lower() == "null":
         return True
     host = request.headers.get("host")
     if not host:
