@@ -8,6 +8,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
@@ -42,7 +43,7 @@ class Client:
     """Keeps cookies like a browser would (per name, Max-Age=0 removes) and speaks
     to ``handle()`` with paths below the dashboard's prefix."""
 
-    def __init__(self, dashboard: Dashboard, *, scheme: str = "http") -> None:
+    def __init__(self, dashboard: Any, *, scheme: str = "http") -> None:
         self.dashboard = dashboard
         self.cookies: dict[str, str] = {}
         self.scheme = scheme
@@ -149,13 +150,27 @@ def async_api(world: World) -> AsyncRetryAPI:
     return AsyncRetryAPI(world.async_service(), world.tokens, authorized, streams=STREAMS)
 
 
-@pytest.fixture
-def dashboard(world: World) -> Dashboard:
-    return Dashboard(sync_api(world), secret=SECRET, prefix=P)
+class AsyncDriven:
+    """An :class:`AsyncDashboard` driven through a sync ``handle`` (one loop per request)."""
+
+    def __init__(self, dashboard: AsyncDashboard) -> None:
+        self.inner = dashboard
+        self.api = dashboard.api
+
+    def handle(self, request: ApiRequest) -> ApiResponse:
+        return asyncio.run(self.inner.handle(request))
+
+
+@pytest.fixture(params=["sync", "async"])
+def dashboard(request: pytest.FixtureRequest, world: World) -> Any:
+    """The sync :class:`Dashboard`, then the :class:`AsyncDashboard` (the same source)."""
+    if request.param == "sync":
+        return Dashboard(sync_api(world), secret=SECRET, prefix=P)
+    return AsyncDriven(AsyncDashboard(async_api(world), secret=SECRET, prefix=P))
 
 
 @pytest.fixture
-def client(dashboard: Dashboard) -> Client:
+def client(dashboard: Any) -> Client:
     return Client(dashboard)
 
 
@@ -217,7 +232,7 @@ def test_login_with_a_good_token_sets_a_strict_cookie(client: Client) -> None:
     assert "alice" in text(page)
 
 
-def test_the_cookie_is_secure_over_https(dashboard: Dashboard, world: World) -> None:
+def test_the_cookie_is_secure_over_https(dashboard: Any, world: World) -> None:
     client = Client(dashboard, scheme="https")
     response = client.login(ALICE)
     assert all("; Secure" in c for c in set_cookies(response))
@@ -305,7 +320,7 @@ def test_a_post_from_another_origin_is_refused(alice: Client) -> None:
     assert same.status == 303
 
 
-def test_over_https_the_origin_must_be_https(dashboard: Dashboard) -> None:
+def test_over_https_the_origin_must_be_https(dashboard: Any) -> None:
     client = Client(dashboard, scheme="https")
     client.login(ALICE)
     csrf = client.csrf()
@@ -349,7 +364,12 @@ def test_security_headers_on_every_response(alice: Client) -> None:
     alice.get("/static/nope.js")
     alice.request("DELETE", "/")
     alice.post("/retry", {})
-    Client(alice.dashboard).get("/")
+    alice.get("/task", project_id="nope", task_id="nope")
+    alice.get("/events", project_id="nope")
+    alice.request("GET", "/", headers={"hx-request": "true"})
+    alice.post("/logout", {"csrf": alice.csrf()})
+    alice.get("/")
+    alice.post("/login", {"token": "wrong-token-0123", "csrf": alice.csrf("/login")})
     for response in alice.responses:
         assert header(response, "content-security-policy") == CSP
         assert header(response, "x-content-type-options") == "nosniff"
@@ -386,11 +406,18 @@ def test_pages_carry_no_inline_script_or_style(alice: Client) -> None:
     assert "<main" in page
 
 
-def test_the_token_never_appears(world: World, dashboard: Dashboard) -> None:
+def test_the_token_never_appears(world: World, dashboard: Any) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
     client = Client(dashboard)
+    client.post("/login", {"token": ALICE, "csrf": client.csrf("/login")[:-1] + "x"})
     client.login(ALICE)
     client.get("/")
     client.get("/blocked")
+    client.get("/project", project_id=pid)
+    page = client.get("/task", project_id=pid, task_id="t1")
+    client.post("/retry", retry_form(page))
+    client.post("/bulk/preview", {"csrf": client.csrf()})
     client.post("/logout", {"csrf": client.csrf()})
     client.login(ALICE)
     for response in client.responses:
@@ -833,9 +860,7 @@ SAFE_TEXT = st.text(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(a=SAFE_TEXT, b=SAFE_TEXT)
-def test_hostile_strings_never_become_markup(
-    world: World, dashboard: Dashboard, a: str, b: str
-) -> None:
+def test_hostile_strings_never_become_markup(world: World, dashboard: Any, a: str, b: str) -> None:
     payload = f'<b data-evil="{a}">\'&amp;{b}</b><script>x()</script>{a}"\''
     pid = "p<i data-evil=1>" + uuid.uuid4().hex[:6] + a
     tid = "t\"'<u data-evil>" + b + "\n/../?&x=1"
