@@ -303,18 +303,16 @@ def test_every_post_needs_the_csrf_token(alice: Client) -> None:
 
 def test_a_post_from_another_origin_is_refused(alice: Client) -> None:
     csrf = alice.csrf()
-    for origin in ("http://evil.test", "http://dash.test.evil", "http://dash.test:81", ""):
+    for origin in ("http://evil.test", "null", "http://dash.test.evil", "http://dash.test:81", ""):
         response = alice.post("/logout", {"csrf": csrf}, headers={"origin": origin})
         assert response.status == 403, origin
     for site in ("cross-site", "same-site"):
         response = alice.post("/logout", {"csrf": csrf}, headers={"sec-fetch-site": site})
         assert response.status == 403, site
-    # A browser's own form under Referrer-Policy: no-referrer sends Origin: null.
-    own = {"origin": "null", "sec-fetch-site": "cross-site"}
-    assert alice.post("/logout", {"csrf": csrf}, headers=own).status == 403
-    assert alice.post("/login", {"csrf": csrf}, headers=own).status == 403
+    login = {"csrf": csrf, "token": ALICE}
+    assert alice.post("/login", login, headers={"sec-fetch-site": "cross-site"}).status == 403
     assert alice.get("/").status == 200
-    own = {"origin": "null", "sec-fetch-site": "same-origin"}
+    own = {"origin": "http://dash.test", "sec-fetch-site": "same-origin"}
     assert alice.post("/retry", {"csrf": "0" * 64}, headers=own).status == 403
     same = alice.post("/logout", {"csrf": csrf}, headers={"origin": "http://dash.test"})
     assert same.status == 303
@@ -373,7 +371,7 @@ def test_security_headers_on_every_response(alice: Client) -> None:
     for response in alice.responses:
         assert header(response, "content-security-policy") == CSP
         assert header(response, "x-content-type-options") == "nosniff"
-        assert header(response, "referrer-policy") == "no-referrer"
+        assert header(response, "referrer-policy") == "same-origin"
         assert header(response, "x-frame-options") == "DENY"
 
 

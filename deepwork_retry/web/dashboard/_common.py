@@ -55,10 +55,13 @@ CSP = (
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Security-Policy", CSP),
     ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
+    ("Referrer-Policy", "same-origin"),
     ("X-Frame-Options", "DENY"),
 )
-"""On every response of the dashboard."""
+"""On every response of the dashboard. ``same-origin``, not ``no-referrer``: under
+``no-referrer`` a browser sends ``Origin: null`` with the pages' own form POSTs (the
+Fetch standard's rule), which :func:`same_origin` refuses; ``same-origin`` still sends
+no referrer to any other site, and a cross-site POST still carries ``Origin: null``."""
 PAGE_HEADERS = (*SECURITY_HEADERS, ("Cache-Control", "no-store"))
 
 STATIC_TYPES = {
@@ -363,15 +366,14 @@ def same_origin(request: ApiRequest) -> bool:
     ``none``: typed by the user). ``Origin``, when present, must name this
     host and port, with ``https`` when the request came over HTTPS (a request
     that reached the server as plain HTTP may have come through a proxy that
-    ended TLS, so either scheme is taken then). ``Origin: null`` decides
-    nothing: browsers send it for a page's own forms under
-    ``Referrer-Policy: no-referrer``. The CSRF token is checked in every case.
+    ended TLS, so either scheme is taken then); ``Origin: null`` is refused.
+    The CSRF token is checked in every case.
     """
     site = request.headers.get("sec-fetch-site")
     if site is not None and site.strip().lower() not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin")
-    if origin is None or origin.strip().lower() == "null":
+    if origin is None:
         return True
     host = request.headers.get("host")
     if not host:
