@@ -993,3 +993,38 @@ def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
     finally:
         app.state.retry_api.close_streams()
         stop()
+
+
+# -- the API's methods the dashboard calls --------------------------------------------------
+
+
+def test_retry_for_decides_as_the_retry_route(world: World) -> None:
+    api = sync_api(world)
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    bob = Principal(id="bob")
+    assert api.retry_for(bob, pid, "t1").json()["code"] == "project_not_found"
+    alice = Principal(id="alice")
+    assert api.retry_for(alice, pid, "t1", key="has space").status == 422
+    assert api.retry_for(alice, pid, "t1", reason="x\x00y").status == 422
+    assert api.retry_for(alice, pid, "t1", reason="r" * 2001).status == 422
+    assert task_of(world, pid, "t1").status.value == "blocked"
+    first = api.retry_for(alice, pid, "t1", reason="ok", key="key-1")
+    assert first.status == 200
+    again = api.retry_for(alice, pid, "t1", reason="ok", key="key-1")
+    assert (again.status, again.body) == (first.status, first.body)
+    assert ("Idempotent-Replayed", "true") in again.headers
+    assert world.recorder.count(pid) == 1
+
+
+def test_events_for_decides_as_the_events_route(world: World) -> None:
+    api = sync_api(world)
+    pid = project(world, fresh())
+    head = ApiRequest(method="HEAD", path="/")
+    assert api.events_for(Principal(id="bob"), pid, head).status == 404
+    assert api.events_for(Principal(id="alice"), fresh(), head).status == 404
+    opened = api.events_for(Principal(id="alice"), pid, head)
+    assert opened.status == 200
+    assert opened.stream is None
+    bad = ApiRequest(method="HEAD", path="/", query={"after": "x"})
+    assert api.events_for(Principal(id="alice"), pid, bad).status == 400
