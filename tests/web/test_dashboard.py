@@ -1028,3 +1028,23 @@ def test_events_for_decides_as_the_events_route(world: World) -> None:
     assert opened.stream is None
     bad = ApiRequest(method="HEAD", path="/", query={"after": "x"})
     assert api.events_for(Principal(id="alice"), pid, bad).status == 400
+
+
+def test_static_files_answer_304_to_a_matching_etag(client: Client) -> None:
+    first = client.get("/static/dashboard.css")
+    etag = header(first, "etag")
+    assert etag
+    again = client.request("GET", "/static/dashboard.css", headers={"if-none-match": etag})
+    assert again.status == 304
+    assert again.body == b""
+    assert header(again, "content-security-policy") == CSP
+    other = client.request("GET", "/static/dashboard.css", headers={"if-none-match": '"x"'})
+    assert other.status == 200
+
+
+def test_bulk_apply_refuses_a_bad_reason_before_retrying(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "a", ValueError("v"))
+    form = {"csrf": alice.csrf(), "key": "k", "item": json.dumps([pid, "a"]), "reason": "r" * 2001}
+    assert alice.post("/bulk/apply", form).status == 422
+    assert task_of(world, pid, "a").status.value == "blocked"
