@@ -605,8 +605,21 @@ def test_htmx_retry_answers_the_panel(world: World, alice: Client) -> None:
     assert "<html" not in body
     assert 'id="flash" hx-swap-oob="innerHTML"' in body
     assert "Retried" in body
-    assert 'id="retry-key"' in body
+    assert re.search(
+        r'<input type="hidden" id="retry-key" name="key" value="[^"]+" hx-swap-oob="true">', body
+    )
     assert fields["key"] not in body
+    assert '<div id="task-attempts" data-live' in body
+    assert body.count('class="attempt"') == 3
+    attempts = alice.request(
+        "GET",
+        "/task",
+        query={"project_id": pid, "task_id": "t1", "part": "attempts"},
+        headers={"hx-request": "true"},
+    )
+    assert text(attempts).lstrip().startswith('<div id="task-attempts"')
+    assert 'id="task-status"' not in text(attempts)
+    assert alice.get("/task", project_id=pid, task_id="t1", part="nope").status == 422
     # Not blocked any more: a second (new) retry is refused with the reason.
     again = alice.post("/retry", {**fields, "key": "other-key"}, headers={"hx-request": "true"})
     assert "Not retried: the task is not blocked." in text(again)

@@ -27,6 +27,7 @@ from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import (
     ApiRequest,
     ApiResponse,
+    BadRequestBody,
     MethodNotAllowed,
     RouteNotFound,
     check_reason,
@@ -412,12 +413,18 @@ class AsyncDashboard:
         }
 
     async def _task_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        values = query_values(request, required=("project_id", "task_id"), optional=("flash",))
+        values = query_values(
+            request, required=("project_id", "task_id"), optional=("flash", "part")
+        )
+        part = values.get("part") or "panel"
+        if part not in ("panel", "attempts"):
+            raise BadRequestBody("part must be 'panel' or 'attempts'")
         context = await self._task_context(
             session.principal, values["project_id"], values["task_id"]
         )
         if is_htmx(request):
-            return html_response(200, self._render("_task_panel.html", **context))
+            name = "_task_attempts.html" if part == "attempts" else "_task_panel.html"
+            return html_response(200, self._render(name, **context))
         flash = values.get("flash")
         return self._page(
             request,
