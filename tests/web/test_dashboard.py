@@ -1061,3 +1061,32 @@ def test_bulk_apply_refuses_a_bad_reason_before_retrying(world: World, alice: Cl
     form = {"csrf": alice.csrf(), "key": "k", "item": json.dumps([pid, "a"]), "reason": "r" * 2001}
     assert alice.post("/bulk/apply", form).status == 422
     assert task_of(world, pid, "a").status.value == "blocked"
+
+
+def test_live_streams_count_against_the_principals_bound(world: World) -> None:
+    api = sync_api(world)
+    client = Client(Dashboard(api, secret=SECRET, prefix=P))
+    client.login(ALICE)
+    pid = project(world, fresh())
+    opened = [client.get("/events", project_id=pid) for _ in range(STREAMS.max_streams)]
+    try:
+        assert all(r.status == 200 and r.stream is not None for r in opened)
+        refused = client.get("/events", project_id=pid)
+        assert refused.status == 429
+        assert header(refused, "retry-after")
+        assert header(refused, "content-security-policy") == CSP
+        # The JSON API's own streams share the bound: the same principal is refused there too.
+        over_api = api.handle(
+            ApiRequest(
+                method="GET",
+                path=f"/projects/{pid}/events",
+                headers={"authorization": f"Bearer {ALICE}"},
+            )
+        )
+        assert over_api.status == 429
+    finally:
+        for response in opened:
+            response.stream.close()
+    again = client.get("/events", project_id=pid)
+    assert again.status == 200
+    again.stream.close()
