@@ -27,6 +27,7 @@ from deepwork_retry.demo import (
     AsyncDemoDispatcher,
     DemoDispatcher,
     create_demo_project,
+    create_nightly_project,
 )
 from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
@@ -142,12 +143,25 @@ def build_app(
     return app
 
 
-def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
+DASHBOARD_PATH = "/deep-work"
+"""Where the demo server serves the operator dashboard."""
+
+
+def banner(
+    *,
+    host: str,
+    port: int,
+    project_id: str | None,
+    token: str,
+    nightly_id: str | None = None,
+) -> str:
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::1") else host
+    shown = f"[{shown}]" if ":" in shown else shown
     base = f"http://{shown}:{port}{DEFAULT_PREFIX}"
     lines = [
         "",
         f"deepwork_retry demo API on http://{host}:{port}{DEFAULT_PREFIX}",
+        f"Dashboard: http://{shown}:{port}{DASHBOARD_PATH}/  (log in with the TOKEN below)",
         f"TOKEN={token}",
     ]
     if project_id is not None:
@@ -156,6 +170,14 @@ def banner(*, host: str, port: int, project_id: str | None, token: str) -> str:
             "TASK_ID=task-3",
             "",
             "Blocked tasks: task-3 (automatic retry exhausted), task-7 (non-retryable error).",
+            *(
+                [
+                    f"A second project, {nightly_id}, has tasks blocked by a timeout,",
+                    "a lost executor and a non-retryable error with its traceback.",
+                ]
+                if nightly_id
+                else []
+            ),
             "Retry one:",
             "",
             f"curl -X POST {base}/projects/{project_id}/tasks/task-3/retry \\",
@@ -256,16 +278,21 @@ def _serve_on(
     if directory:
         os.makedirs(directory, exist_ok=True)
     tokens, token = _tokens(token)
-    project_id = None
+    project_id = nightly_id = None
     if demo:
-        project_id = "proj-" + secrets.token_hex(3)
+        suffix = secrets.token_hex(3)
+        project_id, nightly_id = "proj-" + suffix, "nightly-" + suffix
         setup = SQLiteStorage(db)
         try:
             create_demo_project(setup, project_id)
+            create_nightly_project(setup, nightly_id)
         finally:
             setup.close()
     app = build_app(db, tokens, metrics=metrics)
-    print(banner(host=host, port=port, project_id=project_id, token=token), flush=True)
+    print(
+        banner(host=host, port=port, project_id=project_id, token=token, nightly_id=nightly_id),
+        flush=True,
+    )
     # A header up to MAX_HEADER_BYTES (an oversized token) reaches the API and gets
     # its JSON 401, rather than h11's plain-text 400 at 16 KiB.
     config = uvicorn.Config(
