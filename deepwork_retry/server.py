@@ -143,10 +143,6 @@ def build_app(
     return app
 
 
-DASHBOARD_PATH = "/deep-work"
-"""Where the demo server serves the operator dashboard."""
-
-
 def banner(
     *,
     host: str,
@@ -178,7 +174,10 @@ def banner(
                 if nightly_id
                 else []
             ),
-            "Retry one:",
+            "Retry one in the dashboard (after logging in):",
+            f"http://{shown}:{port}{DASHBOARD_PATH}/task?project_id={project_id}&task_id=task-3",
+            "",
+            "or with curl:",
             "",
             f"curl -X POST {base}/projects/{project_id}/tasks/task-3/retry \\",
             f'  -H "Authorization: Bearer {token}"',

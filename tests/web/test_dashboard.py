@@ -207,10 +207,14 @@ def test_it_serves_like_the_api(world: World) -> None:
 
 
 def test_pages_need_a_session(client: Client) -> None:
-    for path in ("/", "/blocked", "/project", "/task"):
+    for path, back in (
+        ("/", ""),
+        ("/blocked", "?next=%2Fblocked"),
+        ("/project", "?next=%2Fproject"),
+    ):
         response = client.get(path)
         assert response.status == 303
-        assert header(response, "location") == P + "/login"
+        assert header(response, "location") == P + "/login" + back
     assert client.get("/", **{}).status == 303
     htmx = client.request("GET", "/", headers={"hx-request": "true"})
     assert htmx.status == 401
@@ -238,6 +242,54 @@ def test_the_cookie_is_secure_over_https(dashboard: Any, world: World) -> None:
     assert all("; Secure" in c for c in set_cookies(response))
     forced = Client(Dashboard(world.sync_api(), secret=SECRET, prefix=P, secure=True))
     assert all("; Secure" in c for c in set_cookies(forced.login(ALICE)))
+
+
+def test_signing_in_leads_back_to_the_page_asked_for(client: Client) -> None:
+    asked = client.get("/task", project_id="p 1/é", task_id="t&x=1")
+    location = header(asked, "location")
+    assert location is not None
+    assert location.startswith(P + "/login?next=")
+    form = client.get(location[len(P) :].split("?")[0], **dict(parse_qsl(location.split("?")[1])))
+    back = re.search(r'name="next" value="([^"]+)"', text(form))
+    assert back is not None
+    csrf = csrf_of(form)
+    signed_in = client.post(
+        "/login", {"token": ALICE, "csrf": csrf, "next": html.unescape(back[1])}
+    )
+    assert signed_in.status == 303
+    target = header(signed_in, "location")
+    assert target is not None
+    path, _, query = target.partition("?")
+    assert path == P + "/task"
+    assert dict(parse_qsl(query)) == {"project_id": "p 1/é", "task_id": "t&x=1"}
+
+
+@pytest.mark.parametrize(
+    "next_",
+    [
+        "//evil.example/",
+        "/\\evil.example",
+        "https://evil.example/",
+        "/login",
+        "/retry",
+        "/events?project_id=p",
+        "/static/dashboard.js",
+        "/task?x=\u00e9",
+        "/task\r\nSet-Cookie: x=1",
+        "",
+    ],
+)
+def test_signing_in_never_leads_elsewhere(client: Client, next_: str) -> None:
+    csrf = client.csrf("/login")
+    response = client.post("/login", {"token": ALICE, "csrf": csrf, "next": next_})
+    assert response.status == 303
+    assert header(response, "location") == P + "/"
+
+
+def test_a_login_page_drops_a_next_it_would_not_follow(client: Client) -> None:
+    page = client.get("/login", next="//evil.example/")
+    assert page.status == 200
+    assert 'name="next"' not in text(page)
 
 
 def test_login_with_a_bad_token_is_401(client: Client) -> None:

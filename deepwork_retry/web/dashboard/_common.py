@@ -204,6 +204,34 @@ def query_string(**params: str) -> str:
     return urlencode(params, quote_via=quote)
 
 
+RETURN_PAGES = frozenset({"/", "/blocked", "/project", "/task"})
+"""The pages a sign-in may lead back to (``next``): pages only, never an action."""
+
+
+def safe_return(value: str | None) -> str | None:
+    """``value`` when it names one of :data:`RETURN_PAGES` below the prefix (with a
+    percent-encoded query), else ``None``: what the sign-in form sends back is the
+    client's text, and it is only ever appended to the prefix, so no other site
+    can be named."""
+    if not value or len(value) > 4000:
+        return None
+    if not all("!" <= ch <= "~" for ch in value) or "\\" in value:
+        return None  # visible ASCII only: it becomes a Location header as it is
+    path, _, _query = value.partition("?")
+    return value if path in RETURN_PAGES else None
+
+
+def return_path(request: ApiRequest) -> str | None:
+    """The page ``request`` asked for, as a sign-in's ``next`` (see :func:`safe_return`)."""
+    try:
+        query = urlencode(list(request.query.items()), quote_via=quote)
+    except UnicodeEncodeError:  # a query that is not UTF-8: the page refuses it anyway
+        return None
+    if request.path == "/" and not query:
+        return None  # where a sign-in leads anyway
+    return safe_return(request.path + ("?" + query if query else ""))
+
+
 def _is_text(value: str) -> bool:
     try:
         value.encode("utf-8")

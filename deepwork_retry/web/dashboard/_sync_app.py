@@ -71,6 +71,8 @@ from deepwork_retry.web.dashboard._common import (
     query_string,
     query_values,
     redirect,
+    return_path,
+    safe_return,
     same_origin,
     statuses,
 )
@@ -210,7 +212,9 @@ class Dashboard:
         wants_html = not (is_htmx(request) or request.path == "/events")
         if isinstance(exc, NoSession):
             if wants_html:
-                return redirect(self.prefix + "/login")
+                back = return_path(request) if request.method in ("GET", "HEAD") else None
+                query = "" if back is None else "?" + query_string(next=back)
+                return redirect(self.prefix + "/login" + query)
             return self._error_page(401, "Sign in required", str(exc), full=wants_html)
         if isinstance(exc, CsrfRefused):
             return self._error_page(403, "Forbidden", str(exc), full=wants_html)
@@ -257,7 +261,15 @@ class Dashboard:
         self, request: ApiRequest, *, status: int = 200, error: str | None = None
     ) -> ApiResponse:
         nonce, headers = self._login_nonce(request)
-        body = self._render("login.html", csrf=self.signer.csrf("login:" + nonce), error=error)
+        back = request.query.get("next") if request.method != "POST" else None
+        if request.method == "POST":
+            back = parse_form(request.body).get("next")
+        body = self._render(
+            "login.html",
+            csrf=self.signer.csrf("login:" + nonce),
+            error=error,
+            next=safe_return(back),
+        )
         return html_response(status, body, headers)
 
     def _login(self, request: ApiRequest) -> ApiResponse:
@@ -282,7 +294,7 @@ class Dashboard:
                 error="This token's principal lists too many projects to keep in a session.",
             )
         return redirect(
-            self.prefix + "/",
+            self.prefix + (safe_return(form.get("next")) or "/"),
             [
                 cookie_header(
                     SESSION_COOKIE,
