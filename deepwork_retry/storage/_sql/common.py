@@ -22,6 +22,7 @@ import attrs
 from deepwork_retry._core.effects import Arg, ByBudget, Const, Expr, Field, Move, Now, Plus
 from deepwork_retry._core.model import Attempt, DispatchEntry, IdempotencyRecord, Project, Task
 from deepwork_retry._core.states import TaskStatus
+from deepwork_retry.exceptions import InvalidInput
 
 # -- columns -----------------------------------------------------------------------
 
@@ -217,6 +218,52 @@ def after_bound(after: str, unstorable: re.Pattern[str]) -> tuple[str, str]:
     if match.group() == "\x00":
         return ">", prefix
     return ">=", prefix + "\ue000"
+
+
+def encodes(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8 (holds no lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def blocked_after(after: object) -> tuple[str, str] | None:
+    """The cursor of the blocked tasks' page, checked: ``(project_id, task_id)``."""
+    if after is None:
+        return None
+    if (
+        not isinstance(after, tuple)
+        or len(after) != 2
+        or not all(isinstance(part, str) for part in after)
+    ):
+        raise InvalidInput("after must be a (project_id, task_id) pair of strings")
+    return after
+
+
+def listed(
+    projects: Iterable[str],
+    after: str | None,
+    *,
+    inclusive: bool,
+    storable: Callable[[str], bool] = encodes,
+) -> list[str]:
+    """The ids of ``projects`` a storage may hold (``storable``), after ``after`` (or
+    from it, when ``inclusive``), in the order of the stored ids (code point order,
+    as Python orders str)."""
+    if isinstance(projects, str):
+        raise InvalidInput("projects must be a set of project ids, not a string")
+    ids = {p for p in projects if isinstance(p, str) and storable(p)}
+    if after is not None:
+        ids = {p for p in ids if p > after or (inclusive and p == after)}
+    return sorted(ids)
+
+
+def chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    """``ids`` in consecutive runs of at most ``size`` (each an ``IN`` list short enough
+    for every dialect), so that pages read run after run stay in order."""
+    return [ids[start : start + size] for start in range(0, len(ids), size)]
 
 
 # -- migrations ------------------------------------------------------------------------
