@@ -50,6 +50,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -425,6 +426,59 @@ class PostgresStorage:
         if row is None:
             raise ProjectNotFound(project_id)
         return q.decode_progress(row)
+
+    # -- reads across projects (the ProjectOverview port) ----------------------------
+    def list_projects(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ProjectSummary]:
+        """Projects by id, each joined to the sum of its progress stripes: one statement."""
+        check_limit(limit)
+        if after is not None and not isinstance(after, str):
+            raise InvalidInput("after must be a project id (a string)")
+        listed = None
+        if projects is not None:
+            listed = common.listed(projects, after, inclusive=False, storable=q.findable)
+            if not listed:
+                return []
+            after = None  # the ids listed are those after it
+        query, params = self._q.list_projects(listed, after, limit)
+        rows = self._all(query, params)
+        width = len(q.PROJECT_COLS)
+        return [
+            ProjectSummary(project=q.decode_project(row), progress=q.decode_progress(row, width))
+            for row in rows
+        ]
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects by ``(project_id, id)`` from the partial index of
+        blocked tasks: one statement."""
+        check_limit(limit)
+        after = common.blocked_after(after)
+        if error_type is not None:
+            if not isinstance(error_type, str):
+                raise InvalidInput("error_type must be a string")
+            if not q.findable(error_type):
+                return []  # stored error types hold neither NUL nor lone surrogates
+        listed = None
+        if projects is not None:
+            start = None if after is None else after[0]
+            listed = common.listed(projects, start, inclusive=True, storable=q.findable)
+            if not listed:
+                return []
+        query, params = self._q.blocked_tasks(listed, error_type, after, limit)
+        rows = self._all(query, params)
+        return [q.decode_task(row) for row in rows]
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         if not (q.findable(project_id) and q.findable(task_id)):

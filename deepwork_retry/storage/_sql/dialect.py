@@ -29,6 +29,7 @@ may change is a class attribute or a method of :class:`Dialect`:
   ``blocked_index``: the hint that makes the blocked tasks' page read the
   index of blocked tasks (``INDEXED BY`` on SQLite, whose planner otherwise
   prefers the primary key once the projects are listed);
+- :meth:`exact`: a text column compared character for character;
 - ``surrogates``: whether text holding lone surrogates is stored (SQLite keeps
   it as a BLOB of its surrogate-pass encoding; MySQL refuses it).
 - ``errors`` (driver error code -> :class:`Kind`) and :meth:`error_code`: the
@@ -183,6 +184,11 @@ class Dialect:
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(values)}) "
             f"ON CONFLICT ({key}) DO UPDATE SET {sets}{where}"
         )
+
+    def exact(self, column: str) -> str:
+        """``column`` of free text as an operand of ``=`` that tells every character,
+        trailing spaces included (MySQL's ``utf8mb4_bin`` pads: ``'a' = 'a '``)."""
+        return column
 
     def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
         """Insert a row unless one with the same key exists."""

@@ -14,6 +14,8 @@ everywhere else. Differences from the shared statements:
   from: it reads a derived table (materialised first) instead;
 - a page after a pair of ids is spelt with ``OR`` (two index ranges), not as
   a row comparison; text with lone surrogates is not stored, so never matches;
+  free text is compared as bytes where it must equal exactly (``utf8mb4_bin``
+  ignores trailing spaces);
 - error codes: deadlocks and lock waits are busy, a duplicate key a conflict,
   a lost or refused connection unavailable.
 """
@@ -110,6 +112,9 @@ class MySQLDialect(Dialect):
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(values)}) "
             f"ON DUPLICATE KEY UPDATE {sets}"
         )
+
+    def exact(self, column: str) -> str:
+        return f"CAST({column} AS BINARY)"  # bytes: no padding
 
     def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
         marks = ", ".join("?" for _ in columns)

@@ -490,7 +490,7 @@ class Statements:
         if count:
             where.append(f"project_id IN ({', '.join(mark() for _ in range(count))})")
         if by_error:
-            where.append(f"error_type = {mark()}")
+            where.append(f"{d.exact('error_type')} = {mark()}")
         if after_project == "=":
             assert after_task in (">", ">=")
             pid, tid = mark(), mark()
