@@ -1,30 +1,40 @@
 """The reads across projects on the SQL storages: their order is Python's str order
 on every database, whatever the ids hold, and a page is served by an index.
 
-One data set whose ids put the encodings' orders to the test (ASCII case and
-trailing spaces, the two- to four-byte UTF-8 sequences, the characters on
-either side of the surrogates, where UTF-16 order and code point order part),
-stored once per storage; Hypothesis then draws cursors (any text, lone
-surrogates and NUL included, which no storage holds), page sizes, project sets
-and error types, and every page must be what Python computes from the data.
+The data set (``overview_support``) is stored once per storage; Hypothesis then
+draws cursors, page sizes, project sets and error types, and every page must be
+what Python computes from the data.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pymysql
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from mysql_support import database_dropped_after
+from overview_support import (
+    BLOCKED,
+    ERRORS,
+    IDS,
+    PROJECTS,
+    SETS,
+    SETTINGS,
+    TEXT,
+    expected_blocked,
+    expected_projects,
+    fill,
+    progress,
+)
 from pg_support import schema_dropped_after
 from sqlalchemy.engine import make_url
 
-from deepwork_retry._core.model import Progress, Project, Task
 from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.exceptions import InvalidInput
 from deepwork_retry.storage import _postgres_sql
@@ -33,43 +43,6 @@ from deepwork_retry.storage._sql.mysql import MySQLDialect
 from deepwork_retry.storage.postgres import PostgresStorage
 from deepwork_retry.storage.sqlalchemy import SQLAlchemyStorage
 from deepwork_retry.storage.sqlite import SQLITE, SQLiteStorage
-
-IDS = [
-    "a", "A", "a ", "a\n/b", "e", "é", "\u00ff", "\u0100", "\u07ff", "\u0800", "\ud7ff",
-    "\ue000", "\uffff", "\U00010000", "\U0010ffff", "z", "a\t",
-]  # fmt: skip
-"""Ids whose order by code point differs from a collation's, a UTF-16 order's, or a
-trailing-space-blind comparison's."""
-
-STATUSES = list(TaskStatus)
-ERRORS = [None, "E1", "E2", "é", "E1 "]
-
-
-def _data() -> tuple[list[Project], list[Task]]:
-    projects = [Project(id=pid, name=f"project {n}") for n, pid in enumerate(IDS)]
-    tasks = []
-    for n, pid in enumerate(IDS):
-        for m, tid in enumerate(IDS):
-            if (n + m) % 3 == 0:
-                continue  # some ids in some projects only
-            status = STATUSES[(n * 7 + m) % len(STATUSES)]
-            error = ERRORS[(n + 2 * m) % len(ERRORS)] if status is TaskStatus.BLOCKED else None
-            tasks.append(Task(id=tid, project_id=pid, status=status, error_type=error))
-    return projects, tasks
-
-
-PROJECTS, TASKS = _data()
-BLOCKED = sorted(
-    (t for t in TASKS if t.status is TaskStatus.BLOCKED), key=lambda t: (t.project_id, t.id)
-)
-assert len(BLOCKED) > 20
-
-
-def _fill(storage: Any) -> Any:
-    for project in PROJECTS:
-        storage.create_project(project)
-    storage.add_tasks(TASKS)
-    return storage
 
 
 def _pg_url(dsn: str) -> str:
@@ -93,27 +66,27 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     folder = tmp_path_factory.mktemp(kind)
     if kind == "sqlite":
         store = SQLiteStorage(folder / "o.db")
-        yield _fill(store)
+        yield fill(store)
         store.close()
     elif kind == "sqlalchemy-sqlite":
         store = SQLAlchemyStorage.from_url(f"sqlite:///{folder / 'o.db'}")
-        yield _fill(store)
+        yield fill(store)
         store.close()
     elif kind == "sqlalchemy-mariadb":
         with database_dropped_after(request.getfixturevalue("mysql_url")) as url:
             store = SQLAlchemyStorage.from_url(url.render_as_string(hide_password=False))
-            yield _fill(store)
+            yield fill(store)
             store.close()
     else:
         dsn = request.getfixturevalue("postgres_dsn")
         with schema_dropped_after(dsn, "ov") as schema:
             if kind == "sqlalchemy-postgres":
                 store = SQLAlchemyStorage.from_url(_pg_url(dsn), schema=schema)
-                yield _fill(store)
+                yield fill(store)
                 store.close()
                 return
             own = PostgresStorage(dsn, schema=schema, max_size=2)
-            _fill(own)
+            fill(own)
             if kind == "postgres":
                 yield own
             else:
@@ -122,45 +95,7 @@ def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             own.close()
 
 
-def _progress(pid: str) -> Progress:
-    return Progress.recount(pid, (t.status for t in TASKS if t.project_id == pid))
-
-
-def _expected_projects(projects: frozenset[str] | None, after: str | None) -> list[str]:
-    return sorted(
-        p.id
-        for p in PROJECTS
-        if (projects is None or p.id in projects) and (after is None or p.id > after)
-    )
-
-
-def _expected_blocked(
-    projects: frozenset[str] | None, error_type: str | None, after: tuple[str, str] | None
-) -> list[tuple[str, str]]:
-    return [
-        (t.project_id, t.id)
-        for t in BLOCKED
-        if (projects is None or t.project_id in projects)
-        and (error_type is None or t.error_type == error_type)
-        and (after is None or (t.project_id, t.id) > after)
-    ]
-
-
-# Cursors: a stored id, one just beside it, or any text (NUL, lone surrogates...).
-_ids = st.sampled_from(IDS)
-_near = st.builds(
-    lambda a, b: a + b, _ids, st.sampled_from(["", "\x00", "\ud800", " ", "\U0010ffff"])
-)
-_text = st.one_of(_ids, _near, st.text(max_size=4))
-_sets = st.one_of(st.none(), st.frozensets(st.one_of(_ids, st.text(max_size=3)), max_size=6))
-_SETTINGS = settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
-def test_every_project_in_python_order_with_its_progress(filled: Any) -> None:
+def test_every_project_in_python_order_with_itsprogress(filled: Any) -> None:
     """Pages of 4 walk every project once, by code point, each with its counters."""
     seen: list[str] = []
     after = None
@@ -168,7 +103,7 @@ def test_every_project_in_python_order_with_its_progress(filled: Any) -> None:
         page = filled.list_projects(after=after, limit=4)
         for summary in page:
             assert summary.project == next(p for p in PROJECTS if p.id == summary.project.id)
-            assert summary.progress == _progress(summary.project.id)
+            assert summary.progress == progress(summary.project.id)
         seen += [s.project.id for s in page]
         if len(page) < 4:
             break
@@ -176,14 +111,14 @@ def test_every_project_in_python_order_with_its_progress(filled: Any) -> None:
     assert seen == sorted(IDS)
 
 
-@_SETTINGS
-@given(after=st.one_of(st.none(), _text), limit=st.integers(1, 20), projects=_sets)
+@SETTINGS
+@given(after=st.one_of(st.none(), TEXT), limit=st.integers(1, 20), projects=SETS)
 def test_a_page_of_projects_is_pythons(
     filled: Any, after: str | None, limit: int, projects: frozenset[str] | None
 ) -> None:
     page = filled.list_projects(projects=projects, after=after, limit=limit)
-    assert [s.project.id for s in page] == _expected_projects(projects, after)[:limit]
-    assert all(s.progress == _progress(s.project.id) for s in page)
+    assert [s.project.id for s in page] == expected_projects(projects, after)[:limit]
+    assert all(s.progress == progress(s.project.id) for s in page)
 
 
 def test_every_blocked_task_walked_in_python_order(filled: Any) -> None:
@@ -199,11 +134,11 @@ def test_every_blocked_task_walked_in_python_order(filled: Any) -> None:
     assert seen == [(t.project_id, t.id) for t in BLOCKED]
 
 
-@_SETTINGS
+@SETTINGS
 @given(
-    after=st.one_of(st.none(), st.tuples(_text, _text)),
+    after=st.one_of(st.none(), st.tuples(TEXT, TEXT)),
     limit=st.integers(1, 30),
-    projects=_sets,
+    projects=SETS,
     error_type=st.one_of(st.none(), st.sampled_from(ERRORS[1:]), st.text(max_size=2)),
 )
 def test_a_page_of_blocked_tasks_is_pythons(
@@ -214,7 +149,7 @@ def test_a_page_of_blocked_tasks_is_pythons(
     error_type: str | None,
 ) -> None:
     page = filled.blocked_tasks(projects=projects, error_type=error_type, after=after, limit=limit)
-    expected = _expected_blocked(projects, error_type, after)[:limit]
+    expected = expected_blocked(projects, error_type, after)[:limit]
     assert [(t.project_id, t.id) for t in page] == expected
     by_key = {(t.project_id, t.id): t for t in BLOCKED}
     assert all(t == by_key[(t.project_id, t.id)] for t in page)
@@ -245,7 +180,7 @@ def test_more_projects_than_one_in_list_holds(filled: Any) -> None:
     many = frozenset({*IDS, *(f"missing {n:04}" for n in range(1200))})
     assert [s.project.id for s in filled.list_projects(projects=many, limit=1000)] == sorted(IDS)
     page = filled.blocked_tasks(projects=many, after=("a", "a"), limit=1000)
-    assert [(t.project_id, t.id) for t in page] == _expected_blocked(None, None, ("a", "a"))
+    assert [(t.project_id, t.id) for t in page] == expected_blocked(None, None, ("a", "a"))
 
 
 # -- plans: a page is read from an index, not by scanning every task ------------------
@@ -264,8 +199,6 @@ _SHAPES = [  # (projects listed, by error type, after project, after task)
 @pytest.mark.parametrize("shape", _SHAPES)
 def test_sqlite_reads_blocked_tasks_from_their_index(tmp_path: Path, shape: Any) -> None:
     SQLiteStorage(tmp_path / "plan.db").close()
-    import sqlite3
-
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
         statement = _ENGINE.sql.blocked_tasks(*shape)
@@ -281,8 +214,6 @@ def test_sqlite_reads_blocked_tasks_from_their_index(tmp_path: Path, shape: Any)
 
 def test_sqlite_reads_projects_in_key_order(tmp_path: Path) -> None:
     SQLiteStorage(tmp_path / "plan.db").close()
-    import sqlite3
-
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
         for count, op in [(0, None), (0, ">"), (3, None)]:
@@ -352,7 +283,7 @@ def test_postgres_orders_ids_as_python_whatever_the_database_collation(
     with schema_dropped_after(postgres_dsn, "coll") as schema:
         store = PostgresStorage(postgres_dsn, schema=schema, max_size=1)
         try:
-            _fill(store)
+            fill(store)
             with psycopg.connect(postgres_dsn) as conn:
                 collations = {
                     row[0]
