@@ -43,7 +43,7 @@ from psycopg_pool import ConnectionPool
 from deepwork_retry._core import events as ev
 from deepwork_retry._core.events import Event as LifecycleEvent
 from deepwork_retry._core.events import EventRetry
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -436,9 +436,7 @@ class PostgresStorage:
         limit: int = 100,
     ) -> list[ProjectSummary]:
         """Projects by id, each joined to the sum of its progress stripes: one statement."""
-        check_limit(limit)
-        if after is not None and not isinstance(after, str):
-            raise InvalidInput("after must be a project id (a string)")
+        projects, after = check_projects_page(projects, after, limit)
         listed = None
         if projects is not None:
             listed = common.listed(projects, after, inclusive=False, storable=q.findable)
@@ -463,13 +461,9 @@ class PostgresStorage:
     ) -> list[Task]:
         """Blocked tasks across projects by ``(project_id, id)`` from the partial index of
         blocked tasks: one statement."""
-        check_limit(limit)
-        after = common.blocked_after(after)
-        if error_type is not None:
-            if not isinstance(error_type, str):
-                raise InvalidInput("error_type must be a string")
-            if not q.findable(error_type):
-                return []  # stored error types hold neither NUL nor lone surrogates
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not q.findable(error_type):
+            return []  # stored error types hold no lone surrogate
         listed = None
         if projects is not None:
             start = None if after is None else after[0]

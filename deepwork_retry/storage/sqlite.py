@@ -69,7 +69,7 @@ from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
-    AsyncFromSyncOneStepEvents,
+    AsyncFromSyncOneStepEventsOverview,
 )
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStorage", "migrations"]
@@ -900,7 +900,7 @@ _ABANDONED: list[sqlite3.Connection] = []
 """Connections inherited through fork: kept referenced so they are never closed in the child."""
 
 
-class AsyncSQLiteStorage(AsyncFromSyncOneStepEvents[SQLiteStorage]):
+class AsyncSQLiteStorage(AsyncFromSyncOneStepEventsOverview[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from overview_support import (
     BLOCKED,
-    ERRORS,
+    ERROR_TYPES,
     IDS,
     SETS,
     SETTINGS,
@@ -54,7 +54,7 @@ def test_pages_walk_every_project_and_blocked_task_in_order(filled: DjangoStorag
     cursor=st.one_of(st.none(), st.tuples(TEXT, TEXT)),
     limit=st.integers(1, 30),
     projects=SETS,
-    error_type=st.one_of(st.none(), st.sampled_from(ERRORS[1:]), st.text(max_size=2)),
+    error_type=ERROR_TYPES,
 )
 def test_a_page_is_pythons(
     filled: DjangoStorage,

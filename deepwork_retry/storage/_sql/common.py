@@ -22,7 +22,6 @@ import attrs
 from deepwork_retry._core.effects import Arg, ByBudget, Const, Expr, Field, Move, Now, Plus
 from deepwork_retry._core.model import Attempt, DispatchEntry, IdempotencyRecord, Project, Task
 from deepwork_retry._core.states import TaskStatus
-from deepwork_retry.exceptions import InvalidInput
 
 # -- columns -----------------------------------------------------------------------
 
@@ -229,19 +228,6 @@ def encodes(value: str) -> bool:
     return True
 
 
-def blocked_after(after: object) -> tuple[str, str] | None:
-    """The cursor of the blocked tasks' page, checked: ``(project_id, task_id)``."""
-    if after is None:
-        return None
-    if (
-        not isinstance(after, tuple)
-        or len(after) != 2
-        or not all(isinstance(part, str) for part in after)
-    ):
-        raise InvalidInput("after must be a (project_id, task_id) pair of strings")
-    return after
-
-
 def listed(
     projects: Iterable[str],
     after: str | None,
@@ -252,9 +238,7 @@ def listed(
     """The ids of ``projects`` a storage may hold (``storable``), after ``after`` (or
     from it, when ``inclusive``), in the order of the stored ids (code point order,
     as Python orders str)."""
-    if isinstance(projects, str):
-        raise InvalidInput("projects must be a set of project ids, not a string")
-    ids = {p for p in projects if isinstance(p, str) and storable(p)}
+    ids = {p for p in projects if storable(p)}
     if after is not None:
         ids = {p for p in ids if p > after or (inclusive and p == after)}
     return sorted(ids)

@@ -32,7 +32,7 @@ import attrs
 from deepwork_retry._core import effects, machine
 from deepwork_retry._core import events as lifecycle
 from deepwork_retry._core.events import Event, EventRetry
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -319,9 +319,7 @@ class Engine:
         """A page of projects by id with their progress (the counters are columns of
         the project's row): one statement, or one per :data:`IN_CHUNK` ids of
         ``projects``, in id order, until the page is full."""
-        check_limit(limit)
-        if after is not None and not isinstance(after, str):
-            raise InvalidInput("after must be a project id (a string)")
+        projects, after = check_projects_page(projects, after, limit)
         if projects is None:
             params: list[Any] = []
             op = None
@@ -357,13 +355,9 @@ class Engine:
         """A page of blocked tasks by ``(project_id, id)``, read from the index of
         blocked tasks: one statement, or one per :data:`IN_CHUNK` ids of ``projects``,
         in id order, until the page is full."""
-        check_limit(limit)
-        after = common.blocked_after(after)
-        if error_type is not None:
-            if not isinstance(error_type, str):
-                raise InvalidInput("error_type must be a string")
-            if not self.dialect.surrogates and not common.encodes(error_type):
-                return []  # no stored error type holds a lone surrogate
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not (self.dialect.surrogates or common.encodes(error_type)):
+            return []  # the database stores no error type holding a lone surrogate
         bound = after_bound or (lambda value: (">", value))
         head: tuple[Any, ...] = () if error_type is None else (codec.text(error_type),)
         after_project = after_task = None

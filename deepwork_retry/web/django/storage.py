@@ -42,7 +42,7 @@ from typing import Any
 
 from deepwork_retry._core import events as ev
 from deepwork_retry._core.events import Event, EventRetry, EventType
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
@@ -83,7 +83,7 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._sql.common import after_bound, blocked_after, chunks, listed
+from deepwork_retry.storage._sql.common import after_bound, chunks, listed
 from deepwork_retry.storage._validate import check_new_tasks
 
 try:
@@ -656,9 +656,7 @@ class DjangoStorage:
     ) -> list[ProjectSummary]:
         """Projects by id (code point order) with their progress, the project row's own
         counters: one query, or one per 500 ids of ``projects``."""
-        check_limit(limit)
-        if after is not None and not isinstance(after, str):
-            raise InvalidInput("after must be a project id (a string)")
+        projects, after = check_projects_page(projects, after, limit)
         runs: list[list[str] | None] = [None]
         if projects is not None:
             runs = list(chunks(listed(projects, after, inclusive=False, storable=_findable)))
@@ -691,13 +689,9 @@ class DjangoStorage:
         """Blocked tasks across projects by ``(project_id, task id)`` in code point order,
         found by the index that leads with the status: one query, or one per 500 ids of
         ``projects``."""
-        check_limit(limit)
-        after = blocked_after(after)
-        if error_type is not None:
-            if not isinstance(error_type, str):
-                raise InvalidInput("error_type must be a string")
-            if not _findable(error_type):
-                return []  # stored error types hold neither NUL nor lone surrogates
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not _findable(error_type):
+            return []  # stored error types hold no lone surrogate
         runs: list[list[str] | None] = [None]
         if projects is not None:
             start = None if after is None else after[0]
