@@ -642,6 +642,7 @@ _STATES = {
         "delivered": DispatchState.DELIVERED,
         "awaiting_start": retention.AWAITING_START,
         "running": TaskStatus.IN_PROGRESS,
+        "blocked": TaskStatus.BLOCKED,
     }.items()
 }
 """The core's states the statements name, as ``{pending}`` and so on: an outbox entry
@@ -659,6 +660,8 @@ class Queries:
         self._apply_cache: dict[_Shape, tuple[bytes, frozenset[str]]] = {}
         self._project_cache: dict[tuple[bool, bool, bool], bytes] = {}
         self._list_cache: dict[tuple[bool, str | None], bytes] = {}
+        self._projects_cache: dict[tuple[bool, str | None], bytes] = {}
+        self._blocked_cache: dict[tuple[bool, bool, str | None, str | None], bytes] = {}
         q = self.render
         self.lock = q("SELECT pg_advisory_xact_lock(%s, hashtext(%s))")
         self.bootstrap = q(
@@ -915,6 +918,78 @@ class Queries:
                 " WHERE p.id = %(pid)s"
             )
             self._list_cache[key] = query
+        return query, params
+
+    # -- reads across projects ---------------------------------------------------------
+    def list_projects(
+        self, projects: Sequence[str] | None, after: str | None, limit: int
+    ) -> tuple[bytes, dict[str, Any]]:
+        """A page of projects by id, each joined to the sum of its progress stripes
+        (project columns, then :data:`PROGRESS_COLS`); ``projects`` (storable ids)
+        keeps only those."""
+        op = None
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            op, params["after"] = after_bound(after)
+        if projects is not None:
+            params["ids"] = list(projects)
+        key = (projects is not None, op)
+        query = self._projects_cache.get(key)
+        if query is None:
+            where = []
+            if projects is not None:
+                where.append("id = ANY(%(ids)s::text[])")
+            if op is not None:
+                where.append(f"id {op} %(after)s")
+            query = self.render(
+                f"SELECT {_cols(PROJECT_COLS, 'p.')}, p.id, {_cols(COUNTERS, 'g.')}"
+                f" FROM (SELECT {_cols(PROJECT_COLS)} FROM {{s}}.projects"
+                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+                " ORDER BY id LIMIT %(limit)s) AS p CROSS JOIN LATERAL"
+                f" (SELECT {_sums()} FROM {{s}}.progress WHERE project_id = p.id) AS g"
+                " ORDER BY p.id"
+            )
+            self._projects_cache[key] = query
+        return query, params
+
+    def blocked_tasks(
+        self,
+        projects: Sequence[str] | None,
+        error_type: str | None,
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """A page of blocked tasks by ``(project_id, id)`` from the partial index of
+        blocked tasks (``tasks_blocked``); ``projects`` (storable ids) keeps only those,
+        ``error_type`` (storable) only the tasks whose error type it is."""
+        params: dict[str, Any] = {"limit": limit}
+        after_project = after_task = None
+        if after is not None:
+            after_project, params["pid"] = after_bound(after[0])
+            if after_project == ">" and params["pid"] == after[0]:  # a storable project id
+                after_project = "="
+                after_task, params["tid"] = after_bound(after[1])
+        if projects is not None:
+            params["ids"] = list(projects)
+        if error_type is not None:
+            params["error"] = error_type
+        key = (projects is not None, error_type is not None, after_project, after_task)
+        query = self._blocked_cache.get(key)
+        if query is None:
+            where = ["status = {blocked}"]  # the partial index's own condition
+            if projects is not None:
+                where.append("project_id = ANY(%(ids)s::text[])")
+            if error_type is not None:
+                where.append("error_type = %(error)s")
+            if after_project == "=":
+                where.append(f"(project_id, id) {after_task} (%(pid)s, %(tid)s)")
+            elif after_project is not None:
+                where.append(f"project_id {after_project} %(pid)s")
+            query = self.render(
+                f"SELECT {_cols(TASK_COLS)} FROM {{s}}.tasks WHERE {' AND '.join(where)}"
+                " ORDER BY project_id, id LIMIT %(limit)s"
+            )
+            self._blocked_cache[key] = query
         return query, params
 
     # -- apply -----------------------------------------------------------------------

@@ -116,6 +116,12 @@ class PostgresOps:
     ) -> Any:
         return ex.call("list_tasks", project_id, **kwargs)
 
+    def list_projects(self, ex: PostgresExecutor, *, after_bound: Any = None, **kwargs: Any) -> Any:
+        return ex.call("list_projects", **kwargs)
+
+    def blocked_tasks(self, ex: PostgresExecutor, *, after_bound: Any = None, **kwargs: Any) -> Any:
+        return ex.call("blocked_tasks", **kwargs)
+
     @staticmethod
     def plan_params(plan: Any) -> None:
         return None

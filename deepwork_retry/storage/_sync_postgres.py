@@ -43,13 +43,14 @@ from psycopg_pool import ConnectionPool
 from deepwork_retry._core import events as ev
 from deepwork_retry._core.events import Event as LifecycleEvent
 from deepwork_retry._core.events import EventRetry
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -425,6 +426,53 @@ class PostgresStorage:
         if row is None:
             raise ProjectNotFound(project_id)
         return q.decode_progress(row)
+
+    # -- reads across projects (the ProjectOverview port) ----------------------------
+    def list_projects(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ProjectSummary]:
+        """Projects by id, each joined to the sum of its progress stripes: one statement."""
+        projects, after = check_projects_page(projects, after, limit)
+        listed = None
+        if projects is not None:
+            listed = common.listed(projects, after, inclusive=False, storable=q.findable)
+            if not listed:
+                return []
+            after = None  # the ids listed are those after it
+        query, params = self._q.list_projects(listed, after, limit)
+        rows = self._all(query, params)
+        width = len(q.PROJECT_COLS)
+        return [
+            ProjectSummary(project=q.decode_project(row), progress=q.decode_progress(row, width))
+            for row in rows
+        ]
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects by ``(project_id, id)`` from the partial index of
+        blocked tasks: one statement."""
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not q.findable(error_type):
+            return []  # stored error types hold no lone surrogate
+        listed = None
+        if projects is not None:
+            start = None if after is None else after[0]
+            listed = common.listed(projects, start, inclusive=True, storable=q.findable)
+            if not listed:
+                return []
+        query, params = self._q.blocked_tasks(listed, error_type, after, limit)
+        rows = self._all(query, params)
+        return [q.decode_task(row) for row in rows]
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         if not (q.findable(project_id) and q.findable(task_id)):

@@ -30,6 +30,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -223,6 +224,37 @@ class SQLAlchemyStorage:
 
     def progress(self, project_id: str) -> Progress:
         return self._read(self._bound.engine.progress, project_id)
+
+    # -- reads across projects (the ProjectOverview port) --------------------------------
+    def list_projects(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ProjectSummary]:
+        """Projects by id with their progress, in one statement."""
+        check_limit(limit)
+        return self._read(
+            self._bound.engine.list_projects, projects=projects, after=after, limit=limit,
+            after_bound=self._bound.after_bound,
+        )  # fmt: skip
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects by ``(project_id, id)``, from the index of
+        blocked tasks, in one statement."""
+        check_limit(limit)
+        return self._read(
+            self._bound.engine.blocked_tasks, projects=projects, error_type=error_type,
+            after=after, limit=limit, after_bound=self._bound.after_bound,
+        )  # fmt: skip
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         return self._read(self._bound.engine.attempts, project_id, task_id)

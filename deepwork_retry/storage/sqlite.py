@@ -47,6 +47,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -68,7 +69,7 @@ from deepwork_retry.storage._to_async import (
     DEFAULT_MAX_WAITING_WRITES,
     DEFAULT_READERS,
     DEFAULT_WRITERS,
-    AsyncFromSyncOneStepEvents,
+    AsyncFromSyncOneStepEventsOverview,
 )
 
 __all__ = ["APPLICATION_ID", "AsyncSQLiteStorage", "SQLiteDialect", "SQLiteStorage", "migrations"]
@@ -648,6 +649,36 @@ class SQLiteStorage:
         with self._tx(write=False) as c:
             return _ENGINE.progress(c, project_id)
 
+    # -- reads across projects (the ProjectOverview port) ----------------------------------
+    def list_projects(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ProjectSummary]:
+        """Projects by id with their progress (the counters are the project row's own)."""
+        with self._tx(write=False) as c:
+            return _ENGINE.list_projects(
+                c, projects=projects, after=after, limit=limit, after_bound=_after_bound
+            )
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects by ``(project_id, id)``, from the partial index
+        of blocked tasks (``tasks_blocked``)."""
+        with self._tx(write=False) as c:
+            return _ENGINE.blocked_tasks(
+                c, projects=projects, error_type=error_type, after=after, limit=limit,
+                after_bound=_after_bound,
+            )  # fmt: skip
+
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._tx(write=False) as c:
             return _ENGINE.attempts(c, project_id, task_id)
@@ -869,7 +900,7 @@ _ABANDONED: list[sqlite3.Connection] = []
 """Connections inherited through fork: kept referenced so they are never closed in the child."""
 
 
-class AsyncSQLiteStorage(AsyncFromSyncOneStepEvents[SQLiteStorage]):
+class AsyncSQLiteStorage(AsyncFromSyncOneStepEventsOverview[SQLiteStorage]):
     """:class:`SQLiteStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     ``sqlite3`` blocks, so every call runs in a worker thread the storage

@@ -219,6 +219,37 @@ def after_bound(after: str, unstorable: re.Pattern[str]) -> tuple[str, str]:
     return ">=", prefix + "\ue000"
 
 
+def encodes(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8 (holds no lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def listed(
+    projects: Iterable[str],
+    after: str | None,
+    *,
+    inclusive: bool,
+    storable: Callable[[str], bool] = encodes,
+) -> list[str]:
+    """The ids of ``projects`` a storage may hold (``storable``), after ``after`` (or
+    from it, when ``inclusive``), in the order of the stored ids (code point order,
+    as Python orders str)."""
+    ids = {p for p in projects if storable(p)}
+    if after is not None:
+        ids = {p for p in ids if p > after or (inclusive and p == after)}
+    return sorted(ids)
+
+
+def chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    """``ids`` in consecutive runs of at most ``size`` (each an ``IN`` list short enough
+    for every dialect), so that pages read run after run stay in order."""
+    return [ids[start : start + size] for start in range(0, len(ids), size)]
+
+
 # -- migrations ------------------------------------------------------------------------
 
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

@@ -22,6 +22,16 @@ may change is a class attribute or a method of :class:`Dialect`:
 - :meth:`identifier`, :meth:`upsert`, :meth:`insert_ignore`, :meth:`limited`,
   ``from_nothing``:
   the statements' shapes that differ.
+- ``row_values``: whether a page after a pair of ids is the row comparison
+  ``(project_id, id) > (?, ?)``, which the dialect's planner turns into one
+  index range (SQLite), rather than ``project_id > ? OR (project_id = ? AND
+  id > ?)`` (MySQL, whose range optimiser reads the ``OR`` as two ranges);
+  ``blocked_index``: the hint that makes the blocked tasks' page read the
+  index of blocked tasks (``INDEXED BY`` on SQLite, whose planner otherwise
+  prefers the primary key once the projects are listed);
+- :meth:`exact`: a text column compared character for character;
+- ``surrogates``: whether text holding lone surrogates is stored (SQLite keeps
+  it as a BLOB of its surrogate-pass encoding; MySQL refuses it).
 - ``errors`` (driver error code -> :class:`Kind`) and :meth:`error_code`: the
   error classification behind :func:`translate`, the one place a driver error
   becomes a library error.
@@ -99,6 +109,12 @@ class Dialect:
     the new values (MySQL): the one-step retry orders its assignments to read old ones."""
     from_nothing: ClassVar[str] = ""
     """Appended to a ``SELECT`` of values with a ``WHERE`` but no table (``" FROM DUAL"``)."""
+    row_values: ClassVar[bool] = True
+    """Whether a page after a pair of ids compares them as one row value (see above)."""
+    blocked_index: ClassVar[str] = " INDEXED BY tasks_blocked"
+    """Appended to ``tasks`` in the blocked tasks' page: the index it must read."""
+    surrogates: ClassVar[bool] = True
+    """Whether text holding lone surrogates is stored (and so may be compared with)."""
     errors: ClassVar[Mapping[int | str, Kind]] = {}
     """Driver error code (see :meth:`error_code`: a number, or an SQLSTATE) -> what it
     means."""
@@ -168,6 +184,11 @@ class Dialect:
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(values)}) "
             f"ON CONFLICT ({key}) DO UPDATE SET {sets}{where}"
         )
+
+    def exact(self, column: str) -> str:
+        """``column`` of free text as an operand of ``=`` that tells every character,
+        trailing spaces included (MySQL's ``utf8mb4_bin`` pads: ``'a' = 'a '``)."""
+        return column
 
     def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
         """Insert a row unless one with the same key exists."""

@@ -32,13 +32,14 @@ import attrs
 from deepwork_retry._core import effects, machine
 from deepwork_retry._core import events as lifecycle
 from deepwork_retry._core.events import Event, EventRetry
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, AttemptUpdate, Plan, ProjectPlan, Release
@@ -305,6 +306,84 @@ class Engine:
         self.get_project(ex, project_id)
         rows = ex.execute(self.sql.list_tasks(status is not None, op), (*params, limit))
         return [codec.task(row) for row in rows.fetchall()]
+
+    def list_projects(
+        self,
+        ex: Executor,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        after_bound: Callable[[str], tuple[str, Any]] | None = None,
+    ) -> list[ProjectSummary]:
+        """A page of projects by id with their progress (the counters are columns of
+        the project's row): one statement, or one per :data:`IN_CHUNK` ids of
+        ``projects``, in id order, until the page is full."""
+        projects, after = check_projects_page(projects, after, limit)
+        if projects is None:
+            params: list[Any] = []
+            op = None
+            if after is not None:
+                op, bound = after_bound(after) if after_bound else (">", after)
+                params.append(codec.text(bound))
+            rows = ex.execute(self.sql.list_projects(0, op), (*params, limit)).fetchall()
+            return [self._summary(row) for row in rows]
+        found: list[ProjectSummary] = []
+        for chunk in common.chunks(common.listed(projects, after, inclusive=False), IN_CHUNK):
+            statement = self.sql.list_projects(len(chunk), None)
+            rows = ex.execute(statement, (*chunk, limit - len(found))).fetchall()
+            found.extend(self._summary(row) for row in rows)
+            if len(found) == limit:
+                break
+        return found
+
+    def _summary(self, row: Any) -> ProjectSummary:
+        width = self.sql.project_width
+        project = codec.project(row[:width])
+        return ProjectSummary(project=project, progress=codec.progress(row, project.id, width))
+
+    def blocked_tasks(
+        self,
+        ex: Executor,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+        after_bound: Callable[[str], tuple[str, Any]] | None = None,
+    ) -> list[Task]:
+        """A page of blocked tasks by ``(project_id, id)``, read from the index of
+        blocked tasks: one statement, or one per :data:`IN_CHUNK` ids of ``projects``,
+        in id order, until the page is full."""
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not (self.dialect.surrogates or common.encodes(error_type)):
+            return []  # the database stores no error type holding a lone surrogate
+        bound = after_bound or (lambda value: (">", value))
+        head: tuple[Any, ...] = () if error_type is None else (codec.text(error_type),)
+        after_project = after_task = None
+        if after is not None:
+            after_project, project_bound = bound(after[0])
+            if after_project == ">" and project_bound == after[0]:  # a storable project id
+                after_task, task_bound = bound(after[1])
+                after_project = "="
+                head += (codec.text(after[0]), codec.text(task_bound))
+            else:  # no stored project has this id: the tasks of the projects after it
+                head += (codec.text(project_bound),)
+        if projects is None:
+            statement = self.sql.blocked_tasks(0, error_type is not None, after_project, after_task)
+            rows = ex.execute(statement, (*head, limit)).fetchall()
+            return [codec.task(row) for row in rows]
+        found: list[Task] = []
+        start = None if after is None else after[0]
+        for chunk in common.chunks(common.listed(projects, start, inclusive=True), IN_CHUNK):
+            statement = self.sql.blocked_tasks(
+                len(chunk), error_type is not None, after_project, after_task
+            )
+            rows = ex.execute(statement, (*chunk, *head, limit - len(found))).fetchall()
+            found.extend(codec.task(row) for row in rows)
+            if len(found) == limit:
+                break
+        return found
 
     def progress(self, ex: Executor, project_id: str) -> Progress:
         row = ex.execute(self.sql.progress, (codec.text(project_id),)).fetchone()

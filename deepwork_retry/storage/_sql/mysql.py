@@ -12,6 +12,10 @@ everywhere else. Differences from the shared statements:
 - no ``RETURNING``; reads that a write then changes take ``FOR UPDATE``;
 - a subquery may not read the table its statement inserts into or deletes
   from: it reads a derived table (materialised first) instead;
+- a page after a pair of ids is spelt with ``OR`` (two index ranges), not as
+  a row comparison; text with lone surrogates is not stored, so never matches;
+  free text is compared as bytes where it must equal exactly (``utf8mb4_bin``
+  ignores trailing spaces);
 - error codes: deadlocks and lock waits are busy, a duplicate key a conflict,
   a lost or refused connection unavailable.
 """
@@ -55,6 +59,9 @@ class MySQLDialect(Dialect):
     conditional_upsert: ClassVar[bool] = False
     sequential_set: ClassVar[bool] = True
     from_nothing: ClassVar[str] = " FROM DUAL"
+    row_values: ClassVar[bool] = False
+    blocked_index: ClassVar[str] = ""  # tasks_assigned leads with the status: it serves
+    surrogates: ClassVar[bool] = False
     errors: ClassVar[Mapping[int | str, Kind]] = {
         1205: Kind.BUSY,  # ER_LOCK_WAIT_TIMEOUT
         1213: Kind.DEADLOCK,  # ER_LOCK_DEADLOCK: the caller may decide again
@@ -105,6 +112,9 @@ class MySQLDialect(Dialect):
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(values)}) "
             f"ON DUPLICATE KEY UPDATE {sets}"
         )
+
+    def exact(self, column: str) -> str:
+        return f"CAST({column} AS BINARY)"  # bytes: no padding
 
     def insert_ignore(self, table: str, columns: Sequence[str]) -> str:
         marks = ", ".join("?" for _ in columns)

@@ -410,6 +410,8 @@ class Statements:
         self._tasks_in: dict[tuple[int, bool], str] = {}
         self._list_tasks: dict[tuple[bool, str | None], str] = {}
         self._add_counts: dict[tuple[str, ...], str] = {}
+        self._list_projects: dict[tuple[int, str | None], str] = {}
+        self._blocked: dict[tuple[int, bool, str | None, str | None], str] = {}
         self._insert_events: dict[int, str] = {}
 
     # -- statements whose shape depends on the call -------------------------------------
@@ -439,6 +441,72 @@ class Statements:
             where += f" AND id {after} ?"
         sql = self._list_tasks[(by_status, after)] = self.dialect.sql(
             f"SELECT {self.task_cols} FROM tasks WHERE {where} ORDER BY id LIMIT ?"
+        )
+        return sql
+
+    def list_projects(self, count: int, after: str | None) -> str:
+        """([``count`` project ids...][, after bound], limit): a page of projects with
+        their counters (:data:`COUNTERS`, after the project's columns), by id; ``count``
+        0 reads every project, ``after`` is the comparison of the bound or ``None``."""
+        key = (count, after)
+        sql = self._list_projects.get(key)
+        if sql is not None:
+            return sql
+        where = []
+        if count:
+            where.append(f"id IN ({', '.join('?' for _ in range(count))})")
+        if after is not None:
+            assert after in (">", ">=")
+            where.append(f"id {after} ?")
+        sql = self._list_projects[key] = self.dialect.sql(
+            f"SELECT {common.cols(common.PROJECT_COLUMNS)}, {', '.join(COUNTERS)} "
+            f"FROM projects{' WHERE ' + ' AND '.join(where) if where else ''} "
+            "ORDER BY id LIMIT ?"
+        )
+        return sql
+
+    def blocked_tasks(
+        self, count: int, by_error: bool, after_project: str | None, after_task: str | None
+    ) -> str:
+        """([``count`` project ids...][, error type][, after project[, after task]], limit):
+        a page of blocked tasks across projects, by (project, id), from the index of
+        blocked tasks; ``count`` 0 reads every project. ``after_project`` is the
+        comparison of the project bound alone (no stored project equals it), or ``"="``
+        when the page follows a stored pair: ``after_task`` then compares the task bound.
+        """
+        key = (count, by_error, after_project, after_task)
+        sql = self._blocked.get(key)
+        if sql is not None:
+            return sql
+        d = self.dialect
+        where = [f"status = {common.literal(TaskStatus.BLOCKED)}"]  # the partial index's
+        n = 0
+
+        def mark() -> str:
+            nonlocal n
+            n += 1
+            return f"?{n}"
+
+        if count:
+            where.append(f"project_id IN ({', '.join(mark() for _ in range(count))})")
+        if by_error:
+            where.append(f"{d.exact('error_type')} = {mark()}")
+        if after_project == "=":
+            assert after_task in (">", ">=")
+            pid, tid = mark(), mark()
+            if d.row_values:
+                where.append(f"(project_id, id) {after_task} ({pid}, {tid})")
+            else:
+                where.append(
+                    f"(project_id > {pid} OR (project_id = {pid} AND id {after_task} {tid}))"
+                )
+        elif after_project is not None:
+            assert after_project in (">", ">=")
+            assert after_task is None
+            where.append(f"project_id {after_project} {mark()}")
+        sql = self._blocked[key] = d.sql(
+            f"SELECT {self.task_cols} FROM tasks{d.blocked_index} WHERE {' AND '.join(where)} "
+            f"ORDER BY project_id, id LIMIT {mark()}"
         )
         return sql
 

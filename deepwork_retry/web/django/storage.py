@@ -42,13 +42,14 @@ from typing import Any
 
 from deepwork_retry._core import events as ev
 from deepwork_retry._core.events import Event, EventRetry, EventType
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
     evolve_entry,
 )
@@ -82,7 +83,7 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._sql.common import after_bound
+from deepwork_retry.storage._sql.common import after_bound, chunks, listed
 from deepwork_retry.storage._validate import check_new_tasks
 
 try:
@@ -98,7 +99,7 @@ try:
         transaction,
     )
     from django.db.models import Exists, F, Max, OuterRef, Q, Subquery
-    from django.db.models.functions import Collate
+    from django.db.models.functions import Collate, Length
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     from deepwork_retry.exceptions import missing_extra
 
@@ -464,6 +465,15 @@ class DjangoStorage:
         collation = _ID_ORDER.get(connections[self.using].vendor)
         return F(field) if collation is None else Collate(F(field), collation)
 
+    def _exactly(self, rows: Any, field: str, value: str) -> Any:
+        """``rows`` whose text ``field`` equals ``value`` character for character (on
+        MySQL, in the binary collation, of the same length: it ignores trailing spaces)."""
+        if connections[self.using].vendor != "mysql":
+            return rows.filter(**{field: value})
+        return rows.annotate(
+            _exact=Collate(F(field), _ID_ORDER["mysql"]), _exact_length=Length(field)
+        ).filter(_exact=value, _exact_length=len(value))
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the transaction on the alias commits (at once outside
         one), never if it rolls back: ``transaction.on_commit(callback, using=alias)``."""
@@ -635,6 +645,86 @@ class DjangoStorage:
         if not rows:
             raise ProjectNotFound(project_id)
         return _progress(project_id, rows[0])
+
+    # -- reads across projects (the ProjectOverview port) ---------------------------
+    def list_projects(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ProjectSummary]:
+        """Projects by id (code point order) with their progress, the project row's own
+        counters: one query, or one per 500 ids of ``projects``."""
+        projects, after = check_projects_page(projects, after, limit)
+        runs: list[list[str] | None] = [None]
+        if projects is not None:
+            runs = list(chunks(listed(projects, after, inclusive=False, storable=_findable)))
+        found: list[ProjectSummary] = []
+        with self._tx(write=False) as db:
+            for run in runs:
+                rows = m.Project.objects.using(db).annotate(_order=self._id_order("id"))
+                if run is not None:
+                    rows = rows.filter(id__in=run)
+                elif after is not None:
+                    op, bound = after_bound(after, _UNSTORABLE)
+                    rows = rows.filter(**{"_order__gt" if op == ">" else "_order__gte": bound})
+                for row in rows.order_by("_order")[: limit - len(found)]:
+                    counters = [getattr(row, name) for name in _COUNTERS]
+                    found.append(
+                        ProjectSummary(project=_project(row), progress=_progress(row.id, counters))
+                    )
+                if len(found) == limit:
+                    break
+        return found
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects by ``(project_id, task id)`` in code point order,
+        found by the index that leads with the status: one query, or one per 500 ids of
+        ``projects``."""
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        if error_type is not None and not _findable(error_type):
+            return []  # stored error types hold no lone surrogate
+        runs: list[list[str] | None] = [None]
+        if projects is not None:
+            start = None if after is None else after[0]
+            runs = list(chunks(listed(projects, start, inclusive=True, storable=_findable)))
+        found: list[Task] = []
+        with self._tx(write=False) as db:
+            for run in runs:
+                rows = m.Task.objects.using(db).filter(status=TaskStatus.BLOCKED.value)
+                if run is not None:
+                    rows = rows.filter(project_id__in=run)
+                if error_type is not None:
+                    rows = self._exactly(rows, "error_type", error_type)
+                rows = rows.annotate(
+                    _project=self._id_order("project_id"), _order=self._id_order("task_id")
+                )
+                if after is not None:
+                    rows = rows.filter(self._after_pair(*after))
+                for row in rows.order_by("_project", "_order")[: limit - len(found)]:
+                    found.append(_task(row))
+                if len(found) == limit:
+                    break
+        return found
+
+    @staticmethod
+    def _after_pair(project_id: str, task_id: str) -> Q:
+        """``(project, task id) > (project_id, task_id)`` on the collated annotations
+        ``_project`` and ``_order``, for bounds the database may not be able to hold."""
+        op, bound = after_bound(project_id, _UNSTORABLE)
+        if op != ">" or bound != project_id:  # no stored project has this id
+            return Q(**{"_project__gt" if op == ">" else "_project__gte": bound})
+        op, task_bound = after_bound(task_id, _UNSTORABLE)
+        same = {"_project": project_id, "_order__gt" if op == ">" else "_order__gte": task_bound}
+        return Q(_project__gt=project_id) | Q(**same)
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._tx(write=False) as db:

@@ -58,7 +58,8 @@ CREATE TABLE tasks (
     KEY tasks_by_status (project_id, status, id),
     -- Expired leases: the running tasks, by lease.
     KEY tasks_by_lease (status, lease_expires_at, project_id, id),
-    -- redeliver_stale(): the few tasks waiting to be started.
+    -- redeliver_stale(): the few tasks waiting to be started; and, as it leads with
+    -- the status, blocked_tasks(): the blocked tasks across projects by (project, id).
     KEY tasks_assigned (status, project_id, id, attempt)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 

@@ -75,6 +75,9 @@ CREATE INDEX tasks_by_lease ON tasks (lease_expires_at, project_id, id)
 -- redeliver_stale(): the few tasks waiting to be started.
 CREATE INDEX tasks_assigned ON tasks (project_id, id, attempt)
     WHERE status = 'assigned';
+-- blocked_tasks(): the blocked tasks across projects (migration 0006).
+CREATE INDEX tasks_blocked ON tasks (project_id, id)
+    WHERE status = 'blocked';
 
 CREATE TABLE attempts (
     project_id    text COLLATE "C" NOT NULL,
