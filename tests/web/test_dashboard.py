@@ -1028,7 +1028,7 @@ def test_asgi_requests_carry_their_scheme() -> None:
 def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
     from deepwork_retry.demo import create_demo_project
     from deepwork_retry.server import DASHBOARD_PATH, build_app
-    from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
+    from deepwork_retry.storage.sqlite import SQLiteStorage
 
     db = str(tmp_path / "demo.db")
     setup = SQLiteStorage(db)
@@ -1047,14 +1047,12 @@ def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
             assert task.status_code == 200
             assert re.search(r'id="task-status">.*blocked', task.text)
             page = http.get(P + "/")
-            if hasattr(AsyncSQLiteStorage, "list_projects"):
-                assert page.status_code == 200
-                assert 'data-project-id="proj-demo"' in page.text
-                blocked = http.get(P + "/blocked")
-                assert 'data-task-id="task-3"' in blocked.text
-            else:  # until the async SQLite storage keeps the reads across projects
-                assert page.status_code == 501
-                assert "no listing across projects" in page.text
+            assert page.status_code == 200
+            assert 'data-project-id="proj-demo"' in page.text
+            blocked = http.get(P + "/blocked")
+            assert blocked.status_code == 200
+            assert 'data-task-id="task-3"' in blocked.text
+            assert 'data-task-id="task-7"' in blocked.text
     finally:
         app.state.retry_api.close_streams()
         stop()
