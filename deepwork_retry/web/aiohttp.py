@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deepwork_retry._async.services import AsyncRetryService
@@ -36,6 +37,7 @@ from deepwork_retry.web._http import (
 
 try:
     from aiohttp import web
+    from multidict import CIMultiDict
     from aiohttp.web_protocol import RequestPayloadError
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("aiohttp", __name__, exc) from exc
@@ -66,7 +68,7 @@ async def _stream(request: web.Request, result: ApiResponse) -> web.StreamRespon
         return transport is None or transport.is_closing()
 
     stream.disconnected = disconnected  # ends it at its next poll, not its next write
-    response = web.StreamResponse(status=result.status, headers=dict(result.headers))
+    response = web.StreamResponse(status=result.status, headers=CIMultiDict(result.headers))
     try:
         await response.prepare(request)
         async for chunk in stream:
@@ -82,8 +84,8 @@ async def _stream(request: web.Request, result: ApiResponse) -> web.StreamRespon
 async def _respond(request: web.Request, result: ApiResponse) -> web.StreamResponse:
     if result.stream is not None:
         return await _stream(request, result)
-    headers = dict(other_headers(result))
-    headers["Content-Type"] = content_type(result)  # its own (HEAD of a stream), else JSON
+    headers = CIMultiDict(other_headers(result))  # repeated ones (Set-Cookie) all kept
+    headers["Content-Type"] = content_type(result)  # its own (HEAD of a stream, a page), else JSON
     response = web.Response(body=result.body, status=result.status, headers=headers)
     if result.close:
         # The rest of the body is not wanted: answer, then close at once rather
@@ -97,6 +99,46 @@ async def _respond(request: web.Request, result: ApiResponse) -> web.StreamRespo
     return response
 
 
+def _handler(
+    handle: Callable[[ApiRequest], Awaitable[ApiResponse]], body_timeout: float
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler answering every request with ``handle`` (the API's or the dashboard's)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _body(request, body_timeout)
+        except (BodyTimeout, BodyIncomplete) as exc:
+            return await _respond(request, error_response(exc))
+        result = await handle(
+            ApiRequest(
+                method=request.method,
+                path="/" + request.match_info.get("rest", ""),
+                headers=request.headers.items(),
+                query=parse_query(request.rel_url.raw_query_string),
+                body=body,
+                raw_path=path_bytes(request.rel_url.raw_path),
+                # The transport's (https under TLS); a host behind a proxy sets it with
+                # request.clone(scheme=...) in a middleware it trusts.
+                scheme=request.scheme,
+            )
+        )
+        return await _respond(request, result)
+
+    return handler
+
+
+def _catch_all(
+    prefix: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> list[web.RouteDef]:
+    """``prefix`` itself and everything below it, every method ("*"), to ``handler``."""
+    # [\s\S] rather than ".": ids may contain newlines.
+    base = normalise_prefix(prefix)
+    found = [web.route("*", base + r"/{rest:[\s\S]*}", handler)]
+    if base:
+        found.append(web.route("*", base, handler))
+    return found
+
+
 def routes(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -106,31 +148,8 @@ def routes(
 ) -> list[web.RouteDef]:
     """The API's route definitions under ``prefix`` (for ``app.add_routes``)."""
     api = async_api(service, authenticator, authorizer, adapter=__name__)
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await _body(request, api.body_timeout)
-        except (BodyTimeout, BodyIncomplete) as exc:
-            return await _respond(request, error_response(exc))
-        result = await api.handle(
-            ApiRequest(
-                method=request.method,
-                path="/" + request.match_info.get("rest", ""),
-                headers=request.headers.items(),
-                query=parse_query(request.rel_url.raw_query_string),
-                body=body,
-                raw_path=path_bytes(request.rel_url.raw_path),
-            )
-        )
-        return await _respond(request, result)
-
-    # The prefix itself and everything below it, every method ("*"): the API
-    # answers all of them. [\s\S] rather than ".": ids may contain newlines.
-    base = normalise_prefix(prefix)
-    found = [web.route("*", base + r"/{rest:[\s\S]*}", handler)]
-    if base:
-        found.append(web.route("*", base, handler))
-    return found
+    # The API answers every path and method under its prefix itself.
+    return _catch_all(prefix, _handler(api.handle, api.body_timeout))
 
 
 def mount(

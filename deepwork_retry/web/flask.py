@@ -45,22 +45,8 @@ class AnyPathConverter(BaseConverter):
     part_isolating = False
 
 
-def routes(
-    service: RetryService | RetryAPI,
-    authenticator: Authenticator | None = None,
-    authorizer: Authorizer = may_retry,
-    *,
-    prefix: str = DEFAULT_PREFIX,
-    name: str = "deepwork_retry",
-) -> Blueprint:
-    """A blueprint serving the API under ``prefix``; register it on your app.
-
-    Its rules take the prefix and every path and method below it, so the API
-    answers all of them itself (JSON 404 and 405; Flask's automatic ``OPTIONS``
-    and HTML error pages never apply).
-    """
-    api = sync_api(service, authenticator, authorizer, adapter=__name__)
-    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+def _view(handle: Callable[[ApiRequest], ApiResponse]) -> Callable[..., Response]:
+    """The Flask view answering every request with ``handle`` (the API's or the dashboard's)."""
 
     def view(rest: str = "") -> Response:
         try:
@@ -68,7 +54,7 @@ def routes(
         except DeepworkError as exc:  # the body's framing: answered in JSON
             result = error_response(exc)
         else:
-            result = api.handle(
+            result = handle(
                 ApiRequest(
                     method=request.method,
                     path="/" + rest,
@@ -76,6 +62,7 @@ def routes(
                     query=parse_query(request.query_string),
                     body=body,
                     raw_path=wsgi_path_bytes(request.environ),
+                    scheme=request.scheme,  # wsgi.url_scheme (a ProxyFix the host set up sets it)
                 )
             )
         if result.stream is not None:
@@ -86,16 +73,22 @@ def routes(
         return Response(
             result.body,
             status=result.status,
-            headers=other_headers(result),
-            content_type=content_type(result),  # its own (HEAD of a stream), else JSON
+            headers=other_headers(result),  # a list: repeated headers (Set-Cookie) all kept
+            content_type=content_type(result),  # its own (HEAD of a stream, a page), else JSON
         )
+
+    return view
+
+
+def _catch_all(bp: Blueprint, view: Callable[..., Response], endpoint_name: str) -> None:
+    """Route the blueprint's prefix and every path and method below it to ``view``."""
 
     def register(state: BlueprintSetupState) -> None:
         # Rules built here rather than with add_url_rule, which always lists methods
-        # (and adds OPTIONS): methods=None lets every method through to the API.
+        # (and adds OPTIONS): methods=None lets every method through to the view.
         app = state.app
         app.url_map.converters.setdefault(ANY_PATH, AnyPathConverter)
-        endpoint = f"{state.name_prefix}.{state.name}.api".lstrip(".")
+        endpoint = f"{state.name_prefix}.{state.name}.{endpoint_name}".lstrip(".")
         base = (state.url_prefix or "").rstrip("/")
         paths = [base + "/<" + ANY_PATH + ":rest>"] + ([base] if base else [])
         for path in paths:
@@ -113,6 +106,25 @@ def routes(
         app.view_functions[endpoint] = view
 
     bp.record(register)
+
+
+def routes(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_retry",
+) -> Blueprint:
+    """A blueprint serving the API under ``prefix``; register it on your app.
+
+    Its rules take the prefix and every path and method below it, so the API
+    answers all of them itself (JSON 404 and 405; Flask's automatic ``OPTIONS``
+    and HTML error pages never apply).
+    """
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
+    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+    _catch_all(bp, _view(api.handle), "api")
     return bp
 
 

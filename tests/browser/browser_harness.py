@@ -195,11 +195,10 @@ def _start(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
 
 
 def _add_patterns(urlpatterns: list[Any], patterns: list[Any]) -> None:
-    """Put the dashboard's patterns first in the test site's URLs (replacing earlier
-    ones of this process), and make Django's resolver read them again."""
+    """Put the dashboard's patterns first in the test site's URLs (in place of any an
+    earlier server of this process added), and make Django's resolver read them again."""
     from django.urls import clear_url_caches
 
-    names = {getattr(p, "name", None) for p in patterns}
-    urlpatterns[:] = [p for p in urlpatterns if getattr(p, "name", None) not in names or not names]
+    urlpatterns[:] = [p for p in urlpatterns if getattr(p, "name", None) != "dashboard"]
     urlpatterns[:0] = patterns
     clear_url_caches()
