@@ -41,7 +41,7 @@ try:
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from deepwork_retry.web.starlette import routes
+    from deepwork_retry.web.starlette import dashboard_routes, routes
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("server", __name__, exc) from exc
 
@@ -58,14 +58,26 @@ def _tokens(token: str | None) -> tuple[StaticTokens, str]:
 OPENAPI_PATH = "/openapi.json"
 """Where the demo server serves the API's OpenAPI document (outside the API's prefix)."""
 
+DASHBOARD_PATH = "/deep-work"
+"""Where the demo server serves the operator dashboard (sign in with the same token)."""
+
 METRICS_PATH = "/metrics"
 """Where the demo server serves its metrics to Prometheus, with ``metrics=True``."""
 
 
 def build_app(
-    db: str, tokens: StaticTokens, *, pause: float = 1.0, metrics: bool = False
+    db: str,
+    tokens: StaticTokens,
+    *,
+    pause: float = 1.0,
+    metrics: bool = False,
+    dashboard_secret: str | None = None,
 ) -> Starlette:
     """The demo application over the SQLite file ``db``.
+
+    The operator dashboard is at :data:`DASHBOARD_PATH`, its sessions signed with
+    ``dashboard_secret`` (else ``$DEEPWORK_DASHBOARD_SECRET``, else a random one:
+    sessions then end when the server stops).
 
     Its API is ``app.state.retry_api``: a server stopping calls its
     ``close_streams()`` first, so that open event streams do not hold it up.
@@ -121,7 +133,11 @@ def build_app(
     # FastAPI adapter serves, built without FastAPI.
     docs = Route(OPENAPI_PATH, openapi, methods=["GET"], name="openapi")
     api = AsyncRetryAPI(service, tokens)
-    app = Starlette(routes=[docs, *extra, *routes(api)], lifespan=lifespan)
+    secret = (
+        dashboard_secret or os.environ.get("DEEPWORK_DASHBOARD_SECRET") or secrets.token_urlsafe(32)
+    )
+    pages = dashboard_routes(api, secret=secret, prefix=DASHBOARD_PATH)
+    app = Starlette(routes=[docs, *extra, *routes(api), *pages], lifespan=lifespan)
     app.state.retry_api = api
     return app
 

@@ -24,6 +24,10 @@ FILES = [
     ("deepwork_retry/_async/services.py", "deepwork_retry/_sync/services.py"),
     ("deepwork_retry/_async/event_relay.py", "deepwork_retry/_sync/event_relay.py"),
     ("deepwork_retry/web/_async_api.py", "deepwork_retry/web/_sync_api.py"),
+    (
+        "deepwork_retry/web/dashboard/_async_app.py",
+        "deepwork_retry/web/dashboard/_sync_app.py",
+    ),
     ("deepwork_retry/storage/_async_postgres.py", "deepwork_retry/storage/_sync_postgres.py"),
     ("deepwork_retry/storage/_async_sqlalchemy.py", "deepwork_retry/storage/_sync_sqlalchemy.py"),
 ]

@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._bodies import CAP, read_capped_stream
 from deepwork_retry.web._http import (
     ANY_PATH,
@@ -116,6 +115,7 @@ def scope_request(scope: Scope, path: str, body: bytes) -> ApiRequest:
         query=scope_query(scope.get("query_string", b"")),
         body=body,
         raw_path=None if raw_path is None else path_bytes(raw_path),
+        scheme="https" if scope.get("scheme") in ("https", "wss") else "http",
     )
 
 
@@ -166,7 +166,7 @@ async def api_request(request: Request, path: str, timeout: float) -> ApiRequest
     return scope_request(request.scope, path, body)
 
 
-async def handle(api: AsyncRetryAPI, request: Request, path: str) -> Response:
+async def handle(api: Served, request: Request, path: str) -> Response:
     """The API's answer to a Starlette ``request`` (for FastAPI's endpoints)."""
     try:
         plain = await api_request(request, path, api.body_timeout)
@@ -188,13 +188,13 @@ def raw_headers(result: ApiResponse) -> list[tuple[bytes, bytes]]:
     if result.close:
         headers.append((b"connection", b"close"))
     own = content_type(result)
-    if own != JSON:
-        # Its own type (the HEAD of an event stream): the GET's body has no length.
+    if own.startswith(EVENT_STREAM):
+        # The HEAD of an event stream: the GET's body has no length.
         headers.append((b"content-type", own.encode("latin-1")))
         return headers
     if result.status >= 200 and result.status not in _NO_BODY_STATUSES:
         headers.append((b"content-length", str(len(result.body)).encode("latin-1")))
-    headers.append(_CONTENT_TYPE)
+    headers.append(_CONTENT_TYPE if own == JSON else (b"content-type", own.encode("latin-1")))
     return headers
 
 
@@ -278,15 +278,25 @@ def response(result: ApiResponse) -> Response:
 # -- the endpoint --------------------------------------------------------------------------
 
 
+class Served(Protocol):
+    """What an endpoint serves: the API, or the dashboard over it."""
+
+    @property
+    def body_timeout(self) -> float: ...
+
+    async def handle(self, request: ApiRequest) -> ApiResponse: ...
+
+
 class ApiEndpoint:
-    """An ASGI application answering every request routed to it with ``api``.
+    """An ASGI application answering every request routed to it with ``api``
+    (an :class:`~deepwork_retry.web.AsyncRetryAPI`, or anything :class:`Served`).
 
     Mounted as a Starlette ``Route`` on :func:`catch_all_path`, for every method:
     ``rest`` is the request's path below the API's prefix. A body that takes
     longer than the API's ``body_timeout`` is answered 408 and the connection closed.
     """
 
-    def __init__(self, api: AsyncRetryAPI) -> None:
+    def __init__(self, api: Served) -> None:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

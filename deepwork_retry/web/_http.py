@@ -173,7 +173,10 @@ class ApiRequest:
     header names are matched case-insensitively and the first of repeated
     headers or query parameters wins. ``raw_path``, when the adapter knows it,
     is the whole request path as the bytes the client sent (percent-decoded):
-    the API refuses one that is not UTF-8 (:func:`check_path`).
+    the API refuses one that is not UTF-8 (:func:`check_path`). ``scheme`` is
+    ``"https"`` when the adapter's framework says the request came over HTTPS
+    (never taken from ``X-Forwarded-Proto`` unless the host configured its
+    framework to trust it).
     """
 
     method: str = attrs.field(converter=_upper)
@@ -182,6 +185,7 @@ class ApiRequest:
     query: Mapping[str, str] = attrs.field(factory=dict, converter=_query)
     body: bytes = b""
     raw_path: bytes | None = None
+    scheme: str = "http"
 
 
 @attrs.frozen(kw_only=True)

@@ -7,7 +7,10 @@ mount(app, service, tokens)                             # added to yours, or
 app = Starlette(routes=[*routes(service, tokens), ...])  # listed in yours
 
 Every adapter has the same three entry points: ``mount(app, ...)``,
-``routes(...)`` (the framework's own object) and ``create_app(...)``.
+``routes(...)`` (the framework's own object) and ``create_app(...)``, and two
+for the operator dashboard (the extra ``dashboard``)::
+
+    mount_dashboard(app, service, tokens, secret=os.environ["DEEPWORK_DASHBOARD_SECRET"])
 """
 
 from __future__ import annotations
@@ -80,6 +83,63 @@ def create_app(
     return Starlette(routes=routes(service, authenticator, authorizer, prefix=prefix), **starlette)
 
 
+def dashboard_routes(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> list[BaseRoute]:
+    """The dashboard's routes under ``prefix`` (one route taking every path below it).
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
+    stream slots; ``options`` go to
+    :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
+    ``secure``). ``api_prefix`` is where the JSON API is mounted (unused today).
+    """
+    from deepwork_retry.web.dashboard import AsyncDashboard
+
+    api = _api(service, authenticator, authorizer)
+    dashboard = AsyncDashboard(api, secret=secret, prefix=prefix, **options)
+    return [
+        Route(
+            catch_all_path(normalise_prefix(prefix)),
+            ApiEndpoint(dashboard),
+            methods=None,
+            name="deepwork_dashboard",
+        )
+    ]
+
+
+def mount_dashboard(
+    app: Starlette | Router,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
+    app.routes.extend(
+        dashboard_routes(
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            **options,
+        )
+    )
+
+
 def _api(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None,
@@ -88,4 +148,4 @@ def _api(
     return async_api(service, authenticator, authorizer, adapter=__name__)
 
 
-__all__ = ["create_app", "mount", "routes"]
+__all__ = ["create_app", "dashboard_routes", "mount", "mount_dashboard", "routes"]

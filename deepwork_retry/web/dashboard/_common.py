@@ -1,0 +1,340 @@
+"""What the dashboard's async source and its sync twin share: sessions, CSRF,
+headers, form parsing and rendering. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+import attrs
+
+from deepwork_retry.auth import Principal
+from deepwork_retry.exceptions import DeepworkError, missing_extra
+from deepwork_retry.web._http import ApiRequest, ApiResponse, BadRequestBody, normalise_prefix
+
+try:
+    import jinja2
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise missing_extra("dashboard", "deepwork_retry.web.dashboard", exc) from exc
+
+HERE = Path(__file__).resolve().parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+
+SESSION_COOKIE = "deepwork_session"
+LOGIN_COOKIE = "deepwork_login"
+LOGIN_MAX_AGE = 600
+"""Seconds the pre-login nonce (the login form's CSRF) lasts."""
+MIN_SECRET_BYTES = 32
+HTML = "text/html; charset=utf-8"
+MAX_FORM_BYTES = 256 * 1024
+MAX_BULK = 100
+"""At most this many tasks in one bulk dry run or apply (the filter's first page)."""
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+"""On every response of the dashboard."""
+PAGE_HEADERS = (*SECURITY_HEADERS, ("Cache-Control", "no-store"))
+
+STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
+STATIC_FILES = ("htmx.min.js", "dashboard.js", "dashboard.css")
+
+
+class ShortSecret(DeepworkError, ValueError):
+    def __init__(self) -> None:
+        super().__init__(
+            f"the dashboard's secret must hold at least {MIN_SECRET_BYTES} bytes of key "
+            "material (e.g. secrets.token_urlsafe(32))"
+        )
+
+
+class CsrfRefused(DeepworkError):
+    """A POST without the right CSRF token, or from another site (403)."""
+
+    def __init__(self) -> None:
+        super().__init__("This form has expired or did not come from this site; reload the page")
+
+
+class NoSession(DeepworkError):
+    """No valid session (303 to the login page, or 401 for htmx and streams)."""
+
+    def __init__(self) -> None:
+        super().__init__("Please sign in")
+
+
+class PageNotFound(DeepworkError):
+    def __init__(self, what: str = "Page not found") -> None:
+        super().__init__(what)
+
+
+def secret_bytes(secret: str | bytes) -> bytes:
+    raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ShortSecret
+    return raw
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@attrs.frozen(kw_only=True)
+class Session:
+    """A signed-in operator: who, in which projects, until when."""
+
+    principal_id: str
+    projects: frozenset[str] | None
+    issued: int
+    expires: int
+    nonce: str
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(id=self.principal_id, projects=self.projects)
+
+
+class Signer:
+    """Signs and checks sessions and CSRF tokens with keys derived from one secret."""
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret_bytes(secret)
+        self._session_key = hmac.new(raw, b"deepwork-dashboard-session", hashlib.sha256).digest()
+        self._csrf_key = hmac.new(raw, b"deepwork-dashboard-csrf", hashlib.sha256).digest()
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._session_key, payload, hashlib.sha256).digest()
+
+    def session_cookie(self, principal: Principal, max_age: float, now: float | None = None) -> str:
+        issued = int(time.time() if now is None else now)
+        payload = {
+            "p": principal.id,
+            "s": None if principal.projects is None else sorted(principal.projects),
+            "i": issued,
+            "e": issued + int(max_age),
+            "n": secrets.token_urlsafe(18),
+        }
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        return _b64(body) + "." + _b64(self._mac(body))
+
+    def session(self, cookie: str | None, now: float | None = None) -> Session | None:
+        """The session ``cookie`` holds, or ``None`` when it is missing, altered or expired."""
+        if not cookie or cookie.count(".") != 1 or len(cookie) > 16384:
+            return None
+        body_text, mac_text = cookie.split(".")
+        try:
+            body = _unb64(body_text)
+            mac = _unb64(mac_text)
+        except (ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(mac, self._mac(body)):
+            return None
+        try:
+            data = json.loads(body)
+            session = Session(
+                principal_id=str(data["p"]),
+                projects=None if data["s"] is None else frozenset(str(p) for p in data["s"]),
+                issued=int(data["i"]),
+                expires=int(data["e"]),
+                nonce=str(data["n"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        if (time.time() if now is None else now) >= session.expires:
+            return None
+        return session
+
+    def csrf(self, nonce: str) -> str:
+        return hmac.new(self._csrf_key, b"csrf" + nonce.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def csrf_ok(self, nonce: str | None, given: str | None) -> bool:
+        if not nonce or not given:
+            return False
+        return hmac.compare_digest(self.csrf(nonce).encode(), given.encode("utf-8", "replace"))
+
+    def derived_key(self, form_key: str, project_id: str, task_id: str) -> str:
+        """The idempotency key of one task of a bulk apply: the same form, the same key."""
+        raw = json.dumps([form_key, project_id, task_id], ensure_ascii=True).encode("ascii")
+        return "bulk-" + hmac.new(self._csrf_key, raw, hashlib.sha256).hexdigest()[:48]
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+def cookies(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request's cookies (the first of each name)."""
+    found: dict[str, str] = {}
+    for part in headers.get("cookie", "").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in found:
+            found[name] = value.strip().strip('"')
+    return found
+
+
+class Form:
+    """A URL-encoded form body: the first value of each field, and all of repeated ones."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self.pairs = list(pairs)
+
+    def get(self, name: str) -> str | None:
+        for key, value in self.pairs:
+            if key == name:
+                return value
+        return None
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.pairs if key == name]
+
+
+def parse_form(body: bytes) -> Form:
+    if len(body) > MAX_FORM_BYTES:
+        raise BadRequestBody("Form too large")
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequestBody("Form body is not URL-encoded") from None
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequestBody("Form body is not valid UTF-8") from None
+    return Form(pairs)
+
+
+def is_htmx(request: ApiRequest) -> bool:
+    return request.headers.get("hx-request", "").lower() == "true"
+
+
+def same_origin(request: ApiRequest) -> bool:
+    """False when the request carries an ``Origin`` that is not this site's."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host")
+    if not host:
+        return False
+    return origin.strip().lower() == f"{request.scheme}://{host}".lower()
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+def cookie_header(
+    name: str, value: str, *, path: str, max_age: int, secure: bool
+) -> tuple[str, str]:
+    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Strict"]
+    if secure:
+        parts.append("Secure")
+    return ("Set-Cookie", "; ".join(parts))
+
+
+def html_response(status: int, body: str, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
+    return ApiResponse(
+        status=status,
+        body=body.encode("utf-8"),
+        headers=(("Content-Type", HTML), *PAGE_HEADERS, *headers),
+    )
+
+
+def redirect(location: str, headers: Iterable[tuple[str, str]] = ()) -> ApiResponse:
+    return ApiResponse(
+        status=303,
+        body=b"",
+        headers=(("Content-Type", HTML), ("Location", location), *PAGE_HEADERS, *headers),
+    )
+
+
+def load_static() -> dict[str, ApiResponse]:
+    found: dict[str, ApiResponse] = {}
+    for name in STATIC_FILES:
+        data = (STATIC / name).read_bytes()
+        found["/static/" + name] = ApiResponse(
+            status=200,
+            body=data,
+            headers=(
+                ("Content-Type", STATIC_TYPES[Path(name).suffix]),
+                *SECURITY_HEADERS,
+                ("Cache-Control", "public, max-age=3600"),
+                ("ETag", '"' + hashlib.sha256(data).hexdigest()[:32] + '"'),
+            ),
+        )
+    return found
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def environment(prefix: str) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    base = normalise_prefix(prefix)
+
+    def url(path: str, **params: Any) -> str:
+        query = {k: v for k, v in params.items() if v is not None and v != ""}
+        text = base + path
+        if query:
+            text += "?" + urlencode(query, quote_via=quote)
+        return text
+
+    env.globals["url"] = url
+    env.globals["P"] = base
+    env.filters["traceback"] = traceback_of
+    return env
+
+
+def traceback_of(message: str | None) -> str | None:
+    """The traceback an error message holds, when it holds one."""
+    if not message:
+        return None
+    at = message.find("Traceback (most recent call last)")
+    return message[at:] if at >= 0 else None
+
+
+def budget_value(value: str | None) -> str:
+    if value in (None, "", "one_more"):
+        return "one_more"
+    if value == "full":
+        return "full"
+    raise BadRequestBody("budget must be 'one_more' or 'full'")
+
+
+__all__ = [
+    "CSP",
+    "LOGIN_COOKIE",
+    "SESSION_COOKIE",
+    "CsrfRefused",
+    "Form",
+    "NoSession",
+    "PageNotFound",
+    "Session",
+    "Signer",
+    "ShortSecret",
+]

@@ -1,0 +1,63 @@
+/* The dashboard's live updates: one EventSource on the page's project; each
+   message makes htmx re-fetch the page's [data-live] regions (at most about
+   once a second). No inline script is needed (the CSP forbids it). */
+(function () {
+  "use strict";
+  var body = document.body;
+  var source = body.getAttribute("data-events");
+  if (!source || typeof window.EventSource === "undefined") {
+    return;
+  }
+  var THROTTLE = 1000;
+  var last = 0;
+  var pending = null;
+
+  function refresh() {
+    pending = null;
+    last = Date.now();
+    if (!window.htmx) {
+      return;
+    }
+    var regions = document.querySelectorAll("[data-live]");
+    for (var i = 0; i < regions.length; i++) {
+      window.htmx.trigger(regions[i], "deepwork:refresh");
+    }
+  }
+
+  function schedule() {
+    if (pending !== null) {
+      return;
+    }
+    var wait = Math.max(0, last + THROTTLE - Date.now());
+    pending = window.setTimeout(refresh, wait);
+  }
+
+  var events = new EventSource(source);
+  events.onopen = function () {
+    body.setAttribute("data-live-state", "connected");
+  };
+  events.onerror = function () {
+    body.setAttribute(
+      "data-live-state",
+      events.readyState === EventSource.CLOSED ? "closed" : "reconnecting"
+    );
+  };
+  events.onmessage = schedule;
+  [
+    "progress",
+    "task.blocked",
+    "task.retried",
+    "attempt.started",
+    "attempt.succeeded",
+    "attempt.failed",
+    "attempt.lost",
+    "dispatch.failed",
+    "dispatch.deferred",
+    "project.progress"
+  ].forEach(function (name) {
+    events.addEventListener(name, schedule);
+  });
+  window.addEventListener("pagehide", function () {
+    events.close();
+  });
+})();
