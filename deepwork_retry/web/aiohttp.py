@@ -37,8 +37,8 @@ from deepwork_retry.web._http import (
 
 try:
     from aiohttp import web
-    from multidict import CIMultiDict
     from aiohttp.web_protocol import RequestPayloadError
+    from multidict import CIMultiDict
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("aiohttp", __name__, exc) from exc
 
@@ -102,7 +102,7 @@ async def _respond(request: web.Request, result: ApiResponse) -> web.StreamRespo
 def _handler(
     handle: Callable[[ApiRequest], Awaitable[ApiResponse]], body_timeout: float
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler answering every request with ``handle`` (the API's or the dashboard's)."""
+    """The handler answering every request with ``handle`` (the API's or the dashboard's)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         try:
@@ -170,6 +170,72 @@ def mount(
     app.add_routes(routes(api, prefix=prefix))
 
 
+def dashboard_routes(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> list[web.RouteDef]:
+    """The operator dashboard's route definitions under ``prefix`` (the extra ``dashboard``).
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
+    stream slots; ``options`` go to
+    :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
+    ``secure``). ``api_prefix`` is where the JSON API is mounted (the pages link to
+    none of its routes). Prefer :func:`mount_dashboard`, which also ends the
+    dashboard's live streams when the application shuts down.
+    """
+    dashboard = _dashboard(
+        service, authenticator, authorizer, secret=secret, prefix=prefix, **options
+    )
+    return _catch_all(prefix, _dashboard_handler(dashboard))
+
+
+def mount_dashboard(
+    app: web.Application,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`);
+    its live streams end when ``app`` shuts down."""
+    dashboard = _dashboard(
+        service, authenticator, authorizer, secret=secret, prefix=prefix, **options
+    )
+
+    async def close_streams(_: web.Application) -> None:
+        dashboard.close_streams()
+
+    app.on_shutdown.append(close_streams)
+    app.add_routes(_catch_all(prefix, _dashboard_handler(dashboard)))
+
+
+def _dashboard(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None,
+    authorizer: Authorizer,
+    **options: Any,
+) -> Any:
+    from deepwork_retry.web.dashboard import AsyncDashboard
+
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
+    return AsyncDashboard(api, **options)
+
+
+def _dashboard_handler(dashboard: Any) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    return _handler(dashboard.handle, dashboard.body_timeout)
+
+
 def create_app(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -191,4 +257,4 @@ def create_app(
 add_routes = renamed(mount, "add_routes", __name__)
 
 
-__all__ = ["add_routes", "create_app", "mount", "routes"]
+__all__ = ["add_routes", "create_app", "dashboard_routes", "mount", "mount_dashboard", "routes"]

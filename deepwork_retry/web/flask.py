@@ -9,6 +9,7 @@ mount(app, service, StaticTokens.from_env())
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from deepwork_retry._sync.services import RetryService
@@ -20,6 +21,7 @@ from deepwork_retry.web._http import (
     ANY_PATH,
     DEFAULT_PREFIX,
     ApiRequest,
+    ApiResponse,
     content_type,
     error_response,
     normalise_prefix,
@@ -141,6 +143,63 @@ def mount(
     app.register_blueprint(routes(service, authenticator, authorizer, prefix=prefix, name=name))
 
 
+def dashboard_routes(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_dashboard",
+    **options: Any,
+) -> Blueprint:
+    """A blueprint serving the operator dashboard under ``prefix`` (the extra ``dashboard``).
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`RetryAPI` the JSON API already serves, so that both share its stream
+    slots; ``options`` go to :class:`~deepwork_retry.web.dashboard.Dashboard`
+    (``session_max_age``, ``secure``). ``api_prefix`` is where the JSON API is
+    mounted (the pages link to none of its routes). The dashboard checks its own
+    CSRF token on every form; the cookie is ``Secure`` when ``request.scheme`` is
+    https (behind a proxy: werkzeug's ``ProxyFix``, if you trust the proxy).
+    """
+    from deepwork_retry.web.dashboard import Dashboard
+
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
+    dashboard = Dashboard(api, secret=secret, prefix=prefix, **options)
+    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+    _catch_all(bp, _view(dashboard.handle), "dashboard")
+    return bp
+
+
+def mount_dashboard(
+    app: Flask | Blueprint,
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_dashboard",
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
+    app.register_blueprint(
+        dashboard_routes(
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            name=name,
+            **options,
+        )
+    )
+
+
 def create_app(
     service: RetryService | RetryAPI,
     authenticator: Authenticator | None = None,
@@ -157,4 +216,4 @@ def create_app(
 
 blueprint = renamed(routes, "blueprint", __name__)
 
-__all__ = ["blueprint", "create_app", "mount", "routes"]
+__all__ = ["blueprint", "create_app", "dashboard_routes", "mount", "mount_dashboard", "routes"]

@@ -290,7 +290,7 @@ def test_security_headers_on_every_response(alice: Client) -> None:
     for response in alice.responses:
         assert header(response, "content-security-policy") == CSP
         assert header(response, "x-content-type-options") == "nosniff"
-        assert header(response, "referrer-policy") == "no-referrer"
+        assert header(response, "referrer-policy") == "same-origin"
         assert header(response, "x-frame-options") == "DENY"
 
 

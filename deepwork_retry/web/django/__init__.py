@@ -45,7 +45,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("django", __name__, exc) from exc
 
 SETTING = "DEEPWORK_RETRY"
-DASHBOARD_PREFIX = "/deep-work"
 
 _lock = threading.Lock()
 _configured: RetryAPI | None = None
@@ -94,7 +93,7 @@ def dashboard_routes(
     authorizer: Authorizer = may_retry,
     *,
     secret: str | bytes,
-    prefix: str = DASHBOARD_PREFIX,
+    prefix: str = "/deep-work",
     api_prefix: str | None = None,
     **options: Any,
 ) -> list[Any]:
@@ -124,7 +123,7 @@ def mount_dashboard(
     authorizer: Authorizer = may_retry,
     *,
     secret: str | bytes,
-    prefix: str = DASHBOARD_PREFIX,
+    prefix: str = "/deep-work",
     api_prefix: str | None = None,
     **options: Any,
 ) -> None:
@@ -139,9 +138,14 @@ def mount_dashboard(
     """
     urlpatterns.extend(
         dashboard_routes(
-            service, authenticator, authorizer, secret=secret, prefix=prefix,
-            api_prefix=api_prefix, **options,
-        )  # fmt: skip
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            **options,
+        )
     )
 
 

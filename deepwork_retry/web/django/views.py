@@ -25,7 +25,6 @@ from deepwork_retry.web._http import (
 )
 from deepwork_retry.web._sse import wsgi_disconnected
 from deepwork_retry.web._sync_api import EventStream
-
 from deepwork_retry.web.django import get_api
 
 if TYPE_CHECKING:  # the dashboard needs its extra (Jinja2); the API view does not
