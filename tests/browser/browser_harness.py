@@ -20,6 +20,7 @@ from web_harness import (
     ALICE,
     BOB,
     CAROL,
+    TLS,
     Recorder,
     World,
     configure_django,
@@ -137,9 +138,12 @@ class BrowserWorld(World):
         return task_id
 
 
-def start_browser_server(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
-    """Serve the API and the dashboard over ``world`` with ``adapter``; its URL and stop."""
-    url, stop = _start(adapter, world)
+def start_browser_server(
+    adapter: str, world: BrowserWorld, *, tls: TLS | None = None
+) -> tuple[str, Callable[[], None]]:
+    """Serve the API and the dashboard over ``world`` with ``adapter`` (over HTTPS with
+    ``tls``); its URL and a stop function."""
+    url, stop = _start(adapter, world, tls)
     api = world.apis[adapter]
 
     def stop_all() -> None:
@@ -149,7 +153,7 @@ def start_browser_server(adapter: str, world: BrowserWorld) -> tuple[str, Callab
     return url, stop_all
 
 
-def _start(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
+def _start(adapter: str, world: BrowserWorld, tls: TLS | None) -> tuple[str, Callable[[], None]]:
     if adapter in ("starlette", "fastapi"):
         module: Any
         if adapter == "starlette":
@@ -159,7 +163,7 @@ def _start(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
         api = world.apis[adapter] = world.async_api()
         app = module.create_app(api)
         module.mount_dashboard(app, api, secret=SECRET, prefix=DASH)
-        return serve_asgi(app)
+        return serve_asgi(app, tls=tls)
     if adapter == "flask":
         from flask import Flask
 
@@ -169,7 +173,7 @@ def _start(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
         sync = world.apis[adapter] = world.sync_api()
         mount(flask_app, sync)
         mount_dashboard(flask_app, sync, secret=SECRET, prefix=DASH)
-        return serve_wsgi_werkzeug(flask_app)
+        return serve_wsgi_werkzeug(flask_app, tls=tls)
     if adapter == "django":
         configure_django()
         import django_urls
@@ -183,14 +187,14 @@ def _start(adapter: str, world: BrowserWorld) -> tuple[str, Callable[[], None]]:
         patterns: list[Any] = []
         mount_dashboard(patterns, sync, secret=SECRET, prefix=DASH)
         _add_patterns(django_urls.urlpatterns, patterns)
-        return serve_django()
+        return serve_django(tls=tls)
     if adapter == "aiohttp":
         from deepwork_retry.web.aiohttp import create_app, mount_dashboard
 
         api = world.apis[adapter] = world.async_api()
         aiohttp_app = create_app(api)
         mount_dashboard(aiohttp_app, api, secret=SECRET, prefix=DASH)
-        return serve_aiohttp(aiohttp_app)
+        return serve_aiohttp(aiohttp_app, tls=tls)
     raise AssertionError(adapter)
 
 
