@@ -209,6 +209,20 @@ class StorageReadOnly(StorageError, PermissionError):
     """Storage can be read but not written."""
 
 
+class OverviewNotKept(DeepworkError):
+    """The storage has no cross-project reads (it is not a
+    :class:`~deepwork_retry.ports.ProjectOverview`), so there is no overview to
+    list (HTTP 501)."""
+
+    def __init__(self, storage: str = "This server's storage") -> None:
+        self.storage = storage
+        super().__init__(f"{storage} offers no listing across projects")
+
+    @property
+    def detail(self) -> str:
+        return "This server's storage offers no listing across projects"
+
+
 # -- wiring --------------------------------------------------------------------------
 
 
@@ -270,6 +284,7 @@ __all__ = [
     "InvalidTransition",
     "NotAuthenticated",
     "NotFound",
+    "OverviewNotKept",
     "ProjectNotFound",
     "ProjectNotRunnable",
     "StaleAttempt",

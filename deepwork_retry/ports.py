@@ -18,6 +18,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -467,6 +468,75 @@ class AsyncEventLog(Protocol):
         subscriber: str | None = None,
         event_ids: Sequence[str] | None = None,
     ) -> int: ...
+
+
+@runtime_checkable
+class ProjectOverview(Protocol):
+    """Storage capability: reads across projects, for an operator's overview (every
+    shipped storage has it).
+
+    Both reads are pages in a fixed order with a cursor (``after``): pages read
+    one after another, each from the last one's end, give every row once, none
+    twice, nothing skipped, even when rows of other projects change meanwhile
+    (a row that changes is in the page read after the change or not, never
+    twice). Ids are compared as Python compares strings (by code point), in
+    every storage. ``projects``, when given, keeps only those project ids
+    (``None``: every project; an empty set: nothing; ids of no project are
+    ignored). Every ``limit`` must be an integer from 1 to 1000, else
+    :class:`~deepwork_retry.exceptions.InvalidInput`, like the cursors and
+    filters (:func:`~deepwork_retry._core.inputs.check_id` for each id).
+    A page is served by the storage's indexes: its cost grows with the page
+    and the projects it spans, not with all the tasks stored. The services
+    raise :class:`~deepwork_retry.exceptions.OverviewNotKept` for a storage
+    without this capability. The conformance kit (:mod:`deepwork_retry.testing`)
+    checks all of this.
+    """
+
+    def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ProjectSummary]:
+        """Projects ordered by id with ``id > after``, at most ``limit``; ``projects``,
+        when given, keeps only those ids (``None``: every project). Each comes with
+        its progress, the same as :meth:`Storage.progress` would read, in the same
+        read (one statement where the storage allows)."""
+        ...
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        """Blocked tasks across projects ordered by ``(project_id, id)``, those after
+        ``after`` (a ``(project_id, task_id)`` pair), at most ``limit``; ``projects``
+        keeps only those projects (``None``: all; an empty set: nothing);
+        ``error_type`` keeps only tasks whose ``error_type`` equals it exactly
+        (case and all)."""
+        ...
+
+
+@runtime_checkable
+class AsyncProjectOverview(Protocol):
+    """:class:`ProjectOverview` with every method a coroutine."""
+
+    async def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ProjectSummary]: ...
+
+    async def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]: ...
+
+
+OVERVIEW_METHODS = ("list_projects", "blocked_tasks")
+"""The methods of :class:`ProjectOverview` (a storage has the capability when it has both)."""
 
 
 @runtime_checkable

@@ -148,3 +148,122 @@ def test_a_forwarding_proxy_keeps_the_event_log_on_every_python(tmp_path: Path) 
         assert isinstance(over_sqlite, AsyncRetryInOneStep)
     finally:
         sqlite.close()
+
+
+class _Hiding(_Forwarding):
+    """A forwarding proxy that hides some of the wrapped storage's methods."""
+
+    def __init__(self, inner: object, hidden: frozenset[str]) -> None:
+        super().__init__(inner)
+        self.hidden = hidden
+
+    def __getattr__(self, name: str) -> object:
+        if name in self.hidden:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+_CAPABILITIES = {
+    "one_step": ("retry_blocked",),
+    "events": ("events", "claim_events", "settle_events", "claim_event_retries",
+               "settle_event_retry", "parked_events", "replay_parked"),
+    "overview": ("list_projects", "blocked_tasks"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("one_step", [False, True])
+@pytest.mark.parametrize("events", [False, True])
+@pytest.mark.parametrize("overview", [False, True])
+def test_the_port_has_exactly_the_capabilities_of_what_it_wraps(
+    tmp_path: Path, one_step: bool, events: bool, overview: bool
+) -> None:
+    """Every combination of the optional capabilities, each found by ``getattr`` (so through
+    a ``__getattr__`` proxy too, on every Python), is kept, and none is added."""
+    from deepwork_retry.ports import AsyncEventLog, AsyncProjectOverview
+
+    wanted = {"one_step": one_step, "events": events, "overview": overview}
+    hidden = frozenset(
+        name for capability, names in _CAPABILITIES.items() if not wanted[capability]
+        for name in names
+    )  # fmt: skip
+    sqlite = SQLiteStorage(str(tmp_path / "caps.db"))
+    sqlite.list_projects = MemoryStorage().list_projects  # type: ignore[attr-defined]
+    sqlite.blocked_tasks = MemoryStorage().blocked_tasks  # type: ignore[attr-defined]
+    try:
+        port = AsyncFromSync(_Hiding(sqlite, hidden), offload=False)
+        assert one_step == isinstance(port, AsyncRetryInOneStep)
+        assert events == isinstance(port, AsyncEventLog)
+        assert overview == isinstance(port, AsyncProjectOverview)
+        for capability, names in _CAPABILITIES.items():
+            for name in names:
+                assert wanted[capability] == hasattr(port, name), name
+    finally:
+        sqlite.close()
+
+
+class _OverviewThreads(MemoryStorage):
+    """The in-memory storage noting the thread each read across projects runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def list_projects(self, **kwargs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().list_projects(**kwargs)
+
+    def blocked_tasks(self, **kwargs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().blocked_tasks(**kwargs)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "offloaded"])
+def test_the_port_forwards_the_reads_across_projects(offload: bool) -> None:
+    """Both reads reach the wrapped storage with every argument and return what it returns,
+    offloaded on the reader threads (never queued behind writes)."""
+    from deepwork_retry.ports import AsyncProjectOverview
+
+    sync = _OverviewThreads()
+    for pid in ("b", "a", "c"):
+        blocked_task(sync, pid)
+    port = AsyncFromSync(sync, offload=offload)
+    assert isinstance(port, AsyncProjectOverview)
+    only = frozenset({"a", "c", "x"})
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        try:
+            projects = await port.list_projects(projects=only, after="a", limit=5)
+            tasks = await port.blocked_tasks(projects=only, after=("a", "t"), limit=5)
+            typed = await port.blocked_tasks(error_type="Fatal", limit=1)
+            return projects, tasks, typed
+        finally:
+            await port.close()
+
+    projects, tasks, typed = asyncio.run(scenario())
+    assert projects == sync.list_projects(projects=only, after="a", limit=5)
+    assert ["c"] == [s.project.id for s in projects]
+    assert [("c", "t")] == [(t.project_id, t.id) for t in tasks]
+    assert tasks == sync.blocked_tasks(projects=only, after=("a", "t"))
+    assert [] == typed  # the tasks have no error_type: the filter was passed on
+    assert 3 == len(sync.blocked_tasks(limit=1000))
+    readers = [name.startswith("deepwork-storage-read") for name in sync.threads[:2]]
+    assert [offload, offload] == readers
+
+
+def test_the_service_over_a_storage_without_the_reads_says_so() -> None:
+    """A storage without the reads across projects: the port has none, and the service
+    raises OverviewNotKept (the web's 501) rather than AttributeError."""
+    from deepwork_retry.exceptions import OverviewNotKept
+
+    port = AsyncFromSync(
+        _Hiding(MemoryStorage(), frozenset(_CAPABILITIES["overview"])), offload=False
+    )
+    service = AsyncRetryService(port, clock=FixedClock())
+
+    async def scenario() -> None:
+        with pytest.raises(OverviewNotKept):
+            await service.projects()
+        with pytest.raises(OverviewNotKept):
+            await service.blocked_across(project_id="p")
+
+    asyncio.run(scenario())

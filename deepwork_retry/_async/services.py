@@ -11,12 +11,20 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import deepwork_retry._trace as _trace
 from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
 from deepwork_retry._core import decide
-from deepwork_retry._core.inputs import MAX_ID_LENGTH, check_id
+from deepwork_retry._core.inputs import (
+    MAX_ID_LENGTH,
+    check_after_id,
+    check_blocked_after,
+    check_error_type,
+    check_id,
+    check_limit,
+    check_projects,
+)
 from deepwork_retry._core.machine import RetryCheck, can_retry
 from deepwork_retry._core.model import (
     Attempt,
@@ -24,6 +32,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan
@@ -47,15 +56,18 @@ from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
     DeepworkError,
     InvalidInput,
+    OverviewNotKept,
     ProjectNotFound,
     StorageError,
     TaskNotFound,
     VersionConflict,
 )
 from deepwork_retry.ports import (
+    OVERVIEW_METHODS,
     AsyncDispatcher,
     AsyncEventLog,
     AsyncJoinsHostTransaction,
+    AsyncProjectOverview,
     AsyncRetryInOneStep,
     AsyncStorage,
     Clock,
@@ -577,6 +589,72 @@ class AsyncRetryService(_AsyncShell):
             project_id, status=TaskStatus.BLOCKED, after=after, limit=limit
         )
         return tasks, (tasks[-1].id if len(tasks) == limit else None)
+
+    # -- reads across projects ----------------------------------------------------------
+    def _overview(self) -> AsyncProjectOverview:
+        """``storage`` as a :class:`~deepwork_retry.ports.AsyncProjectOverview`, found by the
+        methods ``getattr`` finds (so a forwarding proxy keeps it on every Python), else
+        :class:`~deepwork_retry.exceptions.OverviewNotKept`."""
+        storage = self.storage
+        if not all(callable(getattr(storage, name, None)) for name in OVERVIEW_METHODS):
+            raise OverviewNotKept(type(storage).__name__)
+        return cast(AsyncProjectOverview, storage)
+
+    async def projects(
+        self,
+        *,
+        scope: frozenset[str] | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[ProjectSummary], str | None]:
+        """One page of projects (ordered by id) with their progress, and the ``after`` of
+        the next page (``None`` after the last).
+
+        ``scope`` is the set of projects the caller may see (``None``: every
+        project). Raises :class:`~deepwork_retry.exceptions.OverviewNotKept` when
+        the storage has no reads across projects.
+        """
+        scope = check_projects(scope)
+        after = check_after_id("project", after)
+        check_limit(limit)
+        found = await self._overview().list_projects(projects=scope, after=after, limit=limit)
+        return found, (found[-1].project.id if len(found) == limit else None)
+
+    async def blocked_across(
+        self,
+        *,
+        scope: frozenset[str] | None = None,
+        project_id: str | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Task], tuple[str, str] | None]:
+        """One page of blocked tasks across projects, ordered by ``(project_id, id)``, and
+        the ``after`` of the next page (``None`` after the last).
+
+        ``scope`` is the set of projects the caller may see (``None``: every
+        project); ``project_id`` narrows the page to that one project (one outside
+        ``scope`` gives an empty page, as an unknown one does: never an error that
+        would tell whether it exists); ``error_type`` keeps the tasks whose
+        ``error_type`` equals it exactly. Raises
+        :class:`~deepwork_retry.exceptions.OverviewNotKept` when the storage has no
+        reads across projects.
+        """
+        scope = check_projects(scope)
+        if project_id is not None:
+            only = frozenset((check_id("project", project_id),))
+            scope = only if scope is None else scope & only
+        error_type = check_error_type(error_type)
+        after = check_blocked_after(after)
+        check_limit(limit)
+        overview = self._overview()
+        if scope is not None and not scope:
+            return [], None
+        tasks = await overview.blocked_tasks(
+            projects=scope, error_type=error_type, after=after, limit=limit
+        )
+        last = (tasks[-1].project_id, tasks[-1].id) if len(tasks) == limit else None
+        return tasks, last
 
 
 class AsyncExecutorService(_AsyncShell):

@@ -172,6 +172,14 @@ class Progress:
         return cls(project_id=project_id, total=total, **counts)
 
 
+@attrs.frozen(kw_only=True)
+class ProjectSummary:
+    """A project with its progress, as the cross-project listing returns it."""
+
+    project: Project
+    progress: Progress
+
+
 def _expiry(record: IdempotencyRecord) -> datetime:
     try:
         return record.created_at + IDEMPOTENCY_PERIOD

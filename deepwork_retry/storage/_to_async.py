@@ -21,13 +21,20 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
 from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import RetryBudget, TaskStatus
 from deepwork_retry.exceptions import InvalidInput, StorageUnavailable
-from deepwork_retry.ports import EventLog, RetryInOneStep, Storage
+from deepwork_retry.ports import (
+    OVERVIEW_METHODS,
+    EventLog,
+    ProjectOverview,
+    RetryInOneStep,
+    Storage,
+)
 
 
 class OneStepStorage(Storage, RetryInOneStep, Protocol):
@@ -97,14 +104,12 @@ class AsyncFromSync(Generic[S]):
             # By the methods found, as ``getattr`` finds them: a proxy that forwards
             # with ``__getattr__`` keeps its capabilities on every Python (the
             # protocols' ``isinstance`` looks methods up statically from 3.12 on).
-            one_step = _has(sync, _ONE_STEP_METHODS)
-            events = _has(sync, _EVENT_LOG_METHODS)
-            if one_step and events:
-                return cast(Self, object.__new__(AsyncFromSyncOneStepEvents))
-            if one_step:
-                return cast(Self, object.__new__(AsyncFromSyncOneStep))
-            if events:
-                return cast(Self, object.__new__(AsyncFromSyncEvents))
+            found = (
+                _has(sync, _ONE_STEP_METHODS),
+                _has(sync, _EVENT_LOG_METHODS),
+                _has(sync, OVERVIEW_METHODS),
+            )
+            return cast(Self, object.__new__(_WITH[found]))
         return object.__new__(cls)
 
     def __init__(
@@ -395,3 +400,66 @@ class AsyncFromSyncEvents(AsyncFromSync[S]):
 
 class AsyncFromSyncOneStepEvents(AsyncFromSyncOneStep[W], AsyncFromSyncEvents[W]):
     """:class:`AsyncFromSync` over a storage that retries in one step and is an event log."""
+
+
+class AsyncFromSyncOverview(AsyncFromSync[S]):
+    """:class:`AsyncFromSync` over a storage that reads across projects, keeping those reads.
+
+    ``AsyncFromSync(storage, ...)`` builds one (or a class deriving from it)
+    whenever ``storage`` is a :class:`~deepwork_retry.ports.ProjectOverview`;
+    a subclass for such a storage derives from it too.
+    """
+
+    @property
+    def _overview(self) -> ProjectOverview:
+        return cast(ProjectOverview, self.sync)
+
+    async def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ProjectSummary]:
+        return await self._read_call(
+            self._overview.list_projects, projects=projects, after=after, limit=limit
+        )
+
+    async def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        return await self._read_call(
+            self._overview.blocked_tasks,
+            projects=projects,
+            error_type=error_type,
+            after=after,
+            limit=limit,
+        )
+
+
+class AsyncFromSyncOneStepOverview(AsyncFromSyncOneStep[W], AsyncFromSyncOverview[W]):
+    """:class:`AsyncFromSync` over a storage that retries in one step and reads across
+    projects."""
+
+
+class AsyncFromSyncEventsOverview(AsyncFromSyncEvents[S], AsyncFromSyncOverview[S]):
+    """:class:`AsyncFromSync` over a storage that is an event log and reads across projects."""
+
+
+class AsyncFromSyncOneStepEventsOverview(AsyncFromSyncOneStepEvents[W], AsyncFromSyncOverview[W]):
+    """:class:`AsyncFromSync` over a storage with every optional capability: the one-step
+    retry, the event log and the reads across projects."""
+
+
+_WITH: dict[tuple[bool, bool, bool], type[AsyncFromSync[Any]]] = {
+    # (one-step retry, event log, overview): the class that keeps exactly those.
+    (False, False, False): AsyncFromSync,
+    (True, False, False): AsyncFromSyncOneStep,
+    (False, True, False): AsyncFromSyncEvents,
+    (True, True, False): AsyncFromSyncOneStepEvents,
+    (False, False, True): AsyncFromSyncOverview,
+    (True, False, True): AsyncFromSyncOneStepOverview,
+    (False, True, True): AsyncFromSyncEventsOverview,
+    (True, True, True): AsyncFromSyncOneStepEventsOverview,
+}

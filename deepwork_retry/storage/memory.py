@@ -14,6 +14,7 @@ thousand retries paused for hundreds of milliseconds per collection).
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -23,13 +24,14 @@ import attrs
 
 from deepwork_retry._core import events as lifecycle
 from deepwork_retry._core.events import Event, EventRetry, EventType
-from deepwork_retry._core.inputs import check_limit
+from deepwork_retry._core.inputs import check_blocked_page, check_limit, check_projects_page
 from deepwork_retry._core.model import (
     Attempt,
     DispatchEntry,
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
     evolve_entry,
 )
@@ -51,7 +53,7 @@ from deepwork_retry.exceptions import (
     VersionConflict,
 )
 from deepwork_retry.ports import REDELIVERED
-from deepwork_retry.storage._to_async import AsyncFromSyncEvents
+from deepwork_retry.storage._to_async import AsyncFromSyncEventsOverview
 from deepwork_retry.storage._validate import check_new_tasks
 
 _Key = tuple[str, str]
@@ -161,6 +163,10 @@ class MemoryStorage:
         self._pending: dict[_EntryKey, None] = {}
         self._in_progress: dict[_Key, None] = {}
         self._assigned: dict[_Key, None] = {}
+        self._project_ids: list[str] = []
+        """Every project id, sorted (projects are never removed)."""
+        self._blocked: dict[str, dict[str, None]] = {}
+        """The ids of each project's blocked tasks (projects with none left out)."""
         self._idempotency: dict[str, IdempotencyRecord] = {}
         self._event_seq: dict[str, int] = {}
         self._events: dict[str, dict[int, _EventRow]] = {}
@@ -173,6 +179,7 @@ class MemoryStorage:
             if project.id in self._projects:
                 raise AlreadyExists(f"Project {project.id!r} exists already")
             self._projects[project.id] = project
+            bisect.insort(self._project_ids, project.id)
             self._progress[project.id] = Progress(project_id=project.id)
             self._tasks[project.id] = {}
             self._event_seq[project.id] = 0
@@ -206,6 +213,14 @@ class MemoryStorage:
             self._assigned[key] = None
         else:
             self._assigned.pop(key, None)
+        if task.status is TaskStatus.BLOCKED:
+            self._blocked.setdefault(task.project_id, {})[task.id] = None
+        else:
+            blocked = self._blocked.get(task.project_id)
+            if blocked is not None and task.id in blocked:
+                del blocked[task.id]
+                if not blocked:
+                    del self._blocked[task.project_id]
 
     # -- reads ---------------------------------------------------------------
     def get_project(self, project_id: str) -> Project:
@@ -263,6 +278,60 @@ class MemoryStorage:
                 return self._progress[project_id]
             except KeyError:
                 raise ProjectNotFound(project_id) from None
+
+    # -- reads across projects (ProjectOverview) ----------------------------------------
+    def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[ProjectSummary]:
+        projects, after = check_projects_page(projects, after, limit)
+        with self._lock:
+            if projects is None:
+                ids = self._project_ids
+                start = 0 if after is None else bisect.bisect_right(ids, after)
+                chosen = ids[start : start + limit]
+            else:
+                chosen = sorted(
+                    pid
+                    for pid in projects
+                    if pid in self._projects and (after is None or pid > after)
+                )[:limit]
+            return [
+                ProjectSummary(project=self._projects[pid], progress=self._progress[pid])
+                for pid in chosen
+            ]
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        projects, error_type, after = check_blocked_page(projects, error_type, after, limit)
+        found: list[Task] = []
+        with self._lock:
+            if projects is None:
+                # Only the projects that have blocked tasks, not every project.
+                chosen = sorted(pid for pid in self._blocked if after is None or pid >= after[0])
+            else:
+                chosen = sorted(
+                    pid
+                    for pid in projects
+                    if pid in self._blocked and (after is None or pid >= after[0])
+                )
+            for pid in chosen:
+                tasks = self._tasks[pid]
+                ids = sorted(self._blocked[pid])
+                if after is not None and pid == after[0]:
+                    ids = ids[bisect.bisect_right(ids, after[1]) :]
+                for tid in ids:
+                    task = tasks[tid]
+                    if error_type is None or task.error_type == error_type:
+                        found.append(task)
+                        if len(found) >= limit:
+                            return found
+        return found
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._lock:
@@ -721,7 +790,7 @@ class MemoryStorage:
         return None
 
 
-class AsyncMemoryStorage(AsyncFromSyncEvents[MemoryStorage]):
+class AsyncMemoryStorage(AsyncFromSyncEventsOverview[MemoryStorage]):
     """:class:`MemoryStorage` behind the :class:`~deepwork_retry.ports.AsyncStorage` port.
 
     Dictionary operations never block, so they run on the event loop itself.

@@ -69,6 +69,7 @@ from deepwork_retry.exceptions import (
 from deepwork_retry.ports import (
     REDELIVERED,
     AsyncEventLog,
+    AsyncProjectOverview,
     AsyncRetryInOneStep,
     AsyncStorage,
     Storage,
@@ -1700,6 +1701,366 @@ async def _project_plan_guards_conflict(h: Harness) -> None:
     check_same(before, await h.snapshot("p"), "the state after a project plan with a stale guard")
 
 
+# -- reads across projects (storages that are a ProjectOverview) ---------------------------------
+
+_OVERVIEW_NAMES = ("list_projects", "blocked_tasks")
+
+ODD_IDS = (
+    "p", "P", "p/1", "p\n2", "p 3", "p-", "p%2F", "p\u00e9", "p\ufffd", "p\U0001f600", "p\t",
+    "q" * 255,
+)  # fmt: skip
+"""Project (and task) ids whose order tells code-point order from a collation's: case,
+"/", newlines, spaces, accents, the last BMP character against an astral one (UTF-16
+would put them the other way round), a tab (below every printable character)."""
+
+
+def _has_overview(storage: object) -> bool:
+    return all(callable(getattr(storage, name, None)) for name in _OVERVIEW_NAMES)
+
+
+def _skip_without_overview(storage: object) -> None:
+    """Skip the test, naming the missing methods, unless ``storage`` reads across projects."""
+    missing = [name for name in _OVERVIEW_NAMES if not callable(getattr(storage, name, None))]
+    if missing:
+        import pytest
+
+        what = type(storage).__name__
+        inner = getattr(storage, "sync", None)
+        if inner is not None:  # the async port over a sync storage: name that one too
+            what += f" over {type(inner).__name__}"
+        pytest.skip(
+            f"{what} has no reads across projects (not a ProjectOverview; "
+            f"missing: {', '.join(missing)})"
+        )
+
+
+def _overview(h: Harness) -> AsyncProjectOverview:
+    """The storage under test as a project overview; the scenario is skipped (with the
+    reason) for a storage without the reads across projects."""
+    _skip_without_overview(h.raw)
+    return h.raw  # type: ignore[return-value]  # both methods found by getattr
+
+
+def _keys(tasks: Sequence[Task]) -> list[tuple[str, str]]:
+    return [(t.project_id, t.id) for t in tasks]
+
+
+async def _all_projects(
+    view: AsyncProjectOverview, *, projects: frozenset[str] | None = None, limit: int
+) -> list[str]:
+    """Every project id, read page by page of ``limit``; a page of ``limit`` rows but the
+    last, none repeated."""
+    found: list[str] = []
+    after: str | None = None
+    for _ in range(10_000):
+        page = await view.list_projects(projects=projects, after=after, limit=limit)
+        assert len(page) <= limit, f"list_projects(limit={limit}) gave {len(page)} rows"
+        found.extend(s.project.id for s in page)
+        if len(page) < limit:
+            break
+        after = page[-1].project.id
+    assert len(found) == len(set(found)), f"pages of {limit} repeat projects: {found}"
+    return found
+
+
+async def _all_blocked(
+    view: AsyncProjectOverview,
+    *,
+    projects: frozenset[str] | None = None,
+    error_type: str | None = None,
+    limit: int,
+) -> list[tuple[str, str]]:
+    """Every blocked task's key, read page by page of ``limit``."""
+    found: list[tuple[str, str]] = []
+    after: tuple[str, str] | None = None
+    for _ in range(10_000):
+        page = await view.blocked_tasks(
+            projects=projects, error_type=error_type, after=after, limit=limit
+        )
+        assert len(page) <= limit, f"blocked_tasks(limit={limit}) gave {len(page)} rows"
+        found.extend(_keys(page))
+        if len(page) < limit:
+            break
+        after = found[-1]
+    assert len(found) == len(set(found)), f"pages of {limit} repeat tasks: {found}"
+    return found
+
+
+def _blocked_row(h: Harness, pid: str, tid: str, error_type: str | None = "Fatal") -> Task:
+    """A task stored as blocked at once (``add_tasks``), with ``error_type``."""
+    return h.new_task(
+        pid, tid, status=TaskStatus.BLOCKED, error_type=error_type, error_message="boom",
+        blocked_reason=BlockedReason.NON_RETRYABLE,
+    )  # fmt: skip
+
+
+@scenario
+async def _projects_are_listed_by_id_with_their_progress(h: Harness) -> None:
+    """list_projects gives every project once, ordered by id as Python orders strings
+    (odd characters included), each with the progress progress() reads, in pages that
+    reassemble the whole whatever their size."""
+    view = _overview(h)
+    assert [] == await view.list_projects()
+    shuffled = sorted(ODD_IDS, key=lambda pid: pid[::-1])
+    for n, pid in enumerate(shuffled):
+        await h.project(pid, status=ProjectStatus.PAUSED if n % 3 == 0 else ProjectStatus.EXECUTING)
+        statuses = [TaskStatus.INBOX, TaskStatus.BLOCKED, TaskStatus.DONE, TaskStatus.SKIPPED]
+        await h.s.add_tasks(
+            [h.new_task(pid, f"t{k}", status=statuses[(n + k) % 4]) for k in range(n % 5)]
+        )
+    expected = sorted(ODD_IDS)
+    whole = await view.list_projects(limit=1000)
+    assert expected == [s.project.id for s in whole], "list_projects() order"
+    for summary in whole:
+        pid = summary.project.id
+        assert await h.s.get_project(pid) == summary.project, f"the project {pid!r}"
+        assert await h.s.progress(pid) == summary.progress, f"the progress of {pid!r}"
+        assert await recount(h.s, pid) == summary.progress, f"the progress of {pid!r}"
+    assert whole == await view.list_projects(limit=len(expected))
+    for limit in (1, 2, 3, 5, len(expected) - 1, len(expected) + 1):
+        assert expected == await _all_projects(view, limit=limit), f"pages of {limit}"
+    assert [pid for pid in expected if pid > "p\u00e9"] == [
+        s.project.id for s in await view.list_projects(after="p\u00e9")
+    ]
+    between = "p/0"  # no project's id: the page starts at the next one
+    assert [pid for pid in expected if pid > between] == [
+        s.project.id for s in await view.list_projects(after=between)
+    ]
+    assert [] == await view.list_projects(after=expected[-1])
+    assert expected[:2] == [s.project.id for s in await view.list_projects(limit=2)]
+
+
+@scenario
+async def _projects_are_listed_within_the_given_set(h: Harness) -> None:
+    """list_projects(projects=...) keeps only those ids: None is every project, an empty
+    set none, ids of no project are ignored; paging works within the set."""
+    view = _overview(h)
+    for pid in ("a", "b", "c", "d", "e"):
+        await h.project(pid)
+    every = ["a", "b", "c", "d", "e"]
+    assert every == [s.project.id for s in await view.list_projects(projects=None)]
+    assert [] == await view.list_projects(projects=frozenset())
+    assert [] == await view.list_projects(projects=frozenset({"x", "A"}))
+    subset = frozenset({"e", "b", "d", "unknown", "B"})
+    assert ["b", "d", "e"] == [s.project.id for s in await view.list_projects(projects=subset)]
+    assert ["d", "e"] == [
+        s.project.id for s in await view.list_projects(projects=subset, after="b")
+    ]
+    assert ["b"] == [s.project.id for s in await view.list_projects(projects=subset, limit=1)]
+    for limit in (1, 2, 3, 4):
+        assert ["b", "d", "e"] == await _all_projects(view, projects=subset, limit=limit)
+
+
+@scenario
+async def _blocked_tasks_are_listed_across_projects_in_order(h: Harness) -> None:
+    """blocked_tasks gives every blocked task of every project once, ordered by
+    (project_id, id) as Python orders strings, the same task id in two projects being two
+    rows, each as load() reads it; pages of any size reassemble the whole."""
+    view = _overview(h)
+    assert [] == await view.blocked_tasks()
+    pids = ODD_IDS[:6]
+    tids = (*ODD_IDS[6:], "t", "T", "t/x", "t\nx")
+    for n, pid in enumerate(reversed(pids)):
+        await h.project(pid)
+        rows = [_blocked_row(h, pid, tid) for k, tid in enumerate(tids) if (n + k) % 3]
+        rows += [h.new_task(pid, tid, status=TaskStatus.INBOX) for k, tid in enumerate(tids)
+                 if not (n + k) % 3]  # fmt: skip
+        await h.s.add_tasks(rows)
+    await h.project("none-blocked")
+    await h.task("none-blocked", "t")
+    stored = [t for pid in pids for t in await h.all_tasks(pid)]
+    expected = sorted((t.project_id, t.id) for t in stored if t.status is TaskStatus.BLOCKED)
+    assert len(expected) > 20
+    assert {pid for pid, _ in expected} == set(pids)
+    whole = await view.blocked_tasks(limit=1000)
+    assert expected == _keys(whole), "blocked_tasks() order"
+    for task in whole:
+        assert await h.get(task.project_id, task.id) == task, f"the task {_keys([task])}"
+        assert dict(task.metadata) == dict((await h.get(task.project_id, task.id)).metadata)
+    for limit in (1, 2, 3, 7, len(expected) - 1, len(expected), len(expected) + 1):
+        assert expected == await _all_blocked(view, limit=limit), f"pages of {limit}"
+    middle = expected[len(expected) // 2]
+    assert [k for k in expected if k > middle] == _keys(await view.blocked_tasks(after=middle))
+    # A cursor naming no blocked task (an unknown id, a task not blocked) still pages on.
+    for cursor in ((middle[0], middle[1] + "\x01"), (pids[0], "t"), ("p0", "a"), ("o", "z")):
+        assert [k for k in expected if k > cursor] == _keys(
+            await view.blocked_tasks(after=cursor)
+        ), f"after {cursor!r}"
+    assert [] == await view.blocked_tasks(after=expected[-1])
+    assert expected[:3] == _keys(await view.blocked_tasks(limit=3))
+
+
+@scenario
+async def _blocked_tasks_are_kept_by_project_and_error_type(h: Harness) -> None:
+    """blocked_tasks(projects=...) keeps only those projects (None: all, an empty set:
+    nothing, unknown ids ignored); error_type keeps the tasks whose error_type equals it
+    exactly (case, spaces and all); both combine with paging."""
+    view = _overview(h)
+    types = ("Boom", "boom", "Boom ", "BoomError", None)
+    for pid in ("a", "b", "c"):
+        await h.project(pid)
+        await h.s.add_tasks(
+            [_blocked_row(h, pid, f"t{n}", error_type) for n, error_type in enumerate(types)]
+            + [h.new_task(pid, "u", status=TaskStatus.INBOX, error_type="Boom")]
+        )
+    everything = [(pid, f"t{n}") for pid in ("a", "b", "c") for n in range(len(types))]
+    assert everything == _keys(await view.blocked_tasks(projects=None))
+    assert [] == await view.blocked_tasks(projects=frozenset())
+    assert [] == await view.blocked_tasks(projects=frozenset({"x", "A"}))
+    kept = frozenset({"c", "a", "unknown"})
+    in_kept = [k for k in everything if k[0] in kept]
+    assert in_kept == _keys(await view.blocked_tasks(projects=kept))
+    for limit in (1, 2, 4):
+        assert in_kept == await _all_blocked(view, projects=kept, limit=limit)
+    for n, error_type in enumerate(types[:-1]):
+        assert [(pid, f"t{n}") for pid in ("a", "b", "c")] == _keys(
+            await view.blocked_tasks(error_type=error_type)
+        ), f"error_type={error_type!r}"
+        assert [("c", f"t{n}")] == _keys(
+            await view.blocked_tasks(projects=frozenset({"c"}), error_type=error_type)
+        )
+        assert [(pid, f"t{n}") for pid in ("a", "b", "c")] == await _all_blocked(
+            view, error_type=error_type, limit=1
+        )
+    assert [] == await view.blocked_tasks(error_type="Boo")
+    assert [] == await view.blocked_tasks(error_type="Fatal")
+
+
+@scenario
+async def _blocked_tasks_follow_every_move(h: Harness) -> None:
+    """A task that becomes blocked through the services is listed at its place with its
+    error_type, one retried leaves the list, one blocked again comes back with its new
+    error_type; a cursor taken before the change pages on without losing or repeating
+    what did not move."""
+    view = _overview(h)
+    for pid in ("p1", "p2"):
+        await h.project(pid)
+        for tid in ("a", "b", "c"):
+            await h.task(pid, tid, max_retries=0)
+    await h.blocked("p1", "b")
+    await h.blocked("p2", "a")
+    await h.blocked("p2", "c")
+    assert [("p1", "b"), ("p2", "a"), ("p2", "c")] == _keys(await view.blocked_tasks())
+    first = await view.blocked_tasks(limit=1)
+    assert [("p1", "b")] == _keys(first)
+    await h.retrier.retry("p2", "a")  # after the cursor: gone from the next page
+    await h.blocked("p1", "a")  # before the cursor: not in the next page
+    await h.blocked("p1", "c")  # after the cursor: in the next page
+    assert [("p1", "c"), ("p2", "c")] == _keys(await view.blocked_tasks(after=("p1", "b")))
+    assert ["Fatal"] == [t.error_type for t in await view.blocked_tasks(after=("p1", "b"), limit=1)]
+    _, task = await h.s.load("p2", "a")
+    started = await h.ex.start("p2", "a", task.attempt)
+    error = TaskError(type="Other", message="again", retryable=False)
+    await h.ex.fail("p2", "a", started.task.attempt, error)
+    assert [("p2", "a")] == _keys(await view.blocked_tasks(error_type="Other"))
+    assert [("p1", "a"), ("p1", "b"), ("p1", "c"), ("p2", "c")] == _keys(
+        await view.blocked_tasks(error_type="Fatal")
+    )
+    summaries = await view.list_projects()
+    assert [await h.s.progress("p1"), await h.s.progress("p2")] == [s.progress for s in summaries]
+    assert [3, 2] == [s.progress.blocked for s in summaries]
+
+
+@scenario
+async def _overview_inputs_checked(h: Harness) -> None:
+    """Both reads refuse a limit outside 1..1000, a malformed cursor, project id or
+    error_type with InvalidInput, and accept limits 1 and 1000."""
+    view = _overview(h)
+    await h.project("p")
+    await h.s.add_tasks([_blocked_row(h, "p", "t")])
+    for limit in (0, -1, 1001):
+        await refused(view.list_projects(limit=limit), InvalidInput, f"list_projects({limit=})")
+        await refused(view.blocked_tasks(limit=limit), InvalidInput, f"blocked_tasks({limit=})")
+    for limit in (1, 1000):
+        assert ["p"] == [s.project.id for s in await view.list_projects(limit=limit)]
+        assert [("p", "t")] == _keys(await view.blocked_tasks(limit=limit))
+    bad_afters: list[Any] = [("p",), ("p", "t", "x"), ("", "t"), ("p", ""), ("p", "a\x00"),
+                             ("x" * 256, "t"), ["p", "t"], "p"]  # fmt: skip
+    for after in bad_afters:
+        await refused(view.blocked_tasks(after=after), InvalidInput, f"blocked_tasks({after=})")
+    for project_after in ("", "a\x00", "x" * 256):
+        await refused(
+            view.list_projects(after=project_after),
+            InvalidInput,
+            f"list_projects({project_after=})",
+        )
+    for error_type in ("", "a\x00b", "E" * 256):
+        await refused(
+            view.blocked_tasks(error_type=error_type), InvalidInput, f"blocked_tasks({error_type=})"
+        )
+    for projects in (frozenset({""}), frozenset({"p", "x" * 256}), frozenset({"a\x00"})):
+        await refused(view.list_projects(projects=projects), InvalidInput, f"{projects=}")
+        await refused(view.blocked_tasks(projects=projects), InvalidInput, f"{projects=}")
+
+
+# -- reads across projects: the property ------------------------------------------------------
+_OVERVIEW_SUFFIXES = st.sampled_from(["a", "A", "b", "a/b", "a\nb", "\u00e9", "\U0001f600", "a "])
+_OVERVIEW_TYPES = st.sampled_from(["E", "e", "F", None])
+
+
+@st.composite
+def _overview_cases(draw: st.DrawFn) -> dict[str, Any]:
+    suffixes = draw(st.lists(_OVERVIEW_SUFFIXES, min_size=1, max_size=4, unique=True))
+    tasks = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(suffixes), st.sampled_from(["t", "T", "t/1", "\u00e9", "u"]),
+                st.booleans(), _OVERVIEW_TYPES,
+            ),
+            max_size=12,
+            unique_by=lambda t: (t[0], t[1]),
+        )
+    )  # fmt: skip
+    kept = draw(st.none() | st.sets(st.sampled_from([*suffixes, "zz"])))
+    return {
+        "projects": suffixes,
+        "tasks": tasks,
+        "kept": kept,
+        "error_type": draw(_OVERVIEW_TYPES),
+        "limit": draw(st.integers(1, 5)),
+    }
+
+
+async def _overview_matches_a_model(
+    storage: AsyncStorage, prefix: str, case: dict[str, Any]
+) -> bool:
+    """Pages of both reads, over projects whose ids start with ``prefix``, against a model
+    built in Python; ``False`` for a storage without the reads."""
+    h = Harness(storage)
+    if not _has_overview(storage):
+        return False
+    view: AsyncProjectOverview = storage  # type: ignore[assignment]
+    pids = [prefix + suffix for suffix in case["projects"]]
+    for pid in pids:
+        await h.project(pid)
+    rows: list[Task] = []
+    for suffix, tid, blocked, error_type in case["tasks"]:
+        pid = prefix + suffix
+        if blocked:
+            rows.append(_blocked_row(h, pid, tid, error_type))
+        else:
+            rows.append(h.new_task(pid, tid, error_type=error_type))
+    await h.s.add_tasks(rows)
+    # The storage is shared by every example: the model's world is this prefix's projects.
+    world = frozenset(pids)
+    kept = world if case["kept"] is None else frozenset(prefix + s for s in case["kept"]) & world
+    asked = kept | {prefix + "zz"} if case["kept"] is not None else kept
+    limit, error_type = case["limit"], case["error_type"]
+    assert sorted(kept) == await _all_projects(view, projects=asked, limit=limit)
+    model = sorted(
+        (t.project_id, t.id)
+        for t in rows
+        if t.status is TaskStatus.BLOCKED
+        and t.project_id in kept
+        and (error_type is None or t.error_type == error_type)
+    )
+    got = await _all_blocked(view, projects=asked, error_type=error_type, limit=limit)
+    assert model == got, f"blocked pages of {limit}"
+    for summary in await view.list_projects(projects=asked, limit=1000):
+        assert await h.s.progress(summary.project.id) == summary.progress
+    return True
+
+
 # -- the one-step retry (RetryInOneStep), against the core ---------------------------------------
 
 
@@ -2651,6 +3012,21 @@ class StorageContract:
 
         _one_step_property(run)
 
+    def test_overview_pages_match_a_model(self, storage: Storage) -> None:
+        """Pages of list_projects and blocked_tasks, of any size, within any set of
+        projects (unknown ids included), filtered by any error_type, reassemble exactly what
+        a model of the stored tasks says, each project with its own progress."""
+        wrapped = inline_port(storage)
+        _skip_without_overview(wrapped)
+        examples = iter(range(1_000_000))
+
+        @_PROPERTY_SETTINGS
+        @given(case=_overview_cases())
+        def check(case: dict[str, Any]) -> None:
+            assert asyncio.run(_overview_matches_a_model(wrapped, f"ov{next(examples)}:", case))
+
+        check()
+
 
 def _one_step_property(run: Callable[[str, OneStepCase], None]) -> None:
     examples = iter(range(1_000_000))
@@ -2730,6 +3106,37 @@ class AsyncStorageContract:
             asyncio.run(main(pid, case))
 
         _one_step_property(run)
+
+    def test_overview_pages_match_a_model(self, async_storage_factory: AsyncStorageFactory) -> None:
+        """Pages of list_projects and blocked_tasks, of any size, within any set of
+        projects (unknown ids included), filtered by any error_type, reassemble exactly what
+        a model of the stored tasks says, each project with its own progress."""
+
+        async def probe() -> object:
+            storage = await async_storage_factory()
+            try:
+                return type(storage) if _has_overview(storage) else storage
+            finally:
+                await storage.close()
+
+        found = asyncio.run(probe())
+        if not isinstance(found, type):
+            _skip_without_overview(found)
+        examples = iter(range(1_000_000))
+
+        async def main(prefix: str, case: dict[str, Any]) -> None:
+            storage = await async_storage_factory()
+            try:
+                assert await _overview_matches_a_model(storage, prefix, case)
+            finally:
+                await storage.close()
+
+        @_PROPERTY_SETTINGS
+        @given(case=_overview_cases())
+        def check(case: dict[str, Any]) -> None:
+            asyncio.run(main(f"ov{next(examples)}:", case))
+
+        check()
 
 
 for _name, _fn in SCENARIOS.items():

@@ -35,7 +35,7 @@ from deepwork_retry._core.results import (
     task_json,
     tasks_page_json,
 )
-from deepwork_retry._core.states import DispatchState, Trigger
+from deepwork_retry._core.states import DispatchState, RetryBudget, Trigger
 from deepwork_retry._log import emit
 from deepwork_retry._wiring import check_kind
 from deepwork_retry.auth import Authenticator, Authorizer, Principal, may_retry
@@ -58,6 +58,7 @@ from deepwork_retry.web._http import (
     bearer_token,
     bulk_options,
     check_path,
+    check_reason,
     error_response,
     idempotency_key,
     match,
@@ -349,13 +350,60 @@ class AsyncRetryAPI:
     ) -> ApiResponse:
         key = idempotency_key(request.headers)
         options = retry_options(request.body)
+        return await self.retry_for(
+            principal,
+            project_id,
+            task_id,
+            budget=options.budget,
+            reason=options.reason,
+            key=key,
+        )
+
+    async def retry_for(
+        self,
+        principal: Principal,
+        project_id: str,
+        task_id: str,
+        *,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        reason: str | None = None,
+        key: str | None = None,
+    ) -> ApiResponse:
+        """The retry route's answer for a caller already authenticated as ``principal``.
+
+        What ``POST .../retry`` does once it has read its request (the operator
+        dashboard calls it with a session's principal and a form's options):
+        the authorizer decides (a refusal is ``404 Project not found``), and
+        ``key`` (a client's Idempotency-Key, checked as the header is; ``None``:
+        none) makes a repeat replay the first answer instead of retrying again.
+        Never raises: an error is its response from the error table.
+        """
+        try:
+            if not self.authorizer(principal, project_id):
+                raise ProjectNotFound(project_id[:255])
+            if key is not None:
+                key = idempotency_key({"idempotency-key": key})
+            reason = check_reason(reason)
+            return await self._retry_as(principal, project_id, task_id, budget, reason, key)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+            return error_response(exc)
+
+    async def _retry_as(
+        self,
+        principal: Principal,
+        project_id: str,
+        task_id: str,
+        budget: RetryBudget,
+        reason: str | None,
+        key: str | None,
+    ) -> ApiResponse:
         if key is None:
             result = await self.service.retry(
                 project_id,
                 task_id,
                 actor=principal.id,
-                reason=options.reason,
-                budget=options.budget,
+                reason=reason,
+                budget=budget,
             )
             return _retried(result)
         stored_key = scoped_key(principal.id, key)
@@ -367,8 +415,8 @@ class AsyncRetryAPI:
                 project_id,
                 task_id,
                 actor=principal.id,
-                reason=options.reason,
-                budget=options.budget,
+                reason=reason,
+                budget=budget,
                 idempotency_key=stored_key,
             )
         except IdempotencyConflict as exc:
@@ -482,6 +530,24 @@ class AsyncRetryAPI:
         return respond(200, bulk_json(result))
 
     # -- the event stream -----------------------------------------------------------------
+    async def events_for(
+        self, principal: Principal, project_id: str, request: ApiRequest
+    ) -> ApiResponse:
+        """The events route's answer for a caller already authenticated as ``principal``.
+
+        The same stream, bound and slots as ``GET .../events`` (the operator
+        dashboard's live updates open theirs here with a session's principal):
+        the authorizer decides (a refusal is ``404 Project not found``), then
+        ``request``'s ``Last-Event-ID`` or ``?after=`` says where to resume.
+        Never raises: an error is its response from the error table.
+        """
+        try:
+            if not self.authorizer(principal, project_id):
+                raise ProjectNotFound(project_id[:255])
+            return await self._events(principal, project_id, request)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+            return error_response(exc)
+
     async def _events(
         self, principal: Principal, project_id: str, request: ApiRequest
     ) -> ApiResponse:

@@ -459,6 +459,11 @@ def _reason(data: Mapping[str, Any]) -> str | None:
     return value
 
 
+def check_reason(value: str | None) -> str | None:
+    """``value`` when it is a usable retry reason (as the retry body's ``reason``)."""
+    return _reason({"reason": value})
+
+
 def _limit(value: object, default: int) -> int:
     if value is None:
         return default

@@ -34,7 +34,7 @@ from deepwork_retry._core.results import (
     task_json,
     tasks_page_json,
 )
-from deepwork_retry._core.states import DispatchState, Trigger
+from deepwork_retry._core.states import DispatchState, RetryBudget, Trigger
 from deepwork_retry._log import emit
 from deepwork_retry._sync._compat import ASYNCHRONOUS, close_iterator, sleep
 from deepwork_retry._sync.services import RetryService
@@ -59,6 +59,7 @@ from deepwork_retry.web._http import (
     bearer_token,
     bulk_options,
     check_path,
+    check_reason,
     error_response,
     idempotency_key,
     match,
@@ -348,13 +349,60 @@ class RetryAPI:
     ) -> ApiResponse:
         key = idempotency_key(request.headers)
         options = retry_options(request.body)
+        return self.retry_for(
+            principal,
+            project_id,
+            task_id,
+            budget=options.budget,
+            reason=options.reason,
+            key=key,
+        )
+
+    def retry_for(
+        self,
+        principal: Principal,
+        project_id: str,
+        task_id: str,
+        *,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        reason: str | None = None,
+        key: str | None = None,
+    ) -> ApiResponse:
+        """The retry route's answer for a caller already authenticated as ``principal``.
+
+        What ``POST .../retry`` does once it has read its request (the operator
+        dashboard calls it with a session's principal and a form's options):
+        the authorizer decides (a refusal is ``404 Project not found``), and
+        ``key`` (a client's Idempotency-Key, checked as the header is; ``None``:
+        none) makes a repeat replay the first answer instead of retrying again.
+        Never raises: an error is its response from the error table.
+        """
+        try:
+            if not self.authorizer(principal, project_id):
+                raise ProjectNotFound(project_id[:255])
+            if key is not None:
+                key = idempotency_key({"idempotency-key": key})
+            reason = check_reason(reason)
+            return self._retry_as(principal, project_id, task_id, budget, reason, key)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+            return error_response(exc)
+
+    def _retry_as(
+        self,
+        principal: Principal,
+        project_id: str,
+        task_id: str,
+        budget: RetryBudget,
+        reason: str | None,
+        key: str | None,
+    ) -> ApiResponse:
         if key is None:
             result = self.service.retry(
                 project_id,
                 task_id,
                 actor=principal.id,
-                reason=options.reason,
-                budget=options.budget,
+                reason=reason,
+                budget=budget,
             )
             return _retried(result)
         stored_key = scoped_key(principal.id, key)
@@ -366,8 +414,8 @@ class RetryAPI:
                 project_id,
                 task_id,
                 actor=principal.id,
-                reason=options.reason,
-                budget=options.budget,
+                reason=reason,
+                budget=budget,
                 idempotency_key=stored_key,
             )
         except IdempotencyConflict as exc:
@@ -479,6 +527,22 @@ class RetryAPI:
         return respond(200, bulk_json(result))
 
     # -- the event stream -----------------------------------------------------------------
+    def events_for(self, principal: Principal, project_id: str, request: ApiRequest) -> ApiResponse:
+        """The events route's answer for a caller already authenticated as ``principal``.
+
+        The same stream, bound and slots as ``GET .../events`` (the operator
+        dashboard's live updates open theirs here with a session's principal):
+        the authorizer decides (a refusal is ``404 Project not found``), then
+        ``request``'s ``Last-Event-ID`` or ``?after=`` says where to resume.
+        Never raises: an error is its response from the error table.
+        """
+        try:
+            if not self.authorizer(principal, project_id):
+                raise ProjectNotFound(project_id[:255])
+            return self._events(principal, project_id, request)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
+            return error_response(exc)
+
     def _events(self, principal: Principal, project_id: str, request: ApiRequest) -> ApiResponse:
         after = resume_after(request.headers, request.query)
         read: _ReadEvents | None = getattr(self.service.storage, "events", None)

@@ -8,18 +8,21 @@ elsewhere.
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
-from web_harness import ALICE, World, serve_asgi
+from web_harness import ALICE, BOB, STREAMS, World, authorize, serve_asgi
 
 from deepwork_retry.auth import Principal
-from deepwork_retry.web import ApiRequest, ApiResponse
+from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
 from deepwork_retry.web.dashboard._common import Signer
 
@@ -47,7 +50,7 @@ class Client:
         method: str,
         path: str,
         *,
-        query: dict[str, str] | None = None,
+        query: dict[str, str] | list[tuple[str, str]] | None = None,
         form: dict[str, Any] | list[tuple[str, str]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> ApiResponse:
@@ -64,7 +67,7 @@ class Client:
                 method=method,
                 path=path,
                 headers=sent,
-                query=list((query or {}).items()),
+                query=list(query.items()) if isinstance(query, dict) else list(query or []),
                 body=body,
                 scheme=self.scheme,
             )
@@ -128,9 +131,24 @@ def world() -> World:
     return w
 
 
+def authorized(principal: Principal, project_id: str) -> bool:
+    """The harness's rule (alice everywhere, bob in ``bob-*``), and dave's own list."""
+    if principal.id == "dave":
+        return principal.may_act_in(project_id)
+    return authorize(principal, project_id)
+
+
+def sync_api(world: World) -> RetryAPI:
+    return RetryAPI(world.sync_service(), world.tokens, authorized, streams=STREAMS)
+
+
+def async_api(world: World) -> AsyncRetryAPI:
+    return AsyncRetryAPI(world.async_service(), world.tokens, authorized, streams=STREAMS)
+
+
 @pytest.fixture
 def dashboard(world: World) -> Dashboard:
-    return Dashboard(world.sync_api(), secret=SECRET, prefix=P)
+    return Dashboard(sync_api(world), secret=SECRET, prefix=P)
 
 
 @pytest.fixture
@@ -346,7 +364,7 @@ def served(world: World) -> Iterator[str]:
     from deepwork_retry.web.starlette import mount, mount_dashboard
 
     app = Starlette()
-    api = world.async_api()
+    api = async_api(world)
     mount(app, api)
     mount_dashboard(app, api, secret=SECRET, prefix=P)
     url, stop = serve_asgi(app)
@@ -385,3 +403,311 @@ def test_starlette_serves_the_dashboard(served: str) -> None:
         api = http.get("/api/deep-work/projects/x/progress")
         assert api.status_code == 401
         assert api.headers["content-type"] == "application/json"
+
+
+# -- pages, scope and retries --------------------------------------------------------------
+
+
+def failing(world: World, project_id: str, task_id: str, error: BaseException) -> str:
+    """A task blocked after one failed attempt with ``error`` (no retries left)."""
+    ex = world.executor
+    ex.add_task(project_id, task_id, title=f"Task {task_id}", max_retries=0)
+    ex.assign(project_id, task_id)
+    ex.start(project_id, task_id, 1)
+    ex.fail(project_id, task_id, 1, error)
+    assert task_of(world, project_id, task_id).status.value == "blocked"
+    return task_id
+
+
+def task_of(world: World, project_id: str, task_id: str) -> Any:
+    return world.memory.load(project_id, task_id)[1]
+
+
+def fresh(prefix: str = "p-") -> str:
+    return prefix + uuid.uuid4().hex[:10]
+
+
+def retry_form(page: ApiResponse) -> dict[str, str]:
+    """The hidden fields of the page's retry form (csrf, ids, key)."""
+    form = re.search(r'<form id="retry-form".*?</form>', text(page), re.S)
+    assert form, text(page)
+    fields = dict(
+        (html.unescape(n), html.unescape(v))
+        for n, v in re.findall(r'<input type="hidden"[^>]*?name="([^"]+)" value="([^"]*)"', form[0])
+    )
+    assert {"csrf", "project_id", "task_id", "key"} <= set(fields), fields
+    return fields
+
+
+def test_projects_page_lists_the_principals_projects(world: World, client: Client) -> None:
+    mine = project(world, "dave-1")
+    world.blocked(mine, "t1")
+    other = project(world, fresh())
+    client.login(DAVE)
+    page = text(client.get("/"))
+    assert 'data-project-id="dave-1"' in page
+    assert f'data-project-id="{other}"' not in page
+    assert "<progress" in page
+    assert 'aria-label="Progress of project dave-1"' in page
+    assert "% complete" in page
+
+
+def test_task_page_shows_the_task(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    page = alice.get("/task", project_id=pid, task_id="t1")
+    assert page.status == 200
+    body = text(page)
+    assert re.search(r'id="task-status">.*blocked', body)
+    assert re.search(r'id="retry-count">1 of 1<', body)
+    assert "second failure" in body
+    assert body.count('class="attempt"') == 2
+    assert '<time datetime="' in body
+    assert "This task can be retried" in body
+    assert f'data-events="{P}/events?project_id={pid}"' in body
+    for control in (
+        'id="budget"',
+        'id="reason"',
+        'id="retry-button"',
+        'for="budget"',
+        'for="reason"',
+    ):
+        assert control in body
+
+
+def test_a_traceback_is_shown_apart(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    message = 'boom\nTraceback (most recent call last):\n  File "x.py", line 1\nValueError: boom'
+    failing(world, pid, "t1", ValueError(message))
+    body = text(alice.get("/task", project_id=pid, task_id="t1"))
+    assert '<pre class="traceback">Traceback (most recent call last):' in body
+
+
+def test_retry_through_the_form_changes_the_task_and_records_the_actor(
+    world: World, alice: Client
+) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="t1"))
+    response = alice.post("/retry", {**fields, "budget": "one_more", "reason": "fixed the DNS"})
+    assert response.status == 303
+    location = header(response, "location") or ""
+    assert location.startswith(P + "/task?")
+    assert "flash=retried" in location
+    task = task_of(world, pid, "t1")
+    assert task.status.value != "blocked"
+    last = world.memory.attempts(pid, "t1")[-1]
+    assert last.actor == "alice"
+    assert last.reason == "fixed the DNS"
+    assert last.trigger.value == "manual_retry"
+    shown = alice.get("/task", project_id=pid, task_id="t1", flash="retried")
+    assert "Retried" in text(shown)
+
+
+def test_a_double_submit_retries_once(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="t1"))
+    first = alice.post("/retry", fields)
+    second = alice.post("/retry", fields)
+    assert "flash=retried" in (header(first, "location") or "")
+    assert "flash=replayed" in (header(second, "location") or "")
+    manual = [a for a in world.memory.attempts(pid, "t1") if a.trigger.value == "manual_retry"]
+    assert len(manual) == 1
+    assert world.recorder.count(pid) == 1
+
+
+def test_each_render_gives_a_fresh_key(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    keys = {retry_form(alice.get("/task", project_id=pid, task_id="t1"))["key"] for _ in range(3)}
+    assert len(keys) == 3
+
+
+def test_htmx_retry_answers_the_panel(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="t1"))
+    response = alice.post("/retry", fields, headers={"hx-request": "true"})
+    assert response.status == 200
+    body = text(response)
+    assert body.lstrip().startswith('<div id="task-panel"')
+    assert "<html" not in body
+    assert 'id="flash" hx-swap-oob="innerHTML"' in body
+    assert "Retried" in body
+    assert 'id="retry-key"' in body
+    assert fields["key"] not in body
+    # Not blocked any more: a second (new) retry is refused with the reason.
+    again = alice.post("/retry", {**fields, "key": "other-key"}, headers={"hx-request": "true"})
+    assert "Not retried: the task is not blocked." in text(again)
+
+
+def test_a_retry_of_a_task_that_is_not_blocked_is_refused(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.done(pid, "t1")
+    page = alice.get("/task", project_id=pid, task_id="t1")
+    assert "Cannot be retried: " in text(page)
+    response = alice.post("/retry", retry_form(page))
+    assert "flash=task_not_blocked" in (header(response, "location") or "")
+    assert task_of(world, pid, "t1").status.value == "done"
+
+
+def test_pages_check_their_query(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    assert alice.get("/task", project_id=pid).status == 422
+    assert alice.get("/task", project_id=pid, task_id="t1", extra="1").status == 422
+    assert alice.get("/task", project_id=pid, task_id="nope").status == 404
+    assert alice.get("/project", project_id=fresh()).status == 404
+    assert alice.get("/blocked", after="garbage!").status == 422
+    twice = [("project_id", pid), ("project_id", "other")]
+    repeated = alice.request("GET", "/project", query=twice)
+    assert repeated.status == 422
+    assert "more than once" in text(repeated)
+
+
+def test_project_page(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    world.done(pid, "t2")
+    page = alice.get("/project", project_id=pid)
+    body = text(page)
+    assert page.status == 200
+    assert 'id="project-panel" data-live' in body
+    assert 'data-task-id="t1"' in body
+    assert 'data-task-id="t2"' not in body
+    assert "50% complete" in body
+    partial = alice.request(
+        "GET", "/project", query={"project_id": pid}, headers={"hx-request": "true"}
+    )
+    assert text(partial).lstrip().startswith('<div id="project-panel"')
+
+
+def test_blocked_page_filters(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "a", ValueError("bad value"))
+    failing(world, pid, "b", KeyError("missing"))
+    body = text(alice.get("/blocked", project_id=pid))
+    assert 'data-task-id="a"' in body
+    assert 'data-task-id="b"' in body
+    assert '<td class="error-type">ValueError</td>' in body
+    only = text(alice.get("/blocked", project_id=pid, error_type="KeyError"))
+    assert 'data-task-id="b"' in only
+    assert 'data-task-id="a"' not in only
+    for control in ('id="filter-project"', 'id="filter-error-type"', 'id="filter-button"'):
+        assert control in body
+    assert 'id="bulk-form"' in body
+    assert 'id="bulk-preview-button"' in body
+
+
+def test_scope_a_principal_never_sees_another_project(world: World, client: Client) -> None:
+    mine = project(world, "dave-2")
+    world.blocked(mine, "t1")
+    theirs = project(world, fresh())
+    world.blocked(theirs, "t1")
+    client.login(DAVE)
+    assert client.get("/project", project_id=theirs).status == 404
+    assert client.get("/task", project_id=theirs, task_id="t1").status == 404
+    assert client.get("/events", project_id=theirs).status == 404
+    for page in (client.get("/blocked"), client.get("/")):
+        assert theirs not in text(page)
+    filtered = text(client.get("/blocked", project_id=theirs))
+    assert f'data-project-id="{theirs}"' not in filtered
+    assert f'<option value="{theirs}"' not in filtered
+    assert mine in text(client.get("/blocked"))
+    csrf = client.csrf()
+    stolen = {"csrf": csrf, "project_id": theirs, "task_id": "t1", "key": "k1"}
+    assert client.post("/retry", stolen).status == 404
+    preview = client.post("/bulk/preview", {"csrf": csrf, "project_id": theirs})
+    assert 'data-task-id="t1"' not in text(preview)
+    applied = client.post(
+        "/bulk/apply", {"csrf": csrf, "key": "k2", "item": json.dumps([theirs, "t1"])}
+    )
+    assert 'class="refused"' in text(applied)
+    assert task_of(world, theirs, "t1").status.value == "blocked"
+    assert world.recorder.count(theirs) == 0
+
+
+def test_the_authorizer_scopes_as_in_the_api(world: World, client: Client) -> None:
+    bob_project = project(world, fresh("bob-"))
+    world.blocked(bob_project, "t1")
+    other = project(world, fresh())
+    world.blocked(other, "t1")
+    client.login(BOB)
+    assert other not in text(client.get("/"))
+    assert bob_project in text(client.get("/"))
+    assert client.get("/task", project_id=other, task_id="t1").status == 404
+    assert other not in text(client.get("/blocked"))
+
+
+# -- bulk ---------------------------------------------------------------------------------
+
+
+def apply_form(page: ApiResponse) -> list[tuple[str, str]]:
+    form = re.search(r'<form id="bulk-apply".*?</form>', text(page), re.S)
+    assert form, text(page)
+    return [
+        (html.unescape(n), html.unescape(v))
+        for n, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form[0])
+    ]
+
+
+def test_bulk_dry_run_changes_nothing_and_apply_retries_the_previewed(
+    world: World, alice: Client
+) -> None:
+    pid = project(world, fresh())
+    for tid in ("a", "b", "c"):
+        failing(world, pid, tid, ValueError("v"))
+    failing(world, pid, "k", KeyError("k"))
+    paused = project(world, fresh())
+    failing(world, paused, "p", ValueError("v"))
+    world.executor.set_project_status(paused, "cancelled")
+    before = {p: world.snapshot(p) for p in (pid, paused)}
+    csrf = alice.csrf("/blocked")
+    preview = alice.post("/bulk/preview", {"csrf": csrf, "error_type": "ValueError"})
+    assert preview.status == 200
+    body = text(preview)
+    would = set(
+        re.findall(r'<li class="would-retry" data-project-id="[^"]*" data-task-id="([^"]+)"', body)
+    )
+    refused = set(
+        re.findall(r'<li class="refused" data-project-id="[^"]*" data-task-id="([^"]+)"', body)
+    )
+    assert {"a", "b", "c"} <= would
+    assert "k" not in would | refused
+    assert "p" in refused
+    assert "Cannot retry tasks in a &#39;cancelled&#39; project" in body
+    assert {p: world.snapshot(p) for p in (pid, paused)} == before
+    # A task becomes unblocked between preview and apply: apply reports it refused.
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="c"))
+    alice.post("/retry", fields)
+    form = apply_form(preview)
+    result = alice.post("/bulk/apply", [*form, ("budget", "one_more"), ("reason", "bulk fix")])
+    assert result.status == 200
+    out = text(result)
+    retried = set(
+        re.findall(r'<li class="retried" data-project-id="[^"]*" data-task-id="([^"]+)"', out)
+    )
+    not_retried = set(
+        re.findall(r'<li class="refused" data-project-id="[^"]*" data-task-id="([^"]+)"', out)
+    )
+    assert retried == would - {"c"}
+    assert not_retried == {"c"}
+    for tid in retried:
+        last = world.memory.attempts(pid, tid)[-1]
+        assert (last.actor, last.reason) == ("alice", "bulk fix")
+    assert task_of(world, pid, "k").status.value == "blocked"
+    assert task_of(world, paused, "p").status.value == "blocked"
+    dispatched = world.recorder.count(pid)
+    # The same form again: it replays, nothing is retried twice.
+    again = alice.post("/bulk/apply", [*form, ("budget", "one_more"), ("reason", "bulk fix")])
+    again_retried = set(re.findall(r'<li class="retried" [^>]*data-task-id="([^"]+)"', text(again)))
+    assert again_retried == retried
+    assert "already retried by this form" in text(again)
+    assert world.recorder.count(pid) == dispatched
+
+
+def test_bulk_apply_takes_at_most_100(world: World, alice: Client) -> None:
+    csrf = alice.csrf()
+    items = [("item", json.dumps(["p", f"t{i}"])) for i in range(101)]
+    response = alice.post("/bulk/apply", [("csrf", csrf), ("key", "k"), *items])
+    assert response.status == 422

@@ -15,10 +15,14 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from deepwork_retry._core.model import Progress, Project
-from deepwork_retry._core.states import TaskStatus
+import attrs
+
+from deepwork_retry._core.inputs import blocked_cursor, parse_blocked_cursor
+from deepwork_retry._core.machine import RetryCheck, can_retry
+from deepwork_retry._core.model import Project, ProjectSummary, Task
+from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH, Principal
-from deepwork_retry.exceptions import NotFound, ProjectNotFound
+from deepwork_retry.exceptions import ProjectNotFound
 from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import (
     ApiRequest,
@@ -29,24 +33,40 @@ from deepwork_retry.web._http import (
     normalise_prefix,
 )
 from deepwork_retry.web.dashboard._common import (
+    FLASHES,
     LOGIN_COOKIE,
     LOGIN_MAX_AGE,
+    MAX_BULK,
+    MAX_PROJECTS,
+    PAGE,
+    SECURITY_HEADERS,
     SESSION_COOKIE,
+    Answered,
     CsrfRefused,
     Form,
     NoSession,
     PageNotFound,
     Session,
     Signer,
+    answer_detail,
+    answer_error,
+    budget_value,
+    bulk_item,
     cookie_header,
     cookies,
     environment,
+    flash_code,
+    fresh_key,
     html_response,
     is_htmx,
     load_static,
     parse_form,
+    parse_items,
+    query_string,
+    query_values,
     redirect,
     same_origin,
+    statuses,
 )
 
 log = logging.getLogger("deepwork_retry.web.dashboard")
@@ -64,40 +84,6 @@ _ROUTES: Mapping[str, frozenset[str]] = {
     "/events": frozenset({"GET"}),
 }
 """Every page below the prefix and the methods it takes (HEAD goes with GET)."""
-
-FLASHES: Mapping[str, str] = {
-    "retried": "Retried: a new attempt was dispatched.",
-    "replayed": "This retry was already submitted; nothing was done twice.",
-    "task_not_blocked": "Not retried: the task is not blocked.",
-    "project_not_runnable": "Not retried: the project does not accept retries now.",
-    "task_busy": "Not retried: the task is busy; try again shortly.",
-    "storage_unavailable": "Not retried: the storage is unavailable; try again shortly.",
-    "idempotency_in_progress": "This retry is still being processed; reload in a moment.",
-    "retry_committed": "Retried, but its result could not be shown; the page shows the task now.",
-}
-"""The flash messages a retry can end with, by code (a redirect carries only the code)."""
-
-
-def _flash_code(response: ApiResponse) -> str:
-    if response.status == 200:
-        replayed = any(name.lower() == "idempotent-replayed" for name, _ in response.headers)
-        return "replayed" if replayed else "retried"
-    try:
-        code = str(response.json()["code"])
-    except (ValueError, KeyError, TypeError):
-        code = "unknown"
-    return code if code in FLASHES else "refused"
-
-
-def _detail(response: ApiResponse) -> str:
-    try:
-        return str(response.json()["detail"])
-    except (ValueError, KeyError, TypeError):
-        return "Refused"
-
-
-def _statuses(progress: Progress) -> list[tuple[str, int]]:
-    return [(status.value, progress.count(status)) for status in TaskStatus]
 
 
 class AsyncDashboard:
@@ -224,8 +210,8 @@ class AsyncDashboard:
             return self._error_page(403, "Forbidden", str(exc), full=wants_html)
         if isinstance(exc, (PageNotFound, RouteNotFound)):
             return self._error_page(404, "Not found", "There is no such page.", full=wants_html)
-        api = error_response(exc)
-        detail = _detail(api)
+        api = exc.answer if isinstance(exc, Answered) else error_response(exc)
+        detail = answer_detail(api)
         extra = [(k, v) for k, v in api.headers if k.lower() in ("allow", "retry-after")]
         title = {404: "Not found", 405: "Method not allowed", 422: "Invalid request"}.get(
             api.status, "Error" if api.status < 500 else "Service unavailable"
@@ -317,58 +303,221 @@ class AsyncDashboard:
         if not self._may(principal, project_id):
             raise ProjectNotFound(project_id[:255])
 
-    async def _summaries(self, principal: Principal) -> list[tuple[Project, Progress]]:
-        service = self.api.service
-        lister = getattr(service, "projects", None)
-        found: list[tuple[Project, Progress]] = []
-        if lister is not None:
-            after: str | None = None
-            while True:
-                page, after = await lister(scope=principal.projects, after=after, limit=100)
-                found += [(s.project, s.progress) for s in page]
-                if after is None or len(found) >= 1000:
-                    break
-        elif principal.projects is not None:
-            for project_id in sorted(principal.projects):
-                try:
-                    project = await service.get_project(project_id)
-                    progress = await service.progress(project_id)
-                except NotFound:
-                    continue
-                found.append((project, progress))
-        return [(p, g) for p, g in found if self._may(principal, p.id)]
+    async def _summaries(self, principal: Principal) -> list[ProjectSummary]:
+        """The projects ``principal`` may see (at most :data:`MAX_PROJECTS`), each with
+        its progress: the storage is given its scope, then the authorizer decides."""
+        found: list[ProjectSummary] = []
+        after: str | None = None
+        while len(found) < MAX_PROJECTS:
+            page, after = await self.api.service.projects(
+                scope=principal.projects, after=after, limit=100
+            )
+            found += [s for s in page if self._may(principal, s.project.id)]
+            if after is None:
+                break
+        return found[:MAX_PROJECTS]
+
+    async def _blocked_tasks(
+        self,
+        principal: Principal,
+        *,
+        project_id: str | None,
+        error_type: str | None,
+        after: tuple[str, str] | None = None,
+        limit: int,
+    ) -> tuple[list[Task], tuple[str, str] | None]:
+        tasks, next_after = await self.api.service.blocked_across(
+            scope=principal.projects,
+            project_id=project_id,
+            error_type=error_type,
+            after=after,
+            limit=limit,
+        )
+        return [t for t in tasks if self._may(principal, t.project_id)], next_after
 
     # -- pages ------------------------------------------------------------------------------
     async def _projects_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        summaries = await self._summaries(session.principal)
+        query_values(request)
         rows = [
-            {"project": project, "progress": progress, "statuses": _statuses(progress)}
-            for project, progress in summaries
+            {"project": s.project, "progress": s.progress, "statuses": statuses(s.progress)}
+            for s in await self._summaries(session.principal)
         ]
         if is_htmx(request):
             return html_response(200, self._render("_projects_table.html", rows=rows))
         return self._page(request, session, "projects.html", rows=rows)
 
     async def _project_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        raise PageNotFound
+        values = query_values(request, required=("project_id",))
+        project_id = values["project_id"]
+        principal = session.principal
+        self._check_project(principal, project_id)
+        service = self.api.service
+        project = await service.get_project(project_id)
+        progress = await service.progress(project_id)
+        blocked, next_after = await service.blocked(project_id, limit=PAGE)
+        context: dict[str, Any] = {
+            "project": project,
+            "progress": progress,
+            "statuses": statuses(progress),
+            "blocked": blocked,
+            "more": next_after is not None,
+        }
+        if is_htmx(request):
+            return html_response(200, self._render("_project_panel.html", **context))
+        return self._page(request, session, "project.html", **context)
 
     async def _blocked_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        raise PageNotFound
+        values = query_values(request, optional=("project_id", "error_type", "after"))
+        principal = session.principal
+        project_id = values.get("project_id") or None
+        error_type = values.get("error_type") or None
+        after_text = values.get("after") or None
+        after = None if after_text is None else parse_blocked_cursor(after_text)
+        tasks, next_after = await self._blocked_tasks(
+            principal, project_id=project_id, error_type=error_type, after=after, limit=PAGE
+        )
+        projects = [s.project for s in await self._summaries(principal)]
+        return self._page(
+            request,
+            session,
+            "blocked.html",
+            tasks=tasks,
+            projects=projects,
+            project_id=project_id or "",
+            error_type=error_type or "",
+            next_after=None if next_after is None else blocked_cursor(*next_after),
+        )
+
+    async def _task_context(
+        self, principal: Principal, project_id: str, task_id: str
+    ) -> dict[str, Any]:
+        self._check_project(principal, project_id)
+        service = self.api.service
+        project = await service.get_project(project_id)
+        task = await service.get_task(project_id, task_id)
+        attempts = await service.attempts(project_id, task_id)
+        return {
+            "project": project,
+            "task": task,
+            "attempts": list(reversed(attempts)),
+            "check": can_retry(task, project),
+        }
 
     async def _task_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        raise PageNotFound
+        values = query_values(request, required=("project_id", "task_id"), optional=("flash",))
+        context = await self._task_context(
+            session.principal, values["project_id"], values["task_id"]
+        )
+        if is_htmx(request):
+            return html_response(200, self._render("_task_panel.html", **context))
+        flash = values.get("flash")
+        return self._page(
+            request,
+            session,
+            "task.html",
+            flash=FLASHES.get(flash or "", "Not retried." if flash else ""),
+            retry_key=fresh_key(),
+            **context,
+        )
 
+    # -- retry ---------------------------------------------------------------------------------
     async def _retry(self, request: ApiRequest, session: Session, form: Form) -> ApiResponse:
-        raise PageNotFound
+        project_id = form.required("project_id")
+        task_id = form.required("task_id")
+        budget = RetryBudget(budget_value(form.get("budget")))
+        reason = form.get("reason") or None
+        key = form.get("key") or None
+        principal = session.principal
+        answer = await self.api.retry_for(
+            principal, project_id, task_id, budget=budget, reason=reason, key=key
+        )
+        if answer.status in (404, 422):
+            return self._error(request, answer_error(answer))
+        code = flash_code(answer)
+        if not is_htmx(request):
+            location = (
+                self.prefix
+                + "/task?"
+                + query_string(project_id=project_id, task_id=task_id, flash=code)
+            )
+            return redirect(location)
+        context = await self._task_context(principal, project_id, task_id)
+        body = self._render(
+            "_retry_answer.html",
+            flash=FLASHES.get(code, "Not retried."),
+            retry_key=fresh_key(),
+            **context,
+        )
+        return html_response(200, body)
 
+    # -- bulk retry ------------------------------------------------------------------------------
     async def _bulk_preview(self, request: ApiRequest, session: Session, form: Form) -> ApiResponse:
-        raise PageNotFound
+        principal = session.principal
+        project_id = form.get("project_id") or None
+        error_type = form.get("error_type") or None
+        tasks, _ = await self._blocked_tasks(
+            principal, project_id=project_id, error_type=error_type, limit=MAX_BULK
+        )
+        projects: dict[str, Project] = {}
+        verdicts: list[tuple[Task, RetryCheck]] = []
+        for task in tasks:
+            project = projects.get(task.project_id)
+            if project is None:
+                project = projects[task.project_id] = await self.api.service.get_project(
+                    task.project_id
+                )
+            verdicts.append((task, can_retry(task, project)))
+        context: dict[str, Any] = {
+            "verdicts": verdicts,
+            "project_id": project_id or "",
+            "error_type": error_type or "",
+            "bulk_key": fresh_key(),
+            "item": bulk_item,
+        }
+        if is_htmx(request):
+            csrf = self.signer.csrf(session.nonce)
+            return html_response(200, self._render("_bulk_preview.html", csrf=csrf, **context))
+        return self._page(request, session, "bulk_preview.html", **context)
 
     async def _bulk_apply(self, request: ApiRequest, session: Session, form: Form) -> ApiResponse:
-        raise PageNotFound
+        principal = session.principal
+        key = form.required("key")
+        budget = RetryBudget(budget_value(form.get("budget")))
+        reason = form.get("reason") or None
+        items = parse_items(form.all("item"))
+        outcomes: list[tuple[str, str, bool, str]] = []
+        for project_id, task_id in items:
+            answer = await self.api.retry_for(
+                principal,
+                project_id,
+                task_id,
+                budget=budget,
+                reason=reason,
+                key=self.signer.derived_key(key, project_id, task_id),
+            )
+            code = flash_code(answer)
+            if answer.status == 200:
+                note = "retried" if code == "retried" else "already retried by this form"
+                outcomes.append((project_id, task_id, True, note))
+            else:
+                outcomes.append((project_id, task_id, False, answer_detail(answer)))
+        context: dict[str, Any] = {"outcomes": outcomes}
+        if is_htmx(request):
+            return html_response(200, self._render("_bulk_result.html", **context))
+        return self._page(request, session, "bulk_result.html", **context)
 
+    # -- live updates ------------------------------------------------------------------------------
     async def _events(self, request: ApiRequest, principal: Principal) -> ApiResponse:
-        raise PageNotFound
+        values = query_values(request, required=("project_id",), optional=("after",))
+        project_id = values["project_id"]
+        below = attrs.evolve(
+            request,
+            query=[(k, v) for k, v in values.items() if k != "project_id"],
+        )
+        answer = await self.api.events_for(principal, project_id, below)
+        if answer.status >= 400:
+            return self._error(request, answer_error(answer))
+        return attrs.evolve(answer, headers=(*answer.headers, *SECURITY_HEADERS))
 
 
 __all__ = ["AsyncDashboard"]

@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import attrs
 
+from deepwork_retry._core.model import Progress
+from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.auth import Principal
 from deepwork_retry.exceptions import DeepworkError, missing_extra
 from deepwork_retry.web._http import ApiRequest, ApiResponse, BadRequestBody, normalise_prefix
@@ -39,6 +41,10 @@ HTML = "text/html; charset=utf-8"
 MAX_FORM_BYTES = 256 * 1024
 MAX_BULK = 100
 """At most this many tasks in one bulk dry run or apply (the filter's first page)."""
+PAGE = 50
+"""Rows of a page of blocked tasks."""
+MAX_PROJECTS = 1000
+"""At most this many projects on the projects page and in the filter's list."""
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -88,6 +94,120 @@ class NoSession(DeepworkError):
 class PageNotFound(DeepworkError):
     def __init__(self, what: str = "Page not found") -> None:
         super().__init__(what)
+
+
+class Answered(DeepworkError):
+    """The API answered with an error: the dashboard shows it as a page."""
+
+    def __init__(self, answer: ApiResponse) -> None:
+        self.answer = answer
+        super().__init__(answer_detail(answer))
+
+
+FLASHES: Mapping[str, str] = {
+    "retried": "Retried: a new attempt was dispatched.",
+    "replayed": "This retry was already submitted: nothing was done twice.",
+    "task_not_blocked": "Not retried: the task is not blocked.",
+    "project_not_runnable": "Not retried: the project does not accept retries now.",
+    "task_busy": "Not retried: the task is busy; try again shortly.",
+    "storage_unavailable": "Not retried: the storage is unavailable; try again shortly.",
+    "idempotency_in_progress": "This retry is still being processed; reload in a moment.",
+    "retry_committed": "Retried, but its result could not be shown; the page shows the task now.",
+    "refused": "Not retried.",
+}
+"""What a retry's flash says, by the API's answer code (a redirect carries only the code)."""
+
+
+def flash_code(answer: ApiResponse) -> str:
+    """The :data:`FLASHES` code of the retry route's ``answer``."""
+    if answer.status == 200:
+        replayed = any(name.lower() == "idempotent-replayed" for name, _ in answer.headers)
+        return "replayed" if replayed else "retried"
+    try:
+        code = str(answer.json()["code"])
+    except (ValueError, KeyError, TypeError):
+        code = "refused"
+    return code if code in FLASHES else "refused"
+
+
+def answer_detail(answer: ApiResponse) -> str:
+    """The ``detail`` of the API's error answer (the error table's words)."""
+    try:
+        return str(answer.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return "Refused"
+
+
+def answer_error(answer: ApiResponse) -> Answered:
+    return Answered(answer)
+
+
+def statuses(progress: Progress) -> list[tuple[str, int]]:
+    """``(status, count)`` for every task status, in the lifecycle's order."""
+    return [(status.value, progress.count(status)) for status in TaskStatus]
+
+
+def fresh_key() -> str:
+    """A form's idempotency key: a new one each time the form is rendered."""
+    return secrets.token_urlsafe(24)
+
+
+def bulk_item(project_id: str, task_id: str) -> str:
+    """One task of a bulk apply form, as a field value (any ids, newlines included)."""
+    return json.dumps([project_id, task_id], ensure_ascii=True)
+
+
+def parse_items(values: list[str]) -> list[tuple[str, str]]:
+    """The tasks of a bulk apply form (at most :data:`MAX_BULK`, without repeats)."""
+    if len(values) > MAX_BULK:
+        raise BadRequestBody(f"At most {MAX_BULK} tasks at once")
+    found: dict[tuple[str, str], None] = {}
+    for value in values:
+        try:
+            item = json.loads(value)
+        except ValueError:
+            raise BadRequestBody("A task of the form is malformed") from None
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(part, str) and part for part in item)
+        ):
+            raise BadRequestBody("A task of the form is malformed")
+        found[(item[0], item[1])] = None
+    return list(found)
+
+
+def query_values(
+    request: ApiRequest, *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The page's query parameters: the ones it takes, each once, the required ones given."""
+    query = request.query
+    repeated = sorted(getattr(query, "repeated", ()))
+    if repeated:
+        raise BadRequestBody(f"Query parameter given more than once: {repeated[0]!r}"[:300])
+    unknown = sorted(set(query) - set(required) - set(optional))
+    if unknown:
+        raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
+    values = dict(query)
+    for name, value in values.items():
+        if not _is_text(value):
+            raise BadRequestBody(f"{name} is not valid UTF-8")
+    for name in required:
+        if not values.get(name):
+            raise BadRequestBody(f"{name} is required")
+    return values
+
+
+def query_string(**params: str) -> str:
+    return urlencode(params, quote_via=quote)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def secret_bytes(secret: str | bytes) -> bytes:
@@ -212,6 +332,12 @@ class Form:
     def all(self, name: str) -> list[str]:
         return [value for key, value in self.pairs if key == name]
 
+    def required(self, name: str) -> str:
+        value = self.get(name)
+        if not value:
+            raise BadRequestBody(f"{name} is required")
+        return value
+
 
 def parse_form(body: bytes) -> Form:
     if len(body) > MAX_FORM_BYTES:
@@ -309,16 +435,18 @@ def environment(prefix: str) -> jinja2.Environment:
 
     env.globals["url"] = url
     env.globals["P"] = base
-    env.filters["traceback"] = traceback_of
+    env.filters["error_parts"] = error_parts
     return env
 
 
-def traceback_of(message: str | None) -> str | None:
-    """The traceback an error message holds, when it holds one."""
+def error_parts(message: str | None) -> tuple[str, str | None]:
+    """An error message's text, and the traceback it holds when it holds one."""
     if not message:
-        return None
+        return "", None
     at = message.find("Traceback (most recent call last)")
-    return message[at:] if at >= 0 else None
+    if at < 0:
+        return message, None
+    return message[:at].rstrip(), message[at:]
 
 
 def budget_value(value: str | None) -> str:
