@@ -19,10 +19,13 @@ from typing import Any
 from web_harness import (
     ALICE,
     BOB,
+    BODY_TIMEOUT,
     CAROL,
+    STREAMS,
     TLS,
     Recorder,
     World,
+    authorize,
     configure_django,
     serve_aiohttp,
     serve_asgi,
@@ -33,6 +36,7 @@ from web_harness import (
 from deepwork_retry import TaskError
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.exceptions import DeepworkError
+from deepwork_retry.web import AsyncRetryAPI, RetryAPI
 
 DASH = "/deep-work"
 """The dashboard's prefix on every test server."""
@@ -41,10 +45,16 @@ SECRET = "browser-tests-only-dashboard-secret-0123456789abcdef"
 """The dashboard's signing key on every test server (at least 32 bytes)."""
 
 DANA = "dana-token-0123456789"
-"""May act only in :data:`DANA_PROJECT` (its principal's own project list)."""
+"""May act only in :data:`DANA_PROJECT`: its principal's own project list, which the
+servers' authorizer (:func:`authorize_listed`) honours."""
 
 DANA_PROJECT = "bob-dana-only"
 """Dana's one project (``bob-`` so that the world's authorizer allows it too)."""
+
+
+def authorize_listed(principal: Principal, project_id: str) -> bool:
+    """The web tests' rule, and a principal's own project list when it has one."""
+    return authorize(principal, project_id) and principal.may_act_in(project_id)
 
 
 class Runner(Recorder):
@@ -118,7 +128,18 @@ class BrowserWorld(World):
                 DANA: Principal(id="dana", projects=frozenset({DANA_PROJECT})),
             }
         )
-        self.dashboards: dict[str, Any] = {}
+
+    def async_api(self) -> AsyncRetryAPI:
+        return AsyncRetryAPI(
+            self.async_service(),
+            self.tokens,
+            authorize_listed,
+            body_timeout=BODY_TIMEOUT,
+            streams=STREAMS,
+        )
+
+    def sync_api(self) -> RetryAPI:
+        return RetryAPI(self.sync_service(), self.tokens, authorize_listed, streams=STREAMS)
 
     def failed(
         self,

@@ -25,7 +25,8 @@ class Console:
 
     def __init__(self, driver: Any) -> None:
         self.driver = driver
-        self.allowed: list[re.Pattern[str]] = []
+        # The browser asks the host's root for /favicon.ico: not the dashboard's.
+        self.allowed: list[re.Pattern[str]] = [re.compile(r"/favicon\.ico - ")]
         self.seen: list[dict[str, Any]] = []
 
     def allow(self, pattern: str) -> None:

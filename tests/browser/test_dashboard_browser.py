@@ -20,7 +20,7 @@ import httpx
 import pytest
 from browser_harness import DANA, DANA_PROJECT, DASH, BrowserWorld
 from browser_page import Page
-from selenium.common.exceptions import NoSuchElementException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -42,7 +42,13 @@ SESSION = "deepwork_session"
 
 
 def wait(page: Page, condition: Any, message: str = "") -> Any:
-    return WebDriverWait(page.driver, WAIT, poll_frequency=0.05).until(condition, message)
+    # A live region may be swapped between finding an element and reading it.
+    return WebDriverWait(
+        page.driver,
+        WAIT,
+        poll_frequency=0.05,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(condition, message)
 
 
 def css(page: Page, selector: str) -> WebElement:
@@ -54,7 +60,13 @@ def css_all(page: Page, selector: str) -> list[WebElement]:
 
 
 def text_of(page: Page, selector: str) -> str:
-    return str(css(page, selector).text)
+    """The element's text, read again when a live update replaced it meanwhile."""
+    for _ in range(100):
+        try:
+            return str(css(page, selector).text)
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{selector} never held still long enough to be read")
 
 
 def go(page: Page, path: str, **query: str) -> None:
@@ -133,7 +145,7 @@ def attempts(world: BrowserWorld, project_id: str, task_id: str) -> list[Any]:
 
 
 def task(world: BrowserWorld, project_id: str, task_id: str) -> Any:
-    return world.memory.get_task(project_id, task_id)
+    return world.memory.get_tasks(project_id, [task_id])[task_id]
 
 
 class _Inputs(HTMLParser):
@@ -167,7 +179,8 @@ def session_client(page: Page) -> httpx.Client:
 @pytest.fixture(scope="session")
 def dana_world(world: BrowserWorld) -> BrowserWorld:
     """Dana's one project, with a blocked task (made once: every adapter serves it)."""
-    if DANA_PROJECT not in {p.id for p in world.memory.list_projects(limit=1000)}:
+    if not getattr(world, "dana_ready", False):
+        world.dana_ready = True  # type: ignore[attr-defined]
         world.executor.create_project(DANA_PROJECT, status="executing")
         world.failed(DANA_PROJECT, "dana-task", TaskError(type="DanaError", message="dana's own"))
     return world
@@ -232,7 +245,7 @@ def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> 
     page.shot("blocked")
 
     # Open it: the task page, live.
-    found.find_element(By.CSS_SELECTOR, "a[href]").click()
+    found.find_element(By.CSS_SELECTOR, 'a[href*="/task?"]').click()
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-status"))
     wait_live(page)
     assert "blocked" in status_text(page)
@@ -301,9 +314,7 @@ def test_bulk_dry_run_then_apply(page: Page, world: BrowserWorld) -> None:
         e.get_attribute("data-task-id") for e in css_all(page, "section#bulk-result li.retried")
     }
     assert retried == retriable
-    assert {
-        e.get_attribute("data-task-id") for e in css_all(page, "section#bulk-result li.refused")
-    } == {"in-closed"}
+    assert not css_all(page, "section#bulk-result li.refused")  # only the previewed were sent
     page.shot("bulk-result")
 
     # Exactly those were retried, once each, as alice.
@@ -512,7 +523,7 @@ def test_every_id_reaches_its_task(page: Page, world: BrowserWorld) -> None:
     assert (
         "<script>alert(1)</script>" in found.find_element(By.CSS_SELECTOR, "td.error-message").text
     )
-    found.find_element(By.CSS_SELECTOR, "a[href]").click()
+    found.find_element(By.CSS_SELECTOR, 'a[href*="/task?"]').click()
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-error"))
     assert "<script>alert(1)</script>" in text_of(page, "#task-error")
     assert quote(task_id, safe="") in page.driver.current_url or task_id in page.driver.current_url
