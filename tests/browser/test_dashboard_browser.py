@@ -345,15 +345,27 @@ def test_a_form_without_its_csrf_token_is_refused(page: Page, world: BrowserWorl
         form,
     )
     wait(page, lambda d: not d.find_elements(By.CSS_SELECTOR, "form#retry-form"))
-    assert "did not come from this site" in page.driver.page_source or "403" in (
-        page.driver.title + page.driver.page_source
-    )
-    # With htmx (the button), the same refusal.
+    assert "Forbidden" in page.driver.title
+    assert "did not come from this site" in text_of(page, "main")
+    assert task(world, project, "t1").status.value == "blocked"
+
+    # With htmx (the button), the same refusal: the request is answered 403.
     go(page, task_path(project, "t1"))
     page.driver.execute_script(
         "document.querySelector('form#retry-form input[name=csrf]').remove();"
     )
+    page.console.read()
+    before = len(page.console.seen)
+
+    def refused(_: Any) -> bool:
+        page.console.read()
+        return any(
+            "/retry" in str(e["message"]) and "403" in str(e["message"])
+            for e in page.console.seen[before:]
+        )
+
     css(page, "button#retry-button").click()
+    wait(page, refused, "the htmx POST without its token was not refused")
     assert "blocked" in status_text(page)
     assert task(world, project, "t1").status.value == "blocked"
     assert len(attempts(world, project, "t1")) == 1
@@ -500,6 +512,8 @@ def test_retry_with_javascript_off(nojs_page: Page, world: BrowserWorld) -> None
     world.runner.held.add(project)
     login(page, BOB if project.startswith("bob-") else ALICE)
     go(page, task_path(project, "t-nojs"))
+    # The page's own scripts never ran (the driver's own still can).
+    assert page.driver.execute_script("return typeof window.htmx;") == "undefined"
     assert css(page, "body").get_attribute("data-live-state") != "connected"
     css(page, "input#reason").send_keys("without javascript")
     css(page, "button#retry-button").click()
