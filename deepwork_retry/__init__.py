@@ -20,6 +20,7 @@ from deepwork_retry._core.model import (
     IdempotencyRecord,
     Progress,
     Project,
+    ProjectSummary,
     Task,
 )
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan
@@ -61,6 +62,7 @@ from deepwork_retry.exceptions import (
     ConfigurationError,
     DeepworkError,
     InvalidTransition,
+    OverviewNotKept,
     ProjectNotFound,
     ProjectNotRunnable,
     StaleAttempt,
@@ -72,10 +74,12 @@ from deepwork_retry.exceptions import (
 from deepwork_retry.ports import (
     AsyncDispatcher,
     AsyncJoinsHostTransaction,
+    AsyncProjectOverview,
     AsyncStorage,
     Clock,
     Dispatcher,
     JoinsHostTransaction,
+    ProjectOverview,
     Storage,
     SystemClock,
 )
@@ -100,6 +104,7 @@ __all__ = [
     "Attempt",
     "DispatchEntry",
     "Progress",
+    "ProjectSummary",
     "IdempotencyRecord",
     "Plan",
     "ProjectPlan",
@@ -140,6 +145,8 @@ __all__ = [
     "AsyncDispatcher",
     "JoinsHostTransaction",
     "AsyncJoinsHostTransaction",
+    "ProjectOverview",
+    "AsyncProjectOverview",
     "Clock",
     "SystemClock",
     # errors
@@ -150,6 +157,7 @@ __all__ = [
     "ProjectNotFound",
     "TaskNotFound",
     "ProjectNotRunnable",
+    "OverviewNotKept",
     "StaleAttempt",
     "StorageNotOpen",
     "StorageUnavailable",

@@ -825,6 +825,220 @@ class OneStepSplitsKeyCheck(OneStepMemory):
             return applied
 
 
+# -- reads across projects -------------------------------------------------------------------
+
+
+class _Overview(MemoryStorage):
+    """The in-memory reads across projects rebuilt from the listing of each project, so that a
+    variant can break one step: its ``_key`` orders, ``_take`` selects, ``_page`` cuts."""
+
+    def _key(self, pid: str, tid: str = "") -> Any:
+        return (pid, tid)
+
+    def _take(
+        self, key: tuple[str, str], after: tuple[str, str] | None, kept: frozenset[str] | None
+    ) -> bool:
+        return (after is None or self._key(*key) > self._key(*after)) and (
+            kept is None or key[0] in kept
+        )
+
+    def _page(self, rows: list[Any], limit: int) -> list[Any]:
+        check_limit(limit)
+        return rows[:limit]
+
+    def _projects_kept(self, projects: frozenset[str] | None) -> frozenset[str] | None:
+        return projects
+
+    def _progress_of(self, pid: str) -> Any:
+        return self.progress(pid)
+
+    def _matches(self, task: Task, error_type: str | None) -> bool:
+        return error_type is None or task.error_type == error_type
+
+    def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Any]:
+        from deepwork_retry._core.inputs import check_projects_page
+        from deepwork_retry._core.model import ProjectSummary
+
+        projects, after = check_projects_page(projects, after, 1)
+        kept = self._projects_kept(projects)
+        with self._lock:
+            ids = sorted(self._projects, key=self._key)
+            chosen = [
+                pid
+                for pid in ids
+                if self._take((pid, ""), None if after is None else (after, ""), kept)
+            ]
+            return [
+                ProjectSummary(project=self._projects[pid], progress=self._progress_of(pid))
+                for pid in self._page(chosen, limit)
+            ]
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        from deepwork_retry._core.inputs import check_blocked_page
+
+        projects, error_type, after = check_blocked_page(projects, error_type, after, 1)
+        kept = self._projects_kept(projects)
+        with self._lock:
+            rows = sorted(
+                (
+                    task
+                    for tasks in self._tasks.values()
+                    for task in tasks.values()
+                    if task.status is TaskStatus.BLOCKED
+                ),
+                key=lambda t: self._key(t.project_id, t.id),
+            )
+            chosen = [
+                t
+                for t in rows
+                if self._take((t.project_id, t.id), after, kept) and self._matches(t, error_type)
+            ]
+            return self._page(chosen, limit)
+
+
+class OverviewOrdersByCollation(_Overview):
+    """Orders ids as a case-insensitive collation would."""
+
+    def _key(self, pid: str, tid: str = "") -> Any:
+        return (pid.casefold(), pid, tid.casefold(), tid)
+
+
+class OverviewOrdersByUtf16(_Overview):
+    """Orders ids by their UTF-16 code units (an astral character before U+FFFD)."""
+
+    def _key(self, pid: str, tid: str = "") -> Any:
+        return (pid.encode("utf-16-be"), tid.encode("utf-16-be"))
+
+
+class OverviewOrdersByTaskFirst(_Overview):
+    """Orders the blocked tasks by task id, then project."""
+
+    def _key(self, pid: str, tid: str = "") -> Any:
+        return (tid, pid)
+
+
+class OverviewCursorInclusive(_Overview):
+    """Starts a page at the cursor rather than after it (the last row comes twice)."""
+
+    def _take(
+        self, key: tuple[str, str], after: tuple[str, str] | None, kept: frozenset[str] | None
+    ) -> bool:
+        return (after is None or key >= after) and (kept is None or key[0] in kept)
+
+
+class OverviewCursorByProjectOnly(_Overview):
+    """Compares the cursor's project only (the rest of that project is lost)."""
+
+    def _take(
+        self, key: tuple[str, str], after: tuple[str, str] | None, kept: frozenset[str] | None
+    ) -> bool:
+        return (after is None or key[0] > after[0]) and (kept is None or key[0] in kept)
+
+
+class OverviewCursorIgnored(_Overview):
+    def _take(
+        self, key: tuple[str, str], after: tuple[str, str] | None, kept: frozenset[str] | None
+    ) -> bool:
+        return kept is None or key[0] in kept
+
+
+class OverviewIgnoresTheSet(_Overview):
+    def _projects_kept(self, projects: frozenset[str] | None) -> frozenset[str] | None:
+        return None
+
+
+class OverviewEmptySetIsEvery(_Overview):
+    """Takes an empty set of projects for no restriction (a falsy check)."""
+
+    def _projects_kept(self, projects: frozenset[str] | None) -> frozenset[str] | None:
+        return projects or None
+
+
+class OverviewClampsLimit(_Overview):
+    def _page(self, rows: list[Any], limit: int) -> list[Any]:
+        return rows[: max(1, min(limit, 1000))]
+
+
+class OverviewFiltersAfterLimit(_Overview):
+    """Cuts the page, then filters it by error type (short pages mid-list)."""
+
+    def blocked_tasks(
+        self,
+        *,
+        projects: frozenset[str] | None = None,
+        error_type: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 100,
+    ) -> list[Task]:
+        page = super().blocked_tasks(projects=projects, after=after, limit=limit)
+        check_limit(limit)
+        return [t for t in page if error_type is None or t.error_type == error_type]
+
+
+class OverviewErrorTypeIgnoresCase(_Overview):
+    def _matches(self, task: Task, error_type: str | None) -> bool:
+        return error_type is None or (task.error_type or "").casefold() == error_type.casefold()
+
+
+class OverviewErrorTypePrefix(_Overview):
+    def _matches(self, task: Task, error_type: str | None) -> bool:
+        return error_type is None or (task.error_type or "").startswith(error_type)
+
+
+class OverviewStaleProgress(_Overview):
+    """Answers each project with the progress it had when created."""
+
+    def _progress_of(self, pid: str) -> Any:
+        from deepwork_retry._core.model import Progress
+
+        return Progress(project_id=pid)
+
+
+class OverviewProjectsUnchecked(_Overview):
+    """Checks no input: a bad limit, cursor or filter is not refused."""
+
+    def list_projects(
+        self, *, projects: frozenset[str] | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Any]:
+        try:
+            return super().list_projects(projects=projects, after=after, limit=limit)
+        except InvalidInput:
+            return []
+
+    def blocked_tasks(self, **options: Any) -> list[Task]:
+        try:
+            return super().blocked_tasks(**options)
+        except InvalidInput:
+            return []
+
+
+OVERVIEW_VARIANTS: list[type[MemoryStorage]] = [
+    OverviewOrdersByCollation,
+    OverviewOrdersByUtf16,
+    OverviewOrdersByTaskFirst,
+    OverviewCursorInclusive,
+    OverviewCursorByProjectOnly,
+    OverviewCursorIgnored,
+    OverviewIgnoresTheSet,
+    OverviewEmptySetIsEvery,
+    OverviewClampsLimit,
+    OverviewFiltersAfterLimit,
+    OverviewErrorTypeIgnoresCase,
+    OverviewErrorTypePrefix,
+    OverviewStaleProgress,
+    OverviewProjectsUnchecked,
+]
+
+
 VARIANTS: list[type[MemoryStorage]] = [
     ApplyIgnoresVersion,
     ApplyComparesStatus,
@@ -893,6 +1107,7 @@ VARIANTS: list[type[MemoryStorage]] = [
     SaveSplitsCheckAndInsert,
     PruneIgnoresBatch,
     PruneKeepsNothingLive,
+    *OVERVIEW_VARIANTS,
 ]
 
 ONE_STEP_VARIANTS: list[type[MemoryStorage]] = [
@@ -932,7 +1147,9 @@ def first_failure(make: Callable[[], Storage]) -> tuple[str, BaseException] | No
     return None
 
 
-@pytest.mark.parametrize("storage", [MemoryStorage, OneStepMemory], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "storage", [MemoryStorage, OneStepMemory, _Overview], ids=lambda c: c.__name__
+)
 def test_the_unmutated_storages_pass(storage: type[MemoryStorage]) -> None:
     assert first_failure(storage) is None
 

@@ -22,6 +22,13 @@ SQL_FILES = sorted(
     p.relative_to(ROOT).as_posix()
     for p in (ROOT / "deepwork_retry" / "storage" / "sql").rglob("*.sql")
 )
+DASHBOARD = ROOT / "deepwork_retry" / "web" / "dashboard"
+DASHBOARD_FILES = sorted(
+    p.relative_to(ROOT).as_posix()
+    for folder in ("templates", "static")
+    for p in (DASHBOARD / folder).rglob("*")
+    if p.is_file()
+)
 
 HEAVY = [
     "starlette",
@@ -41,6 +48,7 @@ HEAVY = [
     "pytest",
     "httpx",
     "pydantic",
+    "jinja2",
 ]
 
 
@@ -164,6 +172,38 @@ def test_wheel_ships_license_typed_marker_and_sql(built: Built) -> None:
         built.metadata["License-Expression"],
         built.metadata.get_all("License-File"),
     )
+
+
+def test_wheel_and_sdist_ship_the_dashboards_templates_and_static_files(built: Built) -> None:
+    """Every template and static file of the dashboard is in the wheel and the sdist."""
+    names = {p.rsplit("/", 1)[1] for p in DASHBOARD_FILES}
+    assert {"base.html", "task.html", "htmx.min.js", "dashboard.js", "dashboard.css"} <= names
+    assert {"htmx.LICENSE", "VENDORED.md"} <= names
+    assert set(DASHBOARD_FILES) <= built.wheel_names
+    assert set(DASHBOARD_FILES) <= built.sdist_names
+
+
+def test_the_vendored_htmx_is_the_one_recorded() -> None:
+    """htmx.min.js is byte for byte the file VENDORED.md names, with its licence beside it."""
+    import hashlib
+
+    static = DASHBOARD / "static"
+    record = (static / "VENDORED.md").read_text()
+    digest = hashlib.sha256((static / "htmx.min.js").read_bytes()).hexdigest()
+    assert f"SHA-256 of `htmx.min.js`: `{digest}`" in record
+    assert (static / "htmx.LICENSE").read_text().startswith("Zero-Clause BSD")
+
+
+def test_the_dashboard_extra_brings_jinja2_and_the_server_extra_too(built: Built) -> None:
+    assert ["jinja2>=3.1"] == built.requires("dashboard")
+    assert "jinja2>=3.1" in built.requires("server")
+
+
+def test_dashboard_without_jinja2_names_the_extra() -> None:
+    assert (
+        "ImportError deepwork_retry.web.dashboard needs the optional dependency "
+        "'jinja2'; install it with: pip install 'deepwork-retry[dashboard]'"
+    ) == run_without(["jinja2"], "deepwork_retry.web.dashboard")
 
 
 def test_sdist_ships_license_typed_marker_and_sql(built: Built, tmp_path: Path) -> None:

@@ -11,7 +11,14 @@ from typing import Any, Literal
 import attrs
 
 from deepwork_retry._core.machine import RetryCheck
-from deepwork_retry._core.model import Attempt, IdempotencyRecord, Progress, Task
+from deepwork_retry._core.model import (
+    Attempt,
+    IdempotencyRecord,
+    Progress,
+    Project,
+    ProjectSummary,
+    Task,
+)
 from deepwork_retry._core.policy import RetryDecision
 
 DispatchStatus = Literal["dispatched", "pending", "deferred"]
@@ -294,4 +301,28 @@ def bulk_json(result: BulkResult) -> dict[str, Any]:
 
 
 def tasks_page_json(tasks: Sequence[Task], next_after: str | None) -> dict[str, Any]:
+    return {"tasks": [task_json(t) for t in tasks], "next_after": next_after}
+
+
+def project_json(project: Project) -> dict[str, Any]:
+    return {"id": project.id, "status": project.status.value, "name": project.name}
+
+
+def project_progress_json(project: Project, progress: Progress) -> dict[str, Any]:
+    """A project with its progress (the progress route's body, an item of the project list)."""
+    return {"project": project_json(project), "progress": progress_json(progress)}
+
+
+def projects_page_json(
+    summaries: Sequence[ProjectSummary], next_after: str | None
+) -> dict[str, Any]:
+    return {
+        "projects": [project_progress_json(s.project, s.progress) for s in summaries],
+        "next_after": next_after,
+    }
+
+
+def blocked_page_json(tasks: Sequence[Task], next_after: str | None) -> dict[str, Any]:
+    """A page of blocked tasks across projects; ``next_after`` is the cursor's text form
+    (:func:`~deepwork_retry._core.inputs.blocked_cursor`)."""
     return {"tasks": [task_json(t) for t in tasks], "next_after": next_after}

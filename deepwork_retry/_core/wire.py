@@ -244,6 +244,37 @@ TASKS_PAGE = Body(
     ),
 )
 
+PROJECT_SUMMARY = Body(
+    name="ProjectSummary",
+    description="A project with its progress.",
+    fields=_fields(Field(name="project", kind=PROJECT), Field(name="progress", kind=PROGRESS)),
+)
+
+PROJECTS_PAGE = Body(
+    name="ProjectsPage",
+    fields=_fields(
+        Field(name="projects", kind=PROJECT_SUMMARY, many=True, description="Ordered by id"),
+        _nullable("next_after", STRING, "Pass as `after` for the next page; null on the last"),
+    ),
+)
+
+BLOCKED_PAGE = Body(
+    name="BlockedPage",
+    fields=_fields(
+        Field(
+            name="tasks",
+            kind=TASK,
+            many=True,
+            description="Ordered by project id, then task id",
+        ),
+        _nullable(
+            "next_after",
+            STRING,
+            "An opaque cursor: pass as `after` for the next page; null on the last",
+        ),
+    ),
+)
+
 BULK_ITEM = Body(
     name="BulkItem",
     fields=_fields(
@@ -281,6 +312,7 @@ BULK = Body(
 RESPONSES: tuple[Body, ...] = (
     *(TASK, PROGRESS, DISPATCH, RETRY, CAN_RETRY, TASK_VIEW, ATTEMPT, ATTEMPTS),
     *(PROJECT, PROJECT_PROGRESS, TASKS_PAGE, BULK_ITEM, BULK),
+    *(PROJECT_SUMMARY, PROJECTS_PAGE, BLOCKED_PAGE),
 )
 """Every response body (the error body is the HTTP layer's)."""
 

@@ -1748,18 +1748,22 @@ def _keys(tasks: Sequence[Task]) -> list[tuple[str, str]]:
 async def _all_projects(
     view: AsyncProjectOverview, *, projects: frozenset[str] | None = None, limit: int
 ) -> list[str]:
-    """Every project id, read page by page of ``limit``; a page of ``limit`` rows but the
-    last, none repeated."""
+    """Every project id, read page by page of ``limit``, each page checked to go on in order
+    after the last."""
     found: list[str] = []
     after: str | None = None
     for _ in range(10_000):
         page = await view.list_projects(projects=projects, after=after, limit=limit)
         assert len(page) <= limit, f"list_projects(limit={limit}) gave {len(page)} rows"
-        found.extend(s.project.id for s in page)
+        ids = [s.project.id for s in page]
+        assert after is None or not ids or ids[0] > after, (
+            f"the page of {limit} after {after!r} starts at {ids[0]!r}, not after it"
+        )
+        assert ids == sorted(set(ids)), f"a page of {limit} out of order: {ids}"
+        found.extend(ids)
         if len(page) < limit:
             break
         after = page[-1].project.id
-    assert len(found) == len(set(found)), f"pages of {limit} repeat projects: {found}"
     return found
 
 
@@ -1778,11 +1782,15 @@ async def _all_blocked(
             projects=projects, error_type=error_type, after=after, limit=limit
         )
         assert len(page) <= limit, f"blocked_tasks(limit={limit}) gave {len(page)} rows"
-        found.extend(_keys(page))
+        keys = _keys(page)
+        assert after is None or not keys or keys[0] > after, (
+            f"the page of {limit} after {after!r} starts at {keys[0]!r}, not after it"
+        )
+        assert keys == sorted(set(keys)), f"a page of {limit} out of order: {keys}"
+        found.extend(keys)
         if len(page) < limit:
             break
         after = found[-1]
-    assert len(found) == len(set(found)), f"pages of {limit} repeat tasks: {found}"
     return found
 
 
@@ -1838,9 +1846,9 @@ async def _projects_are_listed_within_the_given_set(h: Harness) -> None:
     for pid in ("a", "b", "c", "d", "e"):
         await h.project(pid)
     every = ["a", "b", "c", "d", "e"]
-    assert every == [s.project.id for s in await view.list_projects(projects=None)]
-    assert [] == await view.list_projects(projects=frozenset())
-    assert [] == await view.list_projects(projects=frozenset({"x", "A"}))
+    assert every == [s.project.id for s in await view.list_projects(projects=None)], "None"
+    assert [] == await view.list_projects(projects=frozenset()), "an empty set of projects"
+    assert [] == await view.list_projects(projects=frozenset({"x", "A"})), "unknown projects"
     subset = frozenset({"e", "b", "d", "unknown", "B"})
     assert ["b", "d", "e"] == [s.project.id for s in await view.list_projects(projects=subset)]
     assert ["d", "e"] == [
@@ -1848,7 +1856,7 @@ async def _projects_are_listed_within_the_given_set(h: Harness) -> None:
     ]
     assert ["b"] == [s.project.id for s in await view.list_projects(projects=subset, limit=1)]
     for limit in (1, 2, 3, 4):
-        assert ["b", "d", "e"] == await _all_projects(view, projects=subset, limit=limit)
+        assert ["b", "d", "e"] == await _all_projects(view, projects=subset, limit=limit), limit
 
 
 @scenario
@@ -1904,14 +1912,14 @@ async def _blocked_tasks_are_kept_by_project_and_error_type(h: Harness) -> None:
             + [h.new_task(pid, "u", status=TaskStatus.INBOX, error_type="Boom")]
         )
     everything = [(pid, f"t{n}") for pid in ("a", "b", "c") for n in range(len(types))]
-    assert everything == _keys(await view.blocked_tasks(projects=None))
-    assert [] == await view.blocked_tasks(projects=frozenset())
-    assert [] == await view.blocked_tasks(projects=frozenset({"x", "A"}))
+    assert everything == _keys(await view.blocked_tasks(projects=None)), "None"
+    assert [] == await view.blocked_tasks(projects=frozenset()), "an empty set of projects"
+    assert [] == await view.blocked_tasks(projects=frozenset({"x", "A"})), "unknown projects"
     kept = frozenset({"c", "a", "unknown"})
     in_kept = [k for k in everything if k[0] in kept]
     assert in_kept == _keys(await view.blocked_tasks(projects=kept))
     for limit in (1, 2, 4):
-        assert in_kept == await _all_blocked(view, projects=kept, limit=limit)
+        assert in_kept == await _all_blocked(view, projects=kept, limit=limit), f"{limit=}"
     for n, error_type in enumerate(types[:-1]):
         assert [(pid, f"t{n}") for pid in ("a", "b", "c")] == _keys(
             await view.blocked_tasks(error_type=error_type)
@@ -1921,7 +1929,7 @@ async def _blocked_tasks_are_kept_by_project_and_error_type(h: Harness) -> None:
         )
         assert [(pid, f"t{n}") for pid in ("a", "b", "c")] == await _all_blocked(
             view, error_type=error_type, limit=1
-        )
+        ), f"pages of 1 of error_type={error_type!r}"
     assert [] == await view.blocked_tasks(error_type="Boo")
     assert [] == await view.blocked_tasks(error_type="Fatal")
 
@@ -2046,7 +2054,7 @@ async def _overview_matches_a_model(
     kept = world if case["kept"] is None else frozenset(prefix + s for s in case["kept"]) & world
     asked = kept | {prefix + "zz"} if case["kept"] is not None else kept
     limit, error_type = case["limit"], case["error_type"]
-    assert sorted(kept) == await _all_projects(view, projects=asked, limit=limit)
+    assert sorted(kept) == await _all_projects(view, projects=asked, limit=limit), "projects"
     model = sorted(
         (t.project_id, t.id)
         for t in rows

@@ -17,7 +17,12 @@ from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import attrs
 
-from deepwork_retry._core.inputs import MAX_LIMIT, check_id
+from deepwork_retry._core.inputs import (
+    MAX_LIMIT,
+    check_error_type,
+    check_id,
+    parse_blocked_cursor,
+)
 from deepwork_retry._core.results import COMPACT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH
@@ -30,6 +35,7 @@ from deepwork_retry.exceptions import (
     InvalidTransition,
     NotAuthenticated,
     NotFound,
+    OverviewNotKept,
     ProjectNotFound,
     ProjectNotRunnable,
     StorageError,
@@ -242,6 +248,8 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/projects/{project_id}/tasks", "tasks"),
     ("POST", "/projects/{project_id}/retry-blocked", "retry_blocked"),
     ("GET", "/projects/{project_id}/events", "events"),
+    ("GET", "/projects", "projects"),
+    ("GET", "/blocked", "blocked"),
 )
 """``(method, path template, route name)`` for every operation, below the prefix."""
 
@@ -548,6 +556,62 @@ def page_options(query: Mapping[str, str]) -> PageOptions:
     return PageOptions(after=_after(query.get("after")), limit=_limit(query.get("limit"), 50))
 
 
+def _only(query: Mapping[str, str], names: frozenset[str]) -> None:
+    """Refuse a query that is not text, names a parameter outside ``names`` or repeats one."""
+    if not all(_is_text(name) and _is_text(value) for name, value in query.items()):
+        raise BadRequestBody("Query string is not valid UTF-8")
+    unknown = sorted(set(query) - names)
+    if unknown:
+        raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
+    repeated = sorted(getattr(query, "repeated", ()))
+    if repeated:
+        raise BadRequestBody(f"Query parameter given more than once: {repeated[0]!r}"[:300])
+
+
+def _optional_id(query: Mapping[str, str], name: str, what: str) -> str | None:
+    """The id ``name`` of the query; absent or empty: ``None``."""
+    value = query.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return check_id(what, value)
+    except InvalidInput:
+        raise BadRequestBody(f"{name} must be a {what} id") from None
+
+
+_PROJECTS_QUERY = frozenset({"after", "limit"})
+_BLOCKED_QUERY = frozenset({"project_id", "error_type", "after", "limit"})
+
+
+def projects_options(query: Mapping[str, str]) -> PageOptions:
+    """The project list's query: ``after`` (a project id) and ``limit``."""
+    _only(query, _PROJECTS_QUERY)
+    after = _optional_id(query, "after", "project")
+    return PageOptions(after=after, limit=_limit(query.get("limit"), DEFAULT_PAGE))
+
+
+@attrs.frozen(kw_only=True)
+class BlockedOptions:
+    project_id: str | None = None
+    error_type: str | None = None
+    after: tuple[str, str] | None = None
+    limit: int = DEFAULT_PAGE
+
+
+def blocked_options(query: Mapping[str, str]) -> BlockedOptions:
+    """The blocked list's query: ``project_id``, ``error_type``, ``after`` (the text of a
+    cursor, as the previous page's ``next_after`` gave it) and ``limit``; an empty value
+    is an absent one."""
+    _only(query, _BLOCKED_QUERY)
+    after_text = query.get("after") or None
+    return BlockedOptions(
+        project_id=_optional_id(query, "project_id", "project"),
+        error_type=check_error_type(query.get("error_type") or None),
+        after=None if after_text is None else parse_blocked_cursor(after_text),
+        limit=_limit(query.get("limit"), DEFAULT_PAGE),
+    )
+
+
 def idempotency_key(headers: Mapping[str, str]) -> str | None:
     """The ``Idempotency-Key`` header, checked: 1 to 255 visible ASCII characters."""
     value = headers.get("idempotency-key")
@@ -649,6 +713,7 @@ ERRORS: Mapping[type[BaseException], tuple[int, str, Any, Any]] = {
     BadLastEventId: (400, "invalid_last_event_id", _own_detail, _no_headers),
     TooManyStreams: (429, "too_many_streams", _own_detail, _retry_after),
     EventsNotKept: (501, "events_not_kept", _own_detail, _no_headers),
+    OverviewNotKept: (501, "overview_not_kept", _own_detail, _no_headers),
     BodyTooLarge: (413, "body_too_large", _own_detail, _no_headers),
     LengthRequired: (411, "length_required", _own_detail, _no_headers),
     BodyTimeout: (408, "request_timeout", _own_detail, _no_headers),

@@ -15,21 +15,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol, TypeVar
 
 import attrs
 
 import deepwork_retry._trace as _trace
 from deepwork_retry._core.events import Event
+from deepwork_retry._core.inputs import blocked_cursor
 from deepwork_retry._core.machine import can_retry
-from deepwork_retry._core.model import IdempotencyRecord
+from deepwork_retry._core.model import IdempotencyRecord, ProjectSummary, Task
 from deepwork_retry._core.results import (
     DispatchOutcome,
     DispatchStatus,
     RetryResult,
     attempt_json,
+    blocked_page_json,
     bulk_json,
     check_json,
-    progress_json,
+    project_progress_json,
+    projects_page_json,
     retry_text,
     task_json,
     tasks_page_json,
@@ -57,6 +61,7 @@ from deepwork_retry.web._http import (
     IdempotencyInProgress,
     RetryCommitted,
     bearer_token,
+    blocked_options,
     bulk_options,
     check_path,
     check_reason,
@@ -64,6 +69,7 @@ from deepwork_retry.web._http import (
     idempotency_key,
     match,
     page_options,
+    projects_options,
     respond,
     retry_options,
     route_template,
@@ -120,6 +126,52 @@ def _retried(result: RetryResult) -> ApiResponse:
             attempt=result.task.attempt, exc_info=True,
         )  # fmt: skip
         return error_response(RetryCommitted(result.task.id))
+
+
+OVERVIEW_ROUNDS = 4
+"""Storage reads one page of a listing across projects may take to fill itself when the
+API's authorizer hides rows the storage returned (each read is one page of ``limit``)."""
+
+_Row = TypeVar("_Row")
+_Key = TypeVar("_Key")
+
+
+class _ReadPage(Protocol[_Row, _Key]):
+    """One page of a service's listing after a cursor, and the cursor of the next."""
+
+    def __call__(self, after: _Key | None, /) -> tuple[list[_Row], _Key | None]: ...
+
+
+def _visible_page(
+    read: _ReadPage[_Row, _Key],
+    after: _Key | None,
+    limit: int,
+    visible: Callable[[_Row], bool],
+    key: Callable[[_Row], _Key],
+) -> tuple[list[_Row], _Key | None]:
+    """A page of at most ``limit`` rows that ``visible`` keeps, read with ``read(after)``
+    (a service page and its next cursor), and the cursor to go on from.
+
+    At most :data:`OVERVIEW_ROUNDS` reads: a page may hold fewer rows than
+    ``limit`` (even none) and still have a cursor; the list ends where the
+    cursor is ``None``. Rows are never skipped: the cursor is the key of the
+    last row looked at and kept, or of the last row read.
+    """
+    rows: list[_Row] = []
+    cursor = after
+    for _ in range(OVERVIEW_ROUNDS):
+        batch, more = read(cursor)
+        for index, row in enumerate(batch):
+            if not visible(row):
+                continue
+            rows.append(row)
+            if len(rows) == limit:
+                last = index == len(batch) - 1
+                return rows, (more if last else key(row))
+        if more is None:
+            return rows, None
+        cursor = more
+    return rows, cursor
 
 
 _Events = list[Event]
@@ -324,6 +376,10 @@ class RetryAPI:
             check_path(request.raw_path)
             route, params = match(request.method, request.path)
             principal = self._principal(request.headers)
+            if route == "projects":
+                return self._projects(principal, request)
+            if route == "blocked":
+                return self._blocked(principal, request)
             project_id = params["project_id"]
             if not self.authorizer(principal, project_id):
                 raise ProjectNotFound(project_id[:255])
@@ -562,6 +618,50 @@ class RetryAPI:
         stream = EventStream(self, project_id, after=after, first=first, read=read, release=release)
         return ApiResponse(status=200, body=b"", headers=STREAM_HEADERS, stream=stream)
 
+    # -- reads across projects --------------------------------------------------------------
+    def _projects(self, principal: Principal, request: ApiRequest) -> ApiResponse:
+        """A page of the projects the principal may see: the storage is given its
+        projects, and each row is also put to the authorizer (the host's own rule)."""
+        page = projects_options(request.query)
+
+        def read(after: str | None) -> tuple[list[ProjectSummary], str | None]:
+            return self.service.projects(scope=principal.projects, after=after, limit=page.limit)
+
+        summaries, next_after = _visible_page(
+            read,
+            page.after,
+            page.limit,
+            lambda s: self.authorizer(principal, s.project.id),
+            lambda s: s.project.id,
+        )
+        return respond(200, projects_page_json(summaries, next_after))
+
+    def _blocked(self, principal: Principal, request: ApiRequest) -> ApiResponse:
+        """A page of the blocked tasks the principal may see, across its projects (or
+        in the one ``project_id`` names: one it may not see gives an empty page)."""
+        options = blocked_options(request.query)
+        if options.project_id is not None and not self.authorizer(principal, options.project_id):
+            return respond(200, blocked_page_json([], None))
+
+        def read(after: tuple[str, str] | None) -> tuple[list[Task], tuple[str, str] | None]:
+            return self.service.blocked_across(
+                scope=principal.projects,
+                project_id=options.project_id,
+                error_type=options.error_type,
+                after=after,
+                limit=options.limit,
+            )
+
+        tasks, next_after = _visible_page(
+            read,
+            options.after,
+            options.limit,
+            lambda t: self.authorizer(principal, t.project_id),
+            lambda t: (t.project_id, t.id),
+        )
+        cursor = None if next_after is None else blocked_cursor(*next_after)
+        return respond(200, blocked_page_json(tasks, cursor))
+
     # -- reads --------------------------------------------------------------------------
     def _read(
         self, route: str, project_id: str, task_id: str | None, request: ApiRequest
@@ -569,17 +669,7 @@ class RetryAPI:
         if route == "progress":
             project = self.service.get_project(project_id)
             progress = self.service.progress(project_id)
-            return respond(
-                200,
-                {
-                    "project": {
-                        "id": project.id,
-                        "status": project.status.value,
-                        "name": project.name,
-                    },
-                    "progress": progress_json(progress),
-                },
-            )
+            return respond(200, project_progress_json(project, progress))
         if route == "tasks":
             page = page_options(request.query)
             tasks, next_after = self.service.blocked(project_id, after=page.after, limit=page.limit)

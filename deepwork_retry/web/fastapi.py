@@ -120,6 +120,9 @@ ProgressResponse = model(wire.PROJECT_PROGRESS)
 TasksPage = model(wire.TASKS_PAGE)
 BulkItemModel = model(wire.BULK_ITEM)
 BulkResponse = model(wire.BULK)
+ProjectSummaryModel = model(wire.PROJECT_SUMMARY)
+ProjectsPage = model(wire.PROJECTS_PAGE)
+BlockedPage = model(wire.BLOCKED_PAGE)
 RetryOptions = model(RETRY_OPTIONS)
 BulkOptions = model(BULK_OPTIONS)
 
@@ -274,6 +277,7 @@ router = renamed(routes, "router", __name__)
 __all__ = [
     "AttemptModel",
     "AttemptsResponse",
+    "BlockedPage",
     "BulkItemModel",
     "BulkOptions",
     "BulkResponse",
@@ -283,6 +287,8 @@ __all__ = [
     "ProgressModel",
     "ProgressResponse",
     "ProjectModel",
+    "ProjectSummaryModel",
+    "ProjectsPage",
     "RetryOptions",
     "RetryResponse",
     "TaskModel",

@@ -16,7 +16,7 @@ import attrs
 from deepwork_retry import __version__
 from deepwork_retry._core import wire
 from deepwork_retry._core.events import EventType
-from deepwork_retry._core.inputs import MAX_LIMIT
+from deepwork_retry._core.inputs import MAX_ERROR_TYPE_LENGTH, MAX_LIMIT
 from deepwork_retry._core.states import RetryBudget
 from deepwork_retry._core.wire import (
     BOOLEAN,
@@ -260,6 +260,11 @@ _LAST_EVENT_ID = {
     "schema": {"type": "string", "pattern": "^[0-9]+$"},
 }
 
+_LIMIT = _query(
+    "limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_PAGE}
+)
+_NO_OVERVIEW = ((501, "The storage offers no listing across projects"),)
+
 _TASK = (_path("project_id"), _path("task_id"))
 _PROJECT = (_path("project_id"),)
 
@@ -321,6 +326,40 @@ _DOCS: dict[str, _Doc] = {
             _LAST_EVENT_ID,
         ),
         texts=((400, "Last-Event-ID (or after) is not an event number"),),
+    ),
+    "projects": _Doc(
+        summary="The projects this token may see, with their progress, one page at a time",
+        answer=wire.PROJECTS_PAGE,
+        statuses=(401, 422, 501, 503),
+        parameters=(
+            {
+                **_query("after", {"type": "string"}),
+                "description": "The previous page's next_after: the page starts after this id",
+            },
+            _LIMIT,
+        ),
+        texts=_NO_OVERVIEW,
+    ),
+    "blocked": _Doc(
+        summary="Blocked tasks across the projects this token may see, one page at a time",
+        answer=wire.BLOCKED_PAGE,
+        statuses=(401, 422, 501, 503),
+        parameters=(
+            {
+                **_query("project_id", {"type": "string"}),
+                "description": "Only this project's tasks (one this token may not see: none)",
+            },
+            {
+                **_query("error_type", {"type": "string", "maxLength": MAX_ERROR_TYPE_LENGTH}),
+                "description": "Only the tasks whose error_type is exactly this",
+            },
+            {
+                **_query("after", {"type": "string"}),
+                "description": "The previous page's next_after (an opaque cursor)",
+            },
+            _LIMIT,
+        ),
+        texts=_NO_OVERVIEW,
     ),
 }
 

@@ -8,20 +8,24 @@ elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
 import time
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
-from web_harness import ALICE, BOB, STREAMS, World, authorize, serve_asgi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
-from deepwork_retry.auth import Principal
+from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
 from deepwork_retry.web.dashboard._common import Signer
@@ -39,7 +43,7 @@ class Client:
     """Keeps cookies like a browser would (per name, Max-Age=0 removes) and speaks
     to ``handle()`` with paths below the dashboard's prefix."""
 
-    def __init__(self, dashboard: Dashboard, *, scheme: str = "http") -> None:
+    def __init__(self, dashboard: Any, *, scheme: str = "http") -> None:
         self.dashboard = dashboard
         self.cookies: dict[str, str] = {}
         self.scheme = scheme
@@ -146,13 +150,27 @@ def async_api(world: World) -> AsyncRetryAPI:
     return AsyncRetryAPI(world.async_service(), world.tokens, authorized, streams=STREAMS)
 
 
-@pytest.fixture
-def dashboard(world: World) -> Dashboard:
-    return Dashboard(sync_api(world), secret=SECRET, prefix=P)
+class AsyncDriven:
+    """An :class:`AsyncDashboard` driven through a sync ``handle`` (one loop per request)."""
+
+    def __init__(self, dashboard: AsyncDashboard) -> None:
+        self.inner = dashboard
+        self.api = dashboard.api
+
+    def handle(self, request: ApiRequest) -> ApiResponse:
+        return asyncio.run(self.inner.handle(request))
+
+
+@pytest.fixture(params=["sync", "async"])
+def dashboard(request: pytest.FixtureRequest, world: World) -> Any:
+    """The sync :class:`Dashboard`, then the :class:`AsyncDashboard` (the same source)."""
+    if request.param == "sync":
+        return Dashboard(sync_api(world), secret=SECRET, prefix=P)
+    return AsyncDriven(AsyncDashboard(async_api(world), secret=SECRET, prefix=P))
 
 
 @pytest.fixture
-def client(dashboard: Dashboard) -> Client:
+def client(dashboard: Any) -> Client:
     return Client(dashboard)
 
 
@@ -214,7 +232,7 @@ def test_login_with_a_good_token_sets_a_strict_cookie(client: Client) -> None:
     assert "alice" in text(page)
 
 
-def test_the_cookie_is_secure_over_https(dashboard: Dashboard, world: World) -> None:
+def test_the_cookie_is_secure_over_https(dashboard: Any, world: World) -> None:
     client = Client(dashboard, scheme="https")
     response = client.login(ALICE)
     assert all("; Secure" in c for c in set_cookies(response))
@@ -285,12 +303,52 @@ def test_every_post_needs_the_csrf_token(alice: Client) -> None:
 
 def test_a_post_from_another_origin_is_refused(alice: Client) -> None:
     csrf = alice.csrf()
-    for origin in ("http://evil.test", "null", "https://dash.test"):
+    for origin in ("http://evil.test", "null", "http://dash.test.evil", "http://dash.test:81", ""):
         response = alice.post("/logout", {"csrf": csrf}, headers={"origin": origin})
         assert response.status == 403, origin
+    for site in ("cross-site", "same-site"):
+        response = alice.post("/logout", {"csrf": csrf}, headers={"sec-fetch-site": site})
+        assert response.status == 403, site
+    login = {"csrf": csrf, "token": ALICE}
+    assert alice.post("/login", login, headers={"sec-fetch-site": "cross-site"}).status == 403
     assert alice.get("/").status == 200
+    own = {"origin": "http://dash.test", "sec-fetch-site": "same-origin"}
+    assert alice.post("/retry", {"csrf": "0" * 64}, headers=own).status == 403
     same = alice.post("/logout", {"csrf": csrf}, headers={"origin": "http://dash.test"})
     assert same.status == 303
+
+
+def test_over_https_the_origin_must_be_https(dashboard: Any) -> None:
+    client = Client(dashboard, scheme="https")
+    client.login(ALICE)
+    csrf = client.csrf()
+    downgraded = client.post("/logout", {"csrf": csrf}, headers={"origin": "http://dash.test"})
+    assert downgraded.status == 403
+    same = client.post("/logout", {"csrf": csrf}, headers={"origin": "https://dash.test"})
+    assert same.status == 303
+
+
+def test_a_post_without_a_session_goes_to_the_login_page(client: Client) -> None:
+    for path in ("/retry", "/bulk/preview", "/bulk/apply"):
+        response = client.post(path, {"csrf": "x"})
+        assert response.status == 303
+        assert header(response, "location") == P + "/login"
+        htmx = client.post(path, {"csrf": "x"}, headers={"hx-request": "true"})
+        assert htmx.status == 401
+
+
+def test_a_storage_outage_is_a_503_page_that_hides_the_fault(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    world.storage.down = True
+    try:
+        for response in (alice.get("/"), alice.get("/task", project_id=pid, task_id="t1")):
+            assert response.status == 503
+            assert header(response, "retry-after")
+            assert FAULT not in text(response)
+            assert "<h1>" in text(response)
+    finally:
+        world.storage.down = False
 
 
 # -- headers -----------------------------------------------------------------------------------
@@ -304,7 +362,12 @@ def test_security_headers_on_every_response(alice: Client) -> None:
     alice.get("/static/nope.js")
     alice.request("DELETE", "/")
     alice.post("/retry", {})
-    Client(alice.dashboard).get("/")
+    alice.get("/task", project_id="nope", task_id="nope")
+    alice.get("/events", project_id="nope")
+    alice.request("GET", "/", headers={"hx-request": "true"})
+    alice.post("/logout", {"csrf": alice.csrf()})
+    alice.get("/")
+    alice.post("/login", {"token": "wrong-token-0123", "csrf": alice.csrf("/login")})
     for response in alice.responses:
         assert header(response, "content-security-policy") == CSP
         assert header(response, "x-content-type-options") == "nosniff"
@@ -341,11 +404,18 @@ def test_pages_carry_no_inline_script_or_style(alice: Client) -> None:
     assert "<main" in page
 
 
-def test_the_token_never_appears(world: World, dashboard: Dashboard) -> None:
+def test_the_token_never_appears(world: World, dashboard: Any) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
     client = Client(dashboard)
+    client.post("/login", {"token": ALICE, "csrf": client.csrf("/login")[:-1] + "x"})
     client.login(ALICE)
     client.get("/")
     client.get("/blocked")
+    client.get("/project", project_id=pid)
+    page = client.get("/task", project_id=pid, task_id="t1")
+    client.post("/retry", retry_form(page))
+    client.post("/bulk/preview", {"csrf": client.csrf()})
     client.post("/logout", {"csrf": client.csrf()})
     client.login(ALICE)
     for response in client.responses:
@@ -711,3 +781,215 @@ def test_bulk_apply_takes_at_most_100(world: World, alice: Client) -> None:
     items = [("item", json.dumps(["p", f"t{i}"])) for i in range(101)]
     response = alice.post("/bulk/apply", [("csrf", csrf), ("key", "k"), *items])
     assert response.status == 422
+
+
+# -- escaping -------------------------------------------------------------------------------
+
+
+class Markup(HTMLParser):
+    """The start tags and attribute names of a page."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.attributes: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes |= {name for name, _ in attrs}
+
+
+def markup(page: str) -> Markup:
+    parser = Markup()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def hostile_pages(world: World, client: Client, pid: str, tid: str, payload: str) -> list[str]:
+    """Every page showing a task whose ids, title, error type and message carry ``payload``."""
+    if not any(s.project.id == pid for s in world.memory.list_projects(limit=1000)):
+        world.executor.create_project(pid, status="executing", name=payload)
+    error = type(payload, (Exception,), {})(
+        payload + "\nTraceback (most recent call last):\n" + payload
+    )
+    ex = world.executor
+    ex.add_task(pid, tid, title=payload, max_retries=0)
+    ex.assign(pid, tid)
+    ex.start(pid, tid, 1)
+    ex.fail(pid, tid, 1, error)
+    csrf = client.csrf()
+    pages = [
+        client.get("/"),
+        client.get("/project", project_id=pid),
+        client.get("/blocked"),
+        client.get("/blocked", project_id=pid, error_type=payload),
+        client.get("/task", project_id=pid, task_id=tid),
+        client.post("/bulk/preview", {"csrf": csrf, "project_id": pid}),
+    ]
+    fields = retry_form(pages[4])
+    pages.append(client.post("/retry", fields, headers={"hx-request": "true"}))
+    pages.append(
+        client.post("/bulk/apply", {"csrf": csrf, "key": "k", "item": json.dumps([pid, tid])})
+    )
+    for page in pages:
+        assert page.status == 200, text(page)
+    return [text(page) for page in pages]
+
+
+def test_an_error_message_with_a_script_renders_as_text(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "t1", RuntimeError("<script>alert(1)</script>"))
+    page = text(alice.get("/task", project_id=pid, task_id="t1"))
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    blocked = text(alice.get("/blocked", project_id=pid))
+    assert "<script>alert(1)" not in blocked
+
+
+SAFE_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=0,
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(a=SAFE_TEXT, b=SAFE_TEXT)
+def test_hostile_strings_never_become_markup(world: World, dashboard: Any, a: str, b: str) -> None:
+    payload = f'<b data-evil="{a}">\'&amp;{b}</b><script>x()</script>{a}"\''
+    pid = "p<i data-evil=1>" + uuid.uuid4().hex[:6] + a
+    tid = "t\"'<u data-evil>" + b + "\n/../?&x=1"
+    client = Client(dashboard)
+    client.login(ALICE)
+    pages = hostile_pages(world, client, pid, tid, payload)
+    for page in pages:
+        found = markup(page)
+        assert not {"b", "i", "u"} & set(found.tags)
+        assert found.tags.count("script") <= 2
+        assert "data-evil" not in found.attributes
+        assert payload not in page
+    # Links carry the ids URL-encoded: following one finds the task.
+    links = re.findall(r'href="' + P + r'/task\?([^"]*)"', pages[3])
+    assert links
+    query = parse_qsl(html.unescape(links[0]), keep_blank_values=True)
+    assert dict(query) == {"project_id": pid, "task_id": tid}
+    task = text(client.request("GET", "/task", query=query))
+    assert 'id="task-status"' in task
+
+
+# -- live updates, through a real server ---------------------------------------------------------
+
+
+def test_events_stream_for_the_session(world: World, served: str) -> None:
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    other = project(world, fresh())
+    with httpx.Client(base_url=served, timeout=10) as anonymous:
+        assert anonymous.get(P + "/events", params={"project_id": pid}).status_code == 401
+    with httpx.Client(base_url=served, timeout=10) as http:
+        server_login(http, DAVE)
+        refused = http.get(P + "/events", params={"project_id": other})
+        assert refused.status_code == 404
+        assert refused.headers["content-security-policy"] == CSP
+    with httpx.Client(base_url=served, timeout=10) as http:
+        server_login(http, ALICE)
+        params = {"project_id": pid}
+        with http.stream("GET", P + "/events", params=params) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["content-security-policy"] == CSP
+            assert stream.headers["x-content-type-options"] == "nosniff"
+            chunks = stream.iter_bytes()
+            seen = b""
+            while b"event: task.blocked" not in seen:
+                seen += next(chunks)
+            # A retry through the dashboard shows on the stream.
+            page = http.get(P + "/task", params={"project_id": pid, "task_id": "t1"})
+            fields = re.findall(
+                r'<input type="hidden"[^>]*?name="([^"]+)" value="([^"]*)"', page.text
+            )
+            retried = http.post(P + "/retry", data=dict(fields), headers={"origin": served})
+            assert retried.status_code == 303
+            while b"event: task.retried" not in seen:
+                seen += next(chunks)
+        bad = http.get(P + "/events", params={"project_id": pid, "after": "x"})
+        assert bad.status_code == 400
+        assert http.get(P + "/events", params={"project_id": pid, "nope": "1"}).status_code == 422
+
+
+def test_a_scope_too_large_for_a_cookie_is_refused_at_login(world: World, client: Client) -> None:
+    many = "many-token-0123456789"
+    world.tokens.add(many, Principal(id="many", projects=[f"project-{i:04d}" for i in range(400)]))
+    csrf = client.csrf("/login")
+    response = client.post("/login", {"token": many, "csrf": csrf})
+    assert response.status == 422
+    assert "too many projects" in text(response)
+    assert "deepwork_session" not in client.cookies
+
+
+def test_blocked_tasks_come_in_pages(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    for i in range(52):
+        failing(world, pid, f"t{i:02d}", ValueError("v"))
+    first = text(alice.get("/blocked", project_id=pid))
+    assert first.count("<tr data-project-id=") == 50
+    found = re.search(r'<a rel="next" href="([^"]+)"', first)
+    assert found
+    link = html.unescape(found[1])
+    assert link.startswith(P + "/blocked?")
+    query = parse_qsl(link.split("?", 1)[1], keep_blank_values=True)
+    second = text(alice.request("GET", "/blocked", query=query))
+    assert re.findall(r'<tr data-project-id="[^"]*" data-task-id="([^"]+)"', second) == [
+        "t50",
+        "t51",
+    ]
+    assert 'rel="next"' not in second
+
+
+def test_asgi_requests_carry_their_scheme() -> None:
+    from deepwork_retry.web._asgi import scope_request
+
+    def scope(scheme: str) -> dict[str, Any]:
+        return {"method": "GET", "headers": [], "query_string": b"", "scheme": scheme}
+
+    assert scope_request(scope("https"), "/", b"").scheme == "https"
+    assert scope_request(scope("http"), "/", b"").scheme == "http"
+    assert scope_request({"method": "GET", "headers": []}, "/", b"").scheme == "http"
+
+
+def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
+    from deepwork_retry.demo import create_demo_project
+    from deepwork_retry.server import DASHBOARD_PATH, build_app
+    from deepwork_retry.storage.sqlite import AsyncSQLiteStorage, SQLiteStorage
+
+    db = str(tmp_path / "demo.db")
+    setup = SQLiteStorage(db)
+    try:
+        create_demo_project(setup, "proj-demo")
+    finally:
+        setup.close()
+    token = "demo-token-0123456789"
+    app = build_app(db, StaticTokens({token: Principal(id="demo-user")}), pause=0.0)
+    base, stop = serve_asgi(app, lifespan="on")
+    try:
+        with httpx.Client(base_url=base, timeout=15) as http:
+            assert DASHBOARD_PATH == P
+            assert server_login(http, token).status_code == 303
+            task = http.get(P + "/task", params={"project_id": "proj-demo", "task_id": "task-3"})
+            assert task.status_code == 200
+            assert re.search(r'id="task-status">.*blocked', task.text)
+            page = http.get(P + "/")
+            if hasattr(AsyncSQLiteStorage, "list_projects"):
+                assert page.status_code == 200
+                assert 'data-project-id="proj-demo"' in page.text
+                blocked = http.get(P + "/blocked")
+                assert 'data-task-id="task-3"' in blocked.text
+            else:  # until the async SQLite storage keeps the reads across projects
+                assert page.status_code == 501
+                assert "no listing across projects" in page.text
+    finally:
+        app.state.retry_api.close_streams()
+        stop()

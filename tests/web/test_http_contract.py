@@ -668,9 +668,8 @@ def test_bad_bulk_bodies_are_422(
 
 def test_unknown_route_under_the_prefix_is_json_404(http: httpx.Client) -> None:
     """Paths under the prefix that name no operation get a JSON 404."""
-    assert_error(
-        http.get(PREFIX + "/projects", headers=auth()), 404, "route_not_found", "Not Found"
-    )
+    for path in ("/projects/p", "/project", "/blocked/p"):
+        assert_error(http.get(PREFIX + path, headers=auth()), 404, "route_not_found", "Not Found")
 
 
 def test_wrong_method_is_405_with_allow(http: httpx.Client, world: World) -> None:
@@ -807,7 +806,9 @@ def test_a_method_a_read_route_lacks_is_json_405_allowing_only_get(
     [
         PREFIX,
         PREFIX + "/",
-        PREFIX + "/projects",
+        PREFIX + "/projects/",
+        PREFIX + "/blocked/",
+        PREFIX + "//projects",
         PREFIX + "/projects/p/progress/",
         PREFIX + "//projects/p/progress",
         PREFIX + "/projects/p/tasks/t/retry/",

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from web_harness import ALICE, PREFIX, World, authorize
 
 from deepwork_retry._core import wire
-from deepwork_retry._core.model import Attempt, Task
+from deepwork_retry._core.inputs import blocked_cursor
+from deepwork_retry._core.model import Attempt, ProjectSummary, Task
 from deepwork_retry._core.results import (
     BulkItem,
     BulkResult,
@@ -30,9 +31,11 @@ from deepwork_retry._core.results import (
     DispatchStatus,
     RetryResult,
     attempt_json,
+    blocked_page_json,
     bulk_json,
     dispatch_json,
     progress_json,
+    projects_page_json,
     retry_json,
     retry_text,
     task_json,
@@ -59,7 +62,13 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
     VersionConflict,
 )
-from deepwork_retry.testing.strategies import any_attempts, any_tasks, retry_results
+from deepwork_retry.testing.strategies import (
+    any_attempts,
+    any_tasks,
+    progresses,
+    projects,
+    retry_results,
+)
 from deepwork_retry.web import RetryAPI
 from deepwork_retry.web._http import (
     ERROR_CODES,
@@ -144,6 +153,28 @@ def test_the_retry_answer_is_the_defined_body(result: RetryResult) -> None:
 @given(st.lists(any_tasks(), max_size=3), st.none() | texts)
 def test_a_tasks_page_is_the_defined_body(page: list[Task], next_after: str | None) -> None:
     conforms(wire.TASKS_PAGE, tasks_page_json(page, next_after))
+
+
+summaries = st.builds(ProjectSummary, project=projects(), progress=progresses())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(summaries, max_size=3), st.none() | texts)
+def test_a_projects_page_is_the_defined_body(
+    page: list[ProjectSummary], next_after: str | None
+) -> None:
+    found = projects_page_json(page, next_after)
+    conforms(wire.PROJECTS_PAGE, found)
+    for summary, item in zip(page, found["projects"], strict=True):
+        conforms(wire.PROJECT_SUMMARY, item)
+        assert progress_json(summary.progress) == item["progress"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(any_tasks(), max_size=3), st.none() | st.tuples(texts, texts))
+def test_a_blocked_page_is_the_defined_body(page: list[Task], last: tuple[str, str] | None) -> None:
+    cursor = None if last is None else blocked_cursor(*last)
+    conforms(wire.BLOCKED_PAGE, blocked_page_json(page, cursor))
 
 
 @settings(max_examples=100, deadline=None)
@@ -445,6 +476,12 @@ def test_every_route_answers_in_its_documented_shape() -> None:
     call("POST", bulk, f"/projects/{pid}/retry-blocked", b'{"dry_run":true}')
     call("POST", bulk, f"/projects/{pid}/retry-blocked")
     call("POST", bulk, "/projects/nope/retry-blocked")
+    call("GET", "/projects", "/projects", query={"limit": "1"})
+    call("GET", "/projects", "/projects", query={"after": pid})
+    call("GET", "/projects", "/projects", query={"limit": "0"})
+    call("GET", "/blocked", "/blocked", query={"limit": "1"})
+    call("GET", "/blocked", "/blocked", query={"project_id": pid, "error_type": "RuntimeError"})
+    call("GET", "/blocked", "/blocked", query={"after": "not a cursor"})
 
 
 # -- the demo server serves the same document --------------------------------------------------

@@ -37,6 +37,8 @@ LOGIN_COOKIE = "deepwork_login"
 LOGIN_MAX_AGE = 600
 """Seconds the pre-login nonce (the login form's CSRF) lasts."""
 MIN_SECRET_BYTES = 32
+MAX_COOKIE = 3800
+"""The longest session cookie made: browsers keep cookies of up to 4096 bytes."""
 HTML = "text/html; charset=utf-8"
 MAX_FORM_BYTES = 256 * 1024
 MAX_BULK = 100
@@ -358,14 +360,30 @@ def is_htmx(request: ApiRequest) -> bool:
 
 
 def same_origin(request: ApiRequest) -> bool:
-    """False when the request carries an ``Origin`` that is not this site's."""
+    """False when the request says it came from another site.
+
+    ``Sec-Fetch-Site``, when the browser sends it, must be ``same-origin`` (or
+    ``none``: typed by the user). ``Origin``, when present, must name this
+    host and port, with ``https`` when the request came over HTTPS (a request
+    that reached the server as plain HTTP may have come through a proxy that
+    ended TLS, so either scheme is taken then); ``Origin: null`` is refused.
+    The CSRF token is checked in every case.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin")
     if origin is None:
         return True
     host = request.headers.get("host")
     if not host:
         return False
-    return origin.strip().lower() == f"{request.scheme}://{host}".lower()
+    scheme, sep, netloc = origin.strip().lower().partition("://")
+    if not sep or netloc != host.strip().lower():
+        return False
+    if request.scheme == "https":
+        return scheme == "https"
+    return scheme in ("http", "https")
 
 
 # -- responses ------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from deepwork_retry.web.dashboard._common import (
     LOGIN_COOKIE,
     LOGIN_MAX_AGE,
     MAX_BULK,
+    MAX_COOKIE,
     MAX_PROJECTS,
     PAGE,
     SECURITY_HEADERS,
@@ -204,7 +205,7 @@ class Dashboard:
     def _error(self, request: ApiRequest, exc: Exception) -> ApiResponse:
         wants_html = not (is_htmx(request) or request.path == "/events")
         if isinstance(exc, NoSession):
-            if wants_html and request.method in ("GET", "HEAD"):
+            if wants_html:
                 return redirect(self.prefix + "/login")
             return self._error_page(401, "Sign in required", str(exc), full=wants_html)
         if isinstance(exc, CsrfRefused):
@@ -272,6 +273,12 @@ class Dashboard:
             return self._login_form(request, status=401, error="That token was not accepted.")
         secure = self._secure(request)
         cookie = self.signer.session_cookie(principal, self.session_max_age)
+        if len(cookie) > MAX_COOKIE:
+            return self._login_form(
+                request,
+                status=422,
+                error="This token's principal lists too many projects to keep in a session.",
+            )
         return redirect(
             self.prefix + "/",
             [

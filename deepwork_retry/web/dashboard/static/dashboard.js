@@ -4,6 +4,28 @@
 (function () {
   "use strict";
   var body = document.body;
+
+  /* A request htmx made failed: signed out (401) goes to the login page by a
+     reload; anything else is said in the status region, in words. */
+  body.addEventListener("htmx:responseError", function (event) {
+    var status = event.detail && event.detail.xhr ? event.detail.xhr.status : 0;
+    if (status === 401) {
+      window.location.reload();
+      return;
+    }
+    var flash = document.getElementById("flash");
+    if (flash) {
+      flash.textContent =
+        "That did not work (HTTP " + status + "). Reload the page and try again.";
+    }
+  });
+  body.addEventListener("htmx:sendError", function () {
+    var flash = document.getElementById("flash");
+    if (flash) {
+      flash.textContent = "The server could not be reached. Check the connection and try again.";
+    }
+  });
+
   var source = body.getAttribute("data-events");
   if (!source || typeof window.EventSource === "undefined") {
     return;
