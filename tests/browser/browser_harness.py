@@ -152,7 +152,7 @@ class BrowserWorld(World):
     ) -> str:
         """A task blocked by ``error`` on its first attempt (no retries left)."""
         ex = self.executor
-        ex.add_task(project_id, task_id, title=title or f"Task {task_id}", max_retries=max_retries)
+        ex.add_task(project_id, task_id, title=title or task_id, max_retries=max_retries)
         ex.assign(project_id, task_id)
         ex.start(project_id, task_id, 1)
         ex.fail(project_id, task_id, 1, error)

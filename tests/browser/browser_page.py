@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -18,6 +19,27 @@ DOCS_ADAPTER = "starlette"
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:150]
+
+
+MAX_HEIGHT = 4000
+"""CSS pixels: a whole page is captured up to this height."""
+
+
+def full_page_png(driver: Any) -> bytes:
+    """A screenshot of the whole page, not only the window's view of it (Chromium's CDP)."""
+    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics.get("cssContentSize") or metrics["contentSize"]
+    clip = {
+        "x": 0,
+        "y": 0,
+        "width": max(1, int(size["width"])),
+        "height": max(1, min(MAX_HEIGHT, int(size["height"]))),
+        "scale": 1,
+    }
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
+    return base64.b64decode(shot["data"])
 
 
 class Console:
@@ -67,7 +89,7 @@ class Page:
         """Save a named screenshot (and the docs' copy from the Starlette run, when asked)."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{self.adapter}-{slug(label)}.png"
-        self.driver.save_screenshot(str(path))
+        path.write_bytes(full_page_png(self.driver))
         if DOCS_SCREENSHOTS and self.adapter == DOCS_ADAPTER:
             docs = Path(DOCS_SCREENSHOTS)
             if not docs.is_absolute():

@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
 
 from browser_harness import BrowserWorld, start_browser_server
-from browser_page import ARTIFACTS, Page, slug
+from browser_page import ARTIFACTS, Page, full_page_png, slug
 from web_harness import ADAPTERS
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -150,9 +150,10 @@ def _page(request: pytest.FixtureRequest, driver: Any, server: str, adapter: str
         for when in ("setup", "call")
     )
     try:
-        driver.save_screenshot(str(ARTIFACTS / f"{page.name}.png"))
+        png = full_page_png(driver)
+        (ARTIFACTS / f"{page.name}.png").write_bytes(png)
         if failed:
-            driver.save_screenshot(str(ARTIFACTS / f"{page.name}-FAILED.png"))
+            (ARTIFACTS / f"{page.name}-FAILED.png").write_bytes(png)
             (ARTIFACTS / f"{page.name}-FAILED.html").write_text(
                 driver.page_source, encoding="utf-8"
             )

@@ -10,6 +10,7 @@ alone, and with JavaScript turned off.
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from html.parser import HTMLParser
@@ -135,9 +136,12 @@ def status_text(page: Page) -> str:
     return text_of(page, "#task-status").lower().replace("_", " ")
 
 
-def error_type() -> str:
+_KINDS = itertools.count(1)
+
+
+def error_type(name: str) -> str:
     """An error type no other test uses (the filters then find only this test's tasks)."""
-    return "QuotaExceeded" + uuid.uuid4().hex[:8]
+    return f"{name}{next(_KINDS)}"
 
 
 def attempts(world: BrowserWorld, project_id: str, task_id: str) -> list[Any]:
@@ -198,7 +202,7 @@ def _release_held(world: BrowserWorld) -> Any:
 
 
 def test_login_then_projects_with_progress(page: Page, world: BrowserWorld) -> None:
-    project = world.project()
+    project = world.project(prefix="invoices-")
     world.failed(project, "t-blocked", TaskError(type="Timeout", message="took too long"))
     world.done(project, "t-done")
     login(page, shot=True)
@@ -225,10 +229,10 @@ def test_login_then_projects_with_progress(page: Page, world: BrowserWorld) -> N
 
 
 def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> None:
-    project = world.project()
-    kind = error_type()
+    project = world.project(prefix="nightly-import-")
+    kind = "DiskQuotaExceeded"  # the filter names the project too
     message = "disk quota exceeded on /data (need 2 GiB)"
-    world.failed(project, "t-quota", TaskError(type=kind, message=message))
+    world.failed(project, "import-orders", TaskError(type=kind, message=message))
     world.runner.held.add(project)  # the executor runs it when the test says so
     login(page)
 
@@ -239,7 +243,7 @@ def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> 
     css(page, "button#filter-button").click()
     wait(page, lambda d: "error_type=" + kind in d.current_url, "the filter was not submitted")
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "table#blocked " + row(project)))
-    found = css(page, "table#blocked " + row(project, "t-quota"))
+    found = css(page, "table#blocked " + row(project, "import-orders"))
     assert found.find_element(By.CSS_SELECTOR, "td.error-type").text.strip() == kind
     assert message in found.find_element(By.CSS_SELECTOR, "td.error-message").text
     assert len(css_all(page, "table#blocked tr[data-task-id]")) == 1  # the filter holds
@@ -264,7 +268,7 @@ def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> 
     assert css(page, "#flash").get_attribute("role") == "status"
 
     # The executor runs the attempt: the page follows the events, with no reload.
-    retried = task(world, project, "t-quota")
+    retried = task(world, project, "import-orders")
     assert retried.status.value == "assigned"
     world.runner.release(project)
     wait(page, status_is(page, "done"), "the status did not follow the executor")
@@ -272,19 +276,21 @@ def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> 
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "ol#attempts > li.attempt")) == 2)
     page.shot("task-after-retry")
 
-    second = attempts(world, project, "t-quota")[-1]
+    second = attempts(world, project, "import-orders")[-1]
     assert second.actor == "alice"
     assert second.reason == "quota raised"
-    assert task(world, project, "t-quota").status.value == "done"
+    assert task(world, project, "import-orders").status.value == "done"
 
 
 def test_bulk_dry_run_then_apply(page: Page, world: BrowserWorld) -> None:
-    kind = error_type()
-    project = world.project()
-    closed = world.project()
+    kind = error_type("UpstreamTimeout")
+    project = world.project(prefix="catalog-sync-")
+    closed = world.project(prefix="archive-")
     retriable = {f"bulk-{n}" for n in range(3)}
     for task_id in sorted(retriable):
-        world.failed(project, task_id, TaskError(type=kind, message=f"{task_id} out of quota"))
+        world.failed(
+            project, task_id, TaskError(type=kind, message=f"{task_id}: no answer in 30 s")
+        )
     other = world.failed(project, "other-kind", TaskError(type="Other", message="not this one"))
     world.failed(closed, "in-closed", TaskError(type=kind, message="in a failed project"))
     world.executor.set_project_status(closed, "failed")
