@@ -90,6 +90,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("deepwork_retry.web._http", "deepwork_retry.web._sse"),
     # the framework-free API over the services
     ("deepwork_retry.web._async_api", "deepwork_retry.web._sync_api", "deepwork_retry.web._api"),
+    # the operator dashboard: pages over the API, no framework
+    ("deepwork_retry.web.dashboard",),
     # what hosts plug in: web adapters, dispatchers and their workers, the kit, the programs
     (
         "deepwork_retry.web",

@@ -605,8 +605,21 @@ def test_htmx_retry_answers_the_panel(world: World, alice: Client) -> None:
     assert "<html" not in body
     assert 'id="flash" hx-swap-oob="innerHTML"' in body
     assert "Retried" in body
-    assert 'id="retry-key"' in body
+    assert re.search(
+        r'<input type="hidden" id="retry-key" name="key" value="[^"]+" hx-swap-oob="true">', body
+    )
     assert fields["key"] not in body
+    assert '<div id="task-attempts" data-live' in body
+    assert body.count('class="attempt"') == 3
+    attempts = alice.request(
+        "GET",
+        "/task",
+        query={"project_id": pid, "task_id": "t1", "part": "attempts"},
+        headers={"hx-request": "true"},
+    )
+    assert text(attempts).lstrip().startswith('<div id="task-attempts"')
+    assert 'id="task-status"' not in text(attempts)
+    assert alice.get("/task", project_id=pid, task_id="t1", part="nope").status == 422
     # Not blocked any more: a second (new) retry is refused with the reason.
     again = alice.post("/retry", {**fields, "key": "other-key"}, headers={"hx-request": "true"})
     assert "Not retried: the task is not blocked." in text(again)
@@ -993,3 +1006,87 @@ def test_the_demo_server_serves_the_dashboard(tmp_path: Any) -> None:
     finally:
         app.state.retry_api.close_streams()
         stop()
+
+
+# -- the API's methods the dashboard calls --------------------------------------------------
+
+
+def test_retry_for_decides_as_the_retry_route(world: World) -> None:
+    api = sync_api(world)
+    pid = project(world, fresh())
+    world.blocked(pid, "t1")
+    bob = Principal(id="bob")
+    assert api.retry_for(bob, pid, "t1").json()["code"] == "project_not_found"
+    alice = Principal(id="alice")
+    assert api.retry_for(alice, pid, "t1", key="has space").status == 422
+    assert api.retry_for(alice, pid, "t1", reason="x\x00y").status == 422
+    assert api.retry_for(alice, pid, "t1", reason="r" * 2001).status == 422
+    assert task_of(world, pid, "t1").status.value == "blocked"
+    first = api.retry_for(alice, pid, "t1", reason="ok", key="key-1")
+    assert first.status == 200
+    again = api.retry_for(alice, pid, "t1", reason="ok", key="key-1")
+    assert (again.status, again.body) == (first.status, first.body)
+    assert ("Idempotent-Replayed", "true") in again.headers
+    assert world.recorder.count(pid) == 1
+
+
+def test_events_for_decides_as_the_events_route(world: World) -> None:
+    api = sync_api(world)
+    pid = project(world, fresh())
+    head = ApiRequest(method="HEAD", path="/")
+    assert api.events_for(Principal(id="bob"), pid, head).status == 404
+    assert api.events_for(Principal(id="alice"), fresh(), head).status == 404
+    opened = api.events_for(Principal(id="alice"), pid, head)
+    assert opened.status == 200
+    assert opened.stream is None
+    bad = ApiRequest(method="HEAD", path="/", query={"after": "x"})
+    assert api.events_for(Principal(id="alice"), pid, bad).status == 400
+
+
+def test_static_files_answer_304_to_a_matching_etag(client: Client) -> None:
+    first = client.get("/static/dashboard.css")
+    etag = header(first, "etag")
+    assert etag
+    again = client.request("GET", "/static/dashboard.css", headers={"if-none-match": etag})
+    assert again.status == 304
+    assert again.body == b""
+    assert header(again, "content-security-policy") == CSP
+    other = client.request("GET", "/static/dashboard.css", headers={"if-none-match": '"x"'})
+    assert other.status == 200
+
+
+def test_bulk_apply_refuses_a_bad_reason_before_retrying(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "a", ValueError("v"))
+    form = {"csrf": alice.csrf(), "key": "k", "item": json.dumps([pid, "a"]), "reason": "r" * 2001}
+    assert alice.post("/bulk/apply", form).status == 422
+    assert task_of(world, pid, "a").status.value == "blocked"
+
+
+def test_live_streams_count_against_the_principals_bound(world: World) -> None:
+    api = sync_api(world)
+    client = Client(Dashboard(api, secret=SECRET, prefix=P))
+    client.login(ALICE)
+    pid = project(world, fresh())
+    opened = [client.get("/events", project_id=pid) for _ in range(STREAMS.max_streams)]
+    try:
+        assert all(r.status == 200 and r.stream is not None for r in opened)
+        refused = client.get("/events", project_id=pid)
+        assert refused.status == 429
+        assert header(refused, "retry-after")
+        assert header(refused, "content-security-policy") == CSP
+        # The JSON API's own streams share the bound: the same principal is refused there too.
+        over_api = api.handle(
+            ApiRequest(
+                method="GET",
+                path=f"/projects/{pid}/events",
+                headers={"authorization": f"Bearer {ALICE}"},
+            )
+        )
+        assert over_api.status == 429
+    finally:
+        for response in opened:
+            response.stream.close()
+    again = client.get("/events", project_id=pid)
+    assert again.status == 200
+    again.stream.close()

@@ -27,12 +27,15 @@ from deepwork_retry.web._async_api import AsyncRetryAPI
 from deepwork_retry.web._http import (
     ApiRequest,
     ApiResponse,
+    BadRequestBody,
     MethodNotAllowed,
     RouteNotFound,
+    check_reason,
     error_response,
     normalise_prefix,
 )
 from deepwork_retry.web.dashboard._common import (
+    ERROR_TITLES,
     FLASHES,
     LOGIN_COOKIE,
     LOGIN_MAX_AGE,
@@ -61,6 +64,7 @@ from deepwork_retry.web.dashboard._common import (
     html_response,
     is_htmx,
     load_static,
+    not_modified,
     parse_form,
     parse_items,
     query_string,
@@ -139,7 +143,7 @@ class AsyncDashboard:
             found = self.static.get(path)
             if found is None:
                 raise PageNotFound
-            return found
+            return not_modified(request, found)
         methods = _ROUTES.get(path)
         if methods is None:
             raise PageNotFound
@@ -214,9 +218,7 @@ class AsyncDashboard:
         api = exc.answer if isinstance(exc, Answered) else error_response(exc)
         detail = answer_detail(api)
         extra = [(k, v) for k, v in api.headers if k.lower() in ("allow", "retry-after")]
-        title = {404: "Not found", 405: "Method not allowed", 422: "Invalid request"}.get(
-            api.status, "Error" if api.status < 500 else "Service unavailable"
-        )
+        title = ERROR_TITLES.get(api.status, "Error" if api.status < 500 else "Unavailable")
         return self._error_page(api.status, title, detail, extra, full=wants_html)
 
     def _error_page(
@@ -411,12 +413,18 @@ class AsyncDashboard:
         }
 
     async def _task_page(self, request: ApiRequest, session: Session) -> ApiResponse:
-        values = query_values(request, required=("project_id", "task_id"), optional=("flash",))
+        values = query_values(
+            request, required=("project_id", "task_id"), optional=("flash", "part")
+        )
+        part = values.get("part") or "panel"
+        if part not in ("panel", "attempts"):
+            raise BadRequestBody("part must be 'panel' or 'attempts'")
         context = await self._task_context(
             session.principal, values["project_id"], values["task_id"]
         )
         if is_htmx(request):
-            return html_response(200, self._render("_task_panel.html", **context))
+            name = "_task_attempts.html" if part == "attempts" else "_task_panel.html"
+            return html_response(200, self._render(name, **context))
         flash = values.get("flash")
         return self._page(
             request,
@@ -490,7 +498,7 @@ class AsyncDashboard:
         principal = session.principal
         key = form.required("key")
         budget = RetryBudget(budget_value(form.get("budget")))
-        reason = form.get("reason") or None
+        reason = check_reason(form.get("reason") or None)
         items = parse_items(form.all("item"))
         outcomes: list[tuple[str, str, bool, str]] = []
         for project_id, task_id in items:

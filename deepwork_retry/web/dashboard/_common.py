@@ -414,6 +414,31 @@ def redirect(location: str, headers: Iterable[tuple[str, str]] = ()) -> ApiRespo
     )
 
 
+ERROR_TITLES: Mapping[int, str] = {
+    401: "Sign in required",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    422: "Invalid request",
+    501: "Not available here",
+    503: "Service unavailable",
+}
+
+
+def not_modified(request: ApiRequest, found: ApiResponse) -> ApiResponse:
+    """``found`` (a static file), or a 304 when the client already holds it."""
+    etag = next((v for k, v in found.headers if k == "ETag"), None)
+    given = request.headers.get("if-none-match")
+    if etag is None or given is None:
+        return found
+    if etag not in [tag.strip() for tag in given.split(",")] and given.strip() != "*":
+        return found
+    return ApiResponse(
+        status=304, body=b"", headers=tuple((k, v) for k, v in found.headers if k != "Content-Type")
+    )
+
+
 def load_static() -> dict[str, ApiResponse]:
     found: dict[str, ApiResponse] = {}
     for name in STATIC_FILES:
