@@ -5,6 +5,9 @@ from deepwork_retry.web.aiohttp import mount
 mount(app, service, StaticTokens.from_env())
 
 (or ``app.add_routes(routes(service, tokens))``, or ``create_app(service, tokens)``).
+
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, route definitions).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
     mount(app, service, StaticTokens.from_env())
 
 (or ``app.include_router(routes(service, tokens))``, or ``create_app(service, tokens)``).
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, a router).
 
 Each route's entry in ``/openapi.json`` is the one of
 :mod:`deepwork_retry.web.openapi` (the demo server serves the same document);

@@ -5,6 +5,9 @@ from deepwork_retry.web.flask import mount
 mount(app, service, StaticTokens.from_env())
 
 (or ``app.register_blueprint(routes(service, tokens))``, or ``create_app(service, tokens)``).
+
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, a blueprint).
 """
 
 from __future__ import annotations

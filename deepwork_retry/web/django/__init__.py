@@ -20,7 +20,11 @@ Or, instead of the ``API`` setting and the include, in your ``urls.py``::
     mount(urlpatterns, service, StaticTokens.from_env())
 
 As in every adapter, :func:`mount` adds the API to what you have and
-:func:`routes` builds the framework's own object (here, the URL patterns).
+:func:`routes` builds the framework's own object (here, the URL patterns);
+:func:`mount_dashboard` and :func:`dashboard_routes` do the same for the
+operator dashboard (the extra ``dashboard``)::
+
+    mount_dashboard(urlpatterns, api, secret=settings.DEEPWORK_DASHBOARD_SECRET)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The one Django view: everything under the prefix goes to the shared API."""
+"""The Django views: everything under the API's prefix goes to the shared API, and
+everything under a dashboard's prefix to that dashboard."""
 
 from __future__ import annotations
 
