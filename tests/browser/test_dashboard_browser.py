@@ -282,6 +282,25 @@ def test_blocked_task_error_then_live_retry(page: Page, world: BrowserWorld) -> 
     assert task(world, project, "import-orders").status.value == "done"
 
 
+def test_project_progress_follows_the_executor_live(page: Page, world: BrowserWorld) -> None:
+    """A retry made elsewhere (another operator, the JSON API) and the executor's reports
+    reach an open project page: its progress and blocked list update with no reload."""
+    project = world.project(prefix="reports-")
+    world.done(project, "daily-report")
+    world.failed(project, "weekly-report", TaskError(type="Timeout", message="no answer"))
+    login(page)
+    go(page, "/project", project_id=project)
+    wait_live(page)
+    assert "50%" in text_of(page, "#project-progress")
+    assert css_all(page, "#project-panel " + row(project, "weekly-report"))
+    marker = mark_page(page)
+
+    world.sync_service().retry(project, "weekly-report", actor="bob", reason="elsewhere")
+    wait(page, lambda _: "100%" in text_of(page, "#project-progress"), "progress not updated")
+    wait(page, lambda d: not d.find_elements(By.CSS_SELECTOR, "#project-panel " + row(project)))
+    assert_not_reloaded(page, marker)
+
+
 def test_bulk_dry_run_then_apply(page: Page, world: BrowserWorld) -> None:
     kind = error_type("UpstreamTimeout")
     project = world.project(prefix="catalog-sync-")
@@ -480,6 +499,16 @@ def test_the_session_cookie_flags(page: Page, world: BrowserWorld) -> None:
         everything = " ".join(f"{k}: {v}" for k, v in answer.headers.multi_items())
         assert ALICE not in everything
         assert ALICE not in answer.text
+
+
+def test_logout_ends_the_session(page: Page, world: BrowserWorld) -> None:
+    login(page)
+    css(page, "button#logout-button").click()
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "form#login-form"), "not signed out")
+    assert page.driver.get_cookie(SESSION) is None
+    go(page, "/blocked")  # a page behind the session: back to the login form
+    assert css_all(page, "form#login-form")
+    assert page.driver.current_url.startswith(page.base + DASH + "/login")
 
 
 def test_keyboard_only_retry(page: Page, world: BrowserWorld) -> None:
