@@ -199,12 +199,11 @@ def _start(adapter: str, world: BrowserWorld, tls: TLS | None) -> tuple[str, Cal
         configure_django()
         import django_urls
 
-        from deepwork_retry.web.django import mount, mount_dashboard
+        from deepwork_retry.web.django import mount_dashboard
 
+        # Only the dashboard, bound to its own API: the JSON API's pattern serves the
+        # one API of the process (the web tests' server, which may run meanwhile).
         sync = world.apis[adapter] = world.sync_api()
-        # The API's URL pattern is the site's already (django_urls includes it):
-        # mounting here makes this API the one it serves.
-        mount([], sync)
         patterns: list[Any] = []
         mount_dashboard(patterns, sync, secret=SECRET, prefix=DASH)
         _add_patterns(django_urls.urlpatterns, patterns)
