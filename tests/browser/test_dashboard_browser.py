@@ -501,6 +501,40 @@ def test_the_session_cookie_flags(page: Page, world: BrowserWorld) -> None:
         assert ALICE not in answer.text
 
 
+UNLABELLED = """
+const found = [];
+for (const el of document.querySelectorAll(
+    "input:not([type=hidden]), select, textarea, button, progress")) {
+  const labelled = (el.id && document.querySelector(`label[for="${CSS.escape(el.id)}"]`))
+    || el.closest("label") || el.getAttribute("aria-label")
+    || el.getAttribute("aria-labelledby")
+    || (el.tagName === "BUTTON" && el.textContent.trim());
+  if (!labelled) found.push(el.outerHTML.slice(0, 120));
+}
+return found;
+"""
+"""The page's controls that have no accessible name (label, aria-label(ledby), text)."""
+
+
+def test_every_control_is_labelled(page: Page, world: BrowserWorld) -> None:
+    project = world.project(prefix="labels-")
+    world.failed(project, "t-labels", TaskError(type="Boom", message="labels"))
+    go(page, "/login")
+    assert page.driver.execute_script(UNLABELLED) == [], "login"
+    login(page)
+    for path in (
+        "/",
+        "/blocked?" + urlencode({"project_id": project}),
+        task_path(project, "t-labels"),
+    ):
+        go(page, path)
+        assert page.driver.execute_script(UNLABELLED) == [], path
+    go(page, "/blocked", project_id=project)
+    css(page, "button#bulk-preview-button").click()
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "section#bulk-preview"))
+    assert page.driver.execute_script(UNLABELLED) == [], "bulk preview"
+
+
 def test_logout_ends_the_session(page: Page, world: BrowserWorld) -> None:
     login(page)
     css(page, "button#logout-button").click()
