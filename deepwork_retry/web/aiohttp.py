@@ -5,12 +5,16 @@ from deepwork_retry.web.aiohttp import mount
 mount(app, service, StaticTokens.from_env())
 
 (or ``app.add_routes(routes(service, tokens))``, or ``create_app(service, tokens)``).
+
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, route definitions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from deepwork_retry._async.services import AsyncRetryService
@@ -37,6 +41,7 @@ from deepwork_retry.web._http import (
 try:
     from aiohttp import web
     from aiohttp.web_protocol import RequestPayloadError
+    from multidict import CIMultiDict
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing_extra("aiohttp", __name__, exc) from exc
 
@@ -66,7 +71,7 @@ async def _stream(request: web.Request, result: ApiResponse) -> web.StreamRespon
         return transport is None or transport.is_closing()
 
     stream.disconnected = disconnected  # ends it at its next poll, not its next write
-    response = web.StreamResponse(status=result.status, headers=dict(result.headers))
+    response = web.StreamResponse(status=result.status, headers=CIMultiDict(result.headers))
     try:
         await response.prepare(request)
         async for chunk in stream:
@@ -82,8 +87,8 @@ async def _stream(request: web.Request, result: ApiResponse) -> web.StreamRespon
 async def _respond(request: web.Request, result: ApiResponse) -> web.StreamResponse:
     if result.stream is not None:
         return await _stream(request, result)
-    headers = dict(other_headers(result))
-    headers["Content-Type"] = content_type(result)  # its own (HEAD of a stream), else JSON
+    headers = CIMultiDict(other_headers(result))  # repeated ones (Set-Cookie) all kept
+    headers["Content-Type"] = content_type(result)  # its own (HEAD of a stream, a page), else JSON
     response = web.Response(body=result.body, status=result.status, headers=headers)
     if result.close:
         # The rest of the body is not wanted: answer, then close at once rather
@@ -97,6 +102,46 @@ async def _respond(request: web.Request, result: ApiResponse) -> web.StreamRespo
     return response
 
 
+def _handler(
+    handle: Callable[[ApiRequest], Awaitable[ApiResponse]], body_timeout: float
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler answering every request with ``handle`` (the API's or the dashboard's)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _body(request, body_timeout)
+        except (BodyTimeout, BodyIncomplete) as exc:
+            return await _respond(request, error_response(exc))
+        result = await handle(
+            ApiRequest(
+                method=request.method,
+                path="/" + request.match_info.get("rest", ""),
+                headers=request.headers.items(),
+                query=parse_query(request.rel_url.raw_query_string),
+                body=body,
+                raw_path=path_bytes(request.rel_url.raw_path),
+                # The transport's (https under TLS); a host behind a proxy sets it with
+                # request.clone(scheme=...) in a middleware it trusts.
+                scheme=request.scheme,
+            )
+        )
+        return await _respond(request, result)
+
+    return handler
+
+
+def _catch_all(
+    prefix: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> list[web.RouteDef]:
+    """``prefix`` itself and everything below it, every method ("*"), to ``handler``."""
+    # [\s\S] rather than ".": ids may contain newlines.
+    base = normalise_prefix(prefix)
+    found = [web.route("*", base + r"/{rest:[\s\S]*}", handler)]
+    if base:
+        found.append(web.route("*", base, handler))
+    return found
+
+
 def routes(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -106,31 +151,8 @@ def routes(
 ) -> list[web.RouteDef]:
     """The API's route definitions under ``prefix`` (for ``app.add_routes``)."""
     api = async_api(service, authenticator, authorizer, adapter=__name__)
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await _body(request, api.body_timeout)
-        except (BodyTimeout, BodyIncomplete) as exc:
-            return await _respond(request, error_response(exc))
-        result = await api.handle(
-            ApiRequest(
-                method=request.method,
-                path="/" + request.match_info.get("rest", ""),
-                headers=request.headers.items(),
-                query=parse_query(request.rel_url.raw_query_string),
-                body=body,
-                raw_path=path_bytes(request.rel_url.raw_path),
-            )
-        )
-        return await _respond(request, result)
-
-    # The prefix itself and everything below it, every method ("*"): the API
-    # answers all of them. [\s\S] rather than ".": ids may contain newlines.
-    base = normalise_prefix(prefix)
-    found = [web.route("*", base + r"/{rest:[\s\S]*}", handler)]
-    if base:
-        found.append(web.route("*", base, handler))
-    return found
+    # The API answers every path and method under its prefix itself.
+    return _catch_all(prefix, _handler(api.handle, api.body_timeout))
 
 
 def mount(
@@ -149,6 +171,72 @@ def mount(
 
     app.on_shutdown.append(close_streams)
     app.add_routes(routes(api, prefix=prefix))
+
+
+def dashboard_routes(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> list[web.RouteDef]:
+    """The operator dashboard's route definitions under ``prefix`` (the extra ``dashboard``).
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
+    stream slots; ``options`` go to
+    :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
+    ``secure``). ``api_prefix`` is where the JSON API is mounted (the pages link to
+    none of its routes). Prefer :func:`mount_dashboard`, which also ends the
+    dashboard's live streams when the application shuts down.
+    """
+    dashboard = _dashboard(
+        service, authenticator, authorizer, secret=secret, prefix=prefix, **options
+    )
+    return _catch_all(prefix, _dashboard_handler(dashboard))
+
+
+def mount_dashboard(
+    app: web.Application,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`);
+    its live streams end when ``app`` shuts down."""
+    dashboard = _dashboard(
+        service, authenticator, authorizer, secret=secret, prefix=prefix, **options
+    )
+
+    async def close_streams(_: web.Application) -> None:
+        dashboard.close_streams()
+
+    app.on_shutdown.append(close_streams)
+    app.add_routes(_catch_all(prefix, _dashboard_handler(dashboard)))
+
+
+def _dashboard(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None,
+    authorizer: Authorizer,
+    **options: Any,
+) -> Any:
+    from deepwork_retry.web.dashboard import AsyncDashboard
+
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
+    return AsyncDashboard(api, **options)
+
+
+def _dashboard_handler(dashboard: Any) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    return _handler(dashboard.handle, dashboard.body_timeout)
 
 
 def create_app(
@@ -172,4 +260,4 @@ def create_app(
 add_routes = renamed(mount, "add_routes", __name__)
 
 
-__all__ = ["add_routes", "create_app", "mount", "routes"]
+__all__ = ["add_routes", "create_app", "dashboard_routes", "mount", "mount_dashboard", "routes"]

@@ -5,6 +5,8 @@
     mount(app, service, StaticTokens.from_env())
 
 (or ``app.include_router(routes(service, tokens))``, or ``create_app(service, tokens)``).
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, a router).
 
 Each route's entry in ``/openapi.json`` is the one of
 :mod:`deepwork_retry.web.openapi` (the demo server serves the same document);
@@ -195,6 +197,67 @@ def mount(
     app.include_router(routes(service, authenticator, authorizer, prefix=prefix, tags=tags))
 
 
+def dashboard_routes(
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> APIRouter:
+    """An ``APIRouter`` serving the operator dashboard under ``prefix`` (the extra
+    ``dashboard``); include it in your app. Not in the OpenAPI document.
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
+    stream slots; ``options`` go to
+    :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
+    ``secure``). ``api_prefix`` is where the JSON API is mounted (the pages link to
+    none of its routes).
+    """
+    from deepwork_retry.web.dashboard import AsyncDashboard
+
+    api = async_api(service, authenticator, authorizer, adapter=__name__)
+    dashboard = AsyncDashboard(api, secret=secret, prefix=prefix, **options)
+    found = APIRouter()
+    # One plain route taking every path and method below the prefix: the
+    # dashboard answers all of them itself (its own 404 and 405 pages).
+    found.add_route(
+        catch_all_path(normalise_prefix(prefix)),
+        ApiEndpoint(dashboard),  # type: ignore[arg-type]  # Route takes an ASGI app too; the hint omits it
+        include_in_schema=False,
+        name="deepwork_dashboard",
+    )
+    return found
+
+
+def mount_dashboard(
+    app: FastAPI | APIRouter,
+    service: AsyncRetryService | AsyncRetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
+    app.include_router(
+        dashboard_routes(
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            **options,
+        )
+    )
+
+
 def create_app(
     service: AsyncRetryService | AsyncRetryAPI,
     authenticator: Authenticator | None = None,
@@ -234,8 +297,10 @@ __all__ = [
     "TaskResponse",
     "TasksPage",
     "create_app",
+    "dashboard_routes",
     "model",
     "mount",
+    "mount_dashboard",
     "router",
     "routes",
 ]

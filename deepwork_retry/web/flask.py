@@ -5,10 +5,14 @@ from deepwork_retry.web.flask import mount
 mount(app, service, StaticTokens.from_env())
 
 (or ``app.register_blueprint(routes(service, tokens))``, or ``create_app(service, tokens)``).
+
+The operator dashboard (the extra ``dashboard``) beside it, over the same API:
+``mount_dashboard(app, api, secret=...)`` (or ``dashboard_routes(...)``, a blueprint).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from deepwork_retry._sync.services import RetryService
@@ -20,6 +24,7 @@ from deepwork_retry.web._http import (
     ANY_PATH,
     DEFAULT_PREFIX,
     ApiRequest,
+    ApiResponse,
     content_type,
     error_response,
     normalise_prefix,
@@ -45,22 +50,8 @@ class AnyPathConverter(BaseConverter):
     part_isolating = False
 
 
-def routes(
-    service: RetryService | RetryAPI,
-    authenticator: Authenticator | None = None,
-    authorizer: Authorizer = may_retry,
-    *,
-    prefix: str = DEFAULT_PREFIX,
-    name: str = "deepwork_retry",
-) -> Blueprint:
-    """A blueprint serving the API under ``prefix``; register it on your app.
-
-    Its rules take the prefix and every path and method below it, so the API
-    answers all of them itself (JSON 404 and 405; Flask's automatic ``OPTIONS``
-    and HTML error pages never apply).
-    """
-    api = sync_api(service, authenticator, authorizer, adapter=__name__)
-    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+def _view(handle: Callable[[ApiRequest], ApiResponse]) -> Callable[..., Response]:
+    """The Flask view answering every request with ``handle`` (the API's or the dashboard's)."""
 
     def view(rest: str = "") -> Response:
         try:
@@ -68,7 +59,7 @@ def routes(
         except DeepworkError as exc:  # the body's framing: answered in JSON
             result = error_response(exc)
         else:
-            result = api.handle(
+            result = handle(
                 ApiRequest(
                     method=request.method,
                     path="/" + rest,
@@ -76,6 +67,7 @@ def routes(
                     query=parse_query(request.query_string),
                     body=body,
                     raw_path=wsgi_path_bytes(request.environ),
+                    scheme=request.scheme,  # wsgi.url_scheme (a ProxyFix the host set up sets it)
                 )
             )
         if result.stream is not None:
@@ -86,16 +78,22 @@ def routes(
         return Response(
             result.body,
             status=result.status,
-            headers=other_headers(result),
-            content_type=content_type(result),  # its own (HEAD of a stream), else JSON
+            headers=other_headers(result),  # a list: repeated headers (Set-Cookie) all kept
+            content_type=content_type(result),  # its own (HEAD of a stream, a page), else JSON
         )
+
+    return view
+
+
+def _catch_all(bp: Blueprint, view: Callable[..., Response], endpoint_name: str) -> None:
+    """Route the blueprint's prefix and every path and method below it to ``view``."""
 
     def register(state: BlueprintSetupState) -> None:
         # Rules built here rather than with add_url_rule, which always lists methods
-        # (and adds OPTIONS): methods=None lets every method through to the API.
+        # (and adds OPTIONS): methods=None lets every method through to the view.
         app = state.app
         app.url_map.converters.setdefault(ANY_PATH, AnyPathConverter)
-        endpoint = f"{state.name_prefix}.{state.name}.api".lstrip(".")
+        endpoint = f"{state.name_prefix}.{state.name}.{endpoint_name}".lstrip(".")
         base = (state.url_prefix or "").rstrip("/")
         paths = [base + "/<" + ANY_PATH + ":rest>"] + ([base] if base else [])
         for path in paths:
@@ -113,6 +111,25 @@ def routes(
         app.view_functions[endpoint] = view
 
     bp.record(register)
+
+
+def routes(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_retry",
+) -> Blueprint:
+    """A blueprint serving the API under ``prefix``; register it on your app.
+
+    Its rules take the prefix and every path and method below it, so the API
+    answers all of them itself (JSON 404 and 405; Flask's automatic ``OPTIONS``
+    and HTML error pages never apply).
+    """
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
+    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+    _catch_all(bp, _view(api.handle), "api")
     return bp
 
 
@@ -127,6 +144,63 @@ def mount(
 ) -> None:
     """Serve the API under ``prefix`` in ``app`` (a Flask application or blueprint)."""
     app.register_blueprint(routes(service, authenticator, authorizer, prefix=prefix, name=name))
+
+
+def dashboard_routes(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_dashboard",
+    **options: Any,
+) -> Blueprint:
+    """A blueprint serving the operator dashboard under ``prefix`` (the extra ``dashboard``).
+
+    ``service`` is a service (then ``authenticator`` is required) or the
+    :class:`RetryAPI` the JSON API already serves, so that both share its stream
+    slots; ``options`` go to :class:`~deepwork_retry.web.dashboard.Dashboard`
+    (``session_max_age``, ``secure``). ``api_prefix`` is where the JSON API is
+    mounted (the pages link to none of its routes). The dashboard checks its own
+    CSRF token on every form; the cookie is ``Secure`` when ``request.scheme`` is
+    https (behind a proxy: werkzeug's ``ProxyFix``, if you trust the proxy).
+    """
+    from deepwork_retry.web.dashboard import Dashboard
+
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
+    dashboard = Dashboard(api, secret=secret, prefix=prefix, **options)
+    bp = Blueprint(name, __name__, url_prefix=normalise_prefix(prefix) or None)
+    _catch_all(bp, _view(dashboard.handle), "dashboard")
+    return bp
+
+
+def mount_dashboard(
+    app: Flask | Blueprint,
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str = DEFAULT_PREFIX,
+    name: str = "deepwork_dashboard",
+    **options: Any,
+) -> None:
+    """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
+    app.register_blueprint(
+        dashboard_routes(
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            name=name,
+            **options,
+        )
+    )
 
 
 def create_app(
@@ -145,4 +219,4 @@ def create_app(
 
 blueprint = renamed(routes, "blueprint", __name__)
 
-__all__ = ["blueprint", "create_app", "mount", "routes"]
+__all__ = ["blueprint", "create_app", "dashboard_routes", "mount", "mount_dashboard", "routes"]

@@ -209,15 +209,24 @@ def _socket() -> socket.socket:
     return sock
 
 
+TLS = tuple[str, str]
+"""A certificate file and its key file, for a server that speaks HTTPS."""
+
+
 def serve_asgi(
-    app: Any, *, lifespan: Literal["auto", "on", "off"] = "off"
+    app: Any, *, lifespan: Literal["auto", "on", "off"] = "off", tls: TLS | None = None
 ) -> tuple[str, Callable[[], None]]:
     """Run ``app`` under uvicorn in a thread; returns its URL and a stop function."""
     import uvicorn
 
     sock = _socket()
     config = uvicorn.Config(
-        app, log_level="error", lifespan=lifespan, h11_max_incomplete_event_size=MAX_HEADER_BYTES
+        app,
+        log_level="error",
+        lifespan=lifespan,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -233,10 +242,14 @@ def serve_asgi(
         thread.join(10)
         sock.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+    return f"{_scheme(tls)}://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
-def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
+def _scheme(tls: TLS | None) -> str:
+    return "https" if tls else "http"
+
+
+def serve_wsgi_werkzeug(app: Any, *, tls: TLS | None = None) -> tuple[str, Callable[[], None]]:
     from werkzeug.serving import WSGIRequestHandler, make_server
 
     class TimedHandler(WSGIRequestHandler):
@@ -250,7 +263,9 @@ def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
                 super().log_error(format, *args)
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=TimedHandler)
+    server = make_server(
+        "127.0.0.1", 0, app, threaded=True, request_handler=TimedHandler, ssl_context=tls
+    )
     _no_delay(server.socket)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -260,7 +275,7 @@ def serve_wsgi_werkzeug(app: Any) -> tuple[str, Callable[[], None]]:
         server.server_close()
         thread.join(10)
 
-    return f"http://127.0.0.1:{server.socket.getsockname()[1]}", stop
+    return f"{_scheme(tls)}://127.0.0.1:{server.socket.getsockname()[1]}", stop
 
 
 def configure_django() -> None:
@@ -270,13 +285,15 @@ def configure_django() -> None:
     configure()
 
 
-def serve_django() -> tuple[str, Callable[[], None]]:
+def serve_django(*, tls: TLS | None = None) -> tuple[str, Callable[[], None]]:
     from django.core.handlers.wsgi import WSGIHandler
 
-    return serve_wsgi_werkzeug(WSGIHandler())
+    return serve_wsgi_werkzeug(WSGIHandler(), tls=tls)
 
 
-def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
+def serve_aiohttp(app: Any, *, tls: TLS | None = None) -> tuple[str, Callable[[], None]]:
+    import ssl
+
     from aiohttp import web
 
     loop = asyncio.new_event_loop()
@@ -288,7 +305,11 @@ def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
         # The access log on, so tests can check what it records (at INFO).
         runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        context = None
+        if tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+        await web.SockSite(runner, sock, ssl_context=context).start()
         return runner
 
     runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
@@ -300,7 +321,7 @@ def serve_aiohttp(app: Any) -> tuple[str, Callable[[], None]]:
         loop.close()
         sock.close()
 
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+    return f"{_scheme(tls)}://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
 def start_server(adapter: str, world: World) -> tuple[str, Callable[[], None]]:

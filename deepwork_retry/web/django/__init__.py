@@ -20,7 +20,11 @@ Or, instead of the ``API`` setting and the include, in your ``urls.py``::
     mount(urlpatterns, service, StaticTokens.from_env())
 
 As in every adapter, :func:`mount` adds the API to what you have and
-:func:`routes` builds the framework's own object (here, the URL patterns).
+:func:`routes` builds the framework's own object (here, the URL patterns);
+:func:`mount_dashboard` and :func:`dashboard_routes` do the same for the
+operator dashboard (the extra ``dashboard``)::
+
+    mount_dashboard(urlpatterns, api, secret=settings.DEEPWORK_DASHBOARD_SECRET)
 """
 
 from __future__ import annotations
@@ -74,12 +78,79 @@ def routes(prefix: str | None = None) -> list[Any]:
 
     from deepwork_retry.web.django.views import api_view
 
-    escaped = re.escape(normalise_prefix(_prefix() if prefix is None else prefix).lstrip("/"))
-    # Everything under the prefix, the prefix itself included (so that Django's
-    # APPEND_SLASH never redirects it to the API's own 404): ``rest`` is the path
-    # below the prefix. [\s\S] rather than ".": ids may contain newlines.
-    pattern = rf"^{escaped}(?:/(?P<rest>[\s\S]*))?\Z" if escaped else r"^(?P<rest>[\s\S]*)\Z"
-    return [re_path(pattern, api_view, name="api")]
+    return [re_path(_pattern(_prefix() if prefix is None else prefix), api_view, name="api")]
+
+
+def _pattern(prefix: str) -> str:
+    """The URL pattern of ``prefix`` and everything under it (``rest``: the path below).
+
+    The prefix itself matches too, so that Django's APPEND_SLASH never redirects
+    it; the rest is any characters, newlines included (ids may contain them).
+    """
+    escaped = re.escape(normalise_prefix(prefix).lstrip("/"))
+    return rf"^{escaped}(?:/(?P<rest>[\s\S]*))?\Z" if escaped else r"^(?P<rest>[\s\S]*)\Z"
+
+
+def dashboard_routes(
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str | None = None,
+    **options: Any,
+) -> list[Any]:
+    """The dashboard's URL pattern under ``prefix``, serving ``service`` (or its API).
+
+    ``secret`` signs its sessions and CSRF tokens (see
+    :class:`~deepwork_retry.web.dashboard.Dashboard`, which takes ``options``).
+    Its view is exempt from Django's CSRF middleware: the dashboard checks its own
+    token on every form. ``api_prefix`` is where the JSON API is served (default: the
+    ``PREFIX`` setting); the pages need no link to it.
+    """
+    from django.urls import re_path
+
+    from deepwork_retry.web.dashboard import Dashboard
+    from deepwork_retry.web.django.views import dashboard_view
+
+    del api_prefix  # the pages link to none of the API's routes
+    api = sync_api(service, authenticator, authorizer, adapter=__name__)
+    dashboard = Dashboard(api, secret=secret, prefix=prefix, **options)
+    return [re_path(_pattern(prefix), dashboard_view(dashboard), name="dashboard")]
+
+
+def mount_dashboard(
+    urlpatterns: list[Any],
+    service: RetryService | RetryAPI,
+    authenticator: Authenticator | None = None,
+    authorizer: Authorizer = may_retry,
+    *,
+    secret: str | bytes,
+    prefix: str = "/deep-work",
+    api_prefix: str | None = None,
+    **options: Any,
+) -> None:
+    """Serve the operator dashboard under ``prefix``, adding its URL pattern to ``urlpatterns``.
+
+    Give it the API you :func:`mount` (or the same service) so that both share
+    their event streams' bounds::
+
+        api = RetryAPI(service, tokens)
+        mount(urlpatterns, api)
+        mount_dashboard(urlpatterns, api, secret=settings.DEEPWORK_DASHBOARD_SECRET)
+    """
+    urlpatterns.extend(
+        dashboard_routes(
+            service,
+            authenticator,
+            authorizer,
+            secret=secret,
+            prefix=prefix,
+            api_prefix=api_prefix,
+            **options,
+        )
+    )
 
 
 def configure(
@@ -145,4 +216,13 @@ def get_api() -> RetryAPI:
         return found
 
 
-__all__ = ["SETTING", "configure", "get_api", "mount", "prefix", "routes"]
+__all__ = [
+    "SETTING",
+    "configure",
+    "dashboard_routes",
+    "get_api",
+    "mount",
+    "mount_dashboard",
+    "prefix",
+    "routes",
+]
