@@ -33,6 +33,7 @@ class Demo:
         self.token = values["TOKEN"]
         self.project_id = values["PROJECT_ID"]
         self.task_id = values["TASK_ID"]
+        self.dashboard = values.get("Dashboard", "")
         self.base = f"http://localhost:{port}/api/deep-work"
 
 
@@ -54,6 +55,8 @@ def _start(db: Path, port: int) -> Demo:
         for key in ("TOKEN", "PROJECT_ID", "TASK_ID"):
             if line.startswith(key + "="):
                 values[key] = line.strip().split("=", 1)[1]
+        if line.startswith("Dashboard: "):
+            values["Dashboard"] = line.split()[1]
         if "Uvicorn running on" in line:
             return Demo(proc, port, values)
     proc.kill()
