@@ -27,6 +27,7 @@ from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
+from deepwork_retry.web._http import MAX_BODY_BYTES
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
 from deepwork_retry.web.dashboard._common import Signer
 
@@ -1140,3 +1141,42 @@ def test_live_streams_count_against_the_principals_bound(world: World) -> None:
     again = client.get("/events", project_id=pid)
     assert again.status == 200
     again.stream.close()
+
+
+def test_a_form_larger_than_a_body_may_be_is_refused_whole(world: World, served: str) -> None:
+    """A server reads a body only up to the API's limit: a larger form must be refused
+    (413), never acted on as the part of it that was read."""
+    pid = project(world, fresh())
+    for tid in ("a", "b"):
+        failing(world, pid, tid, ValueError("v"))
+    with httpx.Client(base_url=served, timeout=10) as http:
+        assert server_login(http, ALICE).status_code == 303
+        page = http.get(P + "/")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf
+        form = [
+            ("csrf", csrf[1]),
+            ("key", "k"),
+            ("item", json.dumps([pid, "a"])),
+            ("note", "x" * (MAX_BODY_BYTES + 1024)),
+            ("item", json.dumps([pid, "b"])),
+        ]
+        answer = http.post(
+            P + "/bulk/apply",
+            content=urlencode(form).encode("ascii"),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert answer.status_code == 413
+        assert answer.headers["content-security-policy"] == CSP
+    for tid in ("a", "b"):
+        assert task_of(world, pid, tid).status.value == "blocked"
+    assert world.recorder.count(pid) == 0
+
+
+def test_a_form_over_the_body_limit_is_413(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "a", ValueError("v"))
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="a"))
+    answer = alice.post("/retry", {**fields, "reason": "r" * (MAX_BODY_BYTES + 1)})
+    assert answer.status == 413
+    assert task_of(world, pid, "a").status.value == "blocked"

@@ -21,7 +21,14 @@ from deepwork_retry._core.model import Progress
 from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.auth import Principal
 from deepwork_retry.exceptions import DeepworkError, missing_extra
-from deepwork_retry.web._http import ApiRequest, ApiResponse, BadRequestBody, normalise_prefix
+from deepwork_retry.web._http import (
+    MAX_BODY_BYTES,
+    ApiRequest,
+    ApiResponse,
+    BadRequestBody,
+    BodyTooLarge,
+    normalise_prefix,
+)
 
 try:
     import jinja2
@@ -40,7 +47,6 @@ MIN_SECRET_BYTES = 32
 MAX_COOKIE = 3800
 """The longest session cookie made: browsers keep cookies of up to 4096 bytes."""
 HTML = "text/html; charset=utf-8"
-MAX_FORM_BYTES = 256 * 1024
 MAX_BULK = 100
 """At most this many tasks in one bulk dry run or apply (the filter's first page)."""
 PAGE = 50
@@ -370,8 +376,11 @@ class Form:
 
 
 def parse_form(body: bytes) -> Form:
-    if len(body) > MAX_FORM_BYTES:
-        raise BadRequestBody("Form too large")
+    """The form ``body`` holds. One longer than the API's body limit is refused whole
+    (413): every adapter reads a body only up to one byte past that limit, so what
+    it hands over is then the start of the form, not the form."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BodyTooLarge
     try:
         text = body.decode("ascii")
     except UnicodeDecodeError:
@@ -448,6 +457,7 @@ ERROR_TITLES: Mapping[int, str] = {
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
+    413: "Request too large",
     422: "Invalid request",
     501: "Not available here",
     503: "Service unavailable",
