@@ -155,7 +155,9 @@ def _visible_page(
     At most :data:`OVERVIEW_ROUNDS` reads: a page may hold fewer rows than
     ``limit`` (even none) and still have a cursor; the list ends where the
     cursor is ``None``. Rows are never skipped: the cursor is the key of the
-    last row looked at and kept, or of the last row read.
+    last row kept, or, on a page that kept none, of the last row read. A page
+    that kept rows never ends on a hidden one: its cursor would carry that
+    row's key (a project the caller may not see) to the caller.
     """
     rows: list[_Row] = []
     cursor = after
@@ -171,7 +173,7 @@ def _visible_page(
         if more is None:
             return rows, None
         cursor = more
-    return rows, cursor
+    return rows, (key(rows[-1]) if rows else cursor)
 
 
 _Events = list[Event]
