@@ -25,10 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
+from deepwork_retry._core.inputs import parse_blocked_cursor
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
 from deepwork_retry.web._http import MAX_BODY_BYTES
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
+from deepwork_retry.web.dashboard._common import PAGE as PAGE_ROWS
 from deepwork_retry.web.dashboard._common import Signer
 
 SECRET = "s" * 40
@@ -1180,3 +1182,39 @@ def test_a_form_over_the_body_limit_is_413(world: World, alice: Client) -> None:
     answer = alice.post("/retry", {**fields, "reason": "r" * (MAX_BODY_BYTES + 1)})
     assert answer.status == 413
     assert task_of(world, pid, "a").status.value == "blocked"
+
+
+def cursors_of(page: str) -> list[tuple[str, str]]:
+    """The blocked-task cursors the page's links carry, decoded."""
+    found = []
+    for href in re.findall(r'href="([^"]+)"', page):
+        for name, value in parse_qsl(html.unescape(href).partition("?")[2]):
+            if name == "after":
+                found.append(parse_blocked_cursor(value))
+    return found
+
+
+def test_the_blocked_page_never_names_a_hidden_projects_tasks(world: World, client: Client) -> None:
+    """Bob's principal lists no projects (any), the authorizer keeps him to ``bob-*``:
+    the blocked page shows his tasks past a run of hidden ones, and its cursor never
+    carries a task it hid, filtered or not."""
+    before = project(world, fresh("a-"))
+    for i in range(PAGE_ROWS + 2):
+        failing(world, before, f"t{i:02d}", ValueError("v"))
+    mine = project(world, fresh("bob-"))
+    failing(world, mine, "mine", ValueError("v"))
+    after = project(world, fresh("c-"))
+    for i in range(5 * PAGE_ROWS):
+        failing(world, after, f"t{i:03d}", ValueError("v"))
+    client.login(BOB)
+    for hidden in (before, after):
+        named = text(client.get("/blocked", project_id=hidden))
+        assert 'data-task-id="' not in named
+        assert 'rel="next"' not in named
+    every = text(client.get("/blocked"))
+    assert f'data-project-id="{mine}" data-task-id="mine"' in every
+    assert {p for p, _ in cursors_of(every)} <= {mine}
+    preview = text(client.post("/bulk/preview", {"csrf": csrf_of(client.get("/blocked"))}))
+    assert f'data-project-id="{mine}" data-task-id="mine"' in preview
+    assert before not in preview
+    assert after not in preview

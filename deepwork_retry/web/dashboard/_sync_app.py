@@ -35,6 +35,7 @@ from deepwork_retry.web._http import (
     normalise_prefix,
 )
 from deepwork_retry.web._sync_api import RetryAPI
+from deepwork_retry.web._sync_api import _visible_page as visible_page
 from deepwork_retry.web.dashboard._common import (
     ERROR_TITLES,
     FLASHES,
@@ -348,14 +349,28 @@ class Dashboard:
         after: tuple[str, str] | None = None,
         limit: int,
     ) -> tuple[list[Task], tuple[str, str] | None]:
-        tasks, next_after = self.api.service.blocked_across(
-            scope=principal.projects,
-            project_id=project_id,
-            error_type=error_type,
-            after=after,
-            limit=limit,
+        """A page of the blocked tasks ``principal`` may see, as the API's ``GET /blocked``
+        reads it: a project the authorizer refuses gives an empty page, and the
+        cursor never names a task it hid."""
+        if project_id is not None and not self._may(principal, project_id):
+            return [], None
+
+        def read(at: tuple[str, str] | None) -> tuple[list[Task], tuple[str, str] | None]:
+            return self.api.service.blocked_across(
+                scope=principal.projects,
+                project_id=project_id,
+                error_type=error_type,
+                after=at,
+                limit=limit,
+            )
+
+        return visible_page(
+            read,
+            after,
+            limit,
+            lambda t: self._may(principal, t.project_id),
+            lambda t: (t.project_id, t.id),
         )
-        return [t for t in tasks if self._may(principal, t.project_id)], next_after
 
     # -- pages ------------------------------------------------------------------------------
     def _projects_page(self, request: ApiRequest, session: Session) -> ApiResponse:
