@@ -12,6 +12,7 @@ import asyncio
 import html
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -1218,3 +1219,43 @@ def test_the_blocked_page_never_names_a_hidden_projects_tasks(world: World, clie
     assert f'data-project-id="{mine}" data-task-id="mine"' in preview
     assert before not in preview
     assert after not in preview
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_live_stream_ends_when_its_session_does(world: World, kind: str) -> None:
+    """A stream is authenticated once, when it opens: it must not outlive the session
+    (the only way a session ends), or an expired, stolen or withdrawn session would
+    keep reading the project's events."""
+    api: Any = sync_api(world) if kind == "sync" else async_api(world)
+    inner = Dashboard(api, secret=SECRET, prefix=P) if kind == "sync" else None
+    dashboard = inner or AsyncDriven(AsyncDashboard(api, secret=SECRET, prefix=P))
+    client = Client(dashboard)
+    pid = project(world, fresh())
+    signer = Signer(SECRET)
+    client.cookies["deepwork_session"] = signer.session_cookie(Principal(id="alice"), 1.5)
+    opened = client.get("/events", project_id=pid)
+    assert opened.status == 200
+    stream = opened.stream
+    assert stream is not None
+    done = threading.Event()
+
+    def drain() -> None:
+        if kind == "sync":
+            for _ in stream:
+                pass
+        else:
+
+            async def run() -> None:
+                async for _ in stream:
+                    pass
+
+            asyncio.run(run())
+        done.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert done.wait(30), "the stream went on after its session ended"
+    finally:
+        api.close_streams()
+        reader.join(10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,7 +163,6 @@ class AsyncDashboard:
             return self._logout(request, session)
         if session is None:
             raise NoSession
-        principal = session.principal
         if method == "POST":
             form = parse_form(request.body)
             if not self.signer.csrf_ok(session.nonce, form.get("csrf")):
@@ -173,7 +173,7 @@ class AsyncDashboard:
                 return await self._bulk_preview(request, session, form)
             return await self._bulk_apply(request, session, form)
         if path == "/events":
-            return await self._events(request, principal)
+            return await self._events(request, session)
         if path == "/task":
             return await self._task_page(request, session)
         if path == "/project":
@@ -549,14 +549,21 @@ class AsyncDashboard:
         return self._page(request, session, "bulk_result.html", **context)
 
     # -- live updates ------------------------------------------------------------------------------
-    async def _events(self, request: ApiRequest, principal: Principal) -> ApiResponse:
+    async def _events(self, request: ApiRequest, session: Session) -> ApiResponse:
+        """The API's event stream of the project, for the session's principal, ending
+        when the session does (a stream is authenticated only when it opens)."""
         values = query_values(request, required=("project_id",), optional=("after",))
         project_id = values["project_id"]
         below = attrs.evolve(
             request,
             query=[(k, v) for k, v in values.items() if k != "project_id"],
         )
-        answer = await self.api.events_for(principal, project_id, below)
+        answer = await self.api.events_for(
+            session.principal,
+            project_id,
+            below,
+            lifetime=max(session.expires - time.time(), 0.001),
+        )
         if answer.status >= 400:
             return self._error(request, answer_error(answer))
         return attrs.evolve(answer, headers=(*answer.headers, *SECURITY_HEADERS))

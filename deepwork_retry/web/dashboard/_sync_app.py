@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -163,7 +164,6 @@ class Dashboard:
             return self._logout(request, session)
         if session is None:
             raise NoSession
-        principal = session.principal
         if method == "POST":
             form = parse_form(request.body)
             if not self.signer.csrf_ok(session.nonce, form.get("csrf")):
@@ -174,7 +174,7 @@ class Dashboard:
                 return self._bulk_preview(request, session, form)
             return self._bulk_apply(request, session, form)
         if path == "/events":
-            return self._events(request, principal)
+            return self._events(request, session)
         if path == "/task":
             return self._task_page(request, session)
         if path == "/project":
@@ -544,14 +544,21 @@ class Dashboard:
         return self._page(request, session, "bulk_result.html", **context)
 
     # -- live updates ------------------------------------------------------------------------------
-    def _events(self, request: ApiRequest, principal: Principal) -> ApiResponse:
+    def _events(self, request: ApiRequest, session: Session) -> ApiResponse:
+        """The API's event stream of the project, for the session's principal, ending
+        when the session does (a stream is authenticated only when it opens)."""
         values = query_values(request, required=("project_id",), optional=("after",))
         project_id = values["project_id"]
         below = attrs.evolve(
             request,
             query=[(k, v) for k, v in values.items() if k != "project_id"],
         )
-        answer = self.api.events_for(principal, project_id, below)
+        answer = self.api.events_for(
+            session.principal,
+            project_id,
+            below,
+            lifetime=max(session.expires - time.time(), 0.001),
+        )
         if answer.status >= 400:
             return self._error(request, answer_error(answer))
         return attrs.evolve(answer, headers=(*answer.headers, *SECURITY_HEADERS))
