@@ -1259,3 +1259,23 @@ def test_a_live_stream_ends_when_its_session_does(world: World, kind: str) -> No
     finally:
         api.close_streams()
         reader.join(10)
+
+
+def test_a_bulk_apply_form_always_fits_in_one_request(world: World, alice: Client) -> None:
+    """Ids that must be percent-encoded make long items: the dry run's form carries as
+    many as one request may hold (a longer one is refused whole), and says so."""
+    pid = project(world, "é" * 200 + fresh())
+    for i in range(100):
+        failing(world, pid, f"{i:03d}" + "ü" * 200, ValueError("v"))
+    preview = alice.post("/bulk/preview", {"csrf": alice.csrf("/blocked"), "project_id": pid})
+    assert preview.status == 200
+    form = apply_form(preview)
+    offered = [json.loads(v) for n, v in form if n == "item"]
+    assert 0 < len(offered) < 100
+    assert 'id="bulk-more"' in text(preview)
+    assert f"Retry these {len(offered)} tasks" in text(preview)
+    fields = [*form, ("budget", "one_more"), ("reason", "ř" * 2000)]
+    assert len(urlencode(fields).encode("ascii")) <= MAX_BODY_BYTES
+    result = alice.post("/bulk/apply", fields)
+    assert result.status == 200
+    assert text(result).count('<li class="retried"') == len(offered)

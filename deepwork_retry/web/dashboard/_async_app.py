@@ -65,6 +65,7 @@ from deepwork_retry.web.dashboard._common import (
     fresh_key,
     html_response,
     is_htmx,
+    items_that_fit,
     load_static,
     not_modified,
     parse_form,
@@ -509,8 +510,11 @@ class AsyncDashboard:
                     task.project_id
                 )
             verdicts.append((task, can_retry(task, project)))
+        allowed = [(task, check) for task, check in verdicts if check.allowed]
+        fit = items_that_fit([(task.project_id, task.id) for task, _ in allowed])
         context: dict[str, Any] = {
             "verdicts": verdicts,
+            "offered": allowed[:fit],
             "project_id": project_id or "",
             "error_type": error_type or "",
             "bulk_key": fresh_key(),

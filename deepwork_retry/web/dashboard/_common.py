@@ -165,6 +165,23 @@ def bulk_item(project_id: str, task_id: str) -> str:
     return json.dumps([project_id, task_id], ensure_ascii=True)
 
 
+FORM_RESERVE = 24 * 1024
+"""Bytes of a bulk apply form kept for its other fields: the CSRF token, the key, the
+budget and a reason of up to 2000 characters, whatever they are once percent-encoded."""
+
+
+def items_that_fit(items: list[tuple[str, str]]) -> int:
+    """How many of ``items``, from the first, one bulk apply form can carry: a form
+    longer than the API's body limit is refused (see :func:`parse_form`), and ids
+    that must be percent-encoded (up to nine bytes a character) make long items."""
+    room = MAX_BODY_BYTES - FORM_RESERVE
+    for count, (project_id, task_id) in enumerate(items):
+        room -= len(urlencode([("item", bulk_item(project_id, task_id))])) + 1
+        if room < 0:
+            return count
+    return len(items)
+
+
 def parse_items(values: list[str]) -> list[tuple[str, str]]:
     """The tasks of a bulk apply form (at most :data:`MAX_BULK`, without repeats)."""
     if len(values) > MAX_BULK:
