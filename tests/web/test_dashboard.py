@@ -1279,3 +1279,23 @@ def test_a_bulk_apply_form_always_fits_in_one_request(world: World, alice: Clien
     result = alice.post("/bulk/apply", fields)
     assert result.status == 200
     assert text(result).count('<li class="retried"') == len(offered)
+
+
+def test_a_shortened_session_max_age_ends_the_older_sessions(world: World) -> None:
+    """A cookie carries the expiry it was signed with: a server restarted with a shorter
+    ``session_max_age`` must still end the sessions older than that."""
+    old = Signer(SECRET).session_cookie(Principal(id="alice"), 8 * 3600, now=time.time() - 7200)
+    for dashboard in (
+        Dashboard(sync_api(world), secret=SECRET, prefix=P, session_max_age=3600),
+        AsyncDriven(
+            AsyncDashboard(async_api(world), secret=SECRET, prefix=P, session_max_age=3600)
+        ),
+    ):
+        client = Client(dashboard)
+        client.cookies["deepwork_session"] = old
+        page = client.get("/")
+        assert page.status == 303
+        assert header(page, "location") == P + "/login"
+    longer = Client(Dashboard(sync_api(world), secret=SECRET, prefix=P))
+    longer.cookies["deepwork_session"] = old
+    assert longer.get("/").status == 200

@@ -184,7 +184,8 @@ class AsyncDashboard:
         return await self._projects_page(request, session)
 
     def _session(self, request: ApiRequest) -> Session | None:
-        return self.signer.session(cookies(request.headers).get(SESSION_COOKIE))
+        cookie = cookies(request.headers).get(SESSION_COOKIE)
+        return self.signer.session(cookie, max_age=self.session_max_age)
 
     def _secure(self, request: ApiRequest) -> bool:
         return self.secure if self.secure is not None else request.scheme == "https"

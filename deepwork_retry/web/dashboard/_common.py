@@ -316,8 +316,16 @@ class Signer:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
         return _b64(body) + "." + _b64(self._mac(body))
 
-    def session(self, cookie: str | None, now: float | None = None) -> Session | None:
-        """The session ``cookie`` holds, or ``None`` when it is missing, altered or expired."""
+    def session(
+        self, cookie: str | None, now: float | None = None, *, max_age: float | None = None
+    ) -> Session | None:
+        """The session ``cookie`` holds, or ``None`` when it is missing, altered or expired.
+
+        ``max_age``: the longest a session may last now. A cookie carries the expiry
+        it was given when signed, so a server whose ``session_max_age`` was since
+        shortened ends the sessions older than that too (the session's ``expires``
+        is the earlier of the two).
+        """
         if not cookie or cookie.count(".") != 1 or len(cookie) > 16384:
             return None
         body_text, mac_text = cookie.split(".")
@@ -339,6 +347,8 @@ class Signer:
             )
         except (ValueError, KeyError, TypeError):
             return None
+        if max_age is not None and session.issued + int(max_age) < session.expires:
+            session = attrs.evolve(session, expires=session.issued + int(max_age))
         if (time.time() if now is None else now) >= session.expires:
             return None
         return session
