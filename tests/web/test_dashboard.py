@@ -31,8 +31,8 @@ from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
 from deepwork_retry.web._http import MAX_BODY_BYTES
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
+from deepwork_retry.web.dashboard._common import MAX_PROJECTS, Signer
 from deepwork_retry.web.dashboard._common import PAGE as PAGE_ROWS
-from deepwork_retry.web.dashboard._common import Signer
 
 SECRET = "s" * 40
 P = "/deep-work"
@@ -1299,3 +1299,43 @@ def test_a_shortened_session_max_age_ends_the_older_sessions(world: World) -> No
     longer = Client(Dashboard(sync_api(world), secret=SECRET, prefix=P))
     longer.cookies["deepwork_session"] = old
     assert longer.get("/").status == 200
+
+
+def test_a_page_of_projects_reads_the_storage_a_bounded_number_of_times(
+    world: World,
+) -> None:
+    """Bob's principal lists no projects (any) and the authorizer hides all but his: the
+    projects page and the blocked page read a bounded part of the storage, however many
+    projects it holds, and the projects page says its list is not whole."""
+    for i in range(MAX_PROJECTS + 50):
+        world.executor.create_project(f"a-{i:05d}")
+    mine = project(world, fresh("bob-"))
+    api = sync_api(world)
+    reads: list[int] = []
+    real = api.service.projects
+
+    def counted(**kwargs: Any) -> Any:
+        reads.append(kwargs["limit"])
+        return real(**kwargs)
+
+    api.service.projects = counted  # type: ignore[method-assign]
+    client = Client(Dashboard(api, secret=SECRET, prefix=P))
+    client.login(BOB)
+    page = text(client.get("/"))
+    assert sum(reads) <= MAX_PROJECTS
+    assert 'id="projects-more"' in page
+    assert mine not in page
+    reads.clear()
+    assert client.get("/blocked").status == 200
+    assert sum(reads) <= MAX_PROJECTS
+    # Alice sees every project: the first MAX_PROJECTS, and that the list goes on.
+    alice = Client(Dashboard(api, secret=SECRET, prefix=P))
+    alice.login(ALICE)
+    listed = text(alice.get("/"))
+    assert listed.count("<tr data-project-id=") == MAX_PROJECTS
+    assert 'id="projects-more"' in listed
+
+
+def test_a_whole_list_of_projects_says_nothing_more(world: World, alice: Client) -> None:
+    project(world, fresh())
+    assert 'id="projects-more"' not in text(alice.get("/"))

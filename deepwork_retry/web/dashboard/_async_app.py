@@ -45,6 +45,7 @@ from deepwork_retry.web.dashboard._common import (
     MAX_COOKIE,
     MAX_PROJECTS,
     PAGE,
+    PROJECT_READS,
     SECURITY_HEADERS,
     SESSION_COOKIE,
     Answered,
@@ -327,19 +328,23 @@ class AsyncDashboard:
         if not self._may(principal, project_id):
             raise ProjectNotFound(project_id[:255])
 
-    async def _summaries(self, principal: Principal) -> list[ProjectSummary]:
+    async def _summaries(self, principal: Principal) -> tuple[list[ProjectSummary], bool]:
         """The projects ``principal`` may see (at most :data:`MAX_PROJECTS`), each with
-        its progress: the storage is given its scope, then the authorizer decides."""
+        its progress: the storage is given its scope, then the authorizer decides.
+
+        At most :data:`PROJECT_READS` pages of the storage are read, however few of
+        their rows the authorizer keeps; the flag says whether the list is whole.
+        """
         found: list[ProjectSummary] = []
         after: str | None = None
-        while len(found) < MAX_PROJECTS:
+        for _ in range(PROJECT_READS):
             page, after = await self.api.service.projects(
-                scope=principal.projects, after=after, limit=100
+                scope=principal.projects, after=after, limit=MAX_PROJECTS // PROJECT_READS
             )
             found += [s for s in page if self._may(principal, s.project.id)]
-            if after is None:
+            if after is None or len(found) >= MAX_PROJECTS:
                 break
-        return found[:MAX_PROJECTS]
+        return found[:MAX_PROJECTS], after is None and len(found) <= MAX_PROJECTS
 
     async def _blocked_tasks(
         self,
@@ -376,13 +381,14 @@ class AsyncDashboard:
     # -- pages ------------------------------------------------------------------------------
     async def _projects_page(self, request: ApiRequest, session: Session) -> ApiResponse:
         query_values(request)
+        summaries, whole = await self._summaries(session.principal)
         rows = [
             {"project": s.project, "progress": s.progress, "statuses": statuses(s.progress)}
-            for s in await self._summaries(session.principal)
+            for s in summaries
         ]
         if is_htmx(request):
-            return html_response(200, self._render("_projects_table.html", rows=rows))
-        return self._page(request, session, "projects.html", rows=rows)
+            return html_response(200, self._render("_projects_table.html", rows=rows, whole=whole))
+        return self._page(request, session, "projects.html", rows=rows, whole=whole)
 
     async def _project_page(self, request: ApiRequest, session: Session) -> ApiResponse:
         values = query_values(request, required=("project_id",))
@@ -414,7 +420,7 @@ class AsyncDashboard:
         tasks, next_after = await self._blocked_tasks(
             principal, project_id=project_id, error_type=error_type, after=after, limit=PAGE
         )
-        projects = [s.project for s in await self._summaries(principal)]
+        projects = [s.project for s in (await self._summaries(principal))[0]]
         return self._page(
             request,
             session,

@@ -53,6 +53,10 @@ PAGE = 50
 """Rows of a page of blocked tasks."""
 MAX_PROJECTS = 1000
 """At most this many projects on the projects page and in the filter's list."""
+PROJECT_READS = 10
+"""At most this many reads of the storage's projects for one page (of
+``MAX_PROJECTS // PROJECT_READS`` each), however many the authorizer hides: a page's
+cost stays bounded with many projects (give such principals ``Principal.projects``)."""
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
