@@ -155,7 +155,9 @@ def _visible_page(
     At most :data:`OVERVIEW_ROUNDS` reads: a page may hold fewer rows than
     ``limit`` (even none) and still have a cursor; the list ends where the
     cursor is ``None``. Rows are never skipped: the cursor is the key of the
-    last row looked at and kept, or of the last row read.
+    last row kept, or, on a page that kept none, of the last row read. A page
+    that kept rows never ends on a hidden one: its cursor would carry that
+    row's key (a project the caller may not see) to the caller.
     """
     rows: list[_Row] = []
     cursor = after
@@ -171,7 +173,7 @@ def _visible_page(
         if more is None:
             return rows, None
         cursor = more
-    return rows, cursor
+    return rows, (key(rows[-1]) if rows else cursor)
 
 
 _Events = list[Event]
@@ -203,6 +205,7 @@ class EventStream:
         first: _Events,
         read: _ReadEvents,
         release: Callable[[], None],
+        lifetime: float | None = None,
     ) -> None:
         self.api = api
         self.project_id = project_id
@@ -214,6 +217,9 @@ class EventStream:
         self._read_events = read
         self._release = release
         self._started = time.monotonic()
+        limits = [t for t in (api.streams.max_lifetime, lifetime) if t is not None]
+        self._lifetime = min(limits) if limits else None
+        """Seconds after which the stream ends by itself (``None``: never)."""
         self._frames = self._run()
 
     def __iter__(self) -> EventStream:
@@ -231,15 +237,11 @@ class EventStream:
         close_iterator(self._frames)
 
     def _ending(self) -> bool:
-        options = self.api.streams
         return (
             self.closed
             or self.api.streams_closing
             or (self.disconnected is not None and self.disconnected())
-            or (
-                options.max_lifetime is not None
-                and time.monotonic() - self._started >= options.max_lifetime
-            )
+            or (self._lifetime is not None and time.monotonic() - self._started >= self._lifetime)
         )
 
     def _run(self) -> Iterator[bytes]:
@@ -583,23 +585,39 @@ class RetryAPI:
         return respond(200, bulk_json(result))
 
     # -- the event stream -----------------------------------------------------------------
-    def events_for(self, principal: Principal, project_id: str, request: ApiRequest) -> ApiResponse:
+    def events_for(
+        self,
+        principal: Principal,
+        project_id: str,
+        request: ApiRequest,
+        *,
+        lifetime: float | None = None,
+    ) -> ApiResponse:
         """The events route's answer for a caller already authenticated as ``principal``.
 
         The same stream, bound and slots as ``GET .../events`` (the operator
         dashboard's live updates open theirs here with a session's principal):
         the authorizer decides (a refusal is ``404 Project not found``), then
         ``request``'s ``Last-Event-ID`` or ``?after=`` says where to resume.
+        ``lifetime``: seconds after which this stream ends by itself, sooner
+        than ``StreamOptions.max_lifetime`` (what is left of a session, say:
+        the client then reconnects, and is asked to sign in again).
         Never raises: an error is its response from the error table.
         """
         try:
             if not self.authorizer(principal, project_id):
                 raise ProjectNotFound(project_id[:255])
-            return self._events(principal, project_id, request)
+            return self._events(principal, project_id, request, lifetime)
         except Exception as exc:  # noqa: BLE001 - every error becomes a JSON response
             return error_response(exc)
 
-    def _events(self, principal: Principal, project_id: str, request: ApiRequest) -> ApiResponse:
+    def _events(
+        self,
+        principal: Principal,
+        project_id: str,
+        request: ApiRequest,
+        lifetime: float | None = None,
+    ) -> ApiResponse:
         after = resume_after(request.headers, request.query)
         read: _ReadEvents | None = getattr(self.service.storage, "events", None)
         if read is None:
@@ -615,7 +633,15 @@ class RetryAPI:
         if request.method == "HEAD":
             release()
             return ApiResponse(status=200, body=b"", headers=STREAM_HEADERS)
-        stream = EventStream(self, project_id, after=after, first=first, read=read, release=release)
+        stream = EventStream(
+            self,
+            project_id,
+            after=after,
+            first=first,
+            read=read,
+            release=release,
+            lifetime=lifetime,
+        )
         return ApiResponse(status=200, body=b"", headers=STREAM_HEADERS, stream=stream)
 
     # -- reads across projects --------------------------------------------------------------

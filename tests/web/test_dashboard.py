@@ -12,6 +12,7 @@ import asyncio
 import html
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,10 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web_harness import ALICE, BOB, FAULT, STREAMS, World, authorize, serve_asgi
 
+from deepwork_retry._core.inputs import parse_blocked_cursor
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.web import ApiRequest, ApiResponse, AsyncRetryAPI, RetryAPI
+from deepwork_retry.web._http import MAX_BODY_BYTES
 from deepwork_retry.web.dashboard import CSP, AsyncDashboard, Dashboard, ShortSecret
-from deepwork_retry.web.dashboard._common import Signer
+from deepwork_retry.web.dashboard._common import MAX_PROJECTS, Signer
+from deepwork_retry.web.dashboard._common import PAGE as PAGE_ROWS
 
 SECRET = "s" * 40
 P = "/deep-work"
@@ -1140,3 +1144,198 @@ def test_live_streams_count_against_the_principals_bound(world: World) -> None:
     again = client.get("/events", project_id=pid)
     assert again.status == 200
     again.stream.close()
+
+
+def test_a_form_larger_than_a_body_may_be_is_refused_whole(world: World, served: str) -> None:
+    """A server reads a body only up to the API's limit: a larger form must be refused
+    (413), never acted on as the part of it that was read."""
+    pid = project(world, fresh())
+    for tid in ("a", "b"):
+        failing(world, pid, tid, ValueError("v"))
+    with httpx.Client(base_url=served, timeout=10) as http:
+        assert server_login(http, ALICE).status_code == 303
+        page = http.get(P + "/")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf
+        form = [
+            ("csrf", csrf[1]),
+            ("key", "k"),
+            ("item", json.dumps([pid, "a"])),
+            ("note", "x" * (MAX_BODY_BYTES + 1024)),
+            ("item", json.dumps([pid, "b"])),
+        ]
+        answer = http.post(
+            P + "/bulk/apply",
+            content=urlencode(form).encode("ascii"),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert answer.status_code == 413
+        assert answer.headers["content-security-policy"] == CSP
+    for tid in ("a", "b"):
+        assert task_of(world, pid, tid).status.value == "blocked"
+    assert world.recorder.count(pid) == 0
+
+
+def test_a_form_over_the_body_limit_is_413(world: World, alice: Client) -> None:
+    pid = project(world, fresh())
+    failing(world, pid, "a", ValueError("v"))
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="a"))
+    answer = alice.post("/retry", {**fields, "reason": "r" * (MAX_BODY_BYTES + 1)})
+    assert answer.status == 413
+    assert task_of(world, pid, "a").status.value == "blocked"
+
+
+def cursors_of(page: str) -> list[tuple[str, str]]:
+    """The blocked-task cursors the page's links carry, decoded."""
+    found = []
+    for href in re.findall(r'href="([^"]+)"', page):
+        for name, value in parse_qsl(html.unescape(href).partition("?")[2]):
+            if name == "after":
+                found.append(parse_blocked_cursor(value))
+    return found
+
+
+def test_the_blocked_page_never_names_a_hidden_projects_tasks(world: World, client: Client) -> None:
+    """Bob's principal lists no projects (any), the authorizer keeps him to ``bob-*``:
+    the blocked page shows his tasks past a run of hidden ones, and its cursor never
+    carries a task it hid, filtered or not."""
+    before = project(world, fresh("a-"))
+    for i in range(PAGE_ROWS + 2):
+        failing(world, before, f"t{i:02d}", ValueError("v"))
+    mine = project(world, fresh("bob-"))
+    failing(world, mine, "mine", ValueError("v"))
+    after = project(world, fresh("c-"))
+    for i in range(5 * PAGE_ROWS):
+        failing(world, after, f"t{i:03d}", ValueError("v"))
+    client.login(BOB)
+    for hidden in (before, after):
+        named = text(client.get("/blocked", project_id=hidden))
+        assert 'data-task-id="' not in named
+        assert 'rel="next"' not in named
+    every = text(client.get("/blocked"))
+    assert f'data-project-id="{mine}" data-task-id="mine"' in every
+    assert {p for p, _ in cursors_of(every)} <= {mine}
+    preview = text(client.post("/bulk/preview", {"csrf": csrf_of(client.get("/blocked"))}))
+    assert f'data-project-id="{mine}" data-task-id="mine"' in preview
+    assert before not in preview
+    assert after not in preview
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_live_stream_ends_when_its_session_does(world: World, kind: str) -> None:
+    """A stream is authenticated once, when it opens: it must not outlive the session
+    (the only way a session ends), or an expired, stolen or withdrawn session would
+    keep reading the project's events."""
+    api: Any = sync_api(world) if kind == "sync" else async_api(world)
+    inner = Dashboard(api, secret=SECRET, prefix=P) if kind == "sync" else None
+    dashboard = inner or AsyncDriven(AsyncDashboard(api, secret=SECRET, prefix=P))
+    client = Client(dashboard)
+    pid = project(world, fresh())
+    signer = Signer(SECRET)
+    client.cookies["deepwork_session"] = signer.session_cookie(Principal(id="alice"), 1.5)
+    opened = client.get("/events", project_id=pid)
+    assert opened.status == 200
+    stream = opened.stream
+    assert stream is not None
+    done = threading.Event()
+
+    def drain() -> None:
+        if kind == "sync":
+            for _ in stream:
+                pass
+        else:
+
+            async def run() -> None:
+                async for _ in stream:
+                    pass
+
+            asyncio.run(run())
+        done.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert done.wait(30), "the stream went on after its session ended"
+    finally:
+        api.close_streams()
+        reader.join(10)
+
+
+def test_a_bulk_apply_form_always_fits_in_one_request(world: World, alice: Client) -> None:
+    """Ids that must be percent-encoded make long items: the dry run's form carries as
+    many as one request may hold (a longer one is refused whole), and says so."""
+    pid = project(world, "é" * 200 + fresh())
+    for i in range(100):
+        failing(world, pid, f"{i:03d}" + "ü" * 200, ValueError("v"))
+    preview = alice.post("/bulk/preview", {"csrf": alice.csrf("/blocked"), "project_id": pid})
+    assert preview.status == 200
+    form = apply_form(preview)
+    offered = [json.loads(v) for n, v in form if n == "item"]
+    assert 0 < len(offered) < 100
+    assert 'id="bulk-more"' in text(preview)
+    assert f"Retry these {len(offered)} tasks" in text(preview)
+    fields = [*form, ("budget", "one_more"), ("reason", "ř" * 2000)]
+    assert len(urlencode(fields).encode("ascii")) <= MAX_BODY_BYTES
+    result = alice.post("/bulk/apply", fields)
+    assert result.status == 200
+    assert text(result).count('<li class="retried"') == len(offered)
+
+
+def test_a_shortened_session_max_age_ends_the_older_sessions(world: World) -> None:
+    """A cookie carries the expiry it was signed with: a server restarted with a shorter
+    ``session_max_age`` must still end the sessions older than that."""
+    old = Signer(SECRET).session_cookie(Principal(id="alice"), 8 * 3600, now=time.time() - 7200)
+    for dashboard in (
+        Dashboard(sync_api(world), secret=SECRET, prefix=P, session_max_age=3600),
+        AsyncDriven(
+            AsyncDashboard(async_api(world), secret=SECRET, prefix=P, session_max_age=3600)
+        ),
+    ):
+        client = Client(dashboard)
+        client.cookies["deepwork_session"] = old
+        page = client.get("/")
+        assert page.status == 303
+        assert header(page, "location") == P + "/login"
+    longer = Client(Dashboard(sync_api(world), secret=SECRET, prefix=P))
+    longer.cookies["deepwork_session"] = old
+    assert longer.get("/").status == 200
+
+
+def test_a_page_of_projects_reads_the_storage_a_bounded_number_of_times(
+    world: World,
+) -> None:
+    """Bob's principal lists no projects (any) and the authorizer hides all but his: the
+    projects page and the blocked page read a bounded part of the storage, however many
+    projects it holds, and the projects page says its list is not whole."""
+    for i in range(MAX_PROJECTS + 50):
+        world.executor.create_project(f"a-{i:05d}")
+    mine = project(world, fresh("bob-"))
+    api = sync_api(world)
+    reads: list[int] = []
+    real = api.service.projects
+
+    def counted(**kwargs: Any) -> Any:
+        reads.append(kwargs["limit"])
+        return real(**kwargs)
+
+    api.service.projects = counted  # type: ignore[method-assign]
+    client = Client(Dashboard(api, secret=SECRET, prefix=P))
+    client.login(BOB)
+    page = text(client.get("/"))
+    assert sum(reads) <= MAX_PROJECTS
+    assert 'id="projects-more"' in page
+    assert mine not in page
+    reads.clear()
+    assert client.get("/blocked").status == 200
+    assert sum(reads) <= MAX_PROJECTS
+    # Alice sees every project: the first MAX_PROJECTS, and that the list goes on.
+    alice = Client(Dashboard(api, secret=SECRET, prefix=P))
+    alice.login(ALICE)
+    listed = text(alice.get("/"))
+    assert listed.count("<tr data-project-id=") == MAX_PROJECTS
+    assert 'id="projects-more"' in listed
+
+
+def test_a_whole_list_of_projects_says_nothing_more(world: World, alice: Client) -> None:
+    project(world, fresh())
+    assert 'id="projects-more"' not in text(alice.get("/"))

@@ -339,3 +339,34 @@ def test_a_page_the_authorizer_thins_still_goes_on_to_the_end(path: str, interle
         assert bobs == seen, limit
         if interleaved:  # each page full but the last
             assert pages == len(bobs) // limit + 1, (limit, pages)
+
+
+def test_a_page_that_kept_rows_never_ends_on_a_hidden_one() -> None:
+    """A page that ran out of reads after keeping some rows goes on from the last row it
+    kept: its cursor never carries the key of a row the authorizer hid."""
+    from deepwork_retry import ExecutorService
+
+    storage = MemoryStorage()
+    ex = ExecutorService(storage)
+    tasks = {"bob-1": ["t"], "c-hidden": [f"t{i:02}" for i in range(30)]}
+    for pid, tids in tasks.items():
+        ex.create_project(pid)
+        for tid in tids:
+            ex.add_task(pid, tid, max_retries=0)
+            token = ex.assign(pid, tid).task.attempt
+            ex.start(pid, tid, token)
+            ex.fail(pid, tid, token, TaskError(type="E", retryable=False))
+
+    def bob_sees(principal: Principal, project_id: str) -> bool:
+        return "bob" in project_id
+
+    api = RetryAPI(RetryService(storage), TOKENS, bob_sees)
+    for path in ("/blocked", "/projects"):
+        query = {"limit": "2"}
+        body = api.handle(ApiRequest(method="GET", path=path, headers=auth(BOB), query=query))
+        rows = body.json()["tasks" if path == "/blocked" else "projects"]
+        assert len(rows) == 1
+        after = body.json()["next_after"]
+        if after is not None:
+            named = parse_blocked_cursor(after)[0] if path == "/blocked" else after
+            assert named == "bob-1", (path, after)

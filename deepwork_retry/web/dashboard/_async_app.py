@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from deepwork_retry._core.states import RetryBudget
 from deepwork_retry.auth import MAX_TOKEN_LENGTH, Principal
 from deepwork_retry.exceptions import ProjectNotFound
 from deepwork_retry.web._async_api import AsyncRetryAPI
+from deepwork_retry.web._async_api import _visible_page as visible_page
 from deepwork_retry.web._http import (
     ApiRequest,
     ApiResponse,
@@ -43,6 +45,7 @@ from deepwork_retry.web.dashboard._common import (
     MAX_COOKIE,
     MAX_PROJECTS,
     PAGE,
+    PROJECT_READS,
     SECURITY_HEADERS,
     SESSION_COOKIE,
     Answered,
@@ -63,6 +66,7 @@ from deepwork_retry.web.dashboard._common import (
     fresh_key,
     html_response,
     is_htmx,
+    items_that_fit,
     load_static,
     not_modified,
     parse_form,
@@ -161,7 +165,6 @@ class AsyncDashboard:
             return self._logout(request, session)
         if session is None:
             raise NoSession
-        principal = session.principal
         if method == "POST":
             form = parse_form(request.body)
             if not self.signer.csrf_ok(session.nonce, form.get("csrf")):
@@ -172,7 +175,7 @@ class AsyncDashboard:
                 return await self._bulk_preview(request, session, form)
             return await self._bulk_apply(request, session, form)
         if path == "/events":
-            return await self._events(request, principal)
+            return await self._events(request, session)
         if path == "/task":
             return await self._task_page(request, session)
         if path == "/project":
@@ -182,7 +185,8 @@ class AsyncDashboard:
         return await self._projects_page(request, session)
 
     def _session(self, request: ApiRequest) -> Session | None:
-        return self.signer.session(cookies(request.headers).get(SESSION_COOKIE))
+        cookie = cookies(request.headers).get(SESSION_COOKIE)
+        return self.signer.session(cookie, max_age=self.session_max_age)
 
     def _secure(self, request: ApiRequest) -> bool:
         return self.secure if self.secure is not None else request.scheme == "https"
@@ -324,19 +328,23 @@ class AsyncDashboard:
         if not self._may(principal, project_id):
             raise ProjectNotFound(project_id[:255])
 
-    async def _summaries(self, principal: Principal) -> list[ProjectSummary]:
+    async def _summaries(self, principal: Principal) -> tuple[list[ProjectSummary], bool]:
         """The projects ``principal`` may see (at most :data:`MAX_PROJECTS`), each with
-        its progress: the storage is given its scope, then the authorizer decides."""
+        its progress: the storage is given its scope, then the authorizer decides.
+
+        At most :data:`PROJECT_READS` pages of the storage are read, however few of
+        their rows the authorizer keeps; the flag says whether the list is whole.
+        """
         found: list[ProjectSummary] = []
         after: str | None = None
-        while len(found) < MAX_PROJECTS:
+        for _ in range(PROJECT_READS):
             page, after = await self.api.service.projects(
-                scope=principal.projects, after=after, limit=100
+                scope=principal.projects, after=after, limit=MAX_PROJECTS // PROJECT_READS
             )
             found += [s for s in page if self._may(principal, s.project.id)]
-            if after is None:
+            if after is None or len(found) >= MAX_PROJECTS:
                 break
-        return found[:MAX_PROJECTS]
+        return found[:MAX_PROJECTS], after is None and len(found) <= MAX_PROJECTS
 
     async def _blocked_tasks(
         self,
@@ -347,25 +355,40 @@ class AsyncDashboard:
         after: tuple[str, str] | None = None,
         limit: int,
     ) -> tuple[list[Task], tuple[str, str] | None]:
-        tasks, next_after = await self.api.service.blocked_across(
-            scope=principal.projects,
-            project_id=project_id,
-            error_type=error_type,
-            after=after,
-            limit=limit,
+        """A page of the blocked tasks ``principal`` may see, as the API's ``GET /blocked``
+        reads it: a project the authorizer refuses gives an empty page, and the
+        cursor never names a task it hid."""
+        if project_id is not None and not self._may(principal, project_id):
+            return [], None
+
+        async def read(at: tuple[str, str] | None) -> tuple[list[Task], tuple[str, str] | None]:
+            return await self.api.service.blocked_across(
+                scope=principal.projects,
+                project_id=project_id,
+                error_type=error_type,
+                after=at,
+                limit=limit,
+            )
+
+        return await visible_page(
+            read,
+            after,
+            limit,
+            lambda t: self._may(principal, t.project_id),
+            lambda t: (t.project_id, t.id),
         )
-        return [t for t in tasks if self._may(principal, t.project_id)], next_after
 
     # -- pages ------------------------------------------------------------------------------
     async def _projects_page(self, request: ApiRequest, session: Session) -> ApiResponse:
         query_values(request)
+        summaries, whole = await self._summaries(session.principal)
         rows = [
             {"project": s.project, "progress": s.progress, "statuses": statuses(s.progress)}
-            for s in await self._summaries(session.principal)
+            for s in summaries
         ]
         if is_htmx(request):
-            return html_response(200, self._render("_projects_table.html", rows=rows))
-        return self._page(request, session, "projects.html", rows=rows)
+            return html_response(200, self._render("_projects_table.html", rows=rows, whole=whole))
+        return self._page(request, session, "projects.html", rows=rows, whole=whole)
 
     async def _project_page(self, request: ApiRequest, session: Session) -> ApiResponse:
         values = query_values(request, required=("project_id",))
@@ -397,7 +420,7 @@ class AsyncDashboard:
         tasks, next_after = await self._blocked_tasks(
             principal, project_id=project_id, error_type=error_type, after=after, limit=PAGE
         )
-        projects = [s.project for s in await self._summaries(principal)]
+        projects = [s.project for s in (await self._summaries(principal))[0]]
         return self._page(
             request,
             session,
@@ -494,8 +517,11 @@ class AsyncDashboard:
                     task.project_id
                 )
             verdicts.append((task, can_retry(task, project)))
+        allowed = [(task, check) for task, check in verdicts if check.allowed]
+        fit = items_that_fit([(task.project_id, task.id) for task, _ in allowed])
         context: dict[str, Any] = {
             "verdicts": verdicts,
+            "offered": allowed[:fit],
             "project_id": project_id or "",
             "error_type": error_type or "",
             "bulk_key": fresh_key(),
@@ -534,14 +560,21 @@ class AsyncDashboard:
         return self._page(request, session, "bulk_result.html", **context)
 
     # -- live updates ------------------------------------------------------------------------------
-    async def _events(self, request: ApiRequest, principal: Principal) -> ApiResponse:
+    async def _events(self, request: ApiRequest, session: Session) -> ApiResponse:
+        """The API's event stream of the project, for the session's principal, ending
+        when the session does (a stream is authenticated only when it opens)."""
         values = query_values(request, required=("project_id",), optional=("after",))
         project_id = values["project_id"]
         below = attrs.evolve(
             request,
             query=[(k, v) for k, v in values.items() if k != "project_id"],
         )
-        answer = await self.api.events_for(principal, project_id, below)
+        answer = await self.api.events_for(
+            session.principal,
+            project_id,
+            below,
+            lifetime=max(session.expires - time.time(), 0.001),
+        )
         if answer.status >= 400:
             return self._error(request, answer_error(answer))
         return attrs.evolve(answer, headers=(*answer.headers, *SECURITY_HEADERS))

@@ -21,7 +21,14 @@ from deepwork_retry._core.model import Progress
 from deepwork_retry._core.states import TaskStatus
 from deepwork_retry.auth import Principal
 from deepwork_retry.exceptions import DeepworkError, missing_extra
-from deepwork_retry.web._http import ApiRequest, ApiResponse, BadRequestBody, normalise_prefix
+from deepwork_retry.web._http import (
+    MAX_BODY_BYTES,
+    ApiRequest,
+    ApiResponse,
+    BadRequestBody,
+    BodyTooLarge,
+    normalise_prefix,
+)
 
 try:
     import jinja2
@@ -40,13 +47,16 @@ MIN_SECRET_BYTES = 32
 MAX_COOKIE = 3800
 """The longest session cookie made: browsers keep cookies of up to 4096 bytes."""
 HTML = "text/html; charset=utf-8"
-MAX_FORM_BYTES = 256 * 1024
 MAX_BULK = 100
 """At most this many tasks in one bulk dry run or apply (the filter's first page)."""
 PAGE = 50
 """Rows of a page of blocked tasks."""
 MAX_PROJECTS = 1000
 """At most this many projects on the projects page and in the filter's list."""
+PROJECT_READS = 10
+"""At most this many reads of the storage's projects for one page (of
+``MAX_PROJECTS // PROJECT_READS`` each), however many the authorizer hides: a page's
+cost stays bounded with many projects (give such principals ``Principal.projects``)."""
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -157,6 +167,23 @@ def fresh_key() -> str:
 def bulk_item(project_id: str, task_id: str) -> str:
     """One task of a bulk apply form, as a field value (any ids, newlines included)."""
     return json.dumps([project_id, task_id], ensure_ascii=True)
+
+
+FORM_RESERVE = 24 * 1024
+"""Bytes of a bulk apply form kept for its other fields: the CSRF token, the key, the
+budget and a reason of up to 2000 characters, whatever they are once percent-encoded."""
+
+
+def items_that_fit(items: list[tuple[str, str]]) -> int:
+    """How many of ``items``, from the first, one bulk apply form can carry: a form
+    longer than the API's body limit is refused (see :func:`parse_form`), and ids
+    that must be percent-encoded (up to nine bytes a character) make long items."""
+    room = MAX_BODY_BYTES - FORM_RESERVE
+    for count, (project_id, task_id) in enumerate(items):
+        room -= len(urlencode([("item", bulk_item(project_id, task_id))])) + 1
+        if room < 0:
+            return count
+    return len(items)
 
 
 def parse_items(values: list[str]) -> list[tuple[str, str]]:
@@ -293,8 +320,16 @@ class Signer:
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
         return _b64(body) + "." + _b64(self._mac(body))
 
-    def session(self, cookie: str | None, now: float | None = None) -> Session | None:
-        """The session ``cookie`` holds, or ``None`` when it is missing, altered or expired."""
+    def session(
+        self, cookie: str | None, now: float | None = None, *, max_age: float | None = None
+    ) -> Session | None:
+        """The session ``cookie`` holds, or ``None`` when it is missing, altered or expired.
+
+        ``max_age``: the longest a session may last now. A cookie carries the expiry
+        it was given when signed, so a server whose ``session_max_age`` was since
+        shortened ends the sessions older than that too (the session's ``expires``
+        is the earlier of the two).
+        """
         if not cookie or cookie.count(".") != 1 or len(cookie) > 16384:
             return None
         body_text, mac_text = cookie.split(".")
@@ -316,6 +351,8 @@ class Signer:
             )
         except (ValueError, KeyError, TypeError):
             return None
+        if max_age is not None and session.issued + int(max_age) < session.expires:
+            session = attrs.evolve(session, expires=session.issued + int(max_age))
         if (time.time() if now is None else now) >= session.expires:
             return None
         return session
@@ -370,8 +407,11 @@ class Form:
 
 
 def parse_form(body: bytes) -> Form:
-    if len(body) > MAX_FORM_BYTES:
-        raise BadRequestBody("Form too large")
+    """The form ``body`` holds. One longer than the API's body limit is refused whole
+    (413): every adapter reads a body only up to one byte past that limit, so what
+    it hands over is then the start of the form, not the form."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BodyTooLarge
     try:
         text = body.decode("ascii")
     except UnicodeDecodeError:
@@ -448,6 +488,7 @@ ERROR_TITLES: Mapping[int, str] = {
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
+    413: "Request too large",
     422: "Invalid request",
     501: "Not available here",
     503: "Service unavailable",
