@@ -137,7 +137,8 @@ def check_path(raw: bytes | None) -> None:
         raise BadRequestBody("Request path is not valid UTF-8") from None
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
+    """Whether ``value`` is text that UTF-8 can carry (no lone surrogate from a bad escape)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -462,7 +463,7 @@ def _reason(data: Mapping[str, Any]) -> str | None:
         raise BadRequestBody(f"reason must be a string of at most {MAX_REASON_LENGTH} characters")
     if "\x00" in value:
         raise BadRequestBody("reason must not contain NUL characters")
-    if not _is_text(value):  # a JSON escape of half a surrogate pair: no text at all
+    if not is_text(value):  # a JSON escape of half a surrogate pair: no text at all
         raise BadRequestBody("reason must be valid Unicode text")
     return value
 
@@ -488,7 +489,7 @@ def _limit(value: object, default: int) -> int:
 def _after(value: object) -> str | None:
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _is_text(value):
+    if not isinstance(value, str) or not is_text(value):
         raise BadRequestBody("after must be a task id")
     try:
         check_id("task", value)
@@ -545,7 +546,7 @@ class PageOptions:
 
 
 def page_options(query: Mapping[str, str]) -> PageOptions:
-    if not all(_is_text(name) and _is_text(value) for name, value in query.items()):
+    if not all(is_text(name) and is_text(value) for name, value in query.items()):
         raise BadRequestBody("Query string is not valid UTF-8")
     unknown = sorted(set(query) - {"status", "after", "limit"})
     if unknown:
@@ -558,7 +559,7 @@ def page_options(query: Mapping[str, str]) -> PageOptions:
 
 def _only(query: Mapping[str, str], names: frozenset[str]) -> None:
     """Refuse a query that is not text, names a parameter outside ``names`` or repeats one."""
-    if not all(_is_text(name) and _is_text(value) for name, value in query.items()):
+    if not all(is_text(name) and is_text(value) for name, value in query.items()):
         raise BadRequestBody("Query string is not valid UTF-8")
     unknown = sorted(set(query) - names)
     if unknown:

@@ -27,6 +27,7 @@ from deepwork_retry.web._http import (
     ApiResponse,
     BadRequestBody,
     BodyTooLarge,
+    is_text,
     normalise_prefix,
 )
 
@@ -219,7 +220,7 @@ def query_values(
         raise BadRequestBody(f"Unknown query parameter: {unknown[0]!r}"[:300])
     values = dict(query)
     for name, value in values.items():
-        if not _is_text(value):
+        if not is_text(value):
             raise BadRequestBody(f"{name} is not valid UTF-8")
     for name in required:
         if not values.get(name):
@@ -257,14 +258,6 @@ def return_path(request: ApiRequest) -> str | None:
     if request.path == "/" and not query:
         return None  # where a sign-in leads anyway
     return safe_return(request.path + ("?" + query if query else ""))
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def secret_bytes(secret: str | bytes) -> bytes:
