@@ -604,6 +604,7 @@ def test_retry_with_javascript_off(nojs_page: Page, world: BrowserWorld) -> None
     # The page's own scripts never ran (the driver's own still can).
     assert page.driver.execute_script("return typeof window.htmx;") == "undefined"
     assert css(page, "body").get_attribute("data-live-state") != "connected"
+    assert "need javascript" in text_of(page, "#live-note").lower()
     css(page, "input#reason").send_keys("without javascript")
     css(page, "button#retry-button").click()
     wait(page, lambda d: "retried" in text_of(page, "#flash").lower(), "no retry reported")
