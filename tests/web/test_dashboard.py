@@ -335,6 +335,17 @@ def test_a_tampered_or_expired_cookie_is_refused(alice: Client) -> None:
     assert alice.get("/").status == 200
 
 
+def test_a_cookie_header_split_in_crumbs_keeps_the_session(alice: Client) -> None:
+    """HTTP/2 lets a client send its cookies as several ``cookie`` header fields (RFC 9113
+    8.2.3), which an ASGI server may pass on as they are: they are one list of cookies."""
+    crumbs = [("cookie", f"{name}={value}") for name, value in alice.cookies.items()]
+    crumbs.insert(0, ("cookie", "other=1"))
+    page = alice.dashboard.handle(
+        ApiRequest(method="GET", path="/", headers=[("host", "dash.test"), *crumbs])
+    )
+    assert page.status == 200, page.headers
+
+
 def test_logout_clears_the_cookie(alice: Client) -> None:
     csrf = alice.csrf()
     response = alice.post("/logout", {"csrf": csrf})
