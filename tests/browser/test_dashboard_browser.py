@@ -630,3 +630,30 @@ def test_every_id_reaches_its_task(page: Page, world: BrowserWorld) -> None:
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-error"))
     assert "<script>alert(1)</script>" in text_of(page, "#task-error")
     assert quote(task_id, safe="") in page.driver.current_url or task_id in page.driver.current_url
+
+
+def test_a_long_unbroken_error_or_id_stays_inside_the_page(page: Page, world: BrowserWorld) -> None:
+    """An error message with no space to break at (a URL, a hash, base64) and a long id
+    wrap inside the page: nobody has to scroll sideways to read the task or the list."""
+    project = world.project()
+    task_id = "t-" + "x" * 200
+    message = "upstream said " + "A" * 3000 + "\nTraceback (most recent call last):\n  " + "B" * 800
+    world.failed(project, task_id, TaskError(type="E" * 120, message=message))
+    login(page)
+
+    def fits() -> bool:
+        return bool(
+            page.driver.execute_script(
+                "var d = document.documentElement; return d.scrollWidth <= d.clientWidth;"
+            )
+        )
+
+    go(page, task_path(project, task_id))
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-error"))
+    assert fits(), "the task page is wider than the window"
+    go(page, "/blocked", project_id=project)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "table#blocked"))
+    assert fits(), "the blocked list is wider than the window"
+    go(page, "/project", project_id=project)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#project-panel"))
+    assert fits(), "the project page is wider than the window"
