@@ -204,6 +204,8 @@ class ApiResponse:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    """Every one to send as it is, repeated ones included (the dashboard's sign-in sets
+    two cookies); a response without ``Content-Type`` is JSON."""
     close: bool = False
     """Close the connection after this response (its request's body was not read
     to the end); each adapter does it in its server's way."""
