@@ -657,3 +657,37 @@ def test_a_long_unbroken_error_or_id_stays_inside_the_page(page: Page, world: Br
     go(page, "/project", project_id=project)
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#project-panel"))
     assert fits(), "the project page is wider than the window"
+
+
+def test_a_live_update_keeps_the_keyboard_focus(page: Page, world: BrowserWorld) -> None:
+    """A keyboard user on a task link of the project's blocked list stays there when the
+    list is refreshed live (another task retried elsewhere): focus is not sent back to
+    the top of the page."""
+    project = world.project(prefix="focus-")
+    world.failed(project, "stay-here", TaskError(type="Timeout", message="no answer"))
+    world.failed(project, "retried-elsewhere", TaskError(type="Timeout", message="no answer"))
+    world.runner.held.add(project)
+    login(page)
+    go(page, "/project", project_id=project)
+    wait_live(page)
+    link = css(page, "#project-panel " + row(project, "stay-here") + " a")
+    page.driver.execute_script("arguments[0].focus();", link)  # as Tab would
+    marker = mark_page(page)
+
+    world.sync_service().retry(project, "retried-elsewhere", actor="bob", reason="elsewhere")
+    wait(
+        page,
+        lambda d: (
+            not d.find_elements(
+                By.CSS_SELECTOR, "#project-panel " + row(project, "retried-elsewhere")
+            )
+        ),
+        "the blocked list was not updated",
+    )
+    assert_not_reloaded(page, marker)
+    focused = page.driver.execute_script(
+        "var e = document.activeElement;"
+        "var r = e && e.closest('tr');"
+        "return r ? r.getAttribute('data-task-id') : (e ? e.tagName : null);"
+    )
+    assert focused == "stay-here", f"focus moved to {focused!r}"

@@ -44,6 +44,34 @@
     }
   }
 
+  /* A live region is replaced whole: a keyboard user focused on a link in it (a task
+     of the blocked list) would be sent back to the top of the page. The same link
+     in the new content gets the focus back. */
+  var refocus = null;
+  body.addEventListener("htmx:beforeSwap", function (event) {
+    var region = event.detail && event.detail.target;
+    var active = document.activeElement;
+    refocus = null;
+    if (region && region.hasAttribute && region.hasAttribute("data-live") &&
+        active && active !== region && region.contains(active) && active.getAttribute("href")) {
+      refocus = active.getAttribute("href");
+    }
+  });
+  body.addEventListener("htmx:afterSwap", function () {
+    if (refocus === null) {
+      return;
+    }
+    var href = refocus;
+    refocus = null;
+    var links = document.querySelectorAll("[data-live] a[href]");
+    for (var i = 0; i < links.length; i++) {
+      if (links[i].getAttribute("href") === href) {
+        links[i].focus({ preventScroll: true });
+        return;
+      }
+    }
+  });
+
   var source = body.getAttribute("data-events");
   if (!source || typeof window.EventSource === "undefined") {
     return;
