@@ -1025,6 +1025,21 @@ def test_blocked_tasks_come_in_pages(world: World, alice: Client) -> None:
     assert 'rel="next"' not in second
 
 
+def test_a_full_last_page_offers_no_next_one(world: World, alice: Client) -> None:
+    """Exactly a page of blocked tasks: no "Next page" leading to an empty list that says
+    nothing matches, and the project page does not call them "the first" 50."""
+    pid = project(world, fresh())
+    for i in range(50):
+        failing(world, pid, f"t{i:02d}", ValueError("v"))
+    listed = text(alice.get("/blocked", project_id=pid))
+    assert listed.count("<tr data-project-id=") == 50
+    assert 'rel="next"' not in listed
+    assert "(the first" not in text(alice.get("/project", project_id=pid))
+    failing(world, pid, "t50", ValueError("v"))
+    assert 'rel="next"' in text(alice.get("/blocked", project_id=pid))
+    assert "(the first 50)" in text(alice.get("/project", project_id=pid))
+
+
 def test_asgi_requests_carry_their_scheme() -> None:
     from deepwork_retry.web._asgi import scope_request
 

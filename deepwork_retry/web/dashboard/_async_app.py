@@ -347,13 +347,25 @@ class AsyncDashboard:
         after: tuple[str, str] | None = None,
         limit: int,
     ) -> tuple[list[Task], tuple[str, str] | None]:
-        tasks, next_after = await self.api.service.blocked_across(
+        service = self.api.service
+        tasks, next_after = await service.blocked_across(
             scope=principal.projects,
             project_id=project_id,
             error_type=error_type,
             after=after,
             limit=limit,
         )
+        if next_after is not None:
+            # A full page has a next cursor even when it is the last: look once, so
+            # that no "Next page" leads to an empty list.
+            more, _ = await service.blocked_across(
+                scope=principal.projects,
+                project_id=project_id,
+                error_type=error_type,
+                after=next_after,
+                limit=1,
+            )
+            next_after = next_after if more else None
         return [t for t in tasks if self._may(principal, t.project_id)], next_after
 
     # -- pages ------------------------------------------------------------------------------
@@ -376,6 +388,10 @@ class AsyncDashboard:
         project = await service.get_project(project_id)
         progress = await service.progress(project_id)
         blocked, next_after = await service.blocked(project_id, limit=PAGE)
+        if next_after is not None:
+            # A full page has a next cursor even when it is the last: look once.
+            more, _ = await service.blocked(project_id, after=next_after, limit=1)
+            next_after = next_after if more else None
         context: dict[str, Any] = {
             "project": project,
             "progress": progress,
