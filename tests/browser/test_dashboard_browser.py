@@ -691,3 +691,27 @@ def test_a_live_update_keeps_the_keyboard_focus(page: Page, world: BrowserWorld)
         "return r ? r.getAttribute('data-task-id') : (e ? e.tagName : null);"
     )
     assert focused == "stay-here", f"focus moved to {focused!r}"
+
+
+def test_a_retry_after_the_session_ended_says_it_was_not_done(
+    page: Page, world: BrowserWorld
+) -> None:
+    """The session ends while the task page is open: the retry button leads to the login
+    page, which says nothing was done, and signing in leads back to the task."""
+    project = world.project(prefix="ended-")
+    world.failed(project, "late", TaskError(type="Timeout", message="no answer"))
+    world.runner.held.add(project)
+    login(page)
+    go(page, task_path(project, "late"))
+    wait_live(page)
+    page.driver.delete_cookie("deepwork_session")
+    page.console.allow(r"/retry - Failed to load resource: .* 401")
+    page.console.allow(r"Response Status Error Code 401 from /deep-work/retry")
+    css(page, "button#retry-button").click()
+    wait(page, lambda d: "/login" in d.current_url, "not sent to the login page")
+    assert "nothing has changed" in text_of(page, "#flash")
+    assert task(world, project, "late").status.value == "blocked"
+    css(page, "input#token").send_keys(ALICE)
+    css(page, "button#login-button").click()
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-status"), "not back on the task")
+    assert "late" in page.driver.current_url

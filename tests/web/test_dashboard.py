@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import httpx
 import pytest
@@ -395,9 +395,47 @@ def test_a_post_without_a_session_goes_to_the_login_page(client: Client) -> None
     for path in ("/retry", "/bulk/preview", "/bulk/apply"):
         response = client.post(path, {"csrf": "x"})
         assert response.status == 303
-        assert header(response, "location") == P + "/login"
+        expected = {
+            "/retry": "",
+            "/bulk/preview": "next=%2Fblocked&",
+            "/bulk/apply": "next=%2Fblocked&",
+        }
+        assert header(response, "location") == P + "/login?" + expected[path] + "ended=1"
         htmx = client.post(path, {"csrf": "x"}, headers={"hx-request": "true"})
         assert htmx.status == 401
+
+
+def test_a_form_sent_after_the_session_ended_says_so_and_leads_back(
+    world: World, alice: Client
+) -> None:
+    """The session ended while the task page was open (it expired, or the server
+    restarted with another secret): the retry is not done, and the login page says so
+    instead of looking like a first visit, then leads back to the task."""
+    pid = project(world, fresh())
+    failing(world, pid, "t/1 x", ValueError("v"))
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="t/1 x"))
+    alice.cookies.pop("deepwork_session")
+    response = alice.post("/retry", fields)
+    assert response.status == 303
+    location = header(response, "location") or ""
+    assert location.startswith(P + "/login?")
+    query = dict(parse_qsl(location.split("?", 1)[1]))
+    assert query["next"] == "/task?" + urlencode(
+        {"project_id": pid, "task_id": "t/1 x"}, quote_via=quote
+    )
+    page = alice.request("GET", "/login", query=list(query.items()))
+    assert "Your session has ended, so that was not done" in text(page)
+    assert task_of(world, pid, "t/1 x").status.value == "blocked"
+    csrf = csrf_of(page)
+    signed_in = alice.post("/login", {"token": ALICE, "csrf": csrf, "next": query["next"]})
+    assert header(signed_in, "location") == P + query["next"]
+    assert "Your session has ended" not in text(alice.get("/login"))
+    # The same form through htmx: a 401 that htmx follows to the same login page.
+    alice.cookies.pop("deepwork_session")
+    htmx = alice.post("/retry", fields, headers={"hx-request": "true"})
+    assert htmx.status == 401
+    assert header(htmx, "hx-redirect") == location
+    assert task_of(world, pid, "t/1 x").status.value == "blocked"
 
 
 def test_a_storage_outage_is_a_503_page_that_hides_the_fault(world: World, alice: Client) -> None:

@@ -60,6 +60,7 @@ from deepwork_retry.web.dashboard._common import (
     cookies,
     environment,
     flash_code,
+    form_page,
     fresh_key,
     html_response,
     is_htmx,
@@ -210,8 +211,21 @@ class AsyncDashboard:
     def _error(self, request: ApiRequest, exc: Exception) -> ApiResponse:
         wants_html = not (is_htmx(request) or request.path == "/events")
         if isinstance(exc, NoSession):
+            if request.method not in ("GET", "HEAD"):
+                # A form sent after the session ended (it expired, or the server
+                # restarted with another secret): the login page says nothing was
+                # done, and leads back to the form's page. htmx follows HX-Redirect
+                # whatever the status.
+                back = form_page(request)
+                params = {"ended": "1"} if back is None else {"next": back, "ended": "1"}
+                login = self.prefix + "/login?" + query_string(**params)
+                if wants_html:
+                    return redirect(login)
+                return self._error_page(
+                    401, "Sign in required", str(exc), [("HX-Redirect", login)], full=False
+                )
             if wants_html:
-                back = return_path(request) if request.method in ("GET", "HEAD") else None
+                back = return_path(request)
                 query = "" if back is None else "?" + query_string(next=back)
                 return redirect(self.prefix + "/login" + query)
             return self._error_page(401, "Sign in required", str(exc), full=wants_html)
@@ -263,10 +277,12 @@ class AsyncDashboard:
         back = request.query.get("next") if request.method != "POST" else None
         if request.method == "POST":
             back = parse_form(request.body).get("next")
+        ended = request.method != "POST" and request.query.get("ended") == "1"
         body = self._render(
             "login.html",
             csrf=self.signer.csrf("login:" + nonce),
             error=error,
+            ended=ended,
             next=safe_return(back),
         )
         return html_response(status, body, headers)
