@@ -74,12 +74,16 @@ def normalise_prefix(prefix: str) -> str:
 
 
 def _headers(pairs: Iterable[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
+    """Names lower-cased, the first of repeated headers kept, except ``cookie``: HTTP/2
+    may split it into several fields (RFC 9113 8.2.3), joined here with ``"; "``."""
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     found: dict[str, str] = {}
     for name, value in items:
         name = name.lower()
         if name not in found:
             found[name] = value
+        elif name == "cookie":
+            found[name] += "; " + value
     return found
 
 
@@ -178,8 +182,9 @@ class ApiRequest:
 
     ``path`` is the decoded path relative to the prefix (``/projects/p/...``);
     header names are matched case-insensitively and the first of repeated
-    headers or query parameters wins. ``raw_path``, when the adapter knows it,
-    is the whole request path as the bytes the client sent (percent-decoded):
+    headers or query parameters wins (repeated ``cookie`` headers are joined).
+    ``raw_path``, when the adapter knows it, is the whole request path as the
+    bytes the client sent (percent-decoded):
     the API refuses one that is not UTF-8 (:func:`check_path`). ``scheme`` is
     ``"https"`` when the adapter's framework says the request came over HTTPS
     (never taken from ``X-Forwarded-Proto`` unless the host configured its
@@ -200,6 +205,8 @@ class ApiResponse:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    """Every one to send as it is, repeated ones included (the dashboard's sign-in sets
+    two cookies); a response without ``Content-Type`` is JSON."""
     close: bool = False
     """Close the connection after this response (its request's body was not read
     to the end); each adapter does it in its server's way."""

@@ -604,6 +604,7 @@ def test_retry_with_javascript_off(nojs_page: Page, world: BrowserWorld) -> None
     # The page's own scripts never ran (the driver's own still can).
     assert page.driver.execute_script("return typeof window.htmx;") == "undefined"
     assert css(page, "body").get_attribute("data-live-state") != "connected"
+    assert "need javascript" in text_of(page, "#live-note").lower()
     css(page, "input#reason").send_keys("without javascript")
     css(page, "button#retry-button").click()
     wait(page, lambda d: "retried" in text_of(page, "#flash").lower(), "no retry reported")
@@ -629,3 +630,88 @@ def test_every_id_reaches_its_task(page: Page, world: BrowserWorld) -> None:
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-error"))
     assert "<script>alert(1)</script>" in text_of(page, "#task-error")
     assert quote(task_id, safe="") in page.driver.current_url or task_id in page.driver.current_url
+
+
+def test_a_long_unbroken_error_or_id_stays_inside_the_page(page: Page, world: BrowserWorld) -> None:
+    """An error message with no space to break at (a URL, a hash, base64) and a long id
+    wrap inside the page: nobody has to scroll sideways to read the task or the list."""
+    project = world.project()
+    task_id = "t-" + "x" * 200
+    message = "upstream said " + "A" * 3000 + "\nTraceback (most recent call last):\n  " + "B" * 800
+    world.failed(project, task_id, TaskError(type="E" * 120, message=message))
+    login(page)
+
+    def fits() -> bool:
+        return bool(
+            page.driver.execute_script(
+                "var d = document.documentElement; return d.scrollWidth <= d.clientWidth;"
+            )
+        )
+
+    go(page, task_path(project, task_id))
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-error"))
+    assert fits(), "the task page is wider than the window"
+    go(page, "/blocked", project_id=project)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "table#blocked"))
+    assert fits(), "the blocked list is wider than the window"
+    go(page, "/project", project_id=project)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#project-panel"))
+    assert fits(), "the project page is wider than the window"
+
+
+def test_a_live_update_keeps_the_keyboard_focus(page: Page, world: BrowserWorld) -> None:
+    """A keyboard user on a task link of the project's blocked list stays there when the
+    list is refreshed live (another task retried elsewhere): focus is not sent back to
+    the top of the page."""
+    project = world.project(prefix="focus-")
+    world.failed(project, "stay-here", TaskError(type="Timeout", message="no answer"))
+    world.failed(project, "retried-elsewhere", TaskError(type="Timeout", message="no answer"))
+    world.runner.held.add(project)
+    login(page)
+    go(page, "/project", project_id=project)
+    wait_live(page)
+    link = css(page, "#project-panel " + row(project, "stay-here") + " a")
+    page.driver.execute_script("arguments[0].focus();", link)  # as Tab would
+    marker = mark_page(page)
+
+    world.sync_service().retry(project, "retried-elsewhere", actor="bob", reason="elsewhere")
+    wait(
+        page,
+        lambda d: (
+            not d.find_elements(
+                By.CSS_SELECTOR, "#project-panel " + row(project, "retried-elsewhere")
+            )
+        ),
+        "the blocked list was not updated",
+    )
+    assert_not_reloaded(page, marker)
+    focused = page.driver.execute_script(
+        "var e = document.activeElement;"
+        "var r = e && e.closest('tr');"
+        "return r ? r.getAttribute('data-task-id') : (e ? e.tagName : null);"
+    )
+    assert focused == "stay-here", f"focus moved to {focused!r}"
+
+
+def test_a_retry_after_the_session_ended_says_it_was_not_done(
+    page: Page, world: BrowserWorld
+) -> None:
+    """The session ends while the task page is open: the retry button leads to the login
+    page, which says nothing was done, and signing in leads back to the task."""
+    project = world.project(prefix="ended-")
+    world.failed(project, "late", TaskError(type="Timeout", message="no answer"))
+    world.runner.held.add(project)
+    login(page)
+    go(page, task_path(project, "late"))
+    wait_live(page)
+    page.driver.delete_cookie("deepwork_session")
+    page.console.allow(r"/retry - Failed to load resource: .* 401")
+    page.console.allow(r"Response Status Error Code 401 from /deep-work/retry")
+    css(page, "button#retry-button").click()
+    wait(page, lambda d: "/login" in d.current_url, "not sent to the login page")
+    assert "nothing has changed" in text_of(page, "#flash")
+    assert task(world, project, "late").status.value == "blocked"
+    css(page, "input#token").send_keys(ALICE)
+    css(page, "button#login-button").click()
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#task-status"), "not back on the task")
+    assert "late" in page.driver.current_url

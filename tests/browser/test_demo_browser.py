@@ -96,3 +96,51 @@ def test_a_person_retries_the_blocked_demo_task_within_a_minute(
     assert_not_reloaded(person, marker)
     assert time.monotonic() - started < ONE_MINUTE
     person.shot("demo-task-retried")
+
+
+def test_a_restart_that_ends_the_session_sends_an_open_page_to_sign_in(
+    person: Page, demo: tuple[Demo, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's secret is random per start: after a restart the open page's stream is
+    refused (401), which an EventSource takes as final. The page must not go on looking
+    live: it says so in words, finds the session gone and goes to the sign-in page."""
+    monkeypatch.delenv("DEEPWORK_DASHBOARD_SECRET", raising=False)
+    server, _ = demo
+    driver = person.driver
+    driver.get(server.dashboard)
+    css(person, "input#token").send_keys(server.token)
+    css(person, "button#login-button").click()
+    wait(person, lambda d: d.find_elements(By.CSS_SELECTOR, "table#projects"), "not signed in")
+    driver.get(
+        f"http://localhost:{server.port}/deep-work/task?project_id={server.project_id}"
+        f"&task_id={server.task_id}"
+    )
+    wait_live(person)
+    assert "live updates on" in text_of(person, "#live-note").lower()
+
+    # While the server is down, a refresh already scheduled finds nobody there.
+    person.console.allow(r"Failed to load resource: net::ERR_CONNECTION_REFUSED")
+    person.console.allow(r"htmx:(sendError|afterRequest)")
+    person.console.allow(r"/events\?project_id=.* - Failed to load resource")
+    person.console.allow(r"/task\?project_id=.* - Failed to load resource: .* 401")
+    person.console.allow(r"Response Status Error Code 401 from /deep-work/task\?")
+    server.proc.terminate()
+    server.proc.wait(timeout=20)
+    wait(
+        person,
+        lambda d: (
+            d.find_element(By.TAG_NAME, "body").get_attribute("data-live-state") != "connected"
+        ),
+        "the page did not notice the stream dropped",
+    )
+    restarted = _start(tmp_path / "demo.db", server.port)
+    try:
+        wait(
+            person,
+            lambda d: "/deep-work/login" in d.current_url,
+            "the page stayed put with its session gone",
+        )
+        assert "task_id" in driver.current_url  # back to the task after signing in
+    finally:
+        restarted.proc.terminate()
+        restarted.proc.wait(timeout=20)

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import httpx
 import pytest
@@ -339,6 +339,17 @@ def test_a_tampered_or_expired_cookie_is_refused(alice: Client) -> None:
     assert alice.get("/").status == 200
 
 
+def test_a_cookie_header_split_in_crumbs_keeps_the_session(alice: Client) -> None:
+    """HTTP/2 lets a client send its cookies as several ``cookie`` header fields (RFC 9113
+    8.2.3), which an ASGI server may pass on as they are: they are one list of cookies."""
+    crumbs = [("cookie", f"{name}={value}") for name, value in alice.cookies.items()]
+    crumbs.insert(0, ("cookie", "other=1"))
+    page = alice.dashboard.handle(
+        ApiRequest(method="GET", path="/", headers=[("host", "dash.test"), *crumbs])
+    )
+    assert page.status == 200, page.headers
+
+
 def test_logout_clears_the_cookie(alice: Client) -> None:
     csrf = alice.csrf()
     response = alice.post("/logout", {"csrf": csrf})
@@ -388,9 +399,47 @@ def test_a_post_without_a_session_goes_to_the_login_page(client: Client) -> None
     for path in ("/retry", "/bulk/preview", "/bulk/apply"):
         response = client.post(path, {"csrf": "x"})
         assert response.status == 303
-        assert header(response, "location") == P + "/login"
+        expected = {
+            "/retry": "",
+            "/bulk/preview": "next=%2Fblocked&",
+            "/bulk/apply": "next=%2Fblocked&",
+        }
+        assert header(response, "location") == P + "/login?" + expected[path] + "ended=1"
         htmx = client.post(path, {"csrf": "x"}, headers={"hx-request": "true"})
         assert htmx.status == 401
+
+
+def test_a_form_sent_after_the_session_ended_says_so_and_leads_back(
+    world: World, alice: Client
+) -> None:
+    """The session ended while the task page was open (it expired, or the server
+    restarted with another secret): the retry is not done, and the login page says so
+    instead of looking like a first visit, then leads back to the task."""
+    pid = project(world, fresh())
+    failing(world, pid, "t/1 x", ValueError("v"))
+    fields = retry_form(alice.get("/task", project_id=pid, task_id="t/1 x"))
+    alice.cookies.pop("deepwork_session")
+    response = alice.post("/retry", fields)
+    assert response.status == 303
+    location = header(response, "location") or ""
+    assert location.startswith(P + "/login?")
+    query = dict(parse_qsl(location.split("?", 1)[1]))
+    assert query["next"] == "/task?" + urlencode(
+        {"project_id": pid, "task_id": "t/1 x"}, quote_via=quote
+    )
+    page = alice.request("GET", "/login", query=list(query.items()))
+    assert "Your session has ended, so that was not done" in text(page)
+    assert task_of(world, pid, "t/1 x").status.value == "blocked"
+    csrf = csrf_of(page)
+    signed_in = alice.post("/login", {"token": ALICE, "csrf": csrf, "next": query["next"]})
+    assert header(signed_in, "location") == P + query["next"]
+    assert "Your session has ended" not in text(alice.get("/login"))
+    # The same form through htmx: a 401 that htmx follows to the same login page.
+    alice.cookies.pop("deepwork_session")
+    htmx = alice.post("/retry", fields, headers={"hx-request": "true"})
+    assert htmx.status == 401
+    assert header(htmx, "hx-redirect") == location
+    assert task_of(world, pid, "t/1 x").status.value == "blocked"
 
 
 def test_a_storage_outage_is_a_503_page_that_hides_the_fault(world: World, alice: Client) -> None:
@@ -1016,6 +1065,21 @@ def test_blocked_tasks_come_in_pages(world: World, alice: Client) -> None:
         "t51",
     ]
     assert 'rel="next"' not in second
+
+
+def test_a_full_last_page_offers_no_next_one(world: World, alice: Client) -> None:
+    """Exactly a page of blocked tasks: no "Next page" leading to an empty list that says
+    nothing matches, and the project page does not call them "the first" 50."""
+    pid = project(world, fresh())
+    for i in range(50):
+        failing(world, pid, f"t{i:02d}", ValueError("v"))
+    listed = text(alice.get("/blocked", project_id=pid))
+    assert listed.count("<tr data-project-id=") == 50
+    assert 'rel="next"' not in listed
+    assert "(the first" not in text(alice.get("/project", project_id=pid))
+    failing(world, pid, "t50", ValueError("v"))
+    assert 'rel="next"' in text(alice.get("/blocked", project_id=pid))
+    assert "(the first 50)" in text(alice.get("/project", project_id=pid))
 
 
 def test_asgi_requests_carry_their_scheme() -> None:

@@ -260,6 +260,24 @@ def return_path(request: ApiRequest) -> str | None:
     return safe_return(request.path + ("?" + query if query else ""))
 
 
+def form_page(request: ApiRequest) -> str | None:
+    """The page whose form sent ``request`` (a POST), as a sign-in's ``next``: the task
+    of a retry, the blocked tasks (with the filter) of a bulk retry, else ``None``."""
+    try:
+        form = parse_form(request.body)
+        if request.path == "/retry":
+            project_id, task_id = form.get("project_id"), form.get("task_id")
+            if not project_id or not task_id:
+                return None
+            return safe_return("/task?" + query_string(project_id=project_id, task_id=task_id))
+        if request.path in ("/bulk/preview", "/bulk/apply"):
+            filters = {k: v for k in ("project_id", "error_type") if (v := form.get(k))}
+            return safe_return("/blocked" + ("?" + query_string(**filters) if filters else ""))
+    except (DeepworkError, UnicodeEncodeError):  # a form it refuses: no page to lead back to
+        pass
+    return None
+
+
 def secret_bytes(secret: str | bytes) -> bytes:
     raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     if len(raw) < MIN_SECRET_BYTES:

@@ -64,6 +64,7 @@ from deepwork_retry.web.dashboard._common import (
     cookies,
     environment,
     flash_code,
+    form_page,
     fresh_key,
     html_response,
     is_htmx,
@@ -215,8 +216,21 @@ class Dashboard:
     def _error(self, request: ApiRequest, exc: Exception) -> ApiResponse:
         wants_html = not (is_htmx(request) or request.path == "/events")
         if isinstance(exc, NoSession):
+            if request.method not in ("GET", "HEAD"):
+                # A form sent after the session ended (it expired, or the server
+                # restarted with another secret): the login page says nothing was
+                # done, and leads back to the form's page. htmx follows HX-Redirect
+                # whatever the status.
+                back = form_page(request)
+                params = {"ended": "1"} if back is None else {"next": back, "ended": "1"}
+                login = self.prefix + "/login?" + query_string(**params)
+                if wants_html:
+                    return redirect(login)
+                return self._error_page(
+                    401, "Sign in required", str(exc), [("HX-Redirect", login)], full=False
+                )
             if wants_html:
-                back = return_path(request) if request.method in ("GET", "HEAD") else None
+                back = return_path(request)
                 query = "" if back is None else "?" + query_string(next=back)
                 return redirect(self.prefix + "/login" + query)
             return self._error_page(401, "Sign in required", str(exc), full=wants_html)
@@ -268,10 +282,12 @@ class Dashboard:
         back = request.query.get("next") if request.method != "POST" else None
         if request.method == "POST":
             back = parse_form(request.body).get("next")
+        ended = request.method != "POST" and request.query.get("ended") == "1"
         body = self._render(
             "login.html",
             csrf=self.signer.csrf("login:" + nonce),
             error=error,
+            ended=ended,
             next=safe_return(back),
         )
         return html_response(status, body, headers)
@@ -358,26 +374,34 @@ class Dashboard:
     ) -> tuple[list[Task], tuple[str, str] | None]:
         """A page of the blocked tasks ``principal`` may see, as the API's ``GET /blocked``
         reads it: a project the authorizer refuses gives an empty page, and the
-        cursor never names a task it hid."""
+        cursor never names a task it hid. A full page has a next cursor even when
+        it is the last, so the page looks once past it: no "Next page" leads to an
+        empty list."""
         if project_id is not None and not self._may(principal, project_id):
             return [], None
 
-        def read(at: tuple[str, str] | None) -> tuple[list[Task], tuple[str, str] | None]:
+        def read(
+            at: tuple[str, str] | None, count: int = limit
+        ) -> tuple[list[Task], tuple[str, str] | None]:
             return self.api.service.blocked_across(
                 scope=principal.projects,
                 project_id=project_id,
                 error_type=error_type,
                 after=at,
-                limit=limit,
+                limit=count,
             )
 
-        return visible_page(
+        tasks, next_after = visible_page(
             read,
             after,
             limit,
             lambda t: self._may(principal, t.project_id),
             lambda t: (t.project_id, t.id),
         )
+        if next_after is not None:
+            more, _ = read(next_after, 1)
+            next_after = next_after if more else None
+        return tasks, next_after
 
     # -- pages ------------------------------------------------------------------------------
     def _projects_page(self, request: ApiRequest, session: Session) -> ApiResponse:
@@ -400,6 +424,10 @@ class Dashboard:
         project = service.get_project(project_id)
         progress = service.progress(project_id)
         blocked, next_after = service.blocked(project_id, limit=PAGE)
+        if next_after is not None:
+            # A full page has a next cursor even when it is the last: look once.
+            more, _ = service.blocked(project_id, after=next_after, limit=1)
+            next_after = next_after if more else None
         context: dict[str, Any] = {
             "project": project,
             "progress": progress,

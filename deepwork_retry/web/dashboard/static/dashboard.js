@@ -24,6 +24,52 @@
     if (flash) {
       flash.textContent = "The server could not be reached. Check the connection and try again.";
     }
+    /* The stream was refused for good and the server is not back yet: ask again. */
+    if (body.getAttribute("data-live-state") === "closed" && recheck === null) {
+      recheck = window.setTimeout(function () {
+        recheck = null;
+        refreshRegions();
+      }, 5000);
+    }
+  });
+  var recheck = null;
+
+  function refreshRegions() {
+    if (!window.htmx) {
+      return;
+    }
+    var regions = document.querySelectorAll("[data-live]");
+    for (var i = 0; i < regions.length; i++) {
+      window.htmx.trigger(regions[i], "deepwork:refresh");
+    }
+  }
+
+  /* A live region is replaced whole: a keyboard user focused on a link in it (a task
+     of the blocked list) would be sent back to the top of the page. The same link
+     in the new content gets the focus back. */
+  var refocus = null;
+  body.addEventListener("htmx:beforeSwap", function (event) {
+    var region = event.detail && event.detail.target;
+    var active = document.activeElement;
+    refocus = null;
+    if (region && region.hasAttribute && region.hasAttribute("data-live") &&
+        active && active !== region && region.contains(active) && active.getAttribute("href")) {
+      refocus = active.getAttribute("href");
+    }
+  });
+  body.addEventListener("htmx:afterSwap", function () {
+    if (refocus === null) {
+      return;
+    }
+    var href = refocus;
+    refocus = null;
+    var links = document.querySelectorAll("[data-live] a[href]");
+    for (var i = 0; i < links.length; i++) {
+      if (links[i].getAttribute("href") === href) {
+        links[i].focus({ preventScroll: true });
+        return;
+      }
+    }
   });
 
   var source = body.getAttribute("data-events");
@@ -37,13 +83,7 @@
   function refresh() {
     pending = null;
     last = Date.now();
-    if (!window.htmx) {
-      return;
-    }
-    var regions = document.querySelectorAll("[data-live]");
-    for (var i = 0; i < regions.length; i++) {
-      window.htmx.trigger(regions[i], "deepwork:refresh");
-    }
+    refreshRegions();
   }
 
   function schedule() {
@@ -54,15 +94,34 @@
     pending = window.setTimeout(refresh, wait);
   }
 
+  /* The stream's state, in words as well as on the body (for the tests and styles). */
+  var NOTES = {
+    connected: "Live updates on: this page follows the tasks as they change.",
+    reconnecting: "Live updates interrupted: reconnecting…",
+    closed: "Live updates stopped: reload the page to see changes."
+  };
+  function setState(state) {
+    body.setAttribute("data-live-state", state);
+    var note = document.getElementById("live-note");
+    if (note && note.textContent !== NOTES[state]) {
+      note.textContent = NOTES[state];
+    }
+  }
+
   var events = new EventSource(source);
   events.onopen = function () {
-    body.setAttribute("data-live-state", "connected");
+    setState("connected");
   };
   events.onerror = function () {
-    body.setAttribute(
-      "data-live-state",
-      events.readyState === EventSource.CLOSED ? "closed" : "reconnecting"
-    );
+    if (events.readyState !== EventSource.CLOSED) {
+      setState("reconnecting");
+      return;
+    }
+    /* Refused for good (an EventSource does not say why): the session may have
+       ended (a 401, or a restart with another secret). Fetching the live regions
+       once tells: a 401 there reloads the page, to the sign-in page. */
+    setState("closed");
+    refresh();
   };
   events.onmessage = schedule;
   [
