@@ -1403,3 +1403,13 @@ def test_a_page_of_projects_reads_the_storage_a_bounded_number_of_times(
 def test_a_whole_list_of_projects_says_nothing_more(world: World, alice: Client) -> None:
     project(world, fresh())
     assert 'id="projects-more"' not in text(alice.get("/"))
+
+
+def test_an_oversized_form_without_a_session_is_still_answered(client: Client) -> None:
+    """The sign-in page's way back is read from the form; a form too large to read
+    is answered (the sign-in page, with no way back), never raised out of handle()."""
+    for path in ("/retry", "/bulk/apply"):
+        response = client.post(path, {"project_id": "p", "task_id": "t", "pad": "x" * 70_000})
+        assert response.status in (303, 413), response.status
+        location = header(response, "location") or ""
+        assert "next=" not in location
