@@ -472,7 +472,7 @@ def test_slots_are_released_however_the_client_goes(
             received = b""
             while b"id: 1" not in received:
                 chunk = sock.recv(4096)
-                assert chunk, "the stream ended early"
+                assert chunk, f"the stream ended early, after {received!r}"
                 received += chunk
         elif way == "reset":
             sock.setsockopt(
