@@ -94,7 +94,9 @@ def test_a_person_retries_the_blocked_demo_task_within_a_minute(
     wait(person, status_is(person, "assigned", "in progress", "done"), "the retry did not show")
     wait(person, status_is(person, "done"), "the demo executor's run did not show")
     assert_not_reloaded(person, marker)
-    assert time.monotonic() - started < ONE_MINUTE
+    elapsed = time.monotonic() - started
+    print(f"from the server's start to the retry seen done: {elapsed:.1f} s")
+    assert elapsed < ONE_MINUTE
     person.shot("demo-task-retried")
 
 
