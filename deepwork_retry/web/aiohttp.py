@@ -180,7 +180,6 @@ def dashboard_routes(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> list[web.RouteDef]:
     """The operator dashboard's route definitions under ``prefix`` (the extra ``dashboard``).
@@ -189,8 +188,7 @@ def dashboard_routes(
     :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
     stream slots; ``options`` go to
     :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
-    ``secure``). ``api_prefix`` is where the JSON API is mounted (the pages link to
-    none of its routes). Prefer :func:`mount_dashboard`, which also ends the
+    ``secure``). Prefer :func:`mount_dashboard`, which also ends the
     dashboard's live streams when the application shuts down.
     """
     dashboard = _dashboard(
@@ -207,7 +205,6 @@ def mount_dashboard(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> None:
     """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`);

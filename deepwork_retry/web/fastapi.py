@@ -204,7 +204,6 @@ def dashboard_routes(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> APIRouter:
     """An ``APIRouter`` serving the operator dashboard under ``prefix`` (the extra
@@ -214,8 +213,7 @@ def dashboard_routes(
     :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
     stream slots; ``options`` go to
     :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
-    ``secure``). ``api_prefix`` is where the JSON API is mounted (the pages link to
-    none of its routes).
+    ``secure``).
     """
     from deepwork_retry.web.dashboard import AsyncDashboard
 
@@ -241,7 +239,6 @@ def mount_dashboard(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> None:
     """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
@@ -252,7 +249,6 @@ def mount_dashboard(
             authorizer,
             secret=secret,
             prefix=prefix,
-            api_prefix=api_prefix,
             **options,
         )
     )

@@ -153,7 +153,6 @@ def dashboard_routes(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     name: str = "deepwork_dashboard",
     **options: Any,
 ) -> Blueprint:
@@ -162,8 +161,7 @@ def dashboard_routes(
     ``service`` is a service (then ``authenticator`` is required) or the
     :class:`RetryAPI` the JSON API already serves, so that both share its stream
     slots; ``options`` go to :class:`~deepwork_retry.web.dashboard.Dashboard`
-    (``session_max_age``, ``secure``). ``api_prefix`` is where the JSON API is
-    mounted (the pages link to none of its routes). The dashboard checks its own
+    (``session_max_age``, ``secure``). The dashboard checks its own
     CSRF token on every form; the cookie is ``Secure`` when ``request.scheme`` is
     https (behind a proxy: werkzeug's ``ProxyFix``, if you trust the proxy).
     """
@@ -184,7 +182,6 @@ def mount_dashboard(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     name: str = "deepwork_dashboard",
     **options: Any,
 ) -> None:
@@ -196,7 +193,6 @@ def mount_dashboard(
             authorizer,
             secret=secret,
             prefix=prefix,
-            api_prefix=api_prefix,
             name=name,
             **options,
         )

@@ -90,7 +90,6 @@ def dashboard_routes(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> list[BaseRoute]:
     """The dashboard's routes under ``prefix`` (one route taking every path below it).
@@ -99,7 +98,7 @@ def dashboard_routes(
     :class:`AsyncRetryAPI` the JSON API already serves, so that both share its
     stream slots; ``options`` go to
     :class:`~deepwork_retry.web.dashboard.AsyncDashboard` (``session_max_age``,
-    ``secure``). ``api_prefix`` is where the JSON API is mounted (unused today).
+    ``secure``).
     """
     from deepwork_retry.web.dashboard import AsyncDashboard
 
@@ -123,7 +122,6 @@ def mount_dashboard(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> None:
     """Serve the dashboard under ``prefix`` in ``app`` (see :func:`dashboard_routes`)."""
@@ -134,7 +132,6 @@ def mount_dashboard(
             authorizer,
             secret=secret,
             prefix=prefix,
-            api_prefix=api_prefix,
             **options,
         )
     )

@@ -98,7 +98,6 @@ def dashboard_routes(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str | None = None,
     **options: Any,
 ) -> list[Any]:
     """The dashboard's URL pattern under ``prefix``, serving ``service`` (or its API).
@@ -106,15 +105,13 @@ def dashboard_routes(
     ``secret`` signs its sessions and CSRF tokens (see
     :class:`~deepwork_retry.web.dashboard.Dashboard`, which takes ``options``).
     Its view is exempt from Django's CSRF middleware: the dashboard checks its own
-    token on every form. ``api_prefix`` is where the JSON API is served (default: the
-    ``PREFIX`` setting); the pages need no link to it.
+    token on every form.
     """
     from django.urls import re_path
 
     from deepwork_retry.web.dashboard import Dashboard
     from deepwork_retry.web.django.views import dashboard_view
 
-    del api_prefix  # the pages link to none of the API's routes
     api = sync_api(service, authenticator, authorizer, adapter=__name__)
     dashboard = Dashboard(api, secret=secret, prefix=prefix, **options)
     return [re_path(_pattern(prefix), dashboard_view(dashboard), name="dashboard")]
@@ -128,7 +125,6 @@ def mount_dashboard(
     *,
     secret: str | bytes,
     prefix: str = "/deep-work",
-    api_prefix: str | None = None,
     **options: Any,
 ) -> None:
     """Serve the operator dashboard under ``prefix``, adding its URL pattern to ``urlpatterns``.
@@ -147,7 +143,6 @@ def mount_dashboard(
             authorizer,
             secret=secret,
             prefix=prefix,
-            api_prefix=api_prefix,
             **options,
         )
     )
