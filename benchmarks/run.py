@@ -10,7 +10,8 @@ missed target is a row marked ``no``, a comparison that cannot run here is a
 row marked ``unavailable: <reason>``.
 
 NAMES: memory, sqlite, sqlite-scale, postgres, postgres-scale, concurrency,
-http, pocketpaw, procrastinate, django, sqlalchemy, telemetry.
+http, pocketpaw, procrastinate, django, sqlalchemy, telemetry, dispatch, queues,
+relay, bulk, storm, longrun, processes, queue-peers.
 
 PostgreSQL: ``$DEEPWORK_BENCH_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``); the benchmarks create and drop
@@ -39,11 +40,19 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import _peers  # noqa: E402
+import suite_bulk  # noqa: E402
+import suite_dispatch  # noqa: E402
 import suite_django  # noqa: E402
 import suite_http  # noqa: E402
 import suite_local  # noqa: E402
+import suite_longrun  # noqa: E402
 import suite_pg  # noqa: E402
+import suite_processes  # noqa: E402
+import suite_queue_peers  # noqa: E402
+import suite_queues  # noqa: E402
+import suite_relay  # noqa: E402
 import suite_sqlalchemy  # noqa: E402
+import suite_storm  # noqa: E402
 import suite_telemetry  # noqa: E402
 from _harness import Row, fmt_value, unavailable  # noqa: E402
 
@@ -60,6 +69,14 @@ NAMES = (
     "django",
     "sqlalchemy",
     "telemetry",
+    "dispatch",
+    "queues",
+    "relay",
+    "bulk",
+    "storm",
+    "longrun",
+    "processes",
+    "queue-peers",
 )
 
 
@@ -124,6 +141,14 @@ def build_steps(plan: Plan, scratch: Path, logs: Path) -> list[tuple[str, Callab
         ("django", lambda: suite_django.django_orm(*p.django, scratch)),
         ("sqlalchemy", lambda: suite_sqlalchemy.sqlalchemy(*p.sqlalchemy, scratch)),
         ("telemetry", lambda: suite_telemetry.telemetry(*p.telemetry)),
+        ("dispatch", lambda: suite_dispatch.run(p.quick, scratch, logs)),
+        ("queues", lambda: suite_queues.run(p.quick, scratch, logs)),
+        ("relay", lambda: suite_relay.run(p.quick, scratch, logs)),
+        ("bulk", lambda: suite_bulk.run(p.quick, scratch, logs)),
+        ("storm", lambda: suite_storm.run(p.quick, scratch, logs)),
+        ("longrun", lambda: suite_longrun.run(p.quick, scratch, logs)),
+        ("processes", lambda: suite_processes.run(p.quick, scratch, logs)),
+        ("queue-peers", lambda: suite_queue_peers.run(p.quick, scratch, logs)),
     ]
 
 
