@@ -67,10 +67,10 @@ class Plan:
         if quick:
             self.rounds, self.duration, self.warm, self.pp_tasks = 2, 1.0, 0.0, 100
         else:
-            self.rounds, self.duration, self.warm, self.pp_tasks = 4, 2.0, 1.0, 500
+            self.rounds, self.duration, self.warm, self.pp_tasks = 4, 2.0, 1.0, 300
         # Blocked tasks per library round: above the rate this machine reaches (a round
         # that uses them all stops early; its rate stands).
-        self.per_round = 1500 if quick else int(2500 * self.duration)
+        self.per_round = int(1500 * self.duration)
 
 
 # -- CPU accounting ------------------------------------------------------------------------
