@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-H11_MAX = 32 * 1024
+from deepwork_retry.web._http import MAX_HEADER_BYTES as H11_MAX  # as the demo server
 
 
 def serve(factory: str, port: int) -> None:

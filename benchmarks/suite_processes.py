@@ -53,13 +53,14 @@ from suite_http import (
     run_wrk,
 )
 
+from deepwork_retry.web._http import MAX_HEADER_BYTES as H11_MAX  # as the demo server
+
 GROUP = "processes"
 SCHEMA = "bench_processes"
 TOKEN = "bench-token-0123456789abcdef"
 TEMPLATE = "/api/deep-work/projects/%s/tasks/%%s/retry"
 CONNECTIONS = 16
 TICK = os.sysconf("SC_CLK_TCK")
-H11_MAX = 32 * 1024  # deepwork_retry.web._http.MAX_HEADER_BYTES, as the demo server sets it
 
 
 class Plan:
