@@ -1,7 +1,10 @@
 """The demo's stack on PostgreSQL with 1 and 2 server processes, loaded by wrk.
 
-Servers (``procs_app.py``, each run by uvicorn from an import-string factory,
-``--workers 1`` or ``--workers 2``; gunicorn is not used):
+Servers (``procs_app.py``, each run by uvicorn from an import-string factory)
+with 1 process (``--workers 1``), 2 processes sharing one socket
+(``--workers 2``) and 2 processes on ``SO_REUSEPORT`` sockets of one port
+(``procs_serve.py``: with one shared socket, the worker that wakes first may
+accept all of wrk's connections); gunicorn is not used:
 
 - library: the demo server's application (Starlette adapter, OpenAPI and
   dashboard routes) over ``AsyncPostgresStorage``, access log on as
