@@ -120,3 +120,40 @@ def test_second_serve_on_the_same_port_changes_nothing(
         timeout=10,
     )
     assert 200 == answer.status_code
+
+
+def test_connections_accepted_on_the_serve_socket_send_without_delay() -> None:
+    """The socket serve listens on is made for TCP by its protocol number too, so the event
+    loop turns Nagle's algorithm off on each connection it accepts, as it does on the sockets
+    uvicorn binds itself: else a response written in two parts (head, body) waits for the
+    client's delayed ACK, about 40 ms per request on a kept-alive connection."""
+    import asyncio
+
+    from deepwork_retry.server import listen
+
+    sock = listen("127.0.0.1", 0)
+    seen: dict[str, int] = {}
+
+    async def accept_one() -> None:
+        accepted = asyncio.Event()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = transport.get_extra_info("socket")
+                seen["nodelay"] = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                accepted.set()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            await asyncio.wait_for(accepted.wait(), 10)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        asyncio.run(accept_one())
+    finally:
+        sock.close()
+    assert seen["nodelay"] != 0
