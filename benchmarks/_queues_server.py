@@ -1,0 +1,159 @@
+"""The HTTP side of the ``queues`` group: ``python _queues_server.py PORT TOKEN``.
+
+One uvicorn process serves two routes (the queue comes from the environment
+read by ``_queues_app.py``):
+
+- ``POST /api/deep-work/projects/p/tasks/ID/retry``: the Starlette adapter over
+  ``AsyncSQLiteStorage`` (``synchronous=FULL``, the default) on the shared file,
+  its dispatcher the library's ``AsyncCeleryDispatcher`` or
+  ``AsyncDramatiqDispatcher``;
+- ``POST /floor/projects/p/tasks/ID/retry``: a bare Starlette endpoint that
+  checks the Bearer header, commits one one-row ``UPDATE`` on the same SQLite
+  file (``synchronous=FULL``, WAL), publishes the floor task with the queue's
+  own client (``app.send_task`` / ``broker.enqueue``) and returns a fixed body.
+
+Both note when the publish starts and ends (``time.monotonic()``);
+``GET /bench/times`` returns those notes after the timed requests.
+The server prints ``ready`` once set up.
+"""
+
+from __future__ import annotations
+
+import gc
+import hmac
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _queues_app as q
+import uvicorn
+from http_server import FIXED, PREFIX
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from deepwork_retry._async.services import AsyncRetryService
+from deepwork_retry._core.model import DispatchEntry
+from deepwork_retry.auth import Principal, StaticTokens
+from deepwork_retry.storage.sqlite import AsyncSQLiteStorage
+from deepwork_retry.web.starlette import routes
+
+NOTES: dict[str, dict[str, float]] = {}
+
+
+def note(ident: str, **times: float) -> None:
+    NOTES.setdefault(ident, {}).update(times)
+
+
+def library_dispatcher() -> Any:
+    """The library's async dispatcher for the queue, with the publish timed."""
+    if q.KIND.startswith("celery"):
+        from deepwork_retry.dispatch.celery import AsyncCeleryDispatcher, CeleryDispatcher
+
+        sync_base: Any = CeleryDispatcher
+        async_base: Any = AsyncCeleryDispatcher
+        sync_args: tuple[Any, ...] = (q.app,)
+        sync_kwargs: dict[str, Any] = {"task_name": q.LIB_TASK, "queue": q.QUEUE}
+    else:
+        from deepwork_retry.dispatch.dramatiq import AsyncDramatiqDispatcher, DramatiqDispatcher
+
+        sync_base = DramatiqDispatcher
+        async_base = AsyncDramatiqDispatcher
+        sync_args = (q.broker,)
+        sync_kwargs = {"actor_name": q.LIB_TASK, "queue_name": q.QUEUE}
+
+    class TimedSync(sync_base):  # type: ignore[misc, valid-type]
+        def dispatch(self, entry: DispatchEntry) -> None:
+            t_pub0 = time.monotonic()
+            super().dispatch(entry)
+            note(entry.task_id, t_pub0=t_pub0, t_pub1=time.monotonic())
+
+    class TimedAsync(async_base):  # type: ignore[misc, valid-type]
+        async def dispatch(self, entry: DispatchEntry) -> None:
+            note(entry.task_id, t_hand=time.monotonic())
+            await super().dispatch(entry)
+
+    return TimedAsync(TimedSync(*sync_args, **sync_kwargs))
+
+
+def floor_publish() -> Any:
+    """The queue's own bare publish of the floor task."""
+    if q.KIND.startswith("celery"):
+        app = q.app
+
+        def publish(ident: str) -> None:
+            app.send_task(q.FLOOR_TASK, args=[ident], queue=q.QUEUE, ignore_result=True)
+
+        return publish
+    import dramatiq
+
+    broker = q.broker
+
+    def enqueue(ident: str) -> None:
+        broker.enqueue(
+            dramatiq.Message(
+                queue_name=q.QUEUE, actor_name=q.FLOOR_TASK, args=(ident,), kwargs={}, options={}
+            )
+        )
+
+    return enqueue
+
+
+def build(token: str) -> Starlette:
+    tokens = StaticTokens()
+    tokens.add(token, Principal(id="bench"))
+    service = AsyncRetryService(AsyncSQLiteStorage(q.DB), library_dispatcher())
+
+    conn = sqlite3.connect(q.DB, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    publish = floor_publish()
+    body = json.dumps(FIXED, separators=(",", ":")).encode()
+    expected = f"Bearer {token}".encode()
+
+    async def floor(request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return Response(b'{"detail":"Not authenticated"}', 401, media_type="application/json")
+        ident = request.path_params["task_id"]
+        t_c0 = time.monotonic()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
+        conn.execute("COMMIT")
+        t_c1 = t_pub0 = time.monotonic()
+        publish(ident)
+        note(ident, t_c0=t_c0, t_c1=t_c1, t_pub0=t_pub0, t_pub1=time.monotonic())
+        return Response(body, media_type="application/json")
+
+    async def times(request: Request) -> Response:
+        return JSONResponse(NOTES)
+
+    return Starlette(
+        routes=[
+            Route("/floor/projects/{project_id}/tasks/{task_id}/retry", floor, methods=["POST"]),
+            Route("/bench/times", times, methods=["GET"]),
+            *routes(service, tokens, prefix=PREFIX),
+        ]
+    )
+
+
+def main() -> int:
+    port, token = int(sys.argv[1]), sys.argv[2]
+    app = build(token)
+    gc.collect()
+    gc.freeze()
+    print("ready", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
