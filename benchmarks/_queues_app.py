@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ REPORT_DB = int(os.environ["BENCH_QUEUES_REPORT_DB"])
 REPORTS = "bench_queues:reports"
 LIB_TASK = "bench_queues_lib"
 FLOOR_TASK = "bench_queues_floor"
+FLOOR2_TASK = "bench_queues_floor2"
 
 _client: tuple[int, redis.Redis] | None = None
 
@@ -98,6 +100,27 @@ def floor_body(ident: str) -> None:
     report(side="floor", id=ident, t_body=t_body, t_done=t_body, pid=os.getpid())
 
 
+_conn: tuple[int, sqlite3.Connection] | None = None
+
+
+def floor2_body(ident: str) -> None:
+    """The floor with the worker's commit: its body commits one one-row ``UPDATE``
+    on the shared SQLite file (``synchronous=FULL``) before its end is taken."""
+    global _conn
+    t_body = time.monotonic()
+    if _conn is None or _conn[0] != os.getpid():
+        conn = sqlite3.connect(DB, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        _conn = (os.getpid(), conn)
+    conn = _conn[1]
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
+    conn.execute("COMMIT")
+    t_host = time.monotonic()
+    report(side="floor2", id=ident, t_body=t_body, t_host=t_host, t_done=t_host, pid=os.getpid())
+
+
 app: Any = None
 broker: Any = None
 
@@ -129,6 +152,14 @@ if KIND.startswith("celery"):
         ignore_result=True,
         max_retries=0,
     )(floor_body)
+    app.task(
+        name=FLOOR2_TASK,
+        queue=QUEUE,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=0,
+    )(floor2_body)
 elif KIND == "dramatiq-amqp":
     import dramatiq
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -140,6 +171,9 @@ elif KIND == "dramatiq-amqp":
     deepwork_actor(broker, executor, actor_name=LIB_TASK, queue_name=QUEUE)(attempt)
     dramatiq.actor(actor_name=FLOOR_TASK, queue_name=QUEUE, broker=broker, max_retries=0)(
         floor_body
+    )
+    dramatiq.actor(actor_name=FLOOR2_TASK, queue_name=QUEUE, broker=broker, max_retries=0)(
+        floor2_body
     )
 else:
     raise SystemExit(f"unknown BENCH_QUEUES_KIND {KIND!r}")

@@ -10,7 +10,9 @@ read by ``_queues_app.py``):
 - ``POST /floor/projects/p/tasks/ID/retry``: a bare Starlette endpoint that
   checks the Bearer header, commits one one-row ``UPDATE`` on the same SQLite
   file (``synchronous=FULL``, WAL), publishes the floor task with the queue's
-  own client (``app.send_task`` / ``broker.enqueue``) and returns a fixed body.
+  own client (``app.send_task`` / ``broker.enqueue``) and returns a fixed body;
+- ``POST /floor2/projects/p/tasks/ID/retry``: the same, publishing the task whose
+  body also commits one one-row ``UPDATE`` (the floor with the worker's commit).
 
 Both note when the publish starts and ends (``time.monotonic()``);
 ``GET /bench/times`` returns those notes after the timed requests.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import hmac
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -88,18 +91,18 @@ def floor_publish() -> Any:
     if q.KIND.startswith("celery"):
         app = q.app
 
-        def publish(ident: str) -> None:
-            app.send_task(q.FLOOR_TASK, args=[ident], queue=q.QUEUE, ignore_result=True)
+        def publish(task: str, ident: str) -> None:
+            app.send_task(task, args=[ident], queue=q.QUEUE, ignore_result=True)
 
         return publish
     import dramatiq
 
     broker = q.broker
 
-    def enqueue(ident: str) -> None:
+    def enqueue(task: str, ident: str) -> None:
         broker.enqueue(
             dramatiq.Message(
-                queue_name=q.QUEUE, actor_name=q.FLOOR_TASK, args=(ident,), kwargs={}, options={}
+                queue_name=q.QUEUE, actor_name=task, args=(ident,), kwargs={}, options={}
             )
         )
 
@@ -109,7 +112,29 @@ def floor_publish() -> Any:
 def build(token: str) -> Starlette:
     tokens = StaticTokens()
     tokens.add(token, Principal(id="bench"))
-    service = AsyncRetryService(AsyncSQLiteStorage(q.DB), library_dispatcher())
+    storage = AsyncSQLiteStorage(q.DB)
+    sync = storage.sync
+    mark = sync.mark_delivered
+    if os.environ.get("BENCH_QUEUES_MARK") == "durable":
+        # For comparison only: the delivery mark committed with a wait for the
+        # disk, as the library did before it stopped waiting for it.
+        from deepwork_retry.storage import sqlite as lib_sqlite
+
+        def mark(entries: Any, *, now: Any) -> None:
+            with sync._tx(write=True) as c:
+                lib_sqlite._ENGINE.mark_delivered(c, entries, now=now)
+
+    def timed_mark(entries: Any, *, now: Any) -> None:
+        # After the publish: the delivery mark's commit, which on SQLite takes
+        # the one write lock the worker's start commit needs too.
+        t_mark0 = time.monotonic()
+        mark(entries, now=now)
+        t_mark1 = time.monotonic()
+        for entry in entries:
+            note(entry.task_id, t_mark0=t_mark0, t_mark1=t_mark1)
+
+    sync.mark_delivered = timed_mark  # type: ignore[method-assign]
+    service = AsyncRetryService(storage, library_dispatcher())
 
     conn = sqlite3.connect(q.DB, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -124,12 +149,13 @@ def build(token: str) -> Starlette:
         if not hmac.compare_digest(given, expected):
             return Response(b'{"detail":"Not authenticated"}', 401, media_type="application/json")
         ident = request.path_params["task_id"]
+        task = q.FLOOR2_TASK if request.path_params["floor"] == "floor2" else q.FLOOR_TASK
         t_c0 = time.monotonic()
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
         conn.execute("COMMIT")
         t_c1 = t_pub0 = time.monotonic()
-        publish(ident)
+        publish(task, ident)
         note(ident, t_c0=t_c0, t_c1=t_c1, t_pub0=t_pub0, t_pub1=time.monotonic())
         return Response(body, media_type="application/json")
 
@@ -138,7 +164,7 @@ def build(token: str) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/floor/projects/{project_id}/tasks/{task_id}/retry", floor, methods=["POST"]),
+            Route("/{floor}/projects/{project_id}/tasks/{task_id}/retry", floor, methods=["POST"]),
             Route("/bench/times", times, methods=["GET"]),
             *routes(service, tokens, prefix=PREFIX),
         ]

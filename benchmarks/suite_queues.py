@@ -44,6 +44,7 @@ PIKA_AMQP = AMQP[:-2] + "/%2F" if AMQP.endswith("//") else AMQP
 REPORTS = "bench_queues:reports"
 LIB_PATH = "/api/deep-work/projects/p/tasks/%s/retry"
 FLOOR_PATH = "/floor/projects/p/tasks/%s/retry"
+FLOOR2_PATH = "/floor2/projects/p/tasks/%s/retry"
 WARMUP = 5
 
 # (label, kind, broker URL, queue name)
@@ -151,19 +152,22 @@ class Client:
         self.conn.close()
 
 
-def prepare_db(path: Path, tasks: int) -> tuple[list[str], list[str]]:
-    """The shared SQLite file: ``tasks`` blocked tasks, and the floor's table of as many rows."""
+def prepare_db(path: Path, tasks: int) -> tuple[list[str], list[str], list[str]]:
+    """The shared SQLite file: ``tasks`` blocked tasks, and the floors' table of rows."""
     storage = SQLiteStorage(str(path))
     lib_ids = add_blocked(storage, "p", tasks)
     storage.close()
     floor_ids = [f"f{i:07d}" for i in range(tasks)]
+    floor2_ids = [f"g{i:07d}" for i in range(tasks)]
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("CREATE TABLE bench_queues_floor (id TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        conn.executemany("INSERT INTO bench_queues_floor VALUES (?, 0)", [(i,) for i in floor_ids])
+        conn.executemany(
+            "INSERT INTO bench_queues_floor VALUES (?, 0)", [(i,) for i in floor_ids + floor2_ids]
+        )
     finally:
         conn.close()
-    return lib_ids, floor_ids
+    return lib_ids, floor_ids, floor2_ids
 
 
 def cleanup_amqp(queue: str) -> dict[str, Any]:
@@ -210,6 +214,10 @@ def spans(
             add("publish", n["t_pub1"] - n["t_pub0"])
             add("publish_to_body", s["t_body"] - n["t_pub0"])
             add("answer_after_publish", s["t_ans"] - n["t_pub1"])
+        if "t_mark0" in n:
+            add("mark", n["t_mark1"] - n["t_mark0"])
+            # How long the worker's start began while the web's delivery mark held on.
+            add("start_under_mark", max(0.0, n["t_mark1"] - s["t_body"]))
         if "t_host" in s:
             add("start_commit", s["t_host"] - s["t_body"])
         elif "t_c0" in n:
@@ -232,7 +240,7 @@ def one_queue(
     db = scratch / f"bench_queues_{kind}.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    lib_ids, floor_ids = prepare_db(db, tasks)
+    lib_ids, floor_ids, floor2_ids = prepare_db(db, tasks)
     env = {
         **os.environ,
         "BENCH_QUEUES_KIND": kind,
@@ -266,12 +274,15 @@ def one_queue(
             client.one(FLOOR_PATH, floor_ids[i], "floor")
         for i in range(WARMUP):
             client.one(LIB_PATH, lib_ids[i], "library")
+            client.one(FLOOR2_PATH, floor2_ids[i], "floor2")
         extra["ready_s"] = round(time.monotonic() - started, 3)
 
         lib_used: list[str] = []
         floor_used: list[str] = []
+        floor2_used: list[str] = []
         lib_fig = Figure("library", "us")
         floor_fig = Figure("floor", "us")
+        floor2_fig = Figure("floor with a commit in the task body", "us")
 
         def side(
             path: str, ids: list[str], used: list[str], name: str
@@ -291,12 +302,14 @@ def one_queue(
             [
                 (lib_fig, side(LIB_PATH, lib_ids, lib_used, "library")),
                 (floor_fig, side(FLOOR_PATH, floor_ids, floor_used, "floor")),
+                (floor2_fig, side(FLOOR2_PATH, floor2_ids, floor2_used, "floor2")),
             ],
             rounds,
         )
         notes = client.times()
         lib_parts = spans([client.samples[i] for i in lib_used], notes, lib_used)
         floor_parts = spans([client.samples[i] for i in floor_used], notes, floor_used)
+        floor2_parts = spans([client.samples[i] for i in floor2_used], notes, floor2_used)
         extra["seconds"] = round(time.monotonic() - started, 3)
         extra["rounds"] = rounds
         extra["per_round"] = per_round
@@ -308,6 +321,11 @@ def one_queue(
         floor_fig.extra.update(
             extra, parts=floor_parts, timestamps=[client.samples[i] for i in floor_used]
         )
+        floor2_fig.extra.update(
+            extra, parts=floor2_parts, timestamps=[client.samples[i] for i in floor2_used]
+        )
+        overlapped = [x for x in lib_parts.get("start_under_mark", []) if x > 0]
+        lib_fig.extra["starts_during_the_delivery_mark"] = len(overlapped)
         rows = [
             Row(
                 GROUP,
@@ -316,7 +334,14 @@ def one_queue(
                 floor_fig,
                 target=TARGET,
                 bound=1.2,
-            )
+            ),
+            Row(
+                GROUP,
+                f"{label}: the same, vs the floor with one more commit in the task body",
+                lib_fig,
+                floor2_fig,
+                target="report",
+            ),
         ]
         parts = [
             ("answer", "HTTP answer (request → response)"),
@@ -324,15 +349,24 @@ def one_queue(
             ("commit_to_publish", "commit done → publish starts"),
             ("publish", "publish call (until the broker client returns)"),
             ("publish_to_body", "publish starts → task body starts (broker, worker)"),
-            ("start_commit", "worker's start commit vs the floor's commit"),
+            ("start_commit", "worker's start (its commit) vs a one-row commit in the task body"),
+            ("mark", "the web's delivery mark (after the publish) vs the floor's commit"),
         ]
+
+        def reference(key: str) -> Figure:
+            if key == "start_commit":  # the floor with a commit in the task body: that commit
+                return Figure("floor's task-body commit", "us", floor2_parts.get(key, []))
+            if key == "mark":  # the floor's own commit, before its publish
+                return Figure("floor's commit", "us", floor_parts.get("start_commit", []))
+            return Figure("floor", "us", floor_parts.get(key, []))
+
         for key, name in parts:
             rows.append(
                 Row(
                     GROUP,
                     f"{label}: {name}",
                     Figure("library", "us", lib_parts.get(key, [])),
-                    Figure("floor", "us", floor_parts.get(key, [])),
+                    reference(key),
                     target="report",
                 )
             )
@@ -354,7 +388,7 @@ def one_queue(
 
 def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
     """The group's rows (sizes smaller with ``quick``)."""
-    rounds, per_round = (4, 10) if quick else (12, 25)
+    rounds, per_round = (4, 10) if quick else (14, 30)
     try:
         reports = redis_client()
         reports.ping()
