@@ -65,11 +65,14 @@ class TimedExecutor(ExecutorService):
     """
 
     body: ClassVar[dict[tuple[str, int], float]] = {}
+    started: ClassVar[dict[tuple[str, int], float]] = {}
     host: ClassVar[dict[tuple[str, int], float]] = {}
 
     def start(self, project_id: str, task_id: str, token: int) -> Any:
         self.body[(task_id, token)] = time.monotonic()
-        return super().start(project_id, task_id, token)
+        result = super().start(project_id, task_id, token)
+        self.started[(task_id, token)] = time.monotonic()
+        return result
 
     def succeed(self, project_id: str, task_id: str, token: int) -> Any:
         result = super().succeed(project_id, task_id, token)
@@ -78,6 +81,7 @@ class TimedExecutor(ExecutorService):
             side="library",
             id=task_id,
             t_body=self.body.pop(key),
+            t_started=self.started.pop(key),
             t_host=self.host.pop(key),
             t_done=time.monotonic(),
             pid=os.getpid(),

@@ -220,6 +220,11 @@ def spans(
             add("start_under_mark", max(0.0, n["t_mark1"] - s["t_body"]))
         if "t_host" in s:
             add("start_commit", s["t_host"] - s["t_body"])
+        if "t_started" in s:
+            # The library's start: the call (load, the write, its commit), then
+            # what run_attempt does before the host's code (the heartbeat thread).
+            add("start_call", s["t_started"] - s["t_body"])
+            add("started_to_host", s["t_host"] - s["t_started"])
         elif "t_c0" in n:
             add("start_commit", n["t_c1"] - n["t_c0"])
     return out
