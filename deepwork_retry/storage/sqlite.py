@@ -266,8 +266,10 @@ class SQLiteStorage:
 
     ``timeout`` bounds the wait for another writer (seconds); ``synchronous``
     ``"FULL"`` makes every commit durable across power loss, ``"NORMAL"``
-    only across process crashes (faster). ``read_only=True`` opens the file
-    for reading: reads work, every write raises
+    only across process crashes (faster). The outbox's delivery marks are
+    always committed as with ``"NORMAL"``: losing one only lets a relay
+    deliver the entry again, which the attempt's fencing token makes harmless.
+    ``read_only=True`` opens the file for reading: reads work, every write raises
     :class:`~deepwork_retry.exceptions.StorageReadOnly`. ``create=False``
     opens only an existing, fully migrated database: a missing file, or one
     without the current schema, raises
