@@ -7,7 +7,9 @@ or Dramatiq broker. The environment chooses the queue:
     BENCH_QUEUES_KIND       celery-redis, celery-amqp or dramatiq-amqp
     BENCH_QUEUES_BROKER     the broker URL
     BENCH_QUEUES_QUEUE      the queue name (``bench_queues_*``)
+    BENCH_QUEUES_STORE      sqlite (the default) or postgres
     BENCH_QUEUES_DB         the SQLite file the library's tasks live in
+    BENCH_QUEUES_DSN        with postgres: the server, and BENCH_QUEUES_SCHEMA the schema
     BENCH_QUEUES_REPORT_DB  the Redis db number the worker reports its timestamps to
 
 Two tasks share the queue and the worker: the library's (``deepwork_task`` /
@@ -25,6 +27,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +42,9 @@ KIND = os.environ["BENCH_QUEUES_KIND"]
 BROKER = os.environ["BENCH_QUEUES_BROKER"]
 QUEUE = os.environ["BENCH_QUEUES_QUEUE"]
 DB = os.environ["BENCH_QUEUES_DB"]
+STORE = os.environ.get("BENCH_QUEUES_STORE", "sqlite")
+DSN = os.environ.get("BENCH_QUEUES_DSN", "")
+SCHEMA = os.environ.get("BENCH_QUEUES_SCHEMA", "")
 REPORT_DB = int(os.environ["BENCH_QUEUES_REPORT_DB"])
 REPORTS = "bench_queues:reports"
 LIB_TASK = "bench_queues_lib"
@@ -90,6 +96,10 @@ class TimedExecutor(ExecutorService):
 
 
 def executor() -> ExecutorService:
+    if STORE == "postgres":
+        from deepwork_retry.storage.postgres import PostgresStorage
+
+        return TimedExecutor(PostgresStorage(DSN, schema=SCHEMA, max_size=2, migrate=False))
     return TimedExecutor(SQLiteStorage(DB))
 
 
@@ -104,23 +114,44 @@ def floor_body(ident: str) -> None:
     report(side="floor", id=ident, t_body=t_body, t_done=t_body, pid=os.getpid())
 
 
-_conn: tuple[int, sqlite3.Connection] | None = None
+def floor_commit() -> Callable[[str], None]:
+    """One one-row ``UPDATE``, committed durably, on the storage the library uses."""
+    if STORE == "postgres":
+        import psycopg
+
+        pg = psycopg.connect(DSN)
+        sql = f'UPDATE "{SCHEMA}".bench_queues_floor SET n = n + 1 WHERE id = %s'
+
+        def commit_pg(ident: str) -> None:
+            pg.execute(sql, (ident,))
+            pg.commit()
+
+        return commit_pg
+    conn = sqlite3.connect(DB, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 5000")
+
+    def commit_sqlite(ident: str) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
+        conn.execute("COMMIT")
+
+    return commit_sqlite
+
+
+_commit: tuple[int, Callable[[str], None]] | None = None
 
 
 def floor2_body(ident: str) -> None:
     """The floor with the worker's commit: its body commits one one-row ``UPDATE``
-    on the shared SQLite file (``synchronous=FULL``) before its end is taken."""
-    global _conn
+    on the shared storage (SQLite ``synchronous=FULL``, or PostgreSQL) before its
+    end is taken."""
+    global _commit
     t_body = time.monotonic()
-    if _conn is None or _conn[0] != os.getpid():
-        conn = sqlite3.connect(DB, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        _conn = (os.getpid(), conn)
-    conn = _conn[1]
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
-    conn.execute("COMMIT")
+    if _commit is None or _commit[0] != os.getpid():
+        _commit = (os.getpid(), floor_commit())
+    _commit[1](ident)
     t_host = time.monotonic()
     report(side="floor2", id=ident, t_body=t_body, t_host=t_host, t_done=t_host, pid=os.getpid())
 

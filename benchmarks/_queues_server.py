@@ -4,12 +4,13 @@ One uvicorn process serves two routes (the queue comes from the environment
 read by ``_queues_app.py``):
 
 - ``POST /api/deep-work/projects/p/tasks/ID/retry``: the Starlette adapter over
-  ``AsyncSQLiteStorage`` (``synchronous=FULL``, the default) on the shared file,
+  ``AsyncSQLiteStorage`` (``synchronous=FULL``, the default) on the shared file
+  (or ``AsyncPostgresStorage`` on the shared schema),
   its dispatcher the library's ``AsyncCeleryDispatcher`` or
   ``AsyncDramatiqDispatcher``;
 - ``POST /floor/projects/p/tasks/ID/retry``: a bare Starlette endpoint that
   checks the Bearer header, commits one one-row ``UPDATE`` on the same SQLite
-  file (``synchronous=FULL``, WAL), publishes the floor task with the queue's
+  file (``synchronous=FULL``, WAL) or PostgreSQL schema, publishes the floor task with the queue's
   own client (``app.send_task`` / ``broker.enqueue``) and returns a fixed body;
 - ``POST /floor2/projects/p/tasks/ID/retry``: the same, publishing the task whose
   body also commits one one-row ``UPDATE`` (the floor with the worker's commit).
@@ -21,13 +22,14 @@ The server prints ``ready`` once set up.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hmac
 import json
 import os
-import sqlite3
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,57 @@ def library_dispatcher() -> Any:
     return TimedAsync(TimedSync(*sync_args, **sync_kwargs))
 
 
+def library_storage() -> tuple[Any, Any]:
+    """The library's async storage, its delivery mark timed, and the lifespan that opens it."""
+    if q.STORE == "postgres":
+        from deepwork_retry.storage.postgres import AsyncPostgresStorage
+
+        pg = AsyncPostgresStorage(q.DSN, schema=q.SCHEMA, max_size=4, migrate=False)
+        mark_async = pg.mark_delivered
+
+        async def timed_mark_async(entries: Any, *, now: Any) -> None:
+            t_mark0 = time.monotonic()
+            await mark_async(entries, now=now)
+            t_mark1 = time.monotonic()
+            for entry in entries:
+                note(entry.task_id, t_mark0=t_mark0, t_mark1=t_mark1)
+
+        pg.mark_delivered = timed_mark_async  # type: ignore[method-assign]
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: object) -> AsyncIterator[None]:
+            # The pool belongs to the event loop that opens it.
+            await pg.open()
+            yield
+            await pg.close()
+
+        return pg, lifespan
+
+    storage = AsyncSQLiteStorage(q.DB)
+    sync = storage.sync
+    mark = sync.mark_delivered
+    if os.environ.get("BENCH_QUEUES_MARK") == "durable":
+        # For comparison only: the delivery mark committed with a wait for the
+        # disk, as the library did before it stopped waiting for it.
+        from deepwork_retry.storage import sqlite as lib_sqlite
+
+        def mark(entries: Any, *, now: Any) -> None:
+            with sync._tx(write=True) as c:
+                lib_sqlite._ENGINE.mark_delivered(c, entries, now=now)
+
+    def timed_mark(entries: Any, *, now: Any) -> None:
+        # After the publish: the delivery mark's commit, which on SQLite takes
+        # the one write lock the worker's start commit needs too.
+        t_mark0 = time.monotonic()
+        mark(entries, now=now)
+        t_mark1 = time.monotonic()
+        for entry in entries:
+            note(entry.task_id, t_mark0=t_mark0, t_mark1=t_mark1)
+
+    sync.mark_delivered = timed_mark  # type: ignore[method-assign]
+    return storage, None
+
+
 def floor_publish() -> Any:
     """The queue's own bare publish of the floor task."""
     if q.KIND.startswith("celery"):
@@ -112,34 +165,9 @@ def floor_publish() -> Any:
 def build(token: str) -> Starlette:
     tokens = StaticTokens()
     tokens.add(token, Principal(id="bench"))
-    storage = AsyncSQLiteStorage(q.DB)
-    sync = storage.sync
-    mark = sync.mark_delivered
-    if os.environ.get("BENCH_QUEUES_MARK") == "durable":
-        # For comparison only: the delivery mark committed with a wait for the
-        # disk, as the library did before it stopped waiting for it.
-        from deepwork_retry.storage import sqlite as lib_sqlite
-
-        def mark(entries: Any, *, now: Any) -> None:
-            with sync._tx(write=True) as c:
-                lib_sqlite._ENGINE.mark_delivered(c, entries, now=now)
-
-    def timed_mark(entries: Any, *, now: Any) -> None:
-        # After the publish: the delivery mark's commit, which on SQLite takes
-        # the one write lock the worker's start commit needs too.
-        t_mark0 = time.monotonic()
-        mark(entries, now=now)
-        t_mark1 = time.monotonic()
-        for entry in entries:
-            note(entry.task_id, t_mark0=t_mark0, t_mark1=t_mark1)
-
-    sync.mark_delivered = timed_mark  # type: ignore[method-assign]
+    storage, lifespan = library_storage()
     service = AsyncRetryService(storage, library_dispatcher())
-
-    conn = sqlite3.connect(q.DB, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA busy_timeout = 5000")
+    commit = q.floor_commit()
     publish = floor_publish()
     body = json.dumps(FIXED, separators=(",", ":")).encode()
     expected = f"Bearer {token}".encode()
@@ -151,9 +179,7 @@ def build(token: str) -> Starlette:
         ident = request.path_params["task_id"]
         task = q.FLOOR2_TASK if request.path_params["floor"] == "floor2" else q.FLOOR_TASK
         t_c0 = time.monotonic()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE bench_queues_floor SET n = n + 1 WHERE id = ?", (ident,))
-        conn.execute("COMMIT")
+        commit(ident)
         t_c1 = t_pub0 = time.monotonic()
         publish(task, ident)
         note(ident, t_c0=t_c0, t_c1=t_c1, t_pub0=t_pub0, t_pub1=time.monotonic())
@@ -167,7 +193,8 @@ def build(token: str) -> Starlette:
             Route("/{floor}/projects/{project_id}/tasks/{task_id}/retry", floor, methods=["POST"]),
             Route("/bench/times", times, methods=["GET"]),
             *routes(service, tokens, prefix=PREFIX),
-        ]
+        ],
+        lifespan=lifespan,
     )
 
 

@@ -40,6 +40,7 @@ GROUP = "queues"
 TARGET = "≤ 1.2x"
 REDIS_DB = int(os.environ.get("DEEPWORK_BENCH_QUEUES_REDIS_DB", "13"))
 AMQP = os.environ.get("DEEPWORK_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+DSN = os.environ.get("DEEPWORK_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PIKA_AMQP = AMQP[:-2] + "/%2F" if AMQP.endswith("//") else AMQP
 REPORTS = "bench_queues:reports"
 LIB_PATH = "/api/deep-work/projects/p/tasks/%s/retry"
@@ -170,6 +171,51 @@ def prepare_db(path: Path, tasks: int) -> tuple[list[str], list[str], list[str]]
     return lib_ids, floor_ids, floor2_ids
 
 
+def drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def prepare_pg(schema: str, tasks: int) -> tuple[list[str], list[str], list[str]]:
+    """The shared PostgreSQL schema: as :func:`prepare_db`, in the schema ``schema``."""
+    import psycopg
+
+    from deepwork_retry.storage.postgres import PostgresStorage
+
+    drop_schema(schema)
+    storage = PostgresStorage(DSN, schema=schema, max_size=2)
+    try:
+        lib_ids = add_blocked(storage, "p", tasks)
+    finally:
+        storage.close()
+    floor_ids = [f"f{i:07d}" for i in range(tasks)]
+    floor2_ids = [f"g{i:07d}" for i in range(tasks)]
+    with psycopg.connect(DSN) as conn:
+        conn.execute(
+            f'CREATE TABLE "{schema}".bench_queues_floor (id text PRIMARY KEY, n int NOT NULL)'
+        )
+        with conn.cursor() as cur:
+            cur.executemany(
+                f'INSERT INTO "{schema}".bench_queues_floor VALUES (%s, 0)',
+                [(i,) for i in floor_ids + floor2_ids],
+            )
+    return lib_ids, floor_ids, floor2_ids
+
+
+def pg_available() -> str | None:
+    """Why PostgreSQL cannot be used, or ``None``."""
+    try:
+        import psycopg
+
+        with psycopg.connect(DSN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - the reason goes into the row
+        return f"PostgreSQL at {DSN} unreachable ({type(exc).__name__})"
+    return None
+
+
 def cleanup_amqp(queue: str) -> dict[str, Any]:
     """Delete the queue(s) and exchange this run declared on RabbitMQ."""
     import kombu
@@ -235,6 +281,7 @@ def one_queue(
     kind: str,
     broker: str,
     queue: str,
+    store: str,
     rounds: int,
     per_round: int,
     scratch: Path,
@@ -243,10 +290,17 @@ def one_queue(
     started = time.monotonic()
     tasks = WARMUP + rounds * per_round
     db = scratch / f"bench_queues_{kind}.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    lib_ids, floor_ids, floor2_ids = prepare_db(db, tasks)
+    schema = "bench_queues_" + kind.replace("-", "_")
+    if store == "postgres":
+        lib_ids, floor_ids, floor2_ids = prepare_pg(schema, tasks)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        lib_ids, floor_ids, floor2_ids = prepare_db(db, tasks)
     env = {
+        "BENCH_QUEUES_STORE": store,
+        "BENCH_QUEUES_DSN": DSN,
+        "BENCH_QUEUES_SCHEMA": schema,
         **os.environ,
         "BENCH_QUEUES_KIND": kind,
         "BENCH_QUEUES_BROKER": broker,
@@ -262,12 +316,12 @@ def one_queue(
     client: Client | None = None
     extra: dict[str, Any] = {"broker": broker.replace("guest:guest@", ""), "queue": queue}
     try:
-        worker = Worker(kind, queue, env, logs / f"queues-{kind}-worker.log")
+        worker = Worker(kind, queue, env, logs / f"queues-{kind}-{store}-worker.log")
         port = free_port()
         server = Server(
             [sys.executable, str(HERE / "_queues_server.py"), str(port), TOKEN],
             port,
-            logs / f"queues-{kind}-server.log",
+            logs / f"queues-{kind}-{store}-server.log",
             env=env,
         )
         client = Client(port, reports)
@@ -319,7 +373,11 @@ def one_queue(
         extra["rounds"] = rounds
         extra["per_round"] = per_round
         extra["worker"] = " ".join(worker.argv[2:])
-        extra["storage"] = "SQLite file, synchronous=FULL, WAL, shared by server and worker"
+        extra["storage"] = (
+            f"PostgreSQL schema {schema}, shared by server and worker"
+            if store == "postgres"
+            else "SQLite file, synchronous=FULL, WAL, shared by server and worker"
+        )
         lib_fig.extra.update(
             extra, parts=lib_parts, timestamps=[client.samples[i] for i in lib_used]
         )
@@ -389,11 +447,13 @@ def one_queue(
         elif kind.endswith("amqp"):
             extra["cleanup"] = cleanup_amqp(queue)
         reports.close()
+        if store == "postgres":
+            drop_schema(schema)
 
 
 def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
     """The group's rows (sizes smaller with ``quick``)."""
-    rounds, per_round = (4, 10) if quick else (14, 30)
+    rounds, per_round = (2, 10) if quick else (10, 25)
     try:
         reports = redis_client()
         reports.ping()
@@ -407,12 +467,23 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
         reason = f"Redis at 127.0.0.1:6379 unreachable ({type(exc).__name__})"
         return [unavailable(GROUP, label, reason, TARGET) for label, *_ in CONFIGS]
     rows: list[Row] = []
-    for label, kind, broker, queue in CONFIGS:
-        if kind.endswith("amqp") and not port_open("127.0.0.1", 5672):
-            rows.append(unavailable(GROUP, label, "RabbitMQ at 127.0.0.1:5672 unreachable", TARGET))
-            continue
-        try:
-            rows.extend(one_queue(label, kind, broker, queue, rounds, per_round, scratch, logs))
-        except Exception as exc:  # noqa: BLE001 - one queue failing leaves the others
-            rows.append(unavailable(GROUP, label, f"{type(exc).__name__}: {exc}"[:160], TARGET))
+    no_pg = pg_available()
+    for store, store_label in (("sqlite", "SQLite"), ("postgres", "PostgreSQL")):
+        for label, kind, broker, queue in CONFIGS:
+            name = f"{label}, {store_label}"
+            if store == "postgres" and quick and kind != "celery-redis":
+                continue  # the smoke run keeps one PostgreSQL queue
+            if store == "postgres" and no_pg:
+                rows.append(unavailable(GROUP, name, no_pg, TARGET))
+                continue
+            if kind.endswith("amqp") and not port_open("127.0.0.1", 5672):
+                reason = "RabbitMQ at 127.0.0.1:5672 unreachable"
+                rows.append(unavailable(GROUP, name, reason, TARGET))
+                continue
+            try:
+                rows.extend(
+                    one_queue(name, kind, broker, queue, store, rounds, per_round, scratch, logs)
+                )
+            except Exception as exc:  # noqa: BLE001 - one queue failing leaves the others
+                rows.append(unavailable(GROUP, name, f"{type(exc).__name__}: {exc}"[:160], TARGET))
     return rows
