@@ -5,13 +5,16 @@ For each queue: ``POST .../tasks/T/retry`` over real HTTP to a uvicorn process
 ``synchronous=FULL``, its dispatcher the library's Celery or Dramatiq one) up to
 the moment the host's code starts the attempt in a real worker process
 (``celery worker`` / ``dramatiq`` started here, ``_queues_app.py``), which
-shares the SQLite file. The floor goes through the same server, broker, queue
-and worker: a bare Starlette endpoint commits one one-row ``UPDATE`` on the same
-file and publishes a bare task with the queue's own client; its end is the
-moment that task's body starts. Requests are sequential, each retries a distinct
-blocked task, and the two sides alternate in rounds. Every timestamp is
-``time.monotonic()``, one clock for all the processes; the worker reports its
-own through a Redis list after the timed work.
+shares the SQLite file; then the same with a PostgreSQL schema shared instead
+(``--quick`` keeps only Celery on Redis there). The floor goes through the same
+server, broker, queue and worker: a bare Starlette endpoint commits one one-row
+``UPDATE`` on the same storage and publishes a bare task with the queue's own
+client; its end is the moment that task's body starts. A second floor's task
+body also commits one one-row ``UPDATE`` before its end (a report row).
+Requests are sequential, each retries a distinct blocked task, and the three
+sides alternate in rounds. Every timestamp is ``time.monotonic()``, one clock
+for all the processes; the worker reports its own through a Redis list after
+the timed work.
 """
 
 from __future__ import annotations
