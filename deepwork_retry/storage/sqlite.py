@@ -266,8 +266,10 @@ class SQLiteStorage:
 
     ``timeout`` bounds the wait for another writer (seconds); ``synchronous``
     ``"FULL"`` makes every commit durable across power loss, ``"NORMAL"``
-    only across process crashes (faster). ``read_only=True`` opens the file
-    for reading: reads work, every write raises
+    only across process crashes (faster). The outbox's delivery marks are
+    always committed as with ``"NORMAL"``: losing one only lets a relay
+    deliver the entry again, which the attempt's fencing token makes harmless.
+    ``read_only=True`` opens the file for reading: reads work, every write raises
     :class:`~deepwork_retry.exceptions.StorageReadOnly`. ``create=False``
     opens only an existing, fully migrated database: a missing file, or one
     without the current schema, raises
@@ -573,15 +575,23 @@ class SQLiteStorage:
         cursor.execute("BEGIN IMMEDIATE")
 
     @contextmanager
-    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, write: bool, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction on a borrowed connection; rolled back on any error, and the
-        connection's cursors closed, before the error leaves."""
+        connection's cursors closed, before the error leaves.
+
+        ``durable=False`` commits a write with ``synchronous = NORMAL`` (no wait
+        for the disk; with WAL still atomic, and made durable by the next
+        ``FULL`` commit of any connection); the connection is back to
+        ``synchronous`` before it is lent again."""
         writer, due = self._write_turn() if write else (None, 0.0)
+        relaxed = write and not durable and self.synchronous != "NORMAL"
         try:
             with self._translating():
                 conn = self._checkout()
                 reusable = True
                 try:
+                    if relaxed:
+                        conn.execute("PRAGMA synchronous = NORMAL")
                     if write:
                         self._begin_write(conn, due)
                     else:
@@ -594,6 +604,11 @@ class SQLiteStorage:
                             conn.execute("ROLLBACK")
                         except sqlite3.Error:
                             reusable = False  # in an unknown state: never lend it again
+                    if relaxed and reusable:
+                        try:
+                            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                        except sqlite3.Error:
+                            reusable = False  # it might commit without syncing: never lend it
                     if reusable:
                         self._checkin(conn)
                     else:
@@ -775,7 +790,12 @@ class SQLiteStorage:
             return _ENGINE.claim_due(c, now=now, limit=limit, claimed_until=claimed_until)
 
     def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
-        with self._tx(write=True) as c:
+        # Not worth a wait for the disk: a mark lost to a power cut (as one never
+        # written after a crash between the publish and here) only lets a relay
+        # deliver the entry again once its claim lapses, and the attempt's
+        # fencing token makes that second delivery run nothing. Meanwhile this
+        # commit holds the one write lock the worker's ``start`` needs.
+        with self._tx(write=True, durable=False) as c:
             _ENGINE.mark_delivered(c, entries, now=now)
 
     def mark_failed(
