@@ -22,7 +22,8 @@ ROLE is one of
   ``AsyncioDispatcher`` (woken by ``wait_for_work`` on PostgreSQL, polling
   every POLL seconds on SQLite). ``floor``: psycopg ``LISTEN`` + a
   ``FOR UPDATE SKIP LOCKED`` claim of one row (PostgreSQL), or a bare poll
-  loop claiming one row every POLL seconds (SQLite).
+  loop claiming one row every POLL seconds (SQLite); the floor's executor is
+  a plain call right after the claim (its ``dispatch`` mark is the claim's end).
 
 STORE is ``sqlite:PATH`` or ``pg:SCHEMA``. Every process writes its marks to
 the named pipe FIFO, one line each (``KIND TASK MONOTONIC``, atomic below
@@ -291,6 +292,7 @@ def relay_floor(store: str, poll: float) -> None:
             if row is None:
                 stop.wait(poll)
                 continue
+            mark("dispatch", row[0])
             mark("start", row[0])
         return
     import psycopg
@@ -311,6 +313,7 @@ def relay_floor(store: str, poll: float) -> None:
             row = worker.execute(pg_claim, prepare=True).fetchone()
             if row is None:
                 break
+            mark("dispatch", row[0])
             mark("start", row[0])
 
 

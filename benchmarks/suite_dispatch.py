@@ -16,7 +16,9 @@ outside the timed path. Rounds alternate between the library and the floor.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import itertools
 import os
 import random
 import select
@@ -303,7 +305,10 @@ SPLIT_NAMES = {
 }
 
 
-def split_rows(name: str, lib: Side, ref: Side, parts: list[str]) -> list[Row]:
+def split_rows(
+    name: str, lib: Side, ref: Side, parts: list[str], rename: dict[str, str] | None = None
+) -> list[Row]:
+    names = {**SPLIT_NAMES, **(rename or {})}
     rows = []
     for part in parts:
         a, b = lib.splits[part], ref.splits[part]
@@ -312,7 +317,7 @@ def split_rows(name: str, lib: Side, ref: Side, parts: list[str]) -> list[Row]:
         rows.append(
             Row(
                 GROUP,
-                f"  {name}: {SPLIT_NAMES[part]}",
+                f"  {name}: {names[part]}",
                 Figure(lib.figure.label, "us", list(a)),
                 Figure(ref.figure.label, "us", list(b)),
                 target="report",
@@ -407,7 +412,7 @@ def relay(
                 side.stop()
     for side in (lib, ref):
         side.figure.extra["poll_interval_s"] = poll
-    parts = ["answer", "commit_to_start"]
+    parts = ["answer", "commit_to_dispatch", "dispatch_to_start"]
     if pg:
         row = Row(
             GROUP,
@@ -431,7 +436,96 @@ def relay(
             target="report",
             note=f"poll_interval {poll:g}s on both sides; sequential, {rounds}x{per_round}",
         )
-    return [row, *split_rows(name, lib, ref, parts)]
+    rename = {"commit_to_dispatch": "commit → claimed (wake-up, claim)"}
+    return [row, *split_rows(name, lib, ref, parts, rename)]
+
+
+def wal_pages(scratch: Path, count: int) -> list[Row]:
+    """Pages each commit appends to the WAL: a retry of the library against the floor's UPDATE.
+
+    On SQLite ``FULL`` every commit ends with one ``fdatasync`` of the WAL; what
+    it costs grows with what the commit wrote. No checkpoint runs meanwhile
+    (``count`` commits stay below the 1000-page auto-checkpoint).
+    """
+    import struct
+    from datetime import datetime, timezone
+
+    from deepwork_retry import RetryBudget
+    from deepwork_retry.storage.sqlite import SQLiteStorage
+
+    store = scratch / "dispatch-wal"
+    store.mkdir(exist_ok=True)
+    lib_store, floor_store = (
+        s.partition(":")[2] for s in sqlite_stores(store, count)
+    )  # fmt: skip
+    figures = []
+    for path, label in (
+        (lib_store, "library retry_blocked"),
+        (floor_store, "floor one-row UPDATE"),
+    ):
+        check = sqlite3.connect(path, isolation_level=None)
+        page = int(check.execute("PRAGMA page_size").fetchone()[0])
+        check.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        wal = Path(f"{path}-wal")
+        figure = Figure(label, "pages")
+        sizes = [wal.stat().st_size if wal.exists() else 0]
+        if path == lib_store:
+            storage = SQLiteStorage(path)
+            now = datetime.now(timezone.utc)
+            for i in range(count):
+                storage.retry_blocked(
+                    "p", f"t{i:07d}", now=now, actor=None, reason=None,
+                    budget=RetryBudget.ONE_MORE, claimed_until=now, idempotency_key=None,
+                    idempotency_expires_at=None,
+                )  # fmt: skip
+                sizes.append(wal.stat().st_size)
+            storage.close()
+        else:
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA synchronous = FULL")
+            for i in range(count):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE jobs SET state = 'ready', n = n + 1, seq = ? WHERE id = ?",
+                    (i, f"t{i:07d}"),
+                )
+                conn.execute("COMMIT")
+                sizes.append(wal.stat().st_size)
+            conn.close()
+        header = 32 if sizes[0] == 0 else 0
+        figure.samples = [
+            (b - a - (header if n == 0 else 0)) / (page + 24)
+            for n, (a, b) in enumerate(itertools.pairwise(sizes))
+        ]
+        # Which table or index each appended page belongs to (dbstat names the b-trees).
+        data = wal.read_bytes()
+        owners: dict[int, str] = {}
+        with contextlib.suppress(sqlite3.Error):
+            owners = dict(check.execute("SELECT pageno, name FROM dbstat").fetchall())
+        per_tree: dict[str, int] = {}
+        offset = 32
+        while offset + 24 <= len(data):
+            number = struct.unpack(">I", data[offset : offset + 4])[0]
+            tree = owners.get(number, "?")
+            per_tree[tree] = per_tree.get(tree, 0) + 1
+            offset += 24 + page
+        figure.extra.update(
+            commits=count,
+            page_size=page,
+            wal_frames_per_tree_per_commit={k: v / count for k, v in sorted(per_tree.items())},
+        )
+        check.close()
+        figures.append(figure)
+    return [
+        Row(
+            GROUP,
+            "  SQLite FULL: WAL pages appended per commit (fsynced at once)",
+            figures[0],
+            figures[1],
+            target="report",
+            note=f"{count} commits each; per table and index in the JSON",
+        )
+    ]
 
 
 def guarded(name: str, target: str, build: Any, *args: Any) -> list[Row]:
@@ -478,6 +572,7 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
                 logs,
                 direct_sizes,
             )
+        rows += guarded("WAL pages", "report", wal_pages, scratch, 50)
         for poll, sizes in ((0.05, relay_sizes), (1.0, slow_sizes)):
             title = f"relay-only, SQLite, poll {poll:g} s"
             if sizes is None:
