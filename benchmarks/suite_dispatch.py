@@ -89,6 +89,7 @@ class Proc:
     """A process of ``dispatch_server.py`` in its own session (stopped with its group)."""
 
     def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
         self.handle = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "dispatch_server.py"), *argv],
@@ -138,19 +139,12 @@ class Side:
             "commit_to_start": [],
         }
         self.port = free_port()
-        fifo = str(marks.path)
-        tag = f"{web}-{store.split(':')[0]}"
-        if relay is not None:
-            kind, poll = relay
-            self.procs.append(
-                Proc(["relay", kind, store, fifo, str(poll)], logs / f"dispatch-relay-{tag}.log")
-            )
-            marks.wait("ready", f"relay-{kind}", timeout=60)
-        web_proc = Proc(
-            ["web", web, store, fifo, str(self.port), TOKEN], logs / f"dispatch-web-{tag}.log"
-        )
-        self.procs.append(web_proc)
-        wait_port(self.port, web_proc.proc, 60)
+        try:
+            self._start(web, store, logs, relay)
+        except BaseException:
+            for proc in reversed(self.procs):
+                proc.stop()
+            raise
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         self.headers = {"Authorization": f"Bearer {TOKEN}", "Content-Length": "0"}
         self.last_body = b""
@@ -158,6 +152,31 @@ class Side:
         # sequential client falls into step with the polls and always waits one full interval.
         self.jitter = relay[1] if relay is not None and store.startswith("sqlite") else 0.0
         self.rng = random.Random(7)
+
+    def _start(self, web: str, store: str, logs: Path, relay: tuple[str, float] | None) -> None:
+        fifo = str(self.marks.path)
+        tag = f"{web}-{store.split(':')[0]}"
+        if relay is not None:
+            kind, poll = relay
+            proc = Proc(["relay", kind, store, fifo, str(poll)], logs / f"dispatch-relay-{tag}.log")
+            self.procs.append(proc)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self.marks.wait("ready", f"relay-{kind}", timeout=0.5)
+                    break
+                except TimeoutError:
+                    if proc.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"relay exited with {proc.proc.returncode}: see {proc.log.name}"
+                        ) from None
+                    if time.monotonic() > deadline:
+                        raise
+        web_proc = Proc(
+            ["web", web, store, fifo, str(self.port), TOKEN], logs / f"dispatch-web-{tag}.log"
+        )
+        self.procs.append(web_proc)
+        wait_port(self.port, web_proc.proc, 60)
 
     def one(self, record: bool) -> None:
         task = f"t{self.next:07d}"
