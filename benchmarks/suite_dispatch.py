@@ -20,7 +20,6 @@ import contextlib
 import http.client
 import itertools
 import os
-import random
 import select
 import sqlite3
 import subprocess
@@ -38,6 +37,7 @@ GROUP = "dispatch"
 PATH = "/api/deep-work/projects/p/tasks/%s/retry"
 LIB_SCHEMA, FLOOR_SCHEMA = "bench_dispatch_lib", "bench_dispatch_floor"
 RELAY_TARGET_MS = 50.0
+GOLDEN = (5**0.5 - 1) / 2
 USED: dict[str, int] = {}
 """Tasks already retried in each store: every comparison takes tasks nobody retried."""
 
@@ -148,10 +148,12 @@ class Side:
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         self.headers = {"Authorization": f"Bearer {TOKEN}", "Content-Length": "0"}
         self.last_body = b""
-        # A relay that polls: each request at a random phase of its interval, else a
-        # sequential client falls into step with the polls and always waits one full interval.
+        # A relay that polls: each request at its own phase of the interval, else a
+        # sequential client falls into step with the polls and always waits one full
+        # interval. The phases are a Weyl sequence (k times the golden ratio, modulo 1):
+        # spread evenly over the interval for any number of requests, the same on both sides.
         self.jitter = relay[1] if relay is not None and store.startswith("sqlite") else 0.0
-        self.rng = random.Random(7)
+        self.sent = 0
 
     def _start(self, web: str, store: str, logs: Path, relay: tuple[str, float] | None) -> None:
         fifo = str(self.marks.path)
@@ -183,7 +185,8 @@ class Side:
         self.next += 1
         marks = self.marks
         if self.jitter:
-            time.sleep(self.rng.uniform(0, self.jitter))
+            time.sleep(self.jitter * ((0.5 + self.sent * GOLDEN) % 1.0))
+        self.sent += 1
         t0 = time.monotonic()
         self.conn.request("POST", PATH % task, headers=self.headers)
         reply = self.conn.getresponse()
