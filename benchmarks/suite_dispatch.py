@@ -240,6 +240,10 @@ def compare(lib: Side, ref: Side, rounds: int, per_round: int, warmup: int) -> N
             side.one(False)
     for r in range(rounds):
         for side in (lib, ref) if r % 2 == 0 else (ref, lib):
+            if side.jitter:
+                # The other side's round let this relay's polls drift: one request
+                # (not counted) puts the next one's phase back in step with its poll.
+                side.one(False)
             side.round(per_round)
     lib.finish()
     ref.finish()
