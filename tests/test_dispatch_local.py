@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -254,6 +256,44 @@ def test_asyncio_dispatcher_with_services() -> None:
         return result.dispatch.status, seen
 
     assert ("dispatched", [("p", "t", 2)]) == asyncio.run(main())
+
+
+def test_asyncio_dispatched_work_starts_before_the_delivery_is_recorded() -> None:
+    """A task the AsyncioDispatcher scheduled takes its first step before the delivery
+    is recorded, after a request's retry and in the relay, rather than waiting behind
+    that write."""
+
+    async def main() -> list[tuple[str, bool]]:
+        clock = FakeClock()
+        sync = MemoryStorage()
+        _blocked_task(sync, clock)
+        executor = ExecutorService(sync, RecordingDispatcher(), policy=POLICY, clock=clock)
+        executor.add_task("p", "t2", max_retries=0)
+        executor.assign("p", "t2")
+        executor.start("p", "t2", 1)
+        executor.fail("p", "t2", 1, TaskError(type="Boom", message="failed"))
+        started: list[tuple[str, str, int]] = []
+        recorded: list[tuple[str, bool]] = []
+
+        class Recording(AsyncMemoryStorage):
+            async def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: Any) -> None:
+                for entry in entries:
+                    recorded.append((entry.task_id, entry.key in started))
+                await super().mark_delivered(entries, now=now)
+
+        async def work(entry: DispatchEntry) -> None:
+            started.append(entry.key)
+
+        storage = Recording(sync)
+        dispatcher = AsyncioDispatcher(work)
+        await AsyncRetryService(storage, dispatcher, clock=clock).retry("p", "t")
+        # No dispatcher: the retry leaves its entry to the relay.
+        await AsyncRetryService(storage, clock=clock).retry("p", "t2")
+        assert 1 == await AsyncOutboxRelay(storage, dispatcher, clock=clock).run_once()
+        await dispatcher.aclose()
+        return recorded
+
+    assert [("t", True), ("t2", True)] == asyncio.run(main())
 
 
 # -- the outbox relay as a running component ---------------------------------------------

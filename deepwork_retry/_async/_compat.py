@@ -45,6 +45,11 @@ def start_soon(call: Callable[[], Awaitable[None]]) -> None:
     task.add_done_callback(_STARTED.discard)
 
 
+async def let_scheduled_run() -> None:
+    """Yield to the loop once: tasks scheduled meanwhile take their first step."""
+    await asyncio.sleep(0)
+
+
 async def sleep(seconds: float) -> None:
     """Wait ``seconds`` (the sync twin blocks the thread)."""
     await asyncio.sleep(seconds)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import deepwork_retry._trace as _trace
-from deepwork_retry._async._compat import ASYNCHRONOUS, Event, wait_or_stop
+from deepwork_retry._async._compat import ASYNCHRONOUS, Event, let_scheduled_run, wait_or_stop
 from deepwork_retry._core import decide
 from deepwork_retry._core.inputs import (
     MAX_ID_LENGTH,
@@ -323,6 +323,10 @@ class _AsyncShell:
             telemetry = _trace.current
             if telemetry is not None:
                 telemetry.delivered(delivered, self._source, delivered_at)
+            # Work the dispatcher scheduled on this loop (an AsyncioDispatcher's
+            # tasks) starts before the delivery is recorded, rather than after the
+            # recording's first wait, behind the storage's own thread.
+            await let_scheduled_run()
             try:
                 await self.storage.mark_delivered(delivered, now=delivered_at)
             except Exception:  # noqa: BLE001 - logged with its traceback

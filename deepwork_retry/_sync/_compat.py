@@ -34,6 +34,10 @@ def start_soon(call: Callable[[], None]) -> None:
         log.error("a callback started after a commit failed", exc_info=True)
 
 
+def let_scheduled_run() -> None:
+    """Nothing to do: without a loop, nothing waits for a turn (the async twin yields)."""
+
+
 def sleep(seconds: float) -> None:
     """Wait ``seconds``, blocking the thread."""
     time.sleep(seconds)

@@ -52,7 +52,7 @@ from deepwork_retry._core.results import (
 from deepwork_retry._core.retention import PRUNE_BATCH, Pruned, Retention
 from deepwork_retry._core.states import ProjectStatus, RetryBudget, TaskStatus
 from deepwork_retry._log import emit
-from deepwork_retry._sync._compat import ASYNCHRONOUS, Event, wait_or_stop
+from deepwork_retry._sync._compat import ASYNCHRONOUS, Event, let_scheduled_run, wait_or_stop
 from deepwork_retry._wiring import check_kind, check_parts
 from deepwork_retry.exceptions import (
     DeepworkError,
@@ -322,6 +322,10 @@ class _Shell:
             telemetry = _trace.current
             if telemetry is not None:
                 telemetry.delivered(delivered, self._source, delivered_at)
+            # Work the dispatcher scheduled on this loop (an AsyncioDispatcher's
+            # tasks) starts before the delivery is recorded, rather than after the
+            # recording's first wait, behind the storage's own thread.
+            let_scheduled_run()
             try:
                 self.storage.mark_delivered(delivered, now=delivered_at)
             except Exception:  # noqa: BLE001 - logged with its traceback
