@@ -36,7 +36,7 @@ def library(schema: str, batch: int, client: Any, key: str, dsn: str) -> Any:
     from deepwork_retry import OutboxRelay
     from deepwork_retry.storage.postgres import PostgresStorage
 
-    storage = PostgresStorage(dsn, schema=schema, max_size=2)
+    storage = PostgresStorage(dsn, schema=schema, min_size=1, max_size=1)
     relay = OutboxRelay(storage, RedisDispatcher(client, key), batch=batch)
 
     def drain() -> tuple[int, int]:

@@ -99,23 +99,20 @@ def make_schema(size: int) -> None:
         conn.commit()
 
 
-def refill(count: int) -> float:
+def refill(conn: Any, count: int) -> float:
     """Make ``count`` entries pending again (the first ``count`` tasks); seconds it took."""
-    import psycopg
-
     s = f'"{SCHEMA}"'
     t0 = time.perf_counter()
-    with psycopg.connect(dsn(), autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {s}.outbox")
-        conn.execute(
-            f"INSERT INTO {s}.outbox (project_id, task_id, attempt, state, available_at,"
-            " created_at, tries, seq, pending_seq)"
-            f" SELECT project_id, id, attempt, 'pending', now() - interval '1 minute', now(), 0,"
-            f" nextval('{s}.outbox_order'), currval('{s}.outbox_order')"
-            f" FROM (SELECT project_id, id, attempt FROM {s}.tasks ORDER BY id LIMIT %s) AS t",
-            (count,),
-        )
-        conn.execute(f"VACUUM ANALYZE {s}.outbox")
+    conn.execute(f"TRUNCATE {s}.outbox")
+    conn.execute(
+        f"INSERT INTO {s}.outbox (project_id, task_id, attempt, state, available_at,"
+        " created_at, tries, seq, pending_seq)"
+        f" SELECT project_id, id, attempt, 'pending', now() - interval '1 minute', now(), 0,"
+        f" nextval('{s}.outbox_order'), currval('{s}.outbox_order')"
+        f" FROM (SELECT project_id, id, attempt FROM {s}.tasks ORDER BY id LIMIT %s) AS t",
+        (count,),
+    )
+    conn.execute(f"VACUUM ANALYZE {s}.outbox")
     return time.perf_counter() - t0
 
 
@@ -127,13 +124,10 @@ def server_settings() -> dict[str, str]:
         return {n: str(conn.execute(f"SHOW {n}").fetchone()[0]) for n in names}  # type: ignore[index]
 
 
-def delivered_rows() -> int:
-    import psycopg
-
-    with psycopg.connect(dsn(), autocommit=True) as conn:
-        row = conn.execute(
-            f"SELECT count(*) FROM \"{SCHEMA}\".outbox WHERE state = 'delivered'"
-        ).fetchone()
+def delivered_rows(conn: Any) -> int:
+    row = conn.execute(
+        f"SELECT count(*) FROM \"{SCHEMA}\".outbox WHERE state = 'delivered'"
+    ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -204,15 +198,17 @@ def published(client: Any, key: str, expected: int) -> dict[str, int]:
     }
 
 
-def side(figure: Figure, pool: Pool, relays: int, backlog: int, client: Any, time_us: bool) -> Any:
+def side(
+    admin: Any, figure: Figure, pool: Pool, relays: int, backlog: int, client: Any, time_us: bool
+) -> Any:
     """A side for :func:`alternate`: one drain per round; its rate (entries/s) as the
     sample, or with ``time_us`` its time (µs) and the rate in ``extra``."""
 
     def run(_r: int) -> list[float]:
-        refill_s = refill(backlog)
+        refill_s = refill(admin, backlog)
         seconds, reports = pool.drain(relays)
         check = published(client, pool.key, backlog)
-        check["rows_delivered"] = delivered_rows()
+        check["rows_delivered"] = delivered_rows(admin)
         figure.extra.setdefault("drain_s", []).append(seconds)
         figure.extra.setdefault("refill_s", []).append(refill_s)
         figure.extra.setdefault("per_relay", []).append(
@@ -249,13 +245,17 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
         return [unavailable(GROUP, "relay throughput, PostgreSQL", reason, target)]
     import redis
 
-    backlog, rounds, big = (5_000, 2, 25_000) if quick else (20_000, 3, 100_000)
+    backlog, rounds, big = (5_000, 2, 25_000) if quick else (15_000, 3, 100_000)
     relay_counts = (1, 2, 4)
     key = f"bench_relay:{os.getpid()}"
     client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     client.delete(key + ":lib", key + ":floor")
     rows: list[Row] = []
     pools: list[Pool] = []
+    import psycopg
+
+    # One connection for the set-up and the checks: the server's connections are shared.
+    admin = psycopg.connect(dsn(), autocommit=True)
     try:
         t0 = time.perf_counter()
         make_schema(big)
@@ -276,8 +276,8 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
             lib.extra["commits_per_batch"], floor.extra["commits_per_batch"] = 2, 1
             alternate(
                 [
-                    (lib, side(lib, lib_pool, relays, backlog, client, False)),
-                    (floor, side(floor, floor_pool, relays, backlog, client, False)),
+                    (lib, side(admin, lib, lib_pool, relays, backlog, client, False)),
+                    (floor, side(admin, floor, floor_pool, relays, backlog, client, False)),
                 ],
                 rounds,
             )
@@ -292,8 +292,8 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
                 fig.extra.update(relays=relays, backlog=big, batch=BATCH)
             alternate(
                 [
-                    (lib, side(lib, lib_pool, relays, big, client, True)),
-                    (floor, side(floor, floor_pool, relays, big, client, True)),
+                    (lib, side(admin, lib, lib_pool, relays, big, client, True)),
+                    (floor, side(admin, floor, floor_pool, relays, big, client, True)),
                 ],
                 1,
             )
@@ -304,6 +304,7 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
     finally:
         for pool in pools:
             pool.close()
+        admin.close()
         with contextlib.suppress(Exception):
             client.delete(key + ":lib", key + ":floor")
             client.close()
