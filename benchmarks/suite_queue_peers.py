@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import _peers
+import suite_local
 import suite_pg
 from _fixtures import add_blocked, chunks
 from _harness import Figure, Row, alternate, per_op_rounds, unavailable
@@ -162,8 +163,8 @@ class InProcessStart:
 
 
 def _sizes(quick: bool) -> tuple[int, int, int, int, int]:
-    """(rounds, per round, FULL per round, worker rounds, worker per round)."""
-    return (6, 60, 15, 4, 10) if quick else (16, 150, 25, 10, 30)
+    """(rounds, per round, FULL and PostgreSQL per round, worker rounds, worker per round)."""
+    return (6, 60, 15, 4, 10) if quick else (20, 150, 40, 10, 25)
 
 
 def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
@@ -177,20 +178,30 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
             rows.append(unavailable(GROUP, f"manual retry vs {CALLS[name]}", got, "≤ 1.0x"))
         else:
             pythons[name] = got
+    if not pythons:
+        return rows
     reason = flush_redis()
     if reason:
         return rows + [unavailable(GROUP, f"manual retry vs {CALLS[n]}", reason) for n in pythons]
     drivers: dict[str, PeerDriver] = {}
     workers: list[tuple[subprocess.Popen[Any], Any]] = []
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     try:
         for name, python in pythons.items():
             drivers[name] = PeerDriver(name, python, logs)
         rows += latency(drivers, rounds, per_round, full_per_round, scratch)
+        seconds["manual retry latency"] = time.perf_counter() - t0
         # Failed first, by each driver, then the workers start: none takes a job early.
         _failed_jobs(drivers, "worker", WARMUP + w_rounds * w_per_round)
         for name, python in pythons.items():
             workers.append(start_worker(name, python, logs))
+        seconds["worker setup"] = time.perf_counter() - t0 - sum(seconds.values())
         rows += worker_start(drivers, w_rounds, w_per_round, scratch)
+        seconds["retry to worker start"] = time.perf_counter() - t0 - sum(seconds.values())
+        for row in rows:
+            if row.library is not None:
+                row.library.extra["group_seconds"] = seconds
     finally:
         for driver in drivers.values():
             driver.close()
@@ -231,14 +242,30 @@ def latency(
         fig.extra.update(per_round=count, rounds=rounds, journal="WAL", synchronous=sync)
         libs[sync] = fig
         sides.append((fig, per_op_rounds(RetryService(storage).retry, chunks(items, rounds))))
+    # Where the NORMAL retry's time goes, on twin files of the same content: the sqlite
+    # group's bare retry transaction, and the library's own statements alone.
+    twin, floor_path, items = suite_local._sqlite_twins(
+        scratch, "qpeers-twins", "NORMAL", 1, rounds * per_round, extra=("sql",)
+    )
+    twin.close()
+    floor = suite_local.SQLiteFloor(floor_path, "NORMAL")
+    bare = suite_local.LibraryStatements(scratch / "qpeers-twins-sql.db", "NORMAL")
+    closers += [floor.close, bare.close]
+    parts = {
+        "floor": Figure("bare sqlite3 retry transaction (NORMAL), 5 statements", "us"),
+        "sql": Figure("the library's statements alone (NORMAL)", "us"),
+    }
+    for key, op in (("floor", floor.retry), ("sql", bare.retry)):
+        parts[key].extra.update(per_round=per_round, rounds=rounds)
+        sides.append((parts[key], per_op_rounds(op, chunks(items, rounds))))
     pg_reason = suite_pg.reachable()
     if pg_reason is None:
         storage = suite_pg.pg_storage(PG_SCHEMA)
         closers.append(storage.close)
         closers.append(lambda: suite_pg.drop_schema(PG_SCHEMA))
-        items = [("p", tid) for tid in add_blocked(storage, "p", rounds * per_round)]
+        items = [("p", tid) for tid in add_blocked(storage, "p", rounds * full_per_round)]
         fig = Figure("RetryService(PostgresStorage).retry", "us")
-        fig.extra.update(per_round=per_round, rounds=rounds, dsn=suite_pg.dsn())
+        fig.extra.update(per_round=full_per_round, rounds=rounds, dsn=suite_pg.dsn())
         libs["PostgreSQL"] = fig
         sides.append((fig, per_op_rounds(RetryService(storage).retry, chunks(items, rounds))))
     refs: dict[str, Figure] = {}
@@ -270,6 +297,17 @@ def latency(
         if pg_reason is not None:
             rows.append(
                 unavailable(GROUP, f"manual retry (PostgreSQL) vs {CALLS[name]}", pg_reason)
+            )
+        for key, what in (("floor", "bare SQLite retry"), ("sql", "library's SQL alone")):
+            rows.append(
+                Row(
+                    GROUP,
+                    f"{what} (NORMAL) vs {CALLS[name]}",
+                    parts[key],
+                    ref,
+                    target="report",
+                    note="what bounds the NORMAL row: the storage's own work without the library",
+                )
             )
     return rows
 

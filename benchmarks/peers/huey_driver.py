@@ -8,7 +8,7 @@ the result store, and the caller re-runs it with ``Result.reschedule()``, which
 revokes the old task id and enqueues a copy under a new id. That is the call
 timed here. Commands, one per line on stdin, one JSON line answered:
 
-- ``facts``: Huey's version.
+- ``facts``: Huey's version and one Redis round trip (PING, median).
 - ``setup QUEUE N``: enqueue N tasks on the Huey instance ``bench_qpeers_QUEUE``
   (``call`` or ``worker``) and fail each of them through Huey's own
   ``dequeue`` + ``execute`` in this process, as a consumer would (the error
@@ -33,6 +33,7 @@ import sys
 import time
 
 from huey import RedisHuey
+from redis import Redis
 
 STARTED = "bench_qpeers:started"
 URL = os.environ.get("BENCH_QPEERS_REDIS", "redis://127.0.0.1:6379/14")
@@ -64,6 +65,16 @@ def wait_error(huey: RedisHuey, task_id: str, deadline: float) -> None:
     raise TimeoutError(f"task {task_id} did not fail again in time")
 
 
+def ping_median(conn: Redis, n: int = 500) -> float:
+    """One loopback round trip to Redis from this process (PING), median of ``n``, µs."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        conn.ping()
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return sorted(samples)[n // 2]
+
+
 def main() -> int:
     import huey_driver  # the consumer finds the tasks under this module's name
 
@@ -78,7 +89,11 @@ def main() -> int:
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "facts":
-            answer = {"huey": __import__("huey").__version__}
+            conn = huey_driver.hueys["call"].storage.conn
+            answer = {
+                "huey": __import__("huey").__version__,
+                "redis_ping_us_median": ping_median(conn),
+            }
         elif cmd == "setup":
             name, n = args[0], int(args[1])
             huey = huey_driver.hueys[name]

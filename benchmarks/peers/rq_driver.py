@@ -5,7 +5,8 @@
 
 The driver reads one command per line on stdin and answers one JSON line:
 
-- ``facts``: the Redis server's version and persistence settings.
+- ``facts``: the Redis server's version and persistence settings, and one
+  round trip (PING, median).
 - ``setup QUEUE N``: enqueue N jobs on ``bench_qpeers_QUEUE`` and fail each of
   them through RQ's own ``SimpleWorker`` (burst mode, in this process), so they
   sit in the queue's ``FailedJobRegistry`` as a worker leaves them; answers
@@ -62,6 +63,16 @@ def wait_failed(job: Job, deadline: float) -> None:
     raise TimeoutError(f"job {job.id} did not fail again in time")
 
 
+def ping_median(conn: Redis, n: int = 500) -> float:
+    """One loopback round trip to Redis from this process (PING), median of ``n``, µs."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        conn.ping()
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return sorted(samples)[n // 2]
+
+
 def main() -> int:
     url = sys.argv[1]
     if sys.argv[2:] == ["worker"]:
@@ -80,6 +91,7 @@ def main() -> int:
                 "redis_version": info.get("redis_version"),
                 **{k: config.get(k) for k in ("appendonly", "appendfsync", "save")},
                 "rq": __import__("rq").__version__,
+                "redis_ping_us_median": ping_median(conn),
             }
         elif cmd == "setup":
             name, n = args[0], int(args[1])
