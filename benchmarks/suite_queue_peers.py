@@ -12,8 +12,9 @@ otherwise), flushed before and after.
   ``FailedJobRegistry.requeue(job_id)`` of a failed job and Huey's
   ``Result.reschedule()`` of a failed task; all sides in the same alternating rounds.
 - retry → worker start: from the call until the job body starts running. Peers: a
-  real worker process of the peer (RQ's default forking ``Worker``; Huey's consumer
-  with one worker thread) picks the job from Redis; the body's first line takes
+  real worker process of the peer (RQ's default ``Worker``, which forks a work horse
+  per job, and RQ's ``SimpleWorker``, which does not; Huey's consumer with one
+  worker thread) picks the job from Redis; the body's first line takes
   ``time.monotonic_ns()``. Library: ``RetryService(SQLiteStorage(NORMAL),
   ThreadPoolDispatcher(fn))``, in one process; ``fn``'s first line takes the time.
 """
@@ -46,10 +47,11 @@ CALLS = {
     "rq": "RQ FailedJobRegistry.requeue",
     "huey": "Huey Result.reschedule",
 }
-WORKERS = {
-    "rq": "RQ Worker (forks a work horse per job)",
-    "huey": "Huey consumer (1 worker thread)",
-}
+WORKERS = (  # (peer, queue and worker kind, what the worker is)
+    ("rq", "worker", "RQ Worker (forks a work horse per job)"),
+    ("rq", "simple", "RQ SimpleWorker (no fork)"),
+    ("huey", "worker", "Huey consumer (1 worker thread)"),
+)
 PG_SCHEMA = "bench_qpeers_pg"
 WARMUP = 5
 
@@ -118,10 +120,12 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait(10)
 
 
-def start_worker(name: str, python: Path, logs: Path) -> tuple[subprocess.Popen[Any], Any]:
-    log = (logs / f"queue-peers-{name}-worker.log").open("wb")
+def start_worker(
+    name: str, kind: str, python: Path, logs: Path
+) -> tuple[subprocess.Popen[Any], Any]:
+    log = (logs / f"queue-peers-{name}-{kind}.log").open("wb")
     proc = subprocess.Popen(
-        [str(python), str(HERE / "peers" / f"{name}_driver.py"), redis_url(), "worker"],
+        [str(python), str(HERE / "peers" / f"{name}_driver.py"), redis_url(), kind],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -164,7 +168,7 @@ class InProcessStart:
 
 def _sizes(quick: bool) -> tuple[int, int, int, int, int]:
     """(rounds, per round, FULL and PostgreSQL per round, worker rounds, worker per round)."""
-    return (6, 60, 15, 4, 10) if quick else (20, 150, 40, 10, 25)
+    return (6, 50, 10, 3, 10) if quick else (20, 150, 40, 10, 25)
 
 
 def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
@@ -193,9 +197,12 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
         rows += latency(drivers, rounds, per_round, full_per_round, scratch)
         seconds["manual retry latency"] = time.perf_counter() - t0
         # Failed first, by each driver, then the workers start: none takes a job early.
-        _failed_jobs(drivers, "worker", WARMUP + w_rounds * w_per_round)
-        for name, python in pythons.items():
-            workers.append(start_worker(name, python, logs))
+        for name, kind, _ in WORKERS:
+            if name in drivers:
+                _failed_jobs({name: drivers[name]}, kind, WARMUP + w_rounds * w_per_round)
+        for name, kind, _ in WORKERS:
+            if name in pythons:
+                workers.append(start_worker(name, kind, pythons[name], logs))
         seconds["worker setup"] = time.perf_counter() - t0 - sum(seconds.values())
         rows += worker_start(drivers, w_rounds, w_per_round, scratch)
         seconds["retry to worker start"] = time.perf_counter() - t0 - sum(seconds.values())
@@ -327,29 +334,34 @@ def worker_start(
         calls: dict[str, list[float]] = {}
         slices = chunks(items[WARMUP:], rounds)
         sides: list[tuple[Figure, Any]] = [(lib, lambda r: ours.round(slices[r]))]
-        for name, driver in drivers.items():
-            driver.ask(f"start {WARMUP}")  # the worker is up and has run once
-            refs[name] = Figure(f"{CALLS[name]} → {WORKERS[name]} starts the body", "us")
-            calls[name] = []
+        for name, kind, what in WORKERS:
+            if name not in drivers:
+                continue
+            driver = drivers[name]
+            driver.ask(f"start {kind} {WARMUP}")  # the worker is up and has run once
+            refs[what] = Figure(f"{CALLS[name]} → {what} starts the body", "us")
+            calls[what] = []
 
-            def side(_r: int, d: PeerDriver = driver, into: list[float] = calls[name]) -> Any:
-                answer = d.ask(f"start {per_round}")
+            def side(
+                _r: int, d: PeerDriver = driver, k: str = kind, into: list[float] = calls[what]
+            ) -> Any:
+                answer = d.ask(f"start {k} {per_round}")
                 into.extend(answer["call_us"])
                 return answer["us"]
 
-            sides.append((refs[name], side))
+            sides.append((refs[what], side))
         alternate(sides, rounds)
         lib.extra.update(rounds=rounds, per_round=per_round, retry_call_us=list(ours.call_us))
     finally:
         ours.close()
         storage.close()
     rows = []
-    for name, ref in refs.items():
-        ref.extra.update(rounds=rounds, per_round=per_round, requeue_call_us=calls[name])
+    for what, ref in refs.items():
+        ref.extra.update(rounds=rounds, per_round=per_round, requeue_call_us=calls[what])
         rows.append(
             Row(
                 GROUP,
-                f"retry → worker start vs {name}",
+                f"retry → worker start vs {what}",
                 lib,
                 ref,
                 target="report",

@@ -15,7 +15,7 @@ timed here. Commands, one per line on stdin, one JSON line answered:
   lands in the result store); answers ``{"ok": N}``.
 - ``run K``: ``reschedule()`` the next K failed tasks of ``call``, timing each
   call; answers ``{"us": [...]}``.
-- ``start K``: for each of the next K failed tasks of ``worker``: reschedule it
+- ``start worker K``: for each of the next K failed tasks of ``worker``: reschedule it
   and wait until the consumer process has started the task body (the body
   pushes ``time.monotonic_ns()`` first thing, one clock for every process on
   Linux) and has stored its error; answers ``{"us": [...], "call_us": [...]}``.
@@ -116,7 +116,7 @@ def main() -> int:
                 samples.append((time.perf_counter_ns() - t0) / 1000)
             answer = {"us": samples}
         elif cmd == "start":
-            k = int(args[0])
+            k = int(args[1])
             huey = huey_driver.hueys["worker"]
             conn = huey.storage.conn
             batch, failed["worker"] = failed["worker"][:k], failed["worker"][k:]

@@ -1,7 +1,8 @@
 """Drives RQ's manual requeue of failed jobs; runs in the peer's own virtualenv.
 
     python rq_driver.py REDIS_URL            # the driver, spoken to over pipes
-    python rq_driver.py REDIS_URL worker     # a real RQ worker on the "worker" queue
+    python rq_driver.py REDIS_URL worker     # RQ's default Worker on the "worker" queue
+    python rq_driver.py REDIS_URL simple     # RQ's SimpleWorker on the "simple" queue
 
 The driver reads one command per line on stdin and answers one JSON line:
 
@@ -13,7 +14,8 @@ The driver reads one command per line on stdin and answers one JSON line:
   ``{"ok": N}``.
 - ``run K``: requeue the next K failed jobs of queue ``call`` with
   ``FailedJobRegistry.requeue``, timing each call; answers ``{"us": [...]}``.
-- ``start K``: for each of the next K failed jobs of queue ``worker``: requeue
+- ``start QUEUE K``: for each of the next K failed jobs of ``QUEUE`` (``worker``
+  or ``simple``): requeue
   it and wait until the worker process has started the job body (the body
   pushes ``time.monotonic_ns()`` first thing, one clock for every process on
   Linux) and has finished with the job; answers ``{"us": [...], "call_us": [...]}``
@@ -47,11 +49,12 @@ def body() -> None:
     raise RuntimeError("bench_qpeers: failing on purpose")
 
 
-def worker(url: str) -> int:
+def worker(url: str, kind: str) -> int:
     conn = Redis.from_url(url)
-    queue = Queue("bench_qpeers_worker", connection=conn)
-    # RQ's default worker: it forks a work horse for each job.
-    Worker([queue], connection=conn).work(logging_level="CRITICAL", with_scheduler=False)
+    queue = Queue(f"bench_qpeers_{kind}", connection=conn)
+    # RQ's default Worker forks a work horse for each job; SimpleWorker runs it in place.
+    cls = Worker if kind == "worker" else SimpleWorker
+    cls([queue], connection=conn).work(logging_level="CRITICAL", with_scheduler=False)
     return 0
 
 
@@ -75,13 +78,13 @@ def ping_median(conn: Redis, n: int = 500) -> float:
 
 def main() -> int:
     url = sys.argv[1]
-    if sys.argv[2:] == ["worker"]:
-        return worker(url)
+    if sys.argv[2:] in (["worker"], ["simple"]):
+        return worker(url, sys.argv[2])
     import rq_driver  # the jobs must name an importable function, not __main__'s
 
     logging.getLogger("rq").setLevel(logging.CRITICAL)
     conn = Redis.from_url(url)
-    failed: dict[str, list[str]] = {"call": [], "worker": []}
+    failed: dict[str, list[str]] = {}
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "facts":
@@ -116,9 +119,9 @@ def main() -> int:
                 samples.append((time.perf_counter_ns() - t0) / 1000)
             answer = {"us": samples}
         elif cmd == "start":
-            k = int(args[0])
-            batch, failed["worker"] = failed["worker"][:k], failed["worker"][k:]
-            registry = FailedJobRegistry("bench_qpeers_worker", connection=conn)
+            name, k = args[0], int(args[1])
+            batch, failed[name] = failed[name][:k], failed[name][k:]
+            registry = FailedJobRegistry(f"bench_qpeers_{name}", connection=conn)
             e2e, calls = [], []
             for job_id in batch:
                 t0 = time.monotonic_ns()
