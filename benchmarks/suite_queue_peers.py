@@ -186,7 +186,9 @@ def run(quick: bool, scratch: Path, logs: Path) -> list[Row]:
         return rows
     reason = flush_redis()
     if reason:
-        return rows + [unavailable(GROUP, f"manual retry vs {CALLS[n]}", reason) for n in pythons]
+        return rows + [
+            unavailable(GROUP, f"manual retry vs {CALLS[n]}", reason, "≤ 1.0x") for n in pythons
+        ]
     drivers: dict[str, PeerDriver] = {}
     workers: list[tuple[subprocess.Popen[Any], Any]] = []
     seconds: dict[str, float] = {}
