@@ -238,6 +238,7 @@ def latency(
     scratch: Path,
 ) -> list[Row]:
     """The manual retry call alone, every side in the same alternating rounds."""
+    started = time.perf_counter()
     facts = {name: driver.ask("facts") for name, driver in drivers.items()}
     made = _failed_jobs(drivers, "call", rounds * per_round)
     sides: list[tuple[Figure, Any]] = []
@@ -284,7 +285,11 @@ def latency(
         refs[name] = fig
         sides.append((fig, lambda _r, d=driver: d.ask(f"run {per_round}")["us"]))
     try:
+        setup = time.perf_counter() - started
         alternate(sides, rounds)
+        measured = time.perf_counter() - started - setup
+        for fig, _ in sides:
+            fig.extra.update(setup_seconds=setup, measured_seconds=measured)
     finally:
         for close in reversed(closers):
             close()
