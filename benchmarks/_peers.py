@@ -11,6 +11,8 @@ PEERS = Path(__file__).resolve().parent / ".peers"
 REQUIREMENTS = {
     "pocketpaw": ["pocketpaw==0.4.18"],
     "procrastinate": ["procrastinate==3.10.0", "psycopg[binary,pool]"],
+    "rq": ["rq==2.12.0", "redis==8.1.0"],
+    "huey": ["huey==3.5.4", "redis==8.1.0"],
 }
 
 
