@@ -297,6 +297,10 @@ def _client(pipe: Any, conninfo: str) -> None:
     ``("close",)`` and ``None`` (exit). Errors are answered as ``("error", text)``.
     """
     os.environ["DEEPWORK_BENCH_DSN"] = conninfo
+    if os.environ.get("DEEPWORK_BENCH_VARIANT"):  # an experiment of misses.py
+        import misses
+
+        misses.patch(os.environ["DEEPWORK_BENCH_VARIANT"])
     client: Any = None
     op: Callable[[str, str], object] | None = None
     while True:
