@@ -22,7 +22,7 @@ _PROJECT_ROW = (
     "es AS (UPDATE {s}.projects SET event_seq = event_seq + (SELECT count(*) FROM ek)\n"
     "    WHERE id = %(p)s AND EXISTS (SELECT FROM g) RETURNING event_seq),"
 )
-_SEQUENCE = "es AS (SELECT nextval({order}) * 4 + 3 AS event_seq FROM g),"
+_SEQUENCE = "es AS (SELECT nextval({order}) * 4 + 1000000000003 AS event_seq FROM g),"
 
 
 def patch(variant: str) -> None:
