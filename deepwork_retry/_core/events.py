@@ -142,6 +142,8 @@ def _maker() -> Callable[[str, EventType, str | None, int | None, datetime, dict
     assert all(f.init and f.validator is None for f in fields)
     assert not hasattr(Event, "__attrs_post_init__")
     slot = {f.name: getattr(Event, f.name).__set__ for f in fields}
+    # Every field is written below: a new one must be added there too.
+    assert set(slot) == {"project_id", "seq", "type", "task_id", "attempt", "at", "data"}
     new = object.__new__
     set_project, set_seq, set_type = slot["project_id"], slot["seq"], slot["type"]
     set_task, set_attempt, set_at, set_data = (
