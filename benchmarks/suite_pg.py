@@ -250,6 +250,8 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
     lib.extra["round_trips"] = trips
     storage.close()
     floor.close()
+    drop_schema("bench_tx_lib")
+    drop_schema(floor_schema)
     return [
         Row(
             "postgres",
