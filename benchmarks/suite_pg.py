@@ -19,6 +19,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,37 @@ def floor_cte(schema: str) -> str:
     )
 
 
+# The two event rows a manual retry writes (``task.retried`` and ``project.progress``),
+# as the library stores them: compact JSON, keys sorted.
+_RETRIED = (
+    '{{"actor":null,"available_at":"{at}","budget":"one_more","reason":null,'
+    '"retry_count":{n},"trigger":"manual_retry"}}'
+)
+_PROGRESS = '{"from":"blocked","to":"assigned"}'
+
+
+def floor_cte_events(schema: str) -> str:
+    """:func:`floor_cte` plus the retry's two event rows, numbered on the project's row.
+
+    The contract asks for them: a manual retry writes ``task.retried`` and
+    ``project.progress``, numbered after the project's last event in the same
+    transaction (``projects.event_seq``). Bare SQL: one more ``UPDATE`` and one
+    two-row ``INSERT`` in the same statement, the data as JSON text.
+    """
+    s = f'"{schema}"'
+    base = floor_cte(schema).rsplit(" SELECT t.*", 1)[0]
+    return (
+        f"{base}, "
+        f"e AS (UPDATE {s}.projects SET event_seq = event_seq + 2 "
+        "WHERE id = (SELECT project_id FROM p) RETURNING event_seq), "
+        f"ei AS (INSERT INTO {s}.events (project_id, seq, type, task_id, attempt, at, data) "
+        "SELECT t.project_id, e.event_seq - 2 + v.k, v.type, t.id, t.attempt, now(), v.data "
+        "FROM t, e, (VALUES (1, 'task.retried', %(d1)s::jsonb), "
+        "(2, 'project.progress', %(d2)s::jsonb)) AS v(k, type, data) RETURNING 1) "
+        "SELECT t.*, p.*, (SELECT count(*) FROM o), (SELECT count(*) FROM ei) FROM t, p"
+    )
+
+
 class PgFloor:
     """psycopg directly, one autocommit connection."""
 
@@ -92,6 +124,7 @@ class PgFloor:
 
         self.conn = psycopg.connect(dsn(), autocommit=True)
         self.query = floor_cte(schema).encode()
+        self.query_events = floor_cte_events(schema).encode()
         self.conn.execute("SELECT 1")
 
     def select1(self, _pid: str = "", _tid: str = "") -> None:
@@ -99,6 +132,19 @@ class PgFloor:
 
     def retry(self, pid: str, tid: str) -> None:
         row = self.conn.execute(self.query, {"pid": pid, "tid": tid, "version": 1}).fetchone()
+        if row is None:
+            raise RuntimeError(f"task {tid} not blocked")
+
+    def retry_events(self, pid: str, tid: str) -> None:
+        now = datetime.now(UTC)
+        params = {
+            "pid": pid,
+            "tid": tid,
+            "version": 1,
+            "d1": _RETRIED.format(at=now.isoformat(), n=1),
+            "d2": _PROGRESS,
+        }
+        row = self.conn.execute(self.query_events, params).fetchone()
         if row is None:
             raise RuntimeError(f"task {tid} not blocked")
 
@@ -179,18 +225,23 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
     targets = ["≤ 1.3x, 1 round trip", "≥ 0.9x throughput"]
     if reason:
         return [unavailable("postgres", "manual retry vs bare CTE", reason, targets[0])]
-    storage, floor_schema, items = _twins("tx", 1, rounds * per_round + 1)
+    need = rounds * per_round
+    storage, floor_schema, items = _twins("tx", 1, 2 * need + 1)
     probe = items.pop()
     service = RetryService(storage)
     floor = PgFloor(floor_schema)
-    slices = chunks(items, rounds)
+    # The floor with events retries the second half (each task is retried once).
+    slices = chunks(items[:need], rounds)
+    slices_ev = chunks(items[need:], rounds)
     lib = Figure("RetryService(PostgresStorage).retry", "us")
     cte = Figure("bare retry CTE, psycopg", "us")
+    cte_ev = Figure("bare retry CTE with the two event rows, psycopg", "us")
     sel = Figure("bare SELECT 1, psycopg", "us")
     alternate(
         [
             (lib, per_op_rounds(service.retry, slices)),
             (cte, per_op_rounds(floor.retry, slices)),
+            (cte_ev, per_op_rounds(floor.retry_events, slices_ev)),
             (sel, per_op_rounds(floor.select1, slices)),
         ],
         rounds,
@@ -199,6 +250,8 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
     lib.extra["round_trips"] = trips
     storage.close()
     floor.close()
+    drop_schema("bench_tx_lib")
+    drop_schema(floor_schema)
     return [
         Row(
             "postgres",
@@ -208,6 +261,22 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
             target="≤ 1.3x",
             bound=1.3,
             note=f"library: {trips} round trips per retry (target 1)",
+        ),
+        Row(
+            "postgres",
+            "manual retry vs bare retry CTE with its two event rows",
+            lib,
+            cte_ev,
+            target="report",
+            note="the floor also numbers and inserts task.retried and project.progress",
+        ),
+        Row(
+            "postgres",
+            "bare retry CTE with its two event rows vs without",
+            cte_ev,
+            cte,
+            target="report",
+            note="what the events cost as bare SQL",
         ),
         Row(
             "postgres",
@@ -224,11 +293,16 @@ def postgres(rounds: int, per_round: int) -> list[Row]:
 def _client(pipe: Any, conninfo: str) -> None:
     """One client process: opens a library or floor client, runs the items it is sent.
 
-    Messages: ``("open", "lib" | "floor", schema)``, ``("run", items)`` (answers
+    Messages: ``("open", "lib" | "floor", schema)``, ``("run", items[, "events"])`` (the
+    floor's retry with its event rows when ``"events"``; answers
     ``"ready"``, waits for ``"go"``, runs, answers the monotonic end time),
     ``("close",)`` and ``None`` (exit). Errors are answered as ``("error", text)``.
     """
     os.environ["DEEPWORK_BENCH_DSN"] = conninfo
+    if os.environ.get("DEEPWORK_BENCH_VARIANT"):  # an experiment of misses.py
+        import misses
+
+        misses.patch(os.environ["DEEPWORK_BENCH_VARIANT"])
     client: Any = None
     op: Callable[[str, str], object] | None = None
     while True:
@@ -251,10 +325,11 @@ def _client(pipe: Any, conninfo: str) -> None:
             elif msg[0] == "run":
                 assert op is not None
                 items = msg[1]
+                run = client.retry_events if msg[2:] == ("events",) else op
                 pipe.send("ready")
                 assert pipe.recv() == "go"
                 for pid, tid in items:
-                    op(pid, tid)
+                    run(pid, tid)
                 pipe.send(time.monotonic())
             elif msg[0] == "close":
                 if client is not None:
@@ -300,10 +375,12 @@ class Clients:
         self._ask(pipes, ("open", kind, schema))
         return pipes
 
-    def rate(self, pipes: list[Any], work: list[list[tuple[str, str]]]) -> float:
+    def rate(
+        self, pipes: list[Any], work: list[list[tuple[str, str]]], events: bool = False
+    ) -> float:
         """Operations per second of ``pipes[i]`` running ``work[i]``, all started together."""
         for pipe, items in zip(pipes, work, strict=True):
-            pipe.send(("run", items))
+            pipe.send(("run", items, "events") if events else ("run", items))
         for pipe in pipes:
             if pipe.recv() != "ready":
                 raise RuntimeError("client process not ready")
@@ -340,33 +417,42 @@ def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
         for layout in ("same project", "separate projects"):
             for n in clients:
                 projects = 1 if layout == "same project" else n
+                # Twice the tasks: the floor with events retries the second half.
                 storage, floor_schema, items = _twins(
-                    "conc", projects, rounds * per_client * n // projects, max_size=2
+                    "conc", projects, 2 * rounds * per_client * n // projects, max_size=2
                 )
                 storage.close()
                 size = len(items) // projects
                 if projects == 1:
-                    work = [
+                    work_all = [
                         [
                             items[(r * n + c) * per_client : (r * n + c + 1) * per_client]
                             for c in range(n)
                         ]
-                        for r in range(rounds)
+                        for r in range(2 * rounds)
                     ]
                 else:
                     own = [items[c * size : (c + 1) * size] for c in range(n)]
-                    work = [
+                    work_all = [
                         [own[c][r * per_client : (r + 1) * per_client] for c in range(n)]
-                        for r in range(rounds)
+                        for r in range(2 * rounds)
                     ]
+                work, work_ev = work_all[:rounds], work_all[rounds:]
                 lib_clients = pool.open(n, "lib", "bench_conc_lib")
                 floor_clients = pool.open(n, "floor", floor_schema)
                 lib = Figure(f"PostgreSQL library, {n} processes, {layout}", "ops/s")
                 ref = Figure(f"bare retry CTE, {n} processes, {layout}", "ops/s")
+                ref_ev = Figure(
+                    f"bare retry CTE with its two event rows, {n} processes, {layout}", "ops/s"
+                )
                 alternate(
                     [
                         (lib, lambda r, p=lib_clients, w=work: [pool.rate(p, w[r])]),
                         (ref, lambda r, p=floor_clients, w=work: [pool.rate(p, w[r])]),
+                        (
+                            ref_ev,
+                            lambda r, p=floor_clients, w=work_ev: [pool.rate(p, w[r], True)],
+                        ),
                     ],
                     rounds,
                 )
@@ -382,6 +468,17 @@ def concurrency(rounds: int, per_client: int, clients: list[int]) -> list[Row]:
                         bound=0.9 if key else None,
                         sense="min",
                         note="each client an OS process with one connection, on both sides",
+                    )
+                )
+                rows.append(
+                    Row(
+                        "concurrency",
+                        f"postgres, {n} clients, {layout}, vs the floor with events",
+                        lib,
+                        ref_ev,
+                        target="report",
+                        sense="min",
+                        note="the floor also numbers and inserts the retry's two event rows",
                     )
                 )
                 drop_schema("bench_conc_lib")

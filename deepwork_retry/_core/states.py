@@ -11,7 +11,8 @@ import enum
 
 class _StrEnum(str, enum.Enum):
     def __str__(self) -> str:
-        return str(self.value)
+        # ``_value_``: the member's value without the ``value`` property's lookup.
+        return str(self._value_)
 
 
 class TaskStatus(_StrEnum):
