@@ -1,4 +1,5 @@
-"""SQLite commits the delivery mark without waiting for the disk, and only that.
+"""SQLite commits the delivery mark without waiting for the disk, and no other write of a
+direct dispatch (a relay's claim does the same: ``test_outbox_relaxed_commits.py``).
 
 A delivery mark lost to a power cut lets a relay deliver the entry again,
 which the attempt's fencing token makes harmless; meanwhile its commit holds

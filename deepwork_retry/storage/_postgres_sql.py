@@ -651,6 +651,17 @@ task still awaiting its start (:data:`~deepwork_retry._core.retention.AWAITING_S
 has its delivered entry handed out again."""
 
 
+_RELAX = "relax AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
+"""A statement naming ``relax`` commits without waiting for the WAL flush.
+
+For the outbox's claims and delivery marks only, on the storage's own
+connections (never in a host's transaction): losing one to a server crash
+is the same as the relay crashing before it, so the entry is delivered again
+and the attempt's fencing token makes the second delivery run nothing. The
+commit is visible to other sessions at once either way.
+"""
+
+
 class Queries:
     """Every statement of the storage, rendered once for one schema."""
 
@@ -751,22 +762,26 @@ class Queries:
             " WHERE p.project_id = d.project_id AND p.stripe = d.stripe"
             " AND (SELECT count(*) FROM l) >= 0"
         )
-        self.claim_due = q(
-            "WITH c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
+        claim = (
+            "c AS (SELECT project_id, task_id, attempt FROM {s}.outbox"
             " WHERE state = {pending} AND available_at <= %(now)s"
             " AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
             " ORDER BY pending_seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
-            " UPDATE {s}.outbox AS o SET claimed_until = %(until)s FROM c"
+            " UPDATE {s}.outbox AS o SET claimed_until = %(until)s FROM c{also}"
             " WHERE o.project_id = c.project_id AND o.task_id = c.task_id"
             f" AND o.attempt = c.attempt RETURNING o.pending_seq, {_cols(OUTBOX_COLS, 'o.')}"
         )
-        self.mark_delivered = q(
+        self.claim_due = q("WITH " + claim.replace("{also}", ""))
+        self.claim_due_relaxed = q(f"WITH {_RELAX}, " + claim.replace("{also}", ", relax"))
+        delivered = (
             "UPDATE {s}.outbox AS o SET state = {delivered}, delivered_at = %s,"
             " tries = o.tries + 1, claimed_until = NULL, pending_seq = NULL"
             " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS k(project_id, task_id, attempt)"
-            " WHERE o.project_id = k.project_id AND o.task_id = k.task_id"
+            "{also} WHERE o.project_id = k.project_id AND o.task_id = k.task_id"
             " AND o.attempt = k.attempt AND o.state = {pending}"
         )
+        self.mark_delivered = q(delivered.replace("{also}", ""))
+        self.mark_delivered_relaxed = q(f"WITH {_RELAX} " + delivered.replace("{also}", ", relax"))
         self.mark_failed = q(
             "UPDATE {s}.outbox SET tries = tries + 1, last_error = %s, available_at = %s,"
             " claimed_until = NULL"

@@ -167,6 +167,10 @@ class PostgresStorage:
     or ``with``): the pool's connections belong to that loop.
     """
 
+    _relaxed_outbox = True
+    """Outbox claims and delivery marks commit without waiting for the WAL flush
+    (see ``_RELAX`` in ``_postgres_sql``); never in a host's transaction."""
+
     def __init__(
         self,
         conninfo: str,
@@ -604,7 +608,8 @@ class PostgresStorage:
         self, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[DispatchEntry]:
         check_limit(limit)
-        rows = self._all(self._q.claim_due, {"now": now, "limit": limit, "until": claimed_until})
+        claim = self._q.claim_due_relaxed if self._relaxed_outbox else self._q.claim_due
+        rows = self._all(claim, {"now": now, "limit": limit, "until": claimed_until})
         rows.sort(key=lambda row: row[0])
         return [q.decode_entry(row, 1) for row in rows]
 
@@ -614,7 +619,10 @@ class PostgresStorage:
             return
         project_ids, task_ids, attempts = (list(column) for column in zip(*keys, strict=True))
         with self._connection() as conn:
-            conn.execute(self._q.mark_delivered, (now, project_ids, task_ids, attempts))
+            mark = (
+                self._q.mark_delivered_relaxed if self._relaxed_outbox else self._q.mark_delivered
+            )
+            conn.execute(mark, (now, project_ids, task_ids, attempts))
 
     def mark_failed(
         self,
@@ -887,6 +895,8 @@ class JoinedPostgresStorage(PostgresStorage):
     row factory is set aside during a call. Expect PostgreSQL's default
     isolation (read committed) in the host's transaction.
     """
+
+    _relaxed_outbox = False  # the host's transaction keeps its own durability
 
     def __init__(self, connection: Connection[Any], *, schema: str = q.DEFAULT_SCHEMA) -> None:
         if not isinstance(connection, Connection):

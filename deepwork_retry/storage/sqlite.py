@@ -266,9 +266,10 @@ class SQLiteStorage:
 
     ``timeout`` bounds the wait for another writer (seconds); ``synchronous``
     ``"FULL"`` makes every commit durable across power loss, ``"NORMAL"``
-    only across process crashes (faster). The outbox's delivery marks are
-    always committed as with ``"NORMAL"``: losing one only lets a relay
-    deliver the entry again, which the attempt's fencing token makes harmless.
+    only across process crashes (faster). The outbox's claims and delivery
+    marks are always committed as with ``"NORMAL"``: losing one only lets a
+    relay deliver the entry again, which the attempt's fencing token makes
+    harmless.
     ``read_only=True`` opens the file for reading: reads work, every write raises
     :class:`~deepwork_retry.exceptions.StorageReadOnly`. ``create=False``
     opens only an existing, fully migrated database: a missing file, or one
@@ -786,7 +787,9 @@ class SQLiteStorage:
     def claim_due(
         self, *, now: datetime, limit: int, claimed_until: datetime
     ) -> list[DispatchEntry]:
-        with self._tx(write=True) as c:
+        # As the delivery mark below: a claim lost to a power cut only lets the
+        # entry be delivered again, which the fencing token makes run nothing.
+        with self._tx(write=True, durable=False) as c:
             return _ENGINE.claim_due(c, now=now, limit=limit, claimed_until=claimed_until)
 
     def mark_delivered(self, entries: Sequence[DispatchEntry], *, now: datetime) -> None:
