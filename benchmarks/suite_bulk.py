@@ -44,9 +44,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _fixtures import add_blocked
+from _fixtures import add_blocked, floor_events
 from _harness import Figure, Row, unavailable
 from suite_http import Server, free_port
+from suite_local import LibraryStatements
 from suite_pg import drop_schema, dsn, reachable
 
 from deepwork_retry import RetryService
@@ -405,6 +406,110 @@ def http_bulk(client: Client, cap: float) -> tuple[int, int]:
     return retried, pages
 
 
+# -- what one transaction per page would cost -------------------------------------------------
+class PagedStatements(LibraryStatements):
+    """The SQLite storage's own retry statements for each task (as ``suite_local`` runs them
+    one transaction per task), here one transaction per page of blocked tasks."""
+
+    def page(self, pid: str, after: str) -> int:
+        r = self.statements
+        cur = self.conn.cursor()
+        now = int(time.time() * 1e6)
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [
+                row[0]
+                for row in cur.execute(
+                    "SELECT id FROM tasks WHERE project_id = ? AND status = 'blocked' "
+                    "AND id > ? ORDER BY id LIMIT ?",
+                    (pid, after, PAGE),
+                ).fetchall()
+            ]
+            for tid in ids:
+                if not cur.execute(r.update["blocked"], (False, now, pid, tid)).rowcount:
+                    raise RuntimeError(f"task {tid} not blocked")
+                cur.execute(r.shift_events["blocked"], (2, pid))
+                row = cur.execute(r.read, (pid, tid)).fetchall()[0]
+                attempt, last = row[self.attempt_at], row[r.count_at + 1]
+                cur.execute(r.insert_pending, (pid, tid, attempt, now, None, (last or 0) + 1, None))
+                cur.execute(r.insert_attempt, (pid, tid, attempt, now, ACTOR, None, "one_more"))
+                seq = row[r.count_at + 2] - 2
+                cur.execute(self.insert_events, floor_events(pid, tid, attempt, now, seq))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return len(ids)
+
+
+def sqlite_paged(path: Path, cap: float) -> tuple[int, int]:
+    bare = PagedStatements(path, "FULL")
+    try:
+        after, retried, pages = "", 0, 0
+        deadline = time.monotonic() + cap
+        while time.monotonic() < deadline:
+            n = bare.page(BULK, after)
+            pages += 1
+            retried += n
+            if n < PAGE:
+                break
+            after = f"t{retried - 1:07d}"
+        return retried, pages
+    finally:
+        bare.close()
+
+
+def postgres_paged(schema: str, cap: float) -> tuple[int, int]:
+    """The PostgreSQL storage's own one-step retry statement (text and values as it
+    renders them) for each task of a page, the page's statements pipelined in one
+    transaction, page after page."""
+    import psycopg
+
+    from deepwork_retry._core.states import RetryBudget
+    from deepwork_retry.storage import _postgres_sql as q
+
+    queries = q.Queries(schema)
+    query = queries.retry_blocked(keyed=False, claimed=False)
+    s = f'"{schema}"'
+    with psycopg.connect(dsn()) as conn:
+        raw = psycopg.RawCursor(conn)
+        after, retried, pages = "", 0, 0
+        deadline = time.monotonic() + cap
+        while time.monotonic() < deadline:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM {s}.tasks WHERE project_id = %s AND status = 'blocked' "
+                    "AND id > %s ORDER BY id LIMIT %s",
+                    (BULK, after, PAGE),
+                )
+            ]
+            now = datetime.now(timezone.utc)
+            with conn.pipeline():
+                for tid in ids:
+                    params = q.retry_params(
+                        BULK, tid, now=now, actor=ACTOR, reason=None,
+                        budget=RetryBudget.ONE_MORE, claimed_until=None, idempotency_key=None,
+                    )  # fmt: skip
+                    params.update(
+                        queries.retry_events(
+                            BULK, tid, now=now, actor=ACTOR, reason=None,
+                            budget=RetryBudget.ONE_MORE,
+                        )
+                    )  # fmt: skip
+                    raw.execute(query.text, query.values(params), prepare=True)
+            conn.commit()
+            pages += 1
+            if len(ids) < PAGE:
+                break
+            after = ids[-1]
+        (retried,) = conn.execute(
+            f"SELECT count(*) FROM {s}.tasks WHERE project_id = %s AND status = 'assigned'",
+            (BULK,),
+        ).fetchone()  # type: ignore[misc]
+        return int(retried), pages
+
+
 # -- one database ----------------------------------------------------------------------------
 class Store:
     """How to make, open and serve twins on one database."""
@@ -426,6 +531,12 @@ class Store:
 
     def drop(self, where: Any) -> None:
         raise NotImplementedError
+
+    def paged(self, where: Any, cap: float) -> tuple[int, int]:
+        """Every blocked task of the bulk project, one transaction per page; (retried, pages)."""
+        raise NotImplementedError
+
+    paged_label = ""
 
 
 class SQLiteStore(Store):
@@ -459,6 +570,11 @@ class SQLiteStore(Store):
         argv = [sys.executable, str(HERE / "bulk_server.py"), "sqlite", str(port), TOKEN]
         return Server([*argv, str(where)], port, logs / "bulk-sqlite.log")
 
+    paged_label = "the storage's own statements per task, one transaction per page of 1,000"
+
+    def paged(self, where: Path, cap: float) -> tuple[int, int]:
+        return sqlite_paged(where, cap)
+
     def drop(self, where: Path) -> None:
         for p in self.dir.glob(f"{where.name}*"):
             p.unlink()
@@ -489,6 +605,11 @@ class PostgresStore(Store):
         port = free_port()
         argv = [sys.executable, str(HERE / "bulk_server.py"), "postgres", str(port), TOKEN]
         return Server([*argv, dsn(), where], port, logs / "bulk-postgres.log")
+
+    paged_label = "the storage's one-step statement per task, one transaction per page of 1,000"
+
+    def paged(self, where: str, cap: float) -> tuple[int, int]:
+        return postgres_paged(where, cap)
 
     def drop(self, where: str) -> None:
         drop_schema(where)
@@ -585,6 +706,25 @@ def _library_run(
         store.drop(where)
 
 
+def _paged_run(store: Store, count: int, cap: float) -> tuple[float, dict[str, Any]]:
+    where = store.make(f"paged_{count}", count, 1)
+    try:
+        t0 = time.perf_counter()
+        retried, pages = store.paged(where, cap)
+        elapsed = time.perf_counter() - t0
+    finally:
+        store.drop(where)
+    return elapsed, {
+        "tasks": count,
+        "retried": retried,
+        "complete": retried == count,
+        "pages": pages,
+        "seconds": elapsed,
+        "projected_seconds": elapsed * count / max(retried, 1),
+        "us_per_task": elapsed * 1e6 / max(retried, 1),
+    }
+
+
 def _floor_run(store: Store, count: int, label: str) -> tuple[float, dict[str, Any]]:
     where = store.make(f"floor_{label}", count, 1)
     try:
@@ -603,10 +743,13 @@ def _database(store: Store, count: int, logs: Path, cap: float) -> list[Row]:
     floor.extra["runs"] = []
     runs: dict[str, tuple[float, dict[str, Any], list[float], list[float]]] = {}
     memory: dict[str, dict[str, Any]] = {}
-    # Floor, service, HTTP, floor: the floor on both sides of the library's runs.
-    order = ["floor", "service", "http", "floor"]
+    # Floor, service, HTTP, per page, floor: the floor on both sides of the library's runs.
+    order = ["floor", "service", "http", "paged", "floor"]
+    paged: tuple[float, dict[str, Any]] = (0.0, {})
     for i, what in enumerate(order):
-        if what == "floor":
+        if what == "paged":
+            paged = _paged_run(store, count, cap)
+        elif what == "floor":
             seconds, facts = _floor_run(store, count, str(i))
             floor.samples.append(seconds * 1e6)
             floor.extra["runs"].append(facts)
@@ -696,6 +839,19 @@ def _database(store: Store, count: int, logs: Path, cap: float) -> list[Row]:
                 + ("the benchmark" if what == "service" else "the uvicorn server"),
             )
         )
+    seconds, facts = paged
+    total = seconds if facts["complete"] else facts["projected_seconds"]
+    rows.append(
+        Row(
+            g,
+            f"{db}: {store.paged_label}, {count:,} tasks, total time",
+            Figure(store.paged_label, "us", [total * 1e6], facts),
+            floor,
+            target="report",
+            note=f"{facts['us_per_task']:.0f} µs per task: what batching the commits gives"
+            + ("" if facts["complete"] else f"; STOPPED at {cap:.0f} s, total projected"),
+        )
+    )
     return rows
 
 
