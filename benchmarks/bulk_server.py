@@ -38,7 +38,7 @@ def main() -> int:
     else:
         from deepwork_retry.storage.postgres import AsyncPostgresStorage
 
-        storage = AsyncPostgresStorage(sys.argv[4], schema=sys.argv[5], max_size=4)
+        storage = AsyncPostgresStorage(sys.argv[4], schema=sys.argv[5], min_size=1, max_size=2)
     service = AsyncRetryService(storage)
 
     @contextlib.asynccontextmanager
