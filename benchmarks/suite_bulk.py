@@ -625,7 +625,7 @@ def _progress_of(storage: Any) -> Callable[[], tuple[int, ...]]:
 
 
 def _library_run(
-    store: Store, path: str, count: int, logs: Path, cap: float
+    store: Store, path: str, count: int, logs: Path, cap: float, reference: bool = True
 ) -> tuple[float, dict[str, Any], list[float], list[float], Beside]:
     """One bulk of ``count`` tasks by ``path`` ("service" or "http") on a fresh twin:
     (seconds, side facts, singles alone, singles during, what ran beside)."""
@@ -647,7 +647,7 @@ def _library_run(
             service = RetryService(storage)
             other = RetryService(side)
             beside = Beside(lambda tid: other.retry(OTHER, tid), _progress_of(reader), other_ids)
-            alone = beside.reference()
+            alone = beside.reference() if reference else []
             peak = Peak()
             with beside.during() as during, peak:
                 t0 = time.perf_counter()
@@ -668,7 +668,7 @@ def _library_run(
                 progress,
                 other_ids,
             )
-            alone = beside.reference()
+            alone = beside.reference() if reference else []
             peak = Peak(server.proc.pid)
             with beside.during() as during, peak:
                 t0 = time.perf_counter()
@@ -758,7 +758,7 @@ def _database(store: Store, count: int, logs: Path, cap: float) -> list[Row]:
             seconds, facts, alone, during, _ = _library_run(store, what, count, logs, cap)
             runs[what] = (seconds, facts, alone, during)
     for what in ("service", "http"):
-        _, facts, _, _, _ = _library_run(store, what, small, logs, cap / 5)
+        _, facts, _, _, _ = _library_run(store, what, small, logs, cap / 5, reference=False)
         memory[what] = facts
     rows: list[Row] = []
     names = {
