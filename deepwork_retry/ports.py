@@ -329,6 +329,51 @@ class AsyncRetryInOneStep(Protocol):
 
 
 @runtime_checkable
+class RetryManyInOneStep(Protocol):
+    """Optional storage capability: several manual retries of one project in one transaction.
+
+    :meth:`~deepwork_retry.RetryService.bulk_retry` calls
+    :meth:`retry_blocked_many` with a batch of the page's tasks, so that the
+    batch costs one commit rather than one per task. Each task is retried
+    exactly as :meth:`RetryInOneStep.retry_blocked` (no idempotency key) would
+    retry it, and a task it would decline changes nothing and is ``None`` in
+    its place (the service then takes the step-by-step path for it, which
+    raises the core's own error). The answer has one item per task, in order.
+    A storage error rolls the whole batch back and is raised: nothing of the
+    batch is committed.
+    """
+
+    def retry_blocked_many(
+        self,
+        project_id: str,
+        task_ids: Sequence[str],
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+    ) -> list[Applied | None]: ...
+
+
+@runtime_checkable
+class AsyncRetryManyInOneStep(Protocol):
+    """:class:`RetryManyInOneStep` with a coroutine."""
+
+    async def retry_blocked_many(
+        self,
+        project_id: str,
+        task_ids: Sequence[str],
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+    ) -> list[Applied | None]: ...
+
+
+@runtime_checkable
 class JoinsHostTransaction(Protocol):
     """Optional storage capability: its calls run inside a transaction that the host owns.
 

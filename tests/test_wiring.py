@@ -29,6 +29,7 @@ from deepwork_retry import (
     TaskError,
     TaskStatus,
 )
+from deepwork_retry._sync import services as sync_services
 from deepwork_retry._wiring import is_async_callable
 from deepwork_retry.auth import Principal, StaticTokens
 from deepwork_retry.dispatch.inline import AsyncInlineDispatcher, InlineDispatcher
@@ -461,7 +462,7 @@ def _project(project_id: str) -> Any:
 
 class _FailsOnTask(SQLiteStorage):
     """A real SQLite storage whose retry of one named task fails unexpectedly, before
-    anything of that retry is written."""
+    anything of that retry (or of the batch it is in) is written."""
 
     failing_task = ""
 
@@ -470,13 +471,20 @@ class _FailsOnTask(SQLiteStorage):
             raise RuntimeError("injected: the retry failed before its commit")
         return super().retry_blocked(project_id, task_id, **options)
 
+    def retry_blocked_many(self, project_id: str, task_ids: Any, **options: Any) -> Any:
+        if self.failing_task in task_ids:
+            raise RuntimeError("injected: the batch failed before its commit")
+        return super().retry_blocked_many(project_id, task_ids, **options)
+
 
 def test_a_bulk_retry_stopped_after_some_commits_reports_them_and_where_to_go_on(
-    db: Path,
+    db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unexpected failure at the second task of a bulk retry ends the page there: the
     first, committed, is reported retried (an API 200, not a 503), and next_after lets the
-    caller go on from the task that failed."""
+    caller go on from the task that failed. (Batches of one task, so that the first
+    commits before the second fails.)"""
+    monkeypatch.setattr(sync_services, "BULK_BATCH", 1)
     storage = _FailsOnTask(db)
     ex = ExecutorService(storage, policy=RetryPolicy(backoff=NoBackoff()))
     ex.create_project("p")

@@ -69,6 +69,7 @@ from deepwork_retry.ports import (
     AsyncJoinsHostTransaction,
     AsyncProjectOverview,
     AsyncRetryInOneStep,
+    AsyncRetryManyInOneStep,
     AsyncStorage,
     Clock,
     SystemClock,
@@ -80,6 +81,20 @@ _Build = Callable[[Project, Task, datetime], Awaitable[Plan]]
 
 BULK_TIME_BUDGET = 10.0
 """Seconds a bulk retry may spend starting retries (see ``RetryService.bulk_retry``)."""
+
+BULK_BATCH = 100
+"""Tasks a bulk retry commits together on a storage that retries several in one transaction
+(:class:`~deepwork_retry.ports.RetryManyInOneStep`): the write lock is held for one batch."""
+
+
+class _BulkStopped(Exception):
+    """A bulk retry's batch stopped by ``error``, after finishing ``items``."""
+
+    def __init__(self, items: list[BulkItem], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.items = items
+        self.error = error
+
 
 REDELIVERY = ExponentialBackoff(wait_initial=1.0, wait_max=60.0, wait_jitter=1.0)
 """Backoff between deliveries of an outbox entry whose dispatcher failed."""
@@ -514,11 +529,15 @@ class AsyncRetryService(_AsyncShell):
         """Retry (or with ``dry_run`` check) one page of the project's blocked tasks.
 
         Each task is retried in its own transaction, in id order, and a task a
-        rule refuses (it is no longer blocked, ...) is reported and passed. The
-        request has one deadline: no task is started once ``time_budget``
-        seconds have passed. A storage error ends it at once: raised when no
-        task was retried (so nothing changed), otherwise the result keeps the
-        tasks retried and lists the rest as not attempted
+        rule refuses (it is no longer blocked, ...) is reported and passed. On a
+        storage that retries several tasks in one transaction
+        (:class:`~deepwork_retry.ports.AsyncRetryManyInOneStep`), the tasks are
+        committed in batches of :data:`BULK_BATCH` instead, each decided as
+        :meth:`retry` decides it. The request has one deadline: no task (no
+        batch) is started once ``time_budget`` seconds have passed. A storage
+        error ends it at once: raised when no task was retried (so nothing
+        changed), otherwise the result keeps the tasks retried and lists the
+        rest as not attempted
         (:func:`~deepwork_retry._core.results.bulk_outcome`).
         """
         project = await self.get_project(project_id)
@@ -531,39 +550,119 @@ class AsyncRetryService(_AsyncShell):
             return bulk_outcome(True, items, tasks, limit=limit)
         deadline = time.monotonic() + time_budget
         done: list[BulkItem] = []
-        for task in tasks:
+        many = self._many_storage()
+        chosen: RetryBudget | None = None
+        if many is not None:
+            try:
+                chosen = RetryBudget(budget)
+            except ValueError:
+                many = None  # each task is refused as retry refuses it
+        batch = BULK_BATCH if many is not None else 1
+        for start in range(0, len(tasks), batch):
             if done and time.monotonic() >= deadline:  # the first task is always attempted
                 return bulk_outcome(False, done, tasks, limit=limit, stop=OUT_OF_TIME)
+            page = tasks[start : start + batch]
             try:
-                result = await self.retry(
-                    project_id, task.id, actor=actor, reason=reason, budget=budget
-                )
-            except StorageError as exc:
+                if many is None or chosen is None:
+                    items = [await self._bulk_one(project_id, page[0], actor, reason, budget)]
+                else:
+                    items = await self._bulk_many(many, project_id, page, actor, reason, chosen)
+            except _BulkStopped as stopped:
+                done.extend(stopped.items)
+                task = page[len(stopped.items)]
                 if not any(item.retried for item in done):
-                    raise
-                emit(
-                    log, logging.WARNING, "deepwork.bulk_retry_stopped",
-                    "bulk retry of %s stopped by the storage", project_id,
-                    project_id=project_id, task_id=task.id, exc_info=exc,
-                )  # fmt: skip
-                return bulk_outcome(False, done, tasks, limit=limit, stop=STORAGE_STOPPED)
-            except DeepworkError as exc:
-                done.append(BulkItem(task_id=task.id, retried=False, detail=exc.detail))
-            except Exception:
-                if not any(item.retried for item in done):
-                    raise  # nothing committed yet: the request failed as a whole
+                    raise stopped.error from None  # nothing committed: the request failed
+                if isinstance(stopped.error, StorageError):
+                    emit(
+                        log, logging.WARNING, "deepwork.bulk_retry_stopped",
+                        "bulk retry of %s stopped by the storage", project_id,
+                        project_id=project_id, task_id=task.id, exc_info=stopped.error,
+                    )  # fmt: skip
+                    return bulk_outcome(False, done, tasks, limit=limit, stop=STORAGE_STOPPED)
                 # Retries are committed: the page ends here, and the caller
                 # continues from the task that failed.
                 emit(
                     log, logging.ERROR, "deepwork.bulk_retry_stopped",
                     "bulk retry of %s stopped at %s", project_id, task.id,
-                    project_id=project_id, task_id=task.id, exc_info=True,
+                    project_id=project_id, task_id=task.id, exc_info=stopped.error,
                 )  # fmt: skip
                 return bulk_outcome(False, done, tasks, limit=limit, stop=INTERRUPTED)
-            else:
-                status = result.dispatch.status
-                done.append(BulkItem(task_id=task.id, retried=True, dispatch=status))
+            done.extend(items)
         return bulk_outcome(False, done, tasks, limit=limit)
+
+    async def _bulk_one(
+        self,
+        project_id: str,
+        task: Task,
+        actor: str | None,
+        reason: str | None,
+        budget: RetryBudget | str,
+    ) -> BulkItem:
+        """One task of a bulk retry by :meth:`retry`: retried, or refused by a rule;
+        :class:`_BulkStopped` (nothing finished) on any other error."""
+        try:
+            result = await self.retry(
+                project_id, task.id, actor=actor, reason=reason, budget=budget
+            )
+        except DeepworkError as exc:
+            if isinstance(exc, StorageError):
+                raise _BulkStopped([], exc) from exc
+            return BulkItem(task_id=task.id, retried=False, detail=exc.detail)
+        except Exception as exc:
+            raise _BulkStopped([], exc) from exc
+        return BulkItem(task_id=task.id, retried=True, dispatch=result.dispatch.status)
+
+    async def _bulk_many(
+        self,
+        storage: AsyncRetryManyInOneStep,
+        project_id: str,
+        tasks: Sequence[Task],
+        actor: str | None,
+        reason: str | None,
+        budget: RetryBudget,
+    ) -> list[BulkItem]:
+        """A batch of a bulk retry in one transaction of the storage; a task it declines
+        goes the way of :meth:`retry` (which raises the core's own error). On an error,
+        :class:`_BulkStopped` with the tasks finished before it (none of the batch's
+        own when the batch's transaction failed)."""
+        now = self.clock.now()
+        try:
+            applied = await storage.retry_blocked_many(
+                project_id, [task.id for task in tasks], now=now, actor=actor, reason=reason,
+                budget=budget, claimed_until=self._claim(now),
+            )  # fmt: skip
+        except Exception as exc:
+            raise _BulkStopped([], exc) from exc
+        entries = [entry for one in applied if one is not None for entry in one.dispatches]
+        results = await self._deliver_committed(entries)
+        items: list[BulkItem] = []
+        for task, one in zip(tasks, applied, strict=True):
+            if one is None:
+                try:
+                    items.append(await self._bulk_one(project_id, task, actor, reason, budget))
+                except _BulkStopped as stopped:
+                    raise _BulkStopped(items, stopped.error) from stopped.error
+                continue
+            attempt = one.task.attempt
+            if (task.id, attempt) in results:
+                status = _outcome(results, task.id, attempt).status
+            else:
+                status = "deferred" if one.deferred else "pending"
+            items.append(BulkItem(task_id=task.id, retried=True, dispatch=status))
+        return items
+
+    def _many_storage(self) -> AsyncRetryManyInOneStep | None:
+        """``storage`` when a bulk retry can commit several retries together there: it
+        retries several in one step, no telemetry wants a span per retry, and it does
+        not join a host's transaction."""
+        storage = self.storage
+        if (
+            _trace.current is not None
+            or self._host_transaction() is not None
+            or not isinstance(storage, AsyncRetryManyInOneStep)
+        ):
+            return None
+        return storage
 
     # -- reads -------------------------------------------------------------
     async def get_project(self, project_id: str) -> Project:

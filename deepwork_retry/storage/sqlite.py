@@ -778,6 +778,54 @@ class SQLiteStorage:
                 self._discard(c)
             writer.release()
 
+    def retry_blocked_many(
+        self,
+        project_id: str,
+        task_ids: Sequence[str],
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+    ) -> list[Applied | None]:
+        """Each of ``task_ids`` retried as :meth:`retry_blocked` retries it, all in one
+        write transaction (one commit): each task within a savepoint, rolled back when
+        it declines (``None`` in its place, nothing changed for it).
+
+        A storage error rolls the whole transaction back and is raised.
+        """
+        if budget.__class__ is not RetryBudget:
+            budget = RetryBudget(budget)
+        results: list[Applied | None] = []
+        with self._tx(write=True) as c:
+            cur = c.cursor()
+            try:
+                for task_id in task_ids:
+                    if not all_text(project_id, task_id):
+                        results.append(None)
+                        continue
+                    cur.execute("SAVEPOINT retry_one")
+                    try:
+                        applied = _ENGINE.retry_blocked(
+                            cur, self._retry, project_id, task_id, now=now, actor=actor,
+                            reason=reason, budget=budget, claimed_until=claimed_until,
+                            idempotency_key=None, idempotency_expires_at=None,
+                        )  # fmt: skip
+                    except StorageError:
+                        raise
+                    except DeepworkError:
+                        applied = None
+                    if applied is None:
+                        cur.execute("ROLLBACK TO retry_one")
+                    cur.execute("RELEASE retry_one")
+                    results.append(applied)
+            except (OverflowError, UnicodeEncodeError) as exc:
+                raise self._translated(exc) from exc
+            finally:
+                cur.close()
+        return results
+
     def apply_project(self, plan: ProjectPlan) -> tuple[Project, list[DispatchEntry]]:
         params = _ENGINE.project_params(plan)
         with self._tx(write=True) as c:
@@ -966,6 +1014,23 @@ class AsyncSQLiteStorage(AsyncFromSyncOneStepEventsOverview[SQLiteStorage]):
             raise
         # Every thread may keep a connection: none is closed only to be opened again.
         sync._keep_idle = max(sync._keep_idle, readers + writers)
+
+    async def retry_blocked_many(
+        self,
+        project_id: str,
+        task_ids: Sequence[str],
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+    ) -> list[Applied | None]:
+        """:meth:`SQLiteStorage.retry_blocked_many`, run as one write."""
+        return await self._call(
+            self.sync.retry_blocked_many, project_id, task_ids, now=now, actor=actor,
+            reason=reason, budget=budget, claimed_until=claimed_until,
+        )  # fmt: skip
 
     def _write(self, sent: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """The write's wait for SQLite's lock ends ``timeout`` after it was sent."""
