@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deepwork_retry import AsyncStorage, Project, RetryService, Task, TaskStatus
+from deepwork_retry import (
+    AsyncStorage,
+    ExecutorService,
+    Project,
+    RetryService,
+    Task,
+    TaskStatus,
+)
 from deepwork_retry._core.model import Attempt, DispatchEntry
 from deepwork_retry._core.states import DispatchState
 from deepwork_retry.storage import memory
@@ -20,7 +27,7 @@ from deepwork_retry.testing import (
     async_storage_machine,
     storage_machine,
 )
-from deepwork_retry.testing.strategies import any_attempts, ids, timestamps
+from deepwork_retry.testing.strategies import any_attempts, any_tasks, ids, timestamps
 
 
 @pytest.fixture
@@ -111,3 +118,48 @@ def test_the_history_leaves_the_cycle_collectors_view() -> None:
     assert 50 == sum(len(store.dispatches("p", f"t{i}")) for i in range(50))
     assert [1] == [a.number for a in store.attempts("p", "t7")]
     assert "ops" == store.attempts("p", "t7")[0].actor
+
+
+@given(task=any_tasks())
+def test_task_rows_give_back_the_values(task: Task) -> None:
+    back = memory._task_of(memory._task_row(task))
+    assert task == back
+    assert task.metadata == back.metadata  # not part of equality
+    assert back.status is task.status  # members, not their strings
+    assert back.blocked_reason is task.blocked_reason
+
+
+def test_finished_tasks_and_events_leave_the_cycle_collectors_view() -> None:
+    """Finished tasks and the events are kept as rows: after three full collections
+    the collector no longer tracks them.
+
+    Kept as frozen values (or as rows holding a dict) they stay tracked for
+    ever, and every full collection walks all of them. A tuple leaves the
+    collector's view in the pass after its items have: the pairs of a task's
+    metadata, then the tuple of them, then the row.
+    """
+    store = MemoryStorage()
+    store.create_project(Project(id="p"))
+    store.add_tasks(
+        [
+            Task(id=f"t{i}", project_id="p", status=TaskStatus.BLOCKED, metadata={"n": i})
+            for i in range(50)
+        ]
+    )
+    service, executor = RetryService(store), ExecutorService(store)
+    for i in range(50):
+        attempt = service.retry("p", f"t{i}", actor="ops", reason="disk full").task.attempt
+        if i % 2 == 0:
+            executor.start("p", f"t{i}", attempt)
+            executor.succeed("p", f"t{i}", attempt)
+    for _ in range(3):
+        gc.collect()
+    kept = store._tasks["p"]
+    assert [False] * 25 == [gc.is_tracked(kept[f"t{i}"]) for i in range(0, 50, 2)]
+    assert not gc.is_tracked(store._events["p"])
+    # and the values come back whole
+    done = store.load("p", "t4")[1]
+    assert (TaskStatus.DONE, 1, {"n": 4}) == (done.status, done.attempt, dict(done.metadata))
+    assert store.get_tasks("p", ["t4"]) == {"t4": done}
+    assert TaskStatus.ASSIGNED is store.load("p", "t5")[1].status
+    assert {"reason": "disk full"}.items() <= store.events("p", after=50)[0].data.items()

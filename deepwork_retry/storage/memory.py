@@ -3,13 +3,18 @@
 Good for tests and for a single process that may lose its state on exit.
 One lock guards everything, so every method is atomic.
 
-The history (attempt records and outbox entries, which only grow) is kept as
-plain tuples of strings, numbers and timestamps rather than as the frozen
-values the methods return. CPython's cycle collector stops tracking such
-tuples, and the dictionaries holding only them, after it has seen them once,
-so a long-running process does not rescan its whole history on every full
-collection (with the values themselves, a process that had made a few hundred
-thousand retries paused for hundreds of milliseconds per collection).
+The history (attempt records, outbox entries and events, which grow with
+traffic) and the finished tasks (``done`` and ``skipped``, which no move
+leaves) are kept as plain tuples of strings, numbers and timestamps rather
+than as the frozen values the methods return, which are built on the way out.
+CPython's cycle collector stops tracking such tuples, and the dictionaries
+holding only them, after it has seen them a few times, so a long-running
+process does not rescan its whole history and every task it ever finished on
+each full collection (with the values themselves, a process that had made a
+few hundred thousand retries paused for hundreds of milliseconds per
+collection). Tasks that may still move stay values: a move reads and replaces
+one, and building it from a row on every load would cost each retry a few
+microseconds.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
 from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
+    TERMINAL,
+    BlockedReason,
     DispatchState,
     Outcome,
     RetryBudget,
@@ -61,10 +68,15 @@ _EntryKey = tuple[str, str, int]
 _EventKey = tuple[str, int]
 _RetryKey = tuple[str, int, str]
 
-# -- the history as rows --------------------------------------------------------------------
-# An attempt row holds Attempt's fields in their declared order, an entry row
-# DispatchEntry's; enum fields hold the enum's value (members are objects the
-# collector tracks, their values are plain strings).
+# -- the tasks and the history as rows ---------------------------------------------------------
+# A task row holds Task's fields in their declared order, an attempt row
+# Attempt's, an entry row DispatchEntry's; enum fields hold the enum's value
+# (members are objects the collector tracks, their values are plain strings).
+# A mapping (a task's metadata, an event's data) is kept as the tuple of its
+# items: the collector never stops tracking a tuple that holds a dict, even a
+# dict it no longer tracks, but does stop tracking a tuple of pairs of strings
+# and numbers.
+_TaskRow = tuple[Any, ...]
 _AttemptRow = tuple[Any, ...]
 _EntryRow = tuple[Any, ...]
 
@@ -83,6 +95,42 @@ _E_STATE, _E_AVAILABLE, _E_CLAIMED, _E_DELIVERED = 3, 4, 6, 9
 
 def _value(member: Any) -> Any:
     return None if member is None else member._value_
+
+
+_TASK_STATUSES = {s.value: s for s in TaskStatus}
+_BLOCKED_REASONS = {r.value: r for r in BlockedReason}
+# Positions in a task row.
+_Stored = Task | _TaskRow
+"""A stored task: the value while the task may still move, a row once it is finished."""
+
+
+def _task_row(t: Task) -> _TaskRow:
+    return (
+        t.id, t.project_id, t.title, t.status._value_, t.retry_count, t.max_retries,
+        t.retries_left, t.error_message, t.error_type, _value(t.blocked_reason), t.blocked_by,
+        t.attempt, t.lease_expires_at, t.created_at, t.updated_at, t.started_at,
+        t.completed_at, t.version, tuple(t.metadata.items()),
+    )  # fmt: skip
+
+
+def _task_of(row: _TaskRow) -> Task:
+    return Task(
+        id=row[0], project_id=row[1], title=row[2], status=_TASK_STATUSES[row[3]],
+        retry_count=row[4], max_retries=row[5], retries_left=row[6], error_message=row[7],
+        error_type=row[8], blocked_reason=None if row[9] is None else _BLOCKED_REASONS[row[9]],
+        blocked_by=row[10], attempt=row[11], lease_expires_at=row[12], created_at=row[13],
+        updated_at=row[14], started_at=row[15], completed_at=row[16], version=row[17],
+        metadata=row[18],
+    )  # fmt: skip
+
+
+def _keep(task: Task) -> _Stored:
+    """What the storage keeps of ``task``: a row once it is finished (no move leaves it)."""
+    return _task_row(task) if task.status in TERMINAL else task
+
+
+def _as_task(stored: _Stored) -> Task:
+    return _task_of(stored) if isinstance(stored, tuple) else stored
 
 
 def _attempt_row(a: Attempt) -> _AttemptRow:
@@ -118,10 +166,9 @@ def _entry(row: _EntryRow) -> DispatchEntry:
     )  # fmt: skip
 
 
-# An event row: (project_id, seq, type, task_id, attempt, at, data (a dict of JSON
-# values, which the collector stops tracking as it holds only strings, numbers and
-# None), delivered_at, claimed_until); a retry row: (tries, retry_at, last_error, parked,
-# claimed_until).
+# An event row: (project_id, seq, type, task_id, attempt, at, data (its items as a
+# tuple of pairs), delivered_at, claimed_until); a retry row: (tries, retry_at,
+# last_error, parked, claimed_until).
 _EventRow = tuple[Any, ...]
 _RetryRow = tuple[Any, ...]
 _TYPES = {t.value: t for t in EventType}
@@ -130,7 +177,7 @@ _EV_DELIVERED, _EV_CLAIMED = 7, 8
 
 def _event_row(e: Event, seq: int) -> _EventRow:
     return (
-        e.project_id, seq, e.type._value_, e.task_id, e.attempt, e.at, dict(e.data),
+        e.project_id, seq, e.type._value_, e.task_id, e.attempt, e.at, tuple(e.data.items()),
         None, None,
     )  # fmt: skip
 
@@ -156,7 +203,7 @@ class MemoryStorage:
         self._lock = threading.RLock()
         self._projects: dict[str, Project] = {}
         self._progress: dict[str, Progress] = {}
-        self._tasks: dict[str, dict[str, Task]] = {}
+        self._tasks: dict[str, dict[str, _Stored]] = {}
         self._dependants: dict[_Key, set[str]] = {}
         self._attempts: dict[_Key, tuple[_AttemptRow, ...]] = {}
         self._outbox: dict[_EntryKey, _EntryRow] = {}
@@ -194,7 +241,7 @@ class MemoryStorage:
                 if task.id in self._tasks[task.project_id]:
                     raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
             for task in tasks:
-                self._tasks[task.project_id][task.id] = task
+                self._tasks[task.project_id][task.id] = _keep(task)
                 self._index(task)
                 self._progress[task.project_id] = self._progress[task.project_id].shifted(
                     None, task.status
@@ -232,7 +279,7 @@ class MemoryStorage:
 
     def _task(self, project_id: str, task_id: str) -> Task:
         try:
-            return self._tasks[project_id][task_id]
+            return _as_task(self._tasks[project_id][task_id])
         except KeyError:
             raise TaskNotFound(project_id, task_id) from None
 
@@ -247,12 +294,12 @@ class MemoryStorage:
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         with self._lock:
             tasks = self._tasks.get(project_id, {})
-            return {tid: tasks[tid] for tid in task_ids if tid in tasks}
+            return {tid: _as_task(tasks[tid]) for tid in task_ids if tid in tasks}
 
     def dependants(self, project_id: str, task_id: str) -> list[Task]:
         with self._lock:
             ids = sorted(self._dependants.get((project_id, task_id), ()))
-            return [self._tasks[project_id][tid] for tid in ids]
+            return [_as_task(self._tasks[project_id][tid]) for tid in ids]
 
     def list_tasks(
         self,
@@ -268,7 +315,7 @@ class MemoryStorage:
             if tasks is None:
                 raise ProjectNotFound(project_id)
             ids = sorted(tid for tid in tasks if after is None or tid > after)
-            selected = (tasks[tid] for tid in ids)
+            selected = (_as_task(tasks[tid]) for tid in ids)
             out = [t for t in selected if status is None or t.status == status]
             return out[:limit]
 
@@ -326,7 +373,7 @@ class MemoryStorage:
                 if after is not None and pid == after[0]:
                     ids = ids[bisect.bisect_right(ids, after[1]) :]
                 for tid in ids:
-                    task = tasks[tid]
+                    task = _as_task(tasks[tid])
                     if error_type is None or task.error_type == error_type:
                         found.append(task)
                         if len(found) >= limit:
@@ -335,13 +382,17 @@ class MemoryStorage:
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._lock:
-            self._task(project_id, task_id)
+            if task_id not in self._tasks.get(project_id, ()):
+                raise TaskNotFound(project_id, task_id)
             return [_attempt(row) for row in self._attempts.get((project_id, task_id), ())]
 
     def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
         with self._lock:
-            task = self._task(project_id, task_id)
-            found = (self._outbox.get((project_id, task_id, n)) for n in range(1, task.attempt + 1))
+            try:
+                last = _as_task(self._tasks[project_id][task_id]).attempt
+            except KeyError:
+                raise TaskNotFound(project_id, task_id) from None
+            found = (self._outbox.get((project_id, task_id, n)) for n in range(1, last + 1))
             return [_entry(row) for row in found if row is not None]
 
     def deferred(self, project_id: str) -> list[DispatchEntry]:
@@ -362,17 +413,20 @@ class MemoryStorage:
                 current = tasks[tid]
             except KeyError:
                 raise TaskNotFound(pid, tid) from None
-            if current.version != before.version:
-                raise VersionConflict(tid, before.version, current.version)
+            version = _as_task(current).version
+            if version != before.version:
+                raise VersionConflict(tid, before.version, version)
             for guard in plan.guards:
                 found = tasks.get(guard.task_id)
-                if found is None or found.version != guard.version:
+                if found is None or _as_task(found).version != guard.version:
                     raise VersionConflict(
-                        guard.task_id, guard.version, None if found is None else found.version
+                        guard.task_id,
+                        guard.version,
+                        None if found is None else _as_task(found).version,
                     )
             project = self._projects[pid]
             if plan.project_version is not None and project.version != plan.project_version:
-                raise VersionConflict(tid, before.version, current.version)
+                raise VersionConflict(tid, before.version, version)
             idem = plan.idempotency
             if idem is not None:
                 taken = self._idempotency.get(idem.key)
@@ -380,7 +434,7 @@ class MemoryStorage:
                     raise IdempotencyConflict(taken)
             dispatch = plan.dispatch
             if dispatch is not None and dispatch.key in self._outbox:
-                raise VersionConflict(tid, before.version, current.version)
+                raise VersionConflict(tid, before.version, version)
             history = self._attempts.get((pid, tid))
             new_attempt = plan.new_attempt
             if new_attempt is not None and new_attempt.number != (
@@ -388,7 +442,7 @@ class MemoryStorage:
             ):
                 raise InvalidInput(f"Task {tid!r}: attempt {new_attempt.number} is not next")
             # Every check passed: from here on nothing raises.
-            tasks[after.id] = after
+            tasks[after.id] = _keep(after)
             self._index(after)
             progress = self._progress[pid] = self._progress[pid].shifted(
                 before.status, after.status
@@ -471,9 +525,11 @@ class MemoryStorage:
                 raise VersionConflict(pid, plan.before.version, current.version)
             for guard in plan.guards:
                 found = self._tasks[pid].get(guard.task_id)
-                if found is None or found.version != guard.version:
+                if found is None or _as_task(found).version != guard.version:
                     raise VersionConflict(
-                        guard.task_id, guard.version, None if found is None else found.version
+                        guard.task_id,
+                        guard.version,
+                        None if found is None else _as_task(found).version,
                     )
             self._projects[pid] = plan.after
             return plan.after, self._release(pid, plan.releases, plan.claimed_until)
@@ -543,7 +599,7 @@ class MemoryStorage:
         with self._lock:
             stale = []
             for pid, tid in self._assigned:
-                row = self._outbox.get((pid, tid, self._tasks[pid][tid].attempt))
+                row = self._outbox.get((pid, tid, _as_task(self._tasks[pid][tid]).attempt))
                 if (
                     row is not None
                     and row[_E_STATE] == _DELIVERED
@@ -572,7 +628,7 @@ class MemoryStorage:
         with self._lock:
             found = []
             for pid, tid in self._in_progress:
-                task = self._tasks[pid][tid]
+                task = _as_task(self._tasks[pid][tid])
                 if task.lease_expires_at is not None and task.lease_expires_at <= now:
                     found.append(task)
             found.sort(key=lambda t: (t.lease_expires_at, t.project_id, t.id))
@@ -747,18 +803,21 @@ class MemoryStorage:
                 (row[_E_DELIVERED], entry_key)
                 for entry_key, row in self._outbox.items()
                 if row[_E_STATE] == _DELIVERED
-                and rule.removes_entry(_entry(row), self._tasks[row[0]][row[1]])
+                and rule.removes_entry(_entry(row), _as_task(self._tasks[row[0]][row[1]]))
             )[:batch]
             for _, entry_key in entries:
                 del self._outbox[entry_key]
                 self._pending.pop(entry_key, None)
         with self._lock:
-            attempts = sorted(
-                (row[4], task_key, index)
-                for task_key, history in self._attempts.items()
-                for index, row in enumerate(history)
-                if rule.removes_attempt(_attempt(row), self._tasks[task_key[0]][task_key[1]])
-            )[:batch]
+            candidates: list[tuple[datetime, _Key, int]] = []
+            for task_key, history in self._attempts.items():
+                task = _as_task(self._tasks[task_key[0]][task_key[1]])
+                candidates.extend(
+                    (row[4], task_key, index)
+                    for index, row in enumerate(history)
+                    if rule.removes_attempt(_attempt(row), task)
+                )
+            attempts = sorted(candidates)[:batch]
             doomed: dict[_Key, set[int]] = {}
             for _, task_key, index in attempts:
                 doomed.setdefault(task_key, set()).add(index)
