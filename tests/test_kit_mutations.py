@@ -153,7 +153,9 @@ class ApplyKeepsExpiredReservation(MemoryStorage):
     def apply(self, plan: Plan) -> Applied:
         with self._lock:
             if plan.idempotency is not None and plan.idempotency.key in self._idempotency:
-                raise IdempotencyConflict(self._idempotency[plan.idempotency.key])
+                raise IdempotencyConflict(
+                    memory._idempotency(self._idempotency[plan.idempotency.key])
+                )
             return super().apply(plan)
 
 
@@ -271,7 +273,11 @@ class ApplyWritesBeforeKeyCheck(MemoryStorage):
         with self._lock:
             idem = plan.idempotency
             taken = None if idem is None else self._idempotency.get(idem.key)
-            if idem is not None and taken is not None and not taken.expired(idem.created_at):
+            if (
+                idem is not None
+                and taken is not None
+                and taken[memory._I_EXPIRES] > idem.created_at
+            ):
                 _store(self, plan.after)
             return super().apply(plan)
 
@@ -655,8 +661,8 @@ class SaveOverwritesAnswers(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and existing.status_code is not None:
-                self._idempotency[record.key] = record
+            if existing is not None and memory._idempotency(existing).status_code is not None:
+                self._idempotency[record.key] = memory._idempotency_row(record)
                 return record
             return super().save_idempotency(record)
 
@@ -665,8 +671,8 @@ class SaveLetsAnyoneComplete(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and existing.status_code is None:
-                self._idempotency[record.key] = record
+            if existing is not None and memory._idempotency(existing).status_code is None:
+                self._idempotency[record.key] = memory._idempotency_row(record)
                 return record
             return super().save_idempotency(record)
 
@@ -675,11 +681,13 @@ class SaveSplitsCheckAndInsert(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and not existing.expired(record.created_at):
+            if existing is not None and not memory._idempotency(existing).expired(
+                record.created_at
+            ):
                 return super().save_idempotency(record)
         _gap()
         with self._lock:
-            self._idempotency[record.key] = record
+            self._idempotency[record.key] = memory._idempotency_row(record)
             return record
 
 
@@ -817,7 +825,7 @@ class OneStepSplitsKeyCheck(OneStepMemory):
             return super().retry_blocked(project_id, task_id, **options)
         with self._lock:
             taken = self._idempotency.get(key)
-            if taken is not None and not taken.expired(options["now"]):
+            if taken is not None and taken[memory._I_EXPIRES] > options["now"]:
                 return None
         _gap()
         with self._lock:
@@ -831,7 +839,7 @@ class OneStepSplitsKeyCheck(OneStepMemory):
                 expires_at = options.get("idempotency_expires_at")
                 if expires_at is not None:
                     record = attrs.evolve(record, expires_at=expires_at)
-                self._idempotency[key] = record
+                self._idempotency[key] = memory._idempotency_row(record)
             return applied
 
 

@@ -3,8 +3,8 @@
 Good for tests and for a single process that may lose its state on exit.
 One lock guards everything, so every method is atomic.
 
-The history (attempt records, outbox entries and events, which grow with
-traffic) and the finished tasks (``done`` and ``skipped``, which no move
+The history (attempt records, outbox entries, events and idempotency
+records, which grow with traffic) and the finished tasks (``done`` and ``skipped``, which no move
 leaves) are kept as plain tuples of strings, numbers and timestamps rather
 than as the frozen values the methods return, which are built on the way out.
 CPython's cycle collector stops tracking such tuples, and the dictionaries
@@ -20,8 +20,9 @@ microseconds.
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -166,6 +167,22 @@ def _entry(row: _EntryRow) -> DispatchEntry:
     )  # fmt: skip
 
 
+# An idempotency row holds IdempotencyRecord's fields in their declared order.
+_IdempotencyRow = tuple[Any, ...]
+_I_EXPIRES = 6
+
+
+def _idempotency_row(r: IdempotencyRecord) -> _IdempotencyRow:
+    return (r.key, r.project_id, r.task_id, r.created_at, r.status_code, r.body, r.expires_at)
+
+
+def _idempotency(row: _IdempotencyRow) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=row[0], project_id=row[1], task_id=row[2], created_at=row[3], status_code=row[4],
+        body=row[5], expires_at=row[6],
+    )  # fmt: skip
+
+
 # An event row: (project_id, seq, type, task_id, attempt, at, data (its items as a
 # tuple of pairs), delivered_at, claimed_until); a retry row: (tries, retry_at,
 # last_error, parked, claimed_until).
@@ -214,7 +231,7 @@ class MemoryStorage:
         """Every project id, sorted (projects are never removed)."""
         self._blocked: dict[str, dict[str, None]] = {}
         """The ids of each project's blocked tasks (projects with none left out)."""
-        self._idempotency: dict[str, IdempotencyRecord] = {}
+        self._idempotency: dict[str, _IdempotencyRow] = {}
         self._event_seq: dict[str, int] = {}
         self._events: dict[str, dict[int, _EventRow]] = {}
         self._events_pending: dict[_EventKey, None] = {}
@@ -429,7 +446,8 @@ class MemoryStorage:
                 raise VersionConflict(tid, before.version, version)
             idem = plan.idempotency
             if idem is not None:
-                taken = self._idempotency.get(idem.key)
+                taken_row = self._idempotency.get(idem.key)
+                taken = None if taken_row is None else _idempotency(taken_row)
                 if taken is not None and not taken.expired(idem.created_at):
                     raise IdempotencyConflict(taken)
             dispatch = plan.dispatch
@@ -476,7 +494,7 @@ class MemoryStorage:
             if plan.releases:
                 made += tuple(self._release(pid, plan.releases, plan.claimed_until))
             if idem is not None:
-                self._idempotency[idem.key] = idem
+                self._idempotency[idem.key] = _idempotency_row(idem)
             self._record(lifecycle.events_of(plan))
             return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
 
@@ -637,21 +655,23 @@ class MemoryStorage:
     # -- idempotency -----------------------------------------------------------------
     def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._lock:
-            record = self._idempotency.get(key)
+            row = self._idempotency.get(key)
+        record = None if row is None else _idempotency(row)
         if record is not None and now is not None and record.expired(now):
             return None
         return record
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
-            existing = self._idempotency.get(record.key)
+            row = self._idempotency.get(record.key)
+            existing = None if row is None else _idempotency(row)
             if (
                 existing is not None
                 and not existing.expired(record.created_at)
                 and (existing.status_code is not None or existing.created_at != record.created_at)
             ):
                 return existing
-            self._idempotency[record.key] = record
+            self._idempotency[record.key] = _idempotency_row(record)
             return record
 
     # -- event log --------------------------------------------------------------------
@@ -788,36 +808,39 @@ class MemoryStorage:
 
     # -- retention -------------------------------------------------------------------
     def prune(self, rule: PruneRule) -> Pruned:
-        """One batch per table of what ``rule`` removes, oldest first, each under the lock once."""
+        """One batch per table of what ``rule`` removes, oldest first, each under the lock once.
+
+        Each table is scanned once per call, keeping only the oldest ``batch``
+        rows found (not a sorted list of all that may go: those tuples would
+        outlive the collector's young generations and make it walk them).
+        """
         batch = rule.batch
         with self._lock:
-            expired = sorted(
-                (r.expires_at, idem_key)
-                for idem_key, r in self._idempotency.items()
-                if rule.removes_idempotency(r)
-            )[:batch]
+            expired = heapq.nsmallest(
+                batch,
+                (
+                    (r[_I_EXPIRES], idem_key)
+                    for idem_key, r in self._idempotency.items()
+                    if rule.removes_idempotency(_idempotency(r))
+                ),
+            )
             for _, idem_key in expired:
                 del self._idempotency[idem_key]
         with self._lock:
-            entries = sorted(
-                (row[_E_DELIVERED], entry_key)
-                for entry_key, row in self._outbox.items()
-                if row[_E_STATE] == _DELIVERED
-                and rule.removes_entry(_entry(row), _as_task(self._tasks[row[0]][row[1]]))
-            )[:batch]
+            entries = heapq.nsmallest(
+                batch,
+                (
+                    (row[_E_DELIVERED], entry_key)
+                    for entry_key, row in self._outbox.items()
+                    if row[_E_STATE] == _DELIVERED
+                    and rule.removes_entry(_entry(row), _as_task(self._tasks[row[0]][row[1]]))
+                ),
+            )
             for _, entry_key in entries:
                 del self._outbox[entry_key]
                 self._pending.pop(entry_key, None)
         with self._lock:
-            candidates: list[tuple[datetime, _Key, int]] = []
-            for task_key, history in self._attempts.items():
-                task = _as_task(self._tasks[task_key[0]][task_key[1]])
-                candidates.extend(
-                    (row[4], task_key, index)
-                    for index, row in enumerate(history)
-                    if rule.removes_attempt(_attempt(row), task)
-                )
-            attempts = sorted(candidates)[:batch]
+            attempts = heapq.nsmallest(batch, self._removable_attempts(rule))
             doomed: dict[_Key, set[int]] = {}
             for _, task_key, index in attempts:
                 doomed.setdefault(task_key, set()).add(index)
@@ -832,18 +855,30 @@ class MemoryStorage:
             held: dict[_EventKey, int] = {}
             for retry_key in self._event_retries:
                 held[retry_key[:2]] = held.get(retry_key[:2], 0) + 1
-            gone = sorted(
-                (row[_EV_DELIVERED], pid, seq)
-                for pid, stored in self._events.items()
-                for seq, row in stored.items()
-                if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
-            )[:batch]
+            gone = heapq.nsmallest(
+                batch,
+                (
+                    (row[_EV_DELIVERED], pid, seq)
+                    for pid, stored in self._events.items()
+                    for seq, row in stored.items()
+                    if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
+                ),
+            )
             for _, pid, seq in gone:
                 del self._events[pid][seq]
         return Pruned(
             idempotency=len(expired), outbox=len(entries), attempts=len(attempts),
             events=len(gone), batches=1,
         )  # fmt: skip
+
+    def _removable_attempts(self, rule: PruneRule) -> Iterator[tuple[datetime, _Key, int]]:
+        """``(dispatched_at, task key, index)`` of every attempt row ``rule`` removes."""
+        for task_key, history in self._attempts.items():
+            task = _as_task(self._tasks[task_key[0]][task_key[1]])
+            if rule.removes_attempts_of(task):  # else none of its rows goes: skip them
+                for index, row in enumerate(history):
+                    if rule.removes_attempt(_attempt(row), task):
+                        yield (row[4], task_key, index)
 
     def close(self) -> None:
         return None
