@@ -3,7 +3,7 @@
 Each storage runs the same loop in a child process of its own (so its RSS and
 its collector are the loop's alone):
 
-- a pool of ``POOL`` live tasks in ``PROJECTS`` projects; every task fails,
+- a pool of ``POOL`` live tasks (fewer in a short run, see ``_pool``) in ``PROJECTS`` projects; every task fails,
   is blocked, is retried by hand (``RetryService.retry`` with an idempotency
   key), is started, and fails again; on its ``RETRIES_PER_TASK``-th manual
   retry it succeeds instead (``done``) and a new task takes its place (added,
@@ -11,11 +11,12 @@ its collector are the loop's alone):
 - a dispatcher that accepts every entry, so each retry's outbox entry is
   delivered at once; an :class:`EventRelay` with one listener that does
   nothing delivers the lifecycle events every ``EVENT_EVERY`` cycles;
-- a :class:`Pruner` with short retention periods (simulated time: the fake
-  clock moves ``STEP`` per cycle) called every ``PRUNE_EVERY`` cycles, as the
-  relay or the reaper would with ``prune_every``: idempotency records,
-  delivered outbox entries, delivered events and the attempt records of
-  finished tasks are removed once older than the period.
+- a :class:`Pruner` with retention periods of 1/``WINDOW`` of the run
+  (simulated time: the clock moves ``STEP_MS`` per cycle), called
+  ``PRUNES_PER_WINDOW`` times per period, as the relay or the reaper would
+  with ``prune_every``: idempotency records, delivered outbox entries,
+  delivered events and the attempt records of finished tasks are removed
+  once older than the period.
 
 So the history grows and pruning keeps it bounded; what stays is the tasks
 themselves (a storage never removes a task). The child reads RSS from
@@ -42,8 +43,10 @@ PROJECTS = 10
 POOL = 1000
 RETRIES_PER_TASK = 10
 STEP_MS = 5
-RETENTION_S = 60
-PRUNE_EVERY = 2000
+WINDOW = 50
+"""Rows are kept for 1/WINDOW of the run (simulated time), so the history reaches its
+steady size within the first tenth, whatever the run's length."""
+PRUNES_PER_WINDOW = 5
 EVENT_EVERY = 20
 RSS_SAMPLES = 200
 FULL = {"memory": 600_000, "sqlite": 100_000, "postgres": 10_000}
@@ -91,6 +94,17 @@ def _tracked_by_type(top: int = 12) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:top])
 
 
+def _pool(retries: int) -> int:
+    """Live tasks: at most ``POOL``, few enough that each slot sees 50 retries (5 tasks)."""
+    return max(10, min(POOL, retries // (5 * RETRIES_PER_TASK)))
+
+
+def _window(retries: int) -> tuple[float, int]:
+    """Retention (simulated seconds) and prune interval (cycles) for a run of ``retries``."""
+    cycles = max(500, retries // WINDOW)
+    return cycles * STEP_MS / 1000, max(1, cycles // PRUNES_PER_WINDOW)
+
+
 def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[str, Any]:
     from datetime import datetime, timedelta, timezone
 
@@ -126,10 +140,11 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
             self.at += timedelta(seconds=seconds)
 
     clock = Clock()
+    retention_s, prune_every = _window(retries)
     retention = Retention(
-        idempotency=timedelta(seconds=RETENTION_S),
-        delivered_outbox=timedelta(seconds=RETENTION_S),
-        attempts=timedelta(seconds=RETENTION_S),
+        idempotency=timedelta(seconds=retention_s),
+        delivered_outbox=timedelta(seconds=retention_s),
+        attempts=timedelta(seconds=retention_s),
     )
     dispatcher = Accept()
     service = RetryService(storage, dispatcher, clock=clock, retention=retention)
@@ -156,7 +171,7 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     for pid in pids:
         executor.create_project(pid)
     pool: list[tuple[str, str, int]] = []  # (project, task, manual retries so far)
-    for i in range(POOL):
+    for i in range(_pool(retries)):
         pool.append((pids[i % PROJECTS], new_task(pids[i % PROJECTS]), 0))
     relay.deliver_events()
     every = max(1, retries // RSS_SAMPLES)
@@ -166,7 +181,7 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     probe.sample(0)
     t0 = time.perf_counter()
     for n in range(1, retries + 1):
-        slot = n % POOL
+        slot = n % len(pool)
         pid, tid, count = pool[slot]
         clock.advance(STEP_MS / 1000)
         res = service.retry(pid, tid, actor="ops", reason="long run", idempotency_key=f"k{n}")
@@ -182,7 +197,7 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
         if n % EVENT_EVERY == 0:
             while relay.deliver_events() >= 1000:
                 pass
-        if n % PRUNE_EVERY == 0:
+        if n % prune_every == 0:
             t1 = time.perf_counter()
             got = pruner.prune()
             prunes.append((time.perf_counter() - t1) * 1e6)
@@ -196,8 +211,8 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     facts: dict[str, Any] = {
         "elapsed_s": elapsed, "tasks_made": made, "pruned": pruned, "prune_us": prunes,
         "settings": {
-            "projects": PROJECTS, "pool": POOL, "retries_per_task": RETRIES_PER_TASK,
-            "step_ms": STEP_MS, "retention_s": RETENTION_S, "prune_every": PRUNE_EVERY,
+            "projects": PROJECTS, "pool": len(pool), "retries_per_task": RETRIES_PER_TASK,
+            "step_ms": STEP_MS, "retention_s": retention_s, "prune_every": prune_every,
             "event_every": EVENT_EVERY,
         },
     }  # fmt: skip
@@ -215,6 +230,7 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
 
 def _floor_loop(retries: int, probe: _Probe) -> dict[str, Any]:
     """The same moves over plain dicts of tuples, pruned the same way."""
+    retention_s, prune_every = _window(retries)
     tasks: dict[tuple[str, str], tuple[Any, ...]] = {}
     attempts: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     outbox: dict[tuple[str, str, int], tuple[Any, ...]] = {}
@@ -247,17 +263,17 @@ def _floor_loop(retries: int, probe: _Probe) -> dict[str, Any]:
         return tid
 
     pids = [f"p{i}" for i in range(PROJECTS)]
-    pool = [(pids[i % PROJECTS], new_task(pids[i % PROJECTS]), 0) for i in range(POOL)]
+    pool = [(pids[i % PROJECTS], new_task(pids[i % PROJECTS]), 0) for i in range(_pool(retries))]
     every = max(1, retries // RSS_SAMPLES)
     gc.collect()
     probe.sample(0)
     t0 = time.perf_counter()
     for n in range(1, retries + 1):
-        slot = n % POOL
+        slot = n % len(pool)
         pid, tid, count = pool[slot]
         now += STEP_MS / 1000
         attempt = tasks[(pid, tid)][3] + 1
-        idem[f"k{n}"] = now + RETENTION_S
+        idem[f"k{n}"] = now + retention_s
         move(pid, tid, "assigned", attempt)
         attempts[(pid, tid)].append((pid, tid, attempt, "manual", now, "ops", "long run"))
         outbox[(pid, tid, attempt)] = (pid, tid, attempt, "delivered", now)
@@ -270,8 +286,8 @@ def _floor_loop(retries: int, probe: _Probe) -> dict[str, Any]:
         else:
             move(pid, tid, "blocked", attempt)
             pool[slot] = (pid, tid, count)
-        if n % PRUNE_EVERY == 0:
-            cut = now - RETENTION_S
+        if n % prune_every == 0:
+            cut = now - retention_s
             for key in [k for k, v in idem.items() if v <= now]:
                 del idem[key]
             for key in [k for k, v in outbox.items() if v[4] <= cut]:
