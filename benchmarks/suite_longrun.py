@@ -3,11 +3,12 @@
 Each storage runs the same loop in a child process of its own (so its RSS and
 its collector are the loop's alone):
 
-- a pool of ``POOL`` live tasks (fewer in a short run, see ``_pool``) in ``PROJECTS`` projects; every task fails,
-  is blocked, is retried by hand (``RetryService.retry`` with an idempotency
-  key), is started, and fails again; on its ``RETRIES_PER_TASK``-th manual
-  retry it succeeds instead (``done``) and a new task takes its place (added,
-  assigned, started, failed to ``blocked``);
+- a pool of ``POOL`` live tasks (fewer in a short run, see ``_pool``) in
+  ``PROJECTS`` projects; every task fails, is blocked, is retried by hand
+  (``RetryService.retry`` with an idempotency key), is started, and fails
+  again; on its ``RETRIES_PER_TASK``-th manual retry it succeeds instead
+  (``done``) and a new task takes its place (added, assigned, started,
+  failed to ``blocked``);
 - a dispatcher that accepts every entry, so each retry's outbox entry is
   delivered at once; an :class:`EventRelay` with one listener that does
   nothing delivers the lifecycle events every ``EVENT_EVERY`` cycles;
