@@ -37,6 +37,7 @@ from deepwork_retry.exceptions import (
     TaskNotFound,
 )
 from deepwork_retry.ports import REDELIVERED, RetryInOneStep, Storage
+from deepwork_retry.storage import memory
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.testing.contract import SCENARIOS, play_sync
 
@@ -55,10 +56,23 @@ def check_limit(limit: int) -> None:
         raise InvalidInput(f"limit must be an integer from 1 to 1000, got {limit!r}")
 
 
+def _tasks(storage: MemoryStorage, pid: str) -> dict[str, Task]:
+    """The tasks of project ``pid`` as values (the storage keeps finished ones as rows)."""
+    return {tid: memory._as_task(kept) for tid, kept in storage._tasks.get(pid, {}).items()}
+
+
+def _stored(storage: MemoryStorage, pid: str, tid: str) -> Task:
+    return memory._as_task(storage._tasks[pid][tid])
+
+
+def _store(storage: MemoryStorage, task: Task) -> None:
+    storage._tasks[task.project_id][task.id] = memory._keep(task)
+
+
 def _current_versions(storage: MemoryStorage, plan: Plan) -> Plan:
     """``plan`` with every version it compares set to what is stored now (no compare-and-set)."""
     pid = plan.before.project_id
-    tasks = storage._tasks[pid]
+    tasks = _tasks(storage, pid)
     current = tasks[plan.before.id]
     guards = tuple(
         attrs.evolve(g, version=tasks[g.task_id].version) for g in plan.guards if g.task_id in tasks
@@ -76,7 +90,7 @@ def _current_versions(storage: MemoryStorage, plan: Plan) -> Plan:
 class ApplyIgnoresVersion(MemoryStorage):
     def apply(self, plan: Plan) -> Applied:
         with self._lock:
-            current = self._tasks[plan.before.project_id][plan.before.id]
+            current = _stored(self, plan.before.project_id, plan.before.id)
             plan = attrs.evolve(plan, before=evolve_task(plan.before, version=current.version))
             return super().apply(plan)
 
@@ -84,7 +98,7 @@ class ApplyIgnoresVersion(MemoryStorage):
 class ApplyComparesStatus(MemoryStorage):
     def apply(self, plan: Plan) -> Applied:
         with self._lock:
-            current = self._tasks[plan.before.project_id][plan.before.id]
+            current = _stored(self, plan.before.project_id, plan.before.id)
             if current.status is plan.before.status:
                 plan = attrs.evolve(plan, before=evolve_task(plan.before, version=current.version))
             return super().apply(plan)
@@ -100,7 +114,7 @@ class ApplyGuardsByStatus(MemoryStorage):
 
     def apply(self, plan: Plan) -> Applied:
         with self._lock:
-            tasks = self._tasks.get(plan.before.project_id, {})
+            tasks = _tasks(self, plan.before.project_id)
             guards = tuple(
                 attrs.evolve(g, version=tasks[g.task_id].version)
                 if g.task_id in tasks and tasks[g.task_id].status not in (TaskStatus.DONE,)
@@ -139,7 +153,9 @@ class ApplyKeepsExpiredReservation(MemoryStorage):
     def apply(self, plan: Plan) -> Applied:
         with self._lock:
             if plan.idempotency is not None and plan.idempotency.key in self._idempotency:
-                raise IdempotencyConflict(self._idempotency[plan.idempotency.key])
+                raise IdempotencyConflict(
+                    memory._idempotency(self._idempotency[plan.idempotency.key])
+                )
             return super().apply(plan)
 
 
@@ -257,8 +273,12 @@ class ApplyWritesBeforeKeyCheck(MemoryStorage):
         with self._lock:
             idem = plan.idempotency
             taken = None if idem is None else self._idempotency.get(idem.key)
-            if idem is not None and taken is not None and not taken.expired(idem.created_at):
-                self._tasks[plan.before.project_id][plan.before.id] = plan.after
+            if (
+                idem is not None
+                and taken is not None
+                and taken[memory._I_EXPIRES] > idem.created_at
+            ):
+                _store(self, plan.after)
             return super().apply(plan)
 
 
@@ -312,7 +332,7 @@ class AddTasksUnchecked(MemoryStorage):
                 if task.project_id not in self._projects:
                     raise ProjectNotFound(task.project_id)
             for task in tasks:
-                self._tasks[task.project_id][task.id] = task
+                _store(self, task)
                 self._index(task)
                 progress = self._progress[task.project_id]
                 self._progress[task.project_id] = progress.shifted(None, task.status)
@@ -335,9 +355,9 @@ class LoadAcrossProjects(MemoryStorage):
     def load(self, project_id: str, task_id: str) -> tuple[Project, Task]:
         with self._lock:
             project = self.get_project(project_id)
-            for tasks in self._tasks.values():
+            for pid, tasks in self._tasks.items():
                 if task_id in tasks:
-                    return project, tasks[task_id]
+                    return project, _stored(self, pid, task_id)
             raise TaskNotFound(project_id, task_id)
 
 
@@ -345,10 +365,10 @@ class GetTasksAcrossProjects(MemoryStorage):
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         with self._lock:
             found = super().get_tasks(project_id, task_ids)
-            for tasks in self._tasks.values():
+            for pid, tasks in self._tasks.items():
                 for tid in task_ids:
                     if tid in tasks and tid not in found:
-                        found[tid] = tasks[tid]
+                        found[tid] = _stored(self, pid, tid)
             return found
 
 
@@ -356,7 +376,7 @@ class DependantsAcrossProjects(MemoryStorage):
     def dependants(self, project_id: str, task_id: str) -> list[Task]:
         with self._lock:
             return [
-                self._tasks[pid][tid]
+                _stored(self, pid, tid)
                 for (pid, dep), ids in sorted(self._dependants.items())
                 if dep == task_id
                 for tid in sorted(ids)
@@ -538,8 +558,8 @@ class RedeliverAnyTask(MemoryStorage):
                     now=now, delivered_before=delivered_before, limit=limit
                 )
             finally:
-                for pid, tasks in self._tasks.items():
-                    for tid, task in tasks.items():
+                for pid in self._tasks:
+                    for tid, task in _tasks(self, pid).items():
                         if task.status is not TaskStatus.ASSIGNED:
                             self._assigned.pop((pid, tid), None)
 
@@ -584,9 +604,9 @@ class RedeliverSplitsSelectAndUpdate(MemoryStorage):
         check_limit(limit)
         with self._lock:
             stale = [
-                self._outbox[(pid, tid, self._tasks[pid][tid].attempt)]
+                self._outbox[(pid, tid, _stored(self, pid, tid).attempt)]
                 for pid, tid in self._assigned
-                if (pid, tid, self._tasks[pid][tid].attempt) in self._outbox
+                if (pid, tid, _stored(self, pid, tid).attempt) in self._outbox
             ]
             keys = sorted(
                 (row[9], (row[0], row[1], row[2]))
@@ -628,7 +648,7 @@ class LeasesOfAssignedTasks(MemoryStorage):
     def expired_leases(self, *, now: datetime, limit: int) -> list[Task]:
         with self._lock:
             found = super().expired_leases(now=now, limit=limit)
-            assigned = [self._tasks[pid][tid] for pid, tid in self._assigned]
+            assigned = [_stored(self, pid, tid) for pid, tid in self._assigned]
             return (found + assigned)[:limit]
 
 
@@ -641,8 +661,8 @@ class SaveOverwritesAnswers(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and existing.status_code is not None:
-                self._idempotency[record.key] = record
+            if existing is not None and memory._idempotency(existing).status_code is not None:
+                self._idempotency[record.key] = memory._idempotency_row(record)
                 return record
             return super().save_idempotency(record)
 
@@ -651,8 +671,8 @@ class SaveLetsAnyoneComplete(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and existing.status_code is None:
-                self._idempotency[record.key] = record
+            if existing is not None and memory._idempotency(existing).status_code is None:
+                self._idempotency[record.key] = memory._idempotency_row(record)
                 return record
             return super().save_idempotency(record)
 
@@ -661,11 +681,13 @@ class SaveSplitsCheckAndInsert(MemoryStorage):
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
             existing = self._idempotency.get(record.key)
-            if existing is not None and not existing.expired(record.created_at):
+            if existing is not None and not memory._idempotency(existing).expired(
+                record.created_at
+            ):
                 return super().save_idempotency(record)
         _gap()
         with self._lock:
-            self._idempotency[record.key] = record
+            self._idempotency[record.key] = memory._idempotency_row(record)
             return record
 
 
@@ -680,16 +702,12 @@ class PruneKeepsNothingLive(MemoryStorage):
     def prune(self, rule: PruneRule) -> Pruned:
         with self._lock:
             for pid, tid in list(self._assigned):
-                self._tasks[pid][tid] = evolve_task(
-                    self._tasks[pid][tid], status=TaskStatus.IN_PROGRESS
-                )
+                _store(self, evolve_task(_stored(self, pid, tid), status=TaskStatus.IN_PROGRESS))
             try:
                 return super().prune(rule)
             finally:
                 for pid, tid in self._assigned:
-                    self._tasks[pid][tid] = evolve_task(
-                        self._tasks[pid][tid], status=TaskStatus.ASSIGNED
-                    )
+                    _store(self, evolve_task(_stored(self, pid, tid), status=TaskStatus.ASSIGNED))
 
 
 # -- a one-step adapter, and its variants --------------------------------------------------------
@@ -807,7 +825,7 @@ class OneStepSplitsKeyCheck(OneStepMemory):
             return super().retry_blocked(project_id, task_id, **options)
         with self._lock:
             taken = self._idempotency.get(key)
-            if taken is not None and not taken.expired(options["now"]):
+            if taken is not None and taken[memory._I_EXPIRES] > options["now"]:
                 return None
         _gap()
         with self._lock:
@@ -821,7 +839,7 @@ class OneStepSplitsKeyCheck(OneStepMemory):
                 expires_at = options.get("idempotency_expires_at")
                 if expires_at is not None:
                     record = attrs.evolve(record, expires_at=expires_at)
-                self._idempotency[key] = record
+                self._idempotency[key] = memory._idempotency_row(record)
             return applied
 
 
@@ -891,8 +909,8 @@ class _Overview(MemoryStorage):
             rows = sorted(
                 (
                     task
-                    for tasks in self._tasks.values()
-                    for task in tasks.values()
+                    for pid in self._tasks
+                    for task in _tasks(self, pid).values()
                     if task.status is TaskStatus.BLOCKED
                 ),
                 key=lambda t: self._key(t.project_id, t.id),

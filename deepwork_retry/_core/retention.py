@@ -169,12 +169,20 @@ class PruneRule:
             and retries == 0
         )
 
-    def removes_attempt(self, attempt: Attempt, task: Task) -> bool:
-        """Whether ``attempt`` (of ``task``, as it stands) may be removed."""
+    def removes_attempts_of(self, task: Task) -> bool:
+        """Whether some attempt record of ``task`` (as it stands) may be removed: the
+        task finished before :attr:`finished_before`. Which ones: :meth:`removes_attempt`."""
         return (
             self.finished_before is not None
             and task.status in FINISHED
             and task.updated_at <= self.finished_before
+        )
+
+    def removes_attempt(self, attempt: Attempt, task: Task) -> bool:
+        """Whether ``attempt`` (of ``task``, as it stands) may be removed."""
+        return (
+            self.removes_attempts_of(task)
+            and self.finished_before is not None
             and attempt.dispatched_at <= self.finished_before
         )
 

@@ -3,20 +3,26 @@
 Good for tests and for a single process that may lose its state on exit.
 One lock guards everything, so every method is atomic.
 
-The history (attempt records and outbox entries, which only grow) is kept as
-plain tuples of strings, numbers and timestamps rather than as the frozen
-values the methods return. CPython's cycle collector stops tracking such
-tuples, and the dictionaries holding only them, after it has seen them once,
-so a long-running process does not rescan its whole history on every full
-collection (with the values themselves, a process that had made a few hundred
-thousand retries paused for hundreds of milliseconds per collection).
+The history (attempt records, outbox entries, events and idempotency
+records, which grow with traffic) and the finished tasks (``done`` and ``skipped``, which no move
+leaves) are kept as plain tuples of strings, numbers and timestamps rather
+than as the frozen values the methods return, which are built on the way out.
+CPython's cycle collector stops tracking such tuples, and the dictionaries
+holding only them, after it has seen them a few times, so a long-running
+process does not rescan its whole history and every task it ever finished on
+each full collection (with the values themselves, a process that had made a
+few hundred thousand retries paused for hundreds of milliseconds per
+collection). Tasks that may still move stay values: a move reads and replaces
+one, and building it from a row on every load would cost each retry a few
+microseconds.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -38,6 +44,8 @@ from deepwork_retry._core.model import (
 from deepwork_retry._core.plans import Applied, Plan, ProjectPlan, Release
 from deepwork_retry._core.retention import Pruned, PruneRule
 from deepwork_retry._core.states import (
+    TERMINAL,
+    BlockedReason,
     DispatchState,
     Outcome,
     RetryBudget,
@@ -61,10 +69,15 @@ _EntryKey = tuple[str, str, int]
 _EventKey = tuple[str, int]
 _RetryKey = tuple[str, int, str]
 
-# -- the history as rows --------------------------------------------------------------------
-# An attempt row holds Attempt's fields in their declared order, an entry row
-# DispatchEntry's; enum fields hold the enum's value (members are objects the
-# collector tracks, their values are plain strings).
+# -- the tasks and the history as rows ---------------------------------------------------------
+# A task row holds Task's fields in their declared order, an attempt row
+# Attempt's, an entry row DispatchEntry's; enum fields hold the enum's value
+# (members are objects the collector tracks, their values are plain strings).
+# A mapping (a task's metadata, an event's data) is kept as the tuple of its
+# items: the collector never stops tracking a tuple that holds a dict, even a
+# dict it no longer tracks, but does stop tracking a tuple of pairs of strings
+# and numbers.
+_TaskRow = tuple[Any, ...]
 _AttemptRow = tuple[Any, ...]
 _EntryRow = tuple[Any, ...]
 
@@ -83,6 +96,42 @@ _E_STATE, _E_AVAILABLE, _E_CLAIMED, _E_DELIVERED = 3, 4, 6, 9
 
 def _value(member: Any) -> Any:
     return None if member is None else member._value_
+
+
+_TASK_STATUSES = {s.value: s for s in TaskStatus}
+_BLOCKED_REASONS = {r.value: r for r in BlockedReason}
+# Positions in a task row.
+_Stored = Task | _TaskRow
+"""A stored task: the value while the task may still move, a row once it is finished."""
+
+
+def _task_row(t: Task) -> _TaskRow:
+    return (
+        t.id, t.project_id, t.title, t.status._value_, t.retry_count, t.max_retries,
+        t.retries_left, t.error_message, t.error_type, _value(t.blocked_reason), t.blocked_by,
+        t.attempt, t.lease_expires_at, t.created_at, t.updated_at, t.started_at,
+        t.completed_at, t.version, tuple(t.metadata.items()),
+    )  # fmt: skip
+
+
+def _task_of(row: _TaskRow) -> Task:
+    return Task(
+        id=row[0], project_id=row[1], title=row[2], status=_TASK_STATUSES[row[3]],
+        retry_count=row[4], max_retries=row[5], retries_left=row[6], error_message=row[7],
+        error_type=row[8], blocked_reason=None if row[9] is None else _BLOCKED_REASONS[row[9]],
+        blocked_by=row[10], attempt=row[11], lease_expires_at=row[12], created_at=row[13],
+        updated_at=row[14], started_at=row[15], completed_at=row[16], version=row[17],
+        metadata=row[18],
+    )  # fmt: skip
+
+
+def _keep(task: Task) -> _Stored:
+    """What the storage keeps of ``task``: a row once it is finished (no move leaves it)."""
+    return _task_row(task) if task.status in TERMINAL else task
+
+
+def _as_task(stored: _Stored) -> Task:
+    return _task_of(stored) if isinstance(stored, tuple) else stored
 
 
 def _attempt_row(a: Attempt) -> _AttemptRow:
@@ -118,10 +167,25 @@ def _entry(row: _EntryRow) -> DispatchEntry:
     )  # fmt: skip
 
 
-# An event row: (project_id, seq, type, task_id, attempt, at, data (a dict of JSON
-# values, which the collector stops tracking as it holds only strings, numbers and
-# None), delivered_at, claimed_until); a retry row: (tries, retry_at, last_error, parked,
-# claimed_until).
+# An idempotency row holds IdempotencyRecord's fields in their declared order.
+_IdempotencyRow = tuple[Any, ...]
+_I_EXPIRES = 6
+
+
+def _idempotency_row(r: IdempotencyRecord) -> _IdempotencyRow:
+    return (r.key, r.project_id, r.task_id, r.created_at, r.status_code, r.body, r.expires_at)
+
+
+def _idempotency(row: _IdempotencyRow) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=row[0], project_id=row[1], task_id=row[2], created_at=row[3], status_code=row[4],
+        body=row[5], expires_at=row[6],
+    )  # fmt: skip
+
+
+# An event row: (project_id, seq, type, task_id, attempt, at, data (its items as a
+# tuple of pairs), delivered_at, claimed_until); a retry row: (tries, retry_at,
+# last_error, parked, claimed_until).
 _EventRow = tuple[Any, ...]
 _RetryRow = tuple[Any, ...]
 _TYPES = {t.value: t for t in EventType}
@@ -130,7 +194,7 @@ _EV_DELIVERED, _EV_CLAIMED = 7, 8
 
 def _event_row(e: Event, seq: int) -> _EventRow:
     return (
-        e.project_id, seq, e.type._value_, e.task_id, e.attempt, e.at, dict(e.data),
+        e.project_id, seq, e.type._value_, e.task_id, e.attempt, e.at, tuple(e.data.items()),
         None, None,
     )  # fmt: skip
 
@@ -156,7 +220,7 @@ class MemoryStorage:
         self._lock = threading.RLock()
         self._projects: dict[str, Project] = {}
         self._progress: dict[str, Progress] = {}
-        self._tasks: dict[str, dict[str, Task]] = {}
+        self._tasks: dict[str, dict[str, _Stored]] = {}
         self._dependants: dict[_Key, set[str]] = {}
         self._attempts: dict[_Key, tuple[_AttemptRow, ...]] = {}
         self._outbox: dict[_EntryKey, _EntryRow] = {}
@@ -167,7 +231,7 @@ class MemoryStorage:
         """Every project id, sorted (projects are never removed)."""
         self._blocked: dict[str, dict[str, None]] = {}
         """The ids of each project's blocked tasks (projects with none left out)."""
-        self._idempotency: dict[str, IdempotencyRecord] = {}
+        self._idempotency: dict[str, _IdempotencyRow] = {}
         self._event_seq: dict[str, int] = {}
         self._events: dict[str, dict[int, _EventRow]] = {}
         self._events_pending: dict[_EventKey, None] = {}
@@ -194,7 +258,7 @@ class MemoryStorage:
                 if task.id in self._tasks[task.project_id]:
                     raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
             for task in tasks:
-                self._tasks[task.project_id][task.id] = task
+                self._tasks[task.project_id][task.id] = _keep(task)
                 self._index(task)
                 self._progress[task.project_id] = self._progress[task.project_id].shifted(
                     None, task.status
@@ -232,7 +296,7 @@ class MemoryStorage:
 
     def _task(self, project_id: str, task_id: str) -> Task:
         try:
-            return self._tasks[project_id][task_id]
+            return _as_task(self._tasks[project_id][task_id])
         except KeyError:
             raise TaskNotFound(project_id, task_id) from None
 
@@ -247,12 +311,12 @@ class MemoryStorage:
     def get_tasks(self, project_id: str, task_ids: Sequence[str]) -> dict[str, Task]:
         with self._lock:
             tasks = self._tasks.get(project_id, {})
-            return {tid: tasks[tid] for tid in task_ids if tid in tasks}
+            return {tid: _as_task(tasks[tid]) for tid in task_ids if tid in tasks}
 
     def dependants(self, project_id: str, task_id: str) -> list[Task]:
         with self._lock:
             ids = sorted(self._dependants.get((project_id, task_id), ()))
-            return [self._tasks[project_id][tid] for tid in ids]
+            return [_as_task(self._tasks[project_id][tid]) for tid in ids]
 
     def list_tasks(
         self,
@@ -268,7 +332,7 @@ class MemoryStorage:
             if tasks is None:
                 raise ProjectNotFound(project_id)
             ids = sorted(tid for tid in tasks if after is None or tid > after)
-            selected = (tasks[tid] for tid in ids)
+            selected = (_as_task(tasks[tid]) for tid in ids)
             out = [t for t in selected if status is None or t.status == status]
             return out[:limit]
 
@@ -326,7 +390,7 @@ class MemoryStorage:
                 if after is not None and pid == after[0]:
                     ids = ids[bisect.bisect_right(ids, after[1]) :]
                 for tid in ids:
-                    task = tasks[tid]
+                    task = _as_task(tasks[tid])
                     if error_type is None or task.error_type == error_type:
                         found.append(task)
                         if len(found) >= limit:
@@ -335,13 +399,17 @@ class MemoryStorage:
 
     def attempts(self, project_id: str, task_id: str) -> list[Attempt]:
         with self._lock:
-            self._task(project_id, task_id)
+            if task_id not in self._tasks.get(project_id, ()):
+                raise TaskNotFound(project_id, task_id)
             return [_attempt(row) for row in self._attempts.get((project_id, task_id), ())]
 
     def dispatches(self, project_id: str, task_id: str) -> list[DispatchEntry]:
         with self._lock:
-            task = self._task(project_id, task_id)
-            found = (self._outbox.get((project_id, task_id, n)) for n in range(1, task.attempt + 1))
+            try:
+                last = _as_task(self._tasks[project_id][task_id]).attempt
+            except KeyError:
+                raise TaskNotFound(project_id, task_id) from None
+            found = (self._outbox.get((project_id, task_id, n)) for n in range(1, last + 1))
             return [_entry(row) for row in found if row is not None]
 
     def deferred(self, project_id: str) -> list[DispatchEntry]:
@@ -362,25 +430,29 @@ class MemoryStorage:
                 current = tasks[tid]
             except KeyError:
                 raise TaskNotFound(pid, tid) from None
-            if current.version != before.version:
-                raise VersionConflict(tid, before.version, current.version)
+            version = _as_task(current).version
+            if version != before.version:
+                raise VersionConflict(tid, before.version, version)
             for guard in plan.guards:
                 found = tasks.get(guard.task_id)
-                if found is None or found.version != guard.version:
+                if found is None or _as_task(found).version != guard.version:
                     raise VersionConflict(
-                        guard.task_id, guard.version, None if found is None else found.version
+                        guard.task_id,
+                        guard.version,
+                        None if found is None else _as_task(found).version,
                     )
             project = self._projects[pid]
             if plan.project_version is not None and project.version != plan.project_version:
-                raise VersionConflict(tid, before.version, current.version)
+                raise VersionConflict(tid, before.version, version)
             idem = plan.idempotency
             if idem is not None:
-                taken = self._idempotency.get(idem.key)
+                taken_row = self._idempotency.get(idem.key)
+                taken = None if taken_row is None else _idempotency(taken_row)
                 if taken is not None and not taken.expired(idem.created_at):
                     raise IdempotencyConflict(taken)
             dispatch = plan.dispatch
             if dispatch is not None and dispatch.key in self._outbox:
-                raise VersionConflict(tid, before.version, current.version)
+                raise VersionConflict(tid, before.version, version)
             history = self._attempts.get((pid, tid))
             new_attempt = plan.new_attempt
             if new_attempt is not None and new_attempt.number != (
@@ -388,7 +460,7 @@ class MemoryStorage:
             ):
                 raise InvalidInput(f"Task {tid!r}: attempt {new_attempt.number} is not next")
             # Every check passed: from here on nothing raises.
-            tasks[after.id] = after
+            tasks[after.id] = _keep(after)
             self._index(after)
             progress = self._progress[pid] = self._progress[pid].shifted(
                 before.status, after.status
@@ -422,7 +494,7 @@ class MemoryStorage:
             if plan.releases:
                 made += tuple(self._release(pid, plan.releases, plan.claimed_until))
             if idem is not None:
-                self._idempotency[idem.key] = idem
+                self._idempotency[idem.key] = _idempotency_row(idem)
             self._record(lifecycle.events_of(plan))
             return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
 
@@ -471,9 +543,11 @@ class MemoryStorage:
                 raise VersionConflict(pid, plan.before.version, current.version)
             for guard in plan.guards:
                 found = self._tasks[pid].get(guard.task_id)
-                if found is None or found.version != guard.version:
+                if found is None or _as_task(found).version != guard.version:
                     raise VersionConflict(
-                        guard.task_id, guard.version, None if found is None else found.version
+                        guard.task_id,
+                        guard.version,
+                        None if found is None else _as_task(found).version,
                     )
             self._projects[pid] = plan.after
             return plan.after, self._release(pid, plan.releases, plan.claimed_until)
@@ -543,7 +617,7 @@ class MemoryStorage:
         with self._lock:
             stale = []
             for pid, tid in self._assigned:
-                row = self._outbox.get((pid, tid, self._tasks[pid][tid].attempt))
+                row = self._outbox.get((pid, tid, _as_task(self._tasks[pid][tid]).attempt))
                 if (
                     row is not None
                     and row[_E_STATE] == _DELIVERED
@@ -572,7 +646,7 @@ class MemoryStorage:
         with self._lock:
             found = []
             for pid, tid in self._in_progress:
-                task = self._tasks[pid][tid]
+                task = _as_task(self._tasks[pid][tid])
                 if task.lease_expires_at is not None and task.lease_expires_at <= now:
                     found.append(task)
             found.sort(key=lambda t: (t.lease_expires_at, t.project_id, t.id))
@@ -581,21 +655,23 @@ class MemoryStorage:
     # -- idempotency -----------------------------------------------------------------
     def get_idempotency(self, key: str, *, now: datetime | None = None) -> IdempotencyRecord | None:
         with self._lock:
-            record = self._idempotency.get(key)
+            row = self._idempotency.get(key)
+        record = None if row is None else _idempotency(row)
         if record is not None and now is not None and record.expired(now):
             return None
         return record
 
     def save_idempotency(self, record: IdempotencyRecord) -> IdempotencyRecord:
         with self._lock:
-            existing = self._idempotency.get(record.key)
+            row = self._idempotency.get(record.key)
+            existing = None if row is None else _idempotency(row)
             if (
                 existing is not None
                 and not existing.expired(record.created_at)
                 and (existing.status_code is not None or existing.created_at != record.created_at)
             ):
                 return existing
-            self._idempotency[record.key] = record
+            self._idempotency[record.key] = _idempotency_row(record)
             return record
 
     # -- event log --------------------------------------------------------------------
@@ -732,33 +808,39 @@ class MemoryStorage:
 
     # -- retention -------------------------------------------------------------------
     def prune(self, rule: PruneRule) -> Pruned:
-        """One batch per table of what ``rule`` removes, oldest first, each under the lock once."""
+        """One batch per table of what ``rule`` removes, oldest first, each under the lock once.
+
+        Each table is scanned once per call, keeping only the oldest ``batch``
+        rows found (not a sorted list of all that may go: those tuples would
+        outlive the collector's young generations and make it walk them).
+        """
         batch = rule.batch
         with self._lock:
-            expired = sorted(
-                (r.expires_at, idem_key)
-                for idem_key, r in self._idempotency.items()
-                if rule.removes_idempotency(r)
-            )[:batch]
+            expired = heapq.nsmallest(
+                batch,
+                (
+                    (r[_I_EXPIRES], idem_key)
+                    for idem_key, r in self._idempotency.items()
+                    if rule.removes_idempotency(_idempotency(r))
+                ),
+            )
             for _, idem_key in expired:
                 del self._idempotency[idem_key]
         with self._lock:
-            entries = sorted(
-                (row[_E_DELIVERED], entry_key)
-                for entry_key, row in self._outbox.items()
-                if row[_E_STATE] == _DELIVERED
-                and rule.removes_entry(_entry(row), self._tasks[row[0]][row[1]])
-            )[:batch]
+            entries = heapq.nsmallest(
+                batch,
+                (
+                    (row[_E_DELIVERED], entry_key)
+                    for entry_key, row in self._outbox.items()
+                    if row[_E_STATE] == _DELIVERED
+                    and rule.removes_entry(_entry(row), _as_task(self._tasks[row[0]][row[1]]))
+                ),
+            )
             for _, entry_key in entries:
                 del self._outbox[entry_key]
                 self._pending.pop(entry_key, None)
         with self._lock:
-            attempts = sorted(
-                (row[4], task_key, index)
-                for task_key, history in self._attempts.items()
-                for index, row in enumerate(history)
-                if rule.removes_attempt(_attempt(row), self._tasks[task_key[0]][task_key[1]])
-            )[:batch]
+            attempts = heapq.nsmallest(batch, self._removable_attempts(rule))
             doomed: dict[_Key, set[int]] = {}
             for _, task_key, index in attempts:
                 doomed.setdefault(task_key, set()).add(index)
@@ -773,18 +855,30 @@ class MemoryStorage:
             held: dict[_EventKey, int] = {}
             for retry_key in self._event_retries:
                 held[retry_key[:2]] = held.get(retry_key[:2], 0) + 1
-            gone = sorted(
-                (row[_EV_DELIVERED], pid, seq)
-                for pid, stored in self._events.items()
-                for seq, row in stored.items()
-                if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
-            )[:batch]
+            gone = heapq.nsmallest(
+                batch,
+                (
+                    (row[_EV_DELIVERED], pid, seq)
+                    for pid, stored in self._events.items()
+                    for seq, row in stored.items()
+                    if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
+                ),
+            )
             for _, pid, seq in gone:
                 del self._events[pid][seq]
         return Pruned(
             idempotency=len(expired), outbox=len(entries), attempts=len(attempts),
             events=len(gone), batches=1,
         )  # fmt: skip
+
+    def _removable_attempts(self, rule: PruneRule) -> Iterator[tuple[datetime, _Key, int]]:
+        """``(dispatched_at, task key, index)`` of every attempt row ``rule`` removes."""
+        for task_key, history in self._attempts.items():
+            task = _as_task(self._tasks[task_key[0]][task_key[1]])
+            if rule.removes_attempts_of(task):  # else none of its rows goes: skip them
+                for index, row in enumerate(history):
+                    if rule.removes_attempt(_attempt(row), task):
+                        yield (row[4], task_key, index)
 
     def close(self) -> None:
         return None
