@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from _harness import Figure, Row, alternate, unavailable
+from suite_pg import dsn
+from suite_pg import reachable as pg_reachable
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SCHEMA = "bench_relay_outbox"
 PID = "relay"
 REDIS_DB = 11
@@ -42,18 +43,11 @@ BATCH = 100
 GROUP = "relay"
 
 
-def dsn() -> str:
-    return os.environ.get("DEEPWORK_BENCH_DSN", DEFAULT_DSN)
-
-
 def reachable() -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect(dsn(), connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure makes the group unavailable
-        return f"PostgreSQL at {dsn()} unreachable: {type(exc).__name__}"
+    """``None`` when PostgreSQL and Redis answer, else why not."""
+    reason = pg_reachable()
+    if reason:
+        return reason
     try:
         import redis
 

@@ -29,7 +29,6 @@ commit per failure would make the run too long for its budget).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import sqlite3
 import threading
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from _harness import Figure, Row, alternate, percentile, unavailable
+from suite_pg import dsn
+from suite_pg import reachable as pg_reachable
 
 from deepwork_retry import (
     ExecutorService,
@@ -53,7 +54,6 @@ from deepwork_retry import (
 from deepwork_retry._core.policy import ExponentialBackoff
 
 GROUP = "storm"
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PID = "storm"
 THREADS = 4
 INITIAL, JITTER = 0.5, 1.0
@@ -62,21 +62,6 @@ ERROR = TaskError(type="ConnectionError", message="upstream went away")
 QUANTILES = [q / 100 for q in range(1, 100)]
 _EVENT_FAILED = '{"error_message":"upstream went away","error_type":"ConnectionError"}'
 _EVENT_PROGRESS = '{"from":"in_progress","to":"assigned"}'
-
-
-def dsn() -> str:
-    return os.environ.get("DEEPWORK_BENCH_DSN", DEFAULT_DSN)
-
-
-def pg_reachable() -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect(dsn(), connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure makes the rows unavailable
-        return f"PostgreSQL at {dsn()} unreachable: {type(exc).__name__}"
-    return None
 
 
 def running_tasks(count: int, now: datetime) -> list[Task]:
