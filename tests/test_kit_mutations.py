@@ -36,7 +36,7 @@ from deepwork_retry.exceptions import (
     ProjectNotFound,
     TaskNotFound,
 )
-from deepwork_retry.ports import REDELIVERED, RetryInOneStep, Storage
+from deepwork_retry.ports import REDELIVERED, RetryInOneStep, RetryManyInOneStep, Storage
 from deepwork_retry.storage import memory
 from deepwork_retry.storage.memory import MemoryStorage
 from deepwork_retry.testing.contract import SCENARIOS, play_sync
@@ -1151,6 +1151,78 @@ ONE_STEP_VARIANTS: list[type[MemoryStorage]] = [
     OneStepSplitsKeyCheck,
 ]
 
+
+class ManyMemory(MemoryStorage):
+    """The in-memory storage with :class:`~deepwork_retry.ports.RetryManyInOneStep`: each
+    task decided by the core and applied, under the storage's lock."""
+
+    def _one(self, project_id: str, task_id: str, options: dict[str, Any]) -> Applied | None:
+        try:
+            project, task = self.load(project_id, task_id)
+            blockers = self.get_tasks(project_id, task.blocked_by)
+            return self.apply(decide.manual_retry(task, project, blockers=blockers, **options))
+        except DeepworkError:
+            return None
+
+    def retry_blocked_many(
+        self,
+        project_id: str,
+        task_ids: Sequence[str],
+        *,
+        now: datetime,
+        actor: str | None = None,
+        reason: str | None = None,
+        budget: RetryBudget = RetryBudget.ONE_MORE,
+        claimed_until: datetime | None = None,
+    ) -> list[Applied | None]:
+        options: dict[str, Any] = {
+            "now": now, "actor": actor, "reason": reason, "budget": budget,
+            "claimed_until": claimed_until,
+        }  # fmt: skip
+        with self._lock:
+            return [self._one(project_id, task_id, options) for task_id in task_ids]
+
+
+class ManyAnswersInReverse(ManyMemory):
+    def retry_blocked_many(self, *args: Any, **kwargs: Any) -> list[Applied | None]:
+        return super().retry_blocked_many(*args, **kwargs)[::-1]
+
+
+class ManyDropsRefusals(ManyMemory):
+    """Leaves the tasks it declined out of its answer instead of answering None for them."""
+
+    def retry_blocked_many(self, *args: Any, **kwargs: Any) -> list[Applied | None]:
+        return [a for a in super().retry_blocked_many(*args, **kwargs) if a is not None]
+
+
+class ManyIgnoresBudget(ManyMemory):
+    def retry_blocked_many(self, *args: Any, **kwargs: Any) -> list[Applied | None]:
+        kwargs["budget"] = RetryBudget.ONE_MORE
+        return super().retry_blocked_many(*args, **kwargs)
+
+
+class ManyStopsAtFirstRefusal(ManyMemory):
+    """Declines every task after the first one it declines."""
+
+    def retry_blocked_many(
+        self, project_id: str, task_ids: Sequence[str], **kwargs: Any
+    ) -> list[Applied | None]:
+        answers: list[Applied | None] = []
+        for task_id in task_ids:
+            if answers and answers[-1] is None:
+                answers.append(None)
+                continue
+            answers.extend(super().retry_blocked_many(project_id, [task_id], **kwargs))
+        return answers
+
+
+MANY_VARIANTS: list[type[MemoryStorage]] = [
+    ManyAnswersInReverse,
+    ManyDropsRefusals,
+    ManyIgnoresBudget,
+    ManyStopsAtFirstRefusal,
+]
+
 BROKEN_VARIANT = (AttributeError, TypeError, NameError, IndexError)
 """Errors that mean the variant itself is wrong, not that the kit caught it."""
 
@@ -1166,7 +1238,7 @@ def first_failure(make: Callable[[], Storage]) -> tuple[str, BaseException] | No
 
 
 @pytest.mark.parametrize(
-    "storage", [MemoryStorage, OneStepMemory, _Overview], ids=lambda c: c.__name__
+    "storage", [MemoryStorage, OneStepMemory, ManyMemory, _Overview], ids=lambda c: c.__name__
 )
 def test_the_unmutated_storages_pass(storage: type[MemoryStorage]) -> None:
     assert first_failure(storage) is None
@@ -1175,15 +1247,19 @@ def test_the_unmutated_storages_pass(storage: type[MemoryStorage]) -> None:
 def test_the_one_step_adapter_is_one() -> None:
     assert isinstance(OneStepMemory(), RetryInOneStep)
     assert not isinstance(MemoryStorage(), RetryInOneStep)
+    assert isinstance(ManyMemory(), RetryManyInOneStep)
+    assert not isinstance(MemoryStorage(), RetryManyInOneStep)
 
 
 def test_there_are_enough_variants() -> None:
-    names = [v.__name__ for v in VARIANTS + ONE_STEP_VARIANTS]
+    names = [v.__name__ for v in VARIANTS + ONE_STEP_VARIANTS + MANY_VARIANTS]
     assert len(names) == len(set(names))
     assert len(names) >= 50
 
 
-@pytest.mark.parametrize("variant", VARIANTS + ONE_STEP_VARIANTS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "variant", VARIANTS + ONE_STEP_VARIANTS + MANY_VARIANTS, ids=lambda c: c.__name__
+)
 def test_the_kit_catches_the_variant(variant: type[MemoryStorage]) -> None:
     started = time.monotonic()
     failure = first_failure(variant)

@@ -71,7 +71,9 @@ from deepwork_retry.ports import (
     AsyncEventLog,
     AsyncProjectOverview,
     AsyncRetryInOneStep,
+    AsyncRetryManyInOneStep,
     AsyncStorage,
+    RetryManyInOneStep,
     Storage,
 )
 from deepwork_retry.storage._to_async import AsyncFromSync
@@ -2602,6 +2604,88 @@ async def _one_step_retry_through_the_service(h: Harness) -> None:
     await refused(h.retrier.retry("p", "a"), TaskNotBlocked, "retrier.retry('p', 'a')")
     await refused(h.retrier.retry("p", "nope"), TaskNotFound, "retrier.retry('p', 'nope')")
     check_same(before, await h.snapshot("p"), "the state after refused retries")
+
+
+# -- several retries in one transaction (RetryManyInOneStep), against the core -----------------
+RetryMany = Callable[..., Awaitable[list[Applied | None]]]
+
+
+def _retry_many(h: Harness) -> RetryMany | None:
+    """The storage's ``retry_blocked_many`` as a coroutine, if it has one (sync or async)."""
+    raw: object = h.raw
+    if isinstance(raw, AsyncRetryManyInOneStep):
+        return raw.retry_blocked_many
+    inner = getattr(raw, "sync", None)  # the async port over a sync storage keeps it there
+    if isinstance(inner, RetryManyInOneStep):
+        sync_many = inner.retry_blocked_many
+
+        async def call(*args: Any, **kwargs: Any) -> list[Applied | None]:
+            return sync_many(*args, **kwargs)
+
+        return call
+    return None
+
+
+@scenario
+async def _retry_many_does_what_the_core_decides(h: Harness) -> None:
+    """A storage that retries several tasks in one transaction (RetryManyInOneStep) answers
+    and stores, for each task, what the core's decide and apply do on the in-memory storage,
+    for every case of project and task status, blockers, budget, actor, reason and claim; a
+    task the core refuses (or that does not exist) is None in its place and changes nothing;
+    and the tasks of one call are retried in order, each seeing the ones before."""
+    many = _retry_many(h)
+    if many is None:
+        return
+    for n, case in enumerate(ONE_STEP_CASES):
+        if case.key is not None:  # a bulk retry has no idempotency key
+            continue
+        pid = f"m{n}"
+        t0 = h.now()
+        await _build_case(h.s, pid, case, t0)
+        reference = inline_port(MemoryStorage())
+        await _build_case(reference, pid, case, t0)
+        h.clock.advance(7.5)
+        now = h.now()
+        options: dict[str, Any] = {
+            "now": now,
+            "actor": case.actor,
+            "reason": case.reason,
+            "budget": case.budget,
+            "claimed_until": now + timedelta(seconds=30) if case.claimed else None,
+        }
+        what = f"case {case!r}"
+        expected = await _core_retry(reference, pid, case.task_id, **options)
+        got = await many(pid, [case.task_id, "absent"], **options)
+        assert len(got) == 2, f"{what}: retry_blocked_many answered {len(got)} items for 2 ids"
+        check_same(expected, got[0], f"{what}: retry_blocked_many's answer (expected: the core's)")
+        assert got[1] is None, f"{what}: a task that does not exist was answered {got[1]!r}"
+        check_same(
+            await _case_state(reference, pid, f"{pid}-k"),
+            await _case_state(h.s, pid, f"{pid}-k"),
+            f"{what}: the state after retry_blocked_many (expected: the core's)",
+        )
+    # Several tasks of one project in one call, one of them not blocked.
+    ref = Harness(inline_port(MemoryStorage()))
+    ref.clock.advance((h.now() - ref.now()).total_seconds())  # the same times on both
+    ids = ["a", "b", "c", "d"]
+    for harness in (h, ref):
+        await harness.project("many")
+        for tid in ids:
+            await harness.task("many", tid)
+        for tid in ("a", "c", "d"):
+            await harness.blocked("many", tid)
+    h.clock.advance(3.0)
+    ref.clock.advance(3.0)
+    now = h.now()
+    expected_all = [await _core_retry(ref.s, "many", tid, now=now, actor="ops") for tid in ids]
+    got_all = await many("many", ids, now=now, actor="ops")
+    check_same(expected_all, got_all, "retry_blocked_many of a, b (not blocked), c, d")
+    check_same(
+        await _case_state(ref.s, "many", "none"),
+        await _case_state(h.s, "many", "none"),
+        "the state after retry_blocked_many of several tasks (expected: the core's)",
+    )
+    assert await many("nope", ["t"], now=now) == [None]
 
 
 # -- concurrency ---------------------------------------------------------------------------------
