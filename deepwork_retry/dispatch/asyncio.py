@@ -41,7 +41,7 @@ class AsyncioDispatcher:
     @property
     def running(self) -> int:
         """How many dispatched tasks have not finished yet."""
-        return len(self._tasks)
+        return sum(1 for task in self._tasks if not task.done())
 
     async def dispatch(self, entry: DispatchEntry) -> None:
         if self._closed:
@@ -75,5 +75,8 @@ class AsyncioDispatcher:
     async def aclose(self) -> None:
         """Refuse new work and wait for every dispatched task to finish."""
         self._closed = True
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # Wait on the unfinished ones only: a finished task stays in the set until its
+        # done callback runs, and gathering finished tasks need not yield to the loop
+        # (Python 3.12+), so waiting for the set to empty could spin for ever.
+        while unfinished := [task for task in self._tasks if not task.done()]:
+            await asyncio.gather(*unfinished, return_exceptions=True)
