@@ -61,6 +61,7 @@ def run_events(
     backoff: ExponentialBackoff = LISTENER_BACKOFF,
     clock: Clock | None = None,
     stop: threading.Event | None = None,
+    settle_within: float | None = None,
 ) -> int:
     """Deliver events to ``hooks`` until ``stop`` is set, polling every ``poll_interval``.
 
@@ -76,6 +77,7 @@ def run_events(
         poll_interval=poll_interval,
         max_tries=max_tries,
         backoff=backoff,
+        settle_within=settle_within,
     )
     if once:
         return relay.run_once()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepwork_retry import ExecutorService, NoBackoff, RetryPolicy, TaskError
+from deepwork_retry import AsyncExecutorService, ExecutorService, NoBackoff, RetryPolicy, TaskError
 from deepwork_retry.events import (
     AsyncEventRelay,
     Event,
@@ -469,3 +470,133 @@ def test_a_relay_stops_at_its_claim_and_has_recorded_each_event_it_delivered() -
     until = clock.now() + timedelta(seconds=30)
     taken = storage.claim_events(now=clock.now(), limit=10, claimed_until=until)
     assert [4, 5] == [e.seq for e in taken]
+
+
+class CountingSettles(MemoryStorage):
+    """A memory storage that records each ``settle_events`` write's events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[list[int]] = []
+
+    def settle_events(self, events, *, now, failures=()):  # type: ignore[no-untyped-def]
+        self.writes.append([e.seq for e in events])
+        super().settle_events(events, now=now, failures=failures)
+
+
+def five_progress_events(storage: MemoryStorage, clock: FakeClock) -> None:
+    executor = ExecutorService(storage, clock=clock)
+    executor.create_project("p")
+    for n in range(5):
+        executor.add_task("p", f"t{n}")  # one project.progress event each
+
+
+def test_a_batch_of_quick_deliveries_is_recorded_in_one_write() -> None:
+    """Fast listeners cost one write per group, not one per event; every event and every
+    failed delivery is recorded by it."""
+    clock = FakeClock()
+    storage = CountingSettles()
+    five_progress_events(storage, clock)
+    hooks = Hooks()
+    hooks.on_any(lambda e: None, name="ok")
+    hooks.on_any(lambda e: 1 / 0 if e.seq == 2 else None, name="fails")
+    relay = EventRelay(storage, hooks, clock=clock, settle_within=20.0)
+    assert 5 == relay.deliver_events()
+    assert [[1, 2, 3, 4, 5]] == storage.writes
+    assert [] == storage.claim_events(now=clock.now(), limit=10, claimed_until=clock.now())
+    clock.advance(3600)
+    assert [("p:2", "fails")] == [
+        (r.event.id, r.subscriber)
+        for r in storage.claim_event_retries(now=clock.now(), limit=10, claimed_until=clock.now())
+    ]
+
+
+def test_settle_within_zero_records_each_event_alone() -> None:
+    clock = FakeClock()
+    storage = CountingSettles()
+    five_progress_events(storage, clock)
+    hooks = Hooks()
+    hooks.on_any(lambda e: None, name="ok")
+    assert 5 == EventRelay(storage, hooks, clock=clock, settle_within=0).deliver_events()
+    assert [[1], [2], [3], [4], [5]] == storage.writes
+
+
+def test_a_group_is_recorded_once_its_first_delivery_is_settle_within_old() -> None:
+    """By the relay's clock (here a slow listener on a fake clock) or by the wall clock."""
+    clock = FakeClock()
+    storage = CountingSettles()
+    five_progress_events(storage, clock)
+    hooks = Hooks()
+
+    @hooks.on_any
+    def slow(e: Event) -> None:
+        clock.advance(0.25)
+
+    assert 5 == EventRelay(storage, hooks, clock=clock, settle_within=0.5).deliver_events()
+    assert [[1, 2], [3, 4], [5]] == storage.writes
+
+    storage = CountingSettles()
+    five_progress_events(storage, clock)
+    walled = Hooks()
+    walled.on_any(lambda e: time.sleep(0.02) if e.seq == 3 else None, name="sleeps")
+    assert 5 == EventRelay(storage, walled, clock=clock, settle_within=0.015).deliver_events()
+    assert [[1, 2, 3], [4, 5]] == storage.writes
+
+
+def test_a_pass_ended_by_a_listener_records_what_it_delivered_first() -> None:
+    """A BaseException from a listener (KeyboardInterrupt, a worker's shutdown) ends the
+    pass; the events delivered before it are recorded, the one it broke is not."""
+    clock = FakeClock()
+    storage = CountingSettles()
+    five_progress_events(storage, clock)
+
+    class Stop(BaseException):
+        pass
+
+    def stops_at_three(e: Event) -> None:
+        if e.seq == 3:
+            raise Stop
+
+    hooks = Hooks()
+    hooks.on_any(stops_at_three, name="l")
+    with pytest.raises(Stop):
+        EventRelay(storage, hooks, clock=clock, settle_within=20.0).deliver_events()
+    assert [[1, 2]] == storage.writes
+    clock.advance(31)  # the claim lapses: the broken event and the rest come again
+    later = clock.now() + timedelta(seconds=30)
+    assert [3, 4, 5] == [
+        e.seq for e in storage.claim_events(now=clock.now(), limit=10, claimed_until=later)
+    ]
+
+
+@pytest.mark.parametrize("within", [-0.1, float("nan"), float("inf"), 30.0, 45.0])
+def test_a_settle_within_outside_zero_to_the_claim_is_refused(within: float) -> None:
+    with pytest.raises(InvalidInput, match="settle_within"):
+        EventRelay(MemoryStorage(), Hooks(), claim_timeout=30.0, settle_within=within)
+
+
+def test_the_async_relay_records_a_quick_batch_in_one_write() -> None:
+    writes: list[list[int]] = []
+
+    class AsyncCounting(AsyncMemoryStorage):
+        async def settle_events(self, events, *, now, failures=()):  # type: ignore[no-untyped-def]
+            writes.append([e.seq for e in events])
+            await super().settle_events(events, now=now, failures=failures)
+
+    async def main() -> list[list[int]]:
+        clock = FakeClock()
+        storage = AsyncCounting()
+        executor = AsyncExecutorService(storage, clock=clock)
+        await executor.create_project("p")
+        for n in range(4):
+            await executor.add_task("p", f"t{n}")
+        hooks = Hooks()
+
+        async def heard(e: Event) -> None: ...
+
+        hooks.on_any(heard, name="heard")
+        relay = AsyncEventRelay(storage, hooks, clock=clock, settle_within=20.0)
+        assert 4 == await relay.deliver_events()
+        return writes
+
+    assert [[1, 2, 3, 4]] == asyncio.run(main())

@@ -66,7 +66,7 @@ def _stored(storage: MemoryStorage, pid: str, tid: str) -> Task:
 
 
 def _store(storage: MemoryStorage, task: Task) -> None:
-    storage._tasks[task.project_id][task.id] = memory._keep(task)
+    storage._tasks[task.project_id][task.id] = storage._keep(task)
 
 
 def _current_versions(storage: MemoryStorage, plan: Plan) -> Plan:
@@ -687,7 +687,7 @@ class SaveSplitsCheckAndInsert(MemoryStorage):
                 return super().save_idempotency(record)
         _gap()
         with self._lock:
-            self._idempotency[record.key] = memory._idempotency_row(record)
+            self._keep_idempotency(record)
             return record
 
 

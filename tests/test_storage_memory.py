@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from deepwork_retry import (
@@ -19,6 +19,7 @@ from deepwork_retry import (
     Task,
     TaskStatus,
 )
+from deepwork_retry._core.events import EventRetry
 from deepwork_retry._core.model import Attempt, DispatchEntry
 from deepwork_retry._core.states import DispatchState
 from deepwork_retry.storage import memory
@@ -223,3 +224,158 @@ class _At:
 
     def now(self) -> datetime:
         return self.at
+
+
+def _prunable(store: MemoryStorage, rule: object) -> dict[str, set[object]]:
+    """What ``rule`` removes, found by asking it about every row (no index)."""
+    assert isinstance(rule, memory.PruneRule)
+    held: dict[tuple[str, int], int] = {}
+    for key in store._event_retries:
+        held[key[:2]] = held.get(key[:2], 0) + 1
+    return {
+        "idempotency": {
+            k for k, r in store._idempotency.items()
+            if rule.removes_idempotency(memory._idempotency(r))
+        },
+        "outbox": {
+            k for k, r in store._outbox.items()
+            if r[memory._E_STATE] == memory._DELIVERED
+            and rule.removes_entry(memory._entry(r), store._task(r[0], r[1]))
+        },
+        "attempts": {
+            (k, r[2]) for k, rows in store._attempts.items() for r in rows
+            if rule.removes_attempt(memory._attempt(r), store._task(*k))
+        },
+        "events": {
+            (pid, seq) for pid, rows in store._events.items() for seq, r in rows.items()
+            if rule.removes_event(r[memory._EV_DELIVERED], retries=held.get((pid, seq), 0))
+        },
+    }  # fmt: skip
+
+
+def _rows(store: MemoryStorage) -> dict[str, set[object]]:
+    return {
+        "idempotency": set(store._idempotency),
+        "outbox": set(store._outbox),
+        "attempts": {(k, r[2]) for k, rows in store._attempts.items() for r in rows},
+        "events": {(pid, seq) for pid, rows in store._events.items() for seq in rows},
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@example(  # an event kept for its failed delivery, removable once that is done with
+    steps=[("new", 0, 0), ("events", 20, 0), ("new", 0, 10), ("forget", 5, 10), ("new", 0, 3)],
+    periods=(1, 0, None), batch=3,
+)  # fmt: skip
+@example(  # an entry kept while its attempt waits to start, removable once it started
+    steps=[("new", 0, 0), ("hold", 0, 0), ("new", 0, 10), ("resume", 0, 3), ("new", 0, 3)],
+    periods=(1, 0, None), batch=3,
+)  # fmt: skip
+@example(  # attempts of tasks finished at different times, in small batches
+    steps=[("new", 0, 0), ("finish", 0, 0), ("new", 0, 3), ("finish", 0, 6), ("retry", 0, 3),
+           ("new", 0, 30), ("new", 0, 3)],
+    periods=(1, 0, 5), batch=1,
+)  # fmt: skip
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(
+                    ["new", "retry", "finish", "hold", "resume", "events", "forget", "redeliver"]
+                ),
+                  st.integers(0, 5), st.integers(0, 400)),
+        min_size=1, max_size=60,
+    ),
+    periods=st.tuples(st.integers(1, 600), st.integers(0, 600), st.none() | st.integers(0, 600)),
+    batch=st.integers(1, 7),
+)  # fmt: skip
+def test_indexed_prune_removes_what_the_rule_accepts_oldest_first(
+    steps: list[tuple[str, int, int]],
+    periods: tuple[int, int, int | None],
+    batch: int,
+) -> None:
+    """Whatever the history and wherever prunes fall in it, a prune run to the end removes
+    exactly the rows its rule accepts (asked about every row), at most ``batch`` of each
+    table per call, each table's batch before any row it leaves of earlier time."""
+    from deepwork_retry.testing.doubles import FakeClock
+
+    clock = FakeClock()
+    store = MemoryStorage()
+    retention = Retention(
+        idempotency=timedelta(seconds=periods[0]),
+        delivered_outbox=timedelta(seconds=periods[1]),
+        attempts=None if periods[2] is None else timedelta(seconds=periods[2]),
+    )
+    dispatcher = RecordingDispatcher()
+    service = RetryService(store, dispatcher, clock=clock)
+    executor = ExecutorService(store, dispatcher, clock=clock)
+    executor.create_project("p")
+    made = 0
+    for n, (kind, which, seconds) in enumerate(steps):
+        clock.advance(seconds)
+        blocked = store.list_tasks("p", status=TaskStatus.BLOCKED)
+        held = store.list_tasks("p", status=TaskStatus.ASSIGNED)
+        if kind == "resume" and held:  # a held task starts at last: its entry may go now
+            task = held[which % len(held)]
+            executor.start("p", task.id, task.attempt)
+            executor.fail("p", task.id, task.attempt, RuntimeError("x"))
+        elif kind == "forget":  # failed deliveries done with: their events may go now
+            now = clock.now()
+            for retry in store.claim_event_retries(now=now, limit=1 + which, claimed_until=now):
+                store.settle_event_retry(retry, now=now)
+        elif kind in ("new", "resume") or not blocked:
+            made += 1
+            executor.add_task("p", f"t{made}", max_retries=0)
+            executor.assign("p", f"t{made}")
+            executor.start("p", f"t{made}", 1)
+            executor.fail("p", f"t{made}", 1, RuntimeError("x"))
+        elif kind in ("retry", "finish", "hold"):
+            task = blocked[which % len(blocked)]
+            attempt = service.retry("p", task.id, idempotency_key=f"k{n}").task.attempt
+            if kind != "hold":  # held: delivered, not started, so its entry must stay
+                executor.start("p", task.id, attempt)
+                if kind == "finish":
+                    executor.succeed("p", task.id, attempt)
+                else:
+                    executor.fail("p", task.id, attempt, RuntimeError("x"))
+        elif kind == "events":
+            now = clock.now()
+            claimed = store.claim_events(now=now, limit=1 + which, claimed_until=now)
+            failures = [  # a listener failed every third: kept, to retry
+                EventRetry(event=e, subscriber="l", tries=1, retry_at=now, last_error="x")
+                for e in claimed
+                if e.seq % 3 == 0
+            ]
+            store.settle_events(claimed, now=now, failures=failures)
+        else:
+            store.redeliver_stale(now=clock.now(), delivered_before=clock.now(), limit=3)
+        if seconds % 3 == 0:  # a prune here, run to its end
+            rule = retention.rule(clock.now(), batch=batch)
+            while True:
+                expected = _prunable(store, rule)
+                times = {
+                    "idempotency": {k: r[memory._I_EXPIRES] for k, r in store._idempotency.items()},
+                    "outbox": {k: r[memory._E_DELIVERED] for k, r in store._outbox.items()},
+                    "events": {
+                        (pid, q): r[memory._EV_DELIVERED]
+                        for pid, rows in store._events.items()
+                        for q, r in rows.items()
+                    },
+                }
+                before = _rows(store)
+                got = store.prune(rule)
+                after = _rows(store)
+                for table, count in (
+                    ("idempotency", got.idempotency), ("outbox", got.outbox),
+                    ("attempts", got.attempts), ("events", got.events),
+                ):  # fmt: skip
+                    removed = before[table] - after[table]
+                    assert count == len(removed) <= batch
+                    assert removed <= expected[table]
+                    if count < batch:
+                        assert removed == expected[table]
+                    elif table in times:  # oldest first: nothing left is older
+                        at = times[table]
+                        left = [at[k] for k in expected[table] - removed]
+                        assert not left or max(at[k] for k in removed) <= min(left)
+                if got.total == 0:
+                    break
+            assert _prunable(store, rule) == {t: set() for t in expected}

@@ -5,7 +5,8 @@ This file is generated from ``deepwork_retry/_async/event_relay.py``
 by ``scripts/unasync.py``: edit that file, not this one.
 
 A pass claims pending events (:meth:`~deepwork_retry.ports.EventLog.claim_events`),
-calls every listener that hears each one, and settles the batch: the events
+calls every listener that hears each one, and settles them in groups (one write
+per group, at most ``settle_within`` seconds of deliveries each): the events
 are delivered, and each listener that raised keeps a failed delivery
 (:class:`~deepwork_retry._core.events.EventRetry`, ``tries`` 1) due after a
 backoff. Then it claims failed deliveries that are due and calls their one
@@ -14,15 +15,17 @@ the listener's ``max_tries`` is reached. A listener that raises never stops
 another listener, another event, or any request: all of this runs after the
 commit, in the relay.
 
-Delivery is at least once: a relay that dies before it settles a batch
-leaves its claim to lapse, and the batch is delivered again. A consumer
+Delivery is at least once: a relay that dies before it settles a group
+leaves its claim to lapse, and the group's events are delivered again. A consumer
 deduplicates on :attr:`~deepwork_retry._core.events.Event.id`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -44,6 +47,10 @@ plus up to a second of jitter."""
 
 MAX_TRIES = 10
 """Tries of one event by one listener before the delivery is parked."""
+
+SETTLE_WITHIN = 0.1
+"""Seconds of deliveries recorded in one write (a tenth of ``claim_timeout`` when that is
+less): a relay that is killed delivers again at most these."""
 
 MAX_ERROR = 1000
 """Characters of a listener's error kept with its failed delivery."""
@@ -77,6 +84,7 @@ class EventRelay:
         poll_interval: float = 1.0,
         max_tries: int = MAX_TRIES,
         backoff: ExponentialBackoff = LISTENER_BACKOFF,
+        settle_within: float | None = None,
     ) -> None:
         owner = type(self).__name__
         if not callable(getattr(storage, "claim_events", None)):
@@ -92,6 +100,10 @@ class EventRelay:
             raise InvalidInput("max_tries must be at least 1")
         if not claim_timeout > 0 or not poll_interval > 0:
             raise InvalidInput("claim_timeout and poll_interval must be positive")
+        if settle_within is None:
+            settle_within = min(SETTLE_WITHIN, claim_timeout / 10)
+        if not (math.isfinite(settle_within) and 0 <= settle_within < claim_timeout):
+            raise InvalidInput("settle_within must be from 0 to less than claim_timeout seconds")
         self.storage = storage
         self.hooks = hooks
         self.clock = clock or SystemClock()
@@ -101,6 +113,7 @@ class EventRelay:
         self.poll_interval = poll_interval
         self.max_tries = max_tries
         self.backoff = backoff
+        self.settle_within = settle_within
 
     def _limit(self, listener: Listener) -> int:
         return listener.max_tries if listener.max_tries is not None else self.max_tries
@@ -125,24 +138,45 @@ class EventRelay:
         return None
 
     def deliver_events(self) -> int:
-        """Claim one batch of pending events, call their listeners and settle each event
-        as soon as its listeners are done; returns how many events were claimed.
+        """Claim one batch of pending events, call their listeners and record them
+        delivered in groups; returns how many events were claimed.
 
-        Events not begun before the claim runs out are left to it (so a slow
-        listener never has two relays deliver one event at the same time):
-        another relay, or this one on its next pass, takes them.
+        A group is recorded (one write) once its first delivery is
+        ``settle_within`` seconds old, by the wall clock or by the relay's
+        clock, and at the end of the batch, so a relay that dies delivers again
+        at most the events of one group. Events not begun before the claim runs
+        out are left to it (so a slow listener never has two relays deliver one
+        event at the same time): another relay, or this one on its next pass,
+        takes them.
         """
         now = self.clock.now()
         until = now + timedelta(seconds=self.claim_timeout)
         claimed = self.storage.claim_events(now=now, limit=self.batch, claimed_until=until)
-        for event in claimed:
-            if self.clock.now() >= until:
-                break
-            self._deliver(event)
+        done: list[ev.Event] = []
+        failures: list[ev.EventRetry] = []
+        began, began_at = 0.0, now
+        within = timedelta(seconds=self.settle_within)
+        try:
+            for event in claimed:
+                if self.clock.now() >= until:
+                    break
+                if not done:
+                    began, began_at = time.monotonic(), self.clock.now()
+                failures.extend(self._listen(event))
+                done.append(event)
+                if (
+                    time.monotonic() - began >= self.settle_within
+                    or self.clock.now() - began_at >= within
+                ):
+                    self._settle(done, failures)
+                    done, failures = [], []
+        finally:
+            if done:  # also when a listener's BaseException ends the pass
+                self._settle(done, failures)
         return len(claimed)
 
-    def _deliver(self, event: ev.Event) -> None:
-        """Call ``event``'s listeners, then record it delivered and keep its failures."""
+    def _listen(self, event: ev.Event) -> list[ev.EventRetry]:
+        """Call ``event``'s listeners; the failed deliveries to keep."""
         failures: list[ev.EventRetry] = []
         for listener in self.hooks.matching(event):
             error = self._call(listener, event)
@@ -158,7 +192,7 @@ class EventRelay:
                     parked=self._limit(listener) <= 1,
                 )
             )
-        self._settle([event], failures)
+        return failures
 
     def _settle(self, claimed: Sequence[ev.Event], failures: list[ev.EventRetry]) -> None:
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -236,6 +236,18 @@ class MemoryStorage:
         self._events: dict[str, dict[int, _EventRow]] = {}
         self._events_pending: dict[_EventKey, None] = {}
         self._event_retries: dict[_RetryKey, _RetryRow] = {}
+        # What a prune may remove, by the time its rule cuts on, earliest first (heaps):
+        # pushed when a row gets that time, checked against the row when popped (a row
+        # changed or removed since leaves a stale item, dropped then). The delivered and
+        # finished ones are kept from the first prune that may remove such rows on.
+        self._expiring: list[tuple[datetime, str]] = []
+        """(expires_at, key) of each idempotency record."""
+        self._delivered: list[tuple[datetime, _EntryKey]] | None = None
+        """(delivered_at, key) of each delivered outbox entry."""
+        self._events_delivered: list[tuple[datetime, str, int]] | None = None
+        """(delivered_at, project id, seq) of each delivered event."""
+        self._finished: list[tuple[datetime, str, str]] | None = None
+        """(updated_at, project id, task id) of each finished task."""
 
     # -- setup -------------------------------------------------------------
     def create_project(self, project: Project) -> None:
@@ -258,12 +270,19 @@ class MemoryStorage:
                 if task.id in self._tasks[task.project_id]:
                     raise AlreadyExists(f"Task {task.id!r} exists already in {task.project_id!r}")
             for task in tasks:
-                self._tasks[task.project_id][task.id] = _keep(task)
+                self._tasks[task.project_id][task.id] = self._keep(task)
                 self._index(task)
                 self._progress[task.project_id] = self._progress[task.project_id].shifted(
                     None, task.status
                 )
                 self._record((lifecycle.added(task),))
+
+    def _keep(self, task: Task) -> _Stored:
+        """What to store of ``task``; a finished one is also put in the prune's index."""
+        stored = _keep(task)
+        if isinstance(stored, tuple) and self._finished is not None:
+            heapq.heappush(self._finished, (task.updated_at, task.project_id, task.id))
+        return stored
 
     def _index(self, task: Task) -> None:
         for dep in task.blocked_by:
@@ -460,7 +479,7 @@ class MemoryStorage:
             ):
                 raise InvalidInput(f"Task {tid!r}: attempt {new_attempt.number} is not next")
             # Every check passed: from here on nothing raises.
-            tasks[after.id] = _keep(after)
+            tasks[after.id] = self._keep(after)
             self._index(after)
             progress = self._progress[pid] = self._progress[pid].shifted(
                 before.status, after.status
@@ -494,7 +513,7 @@ class MemoryStorage:
             if plan.releases:
                 made += tuple(self._release(pid, plan.releases, plan.claimed_until))
             if idem is not None:
-                self._idempotency[idem.key] = _idempotency_row(idem)
+                self._keep_idempotency(idem)
             self._record(lifecycle.events_of(plan))
             return Applied(task=after, progress=progress, dispatches=made, deferred=deferred)
 
@@ -518,6 +537,12 @@ class MemoryStorage:
             self._pending[key] = None
         else:
             self._pending.pop(key, None)
+            if (
+                self._delivered is not None
+                and entry.delivered_at is not None
+                and entry.state is DispatchState.DELIVERED
+            ):
+                heapq.heappush(self._delivered, (entry.delivered_at, key))
 
     def _release(
         self, pid: str, releases: Sequence[Release], claimed_until: datetime | None
@@ -671,8 +696,12 @@ class MemoryStorage:
                 and (existing.status_code is not None or existing.created_at != record.created_at)
             ):
                 return existing
-            self._idempotency[record.key] = _idempotency_row(record)
+            self._keep_idempotency(record)
             return record
+
+    def _keep_idempotency(self, record: IdempotencyRecord) -> None:
+        self._idempotency[record.key] = _idempotency_row(record)
+        heapq.heappush(self._expiring, (record.expires_at, record.key))
 
     # -- event log --------------------------------------------------------------------
     def events(self, project_id: str, *, after: int = 0, limit: int = 100) -> list[Event]:
@@ -727,6 +756,8 @@ class MemoryStorage:
                 row = self._events[event.project_id][event.seq]
                 self._events[event.project_id][event.seq] = (*row[:_EV_DELIVERED], now, None)
                 del self._events_pending[key]
+                if self._events_delivered is not None:
+                    heapq.heappush(self._events_delivered, (now, *key))
             for failure in failures:
                 event = failure.event
                 if event.seq not in self._events.get(event.project_id, {}):
@@ -810,75 +841,151 @@ class MemoryStorage:
     def prune(self, rule: PruneRule) -> Pruned:
         """One batch per table of what ``rule`` removes, oldest first, each under the lock once.
 
-        Each table is scanned once per call, keeping only the oldest ``batch``
-        rows found (not a sorted list of all that may go: those tuples would
-        outlive the collector's young generations and make it walk them).
+        Each table has an index of its rows by the time the rule cuts on
+        (``expires_at``, ``delivered_at``, a finished task's ``updated_at``),
+        earliest first; a prune reads it only up to the rule's cut-off and asks
+        the rule about each row found there, so its cost follows what it
+        removes, not how much history is kept. A row the rule keeps for another
+        reason (an entry whose attempt is still to start, an event with failed
+        deliveries) stays in the index for later prunes.
         """
         batch = rule.batch
         with self._lock:
-            expired = heapq.nsmallest(
-                batch,
-                (
-                    (r[_I_EXPIRES], idem_key)
-                    for idem_key, r in self._idempotency.items()
-                    if rule.removes_idempotency(_idempotency(r))
-                ),
-            )
-            for _, idem_key in expired:
-                del self._idempotency[idem_key]
-        with self._lock:
-            entries = heapq.nsmallest(
-                batch,
-                (
-                    (row[_E_DELIVERED], entry_key)
-                    for entry_key, row in self._outbox.items()
-                    if row[_E_STATE] == _DELIVERED
-                    and rule.removes_entry(_entry(row), _as_task(self._tasks[row[0]][row[1]]))
-                ),
-            )
-            for _, entry_key in entries:
-                del self._outbox[entry_key]
-                self._pending.pop(entry_key, None)
-        with self._lock:
-            attempts = heapq.nsmallest(batch, self._removable_attempts(rule))
-            doomed: dict[_Key, set[int]] = {}
-            for _, task_key, index in attempts:
-                doomed.setdefault(task_key, set()).add(index)
-            for task_key, indexes in doomed.items():
-                history = self._attempts[task_key]
-                kept = tuple(r for i, r in enumerate(history) if i not in indexes)
-                if kept:
-                    self._attempts[task_key] = kept
-                else:
-                    del self._attempts[task_key]
-        with self._lock:
-            held: dict[_EventKey, int] = {}
-            for retry_key in self._event_retries:
-                held[retry_key[:2]] = held.get(retry_key[:2], 0) + 1
-            gone = heapq.nsmallest(
-                batch,
-                (
-                    (row[_EV_DELIVERED], pid, seq)
-                    for pid, stored in self._events.items()
-                    for seq, row in stored.items()
-                    if rule.removes_event(row[_EV_DELIVERED], retries=held.get((pid, seq), 0))
-                ),
-            )
-            for _, pid, seq in gone:
-                del self._events[pid][seq]
+            expired = self._pop_removable(
+                self._expiring, rule.now, batch,
+                lambda key: self._idempotency.get(key),
+                lambda row: row[_I_EXPIRES],
+                lambda row: rule.removes_idempotency(_idempotency(row)),
+            )  # fmt: skip
+            for key in expired:
+                del self._idempotency[key]
+        entries: list[_EntryKey] = []
+        if rule.delivered_before is not None:
+            with self._lock:
+                entries = self._pop_removable(
+                    self._delivery_indexes()[0], rule.delivered_before, batch,
+                    lambda key: self._outbox.get(key),
+                    lambda row: row[_E_DELIVERED] if row[_E_STATE] == _DELIVERED else None,
+                    lambda row: rule.removes_entry(
+                        _entry(row), _as_task(self._tasks[row[0]][row[1]])
+                    ),
+                )  # fmt: skip
+                for key in entries:
+                    del self._outbox[key]
+                    self._pending.pop(key, None)
+        attempts = 0
+        if rule.finished_before is not None:
+            with self._lock:
+                if self._finished is None:
+                    self._finished = [
+                        (stored[14], stored[1], stored[0])  # updated_at, project, task
+                        for tasks in self._tasks.values()
+                        for stored in tasks.values()
+                        if isinstance(stored, tuple)
+                    ]
+                    heapq.heapify(self._finished)
+                attempts = self._prune_attempts(rule, self._finished)
+        gone: list[_EventKey] = []
+        if rule.delivered_before is not None:
+            with self._lock:
+                held: dict[_EventKey, int] = {}
+                for retry_key in self._event_retries:
+                    held[retry_key[:2]] = held.get(retry_key[:2], 0) + 1
+                gone = self._pop_removable(
+                    self._delivery_indexes()[1], rule.delivered_before, batch,
+                    lambda key: self._events[key[0]].get(key[1]),
+                    lambda row: row[_EV_DELIVERED],
+                    lambda row: rule.removes_event(
+                        row[_EV_DELIVERED], retries=held.get((row[0], row[1]), 0)
+                    ),
+                )  # fmt: skip
+                for pid, seq in gone:
+                    del self._events[pid][seq]
         return Pruned(
-            idempotency=len(expired), outbox=len(entries), attempts=len(attempts),
+            idempotency=len(expired), outbox=len(entries), attempts=attempts,
             events=len(gone), batches=1,
         )  # fmt: skip
 
-    def _removable_attempts(self, rule: PruneRule) -> Iterator[tuple[datetime, _Key, int]]:
-        """``(dispatched_at, task key, index)`` of every attempt row ``rule`` removes."""
-        for task_key, history in self._attempts.items():
-            task = _as_task(self._tasks[task_key[0]][task_key[1]])
-            if rule.removes_attempts_of(task):  # else none of its rows goes: skip them
-                for index, row in enumerate(history):
-                    if rule.removes_attempt(_attempt(row), task):
-                        yield (row[4], task_key, index)
+    def _delivery_indexes(
+        self,
+    ) -> tuple[list[tuple[datetime, _EntryKey]], list[tuple[datetime, str, int]]]:
+        """The indexes of delivered entries and events, made on first use (under the lock)."""
+        if self._delivered is None or self._events_delivered is None:
+            self._delivered = [
+                (row[_E_DELIVERED], key)
+                for key, row in self._outbox.items()
+                if row[_E_STATE] == _DELIVERED and row[_E_DELIVERED] is not None
+            ]
+            heapq.heapify(self._delivered)
+            self._events_delivered = [
+                (row[_EV_DELIVERED], pid, seq)
+                for pid, stored in self._events.items()
+                for seq, row in stored.items()
+                if row[_EV_DELIVERED] is not None
+            ]
+            heapq.heapify(self._events_delivered)
+        return self._delivered, self._events_delivered
+
+    @staticmethod
+    def _pop_removable(
+        index: list[Any],
+        cut: datetime,
+        batch: int,
+        row_of: Callable[[Any], Any],
+        time_of: Callable[[Any], datetime | None],
+        removes: Callable[[Any], bool],
+    ) -> list[Any]:
+        """The keys of at most ``batch`` rows ``removes`` accepts, from ``index`` items
+        up to ``cut``, earliest first; popped from ``index`` (those kept are put back)."""
+        taken: dict[Any, None] = {}
+        kept: list[Any] = []
+        while index and len(taken) < batch and index[0][0] <= cut:
+            item = heapq.heappop(index)
+            key = item[1] if len(item) == 2 else item[1:]
+            row = row_of(key)
+            if row is None or key in taken or time_of(row) != item[0]:
+                continue  # removed, taken or changed since: another item stands for it
+            if removes(row):
+                taken[key] = None
+            else:
+                kept.append(item)
+        for item in kept:
+            heapq.heappush(index, item)
+        return list(taken)
+
+    def _prune_attempts(self, rule: PruneRule, index: list[tuple[datetime, str, str]]) -> int:
+        """Remove at most ``rule.batch`` attempt records ``rule`` accepts, of the tasks
+        that finished first (under the lock); how many went."""
+        cut = rule.finished_before
+        left = rule.batch
+        kept: list[tuple[datetime, str, str]] = []
+        while index and left > 0 and cut is not None and index[0][0] <= cut:
+            item = heapq.heappop(index)
+            _, pid, tid = item
+            stored = self._tasks[pid].get(tid)
+            history = self._attempts.get((pid, tid))
+            if stored is None or not history:
+                continue
+            task = _as_task(stored)
+            if task.updated_at != item[0]:
+                continue
+            if not rule.removes_attempts_of(task):
+                kept.append(item)
+                continue
+            stays = []
+            for row in history:
+                if left > 0 and rule.removes_attempt(_attempt(row), task):
+                    left -= 1
+                else:
+                    stays.append(row)
+            if stays:
+                self._attempts[(pid, tid)] = tuple(stays)
+                kept.append(item)  # the batch ran out, or some may go later
+            else:
+                del self._attempts[(pid, tid)]
+        for item in kept:
+            heapq.heappush(index, item)
+        return rule.batch - left
 
     def close(self) -> None:
         return None
