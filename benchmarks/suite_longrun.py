@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +51,12 @@ steady size within the first tenth, whatever the run's length."""
 PRUNES_PER_WINDOW = 5
 EVENT_EVERY = 20
 RSS_SAMPLES = 200
-FULL = {"memory": 120_000, "sqlite": 50_000, "postgres": 3_000}
-"""Retries per storage in the full run, to fit its 300 s on 2 cores. Measured: SQLite about
-500 and PostgreSQL about 58 retries/s (each with a start, a fail or success, events and
-pruning); memory about 2,000/s at 100,000 but 780/s at 250,000, where its prune's table
-scans grow with the retention window (1/50 of the run)."""
+FULL = {"memory": 1_000_000, "sqlite": 300_000, "postgres": 20_000}
+"""Retries per storage in the full run. The memory storage makes the 1,000,000 in about ten
+minutes (about 1,800 retries a second, flat over the run since its prune reads indexes);
+SQLite and PostgreSQL make what fits the run (measured before: about 300-480 and 55 retries
+a second, each with a start, a fail or success, events and pruning, so 1,000,000 would take
+about 35-55 minutes and 5 hours)."""
 QUICK = {"memory": 60_000, "sqlite": 8_000, "postgres": 500}
 
 
@@ -66,6 +68,8 @@ class _Probe:
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.pauses: list[tuple[int, float, float, float]] = []  # (generation, µs, at s, CPU µs)
         self.rss: list[tuple[int, float, float]] = []  # (retries, MiB, at s)
+        self.db: list[tuple[int, float]] = []  # (retries, MiB the database holds)
+        self.db_size: Any = None  # a callable giving the database's size in bytes
         self.t0 = time.perf_counter()
         self._start = 0.0
         self._cpu = 0
@@ -85,6 +89,8 @@ class _Probe:
         with open("/proc/self/statm") as f:
             resident = int(f.read().split()[1])
         self.rss.append((done, resident * self.page / 2**20, time.perf_counter() - self.t0))
+        if self.db_size is not None:
+            self.db.append((done, self.db_size() / 2**20))
 
     def close(self) -> None:
         gc.callbacks.remove(self._callback)
@@ -123,11 +129,30 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
         from deepwork_retry.storage.sqlite import SQLiteStorage
 
         storage = SQLiteStorage(where, synchronous="NORMAL")
+
+        def sqlite_bytes() -> int:  # the file and its write-ahead log
+            return sum(os.path.getsize(f"{where}{s}") for s in ("", "-wal") if
+                       os.path.exists(f"{where}{s}"))  # fmt: skip
+
+        probe.db_size = sqlite_bytes
     else:
+        import psycopg
+
         from deepwork_retry.storage.postgres import PostgresStorage
 
         dsn, schema = where.split("|")
         storage = PostgresStorage(dsn, schema=schema, max_size=2)
+        sizes = psycopg.connect(dsn, autocommit=True)
+
+        def postgres_bytes() -> int:  # every table of the schema, with indexes and TOAST
+            row = sizes.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relkind = 'r'", (schema,),
+            ).fetchone()  # fmt: skip
+            return int(row[0]) if row else 0
+
+        probe.db_size = postgres_bytes
 
     class Accept:
         def dispatch(self, entry: object) -> None:
@@ -182,6 +207,8 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     pruned = {"idempotency": 0, "outbox": 0, "attempts": 0, "events": 0}
     prunes: list[float] = []  # µs per Pruner.prune() (each batch holds the storage's lock)
     gc.collect()
+    gc.freeze()  # what set-up made (imports, pool, first tasks) is not walked again
+    probe.pauses.clear()  # the loop's collections only, not those of imports and set-up
     probe.sample(0)
     t0 = time.perf_counter()
     for n in range(1, retries + 1):
@@ -270,6 +297,8 @@ def _floor_loop(retries: int, probe: _Probe) -> dict[str, Any]:
     pool = [(pids[i % PROJECTS], new_task(pids[i % PROJECTS]), 0) for i in range(_pool(retries))]
     every = max(1, retries // RSS_SAMPLES)
     gc.collect()
+    gc.freeze()  # what set-up made (imports, pool, first tasks) is not walked again
+    probe.pauses.clear()  # the loop's collections only, not those of imports and set-up
     probe.sample(0)
     t0 = time.perf_counter()
     for n in range(1, retries + 1):
@@ -321,6 +350,7 @@ def child(kind: str, retries: int, where: str, out: str) -> None:
     facts["tracked"] = len(gc.get_objects())
     facts["retries"] = retries
     facts["rss"] = probe.rss
+    facts["db"] = probe.db
     facts["pauses"] = probe.pauses
     Path(out).write_text(json.dumps(facts))
 
@@ -342,7 +372,8 @@ def _spawn(kind: str, retries: int, where: str, scratch: Path, logs: Path) -> di
         subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "child", kind, str(retries), where,
              str(out)],
-            check=True, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900,
+            check=True, stdout=log, stderr=subprocess.STDOUT, env=env,
+            timeout=900 + retries // 20,
         )  # fmt: skip
     return json.loads(out.read_text())
 
@@ -359,7 +390,7 @@ def _deciles(facts: dict[str, Any]) -> tuple[list[float], list[float], list[floa
 def _rows(label: str, facts: dict[str, Any], floor: dict[str, Any]) -> list[Row]:
     group = "longrun"
     n = facts["retries"]
-    side_facts = {k: v for k, v in facts.items() if k not in ("rss", "pauses")}
+    side_facts = {k: v for k, v in facts.items() if k not in ("rss", "pauses", "db")}
     first, second, last = _deciles(facts)
     f_first, f_second, f_last = _deciles(floor)
     rss_lib = Figure("RSS MiB, last tenth", "MiB", last, {**side_facts, "rss": facts["rss"]})
@@ -368,6 +399,22 @@ def _rows(label: str, facts: dict[str, Any], floor: dict[str, Any]) -> list[Row]
         Row(group, f"{label}: RSS, last vs second tenth of {n:,} retries", rss_lib, rss_ref,
             target="≤ 1.1x", bound=1.1),
     ]  # fmt: skip
+
+    # What grows is the tasks (one finished per RETRIES_PER_TASK retries, never removed):
+    # RSS growth between the second and the last tenth, per task finished between them.
+    def per_task(second: list[float], last: list[float], retries: int) -> float:
+        if not second or not last:
+            return float("nan")
+        tasks = 0.8 * retries / RETRIES_PER_TASK  # from 15 % to 95 % of the run
+        return (median(last) - median(second)) * 2**20 / tasks
+
+    rows.append(
+        Row(group, f"{label}: RSS growth per finished task kept (the tasks stay)",
+            Figure("bytes per finished task", "B", [per_task(second, last, n)]),
+            Figure("dict floor, bytes per finished task", "B",
+                   [per_task(f_second, f_last, floor["retries"])]),
+            target="report")
+    )  # fmt: skip
     pauses = [p[1] for p in facts["pauses"]]
     fpauses = [p[1] for p in floor["pauses"]]
     per_gen = {
@@ -400,6 +447,15 @@ def _rows(label: str, facts: dict[str, Any], floor: dict[str, Any]) -> list[Row]
             ratio_override=p99 / 20_000 if pauses else None,
             note="ratio: library p99 / 20 ms")
     )  # fmt: skip
+    if facts.get("db"):
+        db = [(n_, mib, 0.0) for n_, mib in facts["db"]]
+        d_first, d_second, d_last = _deciles({"retries": n, "rss": db})
+        rows.append(
+            Row(group, f"{label}: database size, last vs second tenth (tables, indexes, log)",
+                Figure("database MiB, last tenth", "MiB", d_last, {"db": facts["db"]}),
+                Figure("database MiB, second tenth", "MiB", d_second, {"first_tenth": d_first}),
+                target="report")
+        )  # fmt: skip
     rate = Figure("retries/s", "ops/s", [n / facts["elapsed_s"]])
     frate = Figure("retries/s, dict floor", "ops/s", [floor["retries"] / floor["elapsed_s"]])
     rows.append(Row(group, f"{label}: retries/s over the run (retry, start, fail)", rate, frate,
