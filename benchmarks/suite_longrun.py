@@ -378,25 +378,35 @@ def _spawn(kind: str, retries: int, where: str, scratch: Path, logs: Path) -> di
     return json.loads(out.read_text())
 
 
-def _deciles(facts: dict[str, Any]) -> tuple[list[float], list[float], list[float]]:
-    """RSS samples (MiB) of the first, second and last tenth of the run."""
-    total = facts["retries"]
-    first = [mib for n, mib, _ in facts["rss"] if n <= total / 10]
-    second = [mib for n, mib, _ in facts["rss"] if total / 10 < n <= total / 5]
-    last = [mib for n, mib, _ in facts["rss"] if n > total * 9 / 10]
+def _deciles(samples: list[Any], total: int) -> tuple[list[float], list[float], list[float]]:
+    """The values of ``(retries, value, ...)`` samples in the first, second and last tenth
+    of a run of ``total`` retries."""
+    first = [s[1] for s in samples if s[0] <= total / 10]
+    second = [s[1] for s in samples if total / 10 < s[0] <= total / 5]
+    last = [s[1] for s in samples if s[0] > total * 9 / 10]
     return first, second, last
+
+
+def _tenths(
+    what: str, samples: list[Any], total: int, extra: dict[str, Any]
+) -> tuple[Figure, Figure]:
+    """The last tenth's ``what`` (MiB) against the second tenth's, as a row's two sides."""
+    first, second, last = _deciles(samples, total)
+    return (
+        Figure(f"{what} MiB, last tenth", "MiB", last, extra),
+        Figure(f"{what} MiB, second tenth", "MiB", second, {"first_tenth": first}),
+    )
 
 
 def _rows(label: str, facts: dict[str, Any], floor: dict[str, Any]) -> list[Row]:
     group = "longrun"
     n = facts["retries"]
     side_facts = {k: v for k, v in facts.items() if k not in ("rss", "pauses", "db")}
-    first, second, last = _deciles(facts)
-    f_first, f_second, f_last = _deciles(floor)
-    rss_lib = Figure("RSS MiB, last tenth", "MiB", last, {**side_facts, "rss": facts["rss"]})
-    rss_ref = Figure("RSS MiB, second tenth", "MiB", second, {"first_tenth": first})
+    _, second, last = _deciles(facts["rss"], n)
+    _, f_second, f_last = _deciles(floor["rss"], floor["retries"])
+    rss = _tenths("RSS", facts["rss"], n, {**side_facts, "rss": facts["rss"]})
     rows = [
-        Row(group, f"{label}: RSS, last vs second tenth of {n:,} retries", rss_lib, rss_ref,
+        Row(group, f"{label}: RSS, last vs second tenth of {n:,} retries", *rss,
             target="≤ 1.1x", bound=1.1),
     ]  # fmt: skip
 
@@ -448,24 +458,16 @@ def _rows(label: str, facts: dict[str, Any], floor: dict[str, Any]) -> list[Row]
             note="ratio: library p99 / 20 ms")
     )  # fmt: skip
     if facts.get("db"):
-        db = [(n_, mib, 0.0) for n_, mib in facts["db"]]
-        d_first, d_second, d_last = _deciles({"retries": n, "rss": db})
-        rows.append(
-            Row(group, f"{label}: database size, last vs second tenth (tables, indexes, log)",
-                Figure("database MiB, last tenth", "MiB", d_last, {"db": facts["db"]}),
-                Figure("database MiB, second tenth", "MiB", d_second, {"first_tenth": d_first}),
-                target="report")
-        )  # fmt: skip
+        db = _tenths("database", facts["db"], n, {"db": facts["db"]})
+        rows.append(Row(group, f"{label}: database size, last vs second tenth (tables, indexes, "
+                        "log)", *db, target="report"))  # fmt: skip
     rate = Figure("retries/s", "ops/s", [n / facts["elapsed_s"]])
     frate = Figure("retries/s, dict floor", "ops/s", [floor["retries"] / floor["elapsed_s"]])
     rows.append(Row(group, f"{label}: retries/s over the run (retry, start, fail)", rate, frate,
                      target="report"))  # fmt: skip
-    rows.append(
-        Row(group, f"{label}: dict floor RSS, last vs second tenth",
-            Figure("floor RSS MiB, last tenth", "MiB", f_last, {"rss": floor["rss"]}),
-            Figure("floor RSS MiB, second tenth", "MiB", f_second, {"first_tenth": f_first}),
-            target="report")
-    )  # fmt: skip
+    f_rss = _tenths("floor RSS", floor["rss"], floor["retries"], {"rss": floor["rss"]})
+    rows.append(Row(group, f"{label}: dict floor RSS, last vs second tenth", *f_rss,
+                    target="report"))  # fmt: skip
     return rows
 
 

@@ -101,6 +101,7 @@ def _value(member: Any) -> Any:
 _TASK_STATUSES = {s.value: s for s in TaskStatus}
 _BLOCKED_REASONS = {r.value: r for r in BlockedReason}
 # Positions in a task row.
+_T_ID, _T_PROJECT, _T_UPDATED = 0, 1, 14
 _Stored = Task | _TaskRow
 """A stored task: the value while the task may still move, a row once it is finished."""
 
@@ -878,7 +879,7 @@ class MemoryStorage:
             with self._lock:
                 if self._finished is None:
                     self._finished = [
-                        (stored[14], stored[1], stored[0])  # updated_at, project, task
+                        (stored[_T_UPDATED], stored[_T_PROJECT], stored[_T_ID])
                         for tasks in self._tasks.values()
                         for stored in tasks.values()
                         if isinstance(stored, tuple)
