@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated names: " + ", ".join(NAMES))
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv  # recorded with the results
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     unknown = only - set(NAMES)
     if unknown:
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+                "command": " ".join(["python benchmarks/run.py", *given]),
                 "machine": machine(),
                 "seconds": timings,
                 "rows": [row.as_json() for row in rows],
