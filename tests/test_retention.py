@@ -247,6 +247,60 @@ def test_sqlite_prune_batches_read_their_retention_indexes(db: Path) -> None:
         conn.close()
 
 
+def test_postgres_attempt_prune_reads_attempts_not_every_finished_task(
+    postgres_dsn: str,
+) -> None:
+    """A batch of attempt records reads the attempts older than the cut-off, asking each
+    one's task; it does not read every finished task, which are never deleted and so
+    outnumber the history left to prune (the long-run benchmark slowed as they grew)."""
+    clock = FakeClock(datetime(2026, 1, 1, tzinfo=timezone.utc))
+    finished = 5000
+    with schema_dropped_after(postgres_dsn) as schema:
+        storage = PostgresStorage(postgres_dsn, schema=schema, max_size=2)
+        try:
+            executor = ExecutorService(storage, clock=clock)
+            executor.create_project("p")
+            for task in ("old-0", "old-1", "seed"):
+                executor.add_task("p", task, max_retries=0)
+                executor.assign("p", task)
+                executor.start("p", task, 1)
+                executor.succeed("p", task, 1)
+        finally:
+            storage.close()
+        ident = sql.Identifier(schema)
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            columns = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = %s AND table_name = 'tasks' ORDER BY ordinal_position",
+                    (schema,),
+                )
+            ]
+            copied = [sql.SQL("'many-' || g") if c == "id" else sql.Identifier(c) for c in columns]
+            # many finished tasks whose history is already gone, as after earlier prunes
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.tasks ({}) SELECT {} FROM {}.tasks, generate_series(1, %s) g"
+                    " WHERE id = 'seed'"
+                ).format(ident, sql.SQL(", ").join(map(sql.Identifier, columns)),
+                         sql.SQL(", ").join(copied), ident),
+                (finished,),
+            )  # fmt: skip
+            rule = Retention(attempts=timedelta(days=1)).rule(clock.now() + timedelta(days=2))
+            query, params = q.Queries(schema).prune(rule)[2]
+            with conn.transaction(force_rollback=True):
+                deleted = conn.execute(query, params).rowcount
+                read = conn.execute(
+                    "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                    " FROM pg_stat_xact_user_tables WHERE schemaname = %s AND relname = 'tasks'",
+                    (schema,),
+                ).fetchone()
+        assert deleted == 3  # the three tasks' attempts: those the rule removes
+        assert read is not None
+        assert read[0] <= 50, f"the batch read {read[0]} task rows"
+
+
 # -- the relay and the reaper prune when asked ---------------------------------------------------
 
 

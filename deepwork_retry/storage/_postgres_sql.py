@@ -1731,11 +1731,14 @@ _PRUNE = (
         AND t.id = o.task_id AND t.status = '{retention.AWAITING_START.value}'
         AND t.attempt = o.attempt)
     ORDER BY o.delivered_at LIMIT %(n)s FOR UPDATE OF o SKIP LOCKED))""",
+    # The task is asked by a scalar subquery, not EXISTS or a join: the planner may
+    # turn those into a join driven by the tasks, reading every finished task (none
+    # is ever deleted) for each batch; this one it can only run per attempt row read.
     f"""DELETE FROM {{s}}.attempts WHERE ctid = ANY(ARRAY(
     SELECT a.ctid FROM {{s}}.attempts AS a
     WHERE a.dispatched_at <= %(before)s
-    AND EXISTS (SELECT FROM {{s}}.tasks AS t WHERE t.project_id = a.project_id
-        AND t.id = a.task_id AND t.status IN ({_FINISHED}) AND t.updated_at <= %(before)s)
+    AND (SELECT t.status IN ({_FINISHED}) AND t.updated_at <= %(before)s
+        FROM {{s}}.tasks AS t WHERE t.project_id = a.project_id AND t.id = a.task_id)
     ORDER BY a.dispatched_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED))""",
 )
 
