@@ -607,6 +607,53 @@ def test_prune_removes_exactly_what_the_rule_allows(
     assert all_events(storage, "p")[-1].seq == len(events) + 1
 
 
+def test_pg_attempt_prune_reads_attempts_not_every_finished_task(django_pg: str) -> None:
+    """A batch of attempt records reads the attempts past the cut-off; it does not read every
+    finished task (never deleted, so they outnumber the history left to prune)."""
+    empty(django_pg)
+    storage = DjangoStorage(using=django_pg)
+    executor = ExecutorService(storage, clock=FakeClock(T0))
+    executor.create_project("p")
+    for task in ("old-0", "old-1", "seed"):
+        executor.add_task("p", task, max_retries=0)
+        executor.assign("p", task)
+        executor.start("p", task, 1)
+        executor.succeed("p", task, 1)
+    table = m.Task._meta.db_table
+    columns = [f.column for f in m.Task._meta.concrete_fields if not f.primary_key]
+    quoted = [f'"{c}"' for c in columns]
+    copied = ["'many-' || g" if c == "task_id" else q for c, q in zip(columns, quoted, strict=True)]
+    rule = PruneRule(
+        now=T0 + timedelta(days=3),
+        delivered_before=None,
+        finished_before=T0 + timedelta(days=1),
+        batch=500,
+    )
+    with transaction.atomic(using=django_pg), connections[django_pg].cursor() as cursor:
+        # many finished tasks whose history is already gone, as after earlier prunes
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(quoted)})"
+            f" SELECT {', '.join(copied)} FROM {table}, generate_series(1, 5000) g"
+            " WHERE task_id = 'seed'"
+        )
+
+        def task_rows_read() -> int:
+            cursor.execute(
+                "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                " FROM pg_stat_xact_user_tables WHERE relname = %s",
+                [table],
+            )
+            count: int = cursor.fetchone()[0]
+            return count
+
+        before = task_rows_read()
+        pruned = storage.prune(rule)
+        read = task_rows_read() - before
+        transaction.set_rollback(True, using=django_pg)
+    assert pruned.attempts == 3
+    assert read <= 50, f"the batch read {read} task rows"
+
+
 def test_prune_keeps_events_without_a_delivery_period(storage: DjangoStorage) -> None:
     three_tasks(storage)
     events = storage.claim_events(now=T0, limit=10, claimed_until=T0)
