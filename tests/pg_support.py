@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
+from deepwork_retry import ExecutorService
+
 
 def new_schema_name(prefix: str = "t") -> str:
     """A schema name no other test uses."""
@@ -28,3 +30,13 @@ def schema_dropped_after(dsn: str, prefix: str = "t") -> Iterator[str]:
         yield schema
     finally:
         drop_schema(dsn, schema)
+
+
+def finished_tasks(executor: ExecutorService, project: str, *tasks: str) -> None:
+    """Make ``project`` with ``tasks``, each run once to ``done`` (one attempt record each)."""
+    executor.create_project(project)
+    for task in tasks:
+        executor.add_task(project, task, max_retries=0)
+        executor.assign(project, task)
+        executor.start(project, task, 1)
+        executor.succeed(project, task, 1)

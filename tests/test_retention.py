@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_support import schema_dropped_after
+from pg_support import finished_tasks, schema_dropped_after
 from psycopg import sql
 
 from deepwork_retry import (
@@ -258,13 +258,7 @@ def test_postgres_attempt_prune_reads_attempts_not_every_finished_task(
     with schema_dropped_after(postgres_dsn) as schema:
         storage = PostgresStorage(postgres_dsn, schema=schema, max_size=2)
         try:
-            executor = ExecutorService(storage, clock=clock)
-            executor.create_project("p")
-            for task in ("old-0", "old-1", "seed"):
-                executor.add_task("p", task, max_retries=0)
-                executor.assign("p", task)
-                executor.start("p", task, 1)
-                executor.succeed("p", task, 1)
+            finished_tasks(ExecutorService(storage, clock=clock), "p", "old-0", "old-1", "seed")
         finally:
             storage.close()
         ident = sql.Identifier(schema)

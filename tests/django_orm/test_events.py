@@ -21,6 +21,7 @@ from django_support import empty
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
+from pg_support import finished_tasks
 
 from deepwork_retry import ExecutorService, OutboxRelay, RetryService, TaskError
 from deepwork_retry._core import decide
@@ -612,13 +613,7 @@ def test_pg_attempt_prune_reads_attempts_not_every_finished_task(django_pg: str)
     finished task (never deleted, so they outnumber the history left to prune)."""
     empty(django_pg)
     storage = DjangoStorage(using=django_pg)
-    executor = ExecutorService(storage, clock=FakeClock(T0))
-    executor.create_project("p")
-    for task in ("old-0", "old-1", "seed"):
-        executor.add_task("p", task, max_retries=0)
-        executor.assign("p", task)
-        executor.start("p", task, 1)
-        executor.succeed("p", task, 1)
+    finished_tasks(ExecutorService(storage, clock=FakeClock(T0)), "p", "old-0", "old-1", "seed")
     table = m.Task._meta.db_table
     columns = [f.column for f in m.Task._meta.concrete_fields if not f.primary_key]
     quoted = [f'"{c}"' for c in columns]
