@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -127,7 +128,7 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     from deepwork_retry import ExecutorService, Pruner, Retention, RetryService
     from deepwork_retry.events import EventRelay, Hooks
 
-    vacuum: Any = None  # PostgreSQL: VACUUM of the schema's tables after each prune
+    vacuum: Callable[[], None] | None = None  # PostgreSQL: VACUUM of the schema after a prune
     if kind == "memory":
         from deepwork_retry.storage.memory import MemoryStorage
 
@@ -268,9 +269,8 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
                 else:
                     executor.fail(pid, tid, attempt, error)
                     pool[slot] = (pid, tid, count)
-                if n % EVENT_EVERY == 0 or n % prune_every == 0 or n % every == 0:
-                    with chores:
-                        chore(n)
+                with chores:
+                    chore(n)
         except BaseException as exc:  # the run stops; the parent sees the child fail
             failures.append(exc)
             raise
@@ -280,14 +280,11 @@ def _library_loop(kind: str, retries: int, where: str, probe: _Probe) -> dict[st
     probe.pauses.clear()  # the loop's collections only, not those of imports and set-up
     probe.sample(0)
     t0 = time.perf_counter()
-    if workers == 1:
-        work(0)
-    else:
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if failures:
         raise failures[0]
     elapsed = time.perf_counter() - t0
