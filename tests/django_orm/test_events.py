@@ -617,7 +617,7 @@ def test_pg_attempt_prune_reads_attempts_not_every_finished_task(django_pg: str)
     table = m.Task._meta.db_table
     columns = [f.column for f in m.Task._meta.concrete_fields if not f.primary_key]
     quoted = [f'"{c}"' for c in columns]
-    copied = ["'many-' || g" if c == "task_id" else q for c, q in zip(columns, quoted, strict=True)]
+    copied = ["'many-' || g" if c == "task_id" else f'"{c}"' for c in columns]
     rule = PruneRule(
         now=T0 + timedelta(days=3),
         delivered_before=None,
